@@ -1,0 +1,33 @@
+"""Configuration defaults shared by services and the CLI.
+
+Every CLI flag also reads an environment variable ``HLBOOK_<FLAG>`` (see
+``env``). Endpoints are ZeroMQ addresses, so services run on one host over
+``ipc://``/``tcp://127.0.0.1`` or across hosts over ``tcp://``.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV_PREFIX = "HLBOOK_"
+DEFAULT_HOST = "127.0.0.1"
+INGEST_PUB = "tcp://127.0.0.1:5550"
+INGEST_REPLAY = "tcp://127.0.0.1:5551"
+BOOK_BASE_PORT = 5600  # shard k: PUB on base+2k, queries (ROUTER) on base+2k+1
+REPLAY_BLOCKS = 2000  # blocks ingest keeps for replay (~2 min at 15 blocks/s)
+
+
+def env(flag: str) -> str:
+    """Environment variable read for a CLI flag: ``data-dir`` -> ``HLBOOK_DATA_DIR``."""
+    return ENV_PREFIX + flag.replace("-", "_").upper()
+
+
+def book_endpoints(shard: int, host: str = DEFAULT_HOST, base_port: int = BOOK_BASE_PORT) -> tuple[str, str]:
+    """(pub, query) endpoints of book shard ``shard`` on ``host``."""
+    port = base_port + 2 * shard
+    return f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}"
+
+
+def ipc_endpoint(directory: str, name: str) -> str:
+    """An ``ipc://`` endpoint in ``directory`` (tests, single-host runs)."""
+    return f"ipc://{os.path.join(directory, name)}"

@@ -1,0 +1,149 @@
+"""Typed models of the three node streams (both modes share the line shape).
+
+msgspec Structs: decoding a status line into them is faster than a bare
+``orjson.loads`` into dicts (see docs/BENCHMARKS.md), validates every field, and
+the same objects re-encode to msgpack for the wire without a copy to dicts.
+Field order follows the node's JSON.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Union
+
+import msgspec
+
+HIP2_USER = "0xffffffffffffffffffffffffffffffffffffffff"
+ASSISTANCE_FUND_USER = "0xfefefefefefefefefefefefefefefefefefefefe"
+ZERO_HASH = "0x" + "0" * 64
+
+
+class Order(msgspec.Struct):
+    """The ``order`` of an order status (also the order shape of l4 snapshots)."""
+
+    coin: str
+    side: str
+    limitPx: str
+    sz: str
+    oid: int
+    timestamp: int
+    triggerCondition: str
+    isTrigger: bool
+    triggerPx: str
+    children: list[Any]
+    isPositionTpsl: bool
+    reduceOnly: bool
+    orderType: str
+    origSz: str
+    tif: str | None = None
+    cloid: str | None = None
+
+
+class OrderStatus(msgspec.Struct):
+    time: str
+    user: str
+    hash: str | None
+    builder: Any
+    status: str
+    order: Order
+
+
+class NewDiff(msgspec.Struct):
+    sz: str
+
+
+class UpdateDiff(msgspec.Struct):
+    origSz: str
+    newSz: str
+
+
+class DiffBody(msgspec.Struct, omit_defaults=True):
+    """``{"new": {...}}`` or ``{"update": {...}}``; the bare string ``"remove"`` is the third form."""
+
+    new: NewDiff | None = None
+    update: UpdateDiff | None = None
+
+
+class BookDiff(msgspec.Struct):
+    user: str
+    oid: int
+    coin: str
+    side: str
+    px: str
+    raw_book_diff: Union[DiffBody, str]
+
+
+class Fill(msgspec.Struct, omit_defaults=True):
+    coin: str
+    px: str
+    sz: str
+    side: str
+    time: int
+    startPosition: str
+    dir: str
+    closedPnl: str
+    hash: str
+    oid: int
+    crossed: bool
+    fee: str
+    tid: int
+    cloid: str | None = None
+    feeToken: str | None = None
+    twapId: int | None = None
+    builderFee: str | None = None
+    liquidation: Any = None
+
+
+UserFill = tuple[str, Fill]
+
+
+class StatusLine(msgspec.Struct):
+    local_time: str
+    block_time: str
+    block_number: int
+    events: list[OrderStatus]
+
+
+class DiffLine(msgspec.Struct):
+    local_time: str
+    block_time: str
+    block_number: int
+    events: list[BookDiff]
+
+
+class FillLine(msgspec.Struct):
+    local_time: str
+    block_time: str
+    block_number: int
+    events: list[UserFill]
+
+
+NodeLine = Union[StatusLine, DiffLine, FillLine]
+
+STREAMS = ("order_statuses", "raw_book_diffs", "fills")
+LINE_TYPES: dict[str, type] = {
+    "order_statuses": StatusLine,
+    "raw_book_diffs": DiffLine,
+    "fills": FillLine,
+}
+DECODERS = {stream: msgspec.json.Decoder(t) for stream, t in LINE_TYPES.items()}
+
+
+def diff_kind(diff: BookDiff) -> str:
+    """``"new"``, ``"update"`` or ``"remove"``; ValueError for anything else."""
+    body = diff.raw_book_diff
+    if isinstance(body, str):
+        if body == "remove":
+            return "remove"
+    elif body.new is not None:
+        return "new"
+    elif body.update is not None:
+        return "update"
+    raise ValueError(f"unknown raw_book_diff {body!r} for oid {diff.oid}")
+
+
+def block_time_ms(block_time: str) -> int:
+    """Epoch milliseconds of a node timestamp with nanoseconds (``2026-05-05T17:39:13.024084407``)."""
+    whole, _, frac = block_time.partition(".")
+    dt = datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+    return int(dt.timestamp()) * 1000 + int((frac + "000")[:3])

@@ -1,0 +1,227 @@
+"""Wire contract between processes: ZeroMQ multipart ``[topic, msgpack payload]``.
+
+Every stream message carries ``height`` (block number) and ``prev``: the height
+of the previous message published on the same topic by the same publisher
+(``None`` for the first since it started). A consumer whose last height on a
+topic differs from ``prev`` has lost a message and must recover (replay or
+snapshot) instead of serving a wrong book. docs/ARCHITECTURE.md lists them all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from hlbook.common.models import BookDiff, Fill, OrderStatus
+
+# ---------------------------------------------------------------- ingest PUB
+
+
+class BlockHeader(msgspec.Struct):
+    """``H|``: one per block, also for empty blocks."""
+
+    height: int
+    prev: int | None
+    time: int  # block_time, epoch ms
+    block_time: str
+    local_time: str
+    n_statuses: int
+    n_diffs: int
+    n_fills: int
+    book_coins: list[str]  # coins with a BookSlice in this block
+
+
+class BookSlice(msgspec.Struct):
+    """``B|<coin>|``: what a book needs from one block, published only for blocks
+    with diffs for the coin. ``statuses`` holds the statuses of this block whose
+    oid has a diff here (the order details of ``new`` diffs), in node order."""
+
+    height: int
+    prev: int | None
+    time: int
+    coin: str
+    diffs: list[BookDiff]
+    statuses: list[OrderStatus]
+
+
+class Trade(msgspec.Struct):
+    """One trade, public API shape (``users`` = [buyer, seller])."""
+
+    coin: str
+    side: str
+    px: str
+    sz: str
+    hash: str
+    time: int
+    tid: int
+    users: list[str]
+
+
+class Trades(msgspec.Struct):
+    """``T|<coin>|``: the trades of one coin in one block."""
+
+    height: int
+    prev: int | None
+    time: int
+    coin: str
+    trades: list[Trade]
+
+
+class UserEvents(msgspec.Struct):
+    """``U|<user>|``: one user's statuses and fills of one block, node order.
+    Published only while some subscriber follows that user (ingest's XPUB)."""
+
+    height: int
+    prev: int | None
+    time: int
+    user: str
+    statuses: list[OrderStatus]
+    fills: list[Fill]
+
+
+# ---------------------------------------------------------------- ingest replay (ROUTER)
+
+
+class ReplayRequest(msgspec.Struct):
+    """Ask ingest for the stored messages of heights ``>= from_height`` whose
+    topic starts with one of ``prefixes`` (all when empty)."""
+
+    from_height: int
+    prefixes: list[bytes] = []
+    op: str = "replay"
+
+
+class ReplayReply(msgspec.Struct):
+    """First frame of the reply; ``topic, payload`` frame pairs follow in publish order."""
+
+    ok: bool
+    oldest: int | None  # oldest height held
+    head: int | None  # newest height held
+    error: str | None = None
+
+
+# ---------------------------------------------------------------- book shard XPUB
+
+Level = tuple[str, str, int]  # (px, sz, n): canonical decimal strings, order count
+
+
+class L2Levels(msgspec.Struct):
+    """``L2|<coin>|<nSigFigs|->|<mantissa|->|``: up to 100 levels per side (bids
+    best first, asks best first) after a block that changed the coin; computed
+    only for aggregations some subscriber asked for (XPUB)."""
+
+    height: int
+    prev: int | None
+    time: int
+    coin: str
+    n_sig_figs: int | None
+    mantissa: int | None
+    levels: tuple[list[Level], list[Level]]
+
+
+class Bbo(msgspec.Struct):
+    """``BBO|<coin>|``: best bid and ask, published only when they changed."""
+
+    height: int
+    prev: int | None
+    time: int
+    coin: str
+    bbo: tuple[Level | None, Level | None]
+
+
+class L4Updates(msgspec.Struct):
+    """``L4|<coin>|``: the statuses and diffs one block applied to the coin's book
+    (upstream order_book_server ``Updates`` content)."""
+
+    height: int
+    prev: int | None
+    time: int
+    coin: str
+    order_statuses: list[OrderStatus]
+    book_diffs: list[BookDiff]
+
+
+class ShardBlock(msgspec.Struct):
+    """``S|<shard>|``: the shard finished a block; ``mids`` holds the mid of every
+    live coin of the shard that has both sides (allMids), ``states`` each owned
+    coin's state (``initialising``/``live``/``resyncing``)."""
+
+    height: int
+    prev: int | None
+    time: int
+    shard: int
+    mids: dict[str, str]
+    states: dict[str, str]
+
+
+class Reset(msgspec.Struct):
+    """``RESET|<coin>|``: the coin's book was rebuilt (gap, unknown oid, failed
+    validation); consumers drop what they derived and fetch a fresh snapshot."""
+
+    height: int
+    coin: str
+    reason: str
+    state: str
+
+
+# ---------------------------------------------------------------- book shard queries (ROUTER)
+
+
+class Query(msgspec.Struct, omit_defaults=True):
+    """A request to a shard. ``op``: ``l4`` (coin), ``l2`` (coin, n_sig_figs,
+    mantissa, n_levels), ``coins``, ``open_orders`` (user), ``order`` (oid).
+    Replies are maps with ``ok`` and, when not ok, ``error``."""
+
+    op: str
+    coin: str | None = None
+    user: str | None = None
+    oid: int | None = None
+    n_sig_figs: int | None = None
+    mantissa: int | None = None
+    n_levels: int = 20
+
+
+# ---------------------------------------------------------------- codec
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+
+
+def encode(message: Any) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(payload: bytes, message_type: type | None = None) -> Any:
+    """Decode a payload into ``message_type`` (validated) or plain Python objects."""
+    if message_type is None:
+        return msgspec.msgpack.decode(payload)
+    decoder = _decoders.get(message_type)
+    if decoder is None:
+        decoder = _decoders[message_type] = msgspec.msgpack.Decoder(message_type)
+    return decoder.decode(payload)
+
+
+class PrevTracker:
+    """Publisher side of the ``prev`` chain: last height sent per topic."""
+
+    def __init__(self) -> None:
+        self._last: dict[bytes, int] = {}
+
+    def next(self, topic: bytes, height: int) -> int | None:
+        prev = self._last.get(topic)
+        self._last[topic] = height
+        return prev
+
+
+class GapDetector:
+    """Consumer side of the ``prev`` chain."""
+
+    def __init__(self) -> None:
+        self.last: dict[bytes, int] = {}
+
+    def check(self, topic: bytes, height: int, prev: int | None) -> bool:
+        """Record a message; False when a message on this topic was lost before it."""
+        last = self.last.get(topic)
+        self.last[topic] = height
+        return last is None or prev == last

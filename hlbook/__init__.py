@@ -1,0 +1,1 @@
+"""hlbook: self-hosted Hyperliquid market-data server."""

@@ -1,0 +1,17 @@
+"""The ``hlbook`` command: one subcommand per service.
+
+Each service keeps its typer command in ``services/<name>/cli.py`` (light
+imports only; the service is imported when the command runs).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from hlbook.services.ingest.cli import ingest
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+app.command()(ingest)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,41 @@
+"""``hlbook ingest``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from hlbook.common import config
+from hlbook.common.config import env
+
+
+def ingest(
+    data_dir: Annotated[str, typer.Option(envvar=env("data-dir"), help="Node data directory (holds hl/data/)")],
+    mode: Annotated[str, typer.Option(envvar=env("mode"), help="by-block or streaming")] = "by-block",
+    from_height: Annotated[int | None, typer.Option(envvar=env("from-height"), help="Start at this block (scans back through hourly files); default: live at the end")] = None,
+    pub: Annotated[str, typer.Option(envvar=env("ingest-pub"), help="XPUB endpoint for blocks, trades, user events")] = config.INGEST_PUB,
+    replay: Annotated[str, typer.Option(envvar=env("ingest-replay"), help="ROUTER endpoint serving replay")] = config.INGEST_REPLAY,
+    replay_blocks: Annotated[int, typer.Option(envvar=env("replay-blocks"), help="Blocks kept for replay")] = config.REPLAY_BLOCKS,
+    block_timeout: Annotated[float, typer.Option(envvar=env("block-timeout"), help="Streaming mode: seconds after which a block closes although a stream has not moved past it")] = 0.5,
+    poll_interval: Annotated[float, typer.Option(envvar=env("poll-interval"), help="Seconds between file polls when idle")] = 0.002,
+    metrics_port: Annotated[int, typer.Option(envvar=env("ingest-metrics-port"), help="Prometheus port (0: off)")] = 0,
+    log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
+) -> None:
+    """Tail the node's files, join the streams by block, publish over ZeroMQ."""
+    from hlbook.services.ingest.service import IngestConfig, run
+
+    run(
+        IngestConfig(
+            data_dir=data_dir,
+            mode=mode,
+            from_height=from_height,
+            pub=pub,
+            replay=replay,
+            replay_blocks=replay_blocks,
+            block_timeout=block_timeout,
+            poll_interval=poll_interval,
+            metrics_port=metrics_port,
+            log_level=log_level,
+        )
+    )
