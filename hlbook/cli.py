@@ -11,6 +11,13 @@ import typer
 from hlbook.services.ingest.cli import ingest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+
+
+@app.callback()
+def main() -> None:
+    """hlbook: Hyperliquid node files -> L4 books -> public-API-compatible WebSocket/HTTP."""
+
+
 app.command()(ingest)
 
 if __name__ == "__main__":
