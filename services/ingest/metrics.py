@@ -1,0 +1,21 @@
+"""Prometheus metrics of the ingest service."""
+
+from __future__ import annotations
+
+from hlbook.common.metrics import Counter, Gauge
+
+LINES = Counter("hlbook_ingest_lines_total", "Node lines read", ["stream"])
+BAD_LINES = Counter("hlbook_ingest_bad_lines_total", "Node lines skipped, by reason", ["stream", "reason"])
+FILE_EVENTS = Counter("hlbook_ingest_file_events_total", "Hourly file rotations and truncations", ["stream", "event"])
+BLOCKS = Counter("hlbook_ingest_blocks_total", "Blocks published")
+BLOCK_ANOMALIES = Counter(
+    "hlbook_ingest_block_anomalies_total",
+    "Blocks missing (gap), duplicated, out of order, closed incomplete, or rows arriving after their block closed",
+    ["kind"],
+)
+MESSAGES = Counter("hlbook_ingest_messages_total", "Messages published, by topic kind", ["kind"])
+UNPAIRED_FILLS = Counter("hlbook_ingest_unpaired_fills_total", "Fills whose tid had no counterpart in the block")
+HEAD = Gauge("hlbook_ingest_head_height", "Height of the last published block")
+LAG = Gauge("hlbook_ingest_lag_seconds", "Wall clock minus block time of the last published block")
+REPLAY_REQUESTS = Counter("hlbook_ingest_replay_requests_total", "Replay requests, by outcome", ["outcome"])
+USER_SUBSCRIPTIONS = Gauge("hlbook_ingest_user_subscriptions", "Per-user topics currently subscribed downstream")

@@ -1,0 +1,65 @@
+"""Recent blocks kept for replay, served over a ROUTER socket."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import zmq
+
+from hlbook.common import wire
+from hlbook.services.ingest import metrics
+from hlbook.services.ingest.messages import Message
+
+
+class ReplayStore:
+    """The published messages of the last ``capacity`` blocks, as sent (bytes)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.blocks: deque[tuple[int, list[Message]]] = deque(maxlen=capacity)
+
+    def add(self, height: int, messages: list[Message]) -> None:
+        self.blocks.append((height, messages))
+
+    @property
+    def oldest(self) -> int | None:
+        return self.blocks[0][0] if self.blocks else None
+
+    @property
+    def head(self) -> int | None:
+        return self.blocks[-1][0] if self.blocks else None
+
+    def answer(self, request: wire.ReplayRequest) -> list[bytes]:
+        """Reply frames: ReplayReply, then topic/payload pairs."""
+        oldest, head = self.oldest, self.head
+        if request.op != "replay":
+            return [wire.encode(wire.ReplayReply(False, oldest, head, f"unknown op {request.op!r}"))]
+        if oldest is not None and request.from_height < oldest:
+            metrics.REPLAY_REQUESTS.labels("too_old").inc()
+            error = f"height {request.from_height} is no longer held (oldest {oldest})"
+            return [wire.encode(wire.ReplayReply(False, oldest, head, error))]
+        frames = [wire.encode(wire.ReplayReply(True, oldest, head))]
+        prefixes = tuple(request.prefixes)
+        for height, messages in self.blocks:
+            if height < request.from_height:
+                continue
+            for topic, payload in messages:
+                if not prefixes or topic.startswith(prefixes):
+                    frames += (topic, payload)
+        metrics.REPLAY_REQUESTS.labels("ok").inc()
+        return frames
+
+
+def serve_one(router: zmq.Socket, store: ReplayStore) -> None:
+    """Answer one request waiting on ``router`` (REQ or DEALER peers)."""
+    frames = router.recv_multipart()
+    identity, rest = frames[0], frames[1:]
+    envelope = [identity, b""] if rest and rest[0] == b"" else [identity]
+    body = rest[-1] if rest else b""
+    try:
+        request = wire.decode(body, wire.ReplayRequest)
+    except Exception as exc:  # malformed request: answer, never crash
+        metrics.REPLAY_REQUESTS.labels("bad_request").inc()
+        reply = [wire.encode(wire.ReplayReply(False, store.oldest, store.head, f"bad request: {exc}"))]
+    else:
+        reply = store.answer(request)
+    router.send_multipart(envelope + reply)

@@ -1,0 +1,190 @@
+"""The ingest process: tail -> decode -> join -> publish, plus replay and the
+downstream subscription set (XPUB), in one single-threaded poll loop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+
+from hlbook.common import logs, topics
+from hlbook.common.metrics import BAD_INPUT, serve
+from hlbook.common.models import DECODERS, STREAMS, block_time_ms
+from hlbook.services.ingest import metrics
+from hlbook.services.ingest.joiner import Block, Joiner
+from hlbook.services.ingest.messages import MessageBuilder
+from hlbook.services.ingest.replay import ReplayStore, serve_one
+from hlbook.services.ingest.tailer import Tailer, line_height
+
+log = logging.getLogger(__name__)
+
+MAX_AHEAD = 200  # blocks a stream may read ahead of the slowest one still reading
+SNDHWM = 200_000  # messages queued per subscriber before PUB drops (consumers detect drops)
+
+
+@dataclass
+class IngestConfig:
+    data_dir: str
+    mode: str = "by-block"
+    from_height: int | None = None
+    pub: str = "tcp://127.0.0.1:5550"
+    replay: str = "tcp://127.0.0.1:5551"
+    replay_blocks: int = 2000
+    block_timeout: float = 0.5
+    poll_interval: float = 0.002
+    metrics_port: int = 0
+    log_level: str = "INFO"
+
+
+class UserSubscriptions:
+    """Per-user topics someone downstream subscribed to, from XPUB events.
+
+    XPUB (not verbose) reports a topic's first subscribe and last unsubscribe,
+    so a set is enough. A prefix covering every user (``b""``, ``b"U|"``)
+    turns on all users."""
+
+    def __init__(self) -> None:
+        self.users: set[str] = set()
+        self.all_users = 0
+
+    def handle(self, event: bytes) -> None:
+        if not event:
+            return
+        subscribe, topic = event[0] == 1, event[1:]
+        if topics.USER_PREFIX.startswith(topic):
+            self.all_users += 1 if subscribe else -1
+        elif topic.startswith(topics.USER_PREFIX):
+            user = topics.coin_of(topic) if topic.endswith(topics.SEP) else None
+            if user is None:
+                return
+            (self.users.add if subscribe else self.users.discard)(user)
+        metrics.USER_SUBSCRIPTIONS.set(len(self.users) + (1 if self.all_users else 0))
+
+    def wants(self, user: str) -> bool:
+        return self.all_users > 0 or user in self.users
+
+
+class Ingest:
+    def __init__(self, cfg: IngestConfig, ctx: zmq.Context | None = None) -> None:
+        if cfg.mode not in ("by-block", "streaming"):
+            raise ValueError(f"mode must be by-block or streaming, not {cfg.mode!r}")
+        self.cfg = cfg
+        self.tailers = {s: Tailer(cfg.data_dir, s, cfg.mode) for s in STREAMS}
+        self.subs = UserSubscriptions()
+        self.builder = MessageBuilder(self.subs.wants)
+        self.store = ReplayStore(cfg.replay_blocks)
+        self.skip_below = self._start_position()
+        self.joiner = Joiner(cfg.mode, cfg.block_timeout, self.skip_below)
+        ctx = ctx or zmq.Context.instance()
+        self.pub = ctx.socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.SNDHWM, SNDHWM)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(cfg.pub)
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(cfg.replay)
+        self.poller = zmq.Poller()
+        self.poller.register(self.pub, zmq.POLLIN)
+        self.poller.register(self.router, zmq.POLLIN)
+        self._bad_logged = 0
+        self.stopped = False
+
+    def _start_position(self) -> int | None:
+        """Position every tailer; return the first height to publish."""
+        height = self.cfg.from_height
+        if height is not None:
+            for tailer in self.tailers.values():
+                if not tailer.start_from(height):
+                    log.warning("%s: no file holds block %d; starting at its oldest file", tailer.stream, height)
+            return height
+        lasts = [h for h in (t.start_at_end() for t in self.tailers.values()) if h is not None]
+        start = max(lasts) + 1 if lasts else None
+        log.info("starting live at block %s", start if start is not None else "(no files yet)")
+        return start
+
+    # -------------------------------------------------------------- loop
+
+    def run(self) -> None:
+        while not self.stopped:
+            self.step()
+        self.close()
+
+    def step(self) -> int:
+        """One iteration: read, publish closed blocks, serve sockets. Returns lines read."""
+        lines = self._read_streams()
+        for block in self.joiner.ready():
+            self.publish(block)
+        timeout_ms = 0 if lines else int(self.cfg.poll_interval * 1000) or 1
+        for sock, _ in self.poller.poll(timeout_ms):
+            if sock is self.pub:
+                self.subs.handle(self.pub.recv())
+            else:
+                serve_one(self.router, self.store)
+        return lines
+
+    def _read_streams(self) -> int:
+        reading = [s for s, t in self.tailers.items() if not t.at_eof]
+        floor = min((self.joiner.reached[s] for s in reading), default=None)
+        count = 0
+        for stream, tailer in self.tailers.items():
+            if floor is not None and self.joiner.reached[stream] > floor + MAX_AHEAD:
+                continue
+            for line in tailer.poll():
+                count += 1
+                self._feed(stream, line)
+        return count
+
+    def _feed(self, stream: str, line: bytes) -> None:
+        metrics.LINES.labels(stream).inc()
+        if self.skip_below is not None:
+            height = line_height(line)
+            if height is not None and height < self.skip_below:
+                return
+        try:
+            self.joiner.add(stream, DECODERS[stream].decode(line))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            metrics.BAD_LINES.labels(stream, "malformed").inc()
+            BAD_INPUT.labels("ingest", "malformed_line").inc()
+            self._log_bad(stream, line, exc)
+
+    def _log_bad(self, stream: str, line: bytes, exc: Exception) -> None:
+        self._bad_logged += 1
+        if self._bad_logged <= 20 or self._bad_logged % 1000 == 0:
+            log.error("%s: malformed line skipped (%s): %.200r [%d so far]", stream, exc, line, self._bad_logged)
+
+    def publish(self, block: Block) -> None:
+        stored, per_user = self.builder.build(block)
+        for topic, payload in stored:
+            self.pub.send_multipart((topic, payload), copy=False)
+        for topic, payload in per_user:
+            self.pub.send_multipart((topic, payload), copy=False)
+        self.store.add(block.height, stored)
+        metrics.BLOCKS.inc()
+        metrics.MESSAGES.labels("stored").inc(len(stored))
+        metrics.MESSAGES.labels("user").inc(len(per_user))
+        metrics.HEAD.set(block.height)
+        metrics.LAG.set(time.time() - block_time_ms(block.block_time) / 1000)
+
+    def close(self) -> None:
+        for tailer in self.tailers.values():
+            tailer.close()
+        self.pub.close()
+        self.router.close()
+
+
+def run(cfg: IngestConfig) -> None:
+    logs.setup("ingest", cfg.log_level)
+    serve(cfg.metrics_port)
+    ingest = Ingest(cfg)
+
+    def stop(*_: object) -> None:
+        ingest.stopped = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("publishing on %s, replay on %s, mode %s", cfg.pub, cfg.replay, cfg.mode)
+    ingest.run()

@@ -1,0 +1,190 @@
+"""Follow one node stream through its hourly files.
+
+Returns complete lines only (a partial last line waits for its newline),
+switches to the next hourly file once the current one is finished (also across
+midnight), reopens a file that shrank (truncated/rewritten) from its start,
+and reads in bounded chunks so catching up from an old height never loads a
+whole hour into memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from hlbook.common import nodefiles
+from hlbook.services.ingest import metrics
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4 << 20  # bytes read per poll
+MAX_PARTIAL = 64 << 20  # a "line" longer than this is garbage
+_HEIGHT = re.compile(rb'"block_number":(\d+)')
+_ROTATION_CHECK_S = 0.05
+
+
+def line_height(line: bytes) -> int | None:
+    """Block number of a node line, read from its prefix without decoding the line."""
+    match = _HEIGHT.search(line, 0, 256)
+    return int(match.group(1)) if match else None
+
+
+def _first_height(path: Path) -> int | None:
+    with open(path, "rb") as fh:
+        return line_height(fh.read(256))
+
+
+def _last_line_height(path: Path) -> int | None:
+    """Height of the last complete line of a file (reads backwards from its end)."""
+    with open(path, "rb") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        step = 1 << 16
+        pos = end
+        tail = b""
+        while pos > 0:
+            pos = max(0, pos - step)
+            fh.seek(pos)
+            tail = fh.read(end - pos)
+            complete = tail[: tail.rfind(b"\n") + 1]
+            starts = [m.start() for m in re.finditer(rb'\{"local_time"', complete)]
+            if starts:
+                return line_height(complete[starts[-1] :])
+            step *= 4
+    return None
+
+
+class Tailer:
+    """Tails ``node_<stream>_<mode>`` hourly files."""
+
+    def __init__(self, data_dir: str | Path, stream: str, mode: str) -> None:
+        self.data_dir = data_dir
+        self.stream = stream
+        self.mode = mode
+        self.path: Path | None = None
+        self._fh: BinaryIO | None = None
+        self._partial = b""
+        self._next_rotation_check = 0.0
+        self.at_eof = False
+
+    # -------------------------------------------------------------- start positions
+
+    def files(self) -> list[Path]:
+        return nodefiles.hour_files(self.data_dir, self.stream, self.mode)
+
+    def start_at_end(self) -> int | None:
+        """Open the newest file at its end; return the height of its last complete line."""
+        files = self.files()
+        if not files:
+            return None
+        self._open(files[-1])
+        assert self._fh is not None
+        size = self._fh.seek(0, os.SEEK_END)
+        last_height = _last_line_height(files[-1])
+        # keep a trailing partial line: it completes later and belongs to us
+        self._fh.seek(self._last_newline_before(size))
+        return last_height
+
+    def _last_newline_before(self, size: int) -> int:
+        assert self._fh is not None
+        pos = max(0, size - (1 << 20))
+        while True:
+            self._fh.seek(pos)
+            data = self._fh.read(size - pos)
+            idx = data.rfind(b"\n")
+            if idx >= 0:
+                return pos + idx + 1
+            if pos == 0:
+                return 0
+            pos = max(0, pos - (1 << 22))
+
+    def start_from(self, height: int) -> bool:
+        """Open the newest file whose first block is <= height (scanning back).
+        False when every file starts after ``height`` (blocks are missing)."""
+        files = self.files()
+        for path in reversed(files):
+            first = _first_height(path)
+            if first is not None and first <= height:
+                self._open(path)
+                return True
+        if files:
+            self._open(files[0])
+        return False
+
+    def _open(self, path: Path) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._fh = open(path, "rb")
+        self.path = path
+        self._partial = b""
+
+    # -------------------------------------------------------------- reading
+
+    def poll(self) -> list[bytes]:
+        """Complete lines appended since the last poll (at most about one chunk)."""
+        if self._fh is None:
+            files = self.files()
+            if not files:
+                self.at_eof = True
+                return []
+            self._open(files[0])
+        assert self._fh is not None
+        self._check_truncated()
+        data = self._fh.read(CHUNK)
+        if not data:
+            self.at_eof = True
+            self._maybe_rotate()
+            return []
+        self.at_eof = len(data) < CHUNK
+        return self._split(data)
+
+    def _split(self, data: bytes) -> list[bytes]:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > MAX_PARTIAL:
+            metrics.BAD_LINES.labels(self.stream, "oversize").inc()
+            log.error("%s: dropping %d bytes without a newline in %s", self.stream, len(self._partial), self.path)
+            self._partial = b""
+        return [line for line in lines if line]
+
+    def _check_truncated(self) -> None:
+        assert self._fh is not None and self.path is not None
+        pos = self._fh.tell()
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            return
+        if size < pos:
+            metrics.FILE_EVENTS.labels(self.stream, "truncated").inc()
+            log.error("%s: %s shrank from %d to %d bytes; rereading it from the start", self.stream, self.path, pos, size)
+            self._fh.seek(0)
+            self._partial = b""
+
+    def _maybe_rotate(self) -> None:
+        """At EOF: switch to the next hourly file once one exists."""
+        now = time.monotonic()
+        if now < self._next_rotation_check:
+            return
+        self._next_rotation_check = now + _ROTATION_CHECK_S
+        assert self.path is not None and self._fh is not None
+        key = nodefiles.hour_key(self.path)
+        newer = [p for p in self.files() if nodefiles.hour_key(p) > key]
+        if not newer:
+            return
+        if self._fh.read(1):  # the writer appended after our last read: finish this file first
+            self._fh.seek(-1, os.SEEK_CUR)
+            return
+        if self._partial:
+            metrics.BAD_LINES.labels(self.stream, "unterminated").inc()
+            log.error("%s: %s ended with %d bytes without a newline; dropped", self.stream, self.path, len(self._partial))
+        metrics.FILE_EVENTS.labels(self.stream, "rotated").inc()
+        log.info("%s: rotating %s -> %s", self.stream, self.path, newer[0])
+        self._open(newer[0])
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
