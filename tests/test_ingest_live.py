@@ -1,0 +1,237 @@
+"""The real `hlbook ingest` process over files being written: rotation (hour and
+midnight), partial lines, garbage lines, missing blocks, restart --from-height,
+replay and per-user topics."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import orjson
+import pytest
+import zmq
+
+from conftest import free_port
+from hlbook.common import nodefiles, wire
+
+USER = "0x00000000000000000000000000000000000000aa"
+OTHER = "0x00000000000000000000000000000000000000bb"
+START = datetime(2026, 11, 22, 22, 59, 59)
+
+
+def _ts(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond:06d}123"
+
+
+def block_lines(height: int, when: datetime) -> dict[str, bytes]:
+    """One by-block line per stream: USER opens an order (status + new diff), and
+    a trade between USER (maker, sells) and OTHER (taker, buys)."""
+    ms = int(when.replace(tzinfo=None).timestamp() * 1000)
+    order = {
+        "coin": "BTC", "side": "A", "limitPx": "81308.0", "sz": "0.5", "oid": height, "timestamp": ms,
+        "triggerCondition": "N/A", "isTrigger": False, "triggerPx": "0.0", "children": [], "isPositionTpsl": False,
+        "reduceOnly": False, "orderType": "Limit", "origSz": "0.5", "tif": "Alo", "cloid": None,
+    }
+    status = {"time": _ts(when), "user": USER, "hash": None, "builder": None, "status": "open", "order": order}
+    diff = {"user": USER, "oid": height, "coin": "BTC", "side": "A", "px": "81308.0", "raw_book_diff": {"new": {"sz": "0.5"}}}
+
+    def fill(user: str, side: str, crossed: bool) -> list:
+        return [user, {"coin": "BTC", "px": "81308.0", "sz": "0.1", "side": side, "time": ms, "startPosition": "0.0",
+                       "dir": "Open Long", "closedPnl": "0.0", "hash": "0x" + "1" * 64, "oid": height, "crossed": crossed,
+                       "fee": "0.01", "tid": height * 10, "feeToken": "USDC", "twapId": None}]
+
+    events = {
+        "order_statuses": [status],
+        "raw_book_diffs": [diff],
+        "fills": [fill(OTHER, "B", True), fill(USER, "A", False)],
+    }
+    head = {"local_time": _ts(when + timedelta(milliseconds=300)), "block_time": _ts(when), "block_number": height}
+    return {s: orjson.dumps({**head, "events": e}) + b"\n" for s, e in events.items()}
+
+
+class NodeWriter:
+    """Appends by-block lines to the hourly files, as a node does."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+
+    def write(self, height: int, when: datetime, streams: tuple[str, ...] | None = None, cut: int | None = None) -> None:
+        """Append block ``height``; ``cut`` writes only the first ``cut`` bytes of each line."""
+        for stream, line in block_lines(height, when).items():
+            if streams is None or stream in streams:
+                self.append(stream, when, line if cut is None else line[:cut])
+
+    def append(self, stream: str, when: datetime, data: bytes) -> None:
+        path = nodefiles.hour_file(self.data_dir, stream, "by-block", when)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as fh:
+            fh.write(data)
+
+
+class IngestProcess:
+    """A real `hlbook ingest` subprocess with a SUB socket and a REQ socket on it."""
+
+    def __init__(self, data_dir: Path, tmp: Path, *extra: str) -> None:
+        self.pub, self.replay = f"ipc://{tmp}/pub", f"ipc://{tmp}/replay"
+        self.metrics_port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hlbook.cli", "ingest", "--data-dir", str(data_dir), "--pub", self.pub,
+             "--replay", self.replay, "--metrics-port", str(self.metrics_port), "--block-timeout", "0.3", *extra],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.ctx = zmq.Context()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.connect(self.pub)
+        self.sub.subscribe(b"H|")
+        self.sub.subscribe(b"B|")
+        self.sub.subscribe(b"T|")
+        self.sub.subscribe(f"U|{USER}|".encode())
+        self.replay_request(0)  # returns once the process serves its sockets
+        time.sleep(0.3)  # subscriptions reach the XPUB
+
+    def replay_request(self, from_height: int, timeout: float = 20) -> list[bytes]:
+        req = self.ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(self.replay)
+        req.send(wire.encode(wire.ReplayRequest(from_height=from_height)))
+        deadline = time.monotonic() + timeout
+        while not req.poll(100):
+            assert self.proc.poll() is None, "ingest exited"
+            assert time.monotonic() < deadline, "no replay reply"
+        frames = req.recv_multipart()
+        req.close()
+        return frames
+
+    def messages(self, until: int, timeout: float = 10) -> Iterator[tuple[bytes, dict]]:
+        """Messages received until the block ``until`` and the ones after it in the
+        same burst (a header opens each block)."""
+        deadline = time.monotonic() + timeout
+        seen = False
+        while time.monotonic() < deadline:
+            if not self.sub.poll(300 if seen else 100):
+                if seen:
+                    return
+                continue
+            topic, payload = self.sub.recv_multipart()
+            message = wire.decode(payload)
+            yield topic, message
+            seen = seen or (topic == b"H|" and message["height"] >= until)
+        raise AssertionError(f"no header for block {until} within {timeout}s")
+
+    def headers(self, until: int) -> list[dict]:
+        return [m for t, m in self.messages(until) if t == b"H|"]
+
+    def metric(self, name: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+    def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+            assert self.proc.wait(10) == 0
+            self.ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> NodeWriter:
+    writer = NodeWriter(tmp_path / "data")
+    for h in range(100, 103):
+        writer.write(h, START - timedelta(seconds=1) + timedelta(milliseconds=70 * (h - 100)))
+    return writer
+
+
+@pytest.fixture
+def ingest(node: NodeWriter, tmp_path: Path) -> Iterator[IngestProcess]:
+    process = IngestProcess(node.data_dir, tmp_path)
+    yield process
+    process.stop()
+
+
+def test_starts_live_and_follows_rotation_across_midnight(node: NodeWriter, ingest: IngestProcess) -> None:
+    node.write(103, START)  # 22:59:59 -> file 20261122/22
+    node.write(104, START + timedelta(seconds=1))  # 23:00:00 -> file 20261122/23
+    node.write(105, datetime(2026, 11, 22, 23, 59, 59, 900000))
+    node.write(106, datetime(2026, 11, 23, 0, 0, 0, 100000))  # midnight -> 20261123/0
+    node.write(107, datetime(2026, 11, 23, 0, 0, 0, 200000))
+    headers = ingest.headers(until=107)
+    assert [h["height"] for h in headers] == [103, 104, 105, 106, 107]  # live: 100..102 were there before
+    assert [h["prev"] for h in headers] == [None, 103, 104, 105, 106]
+    assert headers[3]["block_time"] == "2026-11-23T00:00:00.100000123"
+    assert ingest.metric('hlbook_ingest_file_events_total{event="rotated"') == 6  # 2 rotations x 3 streams
+
+
+def test_partial_line_waits_for_its_newline(node: NodeWriter, ingest: IngestProcess) -> None:
+    when = START + timedelta(milliseconds=500)
+    full = block_lines(103, when)
+    for stream, line in full.items():
+        node.append(stream, when, line[:150])
+    time.sleep(0.5)
+    assert not ingest.sub.poll(200), "a block was published from partial lines"
+    for stream, line in full.items():
+        node.append(stream, when, line[150:])
+    messages = list(ingest.messages(until=103))
+    topics = [t for t, _ in messages]
+    assert topics == [b"H|", b"B|BTC|", b"T|BTC|", f"U|{USER}|".encode()]
+    book = wire.decode(wire.encode(messages[1][1]), wire.BookSlice)
+    assert book.diffs[0].oid == 103 and book.statuses[0].status == "open"
+    trade = messages[2][1]["trades"][0]
+    assert trade["users"] == [OTHER, USER] and trade["side"] == "B" and trade["px"] == "81308.0"
+    user_events = messages[3][1]
+    assert len(user_events["statuses"]) == 1 and len(user_events["fills"]) == 1
+
+
+def test_garbage_line_is_skipped_and_counted(node: NodeWriter, ingest: IngestProcess) -> None:
+    node.write(103, START)
+    node.append("order_statuses", START, b'{"local_time": garbage\n')
+    node.append("raw_book_diffs", START, b"\x00\xff not json at all\n")
+    node.write(104, START)
+    assert [h["height"] for h in ingest.headers(until=104)] == [103, 104]
+    assert ingest.metric('hlbook_ingest_bad_lines_total{reason="malformed",stream="order_statuses"}') == 1
+    assert ingest.metric('hlbook_ingest_bad_lines_total{reason="malformed",stream="raw_book_diffs"}') == 1
+    assert ingest.proc.poll() is None
+
+
+def test_missing_block_is_detected_and_the_rest_goes_on(node: NodeWriter, ingest: IngestProcess) -> None:
+    node.write(103, START)
+    node.write(105, START)  # 104 never written
+    node.write(106, START)
+    node.write(107, START, streams=("order_statuses", "fills"))  # diffs line of 107 lost
+    node.write(108, START)
+    headers = ingest.headers(until=108)
+    assert [(h["height"], h["prev"]) for h in headers] == [(103, None), (105, 103), (106, 105), (107, 106), (108, 107)]
+    assert headers[3]["n_diffs"] == 0 and headers[3]["n_statuses"] == 1
+    assert ingest.metric('hlbook_ingest_block_anomalies_total{kind="gap"}') == 1
+    assert ingest.metric('hlbook_ingest_block_anomalies_total{kind="incomplete"}') == 1
+
+
+def test_restart_from_height_and_replay(node: NodeWriter, ingest: IngestProcess, tmp_path: Path) -> None:
+    for h in range(103, 106):
+        node.write(h, START)
+    assert [h["height"] for h in ingest.headers(until=105)] == [103, 104, 105]
+    frames = ingest.replay_request(104)
+    reply = wire.decode(frames[0], wire.ReplayReply)
+    assert reply.ok and (reply.oldest, reply.head) == (103, 105)
+    replayed = list(zip(frames[1::2], frames[2::2]))
+    assert [wire.decode(p)["height"] for t, p in replayed if t == b"H|"] == [104, 105]
+    assert {t for t, _ in replayed} == {b"H|", b"B|BTC|", b"T|BTC|"}
+    too_old = wire.decode(ingest.replay_request(50)[0], wire.ReplayReply)
+    assert not too_old.ok and "no longer held" in (too_old.error or "")
+    ingest.stop()
+
+    (tmp_path / "again").mkdir()
+    restarted = IngestProcess(node.data_dir, tmp_path / "again", "--from-height", "101")
+    try:
+        # it re-read 101..105 from the files before our SUB joined: they are in its replay store
+        frames = restarted.replay_request(101)
+        assert wire.decode(frames[0], wire.ReplayReply).oldest == 101
+        assert [wire.decode(p)["height"] for t, p in zip(frames[1::2], frames[2::2]) if t == b"H|"] == [101, 102, 103, 104, 105]
+        node.write(106, START)
+        assert [h["height"] for h in restarted.headers(until=106)] == [106]
+    finally:
+        restarted.stop()
