@@ -9,7 +9,7 @@ cost nothing after decoding.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from hlbook.common import topics, wire
 from hlbook.common.models import Fill, UserFill, block_time_ms
@@ -18,15 +18,43 @@ from hlbook.services.ingest.joiner import Block
 
 log = logging.getLogger(__name__)
 
+
+class UserSubscriptions:
+    """Per-user topics someone downstream subscribed to, from XPUB events.
+
+    XPUB (not verbose) reports a topic's first subscribe and last unsubscribe,
+    so a set is enough. A prefix covering every user (``b""``, ``b"U|"``)
+    turns on all users."""
+
+    def __init__(self, users: Iterable[str] = ()) -> None:
+        self.users: set[str] = set(users)
+        self.all_users = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.users) or self.all_users > 0
+
+    def handle(self, event: bytes) -> None:
+        """Apply one XPUB event (``\\x01topic`` subscribe, ``\\x00topic`` unsubscribe)."""
+        if not event:
+            return
+        subscribe, topic = event[0] == 1, event[1:]
+        if topics.USER_PREFIX.startswith(topic):
+            self.all_users += 1 if subscribe else -1
+        elif topic.startswith(topics.USER_PREFIX) and topic.endswith(topics.SEP):
+            user = topics.coin_of(topic)
+            (self.users.add if subscribe else self.users.discard)(user)
+        metrics.USER_SUBSCRIPTIONS.set(len(self.users) + (1 if self.all_users else 0))
+
 Message = tuple[bytes, bytes]
 
 
 class MessageBuilder:
     """Builds the messages of each block, keeping the per-topic ``prev`` chain."""
 
-    def __init__(self, wants_user: Callable[[str], bool]) -> None:
+    def __init__(self, subs: UserSubscriptions) -> None:
         self.prev = wire.PrevTracker()
-        self.wants_user = wants_user
+        self.subs = subs
 
     def build(self, block: Block) -> tuple[list[Message], list[Message]]:
         """(stored messages: header, book slices, trades; user messages, not stored)."""
@@ -89,8 +117,9 @@ class MessageBuilder:
         return list(by_coin.values())
 
     def _user_events(self, block: Block, ms: int) -> list[Message]:
+        if not self.subs.active:
+            return []
         events: dict[str, wire.UserEvents] = {}
-        wants = self.wants_user
 
         def slot(user: str) -> wire.UserEvents:
             e = events.get(user)
@@ -98,11 +127,13 @@ class MessageBuilder:
                 e = events[user] = wire.UserEvents(block.height, None, ms, user, [], [])
             return e
 
+        wanted = self.subs.users
+        every = self.subs.all_users > 0
         for status in block.statuses:
-            if wants(status.user):
+            if every or status.user in wanted:
                 slot(status.user).statuses.append(status)
         for user, fill in block.fills:
-            if wants(user):
+            if every or user in wanted:
                 slot(user).fills.append(fill)
         return [self._pack(topics.user(e.user), e) for e in events.values()]
 

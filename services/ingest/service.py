@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
-from hlbook.common import logs, topics
+from hlbook.common import logs
 from hlbook.common.metrics import BAD_INPUT, serve
 from hlbook.common.models import DECODERS, STREAMS, block_time_ms
 from hlbook.services.ingest import metrics
 from hlbook.services.ingest.joiner import Block, Joiner
-from hlbook.services.ingest.messages import MessageBuilder
+from hlbook.services.ingest.messages import MessageBuilder, UserSubscriptions
 from hlbook.services.ingest.replay import ReplayStore, serve_one
 from hlbook.services.ingest.tailer import Tailer, line_height
 
@@ -40,34 +40,6 @@ class IngestConfig:
     log_level: str = "INFO"
 
 
-class UserSubscriptions:
-    """Per-user topics someone downstream subscribed to, from XPUB events.
-
-    XPUB (not verbose) reports a topic's first subscribe and last unsubscribe,
-    so a set is enough. A prefix covering every user (``b""``, ``b"U|"``)
-    turns on all users."""
-
-    def __init__(self) -> None:
-        self.users: set[str] = set()
-        self.all_users = 0
-
-    def handle(self, event: bytes) -> None:
-        if not event:
-            return
-        subscribe, topic = event[0] == 1, event[1:]
-        if topics.USER_PREFIX.startswith(topic):
-            self.all_users += 1 if subscribe else -1
-        elif topic.startswith(topics.USER_PREFIX):
-            user = topics.coin_of(topic) if topic.endswith(topics.SEP) else None
-            if user is None:
-                return
-            (self.users.add if subscribe else self.users.discard)(user)
-        metrics.USER_SUBSCRIPTIONS.set(len(self.users) + (1 if self.all_users else 0))
-
-    def wants(self, user: str) -> bool:
-        return self.all_users > 0 or user in self.users
-
-
 class Ingest:
     def __init__(self, cfg: IngestConfig, ctx: zmq.Context | None = None) -> None:
         if cfg.mode not in ("by-block", "streaming"):
@@ -75,7 +47,7 @@ class Ingest:
         self.cfg = cfg
         self.tailers = {s: Tailer(cfg.data_dir, s, cfg.mode) for s in STREAMS}
         self.subs = UserSubscriptions()
-        self.builder = MessageBuilder(self.subs.wants)
+        self.builder = MessageBuilder(self.subs)
         self.store = ReplayStore(cfg.replay_blocks)
         self.skip_below = self._start_position()
         self.joiner = Joiner(cfg.mode, cfg.block_timeout, self.skip_below)
