@@ -67,8 +67,16 @@ class NodeWriter:
             if streams is None or stream in streams:
                 self.append(stream, when, line if cut is None else line[:cut])
 
-    def append(self, stream: str, when: datetime, data: bytes) -> None:
-        path = nodefiles.hour_file(self.data_dir, stream, "by-block", when)
+    def write_streaming(self, height: int, when: datetime, streams: tuple[str, ...]) -> None:
+        """Append block ``height`` as a node in streaming mode does: one event a line."""
+        for stream, line in block_lines(height, when).items():
+            if stream in streams:
+                doc = orjson.loads(line)
+                for event in doc["events"]:
+                    self.append(stream, when, orjson.dumps({**doc, "events": [event]}) + b"\n", "streaming")
+
+    def append(self, stream: str, when: datetime, data: bytes, mode: str = "by-block") -> None:
+        path = nodefiles.hour_file(self.data_dir, stream, mode, when)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab") as fh:
             fh.write(data)
@@ -235,3 +243,22 @@ def test_restart_from_height_and_replay(node: NodeWriter, ingest: IngestProcess,
         assert [h["height"] for h in restarted.headers(until=106)] == [106]
     finally:
         restarted.stop()
+
+
+def test_streaming_mode_closes_blocks_when_streams_move_on(tmp_path: Path) -> None:
+    node = NodeWriter(tmp_path / "data")
+    node.write_streaming(100, START, ("order_statuses", "raw_book_diffs", "fills"))
+    ingest = IngestProcess(node.data_dir, tmp_path, "--mode", "streaming")
+    try:
+        node.write_streaming(101, START, ("order_statuses", "raw_book_diffs", "fills"))
+        # 102 writes no row at all (an empty block); 103 has no fills: the fills stream never moves past it
+        node.write_streaming(103, START, ("order_statuses", "raw_book_diffs"))
+        node.write_streaming(104, START, ("order_statuses", "raw_book_diffs"))
+        headers = ingest.headers(until=103)
+        assert [(h["height"], h["n_statuses"], h["n_diffs"], h["n_fills"]) for h in headers] == [
+            (101, 1, 1, 2), (102, 0, 0, 0), (103, 1, 1, 0)
+        ]
+        assert ingest.metric('hlbook_ingest_block_anomalies_total{kind="timeout"}') >= 1
+        assert ingest.metric('hlbook_ingest_block_anomalies_total{kind="gap"}') == 0
+    finally:
+        ingest.stop()
