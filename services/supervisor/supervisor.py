@@ -1,0 +1,124 @@
+"""A small process supervisor for `hlbook up`: starts the services as child
+processes, restarts a crashed child with exponential backoff, and stops
+everything on SIGTERM/SIGINT (children also get SIGTERM if the supervisor
+itself dies, via PR_SET_PDEATHSIG on Linux)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 30.0  # a child up this long has its backoff reset
+STOP_GRACE_S = 8.0
+
+
+@dataclass
+class ChildSpec:
+    name: str
+    args: list[str]  # arguments of the `hlbook` command
+
+    @property
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "hlbook.cli", *self.args]
+
+
+@dataclass
+class Child:
+    spec: ChildSpec
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff: float = BACKOFF_START_S
+    restart_at: float | None = None
+    exit_codes: list[int] = field(default_factory=list)
+
+
+def _die_with_parent() -> None:
+    """Child side: receive SIGTERM when the supervisor dies (Linux only)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Supervisor:
+    def __init__(self, specs: list[ChildSpec], env: dict[str, str] | None = None) -> None:
+        self.children = [Child(spec) for spec in specs]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.stopping = False
+
+    def start(self, child: Child) -> None:
+        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        child.proc = subprocess.Popen(child.spec.argv, env=self.env, preexec_fn=preexec)
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        log.info("started %s (pid %d): %s", child.spec.name, child.proc.pid, " ".join(child.spec.args))
+
+    def start_all(self) -> None:
+        for child in self.children:
+            self.start(child)
+
+    def check(self, now: float | None = None) -> None:
+        """Notice exited children and restart them when their backoff has passed."""
+        now = time.monotonic() if now is None else now
+        for child in self.children:
+            if child.restart_at is not None:
+                if now >= child.restart_at and not self.stopping:
+                    child.restarts += 1
+                    self.start(child)
+                continue
+            if child.proc is None or child.proc.poll() is None:
+                continue
+            code = child.proc.returncode
+            child.exit_codes.append(code)
+            if now - child.started_at >= STABLE_AFTER_S:
+                child.backoff = BACKOFF_START_S
+            log.error("%s exited with %s; restarting in %.1fs", child.spec.name, code, child.backoff)
+            child.restart_at = now + child.backoff
+            child.backoff = min(child.backoff * 2, BACKOFF_MAX_S)
+
+    def stop(self) -> None:
+        """SIGTERM every child (newest service first), SIGKILL what outlives the grace period."""
+        self.stopping = True
+        live = [c.proc for c in reversed(self.children) if c.proc is not None and c.proc.poll() is None]
+        for proc in live:
+            proc.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc in live:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("pid %d ignored SIGTERM; killing it", proc.pid)
+                proc.kill()
+                proc.wait()
+
+    def run(self, on_tick: Callable[[], None] | None = None, tick_s: float = 1.0) -> None:
+        """Supervise until SIGTERM/SIGINT; ``on_tick`` runs every ``tick_s`` (status line)."""
+
+        def request_stop(*_: object) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        self.start_all()
+        next_tick = time.monotonic()
+        try:
+            while not self.stopping:
+                self.check()
+                if on_tick is not None and time.monotonic() >= next_tick:
+                    next_tick += tick_s
+                    on_tick()
+                time.sleep(0.1)
+        finally:
+            self.stop()
