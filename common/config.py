@@ -14,7 +14,7 @@ DEFAULT_HOST = "127.0.0.1"
 INGEST_PUB = "tcp://127.0.0.1:5550"
 INGEST_REPLAY = "tcp://127.0.0.1:5551"
 BOOK_BASE_PORT = 5600  # shard k: PUB on base+2k, queries (ROUTER) on base+2k+1
-REPLAY_BLOCKS = 2000  # blocks ingest keeps for replay (~2 min at 15 blocks/s)
+REPLAY_BLOCKS = 1000  # blocks ingest keeps for replay (~67 s at 15 blocks/s)
 
 
 def env(flag: str) -> str:

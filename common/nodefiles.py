@@ -38,3 +38,21 @@ def hour_files(data_dir: str | Path, stream: str, mode: str) -> list[Path]:
         if f.is_file() and f.name.isdigit()
     ]
     return sorted(files, key=hour_key)
+
+
+def _hours(day: Path) -> list[Path]:
+    return sorted((f for f in day.iterdir() if f.name.isdigit() and f.is_file()), key=lambda f: int(f.name))
+
+
+def next_hour_file(path: Path) -> Path | None:
+    """The first hourly file after ``path`` (same day, else the next day that has
+    one), listing only the current day and the day folders: cheap to poll."""
+    day = path.parent
+    later = [f for f in _hours(day) if int(f.name) > int(path.name)] if day.is_dir() else []
+    if later:
+        return later[0]
+    for next_day in sorted(d for d in day.parent.iterdir() if d.name.isdigit() and d.name > day.name):
+        hours = _hours(next_day)
+        if hours:
+            return hours[0]
+    return None

@@ -62,6 +62,8 @@ def test_node_file_layout_sorts_hours_numerically(tmp_path: Path) -> None:
     names = [f"{p.parent.name}/{p.name}" for p in nodefiles.hour_files(tmp_path, "fills", "by-block")]
     assert names == ["20261122/9", "20261122/10", "20261122/23", "20261123/0"]
     assert "node_fills_by_block/hourly" in str(nodefiles.stream_dir(tmp_path, "fills", "by-block"))
+    files = nodefiles.hour_files(tmp_path, "fills", "by-block")
+    assert [nodefiles.next_hour_file(f) for f in files] == [*files[1:], None]
 
 
 def test_block_time_and_env_names() -> None:

@@ -33,7 +33,7 @@ class IngestConfig:
     from_height: int | None = None
     pub: str = "tcp://127.0.0.1:5550"
     replay: str = "tcp://127.0.0.1:5551"
-    replay_blocks: int = 2000
+    replay_blocks: int = 1000
     block_timeout: float = 0.5
     poll_interval: float = 0.002
     metrics_port: int = 0

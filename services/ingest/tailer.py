@@ -170,9 +170,8 @@ class Tailer:
             return
         self._next_rotation_check = now + _ROTATION_CHECK_S
         assert self.path is not None and self._fh is not None
-        key = nodefiles.hour_key(self.path)
-        newer = [p for p in self.files() if nodefiles.hour_key(p) > key]
-        if not newer:
+        newer = nodefiles.next_hour_file(self.path)
+        if newer is None:
             return
         if self._fh.read(1):  # the writer appended after our last read: finish this file first
             self._fh.seek(-1, os.SEEK_CUR)
@@ -181,8 +180,8 @@ class Tailer:
             metrics.BAD_LINES.labels(self.stream, "unterminated").inc()
             log.error("%s: %s ended with %d bytes without a newline; dropped", self.stream, self.path, len(self._partial))
         metrics.FILE_EVENTS.labels(self.stream, "rotated").inc()
-        log.info("%s: rotating %s -> %s", self.stream, self.path, newer[0])
-        self._open(newer[0])
+        log.info("%s: rotating %s -> %s", self.stream, self.path, newer)
+        self._open(newer)
 
     def close(self) -> None:
         if self._fh is not None:
