@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from hlbook.services.ingest.cli import ingest
+from hlbook.services.supervisor.cli import up
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
@@ -19,6 +20,7 @@ def main() -> None:
 
 
 app.command()(ingest)
+app.command()(up)
 
 if __name__ == "__main__":
     app()

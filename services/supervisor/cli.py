@@ -1,0 +1,56 @@
+"""``hlbook up``: the whole pipeline on one machine, supervised."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from hlbook.common import config
+from hlbook.common.config import env
+
+
+def up(
+    simulate: Annotated[bool | None, typer.Option("--simulate/--no-simulate", envvar=env("simulate"), help="Run the node simulator (default when no --data-dir)")] = None,
+    data_dir: Annotated[str | None, typer.Option(envvar=env("data-dir"), help="Node data directory (holds hl/data/)")] = None,
+    info_url: Annotated[str | None, typer.Option(envvar=env("info-url"), help="Node info server, e.g. http://localhost:3001/info")] = None,
+    snapshot_file: Annotated[str | None, typer.Option(envvar=env("snapshot-file"), help="Node fileSnapshot output to start the books from")] = None,
+    mode: Annotated[str, typer.Option(envvar=env("mode"), help="by-block or streaming")] = "by-block",
+    shards: Annotated[int, typer.Option(envvar=env("shards"), help="Book shards (0: one per core)")] = 0,
+    gateways: Annotated[int, typer.Option(envvar=env("gateways"), help="Gateway processes, on --port, --port+1, …")] = 1,
+    host: Annotated[str, typer.Option(envvar=env("host"), help="Gateway bind address")] = config.DEFAULT_HOST,
+    port: Annotated[int, typer.Option(envvar=env("port"), help="First gateway port")] = 8000,
+    info_port: Annotated[int, typer.Option(envvar=env("info-port"), help="Simulator info server port")] = 3001,
+    blocks_per_sec: Annotated[float, typer.Option(envvar=env("blocks-per-sec"), help="Simulator block rate")] = 15.0,
+    coins: Annotated[int, typer.Option(envvar=env("coins"), help="Simulator coins")] = 50,
+    seed: Annotated[int, typer.Option(envvar=env("seed"), help="Simulator seed")] = 1,
+    metrics_base_port: Annotated[int, typer.Option(envvar=env("metrics-base-port"), help="Prometheus ports: ingest on this one, shard k on +1+k (0: off)")] = 9100,
+    log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
+) -> None:
+    """Run sim (optional), ingest, N book shards and M gateways as supervised children."""
+    from hlbook.services.supervisor.pipeline import Pipeline, run
+
+    if simulate is None:
+        simulate = data_dir is None
+    if not simulate and data_dir is None:
+        raise typer.BadParameter("--data-dir is required with --no-simulate")
+    run(
+        Pipeline(
+            simulate=simulate,
+            data_dir=data_dir,
+            info_url=info_url,
+            snapshot_file=snapshot_file,
+            mode=mode,
+            shards=shards or max(1, os.cpu_count() or 1),
+            gateways=gateways,
+            host=host,
+            port=port,
+            info_port=info_port,
+            blocks_per_sec=blocks_per_sec,
+            coins=coins,
+            seed=seed,
+            metrics_base_port=metrics_base_port,
+            log_level=log_level,
+        )
+    )

@@ -1,0 +1,117 @@
+"""The children of `hlbook up` and its one-line status."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from hlbook.common import logs
+from hlbook.services.supervisor.supervisor import ChildSpec, Supervisor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pipeline:
+    simulate: bool
+    data_dir: str | None
+    info_url: str | None
+    snapshot_file: str | None
+    mode: str
+    shards: int
+    gateways: int
+    host: str
+    port: int
+    info_port: int
+    blocks_per_sec: float
+    coins: int
+    seed: int
+    metrics_base_port: int
+    log_level: str
+
+    def specs(self, data_dir: str) -> list[ChildSpec]:
+        common = ["--log-level", self.log_level]
+        specs = []
+        info_url = self.info_url
+        if self.simulate:
+            specs.append(ChildSpec("sim", ["sim", "--data-dir", data_dir, "--info-port", str(self.info_port),
+                                           "--blocks-per-sec", str(self.blocks_per_sec), "--coins", str(self.coins),
+                                           "--mode", self.mode, "--seed", str(self.seed), *common]))
+            info_url = info_url or f"http://127.0.0.1:{self.info_port}/info"
+        specs.append(ChildSpec("ingest", ["ingest", "--data-dir", data_dir, "--mode", self.mode,
+                                          "--metrics-port", str(self.metrics_port(-1)), *common]))
+        source = ["--info-url", info_url] if info_url else ["--snapshot-file", self.snapshot_file or ""]
+        for k in range(self.shards):
+            specs.append(ChildSpec(f"book-{k}", ["book", "--shard", str(k), "--shards", str(self.shards), *source,
+                                                 "--metrics-port", str(self.metrics_port(k)), *common]))
+        for i in range(self.gateways):
+            specs.append(ChildSpec(f"gateway-{i}", ["gateway", "--host", self.host, "--port", str(self.port + i),
+                                                    "--shards", str(self.shards), *common]))
+        return specs
+
+    def metrics_port(self, shard: int) -> int:
+        """Ingest: shard -1; book shard k: k."""
+        return self.metrics_base_port + 1 + shard if self.metrics_base_port else 0
+
+
+class Status:
+    """One line: height, blocks/s, lag, gateway clients (from the services' metrics)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.last: tuple[float, float] | None = None
+
+    def line(self) -> str:
+        ingest = _metrics(f"http://127.0.0.1:{self.pipeline.metrics_port(-1)}/metrics")
+        head = ingest.get("hlbook_ingest_head_height", 0.0)
+        now = time.monotonic()
+        rate = (head - self.last[1]) / (now - self.last[0]) if self.last and head else 0.0
+        self.last = (now, head)
+        clients = sum(
+            _metrics(f"http://{self.pipeline.host}:{self.pipeline.port + i}/metrics").get("hlbook_gateway_connections", 0.0)
+            for i in range(self.pipeline.gateways)
+        )
+        return (f"height {head:.0f} | {rate:.1f} blocks/s | lag {ingest.get('hlbook_ingest_lag_seconds', 0.0) * 1000:.0f} ms"
+                f" | clients {clients:.0f}")
+
+
+def _metrics(url: str) -> dict[str, float]:
+    """Unlabelled samples of a Prometheus endpoint; empty when it does not answer."""
+    try:
+        text = urllib.request.urlopen(url, timeout=0.5).read().decode()
+    except OSError:
+        return {}
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, _, value = line.partition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def run(pipeline: Pipeline) -> None:
+    logs.setup("up", pipeline.log_level)
+    data_dir = pipeline.data_dir or tempfile.mkdtemp(prefix="hlbook-sim-")
+    supervisor = Supervisor(pipeline.specs(data_dir))
+    status = Status(pipeline)
+    urls = [f"ws://{pipeline.host}:{pipeline.port + i}/ws" for i in range(pipeline.gateways)]
+    print(f"hlbook up: data {data_dir}; WebSocket {', '.join(urls)}; "
+          f"POST http://{pipeline.host}:{pipeline.port}/info; ready: GET http://{pipeline.host}:{pipeline.port}/ready",
+          file=sys.stderr, flush=True)
+    ticks = 0
+
+    def tick() -> None:
+        nonlocal ticks
+        ticks += 1
+        line = status.line()
+        if sys.stderr.isatty():
+            print(f"\r{line}   ", end="", file=sys.stderr, flush=True)
+        elif ticks % 10 == 0:
+            print(line, file=sys.stderr, flush=True)
+
+    supervisor.run(on_tick=tick)
+    log.info("stopped")

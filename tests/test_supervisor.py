@@ -1,0 +1,43 @@
+"""The supervisor behind `hlbook up`, with real child processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from hlbook.services.supervisor.supervisor import ChildSpec, Supervisor
+
+
+def ingest_spec(tmp_path: Path, name: str) -> ChildSpec:
+    return ChildSpec(name, ["ingest", "--data-dir", str(tmp_path), "--pub", f"ipc://{tmp_path}/{name}-pub",
+                            "--replay", f"ipc://{tmp_path}/{name}-replay"])
+
+
+def wait_until(condition, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_killed_child_is_restarted_with_backoff_and_stop_leaves_no_process(tmp_path: Path) -> None:
+    supervisor = Supervisor([ingest_spec(tmp_path, "a"), ingest_spec(tmp_path, "b")])
+    supervisor.start_all()
+    try:
+        victim, other = supervisor.children
+        first_pid = victim.proc.pid
+        os.kill(first_pid, signal.SIGKILL)
+        wait_until(lambda: (supervisor.check(), victim.restarts == 1)[1])
+        assert victim.exit_codes == [-signal.SIGKILL]
+        assert victim.proc.pid != first_pid and victim.proc.poll() is None
+        assert other.restarts == 0 and other.proc.poll() is None
+        assert victim.backoff == 1.0  # doubled from 0.5 s for the next crash
+    finally:
+        supervisor.stop()
+    pids = [c.proc.pid for c in supervisor.children]
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    assert other.proc.returncode == 0  # SIGTERM -> clean exit
+    assert victim.proc.returncode in (0, -signal.SIGTERM)  # may still have been starting
