@@ -6,7 +6,8 @@ measured in the same run (file reading included in both).
     .venv/bin/python bench/ingest.py [--mb 200] [--users 10]
 
 ``--users`` subscribes that many per-user topics downstream (the busiest
-users of the fixture), so per-user routing is part of the measured cost.
+users of the fixture), so per-user routing is part of the measured cost;
+``--all-users`` subscribes the ``U|`` prefix (every user's events encoded).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def busiest_users(data_dir: Path, n: int) -> list[str]:
     return [u.decode() for u, _ in counts.most_common(n)]
 
 
-def run_ingest(data_dir: Path, first: int, last: int, users: list[str]) -> float:
+def run_ingest(data_dir: Path, first: int, last: int, users: list[str], all_users: bool = False) -> float:
     """Seconds for the real Ingest loop to read, join and publish every block."""
     tmp = tempfile.mkdtemp()
     cfg = IngestConfig(data_dir=str(data_dir), from_height=first, pub=f"ipc://{tmp}/pub", replay=f"ipc://{tmp}/replay")
@@ -80,8 +81,10 @@ def run_ingest(data_dir: Path, first: int, last: int, users: list[str]) -> float
     sub.connect(cfg.pub)
     for user in users:
         sub.subscribe(topics.user(user))
-    while ingest.subs.users != set(users):  # wait for the subscriptions, reading nothing yet
-        if ingest.pub.poll(100):
+    if all_users:
+        sub.subscribe(topics.USER_PREFIX)
+    while ingest.subs.users != set(users) or (all_users and not ingest.subs.all_users):
+        if ingest.pub.poll(100):  # wait for the subscriptions, reading nothing yet
             ingest.subs.handle(ingest.pub.recv())
     start = time.perf_counter()
     while ingest.store.head != last:
@@ -96,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=int, default=200)
     parser.add_argument("--users", type=int, default=10)
+    parser.add_argument("--all-users", action="store_true", help="a subscriber of every user topic (U| prefix)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "src", Path(tmp) / "dst"
@@ -104,9 +108,10 @@ def main() -> None:
         first, last = replicate(src, dst, args.mb)
         users = busiest_users(src, args.users)
         base_s, events, size = baseline(dst)
-        ingest_s = run_ingest(dst, first, last, users)
+        ingest_s = run_ingest(dst, first, last, users, args.all_users)
     blocks = last - first + 1
-    print(f"data: {blocks} blocks, {events} status events, {size / 1e6:.0f} MB of status lines; {len(users)} users followed")
+    followed = "every user" if args.all_users else f"{len(users)} users"
+    print(f"data: {blocks} blocks, {events} status events, {size / 1e6:.0f} MB of status lines; {followed} followed")
     print(f"orjson.loads baseline : {events / base_s:>10,.0f} status events/s  {size / 1e6 / base_s:7.1f} MB/s")
     print(f"ingest parse+join+pub : {events / ingest_s:>10,.0f} status events/s  {size / 1e6 / ingest_s:7.1f} MB/s  {blocks / ingest_s:,.0f} blocks/s")
     print(f"ratio ingest/baseline : {base_s / ingest_s:.2f}")
