@@ -38,23 +38,22 @@ def _first_height(path: Path) -> int | None:
         return line_height(fh.read(256))
 
 
-def _last_line_height(path: Path) -> int | None:
-    """Height of the last complete line of a file (reads backwards from its end)."""
+def _tail(path: Path) -> tuple[int, int | None]:
+    """(offset just after the last newline, height of the last complete line)."""
     with open(path, "rb") as fh:
-        end = fh.seek(0, os.SEEK_END)
-        step = 1 << 16
-        pos = end
-        tail = b""
-        while pos > 0:
-            pos = max(0, pos - step)
-            fh.seek(pos)
-            tail = fh.read(end - pos)
-            complete = tail[: tail.rfind(b"\n") + 1]
-            starts = [m.start() for m in re.finditer(rb'\{"local_time"', complete)]
-            if starts:
-                return line_height(complete[starts[-1] :])
-            step *= 4
-    return None
+        size = fh.seek(0, os.SEEK_END)
+        window = 1 << 16
+        while True:
+            start = max(0, size - window)
+            fh.seek(start)
+            data = fh.read(size - start)
+            end = data.rfind(b"\n")
+            if end < 0 and start == 0:
+                return 0, None
+            line_start = data.rfind(b"\n", 0, end) + 1 if end >= 0 else 0
+            if end >= 0 and (line_start > 0 or start == 0):
+                return start + end + 1, line_height(data[line_start:end])
+            window *= 4
 
 
 class Tailer:
@@ -76,30 +75,16 @@ class Tailer:
         return nodefiles.hour_files(self.data_dir, self.stream, self.mode)
 
     def start_at_end(self) -> int | None:
-        """Open the newest file at its end; return the height of its last complete line."""
+        """Open the newest file after its last complete line (a partial one will be
+        completed by the node and read); return that line's height."""
         files = self.files()
         if not files:
             return None
+        offset, height = _tail(files[-1])
         self._open(files[-1])
         assert self._fh is not None
-        size = self._fh.seek(0, os.SEEK_END)
-        last_height = _last_line_height(files[-1])
-        # keep a trailing partial line: it completes later and belongs to us
-        self._fh.seek(self._last_newline_before(size))
-        return last_height
-
-    def _last_newline_before(self, size: int) -> int:
-        assert self._fh is not None
-        pos = max(0, size - (1 << 20))
-        while True:
-            self._fh.seek(pos)
-            data = self._fh.read(size - pos)
-            idx = data.rfind(b"\n")
-            if idx >= 0:
-                return pos + idx + 1
-            if pos == 0:
-                return 0
-            pos = max(0, pos - (1 << 22))
+        self._fh.seek(offset)
+        return height
 
     def start_from(self, height: int) -> bool:
         """Open the newest file whose first block is <= height (scanning back).

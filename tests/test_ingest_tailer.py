@@ -1,0 +1,72 @@
+"""Tailer: start positions, partial lines, truncation, rotation."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from prometheus_client import REGISTRY
+
+from hlbook.common import nodefiles
+from hlbook.services.ingest.tailer import Tailer, line_height
+
+HOUR = datetime(2026, 11, 22, 23)
+NEXT = datetime(2026, 11, 23, 0)
+
+
+def node_line(height: int, pad: int = 0) -> bytes:
+    return b'{"local_time":"x","block_time":"y","block_number":%d,"events":[%s]}\n' % (height, b"0," * pad + b"0")
+
+
+def append(tmp: Path, when: datetime, data: bytes) -> Path:
+    path = nodefiles.hour_file(tmp, "fills", "by-block", when)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as fh:
+        fh.write(data)
+    return path
+
+
+def heights(lines: list[bytes]) -> list[int | None]:
+    return [line_height(line) for line in lines]
+
+
+def test_start_at_end_keeps_a_partial_last_line(tmp_path: Path) -> None:
+    append(tmp_path, HOUR, node_line(1) + node_line(2, pad=40_000) + node_line(3)[:20])
+    tailer = Tailer(tmp_path, "fills", "by-block")
+    assert tailer.start_at_end() == 2
+    assert tailer.poll() == []
+    append(tmp_path, HOUR, node_line(3)[20:])
+    assert heights(tailer.poll()) == [3]
+
+
+def test_start_from_scans_back_to_the_file_holding_the_height(tmp_path: Path) -> None:
+    append(tmp_path, datetime(2026, 11, 22, 22), node_line(1) + node_line(2))
+    append(tmp_path, HOUR, node_line(3) + node_line(4))
+    append(tmp_path, NEXT, node_line(5))
+    tailer = Tailer(tmp_path, "fills", "by-block")
+    assert tailer.start_from(4)
+    assert heights(tailer.poll()) == [3, 4]
+    assert tailer.poll() == []  # end of the hour file: rotates
+    assert heights(tailer.poll()) == [5]
+    assert not Tailer(tmp_path, "fills", "by-block").start_from(0)  # older than every file
+
+
+def test_truncated_file_is_reread_and_counted(tmp_path: Path) -> None:
+    path = append(tmp_path, HOUR, node_line(1) + node_line(2))
+    tailer = Tailer(tmp_path, "fills", "by-block")
+    assert heights(tailer.poll()) == [1, 2]
+    before = REGISTRY.get_sample_value("hlbook_ingest_file_events_total", {"stream": "fills", "event": "truncated"}) or 0
+    path.write_bytes(node_line(7))
+    assert heights(tailer.poll()) == [7]
+    assert REGISTRY.get_sample_value("hlbook_ingest_file_events_total", {"stream": "fills", "event": "truncated"}) == before + 1
+
+
+def test_unterminated_line_at_rotation_is_dropped_and_counted(tmp_path: Path) -> None:
+    append(tmp_path, HOUR, node_line(1) + node_line(2)[:30])
+    tailer = Tailer(tmp_path, "fills", "by-block")
+    assert heights(tailer.poll()) == [1]
+    append(tmp_path, NEXT, node_line(3))
+    before = REGISTRY.get_sample_value("hlbook_ingest_bad_lines_total", {"stream": "fills", "reason": "unterminated"}) or 0
+    assert tailer.poll() == []  # rotates
+    assert heights(tailer.poll()) == [3]
+    assert REGISTRY.get_sample_value("hlbook_ingest_bad_lines_total", {"stream": "fills", "reason": "unterminated"}) == before + 1
