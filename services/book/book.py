@@ -1,0 +1,386 @@
+"""L4 order book of one coin: every resting order, price levels in time priority.
+
+Per side, a plain dict maps a fixed-point price to its :class:`Level` and a
+``SortedList`` holds the keys best first (bids negated), so the best price and
+the top N levels cost O(levels read), never a scan of the book. A level keeps
+an insertion-ordered dict ``oid -> Order`` (time priority) and its running
+total size.
+
+Per-order state is compact (docs/BENCHMARKS.md, "Book"): sizes and prices are
+fixed-point ints, the fields most orders share (side, tif, order type, trigger
+fields, flags) are one interned tuple, ``children`` is kept as JSON bytes.
+
+Rules (DESIGN.md §1): ``new`` inserts at the back of its level with px/sz from
+the diff and details from the status of the same oid in the same block;
+``update`` sets the size to ``newSz``; ``remove`` deletes. An update/remove of
+an unknown oid, a ``new`` for a known one, or a diff whose px/side disagree
+with the order raises :class:`OutOfSync`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import msgspec
+from sortedcontainers import SortedList
+
+from hlbook.common import fixed
+from hlbook.common.models import BookDiff, DiffBody, Order as NodeOrder, OrderStatus
+
+BID, ASK = "B", "A"
+DETAIL_STATUSES = ("open", "triggered")
+
+# Kind tuple: the order fields most orders share, interned.
+K_SIDE, K_TIF, K_TYPE, K_TRIG_COND, K_TRIG_PX, K_IS_TRIG, K_REDUCE, K_TPSL, K_CHILDREN = range(9)
+Kind = tuple[str, str | None, str, str, str, bool, bool, bool, bytes | None]
+
+_kinds: dict[Kind, Kind] = {}
+_px_cache: dict[str, int] = {}
+_CACHE_MAX = 100_000
+
+
+class OutOfSync(Exception):
+    """The diffs do not fit the book: the coin must be rebuilt."""
+
+    def __init__(self, coin: str, reason: str, oid: int) -> None:
+        super().__init__(f"{coin}: {reason} (oid {oid})")
+        self.coin, self.reason, self.oid = coin, reason, oid
+
+
+def intern_kind(kind: Kind) -> Kind:
+    """The shared copy of ``kind`` (orders with children keep their own)."""
+    if kind[K_CHILDREN] is not None:
+        return kind
+    shared = _kinds.get(kind)
+    if shared is None:
+        if len(_kinds) >= _CACHE_MAX:
+            _kinds.clear()
+        shared = _kinds[kind] = kind
+    return shared
+
+
+def parse_px(text: str) -> int:
+    """``fixed.parse`` with a bounded cache (prices repeat a lot)."""
+    value = _px_cache.get(text)
+    if value is None:
+        if len(_px_cache) >= _CACHE_MAX:
+            _px_cache.clear()
+        value = _px_cache[text] = fixed.parse(text)
+    return value
+
+
+def parse_cloid(cloid: str | None) -> int | None:
+    return None if cloid is None else int(cloid, 16)
+
+
+def fmt_cloid(cloid: int | None) -> str | None:
+    return None if cloid is None else f"0x{cloid:032x}"
+
+
+CHILD_KEYS = tuple(NodeOrder.__struct_fields__)
+
+
+def children_bytes(children: list[Any]) -> bytes | None:
+    """``children`` packed as msgpack (None when empty, as almost always): when
+    every child has the node's order keys in order, only their values (b"V")."""
+    if not children:
+        return None
+    if all(isinstance(c, dict) and tuple(c) == CHILD_KEYS for c in children):
+        return b"V" + msgspec.msgpack.encode([list(c.values()) for c in children])
+    return b"M" + msgspec.msgpack.encode(children)
+
+
+def children_of(packed: bytes | None) -> list[Any]:
+    """Inverse of :func:`children_bytes`."""
+    if packed is None:
+        return []
+    body = msgspec.msgpack.decode(packed[1:])
+    if packed[:1] == b"V":
+        return [dict(zip(CHILD_KEYS, values)) for values in body]
+    return body
+
+
+def default_kind(side: str) -> Kind:
+    """Details of orders that come with no status (HIP-2, assistance fund)."""
+    return intern_kind((side, "Alo", "Limit", "N/A", "0.0", False, False, False, None))
+
+
+def kind_of(order: NodeOrder, side: str) -> Kind:
+    """The shared-details tuple of a node order (side from the diff)."""
+    return intern_kind(
+        (
+            side,
+            order.tif,
+            order.orderType,
+            order.triggerCondition,
+            order.triggerPx,
+            order.isTrigger,
+            order.reduceOnly,
+            order.isPositionTpsl,
+            children_bytes(order.children),
+        )
+    )
+
+
+class Order(msgspec.Struct, gc=False):
+    """One resting order. ``px``, ``sz``, ``orig_sz`` fixed-point; ``cloid`` an int.
+
+    A Struct without GC tracking: 16 bytes less than a ``__slots__`` object,
+    safe because an order references only ints, strings and its kind tuple."""
+
+    oid: int
+    user: str
+    px: int
+    sz: int
+    ts: int
+    orig_sz: int
+    cloid: int | None
+    kind: Kind
+
+    @property
+    def side(self) -> str:
+        return self.kind[K_SIDE]
+
+    def to_dict(self, coin: str) -> dict[str, Any]:
+        """The node/API order shape plus ``user`` (upstream l4 snapshot entries)."""
+        k = self.kind
+        return {
+            "user": self.user,
+            "coin": coin,
+            "side": k[K_SIDE],
+            "limitPx": fixed.fmt(self.px),
+            "sz": fixed.fmt(self.sz),
+            "oid": self.oid,
+            "timestamp": self.ts,
+            "triggerCondition": k[K_TRIG_COND],
+            "isTrigger": k[K_IS_TRIG],
+            "triggerPx": k[K_TRIG_PX],
+            "children": children_of(k[K_CHILDREN]),
+            "isPositionTpsl": k[K_TPSL],
+            "reduceOnly": k[K_REDUCE],
+            "orderType": k[K_TYPE],
+            "origSz": fixed.fmt(self.orig_sz),
+            "tif": k[K_TIF],
+            "cloid": fmt_cloid(self.cloid),
+        }
+
+
+class Level(msgspec.Struct, gc=False):
+    """Orders at one price in time priority, with their total size.
+
+    A list, not a dict: levels are short (2.4 orders on average on mainnet
+    BTC), removal is a C-speed identity scan, and a list costs a third of a
+    small dict's memory."""
+
+    px: int
+    orders: list[Order] = msgspec.field(default_factory=list)
+    sz: int = 0
+    px_str: str | None = None
+    sz_str: str | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.orders)
+
+    def add(self, order: Order) -> None:
+        self.orders.append(order)
+        self.sz += order.sz
+        self.sz_str = None
+
+    def resize(self, delta: int) -> None:
+        self.sz += delta
+        self.sz_str = None
+
+    def discard(self, order: Order) -> None:
+        orders = self.orders
+        if orders[-1] is order:
+            orders.pop()
+        else:
+            orders.remove(order)  # Order has no __eq__: identity scan
+        self.sz -= order.sz
+        self.sz_str = None
+
+    def wire(self) -> tuple[str, str, int]:
+        """``(px, sz, n)`` with canonical strings (formatted once per change)."""
+        if self.px_str is None:
+            self.px_str = fixed.fmt(self.px)
+        if self.sz_str is None:
+            self.sz_str = fixed.fmt(self.sz)
+        return (self.px_str, self.sz_str, len(self.orders))
+
+
+class Side:
+    """One side of a book: price -> Level, prices sorted (bids read from the end)."""
+
+    __slots__ = ("is_bid", "levels", "keys")
+
+    def __init__(self, is_bid: bool) -> None:
+        self.is_bid = is_bid
+        self.levels: dict[int, Level] = {}
+        self.keys = SortedList()  # ascending prices (the Level's own int objects)
+
+    def level_for(self, px: int) -> Level:
+        level = self.levels.get(px)
+        if level is None:
+            level = self.levels[px] = Level(px)
+            self.keys.add(px)
+        return level
+
+    def drop(self, level: Level) -> None:
+        del self.levels[level.px]
+        self.keys.remove(level.px)
+
+    def best(self) -> Level | None:
+        if not self.levels:
+            return None
+        return self.levels[self.keys[-1 if self.is_bid else 0]]
+
+    def iter_levels(self) -> Iterator[Level]:
+        """Levels best first; stop iterating whenever enough was read."""
+        levels = self.levels
+        for key in (reversed(self.keys) if self.is_bid else self.keys):
+            yield levels[key]
+
+    def top(self, n: int) -> list[Level]:
+        levels = self.levels
+        keys = self.keys
+        if self.is_bid:
+            return [levels[k] for k in keys.islice(max(len(keys) - n, 0), reverse=True)]
+        return [levels[k] for k in keys.islice(0, n)]
+
+    def __len__(self) -> int:
+        return len(self.levels)
+
+
+def details_of(statuses: Iterable[OrderStatus]) -> dict[int, OrderStatus]:
+    """Status per oid giving order details: ``open``/``triggered`` preferred, else the first."""
+    out: dict[int, OrderStatus] = {}
+    for st in statuses:
+        oid = st.order.oid
+        if oid not in out or (st.status in DETAIL_STATUSES and out[oid].status not in DETAIL_STATUSES):
+            out[oid] = st
+    return out
+
+
+class Book:
+    """The L4 book of one coin."""
+
+    __slots__ = ("coin", "bids", "asks", "orders", "height", "time")
+
+    def __init__(self, coin: str, height: int = 0, time: int = 0) -> None:
+        self.coin = coin
+        self.bids = Side(True)
+        self.asks = Side(False)
+        self.orders: dict[int, Order] = {}
+        self.height = height
+        self.time = time
+
+    def side(self, side: str) -> Side:
+        if side == BID:
+            return self.bids
+        if side == ASK:
+            return self.asks
+        raise OutOfSync(self.coin, "bad_side", -1)
+
+    # ------------------------------------------------------------ mutation
+
+    def insert(self, oid: int, order: Order) -> None:
+        """Append ``order`` at the back of its level."""
+        if oid in self.orders:
+            raise OutOfSync(self.coin, "duplicate_oid", oid)
+        self.orders[oid] = order
+        self.side(order.kind[K_SIDE]).level_for(order.px).add(order)
+
+    def update(self, oid: int, new_sz: int) -> None:
+        order = self.orders.get(oid)
+        if order is None:
+            raise OutOfSync(self.coin, "unknown_oid", oid)
+        level = self.side(order.kind[K_SIDE]).levels[order.px]
+        level.resize(new_sz - order.sz)
+        order.sz = new_sz
+
+    def remove(self, oid: int) -> Order:
+        order = self.orders.pop(oid, None)
+        if order is None:
+            raise OutOfSync(self.coin, "unknown_oid", oid)
+        side = self.side(order.kind[K_SIDE])
+        level = side.levels[order.px]
+        level.discard(order)
+        if not level.orders:
+            side.drop(level)
+        return order
+
+    def apply(self, height: int, time: int, diffs: list[BookDiff], statuses: list[OrderStatus]) -> None:
+        """Apply one block's diffs (with the statuses of the same block)."""
+        details: dict[int, OrderStatus] | None = None
+        for diff in diffs:
+            body = diff.raw_book_diff
+            oid = diff.oid
+            if isinstance(body, DiffBody):
+                if body.new is not None:
+                    if details is None:
+                        details = details_of(statuses)
+                    self.insert(oid, self._new_order(diff, body.new.sz, details.get(oid), time))
+                elif body.update is not None:
+                    self._check(diff)
+                    self.update(oid, fixed.parse(body.update.newSz))
+                else:
+                    raise OutOfSync(self.coin, "bad_diff", oid)
+            elif body == "remove":
+                self._check(diff)
+                self.remove(oid)
+            else:
+                raise OutOfSync(self.coin, "bad_diff", oid)
+        self.height = height
+        self.time = time
+
+    def _check(self, diff: BookDiff) -> None:
+        order = self.orders.get(diff.oid)
+        if order is None:
+            raise OutOfSync(self.coin, "unknown_oid", diff.oid)
+        if order.px != parse_px(diff.px) or order.kind[K_SIDE] != diff.side:
+            raise OutOfSync(self.coin, "px_mismatch", diff.oid)
+
+    @staticmethod
+    def _new_order(diff: BookDiff, sz_text: str, status: OrderStatus | None, time: int) -> Order:
+        px = parse_px(diff.px)
+        sz = fixed.parse(sz_text)
+        user = sys.intern(diff.user)
+        oid = diff.oid
+        if status is None:
+            return Order(oid, user, px, sz, time, sz, None, default_kind(diff.side))
+        o = status.order
+        orig = sz if o.origSz == sz_text else fixed.parse(o.origSz)
+        return Order(oid, user, px, sz, o.timestamp, orig, parse_cloid(o.cloid), kind_of(o, diff.side))
+
+    # ------------------------------------------------------------ reads
+
+    def bbo(self) -> tuple[Level | None, Level | None]:
+        return self.bids.best(), self.asks.best()
+
+    def mid(self) -> int | None:
+        """(best bid + best ask) / 2, fixed-point; None unless both sides exist."""
+        bid, ask = self.bids.best(), self.asks.best()
+        if bid is None or ask is None:
+            return None
+        return (bid.px + ask.px) // 2
+
+    def l4_levels(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every order, levels best first, time priority within a level."""
+        coin = self.coin
+        return (
+            [o.to_dict(coin) for lv in self.bids.iter_levels() for o in lv.orders],
+            [o.to_dict(coin) for lv in self.asks.iter_levels() for o in lv.orders],
+        )
+
+    def fingerprint(self) -> tuple[list[tuple[int, str, int, int]], list[tuple[int, str, int, int]]]:
+        """(oid, user, px, sz) per order in book order: what validation compares."""
+        return (
+            [(o.oid, o.user, o.px, o.sz) for lv in self.bids.iter_levels() for o in lv.orders],
+            [(o.oid, o.user, o.px, o.sz) for lv in self.asks.iter_levels() for o in lv.orders],
+        )
+
+    def __len__(self) -> int:
+        return len(self.orders)

@@ -1,0 +1,100 @@
+"""L2 aggregation (DESIGN.md §5): full precision or buckets of ``nSigFigs``.
+
+A price's bucket step is ``mantissa * 10**(e + 1 - nSigFigs)`` where ``e`` is
+the exponent of its first significant digit (``floor(log10(px))``: 4 for
+81307, -2 for 0.012345). Bids round down, asks round up, to a multiple of the
+step, exactly, on fixed-point ints. Levels are read best first and aggregation
+stops once ``n`` buckets are complete, so the cost is O(levels read).
+"""
+
+from __future__ import annotations
+
+from hlbook.common import fixed
+from hlbook.services.book.book import Book, Level, Side
+
+WireLevel = tuple[str, str, int]
+MAX_LEVELS = 100
+N_SIG_FIGS = (2, 3, 4, 5)
+MANTISSAS = (1, 2, 5)
+
+_fmt_cache: dict[int, str] = {}
+
+
+def validate(n_sig_figs: int | None, mantissa: int | None) -> None:
+    """ValueError unless the aggregation is one the API allows."""
+    if n_sig_figs is None:
+        if mantissa is not None:
+            raise ValueError("mantissa requires nSigFigs")
+        return
+    if n_sig_figs not in N_SIG_FIGS:
+        raise ValueError(f"nSigFigs must be 2..5 or null, not {n_sig_figs}")
+    if mantissa is not None and mantissa not in MANTISSAS:
+        raise ValueError(f"mantissa must be 1, 2 or 5, not {mantissa}")
+    if mantissa not in (None, 1) and n_sig_figs != 5:
+        raise ValueError("mantissa is only allowed with nSigFigs 5")
+
+
+def step_of(px: int, n_sig_figs: int, mantissa: int = 1) -> int:
+    """Bucket width (fixed-point) for a positive fixed-point price."""
+    digits = len(str(px)) - fixed.DECIMALS  # e + 1
+    exp = digits - n_sig_figs + fixed.DECIMALS
+    if exp < 0:
+        return 0  # finer than the fixed-point resolution: no aggregation
+    return mantissa * 10**exp
+
+
+def bucket(px: int, n_sig_figs: int, mantissa: int, is_bid: bool) -> int:
+    """The bucket price of ``px``: bids down, asks up, to a multiple of the step."""
+    step = step_of(px, n_sig_figs, mantissa)
+    if step <= 1:
+        return px
+    if is_bid:
+        return px - px % step
+    return -(-px // step) * step
+
+
+def _fmt(value: int) -> str:
+    text = _fmt_cache.get(value)
+    if text is None:
+        if len(_fmt_cache) > 100_000:
+            _fmt_cache.clear()
+        text = _fmt_cache[value] = fixed.fmt(value)
+    return text
+
+
+def side_levels(side: Side, n: int, n_sig_figs: int | None = None, mantissa: int | None = None) -> list[WireLevel]:
+    """Up to ``n`` levels of one side, best first, as ``(px, sz, n)``."""
+    if n_sig_figs is None:
+        return [lv.wire() for lv in side.top(n)]
+    man = mantissa or 1
+    is_bid = side.is_bid
+    out: list[WireLevel] = []
+    cur_px, cur_sz, cur_n = -1, 0, 0
+    for lv in side.iter_levels():
+        px = bucket(lv.px, n_sig_figs, man, is_bid)
+        if px == cur_px:
+            cur_sz += lv.sz
+            cur_n += len(lv.orders)
+            continue
+        if cur_px >= 0:
+            out.append((_fmt(cur_px), fixed.fmt(cur_sz), cur_n))
+            if len(out) == n:
+                return out
+        cur_px, cur_sz, cur_n = px, lv.sz, len(lv.orders)
+    if cur_px >= 0:
+        out.append((_fmt(cur_px), fixed.fmt(cur_sz), cur_n))
+    return out
+
+
+def levels(book: Book, n: int = 20, n_sig_figs: int | None = None, mantissa: int | None = None) -> tuple[list[WireLevel], list[WireLevel]]:
+    """``[bids, asks]`` of ``book``, up to ``n`` levels each."""
+    return (
+        side_levels(book.bids, n, n_sig_figs, mantissa),
+        side_levels(book.asks, n, n_sig_figs, mantissa),
+    )
+
+
+def bbo(book: Book) -> tuple[WireLevel | None, WireLevel | None]:
+    """Best bid and ask as wire levels."""
+    bid, ask = book.bbo()
+    return (bid.wire() if bid else None, ask.wire() if ask else None)

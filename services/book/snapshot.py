@@ -1,0 +1,141 @@
+"""Node ``fileSnapshot`` (``l4Snapshots``) loading, and fetching one from the
+node's info server.
+
+File shape: ``[height, [[coin, [[[user, order], …bids best first], [[user, order], …asks]]], …]]``,
+orders of a level in time priority. Each coin's body is decoded only when the
+caller wants the coin (the rest is skipped as raw JSON), into typed Structs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from hlbook.common import fixed
+from hlbook.services.book.book import ASK, BID, Book, Level, Order, Side, children_bytes, intern_kind, parse_cloid
+
+
+class SnapOrder(msgspec.Struct):
+    """An order of the snapshot; ``children`` stays raw JSON (rarely non-empty)."""
+
+    coin: str
+    side: str
+    limitPx: str
+    sz: str
+    oid: int
+    timestamp: int
+    triggerCondition: str
+    isTrigger: bool
+    triggerPx: str
+    children: msgspec.Raw
+    isPositionTpsl: bool
+    reduceOnly: bool
+    orderType: str
+    origSz: str
+    tif: str | None = None
+    cloid: str | None = None
+
+
+Entry = tuple[str, SnapOrder]
+_outer = msgspec.json.Decoder(tuple[int, list[tuple[str, msgspec.Raw]]])
+_coin = msgspec.json.Decoder(tuple[list[Entry], list[Entry]])
+
+SNAPSHOT_REQUEST: dict[str, Any] = {
+    "type": "fileSnapshot",
+    "request": {"type": "l4Snapshots", "includeUsers": True, "includeTriggerOrders": False},
+    "includeHeightInOutput": True,
+}
+
+
+class SnapshotError(Exception):
+    """The snapshot could not be fetched or read."""
+
+
+def load(data: bytes, want: Callable[[str], bool] = lambda coin: True) -> tuple[int, dict[str, Book]]:
+    """(height, books) of the coins ``want`` accepts."""
+    try:
+        height, coins = _outer.decode(data)
+        books: dict[str, Book] = {}
+        for coin, body in coins:
+            if want(coin):
+                bids, asks = _coin.decode(body)
+                books[coin] = build(coin, height, bids, asks)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise SnapshotError(f"malformed snapshot: {exc}") from exc
+    return height, books
+
+
+def load_file(path: str, want: Callable[[str], bool] = lambda coin: True) -> tuple[int, dict[str, Book]]:
+    with open(path, "rb") as fh:
+        return load(fh.read(), want)
+
+
+def build(coin: str, height: int, bids: list[Entry], asks: list[Entry]) -> Book:
+    """A Book from snapshot entries (each side best first, time priority)."""
+    book = Book(coin, height)
+    _fill(book, book.bids, bids, BID)
+    _fill(book, book.asks, asks, ASK)
+    return book
+
+
+def _fill(book: Book, side: Side, entries: list[Entry], side_name: str) -> None:
+    orders = book.orders
+    intern = sys.intern
+    parse = fixed.parse
+    level: Level | None = None
+    px_text = ""
+    px = 0
+    kinds: dict[tuple[Any, ...], Any] = {}
+    for user, o in entries:
+        if level is None or o.limitPx != px_text:
+            px_text = o.limitPx
+            px = parse(px_text)
+            level = side.level_for(px)
+            px = level.px  # one int object per level
+        children = children_bytes(msgspec.json.decode(o.children)) if len(o.children) > 2 else None
+        key = (o.tif, o.orderType, o.triggerCondition, o.triggerPx, o.isTrigger, o.reduceOnly, o.isPositionTpsl)
+        kind = kinds.get(key) if children is None else None
+        if kind is None:
+            kind = intern_kind((side_name, *key, children))
+            if children is None:
+                kinds[key] = kind
+        sz = parse(o.sz)
+        orig = sz if o.origSz == o.sz else parse(o.origSz)
+        oid = o.oid
+        order = Order(oid, intern(user), px, sz, o.timestamp, orig, parse_cloid(o.cloid), kind)
+        if oid in orders:
+            raise SnapshotError(f"{book.coin}: oid {oid} twice in the snapshot")
+        orders[oid] = order
+        level.orders.append(order)
+        level.sz += sz
+
+
+def fetch(info_url: str, timeout: float = 60.0, directory: str | None = None) -> bytes:
+    """Ask the node's info server for a fresh fileSnapshot and return the file's bytes."""
+    import httpx
+
+    fd, path = tempfile.mkstemp(prefix="hlbook-snapshot-", suffix=".json", dir=directory)
+    os.close(fd)
+    try:
+        request = dict(SNAPSHOT_REQUEST, outPath=os.path.abspath(path))
+        try:
+            response = httpx.post(info_url, json=request, timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise SnapshotError(f"snapshot request to {info_url} failed: {exc}") from exc
+        if response.status_code != 200:
+            raise SnapshotError(f"snapshot request to {info_url}: HTTP {response.status_code} {response.text[:200]}")
+        with open(path, "rb") as fh:
+            data = fh.read()
+        if not data:
+            raise SnapshotError(f"snapshot request to {info_url} wrote nothing to {path}")
+        return data
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
