@@ -27,7 +27,7 @@ import msgspec
 from sortedcontainers import SortedList
 
 from hlbook.common import fixed
-from hlbook.common.models import BookDiff, DiffBody, Order as NodeOrder, OrderStatus
+from hlbook.common.models import BookDiff, Order as NodeOrder, OrderStatus
 
 BID, ASK = "B", "A"
 DETAIL_STATUSES = ("open", "triggered")
@@ -38,6 +38,7 @@ Kind = tuple[str, str | None, str, str, str, bool, bool, bool, bytes | None]
 
 _kinds: dict[Kind, Kind] = {}
 _px_cache: dict[str, int] = {}
+_POW10 = [10**i for i in range(fixed.DECIMALS + 1)]
 _CACHE_MAX = 100_000
 
 
@@ -109,22 +110,21 @@ def default_kind(side: str) -> Kind:
 
 def kind_of(order: NodeOrder, side: str) -> Kind:
     """The shared-details tuple of a node order (side from the diff)."""
-    return intern_kind(
-        (
-            side,
-            order.tif,
-            order.orderType,
-            order.triggerCondition,
-            order.triggerPx,
-            order.isTrigger,
-            order.reduceOnly,
-            order.isPositionTpsl,
-            children_bytes(order.children),
-        )
+    kind = (
+        side,
+        order.tif,
+        order.orderType,
+        order.triggerCondition,
+        order.triggerPx,
+        order.isTrigger,
+        order.reduceOnly,
+        order.isPositionTpsl,
+        children_bytes(order.children) if order.children else None,
     )
+    return _kinds.get(kind) or intern_kind(kind)
 
 
-class Order(msgspec.Struct, gc=False):
+class Order(msgspec.Struct, gc=False, eq=False):
     """One resting order. ``px``, ``sz``, ``orig_sz`` fixed-point; ``cloid`` an int.
 
     A Struct without GC tracking: 16 bytes less than a ``__slots__`` object,
@@ -167,7 +167,7 @@ class Order(msgspec.Struct, gc=False):
         }
 
 
-class Level(msgspec.Struct, gc=False):
+class Level(msgspec.Struct, gc=False, eq=False):
     """Orders at one price in time priority, with their total size.
 
     A list, not a dict: levels are short (2.4 orders on average on mainnet
@@ -198,7 +198,7 @@ class Level(msgspec.Struct, gc=False):
         if orders[-1] is order:
             orders.pop()
         else:
-            orders.remove(order)  # Order has no __eq__: identity scan
+            orders.remove(order)  # eq=False: an identity scan at C speed
         self.sz -= order.sz
         self.sz_str = None
 
@@ -254,6 +254,36 @@ class Side:
         return len(self.levels)
 
 
+def parse_sz(text: str) -> int:
+    """Fast path of ``fixed.parse`` for plain ``123.456`` strings (falls back for the rest)."""
+    dot = text.find(".")
+    if 0 < dot and 0 < len(text) - dot - 1 <= fixed.DECIMALS:
+        digits = text[:dot] + text[dot + 1 :]
+        if digits.isdigit():
+            return int(digits) * _POW10[fixed.DECIMALS - (len(text) - dot - 1)]
+    return fixed.parse(text)
+
+
+_users: dict[str, str] = {}
+
+
+def new_order(diff: BookDiff, sz_text: str, status: OrderStatus | None, time: int) -> Order:
+    """The order a ``new`` diff creates: px/sz from the diff, details from the status."""
+    px = parse_px(diff.px)
+    sz = parse_sz(sz_text)
+    user = _users.get(diff.user)
+    if user is None:
+        if len(_users) >= _CACHE_MAX:
+            _users.clear()
+        user = _users[diff.user] = sys.intern(diff.user)
+    if status is None:
+        return Order(diff.oid, user, px, sz, time, sz, None, default_kind(diff.side))
+    o = status.order
+    orig = sz if o.origSz == sz_text else parse_sz(o.origSz)
+    cloid = o.cloid
+    return Order(diff.oid, user, px, sz, o.timestamp, orig, None if cloid is None else int(cloid, 16), kind_of(o, diff.side))
+
+
 def details_of(statuses: Iterable[OrderStatus]) -> dict[int, OrderStatus]:
     """Status per oid giving order details: ``open``/``triggered`` preferred, else the first."""
     out: dict[int, OrderStatus] = {}
@@ -288,10 +318,15 @@ class Book:
 
     def insert(self, oid: int, order: Order) -> None:
         """Append ``order`` at the back of its level."""
-        if oid in self.orders:
+        orders = self.orders
+        if oid in orders:
             raise OutOfSync(self.coin, "duplicate_oid", oid)
-        self.orders[oid] = order
-        self.side(order.kind[K_SIDE]).level_for(order.px).add(order)
+        side = order.kind[K_SIDE]
+        level = (self.bids if side == BID else self.asks if side == ASK else self.side(side)).level_for(order.px)
+        orders[oid] = order
+        level.orders.append(order)
+        level.sz += order.sz
+        level.sz_str = None
 
     def update(self, oid: int, new_sz: int) -> None:
         order = self.orders.get(oid)
@@ -305,7 +340,7 @@ class Book:
         order = self.orders.pop(oid, None)
         if order is None:
             raise OutOfSync(self.coin, "unknown_oid", oid)
-        side = self.side(order.kind[K_SIDE])
+        side = self.bids if order.kind[K_SIDE] == BID else self.asks
         level = side.levels[order.px]
         level.discard(order)
         if not level.orders:
@@ -317,43 +352,29 @@ class Book:
         details: dict[int, OrderStatus] | None = None
         for diff in diffs:
             body = diff.raw_book_diff
-            oid = diff.oid
-            if isinstance(body, DiffBody):
-                if body.new is not None:
-                    if details is None:
-                        details = details_of(statuses)
-                    self.insert(oid, self._new_order(diff, body.new.sz, details.get(oid), time))
-                elif body.update is not None:
-                    self._check(diff)
-                    self.update(oid, fixed.parse(body.update.newSz))
-                else:
-                    raise OutOfSync(self.coin, "bad_diff", oid)
-            elif body == "remove":
-                self._check(diff)
-                self.remove(oid)
+            if body.__class__ is str:
+                if body != "remove":
+                    raise OutOfSync(self.coin, "bad_diff", diff.oid)
+                self.remove(self._checked(diff).oid)
+            elif (new := body.new) is not None:
+                if details is None:
+                    details = details_of(statuses) if statuses else {}
+                self.insert(diff.oid, new_order(diff, new.sz, details.get(diff.oid), time))
+            elif (upd := body.update) is not None:
+                self.update(self._checked(diff).oid, parse_sz(upd.newSz))
             else:
-                raise OutOfSync(self.coin, "bad_diff", oid)
+                raise OutOfSync(self.coin, "bad_diff", diff.oid)
         self.height = height
         self.time = time
 
-    def _check(self, diff: BookDiff) -> None:
+    def _checked(self, diff: BookDiff) -> Order:
+        """The order a remove/update diff refers to, if its px and side agree."""
         order = self.orders.get(diff.oid)
         if order is None:
             raise OutOfSync(self.coin, "unknown_oid", diff.oid)
         if order.px != parse_px(diff.px) or order.kind[K_SIDE] != diff.side:
             raise OutOfSync(self.coin, "px_mismatch", diff.oid)
-
-    @staticmethod
-    def _new_order(diff: BookDiff, sz_text: str, status: OrderStatus | None, time: int) -> Order:
-        px = parse_px(diff.px)
-        sz = fixed.parse(sz_text)
-        user = sys.intern(diff.user)
-        oid = diff.oid
-        if status is None:
-            return Order(oid, user, px, sz, time, sz, None, default_kind(diff.side))
-        o = status.order
-        orig = sz if o.origSz == sz_text else fixed.parse(o.origSz)
-        return Order(oid, user, px, sz, o.timestamp, orig, parse_cloid(o.cloid), kind_of(o, diff.side))
+        return order
 
     # ------------------------------------------------------------ reads
 

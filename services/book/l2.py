@@ -18,6 +18,7 @@ N_SIG_FIGS = (2, 3, 4, 5)
 MANTISSAS = (1, 2, 5)
 
 _fmt_cache: dict[int, str] = {}
+NO_BID = 1 << 256  # above any price: the first bid always opens a bucket
 
 
 def validate(n_sig_figs: int | None, mantissa: int | None) -> None:
@@ -68,21 +69,27 @@ def side_levels(side: Side, n: int, n_sig_figs: int | None = None, mantissa: int
         return [lv.wire() for lv in side.top(n)]
     man = mantissa or 1
     is_bid = side.is_bid
+    levels = side.levels
+    keys = reversed(side.keys) if is_bid else iter(side.keys)
     out: list[WireLevel] = []
-    cur_px, cur_sz, cur_n = -1, 0, 0
-    for lv in side.iter_levels():
-        px = bucket(lv.px, n_sig_figs, man, is_bid)
-        if px == cur_px:
+    # Prices come best first and buckets are monotonic, so a level belongs to
+    # the current bucket iff it has not passed the bucket's edge.
+    cur = NO_BID if is_bid else -1
+    cur_sz = cur_n = 0
+    for px in keys:
+        if (px >= cur) if is_bid else (px <= cur):
+            lv = levels[px]
             cur_sz += lv.sz
             cur_n += len(lv.orders)
             continue
-        if cur_px >= 0:
-            out.append((_fmt(cur_px), fixed.fmt(cur_sz), cur_n))
+        if cur_n:
+            out.append((_fmt(cur), fixed.fmt(cur_sz), cur_n))
             if len(out) == n:
                 return out
-        cur_px, cur_sz, cur_n = px, lv.sz, len(lv.orders)
-    if cur_px >= 0:
-        out.append((_fmt(cur_px), fixed.fmt(cur_sz), cur_n))
+        lv = levels[px]
+        cur, cur_sz, cur_n = bucket(px, n_sig_figs, man, is_bid), lv.sz, len(lv.orders)
+    if cur_n:
+        out.append((_fmt(cur), fixed.fmt(cur_sz), cur_n))
     return out
 
 
