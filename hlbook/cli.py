@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from hlbook.services.book.cli import book
 from hlbook.services.ingest.cli import ingest
 from hlbook.services.supervisor.cli import up
 
@@ -21,6 +22,7 @@ def main() -> None:
 
 app.command()(ingest)
 app.command()(up)
+app.command()(book)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,51 @@
+"""``hlbook book``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from hlbook.common import config
+from hlbook.common.config import env
+
+
+def book(
+    shard: Annotated[int, typer.Option(envvar=env("shard"), help="This shard's index K (owns coins with crc32(coin) % N == K)")],
+    shards: Annotated[int, typer.Option(envvar=env("shards"), help="Number of shards N")],
+    info_url: Annotated[str | None, typer.Option(envvar=env("info-url"), help="Node info server (fileSnapshot) for init, resync and validation")] = None,
+    snapshot_file: Annotated[str | None, typer.Option(envvar=env("snapshot-file"), help="Node fileSnapshot output to start from (no resync/validation without --info-url)")] = None,
+    ingest_pub: Annotated[str, typer.Option(envvar=env("ingest-pub"), help="Ingest's XPUB endpoint")] = config.INGEST_PUB,
+    ingest_replay: Annotated[str, typer.Option(envvar=env("ingest-replay"), help="Ingest's replay ROUTER endpoint")] = config.INGEST_REPLAY,
+    pub: Annotated[str | None, typer.Option(envvar=env("book-pub"), help="XPUB endpoint to publish on (default tcp://127.0.0.1:5600+2K)")] = None,
+    query: Annotated[str | None, typer.Option(envvar=env("book-query"), help="ROUTER endpoint for queries (default tcp://127.0.0.1:5601+2K)")] = None,
+    validate_every: Annotated[float, typer.Option(envvar=env("validate-every"), help="Seconds between validations against a fresh node snapshot (0: off; needs --info-url)")] = 0.0,
+    replay_timeout: Annotated[float, typer.Option(envvar=env("replay-timeout"), help="Seconds to wait for ingest's replay answer")] = 5.0,
+    metrics_port: Annotated[int, typer.Option(envvar=env("book-metrics-port"), help="Prometheus port (0: off)")] = 0,
+    log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
+) -> None:
+    """Keep the L4 books of one shard's coins; publish L2/BBO/L4/mids; answer queries."""
+    from hlbook.services.book.shard import ShardConfig, run, test_hooks_from_env
+
+    if not info_url and not snapshot_file:
+        raise typer.BadParameter("one of --info-url or --snapshot-file is required")
+    drop_every, hooks = test_hooks_from_env()
+    pub_default, query_default = config.book_endpoints(shard)
+    run(
+        ShardConfig(
+            shard=shard,
+            shards=shards,
+            info_url=info_url,
+            snapshot_file=snapshot_file,
+            ingest_pub=ingest_pub,
+            ingest_replay=ingest_replay,
+            pub=pub or pub_default,
+            query=query or query_default,
+            validate_every=validate_every,
+            replay_timeout=replay_timeout,
+            metrics_port=metrics_port,
+            log_level=log_level,
+            test_drop_every=drop_every,
+            test_hooks=hooks,
+        )
+    )

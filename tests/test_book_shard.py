@@ -1,0 +1,214 @@
+"""The real `hlbook book` shard processes behind a real `hlbook ingest`, fed the
+mainnet BTC fixture block by block as a node writes it: init from the snapshot
+file plus replay, live blocks, lost messages repaired by replay, publishing and
+queries, ownership filtering."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import msgspec
+import pytest
+import zmq
+
+from conftest import free_port
+from hlbook.common import topics, wire
+from hlbook.common.models import DECODERS
+from hlbook.services.book import l2, snapshot
+
+HOUR = Path("hourly/20260505/17")
+FIRST, LAST = 985148182, 985148206
+STREAMS = ("order_statuses", "raw_book_diffs", "fills")
+
+
+class ShardProcess:
+    """A real `hlbook book` subprocess and a DEALER socket for queries."""
+
+    def __init__(self, tmp: Path, name: str, shard: int, shards: int, ingest: tuple[str, str], *args: str, env: dict | None = None) -> None:
+        self.pub, self.query = f"ipc://{tmp}/{name}-pub", f"ipc://{tmp}/{name}-query"
+        self.metrics_port = free_port()
+        self.log = open(tmp / f"{name}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hlbook.cli", "book", "--shard", str(shard), "--shards", str(shards),
+             "--ingest-pub", ingest[0], "--ingest-replay", ingest[1], "--pub", self.pub, "--query", self.query,
+             "--metrics-port", str(self.metrics_port), "--replay-timeout", "1", *args],
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self.ctx = zmq.Context()
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.connect(self.query)
+
+    def ask(self, timeout: float = 10, **query) -> dict:
+        self.dealer.send_multipart([b"", wire.encode(wire.Query(**query))])
+        assert self.dealer.poll(int(timeout * 1000)), f"no answer to {query}"
+        return msgspec.msgpack.decode(self.dealer.recv_multipart()[-1])
+
+    def wait(self, predicate, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, f"shard exited: {self.log_text()[-2000:]}"
+            reply = self.ask(op="coins")
+            if predicate(reply):
+                return reply
+            assert time.monotonic() < deadline, f"timed out; last {reply}; log: {self.log_text()[-2000:]}"
+            time.sleep(0.05)
+
+    def metrics(self) -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.ctx.destroy(linger=0)
+        self.log.close()
+
+
+def fixture_lines(data: Path) -> dict[str, list[bytes]]:
+    return {s: (data / "hl" / "data" / f"node_{s}_by_block" / HOUR).read_bytes().splitlines(keepends=True) for s in STREAMS}
+
+
+def expected_book(data: Path, upto: int):
+    """The BTC book after block ``upto``, built in-process (tests/test_book.py checks it against a reference)."""
+    _, books = snapshot.load_file(str(data / "snapshot_985148181.json"))
+    book = books["BTC"]
+    lines = fixture_lines(data)
+    statuses = {d.block_number: d.events for d in map(DECODERS["order_statuses"].decode, lines["order_statuses"])}
+    for line in map(DECODERS["raw_book_diffs"].decode, lines["raw_book_diffs"]):
+        if line.block_number <= upto:
+            book.apply(line.block_number, 0, line.events, statuses[line.block_number])
+    return book
+
+
+@pytest.fixture()
+def pipeline(tmp_path: Path, btc_data: Path):
+    """Empty node files, a real ingest, and a function appending the fixture's blocks."""
+    data = tmp_path / "node"
+    for s in STREAMS:
+        path = data / "hl" / "data" / f"node_{s}_by_block" / HOUR
+        path.parent.mkdir(parents=True)
+        path.touch()
+    ingest_eps = (f"ipc://{tmp_path}/ingest-pub", f"ipc://{tmp_path}/ingest-replay")
+    log = open(tmp_path / "ingest.log", "wb")
+    ingest = subprocess.Popen(
+        [sys.executable, "-m", "hlbook.cli", "ingest", "--data-dir", str(data), "--from-height", str(FIRST),
+         "--pub", ingest_eps[0], "--replay", ingest_eps[1]],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    lines = fixture_lines(btc_data)
+
+    def write(first: int, last: int, pause: float = 0.0) -> None:
+        for i in range(first - FIRST, last - FIRST + 1):
+            for s in STREAMS:
+                with open(data / "hl" / "data" / f"node_{s}_by_block" / HOUR, "ab") as fh:
+                    fh.write(lines[s][i])
+            time.sleep(pause)
+
+    shards: list[ShardProcess] = []
+    yield data, ingest_eps, write, shards
+    for shard in shards:
+        shard.stop()
+    ingest.terminate()
+    ingest.wait(5)
+    log.close()
+
+
+def test_shards_follow_live_blocks_and_repair_lost_messages(pipeline, btc_data: Path, tmp_path: Path) -> None:
+    data, ingest_eps, write, shards = pipeline
+    snap = shutil.copy(btc_data / "snapshot_985148181.json", tmp_path / "snapshot.json")
+    clean = ShardProcess(tmp_path, "clean", 0, 1, ingest_eps, "--snapshot-file", str(snap))
+    lossy = ShardProcess(tmp_path, "lossy", 0, 1, ingest_eps, "--snapshot-file", str(snap), env={"HLBOOK_TEST_DROP_EVERY": "3"})
+    other = ShardProcess(tmp_path, "other", 1, 2, ingest_eps, "--snapshot-file", str(snap))  # BTC is shard 0 of 2
+    shards += [clean, lossy, other]
+
+    sub = clean.ctx.socket(zmq.SUB)
+    sub.connect(clean.pub)
+    for topic in (topics.l2("BTC"), topics.l2("BTC", 5, 5), topics.bbo("BTC"), topics.l4("BTC"), topics.shard_block(0), topics.RESET_PREFIX):
+        sub.subscribe(topic)
+
+    write(FIRST, FIRST + 2)  # before the shards are live: they come by replay
+    for shard in shards:
+        shard.wait(lambda r: r["height"] >= FIRST - 1 and r.get("coins", {}).get("BTC", "live") == "live" and r["height"] > 0)
+    time.sleep(0.3)  # subscriptions reach the shard
+    write(FIRST + 3, LAST, pause=0.03)  # live, block by block
+
+    want = expected_book(btc_data, LAST)
+    for shard in (clean, lossy):
+        reply = shard.wait(lambda r: r["height"] == LAST)
+        assert reply["coins"] == {"BTC": "live"} and reply["shard"] == 0
+        full = shard.ask(op="l2", coin="BTC", n_levels=100_000)
+        assert full["ok"] and full["height"] == LAST
+        assert [list(map(tuple, side)) for side in full["levels"]] == list(l2.levels(want, 100_000))
+        l4 = shard.ask(op="l4", coin="BTC")
+        assert l4["levels"] == list(want.l4_levels())
+        agg = shard.ask(op="l2", coin="BTC", n_levels=7, n_sig_figs=3)
+        assert [list(map(tuple, side)) for side in agg["levels"]] == list(l2.levels(want, 7, 3))
+    lossy_metrics = lossy.metrics()
+    assert lossy_metrics['hlbook_book_gaps_total{kind="slice"}'] >= 3
+    assert lossy_metrics['hlbook_book_replays_total{result="ok"}'] >= 3
+    assert clean.metrics().get('hlbook_book_gaps_total{kind="slice"}', 0.0) == 0.0
+
+    other_reply = other.wait(lambda r: r["height"] == LAST)
+    assert other_reply["coins"] == {} and other_reply["shard"] == 1
+    assert other.ask(op="l4", coin="BTC") == {"ok": False, "error": "coin 'BTC' is not held by shard 1"}
+
+    check_published(sub, want)
+    check_queries(clean, want)
+
+
+def check_published(sub: zmq.Socket, want) -> None:
+    """What the clean shard published: contiguous chains, the final L2/BBO equal to the book."""
+    last: dict[bytes, object] = {}
+    chains = wire.GapDetector()
+    heights: dict[bytes, list[int]] = {}
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and sub.poll(300):
+        topic, payload = sub.recv_multipart()
+        message = wire.decode(payload)
+        last[topic] = message
+        if "prev" in message:
+            assert chains.check(topic, message["height"], message["prev"]), topic
+            heights.setdefault(topic, []).append(message["height"])
+    shard_heights = heights[topics.shard_block(0)]
+    assert shard_heights[-1] == LAST and shard_heights == list(range(shard_heights[0], LAST + 1))
+    assert last[topics.shard_block(0)]["mids"] == {"BTC": "81307.5"} and last[topics.shard_block(0)]["states"] == {"BTC": "live"}
+    assert [list(map(tuple, side)) for side in last[topics.l2("BTC")]["levels"]] == list(l2.levels(want, 100))
+    assert [list(map(tuple, side)) for side in last[topics.l2("BTC", 5, 5)]["levels"]] == list(l2.levels(want, 100, 5, 5))
+    assert tuple(map(tuple, last[topics.bbo("BTC")]["bbo"])) == l2.bbo(want)
+    l4_heights = heights[topics.l4("BTC")]
+    assert l4_heights[-1] == LAST and len(l4_heights) >= 15
+
+
+def check_queries(shard: ShardProcess, want) -> None:
+    oid, order = next(iter(want.orders.items()))
+    got = shard.ask(op="order", oid=oid)
+    assert got["ok"] and got["order"] == order.to_dict("BTC")
+    assert shard.ask(op="order", oid=1)["order"] is None
+    mine = shard.ask(op="open_orders", user=order.user.upper().replace("0X", "0x"))
+    assert {o["oid"] for o in mine["orders"]} == {k for k, o in want.orders.items() if o.user == order.user}
+    assert shard.ask(op="l2", coin="BTC", n_sig_figs=4, mantissa=2) == {"ok": False, "error": "mantissa is only allowed with nSigFigs 5"}
+    assert shard.ask(op="bogus")["ok"] is False
+    shard.dealer.send_multipart([b"", b"\xc1garbage"])
+    assert shard.dealer.poll(5000) and msgspec.msgpack.decode(shard.dealer.recv_multipart()[-1])["ok"] is False
+    assert shard.ask(op="coins")["ok"]  # still serving
