@@ -5,15 +5,20 @@ queries, ownership filtering."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
+import orjson
 import pytest
 import zmq
 
@@ -85,6 +90,15 @@ class ShardProcess:
         self.log.close()
 
 
+@dataclass
+class Pipeline:
+    data: Path
+    ingest: tuple[str, str]
+    write: Callable[..., None]
+    shards: list[ShardProcess]
+    info: NodeInfo
+
+
 def fixture_lines(data: Path) -> dict[str, list[bytes]]:
     return {s: (data / "hl" / "data" / f"node_{s}_by_block" / HOUR).read_bytes().splitlines(keepends=True) for s in STREAMS}
 
@@ -99,6 +113,53 @@ def expected_book(data: Path, upto: int):
         if line.block_number <= upto:
             book.apply(line.block_number, 0, line.events, statuses[line.block_number])
     return book
+
+
+def node_snapshot(book, height: int) -> bytes:
+    """A node fileSnapshot document of ``book`` at ``height``."""
+    sides = [[[o.pop("user"), o] for o in side] for side in book.l4_levels()]
+    return msgspec.json.encode([height, [[book.coin, sides]]])
+
+
+class NodeInfo:
+    """The node's info server for these tests: answers fileSnapshot with the
+    fixture's BTC book after the last block written to the node files."""
+
+    def __init__(self, btc_data: Path) -> None:
+        self.btc_data = btc_data
+        self.height = FIRST - 1
+        self.requests = 0
+        self._cache: dict[int, bytes] = {}
+        info = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+                body = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                assert body["type"] == "fileSnapshot" and body["request"]["type"] == "l4Snapshots"
+                assert body["includeHeightInOutput"] and body["request"]["includeUsers"]
+                Path(body["outPath"]).write_bytes(info.snapshot())
+                info.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "4")
+                self.end_headers()
+                self.wfile.write(b"null")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/info"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def snapshot(self) -> bytes:
+        height = self.height
+        if height not in self._cache:
+            self._cache[height] = node_snapshot(expected_book(self.btc_data, height), height)
+        return self._cache[height]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.fixture()
@@ -117,16 +178,19 @@ def pipeline(tmp_path: Path, btc_data: Path):
         env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT,
     )
     lines = fixture_lines(btc_data)
+    info = NodeInfo(btc_data)
 
     def write(first: int, last: int, pause: float = 0.0) -> None:
         for i in range(first - FIRST, last - FIRST + 1):
             for s in STREAMS:
                 with open(data / "hl" / "data" / f"node_{s}_by_block" / HOUR, "ab") as fh:
                     fh.write(lines[s][i])
+            info.height = FIRST + i
             time.sleep(pause)
 
     shards: list[ShardProcess] = []
-    yield data, ingest_eps, write, shards
+    yield Pipeline(data, ingest_eps, write, shards, info)
+    info.close()
     for shard in shards:
         shard.stop()
     ingest.terminate()
@@ -135,7 +199,7 @@ def pipeline(tmp_path: Path, btc_data: Path):
 
 
 def test_shards_follow_live_blocks_and_repair_lost_messages(pipeline, btc_data: Path, tmp_path: Path) -> None:
-    data, ingest_eps, write, shards = pipeline
+    ingest_eps, write, shards = pipeline.ingest, pipeline.write, pipeline.shards
     snap = shutil.copy(btc_data / "snapshot_985148181.json", tmp_path / "snapshot.json")
     clean = ShardProcess(tmp_path, "clean", 0, 1, ingest_eps, "--snapshot-file", str(snap))
     lossy = ShardProcess(tmp_path, "lossy", 0, 1, ingest_eps, "--snapshot-file", str(snap), env={"HLBOOK_TEST_DROP_EVERY": "3"})
@@ -212,3 +276,92 @@ def check_queries(shard: ShardProcess, want) -> None:
     shard.dealer.send_multipart([b"", b"\xc1garbage"])
     assert shard.dealer.poll(5000) and msgspec.msgpack.decode(shard.dealer.recv_multipart()[-1])["ok"] is False
     assert shard.ask(op="coins")["ok"]  # still serving
+
+
+def test_validation_repairs_a_corrupted_book_while_blocks_flow(pipeline, btc_data: Path, tmp_path: Path) -> None:
+    p = pipeline
+    shard = ShardProcess(tmp_path, "v", 0, 1, p.ingest, "--info-url", p.info.url, "--validate-every", "0.3", env={"HLBOOK_TEST_HOOKS": "1"})
+    p.shards.append(shard)
+    sub = shard.ctx.socket(zmq.SUB)
+    sub.connect(shard.pub)
+    sub.subscribe(topics.RESET_PREFIX)
+    p.write(FIRST, FIRST + 4)
+    shard.wait(lambda r: r["height"] == FIRST + 4 and r["coins"] == {"BTC": "live"})  # init by the info server + replay
+    assert p.info.requests >= 1
+
+    corrupted = shard.ask(op="test_corrupt", coin="BTC")
+    assert corrupted["ok"]
+    assert shard.ask(op="order", oid=corrupted["oid"])["order"]["sz"] != expected_book(btc_data, FIRST + 4).orders[corrupted["oid"]].to_dict("BTC")["sz"]
+    p.write(FIRST + 5, LAST, pause=0.05)
+
+    deadline = time.monotonic() + 20
+    while shard.metrics().get('hlbook_book_validation_mismatches_total{reason="size"}', 0.0) < 1:
+        assert time.monotonic() < deadline, shard.log_text()[-3000:]
+        time.sleep(0.1)
+    reset = None
+    while sub.poll(3000):
+        message = wire.decode(sub.recv_multipart()[1])
+        if message["reason"].startswith("validation"):
+            reset = message
+            break
+    assert reset is not None and reset["reason"] == "validation_size" and reset["state"] == "live"
+    shard.wait(lambda r: r["height"] == LAST)
+    want = expected_book(btc_data, LAST)
+    assert shard.ask(op="l4", coin="BTC")["levels"] == list(want.l4_levels())
+    assert shard.metrics()['hlbook_book_validations_total{result="compared"}'] >= 1
+
+
+def test_killed_shard_comes_back_live_and_equal(pipeline, btc_data: Path, tmp_path: Path) -> None:
+    p = pipeline
+    args = ("--info-url", p.info.url)
+    first = ShardProcess(tmp_path, "k", 0, 1, p.ingest, *args)
+    p.shards.append(first)
+    p.write(FIRST, FIRST + 8, pause=0.02)
+    first.wait(lambda r: r["height"] == FIRST + 8 and r["coins"] == {"BTC": "live"})
+    first.proc.kill()
+    first.proc.wait()
+    first.stop()
+    p.write(FIRST + 9, FIRST + 14, pause=0.02)  # blocks while it is down
+    again = ShardProcess(tmp_path, "k", 0, 1, p.ingest, *args)
+    p.shards.append(again)
+    p.write(FIRST + 15, LAST, pause=0.05)
+    again.wait(lambda r: r["height"] == LAST and r["coins"] == {"BTC": "live"})
+    want = expected_book(btc_data, LAST)
+    assert again.ask(op="l4", coin="BTC")["levels"] == list(want.l4_levels())
+    # and equal to what the node's info server says at the same height
+    _, node = snapshot.load(p.info.snapshot())
+    assert again.ask(op="l4", coin="BTC")["levels"] == list(node["BTC"].l4_levels())
+
+
+def test_unknown_oid_resyncs_the_coin_from_a_fresh_snapshot(pipeline, btc_data: Path, tmp_path: Path) -> None:
+    p = pipeline
+    shard = ShardProcess(tmp_path, "r", 0, 1, p.ingest, "--info-url", p.info.url, env={"HLBOOK_TEST_HOOKS": "1"})
+    p.shards.append(shard)
+    sub = shard.ctx.socket(zmq.SUB)
+    sub.connect(shard.pub)
+    sub.subscribe(topics.RESET_PREFIX)
+    sub.subscribe(topics.bbo("BTC"))
+    p.write(FIRST, FIRST + 4)
+    shard.wait(lambda r: r["height"] == FIRST + 4 and r["coins"] == {"BTC": "live"})
+    # an order that block FIRST + 8 removes or updates disappears from the shard's book
+    diffs = DECODERS["raw_book_diffs"].decode(fixture_lines(btc_data)["raw_book_diffs"][8])
+    at = expected_book(btc_data, FIRST + 4)
+    victim = next(d.oid for d in diffs.events if d.raw_book_diff == "remove" and d.oid in at.orders)
+    assert shard.ask(op="test_corrupt", coin="BTC", oid=victim) == {"ok": True, "oid": victim}
+    time.sleep(0.3)  # the BBO subscription reached the shard
+    p.write(FIRST + 5, LAST, pause=0.05)
+
+    resets = []
+    deadline = time.monotonic() + 20
+    while len(resets) < 2 and time.monotonic() < deadline:
+        if sub.poll(200):
+            topic, payload = sub.recv_multipart()
+            if topic.startswith(topics.RESET_PREFIX) and wire.decode(payload)["reason"] != "init":
+                resets.append(wire.decode(payload))
+    assert [(r["reason"], r["state"]) for r in resets] == [("unknown_oid", "resyncing"), ("resync", "live")], shard.log_text()[-3000:]
+    assert resets[0]["height"] == FIRST + 7
+    assert resets[1]["height"] >= FIRST + 8
+    assert sub.poll(2000) and sub.recv_multipart()[0] == topics.bbo("BTC")  # the rebuilt coin's BBO follows its RESET
+    shard.wait(lambda r: r["height"] == LAST and r["coins"] == {"BTC": "live"})
+    assert shard.ask(op="l4", coin="BTC")["levels"] == list(expected_book(btc_data, LAST).l4_levels())
+    assert shard.metrics()['hlbook_book_out_of_sync_total{reason="unknown_oid"}'] == 1.0

@@ -131,17 +131,23 @@ class Publisher:
             self.last_l2[topic] = levels
             self.send("l2", topic, wire.L2Levels(height, None, time, book.coin, agg[0], agg[1], levels))
 
-    def initial(self, topic: bytes, books: dict[str, Book], height: int) -> None:
+    def initial(self, topic: bytes, books: dict[str, Book], height: int, time: int) -> None:
         """A subscriber just subscribed to ``topic``: send the current value of an exact L2/BBO topic."""
         if topic.startswith(topics.L2_PREFIX):
             parsed = parse_l2_topic(topic)
             if parsed and parsed[0] in books:
                 book = books[parsed[0]]
-                self.l2(book, parsed[1], max(height, book.height), book.time, force=True)
+                self.l2(book, parsed[1], max(height, book.height), max(time, book.time), force=True)
         elif topic.startswith(topics.BBO_PREFIX) and is_exact(topic):
             book = books.get(topics.coin_of(topic))
             if book is not None:
-                self.bbo(book, max(height, book.height), book.time, force=True)
+                self.bbo(book, max(height, book.height), max(time, book.time), force=True)
+
+    def refresh(self, book: Book, height: int, time: int) -> None:
+        """Send the current BBO and subscribed L2 of ``book`` (after it was rebuilt)."""
+        self.bbo(book, height, time, force=True)
+        for agg in self.subs.aggregations(book.coin):
+            self.l2(book, agg, height, time, force=True)
 
     def forget(self, coin: str) -> None:
         """Drop what was last sent for ``coin`` (its book was replaced)."""

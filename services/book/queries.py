@@ -47,7 +47,7 @@ def l4(shard: Shard, query: wire.Query) -> Reply:
     book = _live_book(shard, query)
     if isinstance(book, dict):
         return book
-    return {"ok": True, "coin": book.coin, "height": shard.coin_height(book), "time": book.time, "levels": book.l4_levels()}
+    return {"ok": True, "coin": book.coin, "height": shard.coin_height(book), "time": shard.coin_time(book), "levels": book.l4_levels()}
 
 
 def l2_levels(shard: Shard, query: wire.Query) -> Reply:
@@ -61,7 +61,7 @@ def l2_levels(shard: Shard, query: wire.Query) -> Reply:
     if query.n_levels < 1:
         return error("n_levels must be positive")
     levels = l2.levels(book, query.n_levels, query.n_sig_figs, query.mantissa)
-    return {"ok": True, "coin": book.coin, "height": shard.coin_height(book), "time": book.time, "levels": levels}
+    return {"ok": True, "coin": book.coin, "height": shard.coin_height(book), "time": shard.coin_time(book), "levels": levels}
 
 
 def coins(shard: Shard, query: wire.Query) -> Reply:

@@ -118,6 +118,7 @@ class Shard:
         self.mids: dict[str, str] = {}
         self.phase = INITIALISING
         self.height = 0  # last block finished
+        self.time = 0  # its block time (ms)
         self.base = 0  # height of the last full snapshot (coins absent from it were empty)
         self.h_last = 0  # H| chain: last header height, ``h_exact`` as Coin.exact
         self.h_exact = False
@@ -174,6 +175,10 @@ class Shard:
 
     def coin_height(self, book: Book) -> int:
         return max(self.height, book.height)
+
+    def coin_time(self, book: Book) -> int:
+        """Block time (ms) of the book's state (a snapshot book has none: the last block's)."""
+        return max(self.time, book.time)
 
     def states(self) -> dict[str, str]:
         return {coin: c.state for coin, c in self.coins.items()}
@@ -324,34 +329,39 @@ class Shard:
         c = self.coins.get(coin)
         if c is None:  # a coin absent from the snapshot had no orders then
             c = self.coins[coin] = Coin(Book(coin, self.base))
-        if c.state != LIVE or s.height <= c.book.height:
-            self._slice_done(coin, s.height)
-            return  # resyncing: the snapshot + replay will cover it; or applied already
-        if not c.fits(s.prev):
-            metrics.GAPS.labels("slice").inc()
-            log.warning("%s: chain broken at %d (prev %s, last %d)", coin, s.height, s.prev, c.last)
-            self.recover([coin])
-            return  # the replay held this slice too (or the coin now resyncs)
+        if c.state == LIVE and s.height > c.book.height:  # else resyncing (covered later) or applied
+            if c.fits(s.prev):
+                self.apply(c, s)
+            else:
+                metrics.GAPS.labels("slice").inc()
+                log.warning("%s: chain broken at %d (prev %s, last %d)", coin, s.height, s.prev, c.last)
+                self.recover([coin])  # the replay holds this slice too; or the coin resyncs
+        self._slice_done(coin, s.height)
+
+    def apply(self, c: Coin, s: wire.BookSlice) -> None:
+        """Apply one slice to a live coin and publish what changed."""
         try:
             c.book.apply(s.height, s.time, s.diffs, s.statuses)
         except OutOfSync as exc:
             metrics.OUT_OF_SYNC.labels(exc.reason).inc()
             log.error("%s at block %d", exc, s.height)
-            self.resync([coin], exc.reason)
+            self.resync([c.book.coin], exc.reason)
             return
         c.last, c.exact = s.height, True
         metrics.DIFFS.inc(len(s.diffs))
         self.update_mid(c.book)
         self.publisher.coin_block(c.book, s.height, s.time, s.statuses, s.diffs)
-        self._slice_done(coin, s.height)
 
     def _slice_done(self, coin: str, height: int) -> None:
-        """The coin's book reached ``height``: finish the open block once nothing is awaited."""
+        """The coin's book reached ``height`` (or resyncs): finish the open block once nothing is awaited."""
         block = self.block
-        if block is not None and height >= block.height:
+        if block is None:
+            return
+        c = self.coins.get(coin)
+        if height >= block.height or (c is not None and c.state != LIVE):
             self.pending.discard(coin)
-            if not self.pending:
-                self.finish_block()
+        if not self.pending:
+            self.finish_block()
 
     def finish_block(self) -> None:
         h = self.block
@@ -359,6 +369,7 @@ class Shard:
             return
         self.block = None
         self.height = max(self.height, h.height)
+        self.time = max(self.time, h.time)
         self.publisher.shard_block(h.height, h.time, dict(self.mids), self.states())
         metrics.BLOCKS.inc()
         metrics.HEIGHT.set(self.height)
@@ -453,9 +464,7 @@ class Shard:
         if not coins:
             return
         for coin in coins:
-            c = self.install(coin, fetched, LIVE)
-            self.update_mid(c.book)
-            self.publisher.reset(coin, fetched.height, "resync", LIVE)
+            self.revive(self.install(coin, fetched, LIVE), "resync")
         if not self.replay(fetched.height + 1, [topics.book(c) for c in coins]):
             self.resync(coins, "replay_failed")
 
@@ -465,6 +474,13 @@ class Shard:
         c = self.coins[coin] = Coin(book, state)
         self.publisher.forget(coin)
         return c
+
+    def revive(self, c: Coin, reason: str) -> None:
+        """A rebuilt coin is live again: RESET, then its current BBO and subscribed L2."""
+        book = c.book
+        self.update_mid(book)
+        self.publisher.reset(book.coin, book.height, reason, LIVE)
+        self.publisher.refresh(book, self.coin_height(book), self.coin_time(book))
 
     # ------------------------------------------------------------ validation
 
@@ -484,9 +500,7 @@ class Shard:
                 continue
             metrics.MISMATCHES.labels(reason).inc()
             log.error("%s differs from the node's snapshot at %d (%s): replaced", coin, fetched.height, reason)
-            c = self.install(coin, fetched, LIVE)
-            self.update_mid(c.book)
-            self.publisher.reset(coin, fetched.height, f"validation_{reason}", LIVE)
+            self.revive(self.install(coin, fetched, LIVE), f"validation_{reason}")
 
     # ------------------------------------------------------------ XPUB and queries
 
@@ -494,7 +508,7 @@ class Shard:
         topic = self.publisher.subs.handle(event)
         if topic is not None and self.phase == LIVE:
             live = {coin: c.book for coin, c in self.coins.items() if c.state == LIVE}
-            self.publisher.initial(topic, live, self.height)
+            self.publisher.initial(topic, live, self.height, self.time)
 
     def serve_query(self) -> None:
         frames = self.router.recv_multipart()
@@ -513,11 +527,18 @@ class Shard:
         self.router.send_multipart(envelope + [wire.encode(reply)])
 
     def _test_corrupt(self, query: wire.Query) -> dict:
-        """Test hook: change the best bid's first order size silently."""
+        """Test hook: silently drop order ``oid``, or grow the best bid's first order."""
         c = self.coins.get(query.coin or "")
-        level = c.book.bids.best() if c else None
+        if c is None:
+            return queries.error("no such coin")
+        if query.oid is not None:
+            if query.oid not in c.book.orders:
+                return queries.error("no such order")
+            c.book.remove(query.oid)
+            return {"ok": True, "oid": query.oid}
+        level = c.book.bids.best()
         if level is None:
-            return queries.error("no such coin or no bids")
+            return queries.error("no bids")
         order = level.orders[0]
         level.resize(fixed.ONE)
         order.sz += fixed.ONE
@@ -530,6 +551,7 @@ class Shard:
 
 def run(cfg: ShardConfig) -> None:
     logs.setup(f"book-{cfg.shard}", cfg.log_level)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     serve(cfg.metrics_port)
     shard = Shard(cfg)
 
