@@ -9,9 +9,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from hlbook.common import topics
 from hlbook.common.models import DECODERS, BookDiff, DiffBody, NewDiff, Order as NodeOrder, OrderStatus, UpdateDiff
 from hlbook.services.book import l2, snapshot
 from hlbook.services.book.book import Book, OutOfSync
+from hlbook.services.book.publisher import Subscriptions
+from hlbook.services.book.validation import difference
 
 HOUR = "hourly/20260505/17"
 HEIGHT = 985148181
@@ -282,3 +285,37 @@ def test_validate_aggregation() -> None:
     for bad in ((1, None), (6, None), (4, 2), (None, 2), (5, 3)):
         with pytest.raises(ValueError):
             l2.validate(*bad)
+
+
+# ------------------------------------------------------------ subscriptions and validation
+
+
+def test_subscriptions_turn_on_aggregations() -> None:
+    subs = Subscriptions()
+    assert subs.handle(b"\x01L2|BTC|5|2|") == b"L2|BTC|5|2|"
+    subs.handle(b"\x01L2|BTC|-|-|")
+    subs.handle(b"\x01L2|BTC|4|2|")  # invalid aggregation: ignored
+    subs.handle(b"\x01BBO|ETH|")
+    assert subs.aggregations("BTC") == {(5, 2), (None, None)} and subs.aggregations("ETH") == set()
+    assert subs.wanted(topics.bbo("ETH")) and not subs.wanted(topics.bbo("ET"))
+    assert subs.handle(b"\x00L2|BTC|5|2|") is None
+    assert subs.aggregations("BTC") == {(None, None)}
+    subs.handle(b"\x01L2|")  # a prefix: full precision for every coin
+    assert subs.aggregations("SOL") == {(None, None)} and subs.wanted(b"L2|SOL|3|-|")
+    subs.handle(b"\x01")  # everything
+    assert subs.wanted(b"L4|SOL|")
+
+
+def test_validation_difference_reasons() -> None:
+    def book(*orders: tuple[int, str, str]) -> Book:
+        b = Book("X")
+        b.apply(1, 0, [new(oid, "B", px, sz) for oid, px, sz in orders], [])
+        return b
+
+    base = book((1, "1.0", "1.0"), (2, "1.0", "2.0"), (3, "0.5", "1.0"))
+    assert difference(base, book((1, "1.0", "1.0"), (2, "1.0", "2.0"), (3, "0.5", "1.0"))) is None
+    assert difference(base, book((1, "1.0", "1.0"), (2, "1.0", "2.0"))) == "orders"
+    assert difference(base, book((1, "1.0", "1.0"), (2, "1.0", "2.0"), (3, "0.6", "1.0"))) == "price"
+    assert difference(base, book((1, "1.0", "1.0"), (2, "1.0", "2.5"), (3, "0.5", "1.0"))) == "size"
+    assert difference(base, book((2, "1.0", "2.0"), (1, "1.0", "1.0"), (3, "0.5", "1.0"))) == "priority"
+    assert difference(None, Book("X")) is None and difference(base, None) == "orders"

@@ -316,12 +316,11 @@ class Shard:
 
     def close_block(self) -> None:
         """The next header came: slices still awaited were lost; recover them, finish the block."""
-        for coin in sorted(self.pending):
-            c = self.coins.get(coin)
-            if c is not None and c.state == LIVE:
-                metrics.GAPS.labels("slice").inc()
-                log.warning("%s: slice of block %d lost", coin, self.block.height if self.block else -1)
-                self.recover([coin])
+        lost = sorted(c for c in self.pending if c in self.coins and self.coins[c].state == LIVE)
+        if lost:
+            metrics.GAPS.labels("slice").inc(len(lost))
+            log.warning("slices of block %d lost: %s", self.block.height if self.block else -1, lost)
+            self.recover(lost)
         self.pending.clear()
         self.finish_block()
 
