@@ -229,11 +229,13 @@ def test_shards_follow_live_blocks_and_repair_lost_messages(pipeline, btc_data: 
         agg = shard.ask(op="l2", coin="BTC", n_levels=7, n_sig_figs=3)
         assert [list(map(tuple, side)) for side in agg["levels"]] == list(l2.levels(want, 7, 3))
     lossy_metrics = lossy.metrics()
+    assert lossy_metrics['hlbook_book_coins{state="live"}'] == 1.0 and lossy_metrics['hlbook_book_orders'] == len(want)
     assert lossy_metrics['hlbook_book_gaps_total{kind="slice"}'] >= 3
     assert lossy_metrics['hlbook_book_replays_total{result="ok"}'] >= 3
     assert clean.metrics().get('hlbook_book_gaps_total{kind="slice"}', 0.0) == 0.0
 
     other_reply = other.wait(lambda r: r["height"] == LAST)
+    assert other_reply["phase"] == "live"
     assert other_reply["coins"] == {} and other_reply["shard"] == 1
     assert other.ask(op="l4", coin="BTC") == {"ok": False, "error": "coin 'BTC' is not held by shard 1"}
 

@@ -65,7 +65,7 @@ def l2_levels(shard: Shard, query: wire.Query) -> Reply:
 
 
 def coins(shard: Shard, query: wire.Query) -> Reply:
-    return {"ok": True, "shard": shard.cfg.shard, "height": shard.height, "coins": shard.states()}
+    return {"ok": True, "shard": shard.cfg.shard, "height": shard.height, "phase": shard.phase, "coins": shard.states()}
 
 
 def open_orders(shard: Shard, query: wire.Query) -> Reply:

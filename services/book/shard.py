@@ -372,8 +372,17 @@ class Shard:
         self.publisher.shard_block(h.height, h.time, dict(self.mids), self.states())
         metrics.BLOCKS.inc()
         metrics.HEIGHT.set(self.height)
+        self._gauges()
         if self.validation is not None and self.validation.height <= self.height:
             self.validate(self.validation)
+
+    def _gauges(self) -> None:
+        counts = dict.fromkeys((INITIALISING, LIVE, RESYNCING), 0)
+        for c in self.coins.values():
+            counts[c.state] += 1
+        for state, n in counts.items():
+            metrics.COINS.labels(state).set(n)
+        metrics.ORDERS.set(sum(len(c.book) for c in self.coins.values()))
 
     def update_mid(self, book: Book) -> None:
         mid = book.mid()
