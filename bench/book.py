@@ -4,8 +4,9 @@ Prints, each with a baseline measured in the same run:
 - snapshot load time (vs. a bare ``orjson.loads`` of the same file);
 - diffs applied per second (synthetic new/update/remove blocks around the
   top of the real book, generated beforehand; vs. a naive dict book);
-- p50/p99 µs to produce top-20 L2 + BBO after a block, and depth-100 L2 and an
-  nSigFigs-5 aggregation (vs. a naive aggregate-and-sort of the whole book);
+- p50/p99 µs to produce top-20 L2 + BBO after a block, depth-100 L2, and
+  aggregations from incremental views and by scanning levels (vs. a naive
+  aggregate-and-sort of the whole book);
 - resident bytes per order (tracemalloc; vs. keeping the node's decoded
   order objects).
 
@@ -199,6 +200,14 @@ def bench_apply(data: bytes, n_blocks: int, per_block: int) -> None:
     base = time.perf_counter() - start
     assert l2.levels(book, 20) == naive.top(20), "bench book diverged from the naive book"
     print(f"diffs applied: {n_diffs / ours:,.0f}/s ({n_diffs} diffs, {len(blocks)} blocks, book {len(book)} orders after); naive dict {n_diffs / base:,.0f}/s; ratio {base / ours:.2f}")
+    _, books = snapshot.load(data)
+    book = books["BTC"]
+    l2.sync_views(book, {(2, None), (3, None), (5, 5)})
+    gc.collect()
+    start = time.perf_counter()
+    for height, (diffs, statuses) in enumerate(blocks, 1):
+        book.apply(height, 0, diffs, statuses)
+    print(f"diffs applied with 3 aggregated views attached: {n_diffs / (time.perf_counter() - start):,.0f}/s")
 
 
 def bench_reads(data: bytes, n_blocks: int, per_block: int) -> None:
@@ -206,12 +215,17 @@ def bench_reads(data: bytes, n_blocks: int, per_block: int) -> None:
     book = books["BTC"]
     blocks = generate(book, n_blocks, per_block, seed=2)
     naive = NaiveBook(book)
-    series: dict[str, list[float]] = {"top-20 L2 + BBO": [], "depth-100 L2 + BBO": [], "nSigFigs 5 mantissa 5, 100 levels": [], "naive top-20 (aggregate + sort)": []}
+    l2.sync_views(book, {(5, 5), (2, None)})  # as the publisher does for subscribed aggregations
     reads = {
         "top-20 L2 + BBO": lambda: (l2.levels(book, 20), l2.bbo(book)),
         "depth-100 L2 + BBO": lambda: (l2.levels(book, 100), l2.bbo(book)),
-        "nSigFigs 5 mantissa 5, 100 levels": lambda: l2.levels(book, 100, 5, 5),
+        "nSigFigs 5 mantissa 5, 100 buckets (view)": lambda: l2.levels(book, 100, 5, 5),
+        "nSigFigs 2, 100 buckets (view)": lambda: l2.levels(book, 100, 2),
+        "nSigFigs 5 mantissa 5, 100 buckets (scan)": lambda: (l2.side_levels(book.bids, 100, 5, 5), l2.side_levels(book.asks, 100, 5, 5)),
+        "nSigFigs 2, 100 buckets (scan)": lambda: (l2.side_levels(book.bids, 100, 2), l2.side_levels(book.asks, 100, 2)),
     }
+    series: dict[str, list[float]] = {name: [] for name in reads}
+    series["naive top-20 (aggregate + sort)"] = []
     gc.disable()
     try:
         for height, (diffs, statuses) in enumerate(blocks, 1):

@@ -319,3 +319,32 @@ def test_validation_difference_reasons() -> None:
     assert difference(base, book((1, "1.0", "1.0"), (2, "1.0", "2.5"), (3, "0.5", "1.0"))) == "size"
     assert difference(base, book((2, "1.0", "2.0"), (1, "1.0", "1.0"), (3, "0.5", "1.0"))) == "priority"
     assert difference(None, Book("X")) is None and difference(base, None) == "orders"
+
+
+AGGS = ((2, None), (3, None), (4, None), (5, None), (5, 2), (5, 5))
+
+
+def test_incremental_views_match_a_scan_on_every_block(fixture_blocks) -> None:
+    data, blocks = fixture_blocks
+    book = snapshot.load(data)[1]["BTC"]
+    l2.sync_views(book, set(AGGS))
+    assert len(book.views) == 6 and len(book.bids.views) == 6
+    for height, diffs, statuses in blocks:
+        book.apply(height, 0, diffs, statuses)
+        for nsf, man in AGGS:
+            scan = (l2.side_levels(book.bids, 100, nsf, man), l2.side_levels(book.asks, 100, nsf, man))
+            assert l2.levels(book, 100, nsf, man) == scan, (height, nsf, man)
+    l2.sync_views(book, {(5, 1), (None, None)})  # (5, 1) is (5, None); full precision needs no view
+    assert list(book.views) == [(5, 1)] and len(book.asks.views) == 1
+    assert l2.levels(book, 30, 5, None) == (l2.side_levels(book.bids, 30, 5), l2.side_levels(book.asks, 30, 5))
+
+
+def test_views_follow_small_book_changes() -> None:
+    book = Book("X")
+    l2.sync_views(book, {(2, None)})
+    book.apply(1, 0, [new(1, "B", "0.012345", "1.0"), new(2, "B", "0.0121", "2.0"), new(3, "A", "0.0125", "1.0")], [])
+    assert l2.levels(book, 5, 2) == ([("0.012", "3.0", 2)], [("0.013", "1.0", 1)])
+    book.apply(2, 0, [diff(1, "B", "0.012345", DiffBody(update=UpdateDiff("1.0", "0.25"))), diff(3, "A", "0.0125", "remove")], [])
+    assert l2.levels(book, 5, 2) == ([("0.012", "2.25", 2)], [])
+    book.apply(3, 0, [diff(1, "B", "0.012345", "remove"), diff(2, "B", "0.0121", "remove")], [])
+    assert l2.levels(book, 5, 2) == ([], []) and book.views[(2, 1)][0].buckets == {}

@@ -214,12 +214,13 @@ class Level(msgspec.Struct, gc=False, eq=False):
 class Side:
     """One side of a book: price -> Level, prices sorted (bids read from the end)."""
 
-    __slots__ = ("is_bid", "levels", "keys")
+    __slots__ = ("is_bid", "levels", "keys", "views")
 
     def __init__(self, is_bid: bool) -> None:
         self.is_bid = is_bid
         self.levels: dict[int, Level] = {}
         self.keys = SortedList()  # ascending prices (the Level's own int objects)
+        self.views: list[Any] = []  # aggregate.AggSide views kept up to date on every change
 
     def level_for(self, px: int) -> Level:
         level = self.levels.get(px)
@@ -297,7 +298,7 @@ def details_of(statuses: Iterable[OrderStatus]) -> dict[int, OrderStatus]:
 class Book:
     """The L4 book of one coin."""
 
-    __slots__ = ("coin", "bids", "asks", "orders", "height", "time")
+    __slots__ = ("coin", "bids", "asks", "orders", "height", "time", "views")
 
     def __init__(self, coin: str, height: int = 0, time: int = 0) -> None:
         self.coin = coin
@@ -306,8 +307,21 @@ class Book:
         self.orders: dict[int, Order] = {}
         self.height = height
         self.time = time
+        self.views: dict[tuple[int, int], tuple[Any, Any]] = {}  # (nSigFigs, mantissa) -> (bid view, ask view)
+
+    def attach(self, key: tuple[int, int], bid_view: Any, ask_view: Any) -> None:
+        """Keep two aggregated views (``aggregate.AggSide``) updated from now on."""
+        self.views[key] = (bid_view, ask_view)
+        self.bids.views.append(bid_view)
+        self.asks.views.append(ask_view)
+
+    def detach(self, key: tuple[int, int]) -> None:
+        bid_view, ask_view = self.views.pop(key)
+        self.bids.views.remove(bid_view)
+        self.asks.views.remove(ask_view)
 
     def side(self, side: str) -> Side:
+        """The bids or asks; OutOfSync for any other side."""
         if side == BID:
             return self.bids
         if side == ASK:
@@ -321,19 +335,23 @@ class Book:
         orders = self.orders
         if oid in orders:
             raise OutOfSync(self.coin, "duplicate_oid", oid)
-        side = order.kind[K_SIDE]
-        level = (self.bids if side == BID else self.asks if side == ASK else self.side(side)).level_for(order.px)
+        side = self.side(order.kind[K_SIDE])
+        level = side.level_for(order.px)
         orders[oid] = order
         level.orders.append(order)
         level.sz += order.sz
         level.sz_str = None
+        for view in side.views:
+            view.change(order.px, order.sz, 1)
 
     def update(self, oid: int, new_sz: int) -> None:
         order = self.orders.get(oid)
         if order is None:
             raise OutOfSync(self.coin, "unknown_oid", oid)
-        level = self.side(order.kind[K_SIDE]).levels[order.px]
-        level.resize(new_sz - order.sz)
+        side = self.side(order.kind[K_SIDE])
+        side.levels[order.px].resize(new_sz - order.sz)
+        for view in side.views:
+            view.change(order.px, new_sz - order.sz, 0)
         order.sz = new_sz
 
     def remove(self, oid: int) -> Order:
@@ -345,6 +363,8 @@ class Book:
         level.discard(order)
         if not level.orders:
             side.drop(level)
+        for view in side.views:
+            view.change(order.px, -order.sz, -1)
         return order
 
     def apply(self, height: int, time: int, diffs: list[BookDiff], statuses: list[OrderStatus]) -> None:

@@ -1,16 +1,20 @@
-"""L2 aggregation (DESIGN.md §5): full precision or buckets of ``nSigFigs``.
+"""L2 levels (DESIGN.md §5): full precision or buckets of ``nSigFigs``
+(bucket arithmetic in ``aggregate.py``).
 
-A price's bucket step is ``mantissa * 10**(e + 1 - nSigFigs)`` where ``e`` is
-the exponent of its first significant digit (``floor(log10(px))``: 4 for
-81307, -2 for 0.012345). Bids round down, asks round up, to a multiple of the
-step, exactly, on fixed-point ints. Levels are read best first and aggregation
-stops once ``n`` buckets are complete, so the cost is O(levels read).
+Full precision reads the top ``n`` levels. An aggregation with a view
+attached to the book (:func:`sync_views`, for what is subscribed) reads the
+top ``n`` buckets; otherwise levels are read best first until ``n`` buckets
+are complete (queries), O(levels read).
 """
 
 from __future__ import annotations
 
 from hlbook.common import fixed
-from hlbook.services.book.book import Book, Level, Side
+from hlbook.services.book.aggregate import AggSide, bucket, step_of
+from hlbook.services.book.book import Book, Side
+
+__all__ = ["AggSide", "bucket", "step_of", "levels", "side_levels", "bbo", "validate", "sync_views"]
+Agg = tuple[int | None, int | None]
 
 WireLevel = tuple[str, str, int]
 MAX_LEVELS = 100
@@ -33,25 +37,6 @@ def validate(n_sig_figs: int | None, mantissa: int | None) -> None:
         raise ValueError(f"mantissa must be 1, 2 or 5, not {mantissa}")
     if mantissa not in (None, 1) and n_sig_figs != 5:
         raise ValueError("mantissa is only allowed with nSigFigs 5")
-
-
-def step_of(px: int, n_sig_figs: int, mantissa: int = 1) -> int:
-    """Bucket width (fixed-point) for a positive fixed-point price."""
-    digits = len(str(px)) - fixed.DECIMALS  # e + 1
-    exp = digits - n_sig_figs + fixed.DECIMALS
-    if exp < 0:
-        return 0  # finer than the fixed-point resolution: no aggregation
-    return mantissa * 10**exp
-
-
-def bucket(px: int, n_sig_figs: int, mantissa: int, is_bid: bool) -> int:
-    """The bucket price of ``px``: bids down, asks up, to a multiple of the step."""
-    step = step_of(px, n_sig_figs, mantissa)
-    if step <= 1:
-        return px
-    if is_bid:
-        return px - px % step
-    return -(-px // step) * step
 
 
 def _fmt(value: int) -> str:
@@ -95,10 +80,28 @@ def side_levels(side: Side, n: int, n_sig_figs: int | None = None, mantissa: int
 
 def levels(book: Book, n: int = 20, n_sig_figs: int | None = None, mantissa: int | None = None) -> tuple[list[WireLevel], list[WireLevel]]:
     """``[bids, asks]`` of ``book``, up to ``n`` levels each."""
+    if n_sig_figs is not None:
+        view = book.views.get((n_sig_figs, mantissa or 1))
+        if view is not None:
+            return _view_levels(view[0], n), _view_levels(view[1], n)
     return (
         side_levels(book.bids, n, n_sig_figs, mantissa),
         side_levels(book.asks, n, n_sig_figs, mantissa),
     )
+
+
+def _view_levels(view: AggSide, n: int) -> list[WireLevel]:
+    fmt = fixed.fmt
+    return [(_fmt(px), fmt(sz), count) for px, sz, count in view.top(n)]
+
+
+def sync_views(book: Book, aggs: set[Agg]) -> None:
+    """Keep exactly the aggregated views of ``aggs`` attached to ``book``."""
+    wanted = {(nsf, man or 1) for nsf, man in aggs if nsf is not None}
+    for key in [k for k in book.views if k not in wanted]:
+        book.detach(key)
+    for key in wanted - book.views.keys():
+        book.attach(key, AggSide(book.bids, *key), AggSide(book.asks, *key))
 
 
 def bbo(book: Book) -> tuple[WireLevel | None, WireLevel | None]:

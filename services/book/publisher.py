@@ -111,7 +111,10 @@ class Publisher:
         if self.subs.wanted(topic):
             self.send("l4", topic, wire.L4Updates(height, None, time, coin, statuses, diffs))
         self.bbo(book, height, time)
-        for agg in self.subs.aggregations(coin):
+        aggs = self.subs.aggregations(coin)
+        if aggs or book.views:
+            l2.sync_views(book, aggs)
+        for agg in aggs:
             self.l2(book, agg, height, time)
 
     def bbo(self, book: Book, height: int, time: int, force: bool = False) -> None:
