@@ -268,6 +268,8 @@ class Shard:
         for coin, c in self.coins.items():
             self.update_mid(c.book)
             self.publisher.reset(coin, self.coin_height(c.book), "init", LIVE)
+        for topic in sorted(self.publisher.subs.exact):  # subscribed while initialising
+            self.publisher.initial(topic, self.books, self.height, self.time)
         log.info("live: %d coins, %d orders, snapshot %d, at block %d", len(self.coins), sum(len(c.book) for c in self.coins.values()), height, self.height)
 
     # ------------------------------------------------------------ ingest messages
