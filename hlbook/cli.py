@@ -10,6 +10,7 @@ import typer
 
 from hlbook.services.book.cli import book
 from hlbook.services.ingest.cli import ingest
+from hlbook.services.nodesim.cli import sim
 from hlbook.services.supervisor.cli import up
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
@@ -21,6 +22,7 @@ def main() -> None:
 
 
 app.command()(ingest)
+app.command()(sim)
 app.command()(up)
 app.command()(book)
 

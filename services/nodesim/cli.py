@@ -1,0 +1,64 @@
+"""``hlbook sim``."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated
+
+import typer
+
+from hlbook.common.config import env
+
+
+def _start_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"not an ISO date-time: {text!r}", param_hint="--start-time") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def sim(
+    data_dir: Annotated[str, typer.Option(envvar=env("data-dir"), help="Directory to write hl/data/ into")],
+    info_port: Annotated[int, typer.Option(envvar=env("info-port"), help="Info server port (POST /info fileSnapshot); -1: off")] = 3001,
+    info_host: Annotated[str, typer.Option(envvar=env("info-host"), help="Info server bind address")] = "127.0.0.1",
+    blocks_per_sec: Annotated[float, typer.Option(envvar=env("blocks-per-sec"), help="Blocks per second")] = 15.0,
+    coins: Annotated[int, typer.Option(envvar=env("coins"), help="Number of coins (perps and spot)")] = 50,
+    mode: Annotated[str, typer.Option(envvar=env("mode"), help="by-block, streaming or both")] = "by-block",
+    seed: Annotated[int, typer.Option(envvar=env("seed"), help="RNG seed: same seed and start time, same blocks")] = 0,
+    blocks: Annotated[int | None, typer.Option(envvar=env("blocks"), help="Stop after this many blocks (default: run forever)")] = None,
+    start_height: Annotated[int, typer.Option(envvar=env("start-height"), help="Height of the first block (the initial state is start-height - 1)")] = 1_000_000,
+    start_time: Annotated[str | None, typer.Option(envvar=env("start-time"), help="Block time of the first block, ISO 8601 (UTC if no offset); default: now")] = None,
+    volume: Annotated[float, typer.Option(envvar=env("volume"), help="Scale of per-block activity (1.0: ~300 statuses, ~50 diffs, a few fills)")] = 1.0,
+    partial_write_p: Annotated[float, typer.Option(envvar=env("partial-write-p"), help="Probability a line is written in two flushed parts")] = 0.01,
+    log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
+) -> None:
+    """Node simulator: write node-format files and serve fileSnapshot like a non-validating node."""
+    from hlbook.services.nodesim.service import SimConfig, run
+    from hlbook.services.nodesim.writer import parse_modes
+
+    try:
+        parse_modes(mode)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--mode") from None
+    if blocks_per_sec <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--blocks-per-sec")
+    run(
+        SimConfig(
+            data_dir=data_dir,
+            info_host=info_host,
+            info_port=None if info_port < 0 else info_port,
+            blocks_per_sec=blocks_per_sec,
+            coins=coins,
+            mode=mode,
+            seed=seed,
+            blocks=blocks,
+            start_height=start_height,
+            start_time=_start_time(start_time),
+            volume=volume,
+            partial_write_p=partial_write_p,
+            log_level=log_level,
+        )
+    )

@@ -1,0 +1,136 @@
+"""The simulator's info server: ``POST /info`` ``fileSnapshot`` (``l4Snapshots``), as the node's.
+
+The snapshot is taken under the lock the block loop holds while it generates
+and writes a block, so its height is always a block already written and
+flushed to every stream. Bad requests get 400 with ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+SnapshotSource = Callable[[], tuple[int, list[Any]]]
+MAX_BODY = 1 << 20
+
+
+class RequestError(Exception):
+    """A request the server rejects with 400."""
+
+
+def parse_request(body: bytes) -> dict[str, Any]:
+    """Validate a fileSnapshot request; RequestError with a clear message otherwise."""
+    try:
+        req = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"body is not valid JSON: {exc}") from None
+    if not isinstance(req, dict):
+        raise RequestError("body must be a JSON object")
+    if req.get("type") != "fileSnapshot":
+        raise RequestError(f"unsupported request type {req.get('type')!r}; the simulator serves only fileSnapshot")
+    inner = req.get("request")
+    if not isinstance(inner, dict) or inner.get("type") != "l4Snapshots":
+        raise RequestError("fileSnapshot supports only request {\"type\":\"l4Snapshots\", ...}")
+    if inner.get("includeTriggerOrders"):
+        raise RequestError("includeTriggerOrders=true is not supported by the simulator")
+    out = req.get("outPath")
+    if not isinstance(out, str) or not os.path.isabs(out):
+        raise RequestError("outPath must be an absolute path")
+    return req
+
+
+def render(height: int, coins: list[Any], include_users: bool, include_height: bool) -> bytes:
+    """The snapshot file's bytes (compact JSON and a newline, as the node writes it)."""
+    if not include_users:
+        coins = [[coin, [[order for _, order in side] for side in sides]] for coin, sides in coins]
+    return orjson.dumps([height, coins] if include_height else coins) + b"\n"
+
+
+def write_snapshot(req: dict[str, Any], source: SnapshotSource, lock: threading.Lock) -> int:
+    """Take the state under ``lock``, write it to ``outPath``; returns its height."""
+    with lock:
+        height, coins = source()
+    inner = req["request"]
+    data = render(height, coins, bool(inner.get("includeUsers", True)), bool(req.get("includeHeightInOutput", False)))
+    out = req["outPath"]
+    tmp = f"{out}.tmp{os.getpid()}.{threading.get_ident()}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise RequestError(f"cannot write {out}: {exc.strerror}") from None
+    return height
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: InfoServer
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server naming)
+        if self.path.rstrip("/") != "/info":
+            self._reply(404, {"error": f"unknown path {self.path}; POST /info"})
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                raise RequestError("body too large")
+            req = parse_request(self.rfile.read(length))
+            height = write_snapshot(req, self.server.source, self.server.lock)
+            log.info("fileSnapshot at height %d -> %s", height, req["outPath"])
+            self._reply(200, None)
+        except (RequestError, ValueError) as exc:
+            self.server.errors += 1
+            self._reply(400, {"error": str(exc)})
+        except Exception as exc:  # a bug must not kill the server
+            log.exception("fileSnapshot failed")
+            self._reply(500, {"error": f"internal error: {exc}"})
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._reply(405, {"error": "use POST /info"})
+
+    def _reply(self, code: int, body: Any) -> None:
+        data = orjson.dumps(body)
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+class InfoServer(ThreadingHTTPServer):
+    """``ThreadingHTTPServer`` serving fileSnapshot from ``source`` (call it under ``lock``)."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int, source: SnapshotSource, lock: threading.Lock) -> None:
+        super().__init__((host, port), _Handler)
+        self.source = source
+        self.lock = lock
+        self.errors = 0
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def start(self) -> None:
+        """Serve in a daemon thread."""
+        self._thread = threading.Thread(target=self.serve_forever, name="nodesim-info", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
