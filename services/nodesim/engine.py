@@ -161,10 +161,15 @@ class Block:
         return node_time(self.time_ns)
 
 
+_second_cache: list[Any] = [None, ""]
+
+
 def node_time(ns: int) -> str:
     """Node timestamp with nanoseconds (``2026-05-05T17:39:13.024084407``), UTC."""
     sec, frac = divmod(ns, 1_000_000_000)
-    return datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:09d}"
+    if _second_cache[0] != sec:
+        _second_cache[:] = [sec, datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_second_cache[1]}.{frac:09d}"
 
 
 def _round_to(value: int, unit: int) -> int:
@@ -423,8 +428,8 @@ class _BlockGen:
         """A rejected order: a status only, no book change."""
         sim, rng = self.sim, self.rng
         coin = sim._coin()
-        table = REJECTIONS_SPOT if coin.is_spot else REJECTIONS_PERP
-        status = rng.choices([s for s, _ in table], weights=[w for _, w in table])[0]
+        names, cum = _REJECT_SPOT if coin.is_spot else _REJECT_PERP
+        status = rng.choices(names, cum_weights=cum)[0]
         side = "B" if rng.random() < 0.5 else "A"
         opp = sim.books[coin.name].best("A" if side == "B" else "B")
         if status == "badAloPxRejected" and opp is not None:
@@ -650,6 +655,10 @@ class _BlockGen:
         o.px, o.sz = self.sim._clamp(coin, px), remaining
         o.is_trigger, o.trigger_condition, o.trigger_px, o.tif = False, "Triggered", 0, "Gtc"
         self.new(o)
+
+
+_REJECT_PERP = ([s for s, _ in REJECTIONS_PERP], list(_cumulative(w for _, w in REJECTIONS_PERP)))
+_REJECT_SPOT = ([s for s, _ in REJECTIONS_SPOT], list(_cumulative(w for _, w in REJECTIONS_SPOT)))
 
 
 def _direction(coin: Coin, side: str, start: int, qty: int) -> str:
