@@ -20,9 +20,9 @@ snapshot, compares each owned coin at exactly the snapshot's height and
 replaces only the coins that differ.
 
 Test hooks (never for production): ``HLBOOK_TEST_DROP_EVERY=N`` drops every
-Nth owned ``B|`` message as if the PUB socket had dropped it;
-``HLBOOK_TEST_HOOKS=1`` enables the query op ``test_corrupt`` (changes one
-order's size silently, for validation tests).
+Nth ``H|`` or owned ``B|`` message as if the PUB socket had dropped it;
+``HLBOOK_TEST_HOOKS=1`` enables the query ops ``test_corrupt`` / ``test_drop``
+(change one order's size / remove it silently, for validation and resync tests).
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ class Shard:
             self.on_message(topic, payload)
 
     def _test_drop(self, topic: bytes) -> bool:
-        if not topic.startswith(topics.BOOK_PREFIX) or self.owned(topic) is None:
+        if topic != topics.HEADER and (not topic.startswith(topics.BOOK_PREFIX) or self.owned(topic) is None):
             return False
         self._dropped += 1
         return self._dropped % self.cfg.test_drop_every == 0
@@ -292,18 +292,22 @@ class Shard:
         if self.block is not None:
             self.close_block()  # a later header: the open block's slices came or were lost
         if not self._header_fits(h):
-            metrics.GAPS.labels("header").inc()
             log.warning("header chain broken at %d (prev %s, last %d)", h.height, h.prev, self.h_last)
-            if not self.replaying and self.replay(self.height + 1, [topics.HEADER, topics.BOOK_PREFIX]):
-                if h.height <= self.height:
-                    return  # the replay held this header (and its slices) too
-            else:
-                self.resync(list(self.coins), "gap")
+            if self.header_gap() and h.height <= self.height:
+                return  # the replay held this header (and its slices) too
         self.h_last, self.h_exact = h.height, True
         self.block, self.block_opened = h, time.monotonic()
         self.pending = {c for c in h.book_coins if self.owns(c) and self._awaits(c, h.height)}
         if not self.pending:
             self.finish_block()
+
+    def header_gap(self) -> bool:
+        """Headers were lost: replay every block after the last finished one (else resync all)."""
+        metrics.GAPS.labels("header").inc()
+        if not self.replaying and self.replay(self.height + 1, [topics.HEADER, topics.BOOK_PREFIX]):
+            return True
+        self.resync(list(self.coins), "gap")
+        return False
 
     def _awaits(self, coin: str, height: int) -> bool:
         c = self.coins.get(coin)
@@ -327,6 +331,10 @@ class Shard:
         self.finish_block()
 
     def on_slice(self, coin: str, s: wire.BookSlice) -> None:
+        if s.height > self.height and (self.block is None or self.block.height != s.height) and not self.replaying:
+            log.warning("%s: slice of block %d before its header: header lost", coin, s.height)
+            if self.header_gap():
+                return  # the replay held this slice
         c = self.coins.get(coin)
         if c is None:  # a coin absent from the snapshot had no orders then
             c = self.coins[coin] = Coin(Book(coin, self.base))
@@ -530,29 +538,28 @@ class Shard:
             BAD_INPUT.labels("book", "bad_query").inc()
             reply = queries.error(f"bad query: {exc}")
         else:
-            if query.op == "test_corrupt" and self.cfg.test_hooks:
+            if query.op in ("test_corrupt", "test_drop") and self.cfg.test_hooks:
                 reply = self._test_corrupt(query)
             else:
                 reply = queries.answer(self, query)
         self.router.send_multipart(envelope + [wire.encode(reply)])
 
     def _test_corrupt(self, query: wire.Query) -> dict:
-        """Test hook: silently drop order ``oid``, or grow the best bid's first order."""
+        """Test hooks: ``test_drop`` silently removes order ``oid``; ``test_corrupt``
+        silently grows order ``oid`` (default: the best bid's first) by 1."""
         c = self.coins.get(query.coin or "")
         if c is None:
             return queries.error("no such coin")
-        if query.oid is not None:
-            if query.oid not in c.book.orders:
-                return queries.error("no such order")
-            c.book.remove(query.oid)
-            return {"ok": True, "oid": query.oid}
-        level = c.book.bids.best()
-        if level is None:
-            return queries.error("no bids")
-        order = level.orders[0]
-        level.resize(fixed.ONE)
-        order.sz += fixed.ONE
-        return {"ok": True, "oid": order.oid}
+        best = c.book.bids.best()
+        oid = query.oid if query.oid is not None else (best.orders[0].oid if best else None)
+        order = c.book.orders.get(oid) if oid is not None else None
+        if order is None:
+            return queries.error("no such order")
+        if query.op == "test_drop":
+            c.book.remove(oid)
+        else:
+            c.book.update(oid, order.sz + fixed.ONE)
+        return {"ok": True, "oid": oid}
 
     def close(self) -> None:
         for sock in (self.sub, self.req, self.publisher.sock, self.router):
