@@ -384,6 +384,31 @@ def test_lines_match_the_node_format(tmp_path: Path) -> None:
         assert list(fill) == keys + ["feeToken", "twapId"]
 
 
+def test_partial_lines_are_visible_between_the_two_writes(tmp_path: Path) -> None:
+    seen: list[bytes] = []
+
+    def pause(_: float) -> None:  # called after the first part was flushed
+        seen.append(hour_files(tmp_path, "order_statuses", "by-block")[0].read_bytes())
+
+    sim = Simulator(seed=2, coins=5, start_time=START)
+    with NodeWriter(tmp_path, ("by-block",), partial_p=1.0, seed=2, pause=pause) as writer:
+        sim.step()
+        writer.write_block(sim.step())
+    assert seen and not seen[0].endswith(b"\n")  # a reader saw a partial line
+    assert [line["block_number"] for line in raw_lines(tmp_path, "order_statuses", "by-block")] == [sim.height]
+
+
+def test_new_day_folder_at_midnight(tmp_path: Path) -> None:
+    sim = Simulator(seed=4, coins=5, start_time=datetime(2026, 5, 5, 23, 59, 59, 800_000, tzinfo=timezone.utc))
+    with NodeWriter(tmp_path, ("by-block",), partial_p=0.0) as writer:
+        for _ in range(10):
+            writer.write_block(sim.step())
+    for stream in STREAMS:
+        files = hour_files(tmp_path, stream, "by-block")
+        assert [f"{f.parent.name}/{f.name}" for f in files] == ["20260505/23", "20260506/0"]
+        assert [line["block_number"] for line in raw_lines(tmp_path, stream, "by-block")] == list(range(1_000_000, 1_000_010))
+
+
 def test_cli_writes_both_modes_and_rotates_hourly(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "hlbook.cli", "sim", "--data-dir", str(tmp_path), "--blocks", "40",
            "--blocks-per-sec", "50", "--mode", "both", "--start-time", "2026-05-05T16:59:59.5", "--info-port", "-1",

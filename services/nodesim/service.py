@@ -109,7 +109,11 @@ class NodeSim:
 def run(cfg: SimConfig) -> None:
     """Run the simulator until SIGTERM/SIGINT (or ``cfg.blocks``)."""
     logs.setup("sim", cfg.log_level)
-    node = NodeSim(cfg)
+    try:
+        node = NodeSim(cfg)
+    except OSError as exc:  # info port taken, data dir not writable
+        log.error("cannot start: %s", exc)
+        raise SystemExit(1) from None
     signal.signal(signal.SIGTERM, lambda *_: node.stop_event.set())
     try:
         node.run()
