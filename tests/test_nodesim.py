@@ -30,6 +30,8 @@ from hlbook.services.nodesim.engine import Block, Simulator
 from hlbook.services.nodesim.service import NodeSim, SimConfig
 from hlbook.services.nodesim.writer import NodeWriter
 
+from conftest import free_port
+
 SPECIAL = {HIP2_USER, ASSISTANCE_FUND_USER}
 START = datetime(2026, 5, 5, 16, 59, 59, 500_000, tzinfo=timezone.utc)
 ORDER_KEYS = list(Order.__struct_fields__)
@@ -500,3 +502,30 @@ def test_info_server_rejects_bad_requests_and_keeps_serving(live_sim: NodeSim, t
     assert httpx.post(url, json=_request(out), timeout=10).status_code == 200
     assert json.loads(out.read_bytes())[0] >= h0
     _wait_height(live_sim, h0 + 5)
+
+
+def test_cli_process_serves_snapshots_and_stops_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    data_dir = tmp_path / "node"
+    proc = subprocess.Popen([sys.executable, "-m", "hlbook.cli", "sim", "--data-dir", str(data_dir), "--info-port",
+                             str(port), "--blocks-per-sec", "50", "--coins", "8", "--mode", "streaming"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out = tmp_path / "snap.json"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/info", json=_request(out), timeout=5)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "sim did not start serving"
+                time.sleep(0.05)
+        assert r.status_code == 200
+        height, coins = json.loads(out.read_bytes())
+        assert len(coins) == 8 and height >= 999_999
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "stopped at height" in err
+    assert hour_files(data_dir, "order_statuses", "streaming")

@@ -353,7 +353,7 @@ class Simulator:
         return None if user in SPECIAL_USERS else self._cloid()
 
     def _maker_tif(self, user: str) -> str:
-        return "Gtc" if user in SPECIAL_USERS or self.rng.random() < 0.4 else "Alo"
+        return "Alo" if user in SPECIAL_USERS or self.rng.random() >= 0.4 else "Gtc"
 
     def step(self) -> Block:
         """Generate the next block, apply it to the books, and return it."""
@@ -613,7 +613,7 @@ class _BlockGen:
         above = (kind.startswith("Stop")) == (side == "B")
         sz = sim._size(coin)
         o = Resting(sim._oid(), sim._user(), coin.name, side, limit, sz, sz, self.ms, sim._cloid(0.3), None,
-                    order_type=kind, reduce_only=rng.random() < 0.6, is_trigger=True, trigger_px=trigger_px,
+                    order_type=kind, reduce_only=rng.random() < 0.6 and not coin.is_spot, is_trigger=True, trigger_px=trigger_px,
                     trigger_condition=f"Price {'above' if above else 'below'} {_trigger_text(trigger_px)}",
                     limit_px=limit)
         self.status(o.user, "open", o.order(), sim._hash())
