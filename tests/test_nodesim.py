@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import msgspec
 import pytest
 
 from hlbook.common import fixed
@@ -529,3 +529,13 @@ def test_cli_process_serves_snapshots_and_stops_on_sigterm(tmp_path: Path) -> No
     assert proc.returncode == 0, err
     assert "stopped at height" in err
     assert hour_files(data_dir, "order_statuses", "streaming")
+
+
+def test_cli_reads_flags_from_the_environment(tmp_path: Path) -> None:
+    env = {**os.environ, "HLBOOK_DATA_DIR": str(tmp_path), "HLBOOK_BLOCKS": "5", "HLBOOK_INFO_PORT": "-1",
+           "HLBOOK_BLOCKS_PER_SEC": "100", "HLBOOK_COINS": "3", "HLBOOK_START_HEIGHT": "77", "HLBOOK_MODE": "by-block"}
+    proc = subprocess.run([sys.executable, "-m", "hlbook.cli", "sim"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = raw_lines(tmp_path, "raw_book_diffs", "by-block")
+    assert [line["block_number"] for line in lines] == [77, 78, 79, 80, 81]
+    assert {e["coin"] for line in lines for e in line["events"]} <= {"BTC", "ETH", "@107"}
