@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -224,6 +225,7 @@ class Simulator:
         self.positions: dict[tuple[str, str], tuple[int, int]] = {}  # (user, coin) -> (size, entry px)
         self.next_twap = 1_700_000
         self._cum_weights = list(_cumulative(c.weight for c in self.coins))
+        self.spread_ticks = {c.name: max(2.0, 0.003 * c.price / c.tick) for c in self.coins}
         self._populate()
 
     # ---------------------------------------------------------------- state
@@ -262,7 +264,7 @@ class Simulator:
     # ---------------------------------------------------------- generation
 
     def _coin(self) -> Coin:
-        return self.rng.choices(self.coins, cum_weights=self._cum_weights)[0]
+        return self.coins[bisect_right(self._cum_weights, self.rng.random() * self._cum_weights[-1])]
 
     def _user(self, coin: Coin | None = None, special_p: float = 0.0) -> str:
         if coin is not None and special_p and self.rng.random() < special_p:
@@ -280,7 +282,7 @@ class Simulator:
         return f"0x{self.rng.getrandbits(128):032x}" if self.rng.random() < p else None
 
     def _size(self, coin: Coin) -> int:
-        notional = min(self.rng.lognormvariate(5.5, 1.6), 300_000.0)
+        notional = min(math.exp(self.rng.gauss(5.5, 1.6)), 300_000.0)
         lots = max(1, int(notional * fixed.ONE / self.fair[coin.name] * fixed.ONE / coin.lot))
         return lots * coin.lot
 
@@ -425,22 +427,29 @@ class _BlockGen:
     # ------------------------------------------------------------- actions
 
     def reject(self) -> None:
-        """A rejected order: a status only, no book change."""
+        """A rejected order: a status only, no book change (the hot path: built directly)."""
         sim, rng = self.sim, self.rng
         coin = sim._coin()
         names, cum = _REJECT_SPOT if coin.is_spot else _REJECT_PERP
-        status = rng.choices(names, cum_weights=cum)[0]
+        status = names[bisect_right(cum, rng.random() * cum[-1])]
         side = "B" if rng.random() < 0.5 else "A"
-        opp = sim.books[coin.name].best("A" if side == "B" else "B")
-        if status == "badAloPxRejected" and opp is not None:
-            tif, px = "Alo", opp + (coin.tick if side == "B" else -coin.tick) * rng.randint(0, 3)
+        sign = 1 if side == "B" else -1
+        if status == "badAloPxRejected":  # an ALO that would cross
+            opp = sim.books[coin.name].best("A" if side == "B" else "B")
+            tif, px = "Alo", (sim.fair[coin.name] if opp is None else opp) + sign * coin.tick * int(rng.random() * 4)
         else:
-            tif = "Alo" if status != "iocCancelRejected" and rng.random() < 0.6 else "Ioc"
-            px = sim._passive_px(coin, side)
-        sz = sim._size(coin)
-        o = Resting(sim._oid(), sim._user(), coin.name, side, sim._clamp(coin, px), sz, sz, self.ms, sim._cloid(0.8),
-                    tif, reduce_only=status == "reduceOnlyRejected" or rng.random() < 0.05)
-        self.status(o.user, status, o.order())
+            tif = "Ioc" if status == "iocCancelRejected" or rng.random() < 0.4 else "Alo"
+            px = sim.fair[coin.name] - sign * coin.tick * (1 + int(rng.random() * sim.spread_ticks[coin.name]))
+        sz = fmt(sim._size(coin))
+        order = {
+            "coin": coin.name, "side": side, "limitPx": fmt(sim._clamp(coin, px)), "sz": sz, "oid": sim._oid(),
+            "timestamp": self.ms, "triggerCondition": "N/A", "isTrigger": False, "triggerPx": "0.0", "children": [],
+            "isPositionTpsl": False, "reduceOnly": status == "reduceOnlyRejected" or rng.random() < 0.05,
+            "orderType": "Limit", "origSz": sz, "tif": tif, "cloid": sim._cloid(0.8),
+        }
+        self.block.statuses.append(
+            {"time": self.time, "user": sim._user(), "hash": None, "builder": None, "status": status, "order": order}
+        )
 
     def place(self, user: str | None = None) -> None:
         """A resting Alo/Gtc order: ``open`` status and a ``new`` diff."""
