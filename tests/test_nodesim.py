@@ -156,6 +156,8 @@ class Checker:
             statuses[s["order"]["oid"]].append(s)
             self.counts[s["status"]] += 1
             self.counts["rejected" if s["status"].endswith("Rejected") else "other"] += 1
+            self.counts["builder"] += s["builder"] is not None
+            assert (s["hash"] is not None) == (s["status"] == "open")
         touched = set()
         decreases: Counter[int] = Counter()
         canceled = {s["order"]["cloid"]: s["user"] for s in b.statuses if s["status"] == "canceled" and s["order"]["cloid"]}
@@ -270,6 +272,7 @@ def test_engine_consistency_over_thousands_of_blocks() -> None:
                    "perpMarginRejected", "minTradeNtlRejected"):
         assert c[status] > 0, status
     assert c["modify"] > 20 and c["update"] > 50 and c["twap_fill"] > 0 and c["special_new"] > 100
+    assert c["builder"] > 0
     assert c["triggered_new"] > 0 and c["triggered_px_differs"] > 0
     assert 200 < totals["statuses"] / n < 450 and 25 < totals["diffs"] / n < 120 and 1 < totals["fills"] / n < 20
     assert 0 < empty < n * 0.1

@@ -45,6 +45,11 @@ REJECTIONS_SPOT = (
 TRIGGER_TYPES = ("Stop Market", "Stop Limit", "Take Profit Market", "Take Profit Limit")
 SPECIAL_USERS = (HIP2_USER, ASSISTANCE_FUND_USER)
 FIRST_OID = 400_000_000_000
+BUILDERS = (
+    "0x64c06812904d342367ad155d7a8f3b7c7fb27f5f",
+    "0xb84168cf3be63c6b8dad05ff5d755e97432ff80b",
+    "0x6349efdbcbc71d9523582843a20029f14f8eeb8b",
+)  # builder codes seen on mainnet open statuses
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,11 +408,11 @@ class _BlockGen:
 
     # ------------------------------------------------------------ emitters
 
-    def status(self, user: str, status: str, order: Event, hash_: str | None = None) -> None:
+    def status(self, user: str, status: str, order: Event, hash_: str | None = None, builder: Any = None) -> None:
         if user in SPECIAL_USERS:
             return
         self.block.statuses.append(
-            {"time": self.time, "user": user, "hash": hash_, "builder": None, "status": status, "order": order}
+            {"time": self.time, "user": user, "hash": hash_, "builder": builder, "status": status, "order": order}
         )
 
     def diff(self, o: Resting, body: Any, px: int | None = None) -> None:
@@ -460,7 +465,8 @@ class _BlockGen:
         sz = sim._size(coin)
         o = Resting(sim._oid(), user, coin.name, side, sim._passive_px(coin, side), sz, sz, self.ms,
                     sim._maker_cloid(user), sim._maker_tif(user), reduce_only=self.rng.random() < 0.05)
-        self.status(user, "open", o.order(), sim._hash())
+        builder = {"b": BUILDERS[int(self.rng.random() * 3)], "f": 10} if self.rng.random() < 0.05 else None
+        self.status(user, "open", o.order(), sim._hash(), builder)
         self.new(o)
 
     def special_place(self) -> None:
