@@ -148,9 +148,20 @@ def new(oid: int, side: str, px: str, sz: str, user: str = "0xaa") -> BookDiff:
     return diff(oid, side, px, DiffBody(new=NewDiff(sz)), user)
 
 
-def status(oid: int, px: str, kind: str = "open", tif: str = "Gtc") -> OrderStatus:
-    order = NodeOrder("X", "B", px, "9.0", oid, 1234, "Triggered", False, "0.0", [], False, True, "Stop Limit", "9.0", tif, "0x" + "0" * 31 + "7")
+def status(oid: int, px: str, kind: str = "open", tif: str | None = "Gtc", trigger: str = "Triggered") -> OrderStatus:
+    is_trigger, trigger_px = (True, px) if trigger != "Triggered" else (False, "0.0")
+    order = NodeOrder("X", "B", px, "9.0", oid, 1234, trigger, is_trigger, trigger_px, [], False, True, "Stop Limit", "9.0", tif, "0x" + "0" * 31 + "7")
     return OrderStatus("t", "0xaa", None, None, kind, order)
+
+
+def test_fired_trigger_order_rests_as_triggered() -> None:
+    """Mainnet: the ``triggered`` status holds the order as placed (isTrigger, "Price below 77409",
+    tif null); the node's snapshot shows resting fired orders as Triggered / 0.0 / Gtc."""
+    book = Book("X")
+    book.apply(1, 0, [new(1, "A", "11.5", "2.0")], [status(1, "11.0", "triggered", tif=None, trigger="Price below 11.0")])
+    order = book.l4_levels()[1][0]
+    assert (order["isTrigger"], order["triggerCondition"], order["triggerPx"], order["tif"]) == (False, "Triggered", "0.0", "Gtc")
+    assert (order["limitPx"], order["orderType"], order["reduceOnly"], order["side"]) == ("11.5", "Stop Limit", True, "A")
 
 
 def test_diff_px_is_authoritative_and_hip2_gets_defaults() -> None:

@@ -11,7 +11,9 @@ fixed-point ints, the fields most orders share (side, tif, order type, trigger
 fields, flags) are one interned tuple, ``children`` is kept as JSON bytes.
 
 Rules (DESIGN.md §1): ``new`` inserts at the back of its level with px/sz from
-the diff and details from the status of the same oid in the same block;
+the diff and details from the status of the same oid in the same block (a
+fired trigger order rests with the node's ``Triggered`` details, see
+:func:`kind_of`);
 ``update`` sets the size to ``newSz``; ``remove`` deletes. An update/remove of
 an unknown oid, a ``new`` for a known one, or a diff whose px/side disagree
 with the order raises :class:`OutOfSync`.
@@ -109,7 +111,15 @@ def default_kind(side: str) -> Kind:
 
 
 def kind_of(order: NodeOrder, side: str) -> Kind:
-    """The shared-details tuple of a node order (side from the diff)."""
+    """The shared-details tuple of a node order (side from the diff).
+
+    A trigger order that fired rests as the node's snapshots show it: its
+    status carries the order as placed (``isTrigger``, ``Price below …``, no
+    tif); resting, it is ``isTrigger: false``, ``triggerCondition: "Triggered"``,
+    ``triggerPx: "0.0"``, ``tif: "Gtc"``."""
+    if order.isTrigger:
+        return intern_kind((side, "Gtc", order.orderType, "Triggered", "0.0", False, order.reduceOnly, order.isPositionTpsl,
+                            children_bytes(order.children) if order.children else None))
     kind = (
         side,
         order.tif,

@@ -304,8 +304,12 @@ class Shard:
     def header_gap(self) -> bool:
         """Headers were lost: replay every block after the last finished one (else resync all)."""
         metrics.GAPS.labels("header").inc()
-        if not self.replaying and self.replay(self.height + 1, [topics.HEADER, topics.BOOK_PREFIX]):
-            return True
+        if not self.replaying:
+            # the replay re-sends the open block (its header and slices) and every later one
+            self.block, self.pending = None, set()
+            self.h_last, self.h_exact = self.height, False
+            if self.replay(self.height + 1, [topics.HEADER, topics.BOOK_PREFIX]):
+                return True
         self.resync(list(self.coins), "gap")
         return False
 
