@@ -365,6 +365,10 @@ def test_streaming_and_by_block_files_hold_the_same_events(tmp_path: Path) -> No
         empty = {line["block_number"] for line in by_block if not line["events"]}
         assert empty and not empty & {line["block_number"] for line in streaming}
         assert all(line["block_time"] < line["local_time"] for line in streaming)
+        local = [line["local_time"] for line in streaming]
+        assert local == sorted(local) and len(set(local)) == len(local)
+        local = [line["local_time"] for line in by_block]
+        assert local == sorted(local)
 
 
 def test_lines_match_the_node_format(tmp_path: Path) -> None:

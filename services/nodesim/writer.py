@@ -64,6 +64,9 @@ class NodeWriter:
         self.stream_spread = stream_spread
         self._files: dict[tuple[str, str], tuple[Path, IO[bytes]]] = {}
         self.last_height: int | None = None
+        self._prev_time: int | None = None
+        self._local_end = 0  # local times only move forward
+        self._spread = SPREAD_NS
 
     def write_block(self, block: Block) -> None:
         """Write ``block`` to every stream of every mode; all of it is flushed when this returns."""
@@ -72,7 +75,10 @@ class NodeWriter:
             "raw_book_diffs": [orjson.dumps(e) for e in block.diffs],
             "fills": [orjson.dumps(e) for e in block.fills],
         }
-        local_ns = block.time_ns + LATENCY_NS + int(self.rng.random() * 20_000_000)
+        gap = block.time_ns - self._prev_time if self._prev_time is not None else 2 * SPREAD_NS
+        self._spread = max(1_000, min(SPREAD_NS, gap // 2))
+        local_ns = max(block.time_ns + LATENCY_NS + int(self.rng.random() * 20_000_000), self._local_end + 1_000)
+        self._prev_time, self._local_end = block.time_ns, local_ns + self._spread
         head = b'","block_time":"' + block.block_time.encode() + b'","block_number":' + str(block.height).encode()
         for mode in self.modes:
             if mode == "by-block":
@@ -87,7 +93,8 @@ class NodeWriter:
     def _by_block(self, block: Block, encoded: dict[str, list[bytes]], head: bytes, local_ns: int) -> None:
         for i, stream in enumerate(STREAMS):
             fh = self._file(stream, "by-block", block)
-            self._write(fh, self._line(local_ns + i * 40_000 + int(self.rng.random() * 30_000), head, encoded[stream]))
+            offset = (i * self._spread + int(self.rng.random() * self._spread)) // 4
+            self._write(fh, self._line(local_ns + offset, head, encoded[stream]))
             fh.flush()
 
     def _streaming(self, block: Block, encoded: dict[str, list[bytes]], head: bytes, local_ns: int) -> None:
@@ -96,7 +103,7 @@ class NodeWriter:
             return
         handles = [self._file(stream, "streaming", block) for stream in STREAMS]
         cursors = [0, 0, 0]
-        step = SPREAD_NS // max(len(order), 1)
+        step = self._spread // max(len(order), 1)
         chunk = max(1, len(order) // 4)
         for n, k in enumerate(order):
             event = encoded[STREAMS[k]][cursors[k]]
