@@ -471,7 +471,7 @@ def _request(out: Path) -> dict[str, Any]:
 
 
 def test_info_server_snapshot_is_a_written_height(live_sim: NodeSim, tmp_path: Path) -> None:
-    start = live_sim.cfg.start_height
+    start = live_sim.start_height
     _wait_height(live_sim, start + 20)
     out = tmp_path / "snap.json"
     r = httpx.post(live_sim.info_url, json=_request(out), timeout=10)
@@ -546,3 +546,20 @@ def test_cli_reads_flags_from_the_environment(tmp_path: Path) -> None:
     lines = raw_lines(tmp_path, "raw_book_diffs", "by-block")
     assert [line["block_number"] for line in lines] == [77, 78, 79, 80, 81]
     assert {e["coin"] for line in lines for e in line["events"]} <= {"BTC", "ETH", "@107"}
+
+
+def test_restart_continues_after_the_last_written_block(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "hlbook.cli", "sim", "--data-dir", str(tmp_path), "--blocks", "5", "--coins", "3",
+           "--blocks-per-sec", "100", "--info-port", "-1", "--partial-write-p", "0", "--mode", "both"]
+    assert subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
+    first = [e["oid"] for line in raw_lines(tmp_path, "raw_book_diffs", "by-block") for e in line["events"]]
+    with open(hour_files(tmp_path, "order_statuses", "by-block")[-1], "ab") as fh:
+        fh.write(b'{"local_time":"2026-05-05T1')  # the earlier run died mid-line
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "continuing at 1000005" in proc.stderr
+    for stream in STREAMS:  # every line decodes: the partial line was cut before appending
+        assert [line["block_number"] for line in raw_lines(tmp_path, stream, "by-block")] == list(range(1_000_000, 1_000_010))
+    second = [e["oid"] for line in raw_lines(tmp_path, "raw_book_diffs", "by-block")[5:] for e in line["events"]
+              if isinstance(e["raw_book_diff"], dict) and "new" in e["raw_book_diff"]]
+    assert second and min(second) > max(first)

@@ -45,6 +45,8 @@ REJECTIONS_SPOT = (
 TRIGGER_TYPES = ("Stop Market", "Stop Limit", "Take Profit Market", "Take Profit Limit")
 SPECIAL_USERS = (HIP2_USER, ASSISTANCE_FUND_USER)
 FIRST_OID = 400_000_000_000
+DEFAULT_START_HEIGHT = 1_000_000
+OIDS_PER_BLOCK = 10_000  # oid space per height: a run started later never reuses an earlier run's oids
 BUILDERS = (
     "0x64c06812904d342367ad155d7a8f3b7c7fb27f5f",
     "0xb84168cf3be63c6b8dad05ff5d755e97432ff80b",
@@ -200,7 +202,7 @@ class Simulator:
         self,
         seed: int = 0,
         coins: int = 50,
-        start_height: int = 1_000_000,
+        start_height: int = DEFAULT_START_HEIGHT,
         start_time: datetime | None = None,
         blocks_per_sec: float = 15.0,
         volume: float = 1.0,
@@ -222,7 +224,8 @@ class Simulator:
         self.start_ns = int(start.timestamp()) * 1_000_000_000 + start.microsecond * 1000
         self.interval_ns = int(1_000_000_000 / blocks_per_sec)
         self.start_height = start_height
-        self.next_oid = FIRST_OID
+        self.first_oid = FIRST_OID + max(0, start_height - DEFAULT_START_HEIGHT) * OIDS_PER_BLOCK
+        self.next_oid = self.first_oid
         self.users = [f"0x{self.rng.getrandbits(160):040x}" for _ in range(2000)]
         self.live: list[Resting] = []  # every resting order (random picks)
         self.live_pos: dict[int, int] = {}
@@ -341,7 +344,7 @@ class Simulator:
         t0 = self._time_ns(self.start_height) // 1_000_000 - 3_600_000
         counts = [self.rng.randint(lo, hi) for _ in self.coins]
         total = sum(counts)
-        self.next_oid = FIRST_OID - total - 1
+        self.next_oid = self.first_oid - total - 1
         made = 0
         for coin, n in zip(self.coins, counts):
             for i in range(n):
@@ -354,7 +357,7 @@ class Simulator:
                 ts = t0 + made * 3_600_000 // (total + 1)
                 self._rest(Resting(self._oid(), user, coin.name, side, px, sz, orig, ts, self._maker_cloid(user),
                                    self._maker_tif(user), reduce_only=self.rng.random() < 0.1))
-        self.next_oid = FIRST_OID
+        self.next_oid = self.first_oid
 
     def _maker_cloid(self, user: str) -> str | None:
         return None if user in SPECIAL_USERS else self._cloid()

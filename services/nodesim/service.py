@@ -11,9 +11,9 @@ from datetime import datetime
 from pathlib import Path
 
 from hlbook.common import logs
-from hlbook.services.nodesim.engine import Activity, Simulator
+from hlbook.services.nodesim.engine import DEFAULT_START_HEIGHT, Activity, Simulator
 from hlbook.services.nodesim.info_server import InfoServer
-from hlbook.services.nodesim.writer import NodeWriter, parse_modes
+from hlbook.services.nodesim.writer import NodeWriter, last_height, parse_modes
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class SimConfig:
     mode: str = "by-block"  # by-block, streaming or both
     seed: int = 0
     blocks: int | None = None  # stop after this many blocks; None: forever
-    start_height: int = 1_000_000
+    start_height: int | None = None  # None: after the last block already in data_dir, else 1_000_000
     start_time: datetime | None = None  # block time of start_height; default: now
     volume: float = 1.0
     partial_write_p: float = 0.01
@@ -40,7 +40,8 @@ class NodeSim:
 
     def __init__(self, cfg: SimConfig) -> None:
         self.cfg = cfg
-        self.sim = Simulator(seed=cfg.seed, coins=cfg.coins, start_height=cfg.start_height,
+        self.start_height = resolve_start_height(cfg)
+        self.sim = Simulator(seed=cfg.seed, coins=cfg.coins, start_height=self.start_height,
                              start_time=cfg.start_time, blocks_per_sec=cfg.blocks_per_sec, volume=cfg.volume,
                              activity=Activity())
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
@@ -70,7 +71,7 @@ class NodeSim:
             self.server.start()
             log.info("info server on %s", self.info_url)
         log.info("writing %s blocks from height %d at %.1f blocks/s (%d coins, mode %s) into %s",
-                 self.cfg.blocks if self.cfg.blocks is not None else "unlimited", self.cfg.start_height,
+                 self.cfg.blocks if self.cfg.blocks is not None else "unlimited", self.start_height,
                  self.cfg.blocks_per_sec, len(self.sim.coins), self.cfg.mode, self.cfg.data_dir)
         try:
             self._loop()
@@ -104,6 +105,18 @@ class NodeSim:
         self.stop_event.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+
+def resolve_start_height(cfg: SimConfig) -> int:
+    """``cfg.start_height``, or the block after the last one found in ``data_dir`` (a restart
+    continues the chain instead of writing heights backwards), or the default."""
+    if cfg.start_height is not None:
+        return cfg.start_height
+    last = last_height(cfg.data_dir)
+    if last is not None:
+        log.info("found blocks up to %d in %s: continuing at %d with a fresh state", last, cfg.data_dir, last + 1)
+        return last + 1
+    return DEFAULT_START_HEIGHT
 
 
 def run(cfg: SimConfig) -> None:

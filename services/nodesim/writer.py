@@ -10,6 +10,7 @@ see a partial last line as they do with a real node.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import IO, Any
 import orjson
 
 from hlbook.common.models import STREAMS
-from hlbook.common.nodefiles import MODES, hour_file
+from hlbook.common.nodefiles import MODES, hour_file, hour_files
 from hlbook.services.nodesim.engine import Block, node_time
 
 LATENCY_NS = 350_000_000  # local_time - block_time, as on a node keeping up
@@ -147,6 +148,7 @@ class NodeWriter:
         if current is not None:
             current[1].close()
         path.parent.mkdir(parents=True, exist_ok=True)
+        _trim_partial(path)
         fh = open(path, "ab")
         self._files[(stream, mode)] = (path, fh)
         return fh
@@ -161,3 +163,56 @@ class NodeWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _trim_partial(path: Path) -> None:
+    """Cut a partial last line left by an earlier run, so appending starts on a fresh line."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    tail = _last_complete_end(path, size)
+    if tail != size:
+        with open(path, "r+b") as fh:
+            fh.truncate(tail)
+
+
+def _last_complete_end(path: Path, size: int, chunk: int = 1 << 20) -> int:
+    """Offset just after the last newline of the file (0 if none)."""
+    with open(path, "rb") as fh:
+        end = size
+        while end > 0:
+            start = max(0, end - chunk)
+            fh.seek(start)
+            data = fh.read(end - start)
+            nl = data.rfind(b"\n")
+            if nl >= 0:
+                return start + nl + 1
+            end = start
+    return 0
+
+
+_HEIGHT = re.compile(rb'"block_number":(\d+)')
+
+
+def _last_line_height(path: Path) -> int | None:
+    """Block number of the last complete line of a file."""
+    end = _last_complete_end(path, path.stat().st_size)
+    if end == 0:
+        return None
+    begin = _last_complete_end(path, end - 1)
+    with open(path, "rb") as fh:
+        fh.seek(begin)
+        match = _HEIGHT.search(fh.read(200))
+    return int(match.group(1)) if match else None
+
+
+def last_height(data_dir: str | Path) -> int | None:
+    """Highest block number on the last complete line of any stream's newest file (None: nothing written)."""
+    heights = [
+        h
+        for stream in STREAMS
+        for mode in MODES
+        if (files := hour_files(data_dir, stream, mode)) and (h := _last_line_height(files[-1])) is not None
+    ]
+    return max(heights, default=None)
