@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 from bisect import bisect_right
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -238,10 +239,6 @@ class Simulator:
 
     # ---------------------------------------------------------------- state
 
-    @property
-    def ms(self) -> int:
-        return self._time_ns(self.height) // 1_000_000
-
     def _time_ns(self, height: int) -> int:
         return self.start_ns + (height - self.start_height) * self.interval_ns
 
@@ -392,7 +389,7 @@ class Simulator:
         return block
 
 
-def _cumulative(weights: Any) -> Any:
+def _cumulative(weights: Iterable[float]) -> Iterator[float]:
     total = 0.0
     for w in weights:
         total += w
