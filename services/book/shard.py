@@ -407,25 +407,32 @@ class Shard:
 
     # ------------------------------------------------------------ recovery
 
-    def replay(self, from_height: int, prefixes: list[bytes]) -> bool:
-        """Ask ingest for the stored messages from ``from_height`` and apply them."""
+    def fetch_replay(self, from_height: int, prefixes: list[bytes]) -> list[bytes] | None:
+        """Ingest's stored ``topic, payload`` frames from ``from_height`` (None: timeout or refused)."""
         self.req.send(wire.encode(wire.ReplayRequest(from_height, prefixes)))
         if not self.req.poll(int(self.cfg.replay_timeout * 1000)):
             metrics.REPLAYS.labels("timeout").inc()
             log.warning("replay from %d: no answer from %s", from_height, self.cfg.ingest_replay)
             self.req.close()
             self.req = self._new_req()
-            return False
+            return None
         frames = self.req.recv_multipart()
         reply = wire.decode(frames[0], wire.ReplayReply)
         if not reply.ok:
             metrics.REPLAYS.labels("refused").inc()
             log.warning("replay from %d refused: %s", from_height, reply.error)
-            return False
+            return None
         metrics.REPLAYS.labels("ok").inc()
+        return frames[1:]
+
+    def replay(self, from_height: int, prefixes: list[bytes]) -> bool:
+        """Ask ingest for the stored messages from ``from_height`` and apply them."""
+        frames = self.fetch_replay(from_height, prefixes)
+        if frames is None:
+            return False
         self.replaying = True
         try:
-            for i in range(1, len(frames) - 1, 2):
+            for i in range(0, len(frames) - 1, 2):
                 self.on_message(frames[i], frames[i + 1])
         finally:
             self.replaying = False
@@ -471,24 +478,24 @@ class Shard:
         if self.phase == INITIALISING:
             self.finish_init(fetched.height, fetched.books)
             return
-        self.repair_resyncing(fetched)
-        if fetched.purpose == "validate" or self.cfg.validate_every > 0:
-            if fetched.height >= self.height:
-                self.validation = fetched
-                if fetched.height == self.height:
-                    self.validate(fetched)
+        if self.repair_resyncing(fetched):
+            return  # its books went live: the next round validates
+        if fetched.purpose == "validate":
+            if fetched.height > self.height:
+                self.validation = fetched  # compared once the shard reaches its height
             else:
-                metrics.VALIDATIONS.labels("skipped_height").inc()
+                self.validate(fetched)
 
-    def repair_resyncing(self, fetched: Fetched) -> None:
+    def repair_resyncing(self, fetched: Fetched) -> bool:
         """Rebuild every resyncing coin from ``fetched``, publish RESET, replay after it."""
         coins = [coin for coin, c in self.coins.items() if c.state == RESYNCING]
         if not coins:
-            return
+            return False
         for coin in coins:
             self.revive(self.install(coin, fetched, LIVE), "resync")
         if not self.replay(fetched.height + 1, [topics.book(c) for c in coins]):
             self.resync(coins, "replay_failed")
+        return True
 
     def install(self, coin: str, fetched: Fetched, state: str) -> Coin:
         """Replace ``coin``'s book with the snapshot's (empty when absent from it)."""
@@ -507,9 +514,10 @@ class Shard:
     # ------------------------------------------------------------ validation
 
     def validate(self, fetched: Fetched) -> None:
-        """Compare every live coin at the snapshot's height; repair those that differ."""
+        """Compare every live coin at the shard's height (the snapshot rolled forward to it
+        with ingest's stored slices when it is older); repair those that differ."""
         self.validation = None
-        if fetched.height != self.height:
+        if fetched.height > self.height or (fetched.height < self.height and not self.roll_forward(fetched)):
             metrics.VALIDATIONS.labels("skipped_height").inc()
             return
         metrics.VALIDATIONS.labels("compared").inc()
@@ -523,6 +531,29 @@ class Shard:
             metrics.MISMATCHES.labels(reason).inc()
             log.error("%s differs from the node's snapshot at %d (%s): replaced", coin, fetched.height, reason)
             self.revive(self.install(coin, fetched, LIVE), f"validation_{reason}")
+
+    def roll_forward(self, fetched: Fetched) -> bool:
+        """Apply the slices of blocks after the snapshot, up to the shard's height, to its books."""
+        frames = self.fetch_replay(fetched.height + 1, [topics.BOOK_PREFIX])
+        if frames is None:
+            return False
+        for i in range(0, len(frames) - 1, 2):
+            coin = self.owned(frames[i])
+            if coin is None:
+                continue
+            s = wire.decode(frames[i + 1], wire.BookSlice)
+            if s.height > self.height:
+                continue
+            book = fetched.books.get(coin) or fetched.books.setdefault(coin, Book(coin, fetched.height))
+            try:
+                book.apply(s.height, s.time, s.diffs, s.statuses)
+            except OutOfSync as exc:
+                log.error("snapshot at %d does not take the stored slices (%s): not compared", fetched.height, exc)
+                return False
+        fetched.height = self.height
+        for book in fetched.books.values():
+            book.height = self.height
+        return True
 
     # ------------------------------------------------------------ XPUB and queries
 
