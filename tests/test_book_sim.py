@@ -13,7 +13,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import msgspec
 import pytest
 import zmq
 
