@@ -359,3 +359,12 @@ def test_views_follow_small_book_changes() -> None:
     assert l2.levels(book, 5, 2) == ([("0.012", "2.25", 2)], [])
     book.apply(3, 0, [diff(1, "B", "0.012345", "remove"), diff(2, "B", "0.0121", "remove")], [])
     assert l2.levels(book, 5, 2) == ([], []) and book.views[(2, 1)][0].buckets == {}
+
+
+def test_malformed_diff_numbers_are_out_of_sync() -> None:
+    book = Book("X")
+    with pytest.raises(OutOfSync) as err:
+        book.apply(1, 0, [new(1, "B", "1.0", "1e5")], [])
+    assert err.value.reason == "bad_diff"
+    with pytest.raises(OutOfSync):
+        book.apply(1, 0, [new(2, "B", "abc", "1.0")], [])

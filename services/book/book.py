@@ -378,7 +378,15 @@ class Book:
         return order
 
     def apply(self, height: int, time: int, diffs: list[BookDiff], statuses: list[OrderStatus]) -> None:
-        """Apply one block's diffs (with the statuses of the same block)."""
+        """Apply one block's diffs (with the statuses of the same block); OutOfSync when they do not fit."""
+        try:
+            self._apply(time, diffs, statuses)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # malformed numbers or shapes
+            raise OutOfSync(self.coin, "bad_diff", -1) from exc
+        self.height = height
+        self.time = time
+
+    def _apply(self, time: int, diffs: list[BookDiff], statuses: list[OrderStatus]) -> None:
         details: dict[int, OrderStatus] | None = None
         for diff in diffs:
             body = diff.raw_book_diff
@@ -394,8 +402,6 @@ class Book:
                 self.update(self._checked(diff).oid, parse_sz(upd.newSz))
             else:
                 raise OutOfSync(self.coin, "bad_diff", diff.oid)
-        self.height = height
-        self.time = time
 
     def _checked(self, diff: BookDiff) -> Order:
         """The order a remove/update diff refers to, if its px and side agree."""

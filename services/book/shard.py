@@ -285,6 +285,12 @@ class Shard:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             BAD_INPUT.labels("book", "bad_payload").inc()
             log.error("undecodable %r message: %s", topic[:40], exc)
+        except Exception:  # a bug must not stop the shard; the coin is rebuilt
+            BAD_INPUT.labels("book", "error").inc()
+            log.exception("handling %r failed", topic[:40])
+            coin = self.owned(topic) if topic.startswith(topics.BOOK_PREFIX) else None
+            if coin is not None and coin in self.coins:
+                self.resync([coin], "error")
 
     def on_header(self, h: wire.BlockHeader) -> None:
         if h.height <= self.height:
@@ -576,8 +582,15 @@ class Shard:
             if query.op in ("test_corrupt", "test_drop") and self.cfg.test_hooks:
                 reply = self._test_corrupt(query)
             else:
-                reply = queries.answer(self, query)
+                reply = self._answer(query)
         self.router.send_multipart(envelope + [wire.encode(reply)])
+
+    def _answer(self, query: wire.Query) -> dict:
+        try:
+            return queries.answer(self, query)
+        except Exception as exc:  # a bug must not stop the shard
+            log.exception("query %r failed", query)
+            return queries.error(f"internal error: {type(exc).__name__}")
 
     def _test_corrupt(self, query: wire.Query) -> dict:
         """Test hooks: ``test_drop`` silently removes order ``oid``; ``test_corrupt``
