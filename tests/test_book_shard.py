@@ -214,7 +214,7 @@ def test_shards_follow_live_blocks_and_repair_lost_messages(pipeline, btc_data: 
     write(FIRST, FIRST + 2)  # before the shards are live: they come by replay
     for shard in shards:
         shard.wait(lambda r: r["height"] >= FIRST - 1 and r.get("coins", {}).get("BTC", "live") == "live" and r["height"] > 0)
-    time.sleep(0.3)  # subscriptions reach the shard
+    early = await_topic(sub, topics.bbo("BTC"))  # the subscriptions reached the shard (exact BBO: value at once)
     write(FIRST + 3, LAST, pause=0.03)  # live, block by block
 
     want = expected_book(btc_data, LAST)
@@ -240,18 +240,35 @@ def test_shards_follow_live_blocks_and_repair_lost_messages(pipeline, btc_data: 
     assert other_reply["coins"] == {} and other_reply["shard"] == 1
     assert other.ask(op="l4", coin="BTC") == {"ok": False, "error": "coin 'BTC' is not held by shard 1"}
 
-    check_published(sub, want)
+    check_published(sub, want, early)
     check_queries(clean, want)
 
 
-def check_published(sub: zmq.Socket, want) -> None:
+def await_topic(sub: zmq.Socket, topic: bytes, timeout: float = 15) -> list[list[bytes]]:
+    """Read until a message on ``topic`` came; returns every message read."""
+    read = []
+    deadline = time.monotonic() + timeout
+    while not read or read[-1][0] != topic:
+        assert time.monotonic() < deadline, f"nothing on {topic!r}"
+        if sub.poll(100):
+            read.append(sub.recv_multipart())
+    return read
+
+
+def check_published(sub: zmq.Socket, want, early: list[list[bytes]]) -> None:
     """What the clean shard published: contiguous chains, the final L2/BBO equal to the book."""
     last: dict[bytes, object] = {}
     chains = wire.GapDetector()
     heights: dict[bytes, list[int]] = {}
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and sub.poll(300):
-        topic, payload = sub.recv_multipart()
+    frames = iter(early)
+    while time.monotonic() < deadline:
+        pair = next(frames, None)
+        if pair is None:
+            if not sub.poll(300):
+                break
+            pair = sub.recv_multipart()
+        topic, payload = pair
         message = wire.decode(payload)
         last[topic] = message
         if "prev" in message:
@@ -288,9 +305,11 @@ def test_validation_repairs_a_corrupted_book_while_blocks_flow(pipeline, btc_dat
     sub = shard.ctx.socket(zmq.SUB)
     sub.connect(shard.pub)
     sub.subscribe(topics.RESET_PREFIX)
+    sub.subscribe(topics.bbo("BTC"))
     p.write(FIRST, FIRST + 4)
     shard.wait(lambda r: r["height"] == FIRST + 4 and r["coins"] == {"BTC": "live"})  # init by the info server + replay
     assert p.info.requests >= 1
+    await_topic(sub, topics.bbo("BTC"))
 
     # an order no later diff touches, so only validation can find the damage
     touched = {d.oid for line in fixture_lines(btc_data)["raw_book_diffs"] for d in DECODERS["raw_book_diffs"].decode(line).events}
@@ -305,8 +324,9 @@ def test_validation_repairs_a_corrupted_book_while_blocks_flow(pipeline, btc_dat
         time.sleep(0.1)
     reset = None
     while sub.poll(3000):
-        message = wire.decode(sub.recv_multipart()[1])
-        if message["reason"].startswith("validation"):
+        topic, payload = sub.recv_multipart()
+        message = wire.decode(payload)
+        if topic == topics.reset("BTC") and message["reason"].startswith("validation"):
             reset = message
             break
     assert reset is not None and reset["reason"] == "validation_size" and reset["state"] == "live"
@@ -353,7 +373,7 @@ def test_unknown_oid_resyncs_the_coin_from_a_fresh_snapshot(pipeline, btc_data: 
     at = expected_book(btc_data, FIRST + 4)
     victim = next(d.oid for d in diffs.events if d.raw_book_diff == "remove" and d.oid in at.orders)
     assert shard.ask(op="test_drop", coin="BTC", oid=victim) == {"ok": True, "oid": victim}
-    time.sleep(0.3)  # the BBO subscription reached the shard
+    await_topic(sub, topics.bbo("BTC"))  # the subscriptions reached the shard
     p.write(FIRST + 5, LAST, pause=0.05)
 
     resets = []

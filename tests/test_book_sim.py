@@ -21,7 +21,7 @@ from hlbook.common import nodefiles, topics, wire
 from hlbook.common.models import ASSISTANCE_FUND_USER, DECODERS, HIP2_USER, block_time_ms
 from hlbook.services.book import snapshot
 from hlbook.services.book.book import Book
-from test_book_shard import ShardProcess
+from test_book_shard import ShardProcess, await_topic
 
 SHARDS = 2
 
@@ -167,9 +167,9 @@ def test_killed_shard_restarts_and_validation_repairs_one_coin(sim: Sim, tmp_pat
         victim, other = owned[1][0], owned[1][1]
         sub = shards[1].ctx.socket(zmq.SUB)
         sub.connect(shards[1].pub)
-        for topic in (topics.RESET_PREFIX, topics.l4(other), topics.shard_block(1)):
+        for topic in (topics.RESET_PREFIX, topics.l4(other), topics.shard_block(1), topics.bbo(other)):
             sub.subscribe(topic)
-        time.sleep(0.3)
+        await_topic(sub, topics.bbo(other))  # exact BBO: its value comes at once, so the subscriptions arrived
         deep = shards[1].ask(op="l4", coin=victim)["levels"][1][-1]["oid"]  # the worst ask: rarely touched
         assert shards[1].ask(op="test_corrupt", coin=victim, oid=deep) == {"ok": True, "oid": deep}
         reset, other_heights, shard_blocks = None, [], 0
