@@ -173,8 +173,8 @@ def test_killed_shard_restarts_and_validation_repairs_one_coin(sim: Sim, tmp_pat
         deep = shards[1].ask(op="l4", coin=victim)["levels"][1][-1]["oid"]  # the worst ask: rarely touched
         assert shards[1].ask(op="test_corrupt", coin=victim, oid=deep) == {"ok": True, "oid": deep}
         reset, other_heights, shard_blocks = None, [], 0
-        deadline = time.monotonic() + 20
-        while reset is None and time.monotonic() < deadline:
+        start = time.monotonic()
+        while (reset is None or time.monotonic() < start + 1.5) and time.monotonic() < start + 20:
             if sub.poll(200):
                 topic, payload = sub.recv_multipart()
                 message = wire.decode(payload)
@@ -186,7 +186,7 @@ def test_killed_shard_restarts_and_validation_repairs_one_coin(sim: Sim, tmp_pat
                     shard_blocks += 1
                     assert message["states"][other] == "live"
         assert reset == {"height": reset["height"], "coin": victim, "reason": "validation_size", "state": "live"}
-        assert shard_blocks >= 5 and other_heights == sorted(other_heights) and len(other_heights) >= 1
+        assert shard_blocks >= 10 and other_heights == sorted(other_heights) and len(other_heights) >= 2  # the others went on
         metrics = shards[1].metrics()
         assert metrics['hlbook_book_validation_mismatches_total{reason="size"}'] == 1.0
         assert metrics['hlbook_book_validations_total{result="compared"}'] >= 3  # snapshots rolled forward to the shard's height

@@ -129,6 +129,7 @@ class Shard:
         self.validation: Fetched | None = None
         self.next_validation = time.monotonic() + cfg.validate_every
         self.retry_at = 0.0
+        self.resync_after: float | None = None  # when to fetch a snapshot for resyncing coins
         self._owned: dict[bytes, str | None] = {}
         self._dropped = 0
         self.stopped = False
@@ -208,6 +209,8 @@ class Shard:
             fetched = self.fetcher.result()
             if fetched is not None:
                 self.on_fetched(fetched)
+            if self.resync_after is not None and now >= self.resync_after and self.fetcher.start("resync"):
+                self.resync_after = None
             if self.phase == LIVE and self.cfg.validate_every > 0 and now >= self.next_validation:
                 if self.fetcher.start("validate"):
                     self.next_validation = now + self.cfg.validate_every
@@ -468,7 +471,8 @@ class Shard:
         if self.fetcher is None:
             log.error("coins %s need a fresh snapshot but no --info-url was given", list(coins))
             return
-        self.fetcher.start("resync")
+        if self.resync_after is None:
+            self.resync_after = time.monotonic()  # step() starts the fetch
 
     def on_fetched(self, fetched: Fetched) -> None:
         if fetched.error is not None:
@@ -477,7 +481,7 @@ class Shard:
             if self.phase == INITIALISING:
                 self.retry_at = time.monotonic() + self.cfg.retry_every
             elif any(c.state == RESYNCING for c in self.coins.values()):
-                self.fetcher.start("resync")
+                self.resync_after = time.monotonic() + self.cfg.retry_every
             return
         metrics.SNAPSHOTS.labels(fetched.purpose, "ok").inc()
         log.info("snapshot (%s) at %d: %d coins in %.2fs", fetched.purpose, fetched.height, len(fetched.books), fetched.seconds)
@@ -499,8 +503,10 @@ class Shard:
             return False
         for coin in coins:
             self.revive(self.install(coin, fetched, LIVE), "resync")
+        self.resync_after = None
         if not self.replay(fetched.height + 1, [topics.book(c) for c in coins]):
             self.resync(coins, "replay_failed")
+            self.resync_after = time.monotonic() + self.cfg.retry_every
         return True
 
     def install(self, coin: str, fetched: Fetched, state: str) -> Coin:
