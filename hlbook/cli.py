@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from hlbook.client.cli import client
 from hlbook.services.book.cli import book
 from hlbook.services.ingest.cli import ingest
 from hlbook.services.nodesim.cli import sim
@@ -25,6 +26,7 @@ app.command()(ingest)
 app.command()(sim)
 app.command()(up)
 app.command()(book)
+app.command()(client)
 
 if __name__ == "__main__":
     app()

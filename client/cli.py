@@ -1,0 +1,134 @@
+"""``hlbook client TYPE [PARAMS…]``: watch a feed in the terminal (light imports)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Annotated, Any, TextIO
+
+import typer
+
+INT_PARAMS = {"nSigFigs", "mantissa", "nLevels"}
+
+
+def parse_params(kind: str, params: list[str]) -> dict[str, Any]:
+    """``["coin=BTC", "nSigFigs=5"]`` -> a subscription dict."""
+    sub: dict[str, Any] = {"type": kind}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected key=value, got {item!r}")
+        sub[key] = _value(key, value)
+    return sub
+
+
+def _value(key: str, value: str) -> Any:
+    if value in ("true", "false"):
+        return value == "true"
+    if value == "null":
+        return None
+    if key in INT_PARAMS:
+        return int(value)
+    return value
+
+
+def client(
+    kind: Annotated[str, typer.Argument(metavar="TYPE", help="Subscription type: l2Book, trades, bbo, allMids, candle, l4Book, orderUpdates, userFills…")],
+    params: Annotated[list[str] | None, typer.Argument(metavar="PARAMS", help="key=value, e.g. coin=BTC nSigFigs=5 interval=1m user=0x…")] = None,
+    url: Annotated[str, typer.Option(envvar="HLBOOK_URL", help="WebSocket URL")] = "ws://127.0.0.1:8000/ws",
+    json_out: Annotated[bool, typer.Option("--json", envvar="HLBOOK_JSON", help="One JSON message per line")] = False,
+    count: Annotated[int | None, typer.Option(envvar="HLBOOK_COUNT", help="Stop after N messages")] = None,
+    depth: Annotated[int, typer.Option(envvar="HLBOOK_DEPTH", help="Book levels shown per side")] = 10,
+) -> None:
+    """Watch a feed: a book table or JSON lines; survives server restarts."""
+    try:
+        sub = parse_params(kind, params or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="PARAMS") from None
+    try:
+        asyncio.run(watch(sub, url, json_out=json_out, count=count, depth=depth))
+    except KeyboardInterrupt:
+        pass
+
+
+class _Printer:
+    """Formats messages of one subscription for the terminal."""
+
+    def __init__(self, sub: dict[str, Any], json_out: bool, depth: int, out: TextIO) -> None:
+        from hlbook.client.books import L2BookView, L4Book
+
+        self.sub, self.json_out, self.depth, self.out = sub, json_out, depth, out
+        self.tty = out.isatty()
+        self.l2 = L2BookView(sub.get("coin"))
+        self.l4 = L4Book(sub.get("coin", "")) if sub["type"] == "l4Book" else None
+
+    def show(self, message: dict[str, Any]) -> None:
+        import orjson
+
+        if self.json_out:
+            self.out.write(orjson.dumps(message).decode() + "\n")
+        else:
+            self.out.write(self._pretty(message) + "\n")
+        self.out.flush()
+
+    def _pretty(self, message: dict[str, Any]) -> str:
+        import orjson
+
+        channel, data = message.get("channel"), message.get("data")
+        clear = "\x1b[2J\x1b[H" if self.tty else ""
+        if channel == "l2Book":
+            self.l2.apply(data)
+            return clear + self.l2.render(self.depth)
+        if channel == "l4Book" and self.l4 is not None:
+            self.l4.handle(message)
+            return clear + self.l4.render(self.depth)
+        if channel == "trades":
+            return "\n".join(f"{t['time']} {t['coin']} {'buy ' if t['side'] == 'B' else 'sell'} {t['sz']} @ {t['px']} tid={t['tid']}" for t in data)
+        if channel == "bbo":
+            bid, ask = data["bbo"]
+            side = lambda lv: f"{lv['sz']} @ {lv['px']}" if lv else "-"  # noqa: E731
+            return f"{data['time']} {data['coin']} bid {side(bid)} | ask {side(ask)}"
+        return orjson.dumps(message).decode()
+
+
+async def watch(sub: dict[str, Any], url: str, *, json_out: bool = False, count: int | None = None, depth: int = 10, out: TextIO = sys.stdout) -> int:
+    """Print the feed until ``count`` messages (forever if None); returns the count printed."""
+    from hlbook.client.client import HLClient
+
+    printer = _Printer(sub, json_out, depth, out)
+    done = asyncio.Event()
+    seen = 0
+
+    def on_message(message: dict[str, Any]) -> None:
+        nonlocal seen
+        if count is not None and seen >= count:
+            return
+        seen += 1
+        printer.show(message)
+        if count is not None and seen >= count:
+            done.set()
+
+    async with HLClient(url) as hl:
+        sid = await hl.subscribe(sub, on_message)
+        if printer.l4 is not None:
+            printer.l4._client, printer.l4.sub_id = hl, sid
+        status = asyncio.create_task(_report_state(hl))
+        try:
+            await done.wait()
+        finally:
+            status.cancel()
+    return seen
+
+
+async def _report_state(hl: Any) -> None:
+    """Tell stderr when the connection goes down or comes back."""
+    last = None
+    while True:
+        info = hl.connection_info()
+        state = info[0]["state"] if info else None
+        if state != last and state in ("open", "backoff", "failed"):
+            error = info[0].get("last_error") or ""
+            text = {"open": "connected", "backoff": f"disconnected ({error}); reconnecting", "failed": f"gave up ({error})"}[state]
+            print(f"[hlbook client] {text}", file=sys.stderr, flush=True)
+        last = state
+        await asyncio.sleep(0.2)

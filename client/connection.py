@@ -1,0 +1,330 @@
+"""One supervised WebSocket connection: connect, heartbeat, reconnect, resubscribe.
+
+A connection owns a set of server subscriptions (at most one per route key,
+see ``registry``). It keeps them as *desired state*: after every successful
+upgrade it re-sends a subscribe for each, paced by the shared rate limiter, so
+a restart of the server is invisible to the user apart from the gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import websockets
+from websockets.asyncio.client import connect
+
+from hlbook.client.registry import RouteKey, ServerSubscription, message_route_key, route_key
+
+log = logging.getLogger("hlbook.client")
+
+_PING = {"method": "ping"}
+
+
+@dataclass
+class ClientConfig:
+    """Connection settings (seconds unless noted)."""
+
+    url: str = "ws://127.0.0.1:8000/ws"
+    open_timeout: float = 10.0
+    ping_interval: float = 30.0
+    pong_timeout: float = 10.0
+    silence_timeout: float = 60.0  # nothing at all received for this long: dead
+    backoff_base: float = 0.25
+    backoff_cap: float = 30.0
+    max_attempts: int | None = None  # consecutive failed attempts before giving up; None: never
+    max_subscriptions_per_connection: int = 1000
+    max_messages_per_minute: int = 1800  # under the server's 2000, shared by all connections
+    max_message_size: int | None = 256 * 2**20
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt))."""
+    high = min(cap, base * (2 ** min(attempt, 60)))
+    return (rng or random).uniform(0.0, high)
+
+
+class RateLimiter:
+    """At most ``limit`` sends in any sliding 60 s window (bounded log of send times)."""
+
+    def __init__(self, limit: int, window: float = 60.0) -> None:
+        self.limit = limit
+        self.window = window
+        self._sent: collections.deque[float] = collections.deque(maxlen=limit)
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        """Wait until one more send stays within the limit, then count it."""
+        async with self._lock:
+            if len(self._sent) >= self.limit:
+                wait = self._sent[0] + self.window - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            self._sent.append(time.monotonic())
+
+    def in_window(self) -> int:
+        """Sends in the last window."""
+        now = time.monotonic()
+        return sum(1 for t in self._sent if now - t < self.window)
+
+
+class DeadConnection(Exception):
+    """Heartbeat failure: no pong in time or a silent socket."""
+
+
+class Connection:
+    """A WebSocket connection kept alive forever (or until ``max_attempts``)."""
+
+    def __init__(self, conn_id: int, config: ClientConfig, limiter: RateLimiter) -> None:
+        self.id = conn_id
+        self.config = config
+        self.limiter = limiter
+        self.routes: dict[RouteKey, ServerSubscription] = {}
+        self.state = "idle"  # idle | connecting | open | backoff | failed | closed
+        self.connects = 0
+        self.reconnects = 0
+        self.attempt = 0
+        self.last_error: str | None = None
+        self.connected_since: float | None = None
+        self.last_rx = 0.0
+        self.rtt: float | None = None
+        self.unrouted = 0
+        self.errors: collections.deque[str] = collections.deque(maxlen=20)
+        self.opened = asyncio.Event()
+        self._ws: Any = None
+        self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._ping_sent: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- desired state -------------------------------------------------
+
+    def has_room(self, route: RouteKey) -> bool:
+        """Whether a server subscription with this route key fits here."""
+        return route not in self.routes and len(self.routes) < self.config.max_subscriptions_per_connection
+
+    def add(self, server: ServerSubscription) -> None:
+        """Own a server subscription and subscribe it if connected."""
+        self.routes[server.route] = server
+        server.connection = self
+        self._send_if_open({"method": "subscribe", "subscription": server.subscription})
+
+    def remove(self, server: ServerSubscription) -> None:
+        """Drop a server subscription and unsubscribe it if connected."""
+        if self.routes.get(server.route) is server:
+            del self.routes[server.route]
+        server.connection = None
+        self._send_if_open({"method": "unsubscribe", "subscription": server.subscription})
+
+    def resubscribe(self, server: ServerSubscription) -> None:
+        """Unsubscribe and subscribe again (e.g. for a fresh snapshot)."""
+        server.state = "pending"
+        server.active.clear()
+        self._send_if_open({"method": "unsubscribe", "subscription": server.subscription})
+        self._send_if_open({"method": "subscribe", "subscription": server.subscription})
+
+    def _send_if_open(self, request: dict[str, Any]) -> None:
+        if self.state == "open":
+            self._outbox.put_nowait(request)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the supervising task."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"hlbook-conn-{self.id}")
+
+    async def close(self) -> None:
+        """Close for good."""
+        self._closing = True
+        self.state = "closed"
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def _run(self) -> None:
+        cfg = self.config
+        while not self._closing:
+            self.state = "connecting"
+            try:
+                ws = await connect(
+                    cfg.url, open_timeout=cfg.open_timeout, ping_interval=None, close_timeout=1, max_size=cfg.max_message_size
+                )
+            except (OSError, asyncio.TimeoutError, websockets.WebSocketException) as exc:
+                if not await self._backoff(f"connect failed: {exc!r}"):
+                    return
+                continue
+            self.attempt = 0  # counters reset only after a successful upgrade
+            await self._session(ws)
+            if self._closing:
+                return
+            # first retry after a drop also waits a jittered moment (no thundering herd)
+            await asyncio.sleep(backoff_delay(0, cfg.backoff_base, cfg.backoff_cap))
+
+    async def _backoff(self, error: str) -> bool:
+        cfg = self.config
+        self.last_error = error
+        self.attempt += 1
+        if cfg.max_attempts is not None and self.attempt >= cfg.max_attempts:
+            self.state = "failed"
+            log.error("connection %d gave up after %d attempts: %s", self.id, self.attempt, error)
+            for server in list(self.routes.values()):
+                server.on_error(f"connection failed: {error}")
+            return False
+        self.state = "backoff"
+        delay = backoff_delay(self.attempt, cfg.backoff_base, cfg.backoff_cap)
+        log.info("connection %d: %s; retry %d in %.2fs", self.id, error, self.attempt, delay)
+        await asyncio.sleep(delay)
+        return True
+
+    async def _session(self, ws: Any) -> None:
+        self._ws = ws
+        self.connects += 1
+        if self.connects > 1:
+            self.reconnects += 1
+        self.state = "open"
+        self.connected_since = time.time()
+        self.last_rx = time.monotonic()
+        self._ping_sent = None
+        self._outbox = asyncio.Queue()
+        for server in list(self.routes.values()):
+            self._outbox.put_nowait({"method": "subscribe", "subscription": server.subscription})
+        self.opened.set()
+        tasks = [asyncio.create_task(c) for c in (self._reader(ws), self._writer(ws), self._heartbeat(ws))]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                self.last_error = repr(exc) if exc else "closed by server"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.opened.clear()
+            self.connected_since = None
+            self._ws = None
+            if not self._closing:
+                self.state = "backoff"
+                log.warning("connection %d lost: %s", self.id, self.last_error)
+            for server in self.routes.values():
+                server.on_lost()
+            try:
+                await asyncio.wait_for(ws.close(), 1.0)
+            except Exception:
+                pass
+
+    # -- tasks ---------------------------------------------------------------
+
+    async def _writer(self, ws: Any) -> None:
+        while True:
+            request = await self._outbox.get()
+            await self._send(ws, request)
+
+    async def _send(self, ws: Any, request: dict[str, Any]) -> None:
+        await self.limiter.acquire()
+        await ws.send(orjson.dumps(request).decode())
+
+    async def _heartbeat(self, ws: Any) -> None:
+        cfg = self.config
+        tick = max(0.01, min(0.5, cfg.ping_interval / 4, cfg.pong_timeout / 4))
+        last_ping = time.monotonic()
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if now - self.last_rx > cfg.silence_timeout:
+                raise DeadConnection(f"silent for {now - self.last_rx:.1f}s")
+            if self._ping_sent is not None and now - self._ping_sent > cfg.pong_timeout:
+                raise DeadConnection(f"no pong in {cfg.pong_timeout}s")
+            if self._ping_sent is None and now - last_ping >= cfg.ping_interval:
+                last_ping = self._ping_sent = now
+                await self._send(ws, _PING)
+
+    async def _reader(self, ws: Any) -> None:
+        async for raw in ws:
+            self.last_rx = time.monotonic()
+            try:
+                message = orjson.loads(raw)
+                channel = message["channel"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                if raw != "Websocket connection established.":
+                    self.unrouted += 1
+                continue
+            self._handle(channel, message)
+
+    def _handle(self, channel: str, message: dict[str, Any]) -> None:
+        data = message.get("data")
+        if channel == "pong":
+            if self._ping_sent is not None:
+                self.rtt = time.monotonic() - self._ping_sent
+            self._ping_sent = None
+        elif channel == "subscriptionResponse":
+            self._on_ack(data)
+        elif channel == "error":
+            self._on_error(str(data))
+        else:
+            key = message_route_key(channel, data)
+            server = self.routes.get(key) if key is not None else None
+            if server is None:
+                self.unrouted += 1
+            else:
+                server.deliver(message)
+
+    def _server_of(self, subscription: Any) -> ServerSubscription | None:
+        try:
+            return self.routes.get(route_key(subscription))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def _on_ack(self, data: Any) -> None:
+        if not isinstance(data, dict) or data.get("method") != "subscribe":
+            return
+        server = self._server_of(data.get("subscription"))
+        if server is not None and server.state == "pending":
+            server.on_ack()
+
+    def _on_error(self, text: str) -> None:
+        self.errors.append(text)
+        log.warning("connection %d: server error: %s", self.id, text)
+        head, sep, body = text.partition(": ")
+        if not sep:
+            return
+        try:
+            server = self._server_of(orjson.loads(body))
+        except orjson.JSONDecodeError:
+            return
+        if server is None:
+            return
+        if head.startswith("Already subscribed"):
+            server.on_ack()
+        elif head.startswith("Invalid subscription"):
+            server.on_error(text)
+
+    def info(self) -> dict[str, Any]:
+        """State for debugging."""
+        return {
+            "id": self.id,
+            "url": self.config.url,
+            "state": self.state,
+            "subscriptions": len(self.routes),
+            "active_subscriptions": sum(1 for s in self.routes.values() if s.state == "active"),
+            "connects": self.connects,
+            "reconnects": self.reconnects,
+            "attempt": self.attempt,
+            "connected_since": self.connected_since,
+            "last_message_age": round(time.monotonic() - self.last_rx, 3) if self.last_rx else None,
+            "ping_rtt": self.rtt,
+            "unrouted_messages": self.unrouted,
+            "last_error": self.last_error,
+            "recent_server_errors": list(self.errors),
+        }

@@ -1,0 +1,229 @@
+"""Subscription registry: identities, routing keys and delivery to users.
+
+Routing: every subscription has a *route key* (type plus the fields that its
+messages echo: coin, user, interval). A connection holds at most one server
+subscription per route key, so an incoming message is routed by one dict
+lookup, never broadcast. Subscriptions whose messages do not echo what tells
+them apart share a route key and therefore go to separate connections:
+
+- ``l2Book`` of one coin with several aggregations (nSigFigs/mantissa/nLevels
+  are not echoed in the message);
+- ``l4Book`` (its ``Updates`` carry no coin), ``orderUpdates`` and
+  ``userEvents`` (no user in the message), ``allMids`` with different ``dex``.
+
+A duplicate subscription (same identity) shares one server subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from hlbook.client.metrics import SubscriptionMetrics
+
+if TYPE_CHECKING:
+    from hlbook.client.connection import Connection
+
+log = logging.getLogger("hlbook.client")
+
+Message = dict[str, Any]
+Callback = Callable[[Message], Any] | Callable[[Message], Awaitable[Any]]
+
+_TYPE_TO_CHANNEL = {"userEvents": "user"}
+_CHANNEL_TO_TYPE = {"user": "userEvents", "activeSpotAssetCtx": "activeAssetCtx"}
+_BY_COIN = {"l2Book", "trades", "bbo", "activeAssetCtx"}
+_BY_USER = {"userFills", "userFundings", "userNonFundingLedgerUpdates", "userTwapSliceFills", "userTwapHistory", "webData2"}
+#: Types whose first message is a snapshot: a new user joining a live server
+#: subscription triggers a re-subscription so that it gets one too.
+SNAPSHOT_TYPES = {"l4Book"}
+RouteKey = tuple[Any, ...]
+
+
+class SubscriptionError(Exception):
+    """The server refused a subscription."""
+
+
+def normalize(subscription: dict[str, Any]) -> dict[str, Any]:
+    """A copy without ``None`` values; user addresses lower-cased."""
+    if not isinstance(subscription, dict) or not isinstance(subscription.get("type"), str):
+        raise ValueError(f"a subscription is a dict with a 'type': {subscription!r}")
+    out = {k: v for k, v in subscription.items() if v is not None}
+    if isinstance(out.get("user"), str):
+        out["user"] = out["user"].lower()
+    return out
+
+
+def identity(subscription: dict[str, Any]) -> str:
+    """Canonical text of a subscription: equal identities share a server subscription."""
+    return orjson.dumps(normalize(subscription), option=orjson.OPT_SORT_KEYS).decode()
+
+
+def route_key(subscription: dict[str, Any]) -> RouteKey:
+    """The key its messages are routed by (see module docstring)."""
+    sub = normalize(subscription)
+    kind = sub["type"]
+    if kind in _BY_COIN:
+        return (kind, sub.get("coin"))
+    if kind == "candle":
+        return (kind, sub.get("coin"), sub.get("interval"))
+    if kind in _BY_USER:
+        return (kind, sub.get("user"))
+    if kind == "activeAssetData":
+        return (kind, sub.get("user"), sub.get("coin"))
+    return (kind,)
+
+
+def channel_of(subscription: dict[str, Any]) -> str:
+    """The channel its messages arrive on."""
+    return _TYPE_TO_CHANNEL.get(subscription["type"], subscription["type"])
+
+
+def message_route_key(channel: str, data: Any) -> RouteKey | None:
+    """Route key of an incoming feed message; None if it cannot be routed."""
+    kind = _CHANNEL_TO_TYPE.get(channel, channel)
+    try:
+        if kind == "trades":
+            return (kind, data[0]["coin"]) if data else None
+        if kind in _BY_COIN:
+            return (kind, data["coin"])
+        if kind == "candle":
+            return (kind, data["s"], data["i"])
+        if kind in _BY_USER:
+            return (kind, data["user"].lower())
+        if kind == "activeAssetData":
+            return (kind, data["user"].lower(), data["coin"])
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return (kind,)
+
+
+@dataclass(eq=False)
+class UserSubscription:
+    """One ``subscribe()`` call: its callback or queue, and its metrics."""
+
+    id: int
+    subscription: dict[str, Any]
+    server: ServerSubscription
+    callback: Callback | None = None
+    queue_size: int = 1000
+    metrics: SubscriptionMetrics = field(default_factory=SubscriptionMetrics)
+    error: str | None = None
+    activated: bool = False
+    queue: asyncio.Queue[Message | None] | None = None
+    worker: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        is_async = self.callback is not None and inspect.iscoroutinefunction(self.callback)
+        if self.callback is None or is_async:
+            self.queue = asyncio.Queue(self.queue_size)
+        if is_async:
+            self.worker = asyncio.get_running_loop().create_task(self._work())
+
+    def deliver(self, message: Message) -> None:
+        """Hand one message to the user: inline for a plain callback, queued otherwise."""
+        self.metrics.record()
+        if self.queue is None:
+            try:
+                self.callback(message)  # type: ignore[misc]
+            except Exception:
+                log.exception("callback of subscription %d failed", self.id)
+            return
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.metrics.dropped += 1
+        self.queue.put_nowait(message)
+
+    def fail(self, error: str) -> None:
+        """Record a refusal; an iterator ends with SubscriptionError."""
+        self.error = error
+        if self.queue is not None and self.worker is None:
+            if self.queue.full():
+                self.queue.get_nowait()
+            self.queue.put_nowait(None)
+
+    def close(self) -> None:
+        """Stop the worker and end iterators."""
+        if self.worker is not None:
+            self.worker.cancel()
+        elif self.queue is not None:
+            if self.queue.full():
+                self.queue.get_nowait()
+            self.queue.put_nowait(None)
+
+    async def _work(self) -> None:
+        assert self.queue is not None and self.callback is not None
+        while True:
+            message = await self.queue.get()
+            if message is None:
+                continue
+            try:
+                await self.callback(message)  # type: ignore[misc]
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("callback of subscription %d failed", self.id)
+
+    def info(self) -> dict[str, Any]:
+        """Public description with metrics."""
+        return {
+            "id": self.id,
+            "subscription": self.subscription,
+            "state": self.server.state,
+            "error": self.error,
+            "connection": self.server.connection.id if self.server.connection else None,
+            "shared_with": sorted(u for u in self.server.users if u != self.id),
+            **self.metrics.as_dict(),
+        }
+
+
+@dataclass(eq=False)
+class ServerSubscription:
+    """One subscription as the server knows it, shared by duplicate user subscriptions."""
+
+    key: str
+    subscription: dict[str, Any]
+    route: RouteKey
+    users: dict[int, UserSubscription] = field(default_factory=dict)
+    connection: Connection | None = None
+    state: str = "pending"  # pending | active | failed
+    error: str | None = None
+    lost: bool = False  # set when its connection dropped; the next ack is a reconnect
+    active: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def on_ack(self) -> None:
+        """The server confirmed it: count a reconnect for users that had it before."""
+        self.state = "active"
+        self.error = None
+        for user in self.users.values():
+            if user.activated and self.lost:
+                user.metrics.reconnects += 1
+            user.activated = True
+        self.lost = False
+        self.active.set()
+
+    def on_lost(self) -> None:
+        """Its connection dropped: pending until re-acknowledged."""
+        if self.state == "active":
+            self.lost = True
+        if self.state != "failed":
+            self.state = "pending"
+        self.active.clear()
+
+    def on_error(self, error: str) -> None:
+        """The server refused it."""
+        self.state = "failed"
+        self.error = error
+        for user in self.users.values():
+            user.fail(error)
+        self.active.set()
+
+    def deliver(self, message: Message) -> None:
+        """Fan a routed message out to every user subscription."""
+        for user in list(self.users.values()):
+            user.deliver(message)
