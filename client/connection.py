@@ -42,6 +42,7 @@ class ClientConfig:
     max_subscriptions_per_connection: int = 1000
     max_messages_per_minute: int = 1800  # under the server's 2000, shared by all connections
     max_message_size: int | None = 256 * 2**20
+    ack_timeout: float = 10.0  # a subscribe without ack is sent again after this
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
@@ -199,7 +200,8 @@ class Connection:
         self._ping_sent = None
         self._outbox = asyncio.Queue()
         for server in list(self.routes.values()):
-            self._outbox.put_nowait({"method": "subscribe", "subscription": server.subscription})
+            if server.state != "failed":
+                self._outbox.put_nowait({"method": "subscribe", "subscription": server.subscription})
         self.opened.set()
         tasks = [asyncio.create_task(c) for c in (self._reader(ws), self._writer(ws), self._heartbeat(ws))]
         try:
@@ -230,6 +232,10 @@ class Connection:
         while True:
             request = await self._outbox.get()
             await self._send(ws, request)
+            if request["method"] == "subscribe":
+                server = self._server_of(request["subscription"])
+                if server is not None:
+                    server.sent_at = time.monotonic()
 
     async def _send(self, ws: Any, request: dict[str, Any]) -> None:
         await self.limiter.acquire()
@@ -247,8 +253,16 @@ class Connection:
             if self._ping_sent is not None and now - self._ping_sent > cfg.pong_timeout:
                 raise DeadConnection(f"no pong in {cfg.pong_timeout}s")
             if self._ping_sent is None and now - last_ping >= cfg.ping_interval:
-                last_ping = self._ping_sent = now
-                await self._send(ws, _PING)
+                await self._send(ws, _PING)  # may wait for the rate limiter: time the pong from here
+                last_ping = self._ping_sent = time.monotonic()
+            self._retry_unacked(now)
+
+    def _retry_unacked(self, now: float) -> None:
+        """Re-send a subscribe the server never acknowledged (``ack_timeout``)."""
+        for server in self.routes.values():
+            if server.state == "pending" and server.sent_at is not None and now - server.sent_at > self.config.ack_timeout:
+                server.sent_at = None
+                self._outbox.put_nowait({"method": "subscribe", "subscription": server.subscription})
 
     async def _reader(self, ws: Any) -> None:
         async for raw in ws:

@@ -194,12 +194,14 @@ class ServerSubscription:
     state: str = "pending"  # pending | active | failed
     error: str | None = None
     lost: bool = False  # set when its connection dropped; the next ack is a reconnect
+    sent_at: float | None = None  # monotonic time of the last subscribe sent
     active: asyncio.Event = field(default_factory=asyncio.Event)
 
     def on_ack(self) -> None:
         """The server confirmed it: count a reconnect for users that had it before."""
         self.state = "active"
         self.error = None
+        self.sent_at = None
         for user in self.users.values():
             if user.activated and self.lost:
                 user.metrics.reconnects += 1

@@ -15,7 +15,7 @@ from hlbook.client.connection import RateLimiter
 from hlbook.client.registry import identity, message_route_key, route_key
 from hlbook.client.testing import FakeServer
 
-FAST = {"ping_interval": 0.2, "pong_timeout": 0.5, "backoff_base": 0.02, "backoff_cap": 0.2, "open_timeout": 2.0}
+FAST = {"ping_interval": 0.2, "pong_timeout": 1.5, "ack_timeout": 1.0, "backoff_base": 0.02, "backoff_cap": 0.2, "open_timeout": 2.0}
 
 
 def run(coro: Awaitable[Any], timeout: float = 20) -> Any:
@@ -162,7 +162,7 @@ def test_missing_pong_triggers_reconnect() -> None:
             sid = await client.subscribe({"type": "allMids"}, lambda m: None)
             await client.wait_active(sid, 5)
             server.silence_current()  # stops answering, pings included; the socket stays open
-            await until(lambda: server.total_connections >= 2, timeout=5, what="reconnect after missing pong")
+            await until(lambda: server.total_connections >= 2, timeout=8, what="reconnect after missing pong")
             assert "pong" in (client.connection_info()[0]["last_error"] or "")
             await until(lambda: client.get_subscription(sid)["state"] == "active", what="resubscribed")
             assert client.get_subscription(sid)["reconnects"] == 1
@@ -242,5 +242,22 @@ def test_max_attempts_gives_up() -> None:
             with pytest.raises(SubscriptionError, match="connection failed"):
                 await client.wait_active(sid, 5)
             assert client.connection_info()[0]["state"] == "failed"
+
+    run(main())
+
+
+def test_unacknowledged_subscribe_is_sent_again() -> None:
+    async def main() -> None:
+        server = await FakeServer().start()
+        async with HLClient(server.url, **FAST) as client:
+            await client.connect(5)
+            server.connections[0].silent = True  # swallows the first subscribe
+            sid = await client.subscribe({"type": "trades", "coin": "BTC"}, lambda m: None)
+            await asyncio.sleep(0.1)
+            server.connections[0].silent = False
+            await client.wait_active(sid, 5)
+            assert server.subscribe_requests == 1 and server.connections[0].received >= 2
+            assert client.connection_info()[0]["reconnects"] == 0
+        await server.stop()
 
     run(main())
