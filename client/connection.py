@@ -162,6 +162,9 @@ class Connection:
                 ws = await connect(
                     cfg.url, open_timeout=cfg.open_timeout, ping_interval=None, close_timeout=1, max_size=cfg.max_message_size
                 )
+            except websockets.InvalidURI as exc:
+                await self._backoff(f"invalid URL: {exc}", fatal=True)
+                return
             except (OSError, asyncio.TimeoutError, websockets.WebSocketException) as exc:
                 if not await self._backoff(f"connect failed: {exc!r}"):
                     return
@@ -173,11 +176,11 @@ class Connection:
             # first retry after a drop also waits a jittered moment (no thundering herd)
             await asyncio.sleep(backoff_delay(0, cfg.backoff_base, cfg.backoff_cap))
 
-    async def _backoff(self, error: str) -> bool:
+    async def _backoff(self, error: str, fatal: bool = False) -> bool:
         cfg = self.config
         self.last_error = error
         self.attempt += 1
-        if cfg.max_attempts is not None and self.attempt >= cfg.max_attempts:
+        if fatal or (cfg.max_attempts is not None and self.attempt >= cfg.max_attempts):
             self.state = "failed"
             log.error("connection %d gave up after %d attempts: %s", self.id, self.attempt, error)
             for server in list(self.routes.values()):

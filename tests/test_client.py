@@ -261,3 +261,13 @@ def test_unacknowledged_subscribe_is_sent_again() -> None:
         await server.stop()
 
     run(main())
+
+
+def test_invalid_url_fails_fast() -> None:
+    async def main() -> None:
+        async with HLClient("http://nowhere", **FAST) as client:
+            sid = await client.subscribe({"type": "allMids"})
+            with pytest.raises(SubscriptionError, match="invalid URL"):
+                await client.wait_active(sid, 5)
+
+    run(main())
