@@ -8,7 +8,6 @@ port, killed abruptly or silenced (stops answering, pings included).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
