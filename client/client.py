@@ -44,6 +44,7 @@ class HLClient:
         self._users: dict[int, UserSubscription] = {}
         self._ids = itertools.count(1)
         self._conn_ids = itertools.count(1)
+        self._post_ids = itertools.count(1)
 
     async def __aenter__(self) -> HLClient:
         return self
@@ -150,6 +151,12 @@ class HLClient:
                     raise SubscriptionError(user.error)
                 return
             yield message
+
+    async def info(self, payload: dict[str, Any], timeout: float = 10.0) -> Any:
+        """An ``/info`` request over the WebSocket (``post``); returns the response payload."""
+        conn = self._connections[0] if self._connections else self._new_connection()
+        await asyncio.wait_for(conn.opened.wait(), timeout)
+        return await conn.post(next(self._post_ids), {"type": "info", "payload": payload}, timeout)
 
     def list_subscriptions(self) -> list[dict[str, Any]]:
         """Every subscription with its state and metrics."""

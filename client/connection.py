@@ -103,6 +103,7 @@ class Connection:
         self._ping_sent: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._posts: dict[int, asyncio.Future[Any]] = {}
 
     # -- desired state -------------------------------------------------
 
@@ -129,6 +130,29 @@ class Connection:
         server.active.clear()
         self._send_if_open({"method": "unsubscribe", "subscription": server.subscription})
         self._send_if_open({"method": "subscribe", "subscription": server.subscription})
+
+    async def post(self, post_id: int, request: dict[str, Any], timeout: float) -> Any:
+        """Send ``{"method":"post"}`` and wait for its ``response`` (``ConnectionError`` if dropped)."""
+        if self.state != "open":
+            raise ConnectionError(f"connection {self.id} is {self.state}")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._posts[post_id] = future
+        self._outbox.put_nowait({"method": "post", "id": post_id, "request": request})
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._posts.pop(post_id, None)
+
+    def _on_post(self, data: Any) -> None:
+        future = self._posts.get(data.get("id")) if isinstance(data, dict) else None
+        if future is None or future.done():
+            self.unrouted += 1
+            return
+        response = data.get("response") or {}
+        if response.get("type") == "error":
+            future.set_exception(RuntimeError(str(response.get("payload"))))
+        else:
+            future.set_result(response.get("payload"))
 
     def _send_if_open(self, request: dict[str, Any]) -> None:
         if self.state == "open":
@@ -224,6 +248,9 @@ class Connection:
                 log.warning("connection %d lost: %s", self.id, self.last_error)
             for server in self.routes.values():
                 server.on_lost()
+            for future in self._posts.values():
+                if not future.done():
+                    future.set_exception(ConnectionError(f"connection {self.id} lost"))
             try:
                 await asyncio.wait_for(ws.close(), 1.0)
             except Exception:
@@ -287,6 +314,8 @@ class Connection:
             self._ping_sent = None
         elif channel == "subscriptionResponse":
             self._on_ack(data)
+        elif channel == "post":
+            self._on_post(data)
         elif channel == "error":
             self._on_error(str(data))
         else:

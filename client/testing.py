@@ -47,8 +47,14 @@ def normalised(sub: dict[str, Any]) -> dict[str, Any]:
 class FakeServer:
     """Start with ``await FakeServer().start()``; ``url`` is ``ws://127.0.0.1:PORT/ws``."""
 
-    def __init__(self, port: int = 0, on_subscribe: Callable[[FakeConnection, dict[str, Any]], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        port: int = 0,
+        on_subscribe: Callable[[FakeConnection, dict[str, Any]], Awaitable[None]] | None = None,
+        on_info: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> None:
         self.port = port
+        self.on_info = on_info
         self.on_subscribe = on_subscribe
         self.silent = False
         self.connections: list[FakeConnection] = []
@@ -122,10 +128,21 @@ class FakeServer:
             return
         if method == "ping":
             await conn.send({"channel": "pong"})
+        elif method == "post" and self.on_info is not None:
+            await self._post(conn, request)
         elif method in ("subscribe", "unsubscribe"):
             await self._subscription(conn, method, request.get("subscription"))
         else:
             await conn.send({"channel": "error", "data": f"Error parsing JSON into valid websocket request: {raw!r}"})
+
+    async def _post(self, conn: FakeConnection, request: dict[str, Any]) -> None:
+        assert self.on_info is not None
+        try:
+            payload = request["request"]["payload"]
+            response = {"type": "info", "payload": {"type": payload["type"], "data": self.on_info(payload)}}
+        except Exception as exc:
+            response = {"type": "error", "payload": str(exc)}
+        await conn.send({"channel": "post", "data": {"id": request.get("id"), "response": response}})
 
     async def _subscription(self, conn: FakeConnection, method: str, sub: Any) -> None:
         try:

@@ -271,3 +271,21 @@ def test_invalid_url_fails_fast() -> None:
                 await client.wait_active(sid, 5)
 
     run(main())
+
+
+def test_info_post_over_the_websocket() -> None:
+    def on_info(payload: dict[str, Any]) -> Any:
+        if payload["type"] == "allMids":
+            return {"BTC": "81307.0"}
+        raise ValueError(f"unknown info type {payload['type']}")
+
+    async def main() -> None:
+        server = await FakeServer(on_info=on_info).start()
+        async with HLClient(server.url, **FAST) as client:
+            answer = await client.info({"type": "allMids"})
+            assert answer == {"type": "allMids", "data": {"BTC": "81307.0"}}
+            with pytest.raises(RuntimeError, match="unknown info type"):
+                await client.info({"type": "nope"})
+        await server.stop()
+
+    run(main())
