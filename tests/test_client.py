@@ -289,3 +289,36 @@ def test_info_post_over_the_websocket() -> None:
         await server.stop()
 
     run(main())
+
+
+def test_async_callback_in_order_and_bounded_iterator_drops_oldest() -> None:
+    async def main() -> None:
+        server = await FakeServer().start()
+        seen: list[int] = []
+
+        async def slow(message: dict[str, Any]) -> None:
+            await asyncio.sleep(0.01)
+            seen.append(message["data"][0]["tid"])
+
+        async with HLClient(server.url, **FAST) as client:
+            a = await client.subscribe({"type": "trades", "coin": "A"}, slow)
+            b = await client.subscribe({"type": "trades", "coin": "B"}, queue_size=3)
+            await client.wait_active(a, 5)
+            await client.wait_active(b, 5)
+            for tid in range(10):
+                await server.publish({"type": "trades", "coin": "A"}, [{"coin": "A", "tid": tid}])
+                await server.publish({"type": "trades", "coin": "B"}, [{"coin": "B", "tid": tid}])
+            await until(lambda: len(seen) == 10)
+            assert seen == list(range(10))
+            assert client.get_subscription(b)["dropped"] == 7
+            got = []
+            async for message in client.messages(b):
+                got.append(message["data"][0]["tid"])
+                if len(got) == 3:
+                    break
+            assert got == [7, 8, 9]
+            assert await client.unsubscribe(b) and client.get_subscription(b) is None
+            assert not await client.unsubscribe(b)
+        await server.stop()
+
+    run(main())
