@@ -121,14 +121,15 @@ async def watch(sub: dict[str, Any], url: str, *, json_out: bool = False, count:
 
 
 async def _report_state(hl: Any) -> None:
-    """Tell stderr when the connection goes down or comes back."""
-    last = None
+    """Tell stderr when the connection goes down or comes back (once per change)."""
+    last = "connecting"
     while True:
         info = hl.connection_info()
-        state = info[0]["state"] if info else None
-        if state != last and state in ("open", "backoff", "failed"):
+        state = info[0]["state"] if info else "connecting"
+        kind = {"open": "open", "failed": "failed", "backoff": "down"}.get(state, last)
+        if kind != last:
             error = info[0].get("last_error") or ""
-            text = {"open": "connected", "backoff": f"disconnected ({error}); reconnecting", "failed": f"gave up ({error})"}[state]
+            text = {"open": "connected", "down": f"disconnected ({error}); reconnecting", "failed": f"gave up ({error})"}[kind]
             print(f"[hlbook client] {text}", file=sys.stderr, flush=True)
-        last = state
+            last = kind
         await asyncio.sleep(0.2)
