@@ -38,7 +38,7 @@ class HLClient:
         if url is not None:
             settings["url"] = url
         self.config = replace(config, **settings)
-        self.limiter = RateLimiter(self.config.max_messages_per_minute)
+        self.limiter = RateLimiter(self.config.max_messages_per_minute, self.config.rate_window)
         self._connections: list[Connection] = []
         self._servers: dict[str, ServerSubscription] = {}
         self._users: dict[int, UserSubscription] = {}

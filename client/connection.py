@@ -41,6 +41,7 @@ class ClientConfig:
     max_attempts: int | None = None  # consecutive failed attempts before giving up; None: never
     max_subscriptions_per_connection: int = 1000
     max_messages_per_minute: int = 1800  # under the server's 2000, shared by all connections
+    rate_window: float = 60.0  # the window of max_messages_per_minute (tests shorten it)
     max_message_size: int | None = 256 * 2**20
     ack_timeout: float = 10.0  # a subscribe without ack is sent again after this
 

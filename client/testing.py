@@ -9,6 +9,7 @@ port, killed abruptly or silenced (stops answering, pings included).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ class FakeConnection:
     silent: bool = False
     subscriptions: dict[str, dict[str, Any]] = field(default_factory=dict)
     received: int = 0
+    received_at: list[float] = field(default_factory=list)  # monotonic time of each request
 
     async def send(self, message: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):
@@ -111,6 +113,7 @@ class FakeServer:
         try:
             async for raw in ws:
                 conn.received += 1
+                conn.received_at.append(time.monotonic())
                 if not (self.silent or conn.silent):
                     await self._request(conn, raw)
         except Exception:

@@ -322,3 +322,24 @@ def test_async_callback_in_order_and_bounded_iterator_drops_oldest() -> None:
         await server.stop()
 
     run(main())
+
+
+def test_resubscription_after_restart_is_paced_under_the_message_limit() -> None:
+    async def main() -> None:
+        server = await FakeServer().start()
+        limit, window = 10, 0.5
+        async with HLClient(server.url, **{**FAST, "ping_interval": 5, "max_messages_per_minute": limit, "rate_window": window}) as client:
+            ids = [await client.subscribe({"type": "trades", "coin": f"C{i}"}, lambda m: None) for i in range(25)]
+            await asyncio.gather(*(client.wait_active(i, 10) for i in ids))
+            await server.stop(abort=True)
+            await server.start()
+            start = time.monotonic()
+            await asyncio.gather(*(client.wait_active(i, 10) for i in ids))
+            assert time.monotonic() - start >= 2 * window  # 25 subscribes at 10 per window
+            stamps = server.connections[0].received_at
+            assert len(stamps) >= 25
+            for i in range(len(stamps) - limit):
+                assert stamps[i + limit] - stamps[i] >= window * 0.8, "more than the limit in one window"
+        await server.stop()
+
+    run(main())
