@@ -10,6 +10,7 @@ import typer
 
 from hlbook.client.cli import client
 from hlbook.services.book.cli import book
+from hlbook.services.gateway.cli import gateway
 from hlbook.services.ingest.cli import ingest
 from hlbook.services.nodesim.cli import sim
 from hlbook.services.supervisor.cli import up
@@ -26,6 +27,7 @@ app.command()(ingest)
 app.command()(sim)
 app.command()(up)
 app.command()(book)
+app.command()(gateway)
 app.command()(client)
 
 if __name__ == "__main__":

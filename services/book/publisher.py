@@ -110,6 +110,8 @@ class Publisher:
         topic = topics.l4(coin)
         if self.subs.wanted(topic):
             self.send("l4", topic, wire.L4Updates(height, None, time, coin, statuses, diffs))
+        else:  # the chain advances unsent: ``prev`` is the coin's previous changed block
+            self.prev.next(topic, height)
         self.bbo(book, height, time)
         aggs = self.subs.aggregations(coin)
         if aggs or book.views:

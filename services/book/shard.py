@@ -577,10 +577,9 @@ class Shard:
 
     def serve_query(self) -> None:
         frames = self.router.recv_multipart()
-        identity, rest = frames[0], frames[1:]
-        envelope = [identity, b""] if rest and rest[0] == b"" else [identity]
+        envelope, body = frames[:-1], frames[-1]  # identity, any request-id frames, delimiter
         try:
-            query = wire.decode(rest[-1] if rest else b"", wire.Query)
+            query = wire.decode(body if len(frames) > 1 else b"", wire.Query)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             BAD_INPUT.labels("book", "bad_query").inc()
             reply = queries.error(f"bad query: {exc}")

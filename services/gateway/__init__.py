@@ -1,0 +1,1 @@
+"""Gateway: the public Hyperliquid WebSocket/HTTP protocol over the book shards."""

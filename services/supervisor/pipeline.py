@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -10,6 +11,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from hlbook.common import logs
+from hlbook.common.config import ipc_endpoint
 from hlbook.services.supervisor.supervisor import ChildSpec, Supervisor
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,8 @@ class Pipeline:
     metrics_base_port: int
     log_level: str
 
-    def specs(self, data_dir: str) -> list[ChildSpec]:
+    def specs(self, data_dir: str, sockets: str) -> list[ChildSpec]:
+        """The children; ZeroMQ runs over ``ipc://`` endpoints in the directory ``sockets``."""
         common = ["--log-level", self.log_level]
         specs = []
         info_url = self.info_url
@@ -42,15 +45,21 @@ class Pipeline:
                                            "--blocks-per-sec", str(self.blocks_per_sec), "--coins", str(self.coins),
                                            "--mode", self.mode, "--seed", str(self.seed), *common]))
             info_url = info_url or f"http://127.0.0.1:{self.info_port}/info"
+        ingest = ["--ingest-pub", ipc_endpoint(sockets, "ingest-pub"), "--ingest-replay", ipc_endpoint(sockets, "ingest-replay")]
         specs.append(ChildSpec("ingest", ["ingest", "--data-dir", data_dir, "--mode", self.mode,
+                                          "--pub", ingest[1], "--replay", ingest[3],
                                           "--metrics-port", str(self.metrics_port(-1)), *common]))
         source = ["--info-url", info_url] if info_url else ["--snapshot-file", self.snapshot_file or ""]
+        books: list[str] = []
         for k in range(self.shards):
-            specs.append(ChildSpec(f"book-{k}", ["book", "--shard", str(k), "--shards", str(self.shards), *source,
+            pub, query = ipc_endpoint(sockets, f"book-{k}-pub"), ipc_endpoint(sockets, f"book-{k}-query")
+            books += ["--book-pub", pub, "--book-query", query]
+            specs.append(ChildSpec(f"book-{k}", ["book", "--shard", str(k), "--shards", str(self.shards), *source, *ingest,
+                                                 "--pub", pub, "--query", query,
                                                  "--metrics-port", str(self.metrics_port(k)), *common]))
         for i in range(self.gateways):
             specs.append(ChildSpec(f"gateway-{i}", ["gateway", "--host", self.host, "--port", str(self.port + i),
-                                                    "--shards", str(self.shards), *common]))
+                                                    "--shards", str(self.shards), "--ingest-pub", ingest[1], *books, *common]))
         return specs
 
     def metrics_port(self, shard: int) -> int:
@@ -96,7 +105,8 @@ def _metrics(url: str) -> dict[str, float]:
 def run(pipeline: Pipeline) -> None:
     logs.setup("up", pipeline.log_level)
     data_dir = pipeline.data_dir or tempfile.mkdtemp(prefix="hlbook-sim-")
-    supervisor = Supervisor(pipeline.specs(data_dir))
+    sockets = tempfile.mkdtemp(prefix="hlbook-zmq-")
+    supervisor = Supervisor(pipeline.specs(data_dir, sockets))
     status = Status(pipeline)
     urls = [f"ws://{pipeline.host}:{pipeline.port + i}/ws" for i in range(pipeline.gateways)]
     print(f"hlbook up: data {data_dir}; WebSocket {', '.join(urls)}; "
@@ -113,5 +123,8 @@ def run(pipeline: Pipeline) -> None:
         elif ticks % 10 == 0:
             print(line, file=sys.stderr, flush=True)
 
-    supervisor.run(on_tick=tick)
+    try:
+        supervisor.run(on_tick=tick)
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
     log.info("stopped")

@@ -1,0 +1,309 @@
+"""The Starlette app: ``/ws`` (public WebSocket protocol), ``POST /info``,
+``/health``, ``/ready``, ``/metrics``, ``/debug/connections`` and the web view at ``/``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from hlbook.common import config
+from hlbook.services.gateway import metrics
+from hlbook.services.gateway.hub import Hub
+from hlbook.services.gateway.info import Info, InfoError
+from hlbook.services.gateway.protocol import RequestError, dumps, feed_key, identity, message, normalise, parse_request
+from hlbook.services.gateway.session import Session, SubscriptionStats
+from hlbook.services.gateway.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+SWEEP_EVERY = 1.0
+SEND_STUCK = 10.0  # seconds one send may block (client not reading) before the client is cut off
+MAX_PENDING_POSTS = 16
+POLICY = 1008  # WebSocket close code: policy violation
+
+
+@dataclass
+class GatewayConfig:
+    shards: int = 1
+    ingest_pub: str = config.INGEST_PUB
+    book_pubs: list[str] = field(default_factory=list)  # default: config.book_endpoints(k)
+    book_queries: list[str] = field(default_factory=list)
+    token: str | None = None
+    max_connections_per_ip: int = 100
+    max_subscriptions: int = 1000
+    max_messages_per_minute: int = 2000
+    idle_timeout: float = 60.0
+    queue_size: int = 1000
+    query_timeout: float = 3.0
+
+    def endpoints(self) -> tuple[list[str], list[str]]:
+        pubs = self.book_pubs or [config.book_endpoints(k)[0] for k in range(self.shards)]
+        queries = self.book_queries or [config.book_endpoints(k)[1] for k in range(self.shards)]
+        if len(pubs) != self.shards or len(queries) != self.shards:
+            raise ValueError(f"{self.shards} shards need {self.shards} --book-pub and --book-query endpoints")
+        return pubs, queries
+
+
+class Gateway:
+    """Everything one gateway process holds: upstream, hub, sessions, limits."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        pubs, queries = cfg.endpoints()
+        self.upstream = Upstream(cfg.ingest_pub, pubs, queries, cfg.query_timeout)
+        self.hub = Hub(self.upstream)
+        self.info = Info(self.hub)
+        self.sessions: dict[Session, asyncio.Task[None]] = {}  # session -> its writer task
+        self.per_ip: dict[str, int] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.upstream.start(self.hub.on_message)
+        self.tasks.append(asyncio.create_task(self._sweep()))
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        self.upstream.close()
+
+    def authorised(self, conn: HTTPConnection) -> bool:
+        if not self.cfg.token:
+            return True
+        given = conn.query_params.get("token") or ""
+        header = conn.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            given = header[7:].strip()
+        return hmac.compare_digest(given.encode(), self.cfg.token.encode())
+
+    async def _sweep(self) -> None:
+        """Close idle clients and clients whose writer is stuck on a send."""
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            now = time.monotonic()
+            for session, writer in list(self.sessions.items()):
+                if now - session.heard > self.cfg.idle_timeout:
+                    session.close("idle", f"Connection closed: nothing received for {self.cfg.idle_timeout:g} s")
+                elif session.sending_since and now - session.sending_since > SEND_STUCK:
+                    session.close("slow_client")
+                    writer.cancel()
+
+    # ------------------------------------------------------------ one WebSocket
+
+    async def serve(self, ws: WebSocket) -> None:
+        ip = ws.client.host if ws.client else "?"
+        refusal = self._refusal(ws, ip)
+        if refusal:
+            metrics.REFUSED.labels(refusal).inc()
+            await ws.close(code=POLICY, reason=refusal)
+            return
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        try:
+            await ws.accept()
+            await self._session(ws, ip)
+        finally:
+            self.per_ip[ip] -= 1
+            if not self.per_ip[ip]:
+                del self.per_ip[ip]
+
+    def _refusal(self, ws: WebSocket, ip: str) -> str | None:
+        if not self.authorised(ws):
+            return "unauthorised"
+        if self.per_ip.get(ip, 0) >= self.cfg.max_connections_per_ip:
+            return "too_many_connections"
+        return None
+
+    async def _session(self, ws: WebSocket, ip: str) -> None:
+        session = Session(f"{ip}:{ws.client.port if ws.client else 0}", ws.send_text, self.cfg.queue_size, self.cfg.max_messages_per_minute)
+        writer = asyncio.create_task(self._write(session, ws))
+        self.sessions[session] = writer
+        metrics.CONNECTIONS.inc()
+        try:
+            while not session.closing:
+                received = await ws.receive()
+                if received["type"] == "websocket.disconnect":
+                    session.close("client_closed")
+                    break
+                session.heard = time.monotonic()
+                raw = received.get("text")
+                self.handle(session, raw if raw is not None else received.get("bytes") or b"")
+        except (WebSocketDisconnect, RuntimeError):
+            session.close("client_closed")
+        finally:
+            metrics.CONNECTIONS.dec()
+            metrics.CLOSED.labels(session.closing or "client_closed").inc()
+            for stats in session.subs.values():
+                self.hub.detach(session, stats.feed)
+            session.subs.clear()
+            del self.sessions[session]
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(writer, 2.0)
+
+    async def _write(self, session: Session, ws: WebSocket) -> None:
+        with contextlib.suppress(Exception):
+            await session.writer()
+        if session.closing not in ("client_closed", None):
+            with contextlib.suppress(Exception):
+                if session.close_text:
+                    await ws.send_text(message("error", session.close_text))
+                await ws.close(code=POLICY, reason=session.closing)
+        else:
+            session.close("client_closed")
+
+    # ------------------------------------------------------------ requests
+
+    def handle(self, session: Session, raw: str | bytes) -> None:
+        if not session.allow_request():
+            metrics.ERRORS.labels("rate_limited").inc()
+            session.close("rate_limited", f"Too many messages: more than {self.cfg.max_messages_per_minute} per minute")
+            return
+        try:
+            request = parse_request(raw)
+            method = request["method"]
+            metrics.REQUESTS.labels(method if method in ("subscribe", "unsubscribe", "ping", "post") else "other").inc()
+            if method in ("subscribe", "unsubscribe"):
+                self.subscription(session, method, request.get("subscription"))
+            elif method == "ping":
+                session.reply('{"channel":"pong"}')
+            elif method == "post":
+                self.post(session, request)
+            else:
+                raise RequestError(f"Error parsing JSON into valid websocket request: {dumps(request)[:1000]}", "unknown_method")
+        except RequestError as exc:
+            metrics.ERRORS.labels(exc.reason).inc()
+            session.reply(message("error", exc.text))
+
+    def subscription(self, session: Session, method: str, sub: Any) -> None:
+        norm = normalise(sub, self.hub.coin_exists)
+        ident = identity(norm)
+        if method == "subscribe":
+            if ident in session.subs:
+                raise RequestError(f"Already subscribed: {dumps(norm)}", "already_subscribed")
+            if len(session.subs) >= self.cfg.max_subscriptions:
+                raise RequestError(f"Cannot subscribe to more than {self.cfg.max_subscriptions} channels.", "too_many_subscriptions")
+            key = feed_key(norm)
+            session.subs[ident] = SubscriptionStats(norm, key)
+            session.reply(message("subscriptionResponse", {"method": method, "subscription": norm}))
+            self.hub.attach(session, norm, ident, key)
+            return
+        stats = session.subs.pop(ident, None)
+        if stats is None:
+            raise RequestError(f"Already unsubscribed: {dumps(norm)}", "not_subscribed")
+        self.hub.detach(session, stats.feed)
+        session.latest.pop(stats.feed, None)
+        session.reply(message("subscriptionResponse", {"method": method, "subscription": norm}))
+
+    def post(self, session: Session, request: dict[str, Any]) -> None:
+        post_id = request.get("id")
+        inner = request.get("request")
+        if not isinstance(inner, dict) or inner.get("type") != "info":
+            kind = inner.get("type") if isinstance(inner, dict) else None
+            session.reply(message("post", {"id": post_id, "response": {"type": "error", "payload": f"only info requests are served, not {kind!r}"}}))
+            return
+        if session.pending_posts >= MAX_PENDING_POSTS:
+            raise RequestError(f"Too many pending post requests (at most {MAX_PENDING_POSTS})", "too_many_posts")
+        session.pending_posts += 1
+        asyncio.create_task(self._answer_post(session, post_id, inner.get("payload")))
+
+    async def _answer_post(self, session: Session, post_id: Any, payload: Any) -> None:
+        try:
+            data = await self.info.answer(payload)
+            response = {"type": "info", "payload": {"type": payload["type"], "data": data}}
+        except InfoError as exc:
+            response = {"type": "error", "payload": str(exc)}
+        finally:
+            session.pending_posts -= 1
+        session.reply(message("post", {"id": post_id, "response": response}))
+
+    # ------------------------------------------------------------ HTTP
+
+    async def info_endpoint(self, request: Request) -> Response:
+        if not self.authorised(request):
+            return Response("unauthorised", status_code=401)
+        try:
+            payload = msgspec.json.decode(await request.body())
+        except msgspec.DecodeError as exc:
+            metrics.INFO.labels("unparsable", "error").inc()
+            return Response(f"Failed to parse the JSON body: {exc}", status_code=400)
+        try:
+            data = await self.info.answer(payload)
+        except InfoError as exc:
+            return Response(str(exc), status_code=400)
+        return Response(dumps(data), media_type="application/json")
+
+    async def ready(self, request: Request) -> Response:
+        now = time.monotonic()
+        shards = [{"shard": k, "height": v.height, "live": bool(v.seen) and now - v.seen < 5.0,
+                   "coins": _count(v.states.values())} for k, v in enumerate(self.hub.shards)]
+        body = {"ready": self.hub.ready(), "shards": shards}
+        return Response(dumps(body), status_code=200 if body["ready"] else 503, media_type="application/json")
+
+    async def debug(self, request: Request) -> Response:
+        if not self.authorised(request):
+            return Response("unauthorised", status_code=401)
+        body = {"connections": [s.info() for s in self.sessions], "feeds": len(self.hub.feeds),
+                "upstream_topics": sorted(t.decode() for t in self.upstream.counts)}
+        return Response(dumps(body), media_type="application/json")
+
+
+def _count(values: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+async def health(request: Request) -> Response:
+    return Response('{"status":"ok"}', media_type="application/json")
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def index(request: Request) -> Response:
+    page = STATIC / "index.html"
+    if not page.exists():
+        return Response("hlbook gateway: WebSocket at /ws, POST /info", media_type="text/plain")
+    return FileResponse(page)
+
+
+def create_app(cfg: GatewayConfig) -> Starlette:
+    gateway = Gateway(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        yield
+        await gateway.stop()
+
+    routes = [
+        WebSocketRoute("/ws", gateway.serve),
+        Route("/info", gateway.info_endpoint, methods=["POST"]),
+        Route("/health", health),
+        Route("/ready", gateway.ready),
+        Route("/metrics", metrics_endpoint),
+        Route("/debug/connections", gateway.debug),
+        Route("/", index),
+    ]
+    if STATIC.is_dir():
+        routes.append(Mount("/static", StaticFiles(directory=STATIC), name="static"))
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,50 @@
+"""``hlbook gateway``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from hlbook.common import config
+from hlbook.common.config import env
+
+
+def gateway(
+    host: Annotated[str, typer.Option(envvar=env("host"), help="Address to serve on")] = config.DEFAULT_HOST,
+    port: Annotated[int, typer.Option(envvar=env("port"), help="Port for /ws, /info, /health, /ready, /metrics")] = 8000,
+    shards: Annotated[int, typer.Option(envvar=env("shards"), help="Number of book shards")] = 1,
+    ingest_pub: Annotated[str, typer.Option(envvar=env("ingest-pub"), help="Ingest's XPUB endpoint (trades)")] = config.INGEST_PUB,
+    book_pub: Annotated[list[str] | None, typer.Option(envvar=env("book-pub"), help="Shard XPUB endpoints in shard order (default tcp://127.0.0.1:5600+2K)")] = None,
+    book_query: Annotated[list[str] | None, typer.Option(envvar=env("book-query"), help="Shard query endpoints in shard order (default tcp://127.0.0.1:5601+2K)")] = None,
+    token: Annotated[str | None, typer.Option(envvar=env("token"), help="Require this bearer token (Authorization header or ?token=)")] = None,
+    max_connections_per_ip: Annotated[int, typer.Option(envvar=env("max-connections-per-ip"))] = 100,
+    max_subscriptions: Annotated[int, typer.Option(envvar=env("max-subscriptions"), help="Per connection")] = 1000,
+    max_messages_per_minute: Annotated[int, typer.Option(envvar=env("max-messages-per-minute"), help="Client messages per connection per minute")] = 2000,
+    idle_timeout: Annotated[float, typer.Option(envvar=env("idle-timeout"), help="Close a connection silent for this many seconds")] = 60.0,
+    max_frame_bytes: Annotated[int, typer.Option(envvar=env("max-frame-bytes"), help="Largest client frame accepted")] = 1 << 20,
+    queue_size: Annotated[int, typer.Option(envvar=env("queue-size"), help="Messages queued per client before it is cut off")] = 1000,
+    per_message_deflate: Annotated[bool, typer.Option(envvar=env("per-message-deflate"), help="Offer permessage-deflate compression")] = True,
+    log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
+) -> None:
+    """Serve the public Hyperliquid WebSocket and /info protocol from the book shards."""
+    from hlbook.services.gateway.service import run
+    from hlbook.services.gateway.app import GatewayConfig
+
+    cfg = GatewayConfig(
+        shards=shards,
+        ingest_pub=ingest_pub,
+        book_pubs=list(book_pub or []),
+        book_queries=list(book_query or []),
+        token=token,
+        max_connections_per_ip=max_connections_per_ip,
+        max_subscriptions=max_subscriptions,
+        max_messages_per_minute=max_messages_per_minute,
+        idle_timeout=idle_timeout,
+        queue_size=queue_size,
+    )
+    try:
+        cfg.endpoints()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    run(cfg, host, port, max_frame_bytes, per_message_deflate, log_level)

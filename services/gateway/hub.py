@@ -1,0 +1,224 @@
+"""The gateway's state: feeds by key and by upstream topic, what the shards
+report (coins and their states, mids, heights), recent trades; and the
+dispatch of every upstream message to the feeds that want it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import msgspec
+
+from hlbook.common import topics, wire
+from hlbook.common.metrics import BAD_INPUT
+from hlbook.services.gateway import metrics
+from hlbook.services.gateway.feeds import Feed, L4Feed
+from hlbook.services.gateway.protocol import CONFLATED, FeedKey
+from hlbook.services.gateway.session import Session
+from hlbook.services.gateway.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+RECENT_TRADES = 100  # per coin, for recentTrades
+SHARD_SILENT = 5.0  # seconds without a ShardBlock after which a shard counts as down
+
+
+class ShardView:
+    """What one shard last said about itself."""
+
+    def __init__(self) -> None:
+        self.height = 0
+        self.time = 0
+        self.seen = 0.0  # monotonic
+        self.mids: dict[str, str] = {}
+        self.states: dict[str, str] = {}
+
+
+def level_dicts(side: list[wire.Level], n: int | None = None) -> list[dict[str, Any]]:
+    return [{"px": px, "sz": sz, "n": count} for px, sz, count in side[:n]]
+
+
+def level_dict(level: wire.Level | None) -> dict[str, Any] | None:
+    return None if level is None else {"px": level[0], "sz": level[1], "n": level[2]}
+
+
+def dex_of(coin: str) -> str:
+    """HIP-3 coins are ``dex:COIN``; the rest belong to the default dex ``""``."""
+    return coin.split(":", 1)[0] if ":" in coin else ""
+
+
+class Hub:
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.shards = [ShardView() for _ in range(upstream.shards)]
+        self.feeds: dict[FeedKey, Feed] = {}
+        self.by_topic: dict[bytes, list[Feed]] = {}
+        self.l2_last: dict[bytes, wire.L2Levels] = {}  # subscribed L2 topics: last levels (new nLevels feeds start from it)
+        self.trades: dict[str, deque[wire.Trade]] = {}
+        self.gaps = wire.GapDetector()
+        self.mids_height = 0
+        self.sessions: set[Session] = set()
+
+    # ------------------------------------------------------------ what the shards hold
+
+    def owner(self, coin: str) -> int:
+        return topics.shard_of(coin, len(self.shards))
+
+    def coin_state(self, coin: str) -> str | None:
+        return self.shards[self.owner(coin)].states.get(coin)
+
+    def coin_exists(self, coin: str) -> bool:
+        return self.coin_state(coin) is not None
+
+    def coins(self) -> dict[str, str]:
+        return {coin: state for view in self.shards for coin, state in view.states.items()}
+
+    def live_shards(self) -> int:
+        now = time.monotonic()
+        return sum(1 for view in self.shards if view.seen and now - view.seen < SHARD_SILENT)
+
+    def ready(self) -> bool:
+        """Every shard is live (it publishes blocks only once its books are)."""
+        return self.live_shards() == len(self.shards)
+
+    def all_mids(self, dex: str = "") -> dict[str, str]:
+        return {coin: px for view in self.shards for coin, px in view.mids.items() if dex_of(coin) == dex}
+
+    # ------------------------------------------------------------ subscriptions
+
+    def attach(self, session: Session, normalised: dict[str, Any], ident: str, key: FeedKey) -> None:
+        feed = self.feeds.get(key)
+        if feed is None:
+            feed = self.feeds[key] = self._new_feed(key)
+            metrics.FEEDS.set(len(self.feeds))
+            if feed.topic is not None:
+                self.by_topic.setdefault(feed.topic, []).append(feed)
+                self.upstream.subscribe(feed.topic)
+            self._prime(feed)
+        feed.add(session, ident)
+        metrics.SUBSCRIPTIONS.labels(key[0]).inc()
+
+    def detach(self, session: Session, key: FeedKey) -> None:
+        feed = self.feeds.get(key)
+        if feed is None:
+            return
+        feed.remove(session)
+        metrics.SUBSCRIPTIONS.labels(key[0]).dec()
+        if len(feed):
+            return
+        del self.feeds[key]
+        metrics.FEEDS.set(len(self.feeds))
+        if feed.topic is not None:
+            siblings = self.by_topic[feed.topic]
+            siblings.remove(feed)
+            if not siblings:
+                del self.by_topic[feed.topic]
+                self.l2_last.pop(feed.topic, None)
+                self.gaps.last.pop(feed.topic, None)
+            self.upstream.unsubscribe(feed.topic)
+
+    def _new_feed(self, key: FeedKey) -> Feed:
+        kind = key[0]
+        if kind == "l4Book":
+            coin = key[1]
+            shard = self.owner(coin)
+            return L4Feed(key, topics.l4(coin), shard, lambda: self.upstream.query(shard, wire.Query("l4", coin=coin)))
+        topic = {"l2Book": lambda: topics.l2(key[1], key[2], key[3]), "bbo": lambda: topics.bbo(key[1])}.get(kind)
+        return Feed(key, kind, kind in CONFLATED, topic() if topic else None)
+
+    def _prime(self, feed: Feed) -> None:
+        """A new feed starts from what is already known (later updates replace it)."""
+        kind = feed.key[0]
+        if kind == "allMids":
+            feed.publish({"mids": self.all_mids(feed.key[1])})
+        elif kind == "l2Book" and feed.topic in self.l2_last:
+            self._publish_l2(feed, self.l2_last[feed.topic])
+
+    # ------------------------------------------------------------ upstream messages
+
+    def on_message(self, topic: bytes, payload: bytes) -> None:
+        handler = self._handlers.get(topic[: topic.find(topics.SEP) + 1])
+        if handler is None:
+            BAD_INPUT.labels("gateway", "unknown_topic").inc()
+            return
+        kind, message_type, handle = handler
+        metrics.UPSTREAM.labels(kind).inc()
+        try:
+            message = wire.decode(payload, message_type)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            BAD_INPUT.labels("gateway", "bad_payload").inc()
+            log.error("undecodable %r message: %s", topic[:40], exc)
+            return
+        if hasattr(message, "prev") and kind != "l4" and not self.gaps.check(topic, message.height, message.prev):
+            metrics.GAPS.labels(kind).inc()
+        handle(self, topic, message)
+
+    def on_shard_block(self, topic: bytes, m: wire.ShardBlock) -> None:
+        if not 0 <= m.shard < len(self.shards):
+            BAD_INPUT.labels("gateway", "unknown_shard").inc()
+            return
+        view = self.shards[m.shard]
+        view.height, view.time, view.seen = m.height, m.time, time.monotonic()
+        view.mids, view.states = m.mids, m.states
+        metrics.SHARDS_LIVE.set(self.live_shards())
+        for feed in self.feeds.values():
+            if isinstance(feed, L4Feed) and feed.shard == m.shard:
+                feed.on_block(m.height, m.time)
+        self._maybe_mids(m.height)
+
+    def _maybe_mids(self, height: int) -> None:
+        """allMids once per block: when every live shard has finished ``height``."""
+        now = time.monotonic()
+        if height <= self.mids_height or any(v.height < height for v in self.shards if now - v.seen < SHARD_SILENT):
+            return
+        self.mids_height = height
+        for feed in self.feeds.values():
+            if feed.key[0] == "allMids" and feed.subscribers:
+                feed.publish({"mids": self.all_mids(feed.key[1])})
+
+    def on_reset(self, topic: bytes, m: wire.Reset) -> None:
+        feed = self.feeds.get(("l4Book", m.coin))
+        if isinstance(feed, L4Feed):
+            feed.resync(f"shard reset: {m.reason}")
+
+    def on_trades(self, topic: bytes, m: wire.Trades) -> None:
+        recent = self.trades.get(m.coin)
+        if recent is None:
+            recent = self.trades[m.coin] = deque(maxlen=RECENT_TRADES)
+        recent.extend(m.trades)
+        feed = self.feeds.get(("trades", m.coin))
+        if feed is not None:
+            feed.publish(m.trades)
+
+    def on_l2(self, topic: bytes, m: wire.L2Levels) -> None:
+        feeds = self.by_topic.get(topic)
+        if not feeds:
+            return
+        self.l2_last[topic] = m
+        for feed in feeds:
+            self._publish_l2(feed, m)
+
+    @staticmethod
+    def _publish_l2(feed: Feed, m: wire.L2Levels) -> None:
+        n = feed.key[4]
+        feed.publish({"coin": m.coin, "time": m.time, "levels": [level_dicts(m.levels[0], n), level_dicts(m.levels[1], n)]})
+
+    def on_bbo(self, topic: bytes, m: wire.Bbo) -> None:
+        for feed in self.by_topic.get(topic, ()):
+            feed.publish({"coin": m.coin, "time": m.time, "bbo": [level_dict(m.bbo[0]), level_dict(m.bbo[1])]})
+
+    def on_l4(self, topic: bytes, m: wire.L4Updates) -> None:
+        for feed in self.by_topic.get(topic, ()):
+            if isinstance(feed, L4Feed):
+                feed.on_update(m)
+
+    _handlers = {
+        topics.SHARD_PREFIX: ("shard", wire.ShardBlock, on_shard_block),
+        topics.RESET_PREFIX: ("reset", wire.Reset, on_reset),
+        topics.TRADES_PREFIX: ("trades", wire.Trades, on_trades),
+        topics.L2_PREFIX: ("l2", wire.L2Levels, on_l2),
+        topics.BBO_PREFIX: ("bbo", wire.Bbo, on_bbo),
+        topics.L4_PREFIX: ("l4", wire.L4Updates, on_l4),
+    }

@@ -1,0 +1,191 @@
+"""Answers to info requests (``POST /info`` and WS ``post``), public API shapes.
+
+``meta``/``spotMeta`` are built from the coins the books hold. What node files
+do not carry is stated, not invented: ``szDecimals`` is the most decimals seen
+in the coin's sizes (book and trades), ``maxLeverage`` is not known (reported
+as 1), funding, open interest, oracle price and volumes are not in the node
+files (reported as ``"0.0"``; ``markPx``/``oraclePx`` carry the mid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from hlbook.common import wire
+from hlbook.services.gateway import metrics
+from hlbook.services.gateway.hub import Hub, dex_of, level_dicts
+from hlbook.services.gateway.protocol import RequestError, normalise
+from hlbook.services.gateway.upstream import QueryError
+
+SPOT_PAIR = re.compile(r"^@(\d+)$")
+META_TTL = 10.0  # seconds a built meta is reused
+USDC = {"name": "USDC", "szDecimals": 8, "weiDecimals": 8, "index": 0, "tokenId": "0x" + "0" * 32, "isCanonical": True}
+
+
+class InfoError(Exception):
+    """A request the API answers with HTTP 400 / a post error."""
+
+
+def is_spot(coin: str) -> bool:
+    return coin.startswith("@") or "/" in coin
+
+
+def decimals(value: str) -> int:
+    return len(value.partition(".")[2].rstrip("0"))
+
+
+class Info:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.sz_decimals: dict[str, int] = {}
+        self._meta: tuple[float, dict[str, Any]] | None = None
+        self.handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "l2Book": self.l2_book,
+            "allMids": self.all_mids,
+            "meta": self.meta,
+            "spotMeta": self.spot_meta,
+            "metaAndAssetCtxs": self.meta_and_asset_ctxs,
+            "spotMetaAndAssetCtxs": self.spot_meta_and_asset_ctxs,
+            "recentTrades": self.recent_trades,
+            "openOrders": self.open_orders,
+            "frontendOpenOrders": self.frontend_open_orders,
+            "orderStatus": self.order_status,
+        }
+
+    async def answer(self, payload: Any) -> Any:
+        """The response body of one info request; InfoError when it is refused."""
+        kind = payload.get("type") if isinstance(payload, dict) else None
+        handler = self.handlers.get(kind) if isinstance(kind, str) else None
+        if handler is None:
+            metrics.INFO.labels("unknown", "error").inc()
+            raise InfoError(f"unknown info type {kind!r}; supported: {sorted(self.handlers)}")
+        try:
+            result = await handler(payload)
+        except (InfoError, QueryError, RequestError) as exc:
+            metrics.INFO.labels(kind, "error").inc()
+            raise InfoError(getattr(exc, "text", str(exc))) from None
+        metrics.INFO.labels(kind, "ok").inc()
+        return result
+
+    # ------------------------------------------------------------ books
+
+    def _coin(self, payload: dict[str, Any]) -> str:
+        coin = payload.get("coin")
+        if not isinstance(coin, str) or not self.hub.coin_exists(coin):
+            raise InfoError(f"unknown coin {coin!r}")
+        return coin
+
+    async def l2_book(self, payload: dict[str, Any]) -> dict[str, Any]:
+        sub = normalise({**payload, "type": "l2Book"}, self.hub.coin_exists)
+        coin = sub["coin"]
+        query = wire.Query("l2", coin=coin, n_sig_figs=sub["nSigFigs"], mantissa=sub["mantissa"], n_levels=sub.get("nLevels", 20))
+        reply = await self.hub.upstream.query(self.hub.owner(coin), query)
+        bids, asks = reply["levels"]
+        self._note_sizes(coin, bids + asks)
+        return {"coin": coin, "time": reply["time"], "levels": [level_dicts(bids), level_dicts(asks)]}
+
+    async def all_mids(self, payload: dict[str, Any]) -> dict[str, str]:
+        return self.hub.all_mids(payload.get("dex") or "")
+
+    async def recent_trades(self, payload: dict[str, Any]) -> list[wire.Trade]:
+        return list(self.hub.trades.get(self._coin(payload), ()))
+
+    # ------------------------------------------------------------ meta
+
+    def _note_sizes(self, coin: str, levels: list[Any]) -> None:
+        seen = max((decimals(level[1]) for level in levels), default=0)
+        seen = max([seen, *(decimals(t.sz) for t in self.hub.trades.get(coin, ()))])
+        if seen > self.sz_decimals.get(coin, -1):
+            self.sz_decimals[coin] = seen
+
+    async def _learn_sizes(self, coins: list[str]) -> None:
+        async def one(coin: str) -> None:
+            try:
+                reply = await self.hub.upstream.query(self.hub.owner(coin), wire.Query("l2", coin=coin, n_levels=100))
+            except QueryError:
+                return
+            self._note_sizes(coin, reply["levels"][0] + reply["levels"][1])
+
+        await asyncio.gather(*(one(c) for c in coins if c not in self.sz_decimals))
+
+    async def _universe(self) -> dict[str, Any]:
+        if self._meta is not None and time.monotonic() - self._meta[0] < META_TTL:
+            return self._meta[1]
+        coins = sorted(self.hub.coins())
+        await self._learn_sizes(coins)
+        perps = [c for c in coins if not is_spot(c)]
+        spots = sorted((c for c in coins if is_spot(c)), key=lambda c: (0 if "/" in c else int(c[1:]) if SPOT_PAIR.match(c) else 1 << 30, c))
+        tokens, universe = [USDC], []
+        for i, coin in enumerate(spots):
+            index = 0 if "/" in coin else int(coin[1:]) if SPOT_PAIR.match(coin) else 100_000 + i
+            tokens.append({"name": coin.split("/")[0], "szDecimals": self.sz_decimals.get(coin, 0), "weiDecimals": 8,
+                           "index": len(tokens), "tokenId": "0x" + f"{len(tokens):032x}", "isCanonical": "/" in coin})
+            universe.append({"tokens": [len(tokens) - 1, 0], "name": coin, "index": index, "isCanonical": "/" in coin})
+        built = {"perps": perps, "spot": {"universe": universe, "tokens": tokens}}
+        self._meta = (time.monotonic(), built)
+        return built
+
+    async def meta(self, payload: dict[str, Any]) -> dict[str, Any]:
+        dex = payload.get("dex") or ""
+        perps = (await self._universe())["perps"]
+        return {"universe": [{"name": c, "szDecimals": self.sz_decimals.get(c, 0), "maxLeverage": 1}
+                             for c in perps if dex_of(c) == dex]}
+
+    async def spot_meta(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return (await self._universe())["spot"]
+
+    def _ctx(self, coin: str, mids: dict[str, str]) -> dict[str, Any]:
+        mid = mids.get(coin)
+        return {"prevDayPx": mid or "0.0", "dayNtlVlm": "0.0", "markPx": mid or "0.0", "midPx": mid, "dayBaseVlm": "0.0"}
+
+    async def meta_and_asset_ctxs(self, payload: dict[str, Any]) -> list[Any]:
+        meta = await self.meta(payload)
+        mids = self.hub.all_mids(payload.get("dex") or "")
+        ctxs = [{**self._ctx(m["name"], mids), "funding": "0.0", "openInterest": "0.0", "premium": "0.0",
+                 "oraclePx": mids.get(m["name"], "0.0"), "impactPxs": None} for m in meta["universe"]]
+        return [meta, ctxs]
+
+    async def spot_meta_and_asset_ctxs(self, payload: dict[str, Any]) -> list[Any]:
+        spot = await self.spot_meta(payload)
+        mids = self.hub.all_mids("")
+        ctxs = [{**self._ctx(p["name"], mids), "coin": p["name"], "circulatingSupply": "0.0", "totalSupply": "0.0"}
+                for p in spot["universe"]]
+        return [spot, ctxs]
+
+    # ------------------------------------------------------------ orders (from the L4 books)
+
+    def _user(self, payload: dict[str, Any]) -> str:
+        user = payload.get("user")
+        if not isinstance(user, str) or not re.fullmatch(r"0x[0-9a-fA-F]{40}", user):
+            raise InfoError(f"user must be a 0x address of 40 hex digits, not {user!r}")
+        return user.lower()
+
+    async def _resting(self, user: str) -> list[dict[str, Any]]:
+        replies = await asyncio.gather(*(self.hub.upstream.query(k, wire.Query("open_orders", user=user))
+                                         for k in range(len(self.hub.shards))))
+        orders = [o for reply in replies for o in reply["orders"]]
+        return sorted(orders, key=lambda o: (-o["timestamp"], -o["oid"]))
+
+    async def open_orders(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        keys = ("coin", "side", "limitPx", "sz", "oid", "timestamp", "origSz", "cloid")
+        return [{k: o[k] for k in keys if o.get(k) is not None} for o in await self._resting(self._user(payload))]
+
+    async def frontend_open_orders(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in o.items() if k != "user"} for o in await self._resting(self._user(payload))]
+
+    async def order_status(self, payload: dict[str, Any]) -> dict[str, Any]:
+        self._user(payload)
+        oid = payload.get("oid")
+        if not isinstance(oid, int) or isinstance(oid, bool):
+            raise InfoError("oid must be an integer (cloid lookups need the user streams of issue 5)")
+        replies = await asyncio.gather(*(self.hub.upstream.query(k, wire.Query("order", oid=oid)) for k in range(len(self.hub.shards))))
+        for reply in replies:
+            order = reply.get("order")
+            if order is not None:
+                body = {k: v for k, v in order.items() if k != "user"}
+                return {"status": "order", "order": {"order": body, "status": "open", "statusTimestamp": order["timestamp"]}}
+        return {"status": "unknownOid"}

@@ -1,0 +1,21 @@
+"""Prometheus metrics of a gateway (``hlbook_gateway_`` prefix), served on its own ``/metrics``."""
+
+from __future__ import annotations
+
+from hlbook.common.metrics import Counter, Gauge
+
+CONNECTIONS = Gauge("hlbook_gateway_connections", "Open WebSocket connections")
+SUBSCRIPTIONS = Gauge("hlbook_gateway_subscriptions", "Client subscriptions, by type", ["type"])
+FEEDS = Gauge("hlbook_gateway_feeds", "Feeds with at least one subscriber (each encoded once per update)")
+REFUSED = Counter("hlbook_gateway_refused_total", "Connections refused at the handshake, by reason", ["reason"])
+CLOSED = Counter("hlbook_gateway_closed_total", "Connections closed, by reason", ["reason"])
+REQUESTS = Counter("hlbook_gateway_requests_total", "Client requests, by method", ["method"])
+ERRORS = Counter("hlbook_gateway_errors_total", "Error messages sent to clients, by reason", ["reason"])
+SENT = Counter("hlbook_gateway_messages_sent_total", "Feed messages queued to clients, by channel", ["channel"])
+ENCODED = Counter("hlbook_gateway_messages_encoded_total", "Feed messages encoded (once for all their subscribers), by channel", ["channel"])
+CONFLATED = Counter("hlbook_gateway_conflated_total", "Feed messages replaced by a newer one before a slow client got them")
+UPSTREAM = Counter("hlbook_gateway_upstream_messages_total", "Messages received from ingest and shards, by topic kind", ["kind"])
+GAPS = Counter("hlbook_gateway_upstream_gaps_total", "Lost upstream messages detected (prev chain), by topic kind", ["kind"])
+L4_SNAPSHOTS = Counter("hlbook_gateway_l4_snapshots_total", "l4Book snapshots fetched from shards, by result", ["result"])
+INFO = Counter("hlbook_gateway_info_requests_total", "Info requests (POST /info and WS post), by type and result", ["type", "result"])
+SHARDS_LIVE = Gauge("hlbook_gateway_shards_live", "Shards heard from in the last seconds")
