@@ -50,7 +50,7 @@ class GatewayConfig:
     max_subscriptions: int = 1000
     max_messages_per_minute: int = 2000
     idle_timeout: float = 60.0
-    queue_size: int = 1000
+    queue_size: int = 4096
     query_timeout: float = 3.0
 
     def endpoints(self) -> tuple[list[str], list[str]]:
@@ -100,9 +100,9 @@ class Gateway:
             for session, writer in list(self.sessions.items()):
                 if now - session.heard > self.cfg.idle_timeout:
                     session.close("idle", f"Connection closed: nothing received for {self.cfg.idle_timeout:g} s")
-                elif session.sending_since and now - session.sending_since > SEND_STUCK:
+                elif session.sending_since and (session.closing or now - session.sending_since > SEND_STUCK):
                     session.close("slow_client")
-                    writer.cancel()
+                    writer.cancel()  # blocked on a client that does not read
 
     # ------------------------------------------------------------ one WebSocket
 
@@ -132,39 +132,44 @@ class Gateway:
     async def _session(self, ws: WebSocket, ip: str) -> None:
         session = Session(f"{ip}:{ws.client.port if ws.client else 0}", ws.send_text, self.cfg.queue_size, self.cfg.max_messages_per_minute)
         writer = asyncio.create_task(self._write(session, ws))
+        reader = asyncio.create_task(self._read(session, ws))
         self.sessions[session] = writer
         metrics.CONNECTIONS.inc()
         try:
-            while not session.closing:
-                received = await ws.receive()
-                if received["type"] == "websocket.disconnect":
-                    session.close("client_closed")
-                    break
-                session.heard = time.monotonic()
-                raw = received.get("text")
-                self.handle(session, raw if raw is not None else received.get("bytes") or b"")
-        except (WebSocketDisconnect, RuntimeError):
-            session.close("client_closed")
+            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            session.close("client_closed")  # no-op when already closing for another reason
+            reader.cancel()
             metrics.CONNECTIONS.dec()
             metrics.CLOSED.labels(session.closing or "client_closed").inc()
             for stats in session.subs.values():
                 self.hub.detach(session, stats.feed)
             session.subs.clear()
             del self.sessions[session]
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(writer, 2.0)
 
+    async def _read(self, session: Session, ws: WebSocket) -> None:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            while not session.closing:
+                received = await ws.receive()
+                if received["type"] == "websocket.disconnect":
+                    return
+                session.heard = time.monotonic()
+                text = received.get("text")
+                self.handle(session, text if text is not None else received.get("bytes") or b"")
+                await asyncio.sleep(0)  # let writers run between requests of a burst
+
     async def _write(self, session: Session, ws: WebSocket) -> None:
+        """Send the session's messages; when it closes for a reason of ours, say why and close."""
         with contextlib.suppress(Exception):
             await session.writer()
-        if session.closing not in ("client_closed", None):
-            with contextlib.suppress(Exception):
-                if session.close_text:
-                    await ws.send_text(message("error", session.close_text))
-                await ws.close(code=POLICY, reason=session.closing)
-        else:
-            session.close("client_closed")
+        if session.closing in ("client_closed", None):
+            return
+        with contextlib.suppress(Exception):
+            if session.close_text:
+                await ws.send_text(message("error", session.close_text))
+            await ws.close(code=POLICY, reason=session.closing)
 
     # ------------------------------------------------------------ requests
 

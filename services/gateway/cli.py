@@ -23,7 +23,7 @@ def gateway(
     max_messages_per_minute: Annotated[int, typer.Option(envvar=env("max-messages-per-minute"), help="Client messages per connection per minute")] = 2000,
     idle_timeout: Annotated[float, typer.Option(envvar=env("idle-timeout"), help="Close a connection silent for this many seconds")] = 60.0,
     max_frame_bytes: Annotated[int, typer.Option(envvar=env("max-frame-bytes"), help="Largest client frame accepted")] = 1 << 20,
-    queue_size: Annotated[int, typer.Option(envvar=env("queue-size"), help="Messages queued per client before it is cut off")] = 1000,
+    queue_size: Annotated[int, typer.Option(envvar=env("queue-size"), help="Trades/l4Book/reply messages queued per client before it is cut off (conflated feeds keep one each)")] = 4096,
     per_message_deflate: Annotated[bool, typer.Option(envvar=env("per-message-deflate"), help="Offer permessage-deflate compression")] = True,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:

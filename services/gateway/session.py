@@ -3,8 +3,9 @@ outbox drained by a writer task, and the inbound rate limit.
 
 The outbox holds texts (sent in order) and feed keys of conflated feeds: a
 conflated feed keeps only its latest text per client, so a slow client gets the
-newest l2Book/bbo/allMids and never a backlog. When the outbox is full, the
-client is closed with an error (a non-conflated message would otherwise be lost).
+newest l2Book/bbo/allMids and never a backlog (at most one entry per
+subscription). When ``queue_size`` texts wait, the client is closed with an
+error: a trades or l4Book message would otherwise be lost.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Session:
         self.queue_size = queue_size
         self.subs: dict[str, SubscriptionStats] = {}  # by subscription identity
         self.outbox: deque[str | FeedKey] = deque()
+        self.texts = 0  # texts (not conflated keys) in the outbox
         self.latest: dict[FeedKey, str] = {}  # conflated feeds: the text to send when their key comes up
         self.wakeup = asyncio.Event()
         self.closing: str | None = None  # why the session must end (set once)
@@ -133,9 +135,11 @@ class Session:
     def _queue(self, item: str | FeedKey) -> None:
         if self.closing:
             return
-        if len(self.outbox) >= self.queue_size:
-            self.close("slow_client", f"Connection closed: client too slow, {len(self.outbox)} messages queued")
-            return
+        if isinstance(item, str):
+            if self.texts >= self.queue_size:
+                self.close("slow_client", f"Connection closed: client too slow, {self.texts} messages queued")
+                return
+            self.texts += 1
         self.outbox.append(item)
         self.wakeup.set()
 
@@ -146,6 +150,7 @@ class Session:
         self.closing = reason
         self.close_text = text
         self.outbox.clear()
+        self.texts = 0
         self.latest.clear()
         self.wakeup.set()
 
@@ -156,7 +161,11 @@ class Session:
             self.wakeup.clear()
             while self.outbox and not self.closing:
                 item = self.outbox.popleft()
-                text = self.latest.pop(item) if isinstance(item, tuple) else item
+                if isinstance(item, str):
+                    text = item
+                    self.texts -= 1
+                else:
+                    text = self.latest.pop(item)
                 self.sending_since = time.monotonic()
                 await self._send(text)
                 self.sending_since = 0.0

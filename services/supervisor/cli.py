@@ -26,6 +26,7 @@ def up(
     coins: Annotated[int, typer.Option(envvar=env("coins"), help="Simulator coins")] = 50,
     seed: Annotated[int, typer.Option(envvar=env("seed"), help="Simulator seed")] = 1,
     metrics_base_port: Annotated[int, typer.Option(envvar=env("metrics-base-port"), help="Prometheus ports: ingest on this one, shard k on +1+k (0: off)")] = 9100,
+    sockets: Annotated[str | None, typer.Option(envvar=env("sockets"), help="Directory for the ZeroMQ ipc:// endpoints (default: a new temporary one)")] = None,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """Run sim (optional), ingest, N book shards and M gateways as supervised children."""
@@ -52,5 +53,6 @@ def up(
             seed=seed,
             metrics_base_port=metrics_base_port,
             log_level=log_level,
+            sockets=sockets,
         )
     )

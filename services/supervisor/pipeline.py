@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -34,6 +35,7 @@ class Pipeline:
     seed: int
     metrics_base_port: int
     log_level: str
+    sockets: str | None = None  # directory of the ipc:// endpoints; None: a temporary one
 
     def specs(self, data_dir: str, sockets: str) -> list[ChildSpec]:
         """The children; ZeroMQ runs over ``ipc://`` endpoints in the directory ``sockets``."""
@@ -105,7 +107,8 @@ def _metrics(url: str) -> dict[str, float]:
 def run(pipeline: Pipeline) -> None:
     logs.setup("up", pipeline.log_level)
     data_dir = pipeline.data_dir or tempfile.mkdtemp(prefix="hlbook-sim-")
-    sockets = tempfile.mkdtemp(prefix="hlbook-zmq-")
+    sockets = pipeline.sockets or tempfile.mkdtemp(prefix="hlbook-zmq-")
+    os.makedirs(sockets, exist_ok=True)
     supervisor = Supervisor(pipeline.specs(data_dir, sockets))
     status = Status(pipeline)
     urls = [f"ws://{pipeline.host}:{pipeline.port + i}/ws" for i in range(pipeline.gateways)]
@@ -126,5 +129,6 @@ def run(pipeline: Pipeline) -> None:
     try:
         supervisor.run(on_tick=tick)
     finally:
-        shutil.rmtree(sockets, ignore_errors=True)
+        if not pipeline.sockets:
+            shutil.rmtree(sockets, ignore_errors=True)
     log.info("stopped")
