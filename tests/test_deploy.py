@@ -662,12 +662,6 @@ def test_prometheus_targets_match_metrics_ports():
         assert targets.get(job) == want, f"{job}: targets {targets.get(job)}, compose serves metrics on {want}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ingest and book serve /metrics on 127.0.0.1 only (common.metrics.serve's default host, no flag to "
-    "change it), so Prometheus in another container/pod cannot scrape them; when a metrics-host flag exists, "
-    "set it to 0.0.0.0 in compose and k8s and drop this xfail",
-)
 def test_ingest_and_book_metrics_reachable_from_prometheus():
     procs = compose_procs() + k8s_procs(k8s_objects())
     for proc in procs:

@@ -22,6 +22,7 @@ def book(
     validate_every: Annotated[float, typer.Option(envvar=env("validate-every"), help="Seconds between validations against a fresh node snapshot (0: off; needs --info-url)")] = 0.0,
     replay_timeout: Annotated[float, typer.Option(envvar=env("replay-timeout"), help="Seconds to wait for ingest's replay answer")] = 5.0,
     metrics_port: Annotated[int, typer.Option(envvar=env("book-metrics-port"), help="Prometheus port (0: off)")] = 0,
+    metrics_host: Annotated[str, typer.Option(envvar=env("metrics-host"), help="Address for /metrics (0.0.0.0 to let Prometheus on other hosts scrape it)")] = config.DEFAULT_HOST,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """Keep the L4 books of one shard's coins; publish L2/BBO/L4/mids; answer queries."""
@@ -44,6 +45,7 @@ def book(
             validate_every=validate_every,
             replay_timeout=replay_timeout,
             metrics_port=metrics_port,
+            metrics_host=metrics_host,
             log_level=log_level,
             test_drop_every=drop_every,
             test_hooks=hooks,

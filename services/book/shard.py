@@ -64,6 +64,7 @@ class ShardConfig:
     query: str | None = None  # default: config.book_endpoints(shard)[1]
     validate_every: float = 0.0
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
     replay_timeout: float = 5.0
     retry_every: float = 1.0
@@ -622,7 +623,7 @@ class Shard:
 def run(cfg: ShardConfig) -> None:
     logs.setup(f"book-{cfg.shard}", cfg.log_level)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    serve(cfg.metrics_port)
+    serve(cfg.metrics_port, cfg.metrics_host)
     shard = Shard(cfg)
 
     def stop(*_: object) -> None:

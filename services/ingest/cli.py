@@ -20,6 +20,7 @@ def ingest(
     block_timeout: Annotated[float, typer.Option(envvar=env("block-timeout"), help="Streaming mode: seconds after which a block closes although a stream has not moved past it")] = 0.5,
     poll_interval: Annotated[float, typer.Option(envvar=env("poll-interval"), help="Seconds between file polls when idle")] = 0.002,
     metrics_port: Annotated[int, typer.Option(envvar=env("ingest-metrics-port"), help="Prometheus port (0: off)")] = 0,
+    metrics_host: Annotated[str, typer.Option(envvar=env("metrics-host"), help="Address for /metrics (0.0.0.0 to let Prometheus on other hosts scrape it)")] = config.DEFAULT_HOST,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """Tail the node's files, join the streams by block, publish over ZeroMQ."""
@@ -36,6 +37,7 @@ def ingest(
             block_timeout=block_timeout,
             poll_interval=poll_interval,
             metrics_port=metrics_port,
+            metrics_host=metrics_host,
             log_level=log_level,
         )
     )

@@ -37,6 +37,7 @@ class IngestConfig:
     block_timeout: float = 0.5
     poll_interval: float = 0.002
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
 
 
@@ -150,7 +151,7 @@ class Ingest:
 
 def run(cfg: IngestConfig) -> None:
     logs.setup("ingest", cfg.log_level)
-    serve(cfg.metrics_port)
+    serve(cfg.metrics_port, cfg.metrics_host)
     ingest = Ingest(cfg)
 
     def stop(*_: object) -> None:
