@@ -5,6 +5,20 @@ do not carry is stated, not invented: ``szDecimals`` is the most decimals seen
 in the coin's sizes (book and trades), ``maxLeverage`` is not known (reported
 as 1), funding, open interest, oracle price and volumes are not in the node
 files (reported as ``"0.0"``; ``markPx``/``oraclePx`` carry the mid).
+
+Only coins the books hold are listed. Spot pairs keep their public ``index``
+(``@107`` is index 107), so the spot universe is sparse; its base token is named
+like the pair (``@107``) because node files do not carry token names.
+``spotMetaAndAssetCtxs`` lists ctxs in the universe's order, as the public API
+does. ccxt (``fetch_spot_markets``) looks a ctx up by the pair's ``index``, which
+equals its position only in a dense universe: for a pair whose index is beyond
+its position ccxt takes another pair's ctx or none (then a price precision of 1).
+
+``perpDexs`` is ``null`` (the default dex) followed by the HIP-3 dexes whose
+``dex:COIN`` coins the books hold, sorted by name; deployer, oracle updater, fee
+recipient and open-interest caps are not in the node files (``null`` / ``[]``),
+``fullName`` repeats the name, and the order (which clients use for builder-dex
+asset ids from 110000) is not the chain's deployment order.
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ class Info:
             "allMids": self.all_mids,
             "meta": self.meta,
             "spotMeta": self.spot_meta,
+            "perpDexs": self.perp_dexs,
             "metaAndAssetCtxs": self.meta_and_asset_ctxs,
             "spotMetaAndAssetCtxs": self.spot_meta_and_asset_ctxs,
             "recentTrades": self.recent_trades,
@@ -137,6 +152,12 @@ class Info:
 
     async def spot_meta(self, payload: dict[str, Any]) -> dict[str, Any]:
         return (await self._universe())["spot"]
+
+    async def perp_dexs(self, payload: dict[str, Any]) -> list[dict[str, Any] | None]:
+        """``null`` for the default dex, then one entry per HIP-3 dex whose coins the books hold."""
+        dexes = sorted({dex_of(c) for c in (await self._universe())["perps"]} - {""})
+        return [None, *({"name": d, "fullName": d, "deployer": None, "oracleUpdater": None, "feeRecipient": None,
+                         "assetToStreamingOiCap": []} for d in dexes)]
 
     def _ctx(self, coin: str, mids: dict[str, str]) -> dict[str, Any]:
         mid = mids.get(coin)
