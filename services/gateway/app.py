@@ -23,12 +23,14 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from hlbook.common import config
-from hlbook.services.gateway import metrics
+from hlbook.services.gateway import metrics, user_info
+from hlbook.services.gateway.candles import Candles
 from hlbook.services.gateway.hub import Hub
 from hlbook.services.gateway.info import Info, InfoError
 from hlbook.services.gateway.protocol import RequestError, dumps, feed_key, identity, message, normalise, parse_request
 from hlbook.services.gateway.session import Session, SubscriptionStats
 from hlbook.services.gateway.upstream import Upstream
+from hlbook.services.gateway.users import Users
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ class GatewayConfig:
     idle_timeout: float = 60.0
     queue_size: int = 4096
     query_timeout: float = 3.0
+    user_fills_kept: int = 2000
+    user_orders_kept: int = 2000
+    max_followed_users: int = 10_000
+    candles_kept: int = 200
 
     def endpoints(self) -> tuple[list[str], list[str]]:
         pubs = self.book_pubs or [config.book_endpoints(k)[0] for k in range(self.shards)]
@@ -68,8 +74,10 @@ class Gateway:
         self.cfg = cfg
         pubs, queries = cfg.endpoints()
         self.upstream = Upstream(cfg.ingest_pub, pubs, queries, cfg.query_timeout)
-        self.hub = Hub(self.upstream)
+        users = Users(cfg.user_fills_kept, cfg.user_orders_kept, cfg.max_followed_users)
+        self.hub = Hub(self.upstream, users, Candles(cfg.candles_kept))
         self.info = Info(self.hub)
+        self.info.handlers.update(user_info.handlers(self.hub, self.info))
         self.sessions: dict[Session, asyncio.Task[None]] = {}  # session -> its writer task
         self.per_ip: dict[str, int] = {}
         self.tasks: list[asyncio.Task[None]] = []
@@ -193,6 +201,10 @@ class Gateway:
         except RequestError as exc:
             metrics.ERRORS.labels(exc.reason).inc()
             session.reply(message("error", exc.text))
+        except Exception:  # a bug must cost one request, not the connection
+            metrics.ERRORS.labels("internal").inc()
+            log.exception("request %r failed", raw[:200])
+            session.reply(message("error", "Internal error handling the request"))
 
     def subscription(self, session: Session, method: str, sub: Any) -> None:
         norm = normalise(sub, self.hub.coin_exists)
@@ -203,6 +215,7 @@ class Gateway:
             if len(session.subs) >= self.cfg.max_subscriptions:
                 raise RequestError(f"Cannot subscribe to more than {self.cfg.max_subscriptions} channels.", "too_many_subscriptions")
             key = feed_key(norm)
+            self.hub.check(key)
             session.subs[ident] = SubscriptionStats(norm, key)
             session.reply(message("subscriptionResponse", {"method": method, "subscription": norm}))
             self.hub.attach(session, norm, ident, key)

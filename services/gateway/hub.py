@@ -14,10 +14,13 @@ import msgspec
 from hlbook.common import topics, wire
 from hlbook.common.metrics import BAD_INPUT
 from hlbook.services.gateway import metrics
+from hlbook.services.gateway import users as user_streams
+from hlbook.services.gateway.candles import Candles
 from hlbook.services.gateway.feeds import Feed, L4Feed
-from hlbook.services.gateway.protocol import CONFLATED, FeedKey
+from hlbook.services.gateway.protocol import CHANNELS, CONFLATED, USER_FEEDS, FeedKey, RequestError, message
 from hlbook.services.gateway.session import Session
 from hlbook.services.gateway.upstream import Upstream
+from hlbook.services.gateway.users import Users
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,10 @@ def dex_of(coin: str) -> str:
 
 
 class Hub:
-    def __init__(self, upstream: Upstream) -> None:
+    def __init__(self, upstream: Upstream, users: Users | None = None, candles: Candles | None = None) -> None:
         self.upstream = upstream
+        self.users = users or Users()
+        self.candles = candles or Candles()
         self.shards = [ShardView() for _ in range(upstream.shards)]
         self.feeds: dict[FeedKey, Feed] = {}
         self.by_topic: dict[bytes, list[Feed]] = {}
@@ -88,9 +93,16 @@ class Hub:
 
     # ------------------------------------------------------------ subscriptions
 
+    def check(self, key: FeedKey) -> None:
+        """RequestError when a new feed for ``key`` cannot be opened (cap of followed users)."""
+        if key[0] in USER_FEEDS and key[1] not in self.users.stores and len(self.users.stores) >= self.users.max_users:
+            raise RequestError(f"Cannot follow more than {self.users.max_users} users on this server.", "too_many_users")
+
     def attach(self, session: Session, normalised: dict[str, Any], ident: str, key: FeedKey) -> None:
         feed = self.feeds.get(key)
         if feed is None:
+            if key[0] in USER_FEEDS:
+                self.users.follow(key[1])
             feed = self.feeds[key] = self._new_feed(key)
             metrics.FEEDS.set(len(self.feeds))
             if feed.topic is not None:
@@ -99,6 +111,8 @@ class Hub:
             self._prime(feed)
         feed.add(session, ident)
         metrics.SUBSCRIPTIONS.labels(key[0]).inc()
+        if key[0] in ("userFills", "userTwapSliceFills"):
+            self._user_snapshot(session, ident, key)
 
     def detach(self, session: Session, key: FeedKey) -> None:
         feed = self.feeds.get(key)
@@ -110,6 +124,8 @@ class Hub:
             return
         del self.feeds[key]
         metrics.FEEDS.set(len(self.feeds))
+        if key[0] in USER_FEEDS:
+            self.users.unfollow(key[1])
         if feed.topic is not None:
             siblings = self.by_topic[feed.topic]
             siblings.remove(feed)
@@ -125,6 +141,8 @@ class Hub:
             coin = key[1]
             shard = self.owner(coin)
             return L4Feed(key, topics.l4(coin), shard, lambda: self.upstream.query(shard, wire.Query("l4", coin=coin)))
+        if kind in USER_FEEDS:
+            return Feed(key, CHANNELS.get(kind, kind), False, topics.user(key[1]))
         topic = {"l2Book": lambda: topics.l2(key[1], key[2], key[3]), "bbo": lambda: topics.bbo(key[1])}.get(kind)
         return Feed(key, kind, kind in CONFLATED, topic() if topic else None)
 
@@ -135,6 +153,21 @@ class Hub:
             feed.publish({"mids": self.all_mids(feed.key[1])})
         elif kind == "l2Book" and feed.topic in self.l2_last:
             self._publish_l2(feed, self.l2_last[feed.topic])
+        elif kind == "candle":
+            candle = self.candles.last(feed.key[1], feed.key[2])
+            if candle is not None:
+                feed.publish(candle)
+
+    def _user_snapshot(self, session: Session, ident: str, key: FeedKey) -> None:
+        """userFills / userTwapSliceFills start with ``isSnapshot: true`` and what is kept of the user."""
+        user = key[1]
+        store = self.users.stores.get(user)
+        fills = list(store.fills) if store else []
+        if key[0] == "userFills":
+            data = {"isSnapshot": True, "user": user, "fills": user_streams.aggregate_by_time(fills) if key[2] else fills}
+        else:
+            data = {"isSnapshot": True, "user": user, "twapSliceFills": [{"fill": f, "twapId": f.twapId} for f in fills if f.twapId is not None]}
+        session.deliver(message(key[0], data), ident, None)
 
     # ------------------------------------------------------------ upstream messages
 
@@ -191,6 +224,35 @@ class Hub:
         feed = self.feeds.get(("trades", m.coin))
         if feed is not None:
             feed.publish(m.trades)
+        for coin, interval in self.candles.add(m.trades):
+            candle_feed = self.feeds.get(("candle", coin, interval))
+            if candle_feed is not None:
+                candle_feed.publish(self.candles.last(coin, interval))
+
+    def on_user(self, topic: bytes, m: wire.UserEvents) -> None:
+        store = self.users.stores.get(m.user)
+        if store is not None:
+            store.add(m.statuses, m.fills)
+        for feed in self.by_topic.get(topic, ()):
+            data = self._user_data(feed.key, m)
+            if data:
+                feed.publish(data)
+
+    @staticmethod
+    def _user_data(key: FeedKey, m: wire.UserEvents) -> Any:
+        """The message of one user feed for one block's events (None when it has nothing)."""
+        kind = key[0]
+        if kind == "orderUpdates":
+            return [user_streams.order_update(s) for s in m.statuses] or None
+        if kind == "userFills":
+            return {"user": m.user, "fills": user_streams.aggregate_by_time(m.fills) if key[2] else m.fills} if m.fills else None
+        if kind == "userTwapSliceFills":
+            twap = [{"fill": f, "twapId": f.twapId} for f in m.fills if f.twapId is not None]
+            return {"user": m.user, "twapSliceFills": twap} if twap else None
+        cancels = [{"coin": s.order.coin, "oid": s.order.oid} for s in m.statuses if s.status in user_streams.NON_USER_CANCELS]
+        if m.fills and cancels:
+            return {"fills": m.fills, "nonUserCancel": cancels}
+        return {"fills": m.fills} if m.fills else {"nonUserCancel": cancels} if cancels else None
 
     def on_l2(self, topic: bytes, m: wire.L2Levels) -> None:
         feeds = self.by_topic.get(topic)
@@ -221,4 +283,5 @@ class Hub:
         topics.L2_PREFIX: ("l2", wire.L2Levels, on_l2),
         topics.BBO_PREFIX: ("bbo", wire.Bbo, on_bbo),
         topics.L4_PREFIX: ("l4", wire.L4Updates, on_l4),
+        topics.USER_PREFIX: ("user", wire.UserEvents, on_user),
     }

@@ -3,15 +3,20 @@ normalisation, and the public API's error texts (DESIGN.md §5)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 from hlbook.services.book import l2
+from hlbook.services.gateway.candles import INTERVALS
 
-FEEDS = ("l2Book", "trades", "bbo", "allMids", "l4Book")
-CONFLATED = frozenset({"l2Book", "bbo", "allMids"})  # a slow client gets the latest only
+FEEDS = ("l2Book", "trades", "bbo", "allMids", "l4Book", "candle", "orderUpdates", "userFills", "userEvents", "userTwapSliceFills")
+USER_FEEDS = frozenset({"orderUpdates", "userFills", "userEvents", "userTwapSliceFills"})
+CONFLATED = frozenset({"l2Book", "bbo", "allMids", "candle"})  # a slow client gets the latest only
+CHANNELS = {"userEvents": "user"}  # channel of a feed when it differs from its type
+USER = re.compile(r"0x[0-9a-fA-F]{40}")
 DEFAULT_LEVELS = 20
 
 _encoder = msgspec.json.Encoder()
@@ -62,6 +67,8 @@ def normalise(sub: Any, coin_exists: Callable[[str], bool]) -> dict[str, Any]:
     if not isinstance(sub, dict) or sub.get("type") not in FEEDS:
         raise _invalid(sub)
     kind = sub["type"]
+    if kind in USER_FEEDS:
+        return _user_subscription(sub)
     if kind == "allMids":
         dex = sub.get("dex")
         if dex is not None and not isinstance(dex, str):
@@ -70,6 +77,10 @@ def normalise(sub: Any, coin_exists: Callable[[str], bool]) -> dict[str, Any]:
     coin = sub.get("coin")
     if not isinstance(coin, str) or not coin_exists(coin):
         raise _invalid(sub)
+    if kind == "candle":
+        if sub.get("interval") not in INTERVALS:
+            raise _invalid(sub)
+        return {"type": kind, "coin": coin, "interval": sub["interval"]}
     if kind != "l2Book":
         return {"type": kind, "coin": coin}
     nsf, man, n_levels = sub.get("nSigFigs"), sub.get("mantissa"), sub.get("nLevels")
@@ -84,6 +95,18 @@ def normalise(sub: Any, coin_exists: Callable[[str], bool]) -> dict[str, Any]:
         if not _is_int(n_levels) or not 1 <= n_levels <= l2.MAX_LEVELS:
             raise _invalid(sub)
         out["nLevels"] = n_levels
+    return out
+
+
+def _user_subscription(sub: dict[str, Any]) -> dict[str, Any]:
+    user = sub.get("user")
+    if not isinstance(user, str) or not USER.fullmatch(user):
+        raise _invalid(sub)
+    out = {"type": sub["type"], "user": user.lower()}
+    if sub["type"] == "userFills" and sub.get("aggregateByTime") is not None:
+        if not isinstance(sub["aggregateByTime"], bool):
+            raise _invalid(sub)
+        out["aggregateByTime"] = sub["aggregateByTime"]
     return out
 
 
@@ -103,4 +126,10 @@ def feed_key(normalised: dict[str, Any]) -> FeedKey:
                 normalised.get("nLevels", DEFAULT_LEVELS))
     if kind == "allMids":
         return (kind, normalised.get("dex", ""))
+    if kind == "candle":
+        return (kind, normalised["coin"], normalised["interval"])
+    if kind == "userFills":
+        return (kind, normalised["user"], bool(normalised.get("aggregateByTime")))
+    if kind in USER_FEEDS:
+        return (kind, normalised["user"])
     return (kind, normalised["coin"])
