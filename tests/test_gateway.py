@@ -475,3 +475,20 @@ def test_client_that_never_reads_is_cut_off_and_others_are_not_slowed(limited: s
         slow.sock.close()
 
     asyncio.run(run())
+
+
+def test_active_asset_ctx_perp_and_spot(up: Up) -> None:
+    async def run() -> None:
+        spot = post_info(up.http, {"type": "spotMeta"})[1]["universe"][0]["name"]
+        ws = await connect(up.ws)
+        await send(ws, sub("subscribe", {"type": "activeAssetCtx", "coin": "BTC"}))
+        await send(ws, sub("subscribe", {"type": "activeAssetCtx", "coin": spot}))
+        perp_ctx = (await receive(ws, "activeAssetCtx"))["data"]
+        spot_ctx = (await receive(ws, "activeSpotAssetCtx"))["data"]
+        await ws.close()
+        assert perp_ctx["coin"] == "BTC" and canonical(perp_ctx["ctx"]["midPx"]) and "funding" in perp_ctx["ctx"]
+        assert spot_ctx["coin"] == spot and spot_ctx["ctx"]["coin"] == spot and "circulatingSupply" in spot_ctx["ctx"]
+        mids = post_info(up.http, {"type": "allMids"})[1]
+        assert abs(Decimal(perp_ctx["ctx"]["midPx"]) / Decimal(mids["BTC"]) - 1) < Decimal("0.01")
+
+    asyncio.run(run())

@@ -16,6 +16,7 @@ from hlbook.common.metrics import BAD_INPUT
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway import users as user_streams
 from hlbook.services.gateway.candles import Candles
+from hlbook.services.gateway.ctx import active_asset_ctx
 from hlbook.services.gateway.feeds import Feed, L4Feed
 from hlbook.services.gateway.protocol import CHANNELS, CONFLATED, USER_FEEDS, FeedKey, RequestError, message
 from hlbook.services.gateway.session import Session
@@ -153,6 +154,8 @@ class Hub:
             feed.publish({"mids": self.all_mids(feed.key[1])})
         elif kind == "l2Book" and feed.topic in self.l2_last:
             self._publish_l2(feed, self.l2_last[feed.topic])
+        elif kind == "activeAssetCtx":
+            self._publish_ctx(feed)
         elif kind == "candle":
             candle = self.candles.last(feed.key[1], feed.key[2])
             if candle is not None:
@@ -199,7 +202,17 @@ class Hub:
         for feed in self.feeds.values():
             if isinstance(feed, L4Feed) and feed.shard == m.shard:
                 feed.on_block(m.height, m.time)
+            elif feed.key[0] == "activeAssetCtx" and self.owner(feed.key[1]) == m.shard:
+                self._publish_ctx(feed)
         self._maybe_mids(m.height)
+
+    def _publish_ctx(self, feed: Feed) -> None:
+        """activeAssetCtx: the coin's context, when it changed (the mid)."""
+        coin = feed.key[1]
+        channel, data = active_asset_ctx(coin, self.shards[self.owner(coin)].mids.get(coin))
+        feed.channel = channel
+        if feed.last is None or feed.last != message(channel, data):
+            feed.publish(data)
 
     def _maybe_mids(self, height: int) -> None:
         """allMids once per block: when every live shard has finished ``height``."""

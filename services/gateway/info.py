@@ -31,6 +31,7 @@ from typing import Any
 
 from hlbook.common import wire
 from hlbook.services.gateway import metrics
+from hlbook.services.gateway.ctx import is_spot, perp_ctx, spot_ctx
 from hlbook.services.gateway.hub import Hub, dex_of, level_dicts
 from hlbook.services.gateway.protocol import RequestError, normalise
 from hlbook.services.gateway.upstream import QueryError
@@ -42,10 +43,6 @@ USDC = {"name": "USDC", "szDecimals": 8, "weiDecimals": 8, "index": 0, "tokenId"
 
 class InfoError(Exception):
     """A request the API answers with HTTP 400 / a post error."""
-
-
-def is_spot(coin: str) -> bool:
-    return coin.startswith("@") or "/" in coin
 
 
 def decimals(value: str) -> int:
@@ -159,23 +156,15 @@ class Info:
         return [None, *({"name": d, "fullName": d, "deployer": None, "oracleUpdater": None, "feeRecipient": None,
                          "assetToStreamingOiCap": []} for d in dexes)]
 
-    def _ctx(self, coin: str, mids: dict[str, str]) -> dict[str, Any]:
-        mid = mids.get(coin)
-        return {"prevDayPx": mid or "0.0", "dayNtlVlm": "0.0", "markPx": mid or "0.0", "midPx": mid, "dayBaseVlm": "0.0"}
-
     async def meta_and_asset_ctxs(self, payload: dict[str, Any]) -> list[Any]:
         meta = await self.meta(payload)
         mids = self.hub.all_mids(payload.get("dex") or "")
-        ctxs = [{**self._ctx(m["name"], mids), "funding": "0.0", "openInterest": "0.0", "premium": "0.0",
-                 "oraclePx": mids.get(m["name"], "0.0"), "impactPxs": None} for m in meta["universe"]]
-        return [meta, ctxs]
+        return [meta, [perp_ctx(mids.get(m["name"])) for m in meta["universe"]]]
 
     async def spot_meta_and_asset_ctxs(self, payload: dict[str, Any]) -> list[Any]:
         spot = await self.spot_meta(payload)
         mids = self.hub.all_mids("")
-        ctxs = [{**self._ctx(p["name"], mids), "coin": p["name"], "circulatingSupply": "0.0", "totalSupply": "0.0"}
-                for p in spot["universe"]]
-        return [spot, ctxs]
+        return [spot, [spot_ctx(p["name"], mids.get(p["name"])) for p in spot["universe"]]]
 
     # ------------------------------------------------------------ orders (from the L4 books)
 

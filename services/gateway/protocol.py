@@ -12,9 +12,9 @@ import msgspec
 from hlbook.services.book import l2
 from hlbook.services.gateway.candles import INTERVALS
 
-FEEDS = ("l2Book", "trades", "bbo", "allMids", "l4Book", "candle", "orderUpdates", "userFills", "userEvents", "userTwapSliceFills")
+FEEDS = ("l2Book", "trades", "bbo", "allMids", "l4Book", "candle", "activeAssetCtx", "orderUpdates", "userFills", "userEvents", "userTwapSliceFills")
 USER_FEEDS = frozenset({"orderUpdates", "userFills", "userEvents", "userTwapSliceFills"})
-CONFLATED = frozenset({"l2Book", "bbo", "allMids", "candle"})  # a slow client gets the latest only
+CONFLATED = frozenset({"l2Book", "bbo", "allMids", "candle", "activeAssetCtx"})  # a slow client gets the latest only
 CHANNELS = {"userEvents": "user"}  # channel of a feed when it differs from its type
 USER = re.compile(r"0x[0-9a-fA-F]{40}")
 DEFAULT_LEVELS = 20
