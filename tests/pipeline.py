@@ -72,15 +72,19 @@ class Up:
 
 
 def stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, SIGKILL what is left after 15 s."""
+    """SIGTERM the process group, SIGKILL what is left of it after 15 s."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(15)
     except ProcessLookupError:
         return
     except subprocess.TimeoutExpired:
+        pass
+    try:  # the leader or children that outlived it
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
+    except ProcessLookupError:
+        pass
+    proc.wait(5)
 
 
 def http_get(url: str) -> tuple[int, Any]:

@@ -14,7 +14,6 @@ import socket
 import tempfile
 import time
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest

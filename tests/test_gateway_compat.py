@@ -6,14 +6,8 @@ matches the gateway's own answers (``POST /info``) on the simulated pipeline."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 from typing import Any
 
 import ccxt.pro as ccxtpro
@@ -21,7 +15,7 @@ import httpx
 import pytest
 from hyperliquid.info import Info
 
-from conftest import free_port
+from pipeline import Up
 
 READY_TIMEOUT = 60.0
 WAIT = 10.0  # seconds a client may take to deliver a message
@@ -32,43 +26,11 @@ ADDRESS = re.compile(r"0x[0-9a-f]{40}")
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """``hlbook up --simulate`` (2 shards, 12 coins) as its own process group; yields the base URL."""
-    tmp: Path = tmp_path_factory.mktemp("compat")
-    port = free_port()
-    cmd = [str(Path(sys.executable).with_name("hlbook")), "up", "--simulate", "--data-dir", str(tmp / "node"),
-           "--sockets", str(tmp / "zmq"), "--shards", "2", "--port", str(port), "--info-port", str(free_port()),
-           "--metrics-base-port", "0", "--coins", "12", "--seed", "3"]
-    log = open(tmp / "up.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    pipeline = Up(tmp_path_factory.mktemp("compat"), shards=2, coins=12, seed=3)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"hlbook up exited with {proc.returncode}: {(tmp / 'up.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/ready", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"not ready after {READY_TIMEOUT:g} s: {(tmp / 'up.log').read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield base
+        yield pipeline.wait_ready(READY_TIMEOUT).http
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(15)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        finally:
-            log.close()
-        try:  # children that outlived the supervisor
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        pipeline.stop()
 
 
 def post(base: str, payload: dict[str, Any]) -> Any:

@@ -4,7 +4,6 @@ against the node files the simulator wrote and the simulator's fileSnapshot."""
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
 import time
 from collections import Counter
