@@ -46,7 +46,11 @@ def main() -> int:
     else:
         argv = [str(BIN / "python"), "-m", "pytest", *extra]
     os.chdir(ROOT)
-    return subprocess.call(argv)
+    sys.stdout.flush()
+    # Replace this process, so that SIGTERM/SIGINT reach `hlbook up` (whose
+    # supervisor stops its children) instead of killing dev.py and orphaning it.
+    os.execv(argv[0], argv)
+    return 1  # not reached
 
 
 if __name__ == "__main__":
