@@ -1,0 +1,263 @@
+"""`hlbook up` as a user runs it: the README's run command on a clean clone, and
+the supervisor with the real system (children killed and restarted, SIGTERM
+stopping the whole process tree)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.sync.client import connect
+
+from conftest import free_port
+from pipeline import Up, http_get, post_info, stop_group
+
+from hlbook.common.topics import shard_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------- process tree
+
+
+def _stat(pid: int) -> tuple[int, int, int] | None:
+    """(ppid, pgid, start time) of a live (non-zombie) process, None when gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[1]), int(fields[2]), int(fields[19])
+
+
+def tree(root: int) -> dict[int, int]:
+    """pid -> start time of ``root``, its descendants and its process group (a pid
+    with its start time names one process even if the pid is reused later)."""
+    procs = {int(p.name): s for p in Path("/proc").iterdir() if p.name.isdigit() and (s := _stat(int(p.name)))}
+    found = {pid for pid, (_, pgid, _) in procs.items() if pgid == root}
+    if root in procs:
+        found.add(root)
+    grew = True
+    while grew:
+        new = {pid for pid, (ppid, _, _) in procs.items() if ppid in found} - found
+        found |= new
+        grew = bool(new)
+    return {pid: procs[pid][2] for pid in found}
+
+
+def alive(pids: dict[int, int]) -> list[int]:
+    return [pid for pid, start in pids.items() if (s := _stat(pid)) is not None and s[2] == start]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def children(root: int) -> dict[str, int]:
+    """Service name (sim, ingest, book-K, gateway) -> pid of hlbook up's live children."""
+    named = {}
+    for pid in tree(root):
+        args = cmdline(pid).split()
+        if "hlbook.cli" not in args or pid == root:
+            continue
+        command = args[args.index("hlbook.cli") + 1]
+        if command == "book":
+            command = f"book-{args[args.index('--shard') + 1]}"
+        named[command] = pid
+    return named
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.1)
+
+
+def assert_tree_gone(pids: dict[int, int], timeout: float = 15.0) -> None:
+    try:
+        wait_until(lambda: not alive(pids), timeout, "process tree gone")
+    except AssertionError:
+        left = alive(pids)
+        descriptions = [f"{pid}: {cmdline(pid)}" for pid in left]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"processes left after SIGTERM: {descriptions}") from None
+
+
+# ----------------------------------------------------------------- WebSocket
+
+
+def l2_book(ws_url: str, coin: str, timeout: float = 20.0) -> dict[str, Any]:
+    """Subscribe to l2Book of ``coin``, check the ack, return the first book with bids and asks."""
+    with connect(ws_url, open_timeout=10) as ws:
+        ws.send(json.dumps({"method": "subscribe", "subscription": {"type": "l2Book", "coin": coin}}))
+        ack = json.loads(ws.recv(timeout=10))
+        assert ack["channel"] == "subscriptionResponse", ack
+        assert ack["data"]["method"] == "subscribe"
+        assert ack["data"]["subscription"] == {"type": "l2Book", "coin": coin, "nSigFigs": None, "mantissa": None}
+        deadline = time.monotonic() + timeout
+        while True:
+            message = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+            if message["channel"] == "l2Book" and message["data"]["coin"] == coin:
+                bids, asks = message["data"]["levels"]
+                if bids and asks:
+                    assert float(bids[0]["px"]) < float(asks[0]["px"])
+                    return message["data"]
+            assert time.monotonic() < deadline, f"no l2Book of {coin} with both sides"
+
+
+# ----------------------------------------------------------------- the README's run command
+
+
+def _python3() -> str:
+    """The ``python3`` a user would type: the one on PATH outside this test's venv."""
+    path = os.environ.get("PATH", "")
+    if sys.prefix != sys.base_prefix:
+        path = os.pathsep.join(p for p in path.split(os.pathsep) if not p.startswith(sys.prefix))
+    return shutil.which("python3", path=path) or getattr(sys, "_base_executable", sys.executable)
+
+
+@pytest.mark.timeout(300)  # a fresh .venv install: ~15-30 s on the 2-core dev box, more on a cold pip cache
+def test_readme_run_command_on_a_clean_clone(tmp_path: Path) -> None:
+    """`python3 dev.py up` (README "Two commands") on a fresh clone of the committed HEAD:
+    creates .venv, installs, runs `hlbook up` on the simulator; a WebSocket client gets
+    an l2Book; SIGTERM to the process group leaves no process behind. The real node
+    data in ../shared/fixtures is only for the tests: `up` runs without it (the clone
+    has no ../shared beside it)."""
+    readme = (ROOT / "README.md").read_text()
+    assert "python3 dev.py up" in readme
+    clone = tmp_path / "hlbook"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    assert not (clone / ".venv").exists() and not (tmp_path / "shared").exists()
+    port, info_port = free_port(), free_port()
+    scratch = Path(tempfile.mkdtemp(prefix="hlup-"))  # TMPDIR: the sim's data and ipc sockets (short paths)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env.update(TMPDIR=str(scratch), PYTHONUNBUFFERED="1")
+    log_path = tmp_path / "up.log"
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([_python3(), "dev.py", "up", "--port", str(port), "--info-port", str(info_port),
+                                 "--metrics-base-port", "0"],
+                                cwd=clone, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    pids: dict[int, int] = {}
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            assert proc.poll() is None, f"dev.py up exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            try:
+                return http_get(f"{base}/ready")[0] == 200
+            except OSError:
+                return False
+
+        wait_until(lambda: (clone / ".venv" / ".installed").exists(), 240, "dev.py installed .venv")
+        installed = time.monotonic()
+        wait_until(ready, 240 - (installed - started), "GET /ready == 200")
+        up_ready = time.monotonic()
+        print(f"\nclean clone: install {installed - started:.1f} s, then ready {up_ready - installed:.1f} s")
+
+        output = log_path.read_text()
+        ws_url = f"ws://127.0.0.1:{port}/ws"
+        assert re.search(rf"WebSocket {re.escape(ws_url)}\b", output), output[-3000:]
+        book = l2_book(ws_url, "BTC")
+        assert book["coin"] == "BTC" and book["time"] > 0
+
+        pids = tree(proc.pid)
+        names = set(children(proc.pid))
+        assert {"sim", "ingest", "book-0", "gateway"} <= names, names
+        assert proc.pid in pids  # dev.py exec'd into `hlbook up`: the leader is the supervisor
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0, log_path.read_text()[-3000:]
+        assert_tree_gone(pids)
+    finally:
+        if proc.poll() is None:
+            stop_group(proc)
+        for pid in alive(pids):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ----------------------------------------------------------------- supervisor with the real system
+
+
+def shard_height(base: str, shard: int) -> int:
+    status, body = http_get(f"{base}/ready")
+    if not isinstance(body, dict):
+        return -1
+    entry = body["shards"][shard]
+    return entry["height"] if status == 200 and entry["live"] else -1
+
+
+@pytest.fixture
+def up(tmp_path: Path):  # type: ignore[no-untyped-def]
+    system = Up(tmp_path, shards=2, coins=10).wait_ready()
+    yield system
+    system.stop()
+
+
+def test_killed_shard_and_gateway_are_restarted_and_serve_again(up: Up) -> None:
+    status, mids = post_info(up.http, {"type": "allMids"})
+    assert status == 200
+    coin = next(c for c in sorted(mids) if shard_of(c, 2) == 0 and not c.startswith("@"))
+    first = children(up.proc.pid)
+    assert {"sim", "ingest", "book-0", "book-1", "gateway"} <= set(first), first
+
+    # a book shard: SIGKILL, restarted, its books live again (height moves on past the kill), l2Book served
+    before = wait_until(lambda: max(shard_height(up.http, 0), 0), 30, "shard 0 live")
+    os.kill(first["book-0"], signal.SIGKILL)
+    new_shard = wait_until(lambda: (p := children(up.proc.pid).get("book-0")) not in (None, first["book-0"]) and p,
+                           15, "book-0 restarted")
+    wait_until(lambda: shard_height(up.http, 0) > before + 5, 45, "restarted shard 0 publishes blocks")
+    assert http_get(f"{up.http}/ready")[0] == 200
+    assert l2_book(up.ws, coin)["coin"] == coin
+    after_shard = children(up.proc.pid)
+    assert after_shard["book-0"] == new_shard
+    assert {n: after_shard[n] for n in ("sim", "ingest", "book-1", "gateway")} == \
+        {n: first[n] for n in ("sim", "ingest", "book-1", "gateway")}, "only the killed child restarts"
+
+    # the gateway: SIGKILL, restarted on the same port, ready, serves l2Book of both shards
+    os.kill(first["gateway"], signal.SIGKILL)
+    wait_until(lambda: (p := children(up.proc.pid).get("gateway")) not in (None, first["gateway"]) and p,
+               15, "gateway restarted")
+
+    def ready() -> bool:
+        try:
+            return http_get(f"{up.http}/ready")[0] == 200
+        except OSError:
+            return False
+
+    wait_until(ready, 45, "restarted gateway ready")
+    assert l2_book(up.ws, coin)["coin"] == coin
+    assert l2_book(up.ws, "BTC")["coin"] == "BTC"
+    assert up.proc.poll() is None
+
+
+def test_sigterm_to_hlbook_up_stops_every_process(up: Up) -> None:
+    # a restarted child is part of the tree too
+    victim = children(up.proc.pid)["book-1"]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: children(up.proc.pid).get("book-1") not in (None, victim), 15, "book-1 restarted")
+    pids = tree(up.proc.pid)
+    assert len(pids) >= 6, [cmdline(p) for p in pids]  # up, sim, ingest, 2 shards, gateway
+    os.kill(up.proc.pid, signal.SIGTERM)  # the supervisor alone, not the group
+    assert up.proc.wait(20) == 0
+    assert_tree_gone(pids)
