@@ -44,6 +44,7 @@ class ClientConfig:
     rate_window: float = 60.0  # the window of max_messages_per_minute (tests shorten it)
     max_message_size: int | None = 256 * 2**20
     ack_timeout: float = 10.0  # a subscribe without ack is sent again after this
+    refused_retries: int = 3  # a subscription refused right after a reconnect, though taken before: re-sent this often first
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
@@ -355,7 +356,13 @@ class Connection:
         if head.startswith("Already subscribed"):
             server.on_ack()
         elif head.startswith("Invalid subscription"):
-            server.on_error(text)
+            if server.lost and server.refusals < self.config.refused_retries:
+                # The server took it before the connection dropped: one that has just
+                # restarted may refuse it until it knows its coins again. It stays
+                # pending and is sent again after ack_timeout (_retry_unacked).
+                server.refusals += 1
+            else:
+                server.on_error(text)
 
     def info(self) -> dict[str, Any]:
         """State for debugging."""

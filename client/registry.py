@@ -195,6 +195,7 @@ class ServerSubscription:
     error: str | None = None
     lost: bool = False  # set when its connection dropped; the next ack is a reconnect
     sent_at: float | None = None  # monotonic time of the last subscribe sent
+    refusals: int = 0  # refusals since the last ack (retried while ``lost``)
     active: asyncio.Event = field(default_factory=asyncio.Event)
 
     def on_ack(self) -> None:
@@ -202,6 +203,7 @@ class ServerSubscription:
         self.state = "active"
         self.error = None
         self.sent_at = None
+        self.refusals = 0
         for user in self.users.values():
             if user.activated and self.lost:
                 user.metrics.reconnects += 1
