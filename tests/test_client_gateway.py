@@ -100,11 +100,10 @@ def start_blind_gateway(up: Up, port: int) -> subprocess.Popen[bytes]:
         time.sleep(0.1)
 
 
-def test_refusal_after_a_restart_is_retried_until_the_gateway_knows_its_coins(up: Up) -> None:
-    """A restarted gateway accepts connections before it knows its coins and refuses
-    valid subscriptions meanwhile (``Invalid subscription``); the client must not
-    give up a subscription the server took before the drop: it stays pending, is
-    sent again, and is acknowledged once a gateway that knows the coin answers."""
+def test_restarted_gateway_refuses_connections_until_it_knows_its_coins(up: Up) -> None:
+    """A restarted gateway that has not heard from its shards yet refuses the
+    handshake (it would refuse valid subscriptions); the client keeps the
+    subscription pending, retries, and resumes once a gateway that knows the coin answers."""
     port = free_port()
     gateway = up.start_gateway(port)
 
@@ -118,8 +117,8 @@ def test_refusal_after_a_restart_is_retried_until_the_gateway_knows_its_coins(up
             await asyncio.to_thread(gateway.wait, 5)
 
             blind = await asyncio.to_thread(start_blind_gateway, up, port)
-            refused = 'Invalid subscription: {"type":"l2Book","coin":"BTC"}'
-            await until(lambda: refused in client.connection_info()[0]["recent_server_errors"], 10, "the refusal")
+            await until(lambda: "403" in (client.connection_info()[0]["last_error"] or ""), 10, "the refused handshake")
+            assert not client.connection_info()[0]["recent_server_errors"]
             assert client.get_subscription(sub_id)["state"] == "pending" and client.get_subscription(sub_id)["error"] is None
             before = len(got)
             os.kill(blind.pid, signal.SIGKILL)
@@ -128,7 +127,7 @@ def test_refusal_after_a_restart_is_retried_until_the_gateway_knows_its_coins(up
             restarted = await asyncio.to_thread(up.start_gateway, port)
             await until(lambda: client.get_subscription(sub_id)["state"] == "active" and len(got) > before, 15, "messages after the restart")
             assert client.get_subscription(sub_id)["reconnects"] == 1
-            assert client.connection_info()[0]["reconnects"] == 2
+            assert client.connection_info()[0]["reconnects"] >= 1
             assert got[-1]["data"]["coin"] == "BTC"
         stop_group(restarted)
 

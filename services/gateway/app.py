@@ -133,6 +133,8 @@ class Gateway:
     def _refusal(self, ws: WebSocket, ip: str) -> str | None:
         if not self.authorised(ws):
             return "unauthorised"
+        if not self.hub.knows_coins():
+            return "not_ready"  # it would answer valid subscriptions with "Invalid subscription"
         if self.per_ip.get(ip, 0) >= self.cfg.max_connections_per_ip:
             return "too_many_connections"
         return None

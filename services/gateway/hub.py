@@ -85,6 +85,10 @@ class Hub:
         now = time.monotonic()
         return sum(1 for view in self.shards if view.seen and now - view.seen < SHARD_SILENT)
 
+    def knows_coins(self) -> bool:
+        """Every shard has said which coins it holds (since this gateway started)."""
+        return all(view.seen for view in self.shards)
+
     def ready(self) -> bool:
         """Every shard is live (it publishes blocks only once its books are)."""
         return self.live_shards() == len(self.shards)
