@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -56,8 +57,10 @@ class Feed:
             return
         metrics.SENT.labels(self.channel).inc(len(self.subscribers))
         conflate = self.key if self.conflate else None
-        for session, ident in self.subscribers.items():
-            session.deliver(text, ident, conflate)
+        clock = (time.time(), time.monotonic())
+        replaced = sum(session.deliver(text, ident, conflate, clock) for session, ident in self.subscribers.items())
+        if replaced:
+            metrics.CONFLATED.inc(replaced)
 
 
 Fetch = Callable[[], Awaitable[dict[str, Any]]]

@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hlbook.services.gateway import metrics
 from hlbook.services.gateway.protocol import FeedKey
 
 _ids = itertools.count(1)
@@ -117,20 +116,23 @@ class Session:
         """Queue a protocol message (ack, error, pong, post answer)."""
         self._queue(text)
 
-    def deliver(self, text: str, ident: str, conflate: FeedKey | None) -> None:
-        """Queue a feed message for subscription ``ident``; ``conflate``: the feed key when only the latest counts."""
+    def deliver(self, text: str, ident: str, conflate: FeedKey | None, clock: tuple[float, float] | None = None) -> bool:
+        """Queue a feed message for subscription ``ident``; ``conflate``: the feed key when only
+        the latest counts; ``clock``: (time, monotonic) read once for a whole fan-out.
+        True when it replaced a message the client had not received yet."""
         stats = self.subs.get(ident)
         if stats is not None:
-            stats.count(time.time(), time.monotonic())
+            stats.count(*(clock or (time.time(), time.monotonic())))
         if conflate is None:
             self._queue(text)
-            return
-        if conflate in self.latest:
+            return False
+        replaced = conflate in self.latest
+        if replaced:
             self.conflated += 1
-            metrics.CONFLATED.inc()
         else:
             self._queue(conflate)
         self.latest[conflate] = text
+        return replaced
 
     def _queue(self, item: str | FeedKey) -> None:
         if self.closing:
