@@ -8,6 +8,7 @@ Field order follows the node's JSON.
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timezone
 from typing import Any, Union
 
@@ -142,6 +143,7 @@ def diff_kind(diff: BookDiff) -> str:
     raise ValueError(f"unknown raw_book_diff {body!r} for oid {diff.oid}")
 
 
+@functools.lru_cache(maxsize=4096)  # the statuses of a block share their time string
 def block_time_ms(block_time: str) -> int:
     """Epoch milliseconds of a node timestamp with nanoseconds (``2026-05-05T17:39:13.024084407``)."""
     whole, _, frac = block_time.partition(".")

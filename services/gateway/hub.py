@@ -64,6 +64,7 @@ class Hub:
         self.l2_last: dict[bytes, wire.L2Levels] = {}  # subscribed L2 topics: last levels (new nLevels feeds start from it)
         self.trades: dict[str, deque[wire.Trade]] = {}
         self.gaps = wire.GapDetector()
+        self.block_feeds: list[set[Feed]] = [set() for _ in self.shards]  # l4Book/activeAssetCtx feeds by owner shard
         self.mids_height = 0
         self.sessions: set[Session] = set()
 
@@ -110,6 +111,8 @@ class Hub:
                 self.users.follow(key[1])
             feed = self.feeds[key] = self._new_feed(key)
             metrics.FEEDS.set(len(self.feeds))
+            if key[0] in ("l4Book", "activeAssetCtx"):
+                self.block_feeds[self.owner(key[1])].add(feed)
             if feed.topic is not None:
                 self.by_topic.setdefault(feed.topic, []).append(feed)
                 self.upstream.subscribe(feed.topic)
@@ -129,6 +132,8 @@ class Hub:
             return
         del self.feeds[key]
         metrics.FEEDS.set(len(self.feeds))
+        if key[0] in ("l4Book", "activeAssetCtx"):
+            self.block_feeds[self.owner(key[1])].discard(feed)
         if key[0] in USER_FEEDS:
             self.users.unfollow(key[1])
         if feed.topic is not None:
@@ -203,10 +208,10 @@ class Hub:
         view.height, view.time, view.seen = m.height, m.time, time.monotonic()
         view.mids, view.states = m.mids, m.states
         metrics.SHARDS_LIVE.set(self.live_shards())
-        for feed in self.feeds.values():
-            if isinstance(feed, L4Feed) and feed.shard == m.shard:
+        for feed in self.block_feeds[m.shard]:
+            if isinstance(feed, L4Feed):
                 feed.on_block(m.height, m.time)
-            elif feed.key[0] == "activeAssetCtx" and self.owner(feed.key[1]) == m.shard:
+            else:
                 self._publish_ctx(feed)
         self._maybe_mids(m.height)
 

@@ -46,6 +46,7 @@ class Upstream:
         self.ctx = zmq.asyncio.Context()
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, RCVHWM)
+        self.sub.setsockopt(zmq.SNDHWM, 0)  # subscriptions travel on the send side: never drop one (libzmq #2258)
         self.sub.setsockopt(zmq.LINGER, 0)
         for endpoint in [ingest_pub, *book_pubs]:
             self.sub.connect(endpoint)
