@@ -6,10 +6,13 @@ How it runs (per profile):
 
 1. **Node files, generated beforehand.** The node simulator's engine and writer
    (``services/nodesim``: ``Simulator`` + ``NodeWriter``, by-block mode, no
-   partial writes) generate ``blocks/s x (--warmup + --seconds + --slack)``
-   blocks into a staging directory, and the simulator's state just before the
-   first block is written as a node ``fileSnapshot`` file
-   (``[height, [[coin, [bids, asks]], …]]``). Generating beforehand keeps the
+   partial writes) run ``--prewarm`` blocks (750, not written: resting orders
+   accumulate from the simulator's initial books to their steady count, so the
+   load is the same from the first block of the run to the last), then the
+   state is written as a node ``fileSnapshot`` file
+   (``[height, [[coin, [bids, asks]], …]]``) and the next
+   ``blocks/s x (--warmup + --seconds + --slack)`` blocks into a staging
+   directory. Generating beforehand keeps the
    simulator's own CPU (a Python order-flow model: ~20 % of a core at the
    mainnet profile, ~75 % at 3x) off the two cores the pipeline is measured
    on; a real node has its own cores.
@@ -52,11 +55,11 @@ How it runs (per profile):
    (statuses, diffs, fills and coins with diffs per block).
 
 Profiles (``--profile``): ``mainnet`` = 15 blocks/s, ``--volume 4`` (about
-1,100 statuses, 150-190 diffs, 25 fills per block over 50 coins, ~40 coins
-with diffs per block), ``3x`` = the same block rate with 3x the events per
-block (``--volume 12``: ~3,300 statuses, ~500 diffs, ~48 coins with diffs).
-``both`` runs the two. The counts grow slowly during a run (resting orders
-accumulate from the snapshot's); the read-back line gives the real ones.
+1,130 statuses, 195 diffs, 30 fills per block over 50 coins, ~40 coins with
+diffs per block, ~20k resting orders), ``3x`` = the same block rate with 3x
+the events per block (``--volume 12``: ~3,400 statuses, ~590 diffs, ~48
+coins with diffs, ~60k resting orders). ``both`` runs the two. The read-back
+line prints the counts of the files actually written.
 
     .venv/bin/python bench/e2e.py [--profile mainnet|3x|both] [--seconds 30] [--warmup 5]
         [--clients 200] [--client-procs 2] [--coins-per-client 5] [--shards 2] [--coins 50]
@@ -97,15 +100,18 @@ _HEIGHT = re.compile(rb'"block_number":(\d+)')
 
 
 def generate(stage: Path, snapshot: Path, n_blocks: int, coins: int, seed: int, rate: float, volume: float,
-             lead_s: float) -> tuple[list[int], list[int], list[str]]:
-    """Write ``n_blocks`` simulator blocks into ``stage`` and the state before them into ``snapshot``.
-    Returns (heights, block times ns, coin names). Block times start ``lead_s`` from now."""
+             lead_s: float, prewarm: int) -> tuple[list[int], list[int], list[str]]:
+    """Run the simulator ``prewarm`` blocks (not written: the books fill up to their steady size), then
+    write the state into ``snapshot`` and the next ``n_blocks`` blocks into ``stage``.
+    Returns (heights, block times ns, coin names). The written block times start ``lead_s`` from now."""
     from hlbook.services.nodesim.engine import Simulator
     from hlbook.services.nodesim.info_server import render
     from hlbook.services.nodesim.writer import NodeWriter
 
-    start = datetime.now(timezone.utc) + timedelta(seconds=lead_s)
+    start = datetime.now(timezone.utc) + timedelta(seconds=lead_s - prewarm / rate)
     sim = Simulator(seed=seed, coins=coins, blocks_per_sec=rate, volume=volume, start_time=start)
+    for _ in range(prewarm):
+        sim.step()
     height, body = sim.snapshot()
     snapshot.write_bytes(render(height, body, True, True))
     heights, times = [], []
@@ -492,8 +498,9 @@ def run_profile(name: str, rate: float, volume: float, args: argparse.Namespace)
     print(f"\n=== profile {name}: {rate:g} blocks/s, volume {volume:g}, {args.coins} coins; generating {n_blocks} blocks ...",
           flush=True)
     t = time.monotonic()
-    est_gen = n_blocks * volume / 300  # ~300 blocks/s at volume 1 incl. encoding
-    heights, times, coin_names = generate(stage, snap, n_blocks, args.coins, args.seed, rate, volume, est_gen + 8)
+    est_gen = (n_blocks + args.prewarm / 2) * volume / 300  # ~300 blocks/s at volume 1 incl. encoding
+    heights, times, coin_names = generate(stage, snap, n_blocks, args.coins, args.seed, rate, volume, est_gen + 8,
+                                          args.prewarm)
     files, index = build_index(stage, heights)
     print(f"generated in {time.monotonic() - t:.1f} s ({sum(l for b in index for _, _, l in b) / 1e6:.0f} MB staged)", flush=True)
     first = heights[0]
@@ -691,6 +698,8 @@ def main() -> None:
     parser.add_argument("--coins-per-client", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--prewarm", type=int, default=750,
+                        help="simulator blocks run (not written) before the snapshot, so the books have their steady size")
     parser.add_argument("--slack", type=float, default=25.0, help="seconds of extra blocks (start-up, connecting)")
     parser.add_argument("--tmp", default=None, help="directory for the temporary files (default: the system's)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
