@@ -38,9 +38,10 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.fixture(scope="module")
 def limited(up: Up) -> str:
-    """A second gateway on the same shards with small limits and a token."""
+    """A second gateway on the same shards with small limits, a token and compression
+    (its clients take the ASGI send path; the main gateway's write pre-built frames)."""
     port = free_port()
-    up.start_gateway(port, "--token", "secret", "--max-connections-per-ip", "6", "--max-messages-per-minute", "300",
+    up.start_gateway(port, "--per-message-deflate", "--token", "secret", "--max-connections-per-ip", "6", "--max-messages-per-minute", "300",
                      "--queue-size", "40", "--max-frame-bytes", "4096", "--idle-timeout", "3")
     return f"127.0.0.1:{port}"
 
@@ -340,7 +341,7 @@ def test_health_ready_metrics_debug(up: Up) -> None:
         stats = mine[0]["subscriptions"][0]
         assert stats["message_count"] >= 2 and stats["last_message_at"] >= stats["subscribed_at"]
         assert stats["uptime_seconds"] > 0 and stats["messages_per_minute"] >= 2
-        assert "queue_depth" in mine[0]
+        assert "queue_depth" in mine[0] and mine[0]["direct_frames"] is True  # no compression: pre-built frames
         await ws.close()
 
     asyncio.run(run())
@@ -376,6 +377,8 @@ def test_token_and_connections_per_ip(limited: str) -> None:
         await open_.pop().close()
         await asyncio.sleep(0.2)
         open_.append(await connect(f"ws://{limited}/ws?token=secret"))  # a slot again
+        debug = http_get(f"http://{limited}/debug/connections?token=secret")[1]["connections"]
+        assert len(debug) == 6 and not any(c["direct_frames"] for c in debug)  # compression negotiated: ASGI sends
         for ws in open_:
             await ws.close()
 

@@ -25,6 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from hlbook.common import config
 from hlbook.services.gateway import metrics, user_info
 from hlbook.services.gateway.candles import Candles
+from hlbook.services.gateway.frames import FrameWriter
 from hlbook.services.gateway.hub import Hub
 from hlbook.services.gateway.info import Info, InfoError
 from hlbook.services.gateway.protocol import RequestError, dumps, feed_key, identity, message, normalise, parse_request
@@ -140,7 +141,8 @@ class Gateway:
         return None
 
     async def _session(self, ws: WebSocket, ip: str) -> None:
-        session = Session(f"{ip}:{ws.client.port if ws.client else 0}", ws.send_text, self.cfg.queue_size, self.cfg.max_messages_per_minute)
+        session = Session(f"{ip}:{ws.client.port if ws.client else 0}", ws.send_text, self.cfg.queue_size,
+                          self.cfg.max_messages_per_minute, FrameWriter.of(ws.scope))
         writer = asyncio.create_task(self._write(session, ws))
         reader = asyncio.create_task(self._read(session, ws))
         self.sessions[session] = writer

@@ -28,7 +28,7 @@ def gateway(
     user_orders_kept: Annotated[int, typer.Option(envvar=env("user-orders-kept"), help="Order statuses kept per followed user (orderStatus, historicalOrders)")] = 2000,
     max_followed_users: Annotated[int, typer.Option(envvar=env("max-followed-users"), help="Users followed at once (per-user feeds)")] = 10_000,
     candles_kept: Annotated[int, typer.Option(envvar=env("candles-kept"), help="Candles kept per coin and interval")] = 200,
-    per_message_deflate: Annotated[bool, typer.Option(envvar=env("per-message-deflate"), help="Offer permessage-deflate compression")] = True,
+    per_message_deflate: Annotated[bool, typer.Option(envvar=env("per-message-deflate"), help="Offer permessage-deflate compression (about 3x the CPU per frame: each client's stream is compressed separately)")] = False,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """Serve the public Hyperliquid WebSocket and /info protocol from the book shards."""

@@ -11,6 +11,7 @@ import msgspec
 
 from hlbook.services.book import l2
 from hlbook.services.gateway.candles import INTERVALS
+from hlbook.services.gateway.frames import Text
 
 FEEDS = ("l2Book", "trades", "bbo", "allMids", "l4Book", "candle", "activeAssetCtx", "orderUpdates", "userFills", "userEvents", "userTwapSliceFills")
 USER_FEEDS = frozenset({"orderUpdates", "userFills", "userEvents", "userTwapSliceFills"})
@@ -36,9 +37,9 @@ def dumps(value: Any) -> str:
     return _encoder.encode(value).decode()
 
 
-def message(channel: str, data: Any) -> str:
+def message(channel: str, data: Any) -> Text:
     """``{"channel": channel, "data": data}`` as text, encoded once for every receiver."""
-    return dumps({"channel": channel, "data": data})
+    return Text(dumps({"channel": channel, "data": data}))
 
 
 def parse_request(raw: str | bytes) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import uvicorn
 
 from hlbook.common import logs
 from hlbook.services.gateway.app import GatewayConfig, create_app
+from hlbook.services.gateway.frames import FrameProtocol
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ def run(cfg: GatewayConfig, host: str, port: int, max_frame_bytes: int, per_mess
         host=host,
         port=port,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        ws=FrameProtocol,
         ws_max_size=max_frame_bytes,
         ws_per_message_deflate=per_message_deflate,
         log_level="warning",

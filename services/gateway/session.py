@@ -18,9 +18,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hlbook.services.gateway.frames import FrameWriter, frame_of
 from hlbook.services.gateway.protocol import FeedKey
 
 _ids = itertools.count(1)
+WRITE_BATCH = 256  # at most this many frames ...
+WRITE_BYTES = 256 << 10  # ... or bytes joined into one transport write
 
 
 class RateWindow:
@@ -76,10 +79,12 @@ class SubscriptionStats:
 class Session:
     """State of one WebSocket client; ``send`` writes one text frame."""
 
-    def __init__(self, peer: str, send: Callable[[str], Awaitable[None]], queue_size: int, max_per_minute: int) -> None:
+    def __init__(self, peer: str, send: Callable[[str], Awaitable[None]], queue_size: int, max_per_minute: int,
+                 frames: FrameWriter | None = None) -> None:
         self.id = next(_ids)
         self.peer = peer
         self._send = send
+        self.frames = frames  # direct frame writes (no compression negotiated); else ASGI sends
         self.queue_size = queue_size
         self.subs: dict[str, SubscriptionStats] = {}  # by subscription identity
         self.outbox: deque[str | FeedKey] = deque()
@@ -162,16 +167,25 @@ class Session:
             await self.wakeup.wait()
             self.wakeup.clear()
             while self.outbox and not self.closing:
-                item = self.outbox.popleft()
-                if isinstance(item, str):
-                    text = item
-                    self.texts -= 1
-                else:
-                    text = self.latest.pop(item)
                 self.sending_since = time.monotonic()
-                await self._send(text)
+                if self.frames is not None:
+                    batch, size = [], 0
+                    while self.outbox and len(batch) < WRITE_BATCH and size < WRITE_BYTES:
+                        batch.append(frame_of(self._next()))
+                        size += len(batch[-1])
+                    await self.frames.write(batch)
+                    self.sent += len(batch)
+                else:
+                    await self._send(self._next())
+                    self.sent += 1
                 self.sending_since = 0.0
-                self.sent += 1
+
+    def _next(self) -> str:
+        item = self.outbox.popleft()
+        if isinstance(item, str):
+            self.texts -= 1
+            return item
+        return self.latest.pop(item)
 
     def info(self) -> dict[str, Any]:
         """The debug view of this connection."""
@@ -180,6 +194,7 @@ class Session:
             "peer": self.peer,
             "connected_at": self.connected_at,
             "queue_depth": len(self.outbox),
+            "direct_frames": self.frames is not None,
             "sent": self.sent,
             "conflated": self.conflated,
             "subscriptions": [s.to_dict() for s in self.subs.values()],
