@@ -3,7 +3,9 @@
 msgspec Structs: decoding a status line into them is faster than a bare
 ``orjson.loads`` into dicts (see docs/BENCHMARKS.md), validates every field, and
 the same objects re-encode to msgpack for the wire without a copy to dicts.
-Field order follows the node's JSON.
+Field order follows the node's JSON. Event structs are ``gc=False``: they are
+plain data (no reference cycles), and the collector need not track the
+thousands that per-user stores and replay buffers keep.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ ASSISTANCE_FUND_USER = "0xfefefefefefefefefefefefefefefefefefefefe"
 ZERO_HASH = "0x" + "0" * 64
 
 
-class Order(msgspec.Struct):
+class Order(msgspec.Struct, gc=False):
     """The ``order`` of an order status (also the order shape of l4 snapshots)."""
 
     coin: str
@@ -40,7 +42,7 @@ class Order(msgspec.Struct):
     cloid: str | None = None
 
 
-class OrderStatus(msgspec.Struct):
+class OrderStatus(msgspec.Struct, gc=False):
     time: str
     user: str
     hash: str | None
@@ -49,23 +51,23 @@ class OrderStatus(msgspec.Struct):
     order: Order
 
 
-class NewDiff(msgspec.Struct):
+class NewDiff(msgspec.Struct, gc=False):
     sz: str
 
 
-class UpdateDiff(msgspec.Struct):
+class UpdateDiff(msgspec.Struct, gc=False):
     origSz: str
     newSz: str
 
 
-class DiffBody(msgspec.Struct, omit_defaults=True):
+class DiffBody(msgspec.Struct, omit_defaults=True, gc=False):
     """``{"new": {...}}`` or ``{"update": {...}}``; the bare string ``"remove"`` is the third form."""
 
     new: NewDiff | None = None
     update: UpdateDiff | None = None
 
 
-class BookDiff(msgspec.Struct):
+class BookDiff(msgspec.Struct, gc=False):
     user: str
     oid: int
     coin: str
@@ -74,7 +76,7 @@ class BookDiff(msgspec.Struct):
     raw_book_diff: Union[DiffBody, str]
 
 
-class Fill(msgspec.Struct, omit_defaults=True):
+class Fill(msgspec.Struct, omit_defaults=True, gc=False):
     coin: str
     px: str
     sz: str
