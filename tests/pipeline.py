@@ -4,6 +4,7 @@ known directory so tests can attach more processes (e.g. a second gateway)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,16 @@ class Up:
         for proc in [*self.extra, self.proc]:
             stop_group(proc)
         self.log.close()
+
+
+@contextlib.contextmanager
+def running(tmp: Path, ready_timeout: float = 90.0, **kwargs: Any) -> Iterator[Up]:
+    """An ``Up`` pipeline, ready; stopped (whole process groups) on exit."""
+    pipeline = Up(tmp, **kwargs)
+    try:
+        yield pipeline.wait_ready(ready_timeout)
+    finally:
+        pipeline.stop()
 
 
 def stop_group(proc: subprocess.Popen[bytes]) -> None:

@@ -24,7 +24,7 @@ from conftest import free_port
 from hlbook.client import HLClient, L4Book
 from hlbook.client.books import canon
 from hlbook.services.book import snapshot
-from pipeline import Up, http_get, post_info, stop_group
+from pipeline import Up, http_get, post_info, running, stop_group
 from test_client import FAST, run, until
 
 Fingerprint = tuple[list[tuple[int, str, str, str]], ...]
@@ -32,11 +32,8 @@ Fingerprint = tuple[list[tuple[int, str, str, str]], ...]
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    pipeline = Up(tmp_path_factory.mktemp("client_gateway"), shards=2, coins=16)
-    try:
-        yield pipeline.wait_ready()
-    finally:
-        pipeline.stop()
+    with running(tmp_path_factory.mktemp("client_gateway"), shards=2, coins=16) as up:
+        yield up
 
 
 def recorder(store: dict[int, list[dict[str, Any]]], key: int) -> Callable[[dict[str, Any]], None]:

@@ -22,18 +22,15 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import free_port
 from hlbook.services.book import snapshot
-from pipeline import Up, http_get, post_info
+from pipeline import Up, http_get, post_info, running
 
 Orders = dict[int, tuple[str, Decimal, Decimal, str]]  # oid -> (side, px, sz, user)
 
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    pipeline = Up(tmp_path_factory.mktemp("gateway"), shards=2, coins=10)
-    try:
-        yield pipeline.wait_ready()
-    finally:
-        pipeline.stop()
+    with running(tmp_path_factory.mktemp("gateway"), shards=2, coins=10) as up:
+        yield up
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from hyperliquid.info import Info
 
-from pipeline import Up
+from pipeline import running
 
 READY_TIMEOUT = 60.0
 WAIT = 10.0  # seconds a client may take to deliver a message
@@ -26,11 +26,8 @@ ADDRESS = re.compile(r"0x[0-9a-f]{40}")
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """``hlbook up --simulate`` (2 shards, 12 coins) as its own process group; yields the base URL."""
-    pipeline = Up(tmp_path_factory.mktemp("compat"), shards=2, coins=12, seed=3)
-    try:
-        yield pipeline.wait_ready(READY_TIMEOUT).http
-    finally:
-        pipeline.stop()
+    with running(tmp_path_factory.mktemp("compat"), READY_TIMEOUT, shards=2, coins=12, seed=3) as up:
+        yield up.http
 
 
 def post(base: str, payload: dict[str, Any]) -> Any:

@@ -17,17 +17,14 @@ from hlbook.common import nodefiles
 from hlbook.common.models import DECODERS, block_time_ms
 from hlbook.services.book import snapshot
 from hlbook.services.book.book import Book
-from pipeline import Up, http_get, post_info
+from pipeline import Up, http_get, post_info, running
 from test_gateway import connect, receive, send, sub
 
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    pipeline = Up(tmp_path_factory.mktemp("users"), shards=2, coins=8, seed=11)
-    try:
-        yield pipeline.wait_ready()
-    finally:
-        pipeline.stop()
+    with running(tmp_path_factory.mktemp("users"), shards=2, coins=8, seed=11) as up:
+        yield up
 
 
 def node_lines(data: Path, stream: str, after: int = 0, upto: int = 1 << 62) -> Any:
