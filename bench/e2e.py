@@ -660,6 +660,17 @@ def run_profile(name: str, rate: float, volume: float, args: argparse.Namespace)
     line(f"append -> last shard finished block:     {ms_summary(shard_d)}")
     line("median append -> client per fifth of the window: "
          + ", ".join(f"{pct(sorted(f), 50) / 1e6:.2f}" for f in per_fifth) + " ms")
+
+    def fifths(delays: list[tuple[int, int]]) -> str:
+        parts: list[list[int]] = [[] for _ in range(5)]
+        for stamp, d in delays:
+            parts[min(4, int(5 * (stamp - t_a) / (t_b - t_a)))].append(d)
+        return ", ".join(f"{pct(sorted(f), 50) / 1e6:.2f}" for f in parts)
+
+    line("  ... append -> ingest header: " + fifths([(stamps[i], ingest_ns[i] - stamps[i]) for i in in_window if ingest_ns[i]])
+         + " ms; append -> last shard done: "
+         + fifths([(stamps[i], max(shard_ns[k * n + i] for k in range(args.shards)) - stamps[i]) for i in in_window
+                   if all(shard_ns[k * n + i] for k in range(args.shards))]) + " ms")
     line(f"gateway: messages queued {gw.get('hlbook_gateway_messages_sent_total', 0):,.0f}, conflated "
          f"{gw.get('hlbook_gateway_conflated_total', 0):,.0f}, upstream gaps {gw.get('hlbook_gateway_upstream_gaps_total', 0):.0f}")
     if any(pids.get(k) != v for k, v in restarts.items()):
