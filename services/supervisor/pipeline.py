@@ -131,4 +131,6 @@ def run(pipeline: Pipeline) -> None:
     finally:
         if not pipeline.sockets:
             shutil.rmtree(sockets, ignore_errors=True)
+        if not pipeline.data_dir:  # the simulator's files in a directory of our own making
+            shutil.rmtree(data_dir, ignore_errors=True)
     log.info("stopped")
