@@ -66,7 +66,6 @@ class Hub:
         self.gaps = wire.GapDetector()
         self.block_feeds: list[set[Feed]] = [set() for _ in self.shards]  # l4Book/activeAssetCtx feeds by owner shard
         self.mids_height = 0
-        self.sessions: set[Session] = set()
 
     # ------------------------------------------------------------ what the shards hold
 
