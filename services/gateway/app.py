@@ -8,6 +8,7 @@ import contextlib
 import hmac
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,7 +223,7 @@ class Gateway:
             self.hub.check(key)
             session.subs[ident] = SubscriptionStats(norm, key)
             session.reply(message("subscriptionResponse", {"method": method, "subscription": norm}))
-            self.hub.attach(session, norm, ident, key)
+            self.hub.attach(session, ident, key)
             return
         stats = session.subs.pop(ident, None)
         if stats is None:
@@ -272,7 +273,7 @@ class Gateway:
     async def ready(self, request: Request) -> Response:
         now = time.monotonic()
         shards = [{"shard": k, "height": v.height, "live": bool(v.seen) and now - v.seen < 5.0,
-                   "coins": _count(v.states.values())} for k, v in enumerate(self.hub.shards)]
+                   "coins": dict(Counter(v.states.values()))} for k, v in enumerate(self.hub.shards)]
         body = {"ready": self.hub.ready(), "shards": shards}
         return Response(dumps(body), status_code=200 if body["ready"] else 503, media_type="application/json")
 
@@ -282,13 +283,6 @@ class Gateway:
         body = {"connections": [s.info() for s in self.sessions], "feeds": len(self.hub.feeds),
                 "upstream_topics": sorted(t.decode() for t in self.upstream.counts)}
         return Response(dumps(body), media_type="application/json")
-
-
-def _count(values: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
 
 
 async def health(request: Request) -> Response:

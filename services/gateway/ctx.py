@@ -24,8 +24,11 @@ def spot_ctx(coin: str, mid: str | None) -> dict[str, Any]:
     return {**_common(mid), "coin": coin, "circulatingSupply": "0.0", "totalSupply": "0.0"}
 
 
-def active_asset_ctx(coin: str, mid: str | None) -> tuple[str, dict[str, Any]]:
-    """(channel, data) of an activeAssetCtx message: spot coins use ``activeSpotAssetCtx``."""
-    if is_spot(coin):
-        return "activeSpotAssetCtx", {"coin": coin, "ctx": spot_ctx(coin, mid)}
-    return "activeAssetCtx", {"coin": coin, "ctx": perp_ctx(mid)}
+def active_asset_ctx_channel(coin: str) -> str:
+    """Spot coins' contexts come on ``activeSpotAssetCtx``."""
+    return "activeSpotAssetCtx" if is_spot(coin) else "activeAssetCtx"
+
+
+def active_asset_ctx(coin: str, mid: str | None) -> dict[str, Any]:
+    """The data of an activeAssetCtx / activeSpotAssetCtx message."""
+    return {"coin": coin, "ctx": spot_ctx(coin, mid) if is_spot(coin) else perp_ctx(mid)}

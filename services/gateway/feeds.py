@@ -49,7 +49,10 @@ class Feed:
         return len(self.subscribers)
 
     def publish(self, data: Any) -> None:
-        text = message(self.channel, data)
+        self.publish_text(message(self.channel, data))
+
+    def publish_text(self, text: str) -> None:
+        """Hand an already encoded message to every subscriber."""
         if self.conflate:
             self.last = text
         metrics.ENCODED.labels(self.channel).inc()

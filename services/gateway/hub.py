@@ -16,7 +16,7 @@ from hlbook.common.metrics import BAD_INPUT
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway import users as user_streams
 from hlbook.services.gateway.candles import Candles
-from hlbook.services.gateway.ctx import active_asset_ctx
+from hlbook.services.gateway.ctx import active_asset_ctx, active_asset_ctx_channel
 from hlbook.services.gateway.feeds import Feed, L4Feed
 from hlbook.services.gateway.protocol import CHANNELS, CONFLATED, USER_FEEDS, FeedKey, RequestError, message
 from hlbook.services.gateway.session import Session
@@ -103,7 +103,7 @@ class Hub:
         if key[0] in USER_FEEDS and key[1] not in self.users.stores and len(self.users.stores) >= self.users.max_users:
             raise RequestError(f"Cannot follow more than {self.users.max_users} users on this server.", "too_many_users")
 
-    def attach(self, session: Session, normalised: dict[str, Any], ident: str, key: FeedKey) -> None:
+    def attach(self, session: Session, ident: str, key: FeedKey) -> None:
         feed = self.feeds.get(key)
         if feed is None:
             if key[0] in USER_FEEDS:
@@ -152,6 +152,8 @@ class Hub:
             return L4Feed(key, topics.l4(coin), shard, lambda: self.upstream.query(shard, wire.Query("l4", coin=coin)))
         if kind in USER_FEEDS:
             return Feed(key, CHANNELS.get(kind, kind), False, topics.user(key[1]))
+        if kind == "activeAssetCtx":
+            return Feed(key, active_asset_ctx_channel(key[1]), True, None)
         topic = {"l2Book": lambda: topics.l2(key[1], key[2], key[3]), "bbo": lambda: topics.bbo(key[1])}.get(kind)
         return Feed(key, kind, kind in CONFLATED, topic() if topic else None)
 
@@ -217,10 +219,9 @@ class Hub:
     def _publish_ctx(self, feed: Feed) -> None:
         """activeAssetCtx: the coin's context, when it changed (the mid)."""
         coin = feed.key[1]
-        channel, data = active_asset_ctx(coin, self.shards[self.owner(coin)].mids.get(coin))
-        feed.channel = channel
-        if feed.last is None or feed.last != message(channel, data):
-            feed.publish(data)
+        text = message(feed.channel, active_asset_ctx(coin, self.shards[self.owner(coin)].mids.get(coin)))
+        if text != feed.last:
+            feed.publish_text(text)
 
     def _maybe_mids(self, height: int) -> None:
         """allMids once per block: when every live shard has finished ``height``."""

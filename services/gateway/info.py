@@ -33,7 +33,7 @@ from hlbook.common import wire
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway.ctx import is_spot, perp_ctx, spot_ctx
 from hlbook.services.gateway.hub import Hub, dex_of, level_dicts
-from hlbook.services.gateway.protocol import RequestError, normalise
+from hlbook.services.gateway.protocol import DEFAULT_LEVELS, USER, RequestError, normalise
 from hlbook.services.gateway.upstream import QueryError
 
 SPOT_PAIR = re.compile(r"^@(\d+)$")
@@ -94,7 +94,7 @@ class Info:
     async def l2_book(self, payload: dict[str, Any]) -> dict[str, Any]:
         sub = normalise({**payload, "type": "l2Book"}, self.hub.coin_exists)
         coin = sub["coin"]
-        query = wire.Query("l2", coin=coin, n_sig_figs=sub["nSigFigs"], mantissa=sub["mantissa"], n_levels=sub.get("nLevels", 20))
+        query = wire.Query("l2", coin=coin, n_sig_figs=sub["nSigFigs"], mantissa=sub["mantissa"], n_levels=sub.get("nLevels", DEFAULT_LEVELS))
         reply = await self.hub.upstream.query(self.hub.owner(coin), query)
         bids, asks = reply["levels"]
         self._note_sizes(coin, bids + asks)
@@ -168,9 +168,9 @@ class Info:
 
     # ------------------------------------------------------------ orders (from the L4 books)
 
-    def _user(self, payload: dict[str, Any]) -> str:
+    def user_of(self, payload: dict[str, Any]) -> str:
         user = payload.get("user")
-        if not isinstance(user, str) or not re.fullmatch(r"0x[0-9a-fA-F]{40}", user):
+        if not isinstance(user, str) or not USER.fullmatch(user):
             raise InfoError(f"user must be a 0x address of 40 hex digits, not {user!r}")
         return user.lower()
 
@@ -182,13 +182,13 @@ class Info:
 
     async def open_orders(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
         keys = ("coin", "side", "limitPx", "sz", "oid", "timestamp", "origSz", "cloid")
-        return [{k: o[k] for k in keys if o.get(k) is not None} for o in await self._resting(self._user(payload))]
+        return [{k: o[k] for k in keys if o.get(k) is not None} for o in await self._resting(self.user_of(payload))]
 
     async def frontend_open_orders(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{k: v for k, v in o.items() if k != "user"} for o in await self._resting(self._user(payload))]
+        return [{k: v for k, v in o.items() if k != "user"} for o in await self._resting(self.user_of(payload))]
 
     async def order_status(self, payload: dict[str, Any]) -> dict[str, Any]:
-        self._user(payload)
+        self.user_of(payload)
         oid = payload.get("oid")
         if not isinstance(oid, int) or isinstance(oid, bool):
             raise InfoError("oid must be an integer (cloid lookups need the user streams of issue 5)")

@@ -34,7 +34,7 @@ def handlers(hub: Hub, info: Info) -> dict[str, Handler]:
     books_order_status = info.handlers["orderStatus"]
 
     def fills(payload: dict[str, Any]) -> list[Any]:
-        store = hub.users.stores.get(info._user(payload))
+        store = hub.users.stores.get(info.user_of(payload))
         kept = list(store.fills) if store else []
         return aggregate_by_time(kept) if payload.get("aggregateByTime") else kept
 
@@ -47,7 +47,7 @@ def handlers(hub: Hub, info: Info) -> dict[str, Handler]:
         return [f for f in fills(payload) if start <= f.time <= end]
 
     async def order_status(payload: dict[str, Any]) -> dict[str, Any]:
-        user = info._user(payload)
+        user = info.user_of(payload)
         oid = payload.get("oid")
         store = hub.users.stores.get(user)
         found = None
@@ -62,7 +62,7 @@ def handlers(hub: Hub, info: Info) -> dict[str, Handler]:
         return await books_order_status(payload)
 
     async def historical_orders(payload: dict[str, Any]) -> list[Any]:
-        store = hub.users.stores.get(info._user(payload))
+        store = hub.users.stores.get(info.user_of(payload))
         return [order_update(s) for s in reversed(store.orders.values())] if store else []
 
     async def candle_snapshot(payload: dict[str, Any]) -> list[Any]:
