@@ -298,16 +298,23 @@ def check_queries(shard: ShardProcess, want) -> None:
     assert shard.ask(op="coins")["ok"]  # still serving
 
 
-def test_validation_repairs_a_corrupted_book_while_blocks_flow(pipeline, btc_data: Path, tmp_path: Path) -> None:
-    p = pipeline
-    shard = ShardProcess(tmp_path, "v", 0, 1, p.ingest, "--info-url", p.info.url, "--validate-every", "0.3", env={"HLBOOK_TEST_HOOKS": "1"})
+def hooked_shard(p, tmp_path: Path, name: str, *args: str) -> tuple[ShardProcess, zmq.Socket]:
+    """A shard with the test hooks, initialised by the info server and live at FIRST + 4,
+    and a SUB to its resets and BTC BBO."""
+    shard = ShardProcess(tmp_path, name, 0, 1, p.ingest, "--info-url", p.info.url, *args, env={"HLBOOK_TEST_HOOKS": "1"})
     p.shards.append(shard)
     sub = shard.ctx.socket(zmq.SUB)
     sub.connect(shard.pub)
     sub.subscribe(topics.RESET_PREFIX)
     sub.subscribe(topics.bbo("BTC"))
     p.write(FIRST, FIRST + 4)
-    shard.wait(lambda r: r["height"] == FIRST + 4 and r["coins"] == {"BTC": "live"})  # init by the info server + replay
+    shard.wait(lambda r: r["height"] == FIRST + 4 and r["coins"] == {"BTC": "live"})
+    return shard, sub
+
+
+def test_validation_repairs_a_corrupted_book_while_blocks_flow(pipeline, btc_data: Path, tmp_path: Path) -> None:
+    p = pipeline
+    shard, sub = hooked_shard(p, tmp_path, "v", "--validate-every", "0.3")  # init by the info server + replay
     assert p.info.requests >= 1
     await_topic(sub, topics.bbo("BTC"))
 
@@ -360,14 +367,7 @@ def test_killed_shard_comes_back_live_and_equal(pipeline, btc_data: Path, tmp_pa
 
 def test_unknown_oid_resyncs_the_coin_from_a_fresh_snapshot(pipeline, btc_data: Path, tmp_path: Path) -> None:
     p = pipeline
-    shard = ShardProcess(tmp_path, "r", 0, 1, p.ingest, "--info-url", p.info.url, env={"HLBOOK_TEST_HOOKS": "1"})
-    p.shards.append(shard)
-    sub = shard.ctx.socket(zmq.SUB)
-    sub.connect(shard.pub)
-    sub.subscribe(topics.RESET_PREFIX)
-    sub.subscribe(topics.bbo("BTC"))
-    p.write(FIRST, FIRST + 4)
-    shard.wait(lambda r: r["height"] == FIRST + 4 and r["coins"] == {"BTC": "live"})
+    shard, sub = hooked_shard(p, tmp_path, "r")
     # an order that block FIRST + 8 removes or updates disappears from the shard's book
     diffs = DECODERS["raw_book_diffs"].decode(fixture_lines(btc_data)["raw_book_diffs"][8])
     at = expected_book(btc_data, FIRST + 4)

@@ -11,7 +11,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -68,21 +70,7 @@ class Sim:
 
     def advance(self, book: Book, base: int, height: int) -> Book:
         """``book`` (at ``base``) moved to ``height`` with the node files' diffs."""
-        statuses = {line.block_number: line.events for line in self._lines("order_statuses", base, height)}
-        for line in self._lines("raw_book_diffs", base, height):
-            diffs = [d for d in line.events if d.coin == book.coin]
-            if diffs:
-                mine = [st for st in statuses.get(line.block_number, []) if st.order.coin == book.coin]
-                book.apply(line.block_number, block_time_ms(line.block_time), diffs, mine)
-        return book
-
-    def _lines(self, stream: str, after: int, upto: int):
-        for path in nodefiles.hour_files(self.data, stream, "by-block"):
-            for raw in path.read_bytes().splitlines(keepends=True):
-                if raw.endswith(b"\n"):
-                    line = DECODERS[stream].decode(raw)
-                    if after < line.block_number <= upto:
-                        yield line
+        return advance(self.data, book, base, height)
 
     def stop(self) -> None:
         for proc in (self.ingest, self.sim):
@@ -94,6 +82,27 @@ class Sim:
                 proc.kill()
         for log in self.logs:
             log.close()
+
+
+def node_lines(data: Path, stream: str, after: int = 0, upto: int = 1 << 62) -> Iterator[Any]:
+    """Complete by-block lines of ``stream`` for blocks in (after, upto], in file order."""
+    for path in nodefiles.hour_files(data, stream, "by-block"):
+        for raw in path.read_bytes().splitlines(keepends=True):
+            if raw.endswith(b"\n"):
+                line = DECODERS[stream].decode(raw)
+                if after < line.block_number <= upto:
+                    yield line
+
+
+def advance(data: Path, book: Book, base: int, height: int) -> Book:
+    """``book`` (at ``base``) moved to ``height`` with the diffs of the node files in ``data``."""
+    statuses = {line.block_number: line.events for line in node_lines(data, "order_statuses", base, height)}
+    for line in node_lines(data, "raw_book_diffs", base, height):
+        diffs = [d for d in line.events if d.coin == book.coin]
+        if diffs:
+            mine = [st for st in statuses.get(line.block_number, []) if st.order.coin == book.coin]
+            book.apply(line.block_number, block_time_ms(line.block_time), diffs, mine)
+    return book
 
 
 @pytest.fixture()

@@ -13,6 +13,7 @@ import re
 import socket
 import tempfile
 import time
+import urllib.request
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
@@ -325,7 +326,7 @@ def test_health_ready_metrics_debug(up: Up) -> None:
     assert http_get(f"{up.http}/health") == (200, {"status": "ok"})
     status, ready = http_get(f"{up.http}/ready")
     assert status == 200 and ready["ready"] and len(ready["shards"]) == 2 and all(s["live"] for s in ready["shards"])
-    with __import__("urllib.request").request.urlopen(f"{up.http}/metrics") as r:
+    with urllib.request.urlopen(f"{up.http}/metrics") as r:
         text = r.read().decode()
     assert "hlbook_gateway_connections" in text and "hlbook_gateway_upstream_messages_total" in text
 
@@ -465,7 +466,7 @@ def test_client_that_never_reads_is_cut_off_and_others_are_not_slowed(limited: s
             now = time.monotonic()
             gaps.append(now - last)
             last = now
-            metrics = __import__("urllib.request").request.urlopen(f"http://{limited}/metrics").read().decode()
+            metrics = urllib.request.urlopen(f"http://{limited}/metrics").read().decode()
             if re.search(r'hlbook_gateway_closed_total\{reason="slow_client"\} [1-9]', metrics):
                 break
         else:

@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 
-from hlbook.common import nodefiles
-from hlbook.common.models import DECODERS, block_time_ms
+from hlbook.common.models import block_time_ms
+from hlbook.common.topics import shard_of
 from hlbook.services.book import snapshot
 from hlbook.services.book.book import Book
 from pipeline import Up, http_get, post_info, running
+from test_book_sim import advance, node_lines
 from test_gateway import connect, receive, send, sub
 
 
@@ -25,15 +26,6 @@ from test_gateway import connect, receive, send, sub
 def up(tmp_path_factory: pytest.TempPathFactory) -> Any:
     with running(tmp_path_factory.mktemp("users"), shards=2, coins=8, seed=11) as up:
         yield up
-
-
-def node_lines(data: Path, stream: str, after: int = 0, upto: int = 1 << 62) -> Any:
-    for path in nodefiles.hour_files(data, stream, "by-block"):
-        for raw in path.read_bytes().splitlines(keepends=True):
-            if raw.endswith(b"\n"):
-                line = DECODERS[stream].decode(raw)
-                if after < line.block_number <= upto:
-                    yield line
 
 
 def active_users(data: Path, n: int) -> list[str]:
@@ -147,18 +139,9 @@ def test_open_orders_equal_the_simulators_book(up: Up) -> None:
     else:
         pytest.fail("the shards never stood still at a height past the snapshot")
     heights = dict(enumerate(after))
-    statuses = {line.block_number: line.events for line in node_lines(up.data, "order_statuses", base)}
     expected = set()
-    from hlbook.common.topics import shard_of
-
     for coin in sorted({*books, *(d.coin for line in node_lines(up.data, "raw_book_diffs", base) for d in line.events)}):
-        book = books.get(coin) or Book(coin, base)
-        upto = heights[shard_of(coin, up.shards)]
-        for line in node_lines(up.data, "raw_book_diffs", base, upto):
-            diffs = [d for d in line.events if d.coin == coin]
-            if diffs:
-                mine = [st for st in statuses.get(line.block_number, []) if st.order.coin == coin]
-                book.apply(line.block_number, block_time_ms(line.block_time), diffs, mine)
+        book = advance(up.data, books.get(coin) or Book(coin, base), base, heights[shard_of(coin, up.shards)])
         expected |= {(coin, o.oid, o.to_dict(coin)["limitPx"], o.to_dict(coin)["sz"]) for o in book.orders.values() if o.user == user}
     got = {(o["coin"], o["oid"], o["limitPx"], o["sz"]) for o in orders}
     assert len(expected) >= 2 and got == expected
