@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import zmq
 
 from hlbook.common import config, fixed, logs, topics, wire
 from hlbook.common.metrics import BAD_INPUT, serve
+from hlbook.common.signals import stop_on_signals
 from hlbook.services.book import metrics, queries, snapshot
 from hlbook.services.book.book import Book, OutOfSync
 from hlbook.services.book.publisher import Publisher
@@ -625,12 +625,7 @@ def run(cfg: ShardConfig) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     serve(cfg.metrics_port, cfg.metrics_host)
     shard = Shard(cfg)
-
-    def stop(*_: object) -> None:
-        shard.stopped = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop_on_signals(lambda: setattr(shard, "stopped", True))
     log.info("shard %d/%d: ingest %s (replay %s), publishing on %s, queries on %s",
              cfg.shard, cfg.shards, cfg.ingest_pub, cfg.ingest_replay, cfg.pub, cfg.query)
     shard.run()

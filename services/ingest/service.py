@@ -4,7 +4,6 @@ downstream subscription set (XPUB), in one single-threaded poll loop."""
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ import zmq
 from hlbook.common import logs
 from hlbook.common.metrics import BAD_INPUT, serve
 from hlbook.common.models import DECODERS, STREAMS, block_time_ms
+from hlbook.common.signals import stop_on_signals
 from hlbook.services.ingest import metrics
 from hlbook.services.ingest.joiner import Block, Joiner
 from hlbook.services.ingest.messages import MessageBuilder, UserSubscriptions
@@ -153,11 +153,6 @@ def run(cfg: IngestConfig) -> None:
     logs.setup("ingest", cfg.log_level)
     serve(cfg.metrics_port, cfg.metrics_host)
     ingest = Ingest(cfg)
-
-    def stop(*_: object) -> None:
-        ingest.stopped = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop_on_signals(lambda: setattr(ingest, "stopped", True))
     log.info("publishing on %s, replay on %s, mode %s", cfg.pub, cfg.replay, cfg.mode)
     ingest.run()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from hlbook.common import logs
+from hlbook.common.signals import stop_on_signals
 from hlbook.services.nodesim.engine import DEFAULT_START_HEIGHT, Activity, Simulator
 from hlbook.services.nodesim.info_server import InfoServer
 from hlbook.services.nodesim.writer import NodeWriter, last_height, parse_modes
@@ -127,9 +127,6 @@ def run(cfg: SimConfig) -> None:
     except OSError as exc:  # info port taken, data dir not writable
         log.error("cannot start: %s", exc)
         raise SystemExit(1) from None
-    signal.signal(signal.SIGTERM, lambda *_: node.stop_event.set())
-    try:
-        node.run()
-    except KeyboardInterrupt:
-        pass
+    stop_on_signals(node.stop_event.set)
+    node.run()
     log.info("stopped at height %d", node.sim.height)
