@@ -65,6 +65,7 @@ class Hub:
         self.trades: dict[str, deque[wire.Trade]] = {}
         self.gaps = wire.GapDetector()
         self.block_feeds: list[set[Feed]] = [set() for _ in self.shards]  # l4Book/activeAssetCtx feeds by owner shard
+        self.mids_feeds: set[Feed] = set()  # allMids feeds (one per dex asked for)
         self.mids_height = 0
 
     # ------------------------------------------------------------ what the shards hold
@@ -110,8 +111,7 @@ class Hub:
                 self.users.follow(key[1])
             feed = self.feeds[key] = self._new_feed(key)
             metrics.FEEDS.set(len(self.feeds))
-            if key[0] in ("l4Book", "activeAssetCtx"):
-                self.block_feeds[self.owner(key[1])].add(feed)
+            self._per_block(feed).add(feed)
             if feed.topic is not None:
                 self.by_topic.setdefault(feed.topic, []).append(feed)
                 self.upstream.subscribe(feed.topic)
@@ -131,8 +131,7 @@ class Hub:
             return
         del self.feeds[key]
         metrics.FEEDS.set(len(self.feeds))
-        if key[0] in ("l4Book", "activeAssetCtx"):
-            self.block_feeds[self.owner(key[1])].discard(feed)
+        self._per_block(feed).discard(feed)
         if key[0] in USER_FEEDS:
             self.users.unfollow(key[1])
         if feed.topic is not None:
@@ -143,6 +142,13 @@ class Hub:
                 self.l2_last.pop(feed.topic, None)
                 self.gaps.last.pop(feed.topic, None)
             self.upstream.unsubscribe(feed.topic)
+
+    def _per_block(self, feed: Feed) -> set[Feed]:
+        """The index of feeds driven by shard blocks that ``feed`` belongs in (an empty set when none)."""
+        kind = feed.key[0]
+        if kind in ("l4Book", "activeAssetCtx"):
+            return self.block_feeds[self.owner(feed.key[1])]
+        return self.mids_feeds if kind == "allMids" else set()
 
     def _new_feed(self, key: FeedKey) -> Feed:
         kind = key[0]
@@ -229,9 +235,8 @@ class Hub:
         if height <= self.mids_height or any(v.height < height for v in self.shards if now - v.seen < SHARD_SILENT):
             return
         self.mids_height = height
-        for feed in self.feeds.values():
-            if feed.key[0] == "allMids" and feed.subscribers:
-                feed.publish({"mids": self.all_mids(feed.key[1])})
+        for feed in self.mids_feeds:
+            feed.publish({"mids": self.all_mids(feed.key[1])})
 
     def on_reset(self, topic: bytes, m: wire.Reset) -> None:
         feed = self.feeds.get(("l4Book", m.coin))
