@@ -1,5 +1,5 @@
-"""Shared test fixtures: the real mainnet node data of ../shared/fixtures, extracted
-once per session into a temporary directory (never edited in place)."""
+"""Shared test fixtures: the real mainnet node data of tests/data (see its
+README), extracted once per session into a temporary directory (never edited in place)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+DATA = Path(__file__).resolve().parent / "data"
 BTC_FIXTURE = "mainnet_btc_985148181_985148206.tar.gz"
 BTC_NOSNAPSHOT_FIXTURE = "mainnet_btc_978995377_978995416_nosnapshot.tar.gz"
 
 
 def _extract(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
-    path = SHARED_FIXTURES / name
+    path = DATA / name
     if not path.exists():
-        raise FileNotFoundError(f"{path} missing: the real node data in ../shared/fixtures is required")
+        raise FileNotFoundError(f"{path} missing: the repository's real node data (tests/data) is required")
     target = tmp_path_factory.mktemp(name.split(".")[0])
     with tarfile.open(path) as tar:
         tar.extractall(target, filter="data")

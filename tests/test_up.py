@@ -140,9 +140,8 @@ def _python3() -> str:
 def test_readme_run_command_on_a_clean_clone(tmp_path: Path) -> None:
     """`python3 dev.py up` (README "Two commands") on a fresh clone of the committed HEAD:
     creates .venv, installs, runs `hlbook up` on the simulator; a WebSocket client gets
-    an l2Book; SIGTERM to the process group leaves no process behind. The real node
-    data in ../shared/fixtures is only for the tests: `up` runs without it (the clone
-    has no ../shared beside it)."""
+    an l2Book; SIGTERM to the process group leaves no process behind. Nothing outside
+    the clone is needed (no ../shared beside it)."""
     readme = (ROOT / "README.md").read_text()
     assert "python3 dev.py up" in readme
     clone = tmp_path / "hlbook"
