@@ -2,13 +2,14 @@
 
 Every stream message carries ``height`` (block number) and ``prev``: the height
 of the previous message published on the same topic by the same publisher
-(``None`` for the first since it started). A consumer whose last height on a
-topic differs from ``prev`` has lost a message and must recover (replay or
-snapshot) instead of serving a wrong book. docs/ARCHITECTURE.md lists them all.
+(``None`` for the first since it started). ``common.chain`` decides from it
+whether a message was lost; the consumer then recovers (replay or snapshot)
+instead of serving a wrong book. docs/ARCHITECTURE.md lists them all.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import msgspec
@@ -103,6 +104,17 @@ class ReplayReply(msgspec.Struct):
 
 # ---------------------------------------------------------------- book shard XPUB
 
+
+class CoinState(enum.StrEnum):
+    """A coin in a shard: ``initialising`` (snapshot + replay in progress), ``live``
+    (served and published), ``resyncing`` (a gap or a bad diff: rebuilt from a
+    fresh node snapshot, then ``RESET|<coin>|``)."""
+
+    INITIALISING = "initialising"
+    LIVE = "live"
+    RESYNCING = "resyncing"
+
+
 Level = tuple[str, str, int]  # (px, sz, n): canonical decimal strings, order count
 
 
@@ -130,7 +142,7 @@ class Bbo(msgspec.Struct):
     bbo: tuple[Level | None, Level | None]
 
 
-class L4Updates(msgspec.Struct):
+class L4Updates(msgspec.Struct, tag=True):
     """``L4|<coin>|``: the statuses and diffs one block applied to the coin's book
     (upstream order_book_server ``Updates`` content)."""
 
@@ -140,6 +152,22 @@ class L4Updates(msgspec.Struct):
     coin: str
     order_statuses: list[OrderStatus]
     book_diffs: list[BookDiff]
+
+
+class L4Sync(msgspec.Struct, tag=True):
+    """Also on ``L4|<coin>|``, sent right after the shard saw a subscription to
+    it: from here on that subscriber gets every update of the coin.
+    ``height`` is the coin's height then; ``prev`` the height of its last
+    change (the ``prev`` its next ``L4Updates`` will carry). A gateway asks for
+    an l4 snapshot only after this (``Query.min_height = height``), so no update
+    falls between the snapshot and the stream."""
+
+    height: int
+    prev: int | None
+    coin: str
+
+
+L4Message = L4Updates | L4Sync  # what ``L4|<coin>|`` carries (msgspec tagged union: field "type")
 
 
 class ShardBlock(msgspec.Struct):
@@ -180,6 +208,23 @@ class Query(msgspec.Struct, omit_defaults=True):
     n_sig_figs: int | None = None
     mantissa: int | None = None
     n_levels: int = 20
+    min_height: int = 0  # l4: the snapshot must be at least this recent
+
+
+class L4Snapshot(msgspec.Struct):
+    """First frame of an ``l4`` reply; the next frames, concatenated, are the JSON
+    of the levels (``[[order+user…],[…]]``) as WebSocket clients get them."""
+
+    ok: bool
+    coin: str
+    height: int
+    time: int
+    size: int  # bytes of JSON in the frames that follow
+
+
+def error_reply(text: str) -> dict[str, Any]:
+    """A shard's refusal: ``{"ok": false, "error": text}``."""
+    return {"ok": False, "error": text}
 
 
 # ---------------------------------------------------------------- codec
@@ -213,15 +258,6 @@ class PrevTracker:
         self._last[topic] = height
         return prev
 
-
-class GapDetector:
-    """Consumer side of the ``prev`` chain."""
-
-    def __init__(self) -> None:
-        self.last: dict[bytes, int] = {}
-
-    def check(self, topic: bytes, height: int, prev: int | None) -> bool:
-        """Record a message; False when a message on this topic was lost before it."""
-        last = self.last.get(topic)
-        self.last[topic] = height
-        return last is None or prev == last
+    def peek(self, topic: bytes) -> int | None:
+        """The ``prev`` the next message on ``topic`` will carry."""
+        return self._last.get(topic)

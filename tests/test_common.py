@@ -44,14 +44,13 @@ def test_topic_prefixes_are_exact() -> None:
     assert {topics.shard_of(c, 4) for c in ["BTC", "ETH", "SOL", "@1", "@107", "HYPE", "kPEPE"]} <= {0, 1, 2, 3}
 
 
-def test_wire_roundtrip_and_gap_detection() -> None:
+def test_wire_roundtrip() -> None:
     header = wire.BlockHeader(7, 6, 1, "t", "l", 1, 2, 3, ["BTC"])
     assert wire.decode(wire.encode(header), wire.BlockHeader) == header
     assert wire.decode(wire.encode(header))["book_coins"] == ["BTC"]
-    prev, gaps = wire.PrevTracker(), wire.GapDetector()
-    assert [prev.next(b"B|BTC|", h) for h in (5, 9, 12)] == [None, 5, 9]
-    assert gaps.check(b"B|BTC|", 5, None) and gaps.check(b"B|BTC|", 9, 5)
-    assert not gaps.check(b"B|BTC|", 15, 12)  # 12 was lost
+    sync = wire.L4Sync(9, 7, "BTC")
+    assert wire.decode(wire.encode(sync), wire.L4Message) == sync  # L4| carries a tagged union
+    assert wire.decode(wire.encode(wire.L4Updates(9, 7, 1, "BTC", [], [])), wire.L4Message).height == 9
 
 
 def test_node_file_layout_sorts_hours_numerically(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from hlbook.common import fixed, nodefiles, wire
+from hlbook.common.chain import Chains, Step
 from hlbook.common.models import ASSISTANCE_FUND_USER, DECODERS, HIP2_USER, STREAMS, diff_kind
 from hlbook.services.ingest.messages import MessageBuilder, UserSubscriptions
 from hlbook.services.ingest.offline import read_blocks
@@ -149,12 +150,12 @@ def test_user_topics_only_for_wanted_users(btc_data: Path) -> None:
 
 def test_header_chain_and_prev_per_topic(btc_data: Path) -> None:
     builder = MessageBuilder(UserSubscriptions())
-    detector = wire.GapDetector()
+    chains = Chains(dense_prefixes=(b"H|",))
     headers = []
     for block in read_blocks(btc_data, "by-block"):
         for topic, payload in builder.build(block)[0]:
             message = wire.decode(payload)
-            assert detector.check(topic, message["height"], message["prev"])
+            assert chains[topic].check(message["height"], message["prev"]) is Step.NEXT
             if topic == b"H|":
                 headers.append(wire.decode(payload, wire.BlockHeader))
     assert [h.prev for h in headers[1:]] == [h.height for h in headers[:-1]]

@@ -26,11 +26,12 @@ def book(
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """Keep the L4 books of one shard's coins; publish L2/BBO/L4/mids; answer queries."""
-    from hlbook.services.book.shard import ShardConfig, run, test_hooks_from_env
+    from hlbook.services.book import hooks
+    from hlbook.services.book.shard import ShardConfig, run
 
     if not info_url and not snapshot_file:
         raise typer.BadParameter("one of --info-url or --snapshot-file is required")
-    drop_every, hooks = test_hooks_from_env()
+    drop_every, test_hooks = hooks.from_env()
     pub_default, query_default = config.book_endpoints(shard)
     run(
         ShardConfig(
@@ -48,6 +49,6 @@ def book(
             metrics_host=metrics_host,
             log_level=log_level,
             test_drop_every=drop_every,
-            test_hooks=hooks,
+            test_hooks=test_hooks,
         )
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hlbook.common.metrics import Counter, Gauge
+from hlbook.common.metrics import Counter, Gauge, Histogram
 
 BLOCKS = Counter("hlbook_book_blocks_total", "Blocks the shard finished")
 DIFFS = Counter("hlbook_book_diffs_total", "Book diffs applied")
@@ -19,3 +19,8 @@ MISMATCHES = Counter("hlbook_book_validation_mismatches_total", "Coins found dif
 PUBLISHED = Counter("hlbook_book_published_total", "Messages published, by topic kind", ["kind"])
 QUERIES = Counter("hlbook_book_queries_total", "Queries answered, by op and result", ["op", "result"])
 INIT_RESTARTS = Counter("hlbook_book_init_restarts_total", "Initialisations started over")
+JOBS = Counter("hlbook_book_jobs_total", "Forked child jobs (l4 renders, scans, validations), by kind and event", ["kind", "event"])
+JOB_SECONDS = Histogram("hlbook_book_job_seconds", "Time from fork to a child's result", ["kind"],
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+L4_SNAPSHOTS = Counter("hlbook_book_l4_snapshots_total", "l4 snapshot requests: rendered in the loop (inline), "
+                       "by a new child (forked) or answered by a render already under way (shared)", ["how"])

@@ -119,6 +119,12 @@ class Publisher:
         for agg in aggs:
             self.l2(book, agg, height, time)
 
+    def l4_sync(self, coin: str, height: int) -> None:
+        """Someone just subscribed ``L4|<coin>|``: tell where the coin's chain stands (``wire.L4Sync``)."""
+        topic = topics.l4(coin)
+        self.sock.send_multipart((topic, wire.encode(wire.L4Sync(height, self.prev.peek(topic), coin))))
+        metrics.PUBLISHED.labels("l4_sync").inc()
+
     def bbo(self, book: Book, height: int, time: int, force: bool = False) -> None:
         topic = topics.bbo(book.coin)
         if not self.subs.wanted(topic):

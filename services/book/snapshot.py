@@ -1,5 +1,5 @@
 """Node ``fileSnapshot`` (``l4Snapshots``) loading, and fetching one from the
-node's info server.
+node's info server (:class:`Fetcher`: in a helper thread).
 
 File shape: ``[height, [[coin, [[[user, order], …bids best first], [[user, order], …asks]]], …]]``,
 orders of a level in time priority. Each coin's body is decoded only when the
@@ -8,16 +8,22 @@ caller wants the coin (the rest is skipped as raw JSON), into typed Structs.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from hlbook.common import fixed
 from hlbook.services.book.book import ASK, BID, Book, Level, Order, Side, children_bytes, intern_kind, parse_cloid
+
+log = logging.getLogger(__name__)
 
 
 class SnapOrder(msgspec.Struct):
@@ -139,3 +145,60 @@ def fetch(info_url: str, timeout: float = 60.0, directory: str | None = None) ->
             os.unlink(path)
         except OSError:
             pass
+
+
+@dataclass
+class Fetched:
+    """A snapshot fetched for ``purpose``: its height and the wanted coins' books."""
+
+    purpose: str
+    height: int = 0
+    books: dict[str, Book] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class Fetcher:
+    """Fetches and decodes node snapshots in a helper thread, one at a time, so the
+    shard's loop keeps applying blocks meanwhile (a mainnet snapshot takes seconds).
+    The loop polls :meth:`result`."""
+
+    def __init__(self, info_url: str, want: Callable[[str], bool]) -> None:
+        self.info_url = info_url
+        self.want = want
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
+        self.future: Future[Fetched] | None = None
+        self.purpose: str | None = None  # of the fetch in flight
+
+    @property
+    def busy(self) -> bool:
+        return self.future is not None
+
+    def start(self, purpose: str) -> bool:
+        """Start a fetch unless one is in flight; False when busy."""
+        if self.future is not None:
+            return False
+        self.purpose = purpose
+        self.future = self.pool.submit(self._run, purpose)
+        return True
+
+    def _run(self, purpose: str) -> Fetched:
+        started = time.monotonic()
+        result = Fetched(purpose)
+        try:
+            result.height, result.books = load(fetch(self.info_url), self.want)
+        except SnapshotError as exc:
+            result.error = str(exc)
+        except Exception as exc:  # never let the helper die silently
+            log.exception("snapshot fetch failed")
+            result.error = f"{type(exc).__name__}: {exc}"
+        result.seconds = time.monotonic() - started
+        return result
+
+    def result(self) -> Fetched | None:
+        """The finished fetch, if any (non-blocking)."""
+        future = self.future
+        if future is None or not future.done():
+            return None
+        self.future = self.purpose = None
+        return future.result()

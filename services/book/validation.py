@@ -1,24 +1,41 @@
-"""Comparing books with a node snapshot, and fetching snapshots off the loop.
+"""Validation of the books against fresh node snapshots, in a forked child.
 
-Validation compares each owned coin at the snapshot's exact height: the
+Every ``--validate-every`` seconds the shard forks (``jobs.py``): the child
+holds the books as they were at the fork, fetches a node snapshot, brings both
+to one height with ingest's stored slices (the snapshot forward when it is
+older, the books forward when it is newer), and compares each owned coin: the
 orders (oid, user, px, sz) of each side in book order, so a lost diff, a wrong
 size, a wrong price or a wrong time priority all show. Order details that
-come with no status (HIP-2 orders) are not compared.
+come with no status (HIP-2 orders) are not compared. The parent gets the
+differing coins back and resyncs only those; nothing of this runs in its loop.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 
-from hlbook.services.book import snapshot
-from hlbook.services.book.book import Book
+import msgspec
+import zmq
+
+from hlbook.common import topics, wire
+from hlbook.common.wire import CoinState
+from hlbook.services.book import metrics, snapshot
+from hlbook.services.book.book import Book, OutOfSync
+from hlbook.services.book.jobs import Jobs, JobsBusy
+from hlbook.services.book.state import ShardState
 
 log = logging.getLogger(__name__)
+
+
+class Outcome(msgspec.Struct):
+    """What a validation child found."""
+
+    height: int = 0  # the height both sides were compared at
+    compared: int = 0  # coins compared
+    mismatches: dict[str, str] = {}  # coin -> reason
+    skipped: str | None = None  # why nothing was compared
 
 
 def difference(ours: Book | None, theirs: Book | None) -> str | None:
@@ -40,54 +57,119 @@ def difference(ours: Book | None, theirs: Book | None) -> str | None:
     return "orders"  # not reached: some side differs
 
 
-@dataclass
-class Fetched:
-    """A snapshot fetched for ``purpose``: its height and the owned coins' books."""
+def roll_forward(books: dict[str, Book], slices: list[wire.BookSlice], target: int, owned: Callable[[str], bool]) -> None:
+    """Apply the slices above each book's height, up to ``target``; OutOfSync when one does not fit."""
+    for s in slices:
+        if s.height > target or not owned(s.coin):
+            continue
+        book = books.get(s.coin)
+        if book is not None and s.height > book.height:
+            book.apply(s.height, s.time, s.diffs, s.statuses)
+    for book in books.values():
+        book.height = max(book.height, target)
 
-    purpose: str
-    height: int = 0
-    books: dict[str, Book] = field(default_factory=dict)
-    error: str | None = None
-    seconds: float = 0.0
 
-
-class Fetcher:
-    """Fetches and decodes node snapshots in a helper thread, one at a time, so
-    the shard's loop keeps applying blocks meanwhile (a mainnet snapshot takes
-    seconds). The loop polls :meth:`result`; the handoff holds at most one result."""
-
-    def __init__(self, info_url: str, want: Callable[[str], bool]) -> None:
-        self.info_url = info_url
-        self.want = want
-        self.results: queue.Queue[Fetched] = queue.Queue(maxsize=1)
-        self.busy: str | None = None
-
-    def start(self, purpose: str) -> bool:
-        """Start a fetch unless one is in flight; False when busy."""
-        if self.busy is not None:
-            return False
-        self.busy = purpose
-        threading.Thread(target=self._run, args=(purpose,), name=f"snapshot-{purpose}", daemon=True).start()
-        return True
-
-    def _run(self, purpose: str) -> None:
-        started = time.monotonic()
-        result = Fetched(purpose)
+def compare(state: ShardState, info_url: str, ingest_replay: str, timeout: float) -> Outcome:
+    """The child's work: fetch, bring both sides to one height, compare every coin
+    that is live here or held by the node (a coin absent from a side is empty)."""
+    height, theirs = snapshot.load(snapshot.fetch(info_url), state.owns)
+    not_live = {coin for coin, c in state.coins.items() if c.state != CoinState.LIVE}
+    ours = {coin: c.book for coin, c in state.coins.items() if coin not in not_live}
+    coins = (set(ours) | set(theirs)) - not_live
+    for coin in coins:
+        ours.setdefault(coin, Book(coin, state.base))
+        theirs.setdefault(coin, Book(coin, height))
+    target = max([height, state.height, *(b.height for b in ours.values())])
+    start = min([height, *(b.height for b in ours.values())]) + 1
+    if start <= target:
+        stored = _stored_slices(ingest_replay, start, timeout)
+        if stored is None:
+            return Outcome(skipped=f"ingest no longer holds the blocks from {start}")
+        slices, head = stored
+        if head < target:
+            return Outcome(skipped=f"ingest holds blocks up to {head}, not {target}")
         try:
-            result.height, result.books = snapshot.load(snapshot.fetch(self.info_url), self.want)
-        except snapshot.SnapshotError as exc:
-            result.error = str(exc)
-        except Exception as exc:  # never let the helper die silently
-            log.exception("snapshot fetch failed")
-            result.error = f"{type(exc).__name__}: {exc}"
-        result.seconds = time.monotonic() - started
-        self.results.put(result)
+            roll_forward(theirs, slices, target, state.owns)
+            roll_forward(ours, slices, target, state.owns)
+        except OutOfSync as exc:
+            return Outcome(skipped=f"the stored slices do not apply ({exc})")
+    mismatches = {}
+    for coin in sorted(coins):
+        reason = difference(ours[coin], theirs[coin])
+        if reason is not None:
+            mismatches[coin] = reason
+    return Outcome(target, len(coins), mismatches)
 
-    def result(self) -> Fetched | None:
-        """The finished fetch, if any (non-blocking)."""
-        try:
-            fetched = self.results.get_nowait()
-        except queue.Empty:
+
+def _stored_slices(endpoint: str, from_height: int, timeout: float) -> tuple[list[wire.BookSlice], int] | None:
+    """Ingest's stored slices from ``from_height`` and the newest height it holds (None: refused, no answer)."""
+    ctx = zmq.Context()  # the child's own: the parent's sockets belong to the parent's io threads
+    try:
+        req = ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(endpoint)
+        req.send(wire.encode(wire.ReplayRequest(from_height, [topics.BOOK_PREFIX])))
+        if not req.poll(int(timeout * 1000)):
             return None
-        self.busy = None
-        return fetched
+        frames = req.recv_multipart()
+        reply = wire.decode(frames[0], wire.ReplayReply)
+        if not reply.ok or reply.head is None:
+            return None
+        return [wire.decode(frames[i + 1], wire.BookSlice) for i in range(1, len(frames) - 1, 2)], reply.head
+    finally:
+        ctx.destroy(linger=0)
+
+
+class Validation:
+    """Schedules validation children and acts on what they found."""
+
+    def __init__(self, state: ShardState, jobs: Jobs, info_url: str, ingest_replay: str, every: float, timeout: float,
+                 repair: Callable[[list[str], str], None]) -> None:
+        self.state = state
+        self.jobs = jobs
+        self.info_url = info_url
+        self.ingest_replay = ingest_replay
+        self.every = every
+        self.timeout = timeout
+        self.repair = repair  # resync these coins, with this reason
+        self.next_at = time.monotonic() + every
+        self.running = False
+
+    def tick(self, now: float) -> None:
+        if self.every <= 0 or self.running or now < self.next_at or self.state.phase != CoinState.LIVE:
+            return
+        self.next_at = now + self.every
+        try:
+            self.jobs.submit("validate", self._prepare)
+        except JobsBusy:
+            metrics.VALIDATIONS.labels("skipped_busy").inc()
+            return
+        self.running = True
+
+    def _prepare(self) -> tuple[Callable[[], Iterator[bytes]], Callable[[list[bytes] | None, str | None], None]]:
+        state, url, replay, timeout = self.state, self.info_url, self.ingest_replay, self.timeout
+        return (lambda: iter([msgspec.msgpack.encode(compare(state, url, replay, timeout))])), self._done
+
+    def _done(self, chunks: list[bytes] | None, error: str | None) -> None:
+        self.running = False
+        if chunks is None:
+            metrics.VALIDATIONS.labels("failed").inc()
+            metrics.SNAPSHOTS.labels("validate", "error").inc()
+            return
+        outcome = msgspec.msgpack.decode(b"".join(chunks), type=Outcome)
+        metrics.SNAPSHOTS.labels("validate", "ok").inc()
+        if outcome.skipped:
+            metrics.VALIDATIONS.labels("skipped_height").inc()
+            log.info("validation skipped: %s", outcome.skipped)
+            return
+        metrics.VALIDATIONS.labels("compared").inc()
+        for coin, reason in outcome.mismatches.items():
+            c = self.state.coins.get(coin)
+            if c is not None and c.state != CoinState.LIVE:
+                continue
+            metrics.MISMATCHES.labels(reason).inc()
+            log.error("%s differs from the node's snapshot at %d (%s): resyncing it", coin, outcome.height, reason)
+            if c is None:  # a coin the node has and this shard never saw
+                self.state.coin(coin)
+            self.repair([coin], f"validation_{reason}")
+        log.info("validation at %d: %d coins compared, %d differ", outcome.height, outcome.compared, len(outcome.mismatches))

@@ -1,0 +1,57 @@
+"""Test hooks of the shard (never for production), from hidden environment variables.
+
+``HLBOOK_TEST_DROP_EVERY=N`` drops every Nth ``H|`` or owned ``B|`` message as
+if the PUB socket had dropped it; ``HLBOOK_TEST_HOOKS=1`` enables the query ops
+``test_corrupt`` / ``test_drop`` (change one order's size / remove it silently,
+for validation and resync tests).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from hlbook.common import fixed, topics, wire
+from hlbook.services.book.state import ShardState
+
+OPS = ("test_corrupt", "test_drop")
+
+
+def from_env() -> tuple[int, bool]:
+    """(drop every N owned B|/H| messages, enable the test query ops)."""
+    return int(os.environ.get("HLBOOK_TEST_DROP_EVERY", "0") or 0), os.environ.get("HLBOOK_TEST_HOOKS") == "1"
+
+
+class Dropper:
+    """Drops every ``every``-th ``H|`` or owned ``B|`` message."""
+
+    def __init__(self, state: ShardState, every: int) -> None:
+        self.state = state
+        self.every = every
+        self.seen = 0
+
+    def drop(self, topic: bytes) -> bool:
+        if not self.every:
+            return False
+        if topic != topics.HEADER and (not topic.startswith(topics.BOOK_PREFIX) or self.state.owned(topic) is None):
+            return False
+        self.seen += 1
+        return self.seen % self.every == 0
+
+
+def corrupt(state: ShardState, query: wire.Query) -> dict[str, Any]:
+    """``test_drop`` silently removes order ``oid``; ``test_corrupt`` silently grows
+    order ``oid`` (default: the best bid's first) by 1."""
+    c = state.coins.get(query.coin or "")
+    if c is None:
+        return wire.error_reply("no such coin")
+    best = c.book.bids.best()
+    oid = query.oid if query.oid is not None else (best.orders[0].oid if best else None)
+    order = c.book.orders.get(oid) if oid is not None else None
+    if order is None:
+        return wire.error_reply("no such order")
+    if query.op == "test_drop":
+        c.book.remove(oid)
+    else:
+        c.book.update(oid, order.sz + fixed.ONE)
+    return {"ok": True, "oid": oid}

@@ -1,0 +1,103 @@
+"""What a shard holds: its coins (book, state, ``B|`` chain), mids, and the
+height of the last block it finished."""
+
+from __future__ import annotations
+
+from hlbook.common import fixed, topics
+from hlbook.common.chain import Chain
+from hlbook.common.wire import CoinState
+from hlbook.services.book import metrics
+from hlbook.services.book.book import Book
+
+
+class Coin:
+    """A coin's book, its state, and where its ``B|<coin>|`` chain stands (a fresh
+    book from a snapshot at height H takes any slice whose ``prev`` is at most H)."""
+
+    __slots__ = ("book", "state", "chain")
+
+    def __init__(self, book: Book, state: CoinState = CoinState.LIVE) -> None:
+        self.book = book
+        self.state = state
+        self.chain = Chain()
+        self.chain.from_snapshot(book.height)
+
+
+class ShardState:
+    """The coins of shard ``shard`` of ``shards`` and the shard's progress."""
+
+    def __init__(self, shard: int, shards: int) -> None:
+        if not 0 <= shard < shards:
+            raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
+        self.shard = shard
+        self.shards = shards
+        self.coins: dict[str, Coin] = {}
+        self.mids: dict[str, str] = {}
+        self.phase = CoinState.INITIALISING  # LIVE once the snapshot is loaded and replayed
+        self.height = 0  # last block finished
+        self.time = 0  # its block time (ms)
+        self.base = 0  # height of the last full snapshot (coins absent from it were empty)
+        self._owned: dict[bytes, str | None] = {}
+
+    def owns(self, coin: str) -> bool:
+        return topics.shard_of(coin, self.shards) == self.shard
+
+    def owned(self, topic: bytes) -> str | None:
+        """The coin of a ``B|<coin>|`` topic if this shard owns it (cached per topic)."""
+        try:
+            return self._owned[topic]
+        except KeyError:
+            coin = topics.coin_of(topic)
+            owned = self._owned[topic] = coin if self.owns(coin) else None
+            return owned
+
+    def coin(self, coin: str) -> Coin:
+        """The coin's entry; a coin absent from the snapshot had no orders then."""
+        c = self.coins.get(coin)
+        if c is None:
+            c = self.coins[coin] = Coin(Book(coin, self.base))
+        return c
+
+    def coin_state(self, coin: str) -> CoinState | None:
+        c = self.coins.get(coin)
+        if c is not None:
+            return c.state
+        if self.phase == CoinState.INITIALISING and self.owns(coin):
+            return CoinState.INITIALISING
+        return None
+
+    def live_book(self, coin: str) -> Book | None:
+        c = self.coins.get(coin)
+        return c.book if c is not None and c.state == CoinState.LIVE else None
+
+    def live_books(self) -> dict[str, Book]:
+        return {coin: c.book for coin, c in self.coins.items() if c.state == CoinState.LIVE}
+
+    def coin_height(self, book: Book) -> int:
+        """Height of the book's state: the shard's last block, or later when the open
+        block's slice was already applied."""
+        return max(self.height, book.height)
+
+    def coin_time(self, book: Book) -> int:
+        """Block time (ms) of the book's state (a snapshot book has none: the last block's)."""
+        return max(self.time, book.time)
+
+    def states(self) -> dict[str, str]:
+        return {coin: c.state for coin, c in self.coins.items()}
+
+    def update_mid(self, book: Book) -> None:
+        mid = book.mid()
+        if mid is None:
+            self.mids.pop(book.coin, None)
+        else:
+            self.mids[book.coin] = fixed.fmt(mid)
+
+    def gauges(self) -> None:
+        counts = dict.fromkeys(CoinState, 0)
+        orders = 0
+        for c in self.coins.values():
+            counts[c.state] += 1
+            orders += len(c.book)
+        for state, n in counts.items():
+            metrics.COINS.labels(state).set(n)
+        metrics.ORDERS.set(orders)
