@@ -30,7 +30,7 @@ from hlbook.services.gateway.frames import FrameWriter
 from hlbook.services.gateway.hub import Hub
 from hlbook.services.gateway.info import Info, InfoError
 from hlbook.services.gateway.protocol import RequestError, dumps, feed_key, identity, message, normalise, parse_request
-from hlbook.services.gateway.session import Session, SubscriptionStats
+from hlbook.services.gateway.session import Outbound, Session, SubscriptionStats
 from hlbook.services.gateway.upstream import Upstream
 from hlbook.services.gateway.users import Users
 
@@ -47,6 +47,7 @@ POLICY = 1008  # WebSocket close code: policy violation
 class GatewayConfig:
     shards: int = 1
     ingest_pub: str = config.INGEST_PUB
+    ingest_replay: str | None = config.INGEST_REPLAY
     book_pubs: list[str] = field(default_factory=list)  # default: config.book_endpoints(k)
     book_queries: list[str] = field(default_factory=list)
     token: str | None = None
@@ -75,12 +76,13 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
         pubs, queries = cfg.endpoints()
-        self.upstream = Upstream(cfg.ingest_pub, pubs, queries, cfg.query_timeout)
+        self.upstream = Upstream(cfg.ingest_pub, pubs, queries, cfg.query_timeout, cfg.ingest_replay)
         users = Users(cfg.user_fills_kept, cfg.user_orders_kept, cfg.max_followed_users)
         self.hub = Hub(self.upstream, users, Candles(cfg.candles_kept))
         self.info = Info(self.hub)
         self.info.handlers.update(user_info.handlers(self.hub, self.info))
         self.sessions: dict[Session, asyncio.Task[None]] = {}  # session -> its writer task
+        self.outbound = Outbound()
         self.per_ip: dict[str, int] = {}
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -143,7 +145,7 @@ class Gateway:
 
     async def _session(self, ws: WebSocket, ip: str) -> None:
         session = Session(f"{ip}:{ws.client.port if ws.client else 0}", ws.send_text, self.cfg.queue_size,
-                          self.cfg.max_messages_per_minute, FrameWriter.of(ws.scope))
+                          self.cfg.max_messages_per_minute, FrameWriter.of(ws.scope), self.outbound)
         writer = asyncio.create_task(self._write(session, ws))
         reader = asyncio.create_task(self._read(session, ws))
         self.sessions[session] = writer

@@ -14,7 +14,8 @@ def gateway(
     host: Annotated[str, typer.Option(envvar=env("host"), help="Address to serve on")] = config.DEFAULT_HOST,
     port: Annotated[int, typer.Option(envvar=env("port"), help="Port for /ws, /info, /health, /ready, /metrics")] = 8000,
     shards: Annotated[int, typer.Option(envvar=env("shards"), help="Number of book shards")] = 1,
-    ingest_pub: Annotated[str, typer.Option(envvar=env("ingest-pub"), help="Ingest's XPUB endpoint (trades)")] = config.INGEST_PUB,
+    ingest_pub: Annotated[str, typer.Option(envvar=env("ingest-pub"), help="Ingest's XPUB endpoint (trades, per-user events)")] = config.INGEST_PUB,
+    ingest_replay: Annotated[str, typer.Option(envvar=env("ingest-replay"), help="Ingest's replay ROUTER endpoint (recovers lost trades and per-user messages)")] = config.INGEST_REPLAY,
     book_pub: Annotated[list[str] | None, typer.Option(envvar=env("book-pub"), help="Shard XPUB endpoints in shard order (default tcp://127.0.0.1:5600+2K)")] = None,
     book_query: Annotated[list[str] | None, typer.Option(envvar=env("book-query"), help="Shard query endpoints in shard order (default tcp://127.0.0.1:5601+2K)")] = None,
     token: Annotated[str | None, typer.Option(envvar=env("token"), help="Require this bearer token (Authorization header or ?token=)")] = None,
@@ -38,6 +39,7 @@ def gateway(
     cfg = GatewayConfig(
         shards=shards,
         ingest_pub=ingest_pub,
+        ingest_replay=ingest_replay,
         book_pubs=list(book_pub or []),
         book_queries=list(book_query or []),
         token=token,

@@ -1,9 +1,8 @@
 """Feeds: one encoded stream per (channel, params), shared by its subscribers.
 
 A feed encodes each update once and hands the same text to every subscriber.
-``L4Feed`` adds the l4Book protocol: a snapshot from the owning shard, then
-one ``Updates`` per block with contiguous heights, checked against the shard's
-``prev`` chain; a gap or a shard reset sends every subscriber a fresh snapshot.
+``L4Feed`` adds the l4Book protocol: a snapshot, then one ``Updates`` per
+block with contiguous heights (see its docstring).
 """
 
 from __future__ import annotations
@@ -13,17 +12,23 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from hlbook.common import wire
+from hlbook.common.chain import Chain, Step
 from hlbook.services.gateway import metrics
-from hlbook.services.gateway.protocol import FeedKey, message
+from hlbook.services.gateway.frames import Blob, Text
+from hlbook.services.gateway.protocol import FeedKey, dumps, message
 from hlbook.services.gateway.session import Session
+from hlbook.services.gateway.upstream import Reply
 
 log = logging.getLogger(__name__)
 
-RECENT_BLOCKS = 64  # l4 updates kept to bring a new subscriber from its snapshot to the live block
+MAX_RECORDS = 600  # l4 updates kept above the cached snapshot (40 s at 15 blocks/s) ...
+MAX_RECORD_BYTES = 16 << 20  # ... and at most this many bytes of them
+REFRESH_BLOCKS = 30  # a joiner finding the cached snapshot older than this starts a fresh fetch
 RETRY_DELAY = 0.5
+SYNC_TIMEOUT = 3.0  # seconds to wait for the shard's sync marker before subscribing again
 
 
 class Feed:
@@ -66,140 +71,239 @@ class Feed:
             metrics.CONFLATED.inc(replaced)
 
 
-Fetch = Callable[[], Awaitable[dict[str, Any]]]
+Fetch = Callable[[int], Awaitable[Reply]]  # min_height -> l4 reply of the owner shard (header, levels frames)
+
+
+class Snapshot(NamedTuple):
+    """An l4Book snapshot as clients get it, built once and shared by every joiner."""
+
+    height: int
+    blob: Blob
+
+
+def snapshot_message(header: dict[str, Any], levels: list[memoryview]) -> Blob:
+    """``{"channel":"l4Book","data":{"Snapshot":{coin,time,height,levels}}}`` around the shard's rendered levels."""
+    head = f'{{"channel":"l4Book","data":{{"Snapshot":{{"coin":{dumps(header["coin"])},"time":{int(header["time"])},'
+    return Blob([f'{head}"height":{int(header["height"])},"levels":'.encode(), *levels, b"}}}"])
 
 
 class L4Feed(Feed):
-    """l4Book of one coin (see module docstring)."""
+    """l4Book of one coin: a snapshot, then one ``Updates`` per block, heights contiguous.
 
-    def __init__(self, key: FeedKey, topic: bytes, shard: int, fetch: Fetch) -> None:
+    **Following.** After subscribing ``L4|<coin>|`` the feed waits for the owner
+    shard's ``L4Sync`` (the subscription is in effect from there on, and it
+    gives the coin's chain position), then records every block: the coin's
+    ``L4Updates`` (``prev`` chain checked) and, from the shard's ``S|`` messages,
+    an empty ``Updates`` for each block that left the coin unchanged. The
+    records above the cached snapshot are kept (``records``, heights
+    ``base+1 .. last``), also while a snapshot is being fetched.
+
+    **Joining.** A subscriber gets the cached snapshot and the records above it
+    at once; when there is none it can join (none yet, or the records no longer
+    reach back to it), it waits for one fetch shared by every waiting
+    subscriber (``min_height`` = ``base``, so the shard's snapshot always joins
+    the records). An old cached snapshot is refreshed in the background.
+
+    **Resync.** A lost update or a shard ``RESET`` drops the snapshot and the
+    records and sends every subscriber a fresh snapshot.
+    """
+
+    def __init__(self, key: FeedKey, topic: bytes, shard: int, fetch: Fetch, resubscribe: Callable[[], None]) -> None:
         super().__init__(key, "l4Book", False, topic)
+        self.coin = key[1]
         self.shard = shard
         self._fetch = fetch
+        self._resubscribe = resubscribe
+        self.upstream = Chain()  # the shard's L4|<coin>| chain
+        self.following = False  # the sync marker came: every block from ``base`` on is recorded
+        self.base = 0
+        self.last = 0  # last height recorded
+        self.records: deque[tuple[int, Text]] = deque()  # heights base+1 .. last (those above the snapshot)
+        self.record_bytes = 0
+        self.snapshot: Snapshot | None = None
+        self.positions: dict[Session, int] = {}  # subscriber -> last height it got
         self.waiting: dict[Session, str] = {}  # subscribers awaiting a snapshot
-        self.skip_until: dict[Session, int] = {}  # subscribers whose snapshot is ahead of the stream
-        self.synced = False
-        self.last_height = 0  # last block sent (Updates, possibly empty)
-        self.last_change = 0  # last block that changed the coin (the shard's prev chain)
-        self.exact = False  # whether last_change is an update's height (not the snapshot's)
-        self.buffer: list[wire.L4Updates] = []  # while fetching the first snapshot
-        self.recent: deque[tuple[int, str]] = deque(maxlen=RECENT_BLOCKS)
         self.task: asyncio.Task[None] | None = None
+        self.synced = asyncio.Event()  # set with ``following``
+
+    def __len__(self) -> int:
+        return len(self.subscribers) + len(self.waiting)
+
+    # ------------------------------------------------------------ subscribers
 
     def add(self, session: Session, ident: str) -> None:
+        snap = self.snapshot
+        if snap is not None and self._joinable(snap.height):
+            self._join(session, ident, snap)
+            if self.last - snap.height > REFRESH_BLOCKS:
+                self._start_fetch()  # keep the cache recent, so joiners catch up little
+            return
         self.waiting[session] = ident
         self._start_fetch()
 
     def remove(self, session: Session) -> None:
         self.subscribers.pop(session, None)
+        self.positions.pop(session, None)
         self.waiting.pop(session, None)
-        self.skip_until.pop(session, None)
-        if not self.subscribers and not self.waiting and self.task is not None:
+        if not len(self) and self.task is not None:
             self.task.cancel()
             self.task = None
 
-    def __len__(self) -> int:
-        return len(self.subscribers) + len(self.waiting)
+    def _joinable(self, height: int) -> bool:
+        return self.following and height >= self.base
 
-    def resync(self, reason: str) -> None:
-        """Every subscriber gets a fresh snapshot (gap or shard reset)."""
-        if not self.synced and self.task is not None:
-            return  # already fetching one
-        log.info("l4Book %s: resync (%s)", self.key[1], reason)
-        self.synced = False
-        self.buffer = []
-        self.recent.clear()
-        self.waiting.update(self.subscribers)
+    def _join(self, session: Session, ident: str, snap: Snapshot) -> None:
+        metrics.SENT.labels("l4Book").inc()
+        session.deliver(snap.blob, ident, None)
+        position = snap.height
+        for height, text in self.records:
+            if height > snap.height:
+                session.deliver(text, ident, None)
+                position = height
+        self.subscribers[session] = ident
+        self.positions[session] = max(position, snap.height)
+
+    # ------------------------------------------------------------ upstream
+
+    def on_sync(self, m: wire.L4Sync) -> None:
+        """The shard saw our subscription (or someone's: ignored once following)."""
+        if self.following:
+            return
+        self.following = True
+        self.synced.set()
+        if m.prev is None:
+            self.upstream.clear()
+        else:
+            self.upstream.at(m.prev)
+        self._restart_records(m.height)
+        if self.waiting:
+            self._start_fetch()
+
+    def on_update(self, u: wire.L4Updates) -> None:
+        """The shard's updates of one block that changed the coin."""
+        if not self.following:
+            return  # sent before the marker: the snapshot (at least the marker's height) holds it
+        step = self.upstream.step(u.height, u.prev)
+        if step is Step.SEEN:
+            return
+        if step is Step.GAP:
+            metrics.GAPS.labels("l4").inc()
+            self.resync(f"lost update: prev {u.prev}, {self.upstream!r}", u.height)
+            self.upstream.at(u.height)
+            return
+        self.upstream.advance(u.height)
+        if u.height > self.last + 1:
+            self.on_block(u.height - 1, u.time)  # the shard's S| of the blocks before were lost
+        self._record(u.height, {"time": u.time, "height": u.height, "order_statuses": u.order_statuses, "book_diffs": u.book_diffs})
+
+    def on_block(self, height: int, time: int) -> None:
+        """The owner shard finished ``height``: blocks that left the coin unchanged get empty updates."""
+        if not self.following or height <= self.last:
+            return
+        if height - self.last > MAX_RECORDS:
+            self.resync(f"{height - self.last} blocks at once", height)
+            return
+        for h in range(self.last + 1, height + 1):
+            self._record(h, {"time": time, "height": h, "order_statuses": [], "book_diffs": []})
+
+    def on_reset(self, height: int, reason: str) -> None:
+        """The shard rebuilt the coin's book at ``height``."""
+        if not self.following:
+            return  # the snapshot comes after the marker, so after the rebuild
+        self.resync(f"shard reset: {reason}", max(height, self.last))
+        self.upstream.from_snapshot(self.base)
+
+    def resync(self, reason: str, height: int) -> None:
+        """Every subscriber gets a fresh snapshot taken at ``height`` or later."""
+        log.info("l4Book %s: resync (%s)", self.coin, reason)
+        metrics.L4_RESYNCS.inc()
+        self.snapshot = None
+        self._restart_records(height)
+        for session, ident in self.subscribers.items():
+            self.waiting[session] = ident
         self.subscribers.clear()
-        self.skip_until.clear()
-        self._start_fetch()
+        self.positions.clear()
+        if self.waiting:
+            self._start_fetch()
+
+    def _restart_records(self, height: int) -> None:
+        self.base = self.last = height
+        self.records.clear()
+        self.record_bytes = 0
+
+    def _record(self, height: int, updates: dict[str, Any]) -> None:
+        text = message("l4Book", {"Updates": updates})
+        self.last = height
+        metrics.ENCODED.labels("l4Book").inc()
+        positions = self.positions
+        clock = (time.time(), time.monotonic())
+        sent = 0
+        for session, ident in self.subscribers.items():
+            if positions[session] < height:
+                session.deliver(text, ident, None, clock)
+                positions[session] = height
+                sent += 1
+        metrics.SENT.labels("l4Book").inc(sent)
+        snap = self.snapshot
+        if snap is not None and height <= snap.height:
+            self.base = height  # the snapshot holds it: nothing to keep
+            return
+        self.records.append((height, text))
+        self.record_bytes += len(text)
+        while len(self.records) > MAX_RECORDS or self.record_bytes > MAX_RECORD_BYTES:
+            dropped, old = self.records.popleft()
+            self.record_bytes -= len(old)
+            self.base = dropped
+
+    # ------------------------------------------------------------ snapshots
 
     def _start_fetch(self) -> None:
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._fetch_loop())
 
     async def _fetch_loop(self) -> None:
-        while self.waiting:
+        """Fetch until the waiting subscribers joined (or once, to refresh the cache)."""
+        refresh = not self.waiting
+        while self.waiting or refresh:
+            if not self.following:
+                await self._await_sync()
+                continue
+            min_height = self.base
             try:
-                snapshot = await self._fetch()
+                header, levels = await self._fetch(min_height)
             except Exception as exc:  # QueryError, or a shard not live for this coin yet
                 metrics.L4_SNAPSHOTS.labels("error").inc()
-                log.info("l4Book %s snapshot: %s; retrying", self.key[1], exc)
+                log.info("l4Book %s snapshot: %s; retrying", self.coin, exc)
                 await asyncio.sleep(RETRY_DELAY)
                 continue
-            metrics.L4_SNAPSHOTS.labels("ok").inc()
-            if not self._install(snapshot):
+            if self._install(Snapshot(int(header["height"]), snapshot_message(header, levels))):
+                metrics.L4_SNAPSHOTS.labels("ok").inc()
+                refresh = False
+            else:
                 metrics.L4_SNAPSHOTS.labels("stale").inc()
-                await asyncio.sleep(RETRY_DELAY)
         self.task = None
 
-    def _install(self, snap: dict[str, Any]) -> bool:
-        """Send the snapshot to the waiting subscribers; False if it cannot be joined to the stream."""
-        height = int(snap["height"])
-        text = message("l4Book", {"Snapshot": {"coin": snap["coin"], "time": snap["time"], "height": height, "levels": snap["levels"]}})
-        if not self.synced:
-            buffered, self.buffer = self.buffer, []
-            self.last_height = self.last_change = height
-            self.exact = False
-            self.synced = True
-            self._send_snapshot(text)
-            for update in buffered:
-                self.on_update(update)  # a broken chain resyncs (the fetch loop goes on)
-            return True
-        if height >= self.last_height:
-            for session in self.waiting:
-                self.skip_until[session] = height
-            self._send_snapshot(text)
-            return True
-        if not self.recent or self.recent[0][0] > height + 1:
-            return False  # the snapshot is older than what is kept: fetch a newer one
-        catch_up = [t for h, t in self.recent if h > height]
-        waiting = dict(self.waiting)
-        self._send_snapshot(text)
+    async def _await_sync(self) -> None:
+        """Wait for the shard's sync marker; subscribe again when it does not come."""
+        try:
+            await asyncio.wait_for(self.synced.wait(), SYNC_TIMEOUT)
+        except TimeoutError:
+            log.warning("l4Book %s: no sync from shard %d in %.0f s; subscribing again", self.coin, self.shard, SYNC_TIMEOUT)
+            metrics.GAPS.labels("l4_sync").inc()
+            self._resubscribe()
+
+    def _install(self, snap: Snapshot) -> bool:
+        """Cache ``snap`` and bring the waiting subscribers in; False if it cannot join the records."""
+        if not self._joinable(snap.height):
+            return False
+        current = self.snapshot
+        if current is None or snap.height >= current.height:
+            self.snapshot = snap
+            while self.records and self.records[0][0] <= snap.height:
+                _, old = self.records.popleft()
+                self.record_bytes -= len(old)
+            self.base = max(self.base, min(snap.height, self.last))
+        waiting, self.waiting = self.waiting, {}
         for session, ident in waiting.items():
-            for update in catch_up:
-                session.deliver(update, ident, None)
+            self._join(session, ident, snap)
         return True
-
-    def _send_snapshot(self, text: str) -> None:
-        metrics.ENCODED.labels("l4Book").inc()
-        metrics.SENT.labels("l4Book").inc(len(self.waiting))
-        for session, ident in self.waiting.items():
-            session.deliver(text, ident, None)
-        self.subscribers.update(self.waiting)
-        self.waiting.clear()
-
-    def on_update(self, u: wire.L4Updates) -> None:
-        """The shard's updates of one block that changed the coin."""
-        if not self.synced:
-            if self.task is not None:
-                self.buffer.append(u)
-            return
-        if u.height <= self.last_change:
-            return  # already in the snapshot
-        if self.exact:
-            chained = u.prev == self.last_change
-        else:  # first update after the snapshot: the coin's previous change is in it
-            chained = u.prev is None or u.prev <= self.last_change
-        if not chained:
-            metrics.GAPS.labels("l4").inc()
-            self.resync(f"lost update: prev {u.prev}, expected {self.last_change}")
-            return
-        self.exact = True
-        self.last_change = u.height
-        self._emit(u.height, {"time": u.time, "height": u.height, "order_statuses": u.order_statuses, "book_diffs": u.book_diffs})
-
-    def on_block(self, height: int, time: int) -> None:
-        """The owning shard finished ``height``: blocks that left the coin unchanged get empty updates."""
-        if self.synced and height > self.last_height:
-            self._emit(height, {"time": time, "height": height, "order_statuses": [], "book_diffs": []})
-
-    def _emit(self, height: int, updates: dict[str, Any]) -> None:
-        text = message("l4Book", {"Updates": updates})
-        self.last_height = height
-        self.recent.append((height, text))
-        metrics.ENCODED.labels("l4Book").inc()
-        metrics.SENT.labels("l4Book").inc(len(self.subscribers))
-        for session, ident in self.subscribers.items():
-            if self.skip_until.get(session, 0) < height:
-                session.deliver(text, ident, None)

@@ -4,6 +4,7 @@ dispatch of every upstream message to the feeds that want it."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
@@ -12,6 +13,7 @@ from typing import Any
 import msgspec
 
 from hlbook.common import topics, wire
+from hlbook.common.chain import Chains, Step
 from hlbook.common.metrics import BAD_INPUT
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway import users as user_streams
@@ -20,12 +22,13 @@ from hlbook.services.gateway.ctx import active_asset_ctx, active_asset_ctx_chann
 from hlbook.services.gateway.feeds import Feed, L4Feed
 from hlbook.services.gateway.protocol import CHANNELS, CONFLATED, USER_FEEDS, FeedKey, RequestError, message
 from hlbook.services.gateway.session import Session
-from hlbook.services.gateway.upstream import Upstream
+from hlbook.services.gateway.upstream import QueryError, Upstream
 from hlbook.services.gateway.users import Users
 
 log = logging.getLogger(__name__)
 
 RECENT_TRADES = 100  # per coin, for recentTrades
+REPLAYED = ("trades", "user")  # kinds whose lost messages are recovered from ingest's replay
 SHARD_SILENT = 5.0  # seconds without a ShardBlock after which a shard counts as down
 
 
@@ -63,7 +66,8 @@ class Hub:
         self.by_topic: dict[bytes, list[Feed]] = {}
         self.l2_last: dict[bytes, wire.L2Levels] = {}  # subscribed L2 topics: last levels (new nLevels feeds start from it)
         self.trades: dict[str, deque[wire.Trade]] = {}
-        self.gaps = wire.GapDetector()
+        self.chains = Chains(dense_prefixes=(topics.SHARD_PREFIX,))  # every upstream topic but L4| (its feed keeps that)
+        self.repairing: dict[bytes, list[Any]] = {}  # topic -> messages held while its lost ones are replayed
         self.block_feeds: list[set[Feed]] = [set() for _ in self.shards]  # l4Book/activeAssetCtx feeds by owner shard
         self.mids_feeds: set[Feed] = set()  # allMids feeds (one per dex asked for)
         self.mids_height = 0
@@ -140,7 +144,7 @@ class Hub:
             if not siblings:
                 del self.by_topic[feed.topic]
                 self.l2_last.pop(feed.topic, None)
-                self.gaps.last.pop(feed.topic, None)
+                self.chains.pop(feed.topic)
             self.upstream.unsubscribe(feed.topic)
 
     def _per_block(self, feed: Feed) -> set[Feed]:
@@ -154,8 +158,9 @@ class Hub:
         kind = key[0]
         if kind == "l4Book":
             coin = key[1]
-            shard = self.owner(coin)
-            return L4Feed(key, topics.l4(coin), shard, lambda: self.upstream.query(shard, wire.Query("l4", coin=coin)))
+            shard, topic = self.owner(coin), topics.l4(coin)
+            return L4Feed(key, topic, shard, lambda min_height: self.upstream.query_parts(shard, wire.Query("l4", coin=coin, min_height=min_height)),
+                          lambda: self.upstream.resubscribe(topic))
         if kind in USER_FEEDS:
             return Feed(key, CHANNELS.get(kind, kind), False, topics.user(key[1]))
         if kind == "activeAssetCtx":
@@ -203,9 +208,48 @@ class Hub:
             BAD_INPUT.labels("gateway", "bad_payload").inc()
             log.error("undecodable %r message: %s", topic[:40], exc)
             return
-        if hasattr(message, "prev") and kind != "l4" and not self.gaps.check(topic, message.height, message.prev):
+        if kind == "l4" or not hasattr(message, "prev"):
+            handle(self, topic, message)
+            return
+        held = self.repairing.get(topic)
+        if held is not None:
+            held.append(message)  # after the lost ones being replayed
+            return
+        chain = self.chains[topic]
+        step = chain.step(message.height, message.prev)
+        if step is Step.SEEN:
+            return
+        if step is Step.GAP:
             metrics.GAPS.labels(kind).inc()
+            if kind in REPLAYED:
+                self.repairing[topic] = [message]
+                asyncio.create_task(self._repair(topic, kind, handle))
+                return
+            # L2, BBO, S: each message is the whole current state, so this one repairs the loss
+        chain.advance(message.height)
         handle(self, topic, message)
+
+    async def _repair(self, topic: bytes, kind: str, handle: Any) -> None:
+        """Deliver the lost messages of ``topic`` from ingest's replay, then those held meanwhile."""
+        chain = self.chains[topic]
+        from_height = (chain.last or 0) + 1
+        message_type = self._handlers[topic[: topic.find(topics.SEP) + 1]][1]
+        replayed: list[Any] = []
+        try:
+            replayed = [wire.decode(payload, message_type) for t, payload in await self.upstream.replay(from_height, topic) if t == topic]
+            metrics.REPAIRS.labels(kind, "replayed").inc()
+        except (QueryError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            metrics.REPAIRS.labels(kind, "failed").inc()
+            log.error("%r: messages from %d lost for good: %s", topic[:60], from_height, exc)
+        finally:
+            held = self.repairing.pop(topic, [])
+        for message in [*replayed, *held]:
+            if chain.check(message.height, message.prev) is not Step.SEEN:
+                try:
+                    handle(self, topic, message)
+                except Exception:  # as in Upstream._read: one bad message must not stop the rest
+                    BAD_INPUT.labels("gateway", "error").inc()
+                    log.exception("handling %r failed", topic[:40])
 
     def on_shard_block(self, topic: bytes, m: wire.ShardBlock) -> None:
         if not 0 <= m.shard < len(self.shards):
@@ -241,7 +285,7 @@ class Hub:
     def on_reset(self, topic: bytes, m: wire.Reset) -> None:
         feed = self.feeds.get(("l4Book", m.coin))
         if isinstance(feed, L4Feed):
-            feed.resync(f"shard reset: {m.reason}")
+            feed.on_reset(m.height, m.reason)
 
     def on_trades(self, topic: bytes, m: wire.Trades) -> None:
         recent = self.trades.get(m.coin)
@@ -298,9 +342,13 @@ class Hub:
         for feed in self.by_topic.get(topic, ()):
             feed.publish({"coin": m.coin, "time": m.time, "bbo": [level_dict(m.bbo[0]), level_dict(m.bbo[1])]})
 
-    def on_l4(self, topic: bytes, m: wire.L4Updates) -> None:
+    def on_l4(self, topic: bytes, m: wire.L4Updates | wire.L4Sync) -> None:
         for feed in self.by_topic.get(topic, ()):
-            if isinstance(feed, L4Feed):
+            if not isinstance(feed, L4Feed):
+                continue
+            if isinstance(m, wire.L4Sync):
+                feed.on_sync(m)
+            else:
                 feed.on_update(m)
 
     _handlers = {
@@ -309,6 +357,6 @@ class Hub:
         topics.TRADES_PREFIX: ("trades", wire.Trades, on_trades),
         topics.L2_PREFIX: ("l2", wire.L2Levels, on_l2),
         topics.BBO_PREFIX: ("bbo", wire.Bbo, on_bbo),
-        topics.L4_PREFIX: ("l4", wire.L4Updates, on_l4),
+        topics.L4_PREFIX: ("l4", wire.L4Message, on_l4),
         topics.USER_PREFIX: ("user", wire.UserEvents, on_user),
     }

@@ -1,26 +1,34 @@
 """One client connection: its subscriptions with their statistics, a bounded
 outbox drained by a writer task, and the inbound rate limit.
 
-The outbox holds texts (sent in order) and feed keys of conflated feeds: a
+The outbox holds messages (sent in order) and feed keys of conflated feeds: a
 conflated feed keeps only its latest text per client, so a slow client gets the
 newest l2Book/bbo/allMids and never a backlog (at most one entry per
-subscription). When ``queue_size`` texts wait, the client is closed with an
+subscription). When ``queue_size`` messages wait, the client is closed with an
 error: a trades or l4Book message would otherwise be lost.
+
+Sending: whatever is queued during one turn of the event loop (a batch of
+upstream messages, a request) is written at the end of the turn by
+:class:`Outbound`, one ``transport.write`` per session, straight from the loop
+when the transport has room; a session whose transport is full, or that is in
+the middle of a big message (:class:`frames.Blob`), has its writer task do it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hlbook.services.gateway.frames import FrameWriter, frame_of
+from hlbook.services.gateway.frames import Blob, FrameWriter, Message, frame_of
 from hlbook.services.gateway.protocol import FeedKey
 
+log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 WRITE_BATCH = 256  # at most this many frames ...
 WRITE_BYTES = 256 << 10  # ... or bytes joined into one transport write
@@ -76,19 +84,44 @@ class SubscriptionStats:
         }
 
 
+class Outbound:
+    """Sessions with something queued, flushed once at the end of the event loop's turn."""
+
+    def __init__(self) -> None:
+        self.dirty: set[Session] = set()
+        self.scheduled = False
+
+    def mark(self, session: Session) -> None:
+        self.dirty.add(session)
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        dirty, self.dirty = self.dirty, set()
+        for session in dirty:
+            try:
+                session.flush()
+            except Exception as exc:  # a broken transport costs its own session only
+                log.warning("session %d: write failed (%s); closing it", session.id, exc)
+                session.close("write_failed")
+
+
 class Session:
     """State of one WebSocket client; ``send`` writes one text frame."""
 
     def __init__(self, peer: str, send: Callable[[str], Awaitable[None]], queue_size: int, max_per_minute: int,
-                 frames: FrameWriter | None = None) -> None:
+                 frames: FrameWriter | None = None, outbound: Outbound | None = None) -> None:
         self.id = next(_ids)
         self.peer = peer
         self._send = send
         self.frames = frames  # direct frame writes (no compression negotiated); else ASGI sends
+        self.outbound = outbound or Outbound()
         self.queue_size = queue_size
         self.subs: dict[str, SubscriptionStats] = {}  # by subscription identity
-        self.outbox: deque[str | FeedKey] = deque()
-        self.texts = 0  # texts (not conflated keys) in the outbox
+        self.outbox: deque[Message | FeedKey] = deque()
+        self.texts = 0  # messages (not conflated keys) in the outbox
         self.latest: dict[FeedKey, str] = {}  # conflated feeds: the text to send when their key comes up
         self.wakeup = asyncio.Event()
         self.closing: str | None = None  # why the session must end (set once)
@@ -101,6 +134,7 @@ class Session:
         self.refilled = time.monotonic()
         self.heard = self.refilled  # last frame received (idle timeout)
         self.sending_since = 0.0  # when the send in progress started (0: none)
+        self.writing = False  # the writer task is sending: only it may write until it is done
         self.pending_posts = 0
 
     # ------------------------------------------------------------ inbound
@@ -121,7 +155,7 @@ class Session:
         """Queue a protocol message (ack, error, pong, post answer)."""
         self._queue(text)
 
-    def deliver(self, text: str, ident: str, conflate: FeedKey | None, clock: tuple[float, float] | None = None) -> bool:
+    def deliver(self, text: Message, ident: str, conflate: FeedKey | None, clock: tuple[float, float] | None = None) -> bool:
         """Queue a feed message for subscription ``ident``; ``conflate``: the feed key when only
         the latest counts; ``clock``: (time, monotonic) read once for a whole fan-out.
         True when it replaced a message the client had not received yet."""
@@ -132,23 +166,37 @@ class Session:
             self._queue(text)
             return False
         replaced = conflate in self.latest
+        self.latest[conflate] = text  # type: ignore[assignment]  # conflated feeds send texts
         if replaced:
             self.conflated += 1
         else:
             self._queue(conflate)
-        self.latest[conflate] = text
         return replaced
 
-    def _queue(self, item: str | FeedKey) -> None:
+    def _queue(self, item: Message | FeedKey) -> None:
         if self.closing:
             return
-        if isinstance(item, str):
+        if not isinstance(item, tuple):
             if self.texts >= self.queue_size:
                 self.close("slow_client", f"Connection closed: client too slow, {self.texts} messages queued")
                 return
             self.texts += 1
         self.outbox.append(item)
-        self.wakeup.set()
+        self.outbound.mark(self)
+
+    def flush(self) -> None:
+        """Write the queued small messages now if nothing is in the way; else leave it to the writer task."""
+        frames = self.frames
+        if not self.outbox or self.closing:
+            return
+        if self.writing or frames is None or not frames.ready() or isinstance(self.outbox[0], Blob):
+            self.wakeup.set()
+            return
+        batch = self._small_batch()
+        frames.write_now(batch)
+        self.sent += len(batch)
+        if self.outbox:
+            self.wakeup.set()
 
     def close(self, reason: str, text: str | None = None) -> None:
         """Ask the writer to send ``text`` as an error (if any) and end the session."""
@@ -166,26 +214,48 @@ class Session:
         while not self.closing:
             await self.wakeup.wait()
             self.wakeup.clear()
-            while self.outbox and not self.closing:
-                self.sending_since = time.monotonic()
-                if self.frames is not None:
-                    batch, size = [], 0
-                    while self.outbox and len(batch) < WRITE_BATCH and size < WRITE_BYTES:
-                        batch.append(frame_of(self._next()))
-                        size += len(batch[-1])
-                    await self.frames.write(batch)
-                    self.sent += len(batch)
-                else:
-                    await self._send(self._next())
-                    self.sent += 1
-                self.sending_since = 0.0
+            self.writing = True
+            try:
+                while self.outbox and not self.closing:
+                    self.sending_since = time.monotonic()
+                    await self._write_some()
+                    self.sending_since = 0.0
+            finally:
+                self.writing = False
 
-    def _next(self) -> str:
+    async def _write_some(self) -> None:
+        frames = self.frames
+        if frames is None:  # through ASGI (compression negotiated)
+            item = self._next()
+            await self._send(item.text() if isinstance(item, Blob) else item)
+            self.sent += 1
+        elif isinstance(self.outbox[0], Blob):
+            blob = self._next()
+            assert isinstance(blob, Blob)
+            await frames.write_blob(blob)
+            self.sent += 1
+        else:
+            batch = self._small_batch()
+            await frames.write(batch)
+            self.sent += len(batch)
+
+    def _small_batch(self) -> list[bytes]:
+        """Frames of the queued messages up to the next Blob, at most WRITE_BATCH / WRITE_BYTES."""
+        outbox = self.outbox
+        batch: list[bytes] = []
+        size = 0
+        while outbox and len(batch) < WRITE_BATCH and size < WRITE_BYTES and not isinstance(outbox[0], Blob):
+            frame = frame_of(self._next())  # type: ignore[arg-type]  # not a Blob
+            batch.append(frame)
+            size += len(frame)
+        return batch
+
+    def _next(self) -> Message:
         item = self.outbox.popleft()
-        if isinstance(item, str):
-            self.texts -= 1
-            return item
-        return self.latest.pop(item)
+        if isinstance(item, tuple):
+            return self.latest.pop(item)
+        self.texts -= 1
+        return item
 
     def info(self) -> dict[str, Any]:
         """The debug view of this connection."""

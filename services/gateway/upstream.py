@@ -1,6 +1,7 @@
 """The gateway's ZeroMQ side: one SUB socket connected to ingest and every
-shard (topics subscribed while some client needs them, counted), and a DEALER
-per shard for queries (request ids, timeouts)."""
+shard (topics subscribed while some client needs them, counted), a DEALER per
+shard for queries (request ids, timeouts) and one to ingest's replay ROUTER
+(to repair a lost trades or user message)."""
 
 from __future__ import annotations
 
@@ -28,16 +29,22 @@ class QueryError(Exception):
     """A shard answered ``ok: false`` or did not answer in time."""
 
 
-class Upstream:
-    """Subscriptions to ingest and the shards, and queries to the shards."""
+Reply = tuple[dict[str, Any], list[memoryview]]  # the reply map, then any further frames (l4 levels)
 
-    def __init__(self, ingest_pub: str, book_pubs: list[str], book_queries: list[str], query_timeout: float = 3.0) -> None:
+
+class Upstream:
+    """Subscriptions to ingest and the shards, queries to the shards, replays from ingest."""
+
+    def __init__(self, ingest_pub: str, book_pubs: list[str], book_queries: list[str], query_timeout: float = 3.0,
+                 ingest_replay: str | None = None) -> None:
         self.endpoints = (ingest_pub, book_pubs, book_queries)
+        self.ingest_replay = ingest_replay
         self.query_timeout = query_timeout
         self.counts: dict[bytes, int] = {}
         self.dealers: list[zmq.asyncio.Socket] = []
+        self.replayer: zmq.asyncio.Socket | None = None
         self._ids = itertools.count(1)
-        self._waiting: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
+        self._waiting: dict[bytes, asyncio.Future[Reply]] = {}
         self.tasks: list[asyncio.Task[None]] = []
 
     def _open(self) -> None:
@@ -54,10 +61,15 @@ class Upstream:
             self.sub.setsockopt(zmq.SUBSCRIBE, prefix)
         self.sub_nowait = zmq.Socket.shadow(self.sub.underlying)  # plain socket for draining without awaiting
         for endpoint in book_queries:
-            dealer = self.ctx.socket(zmq.DEALER)
-            dealer.setsockopt(zmq.LINGER, 0)
-            dealer.connect(endpoint)
-            self.dealers.append(dealer)
+            self.dealers.append(self._dealer(endpoint))
+        if self.ingest_replay:
+            self.replayer = self._dealer(self.ingest_replay)
+
+    def _dealer(self, endpoint: str) -> zmq.asyncio.Socket:
+        dealer = self.ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(endpoint)
+        return dealer
 
     @property
     def shards(self) -> int:
@@ -76,10 +88,16 @@ class Upstream:
         self.counts.pop(topic, None)
         self.sub.setsockopt(zmq.UNSUBSCRIBE, topic)
 
+    def resubscribe(self, topic: bytes) -> None:
+        """Send the subscription again (a SUB socket sends a topic only on its first subscribe)."""
+        if topic in self.counts:
+            self.sub.setsockopt(zmq.UNSUBSCRIBE, topic)
+            self.sub.setsockopt(zmq.SUBSCRIBE, topic)
+
     def start(self, on_message: Callable[[bytes, bytes], None]) -> None:
         self._open()
         self.tasks.append(asyncio.create_task(self._read(on_message)))
-        self.tasks.extend(asyncio.create_task(self._replies(d)) for d in self.dealers)
+        self.tasks.extend(asyncio.create_task(self._replies(d)) for d in [*self.dealers, *filter(None, [self.replayer])])
 
     async def _read(self, on_message: Callable[[bytes, bytes], None]) -> None:
         sub = self.sub_nowait
@@ -102,35 +120,52 @@ class Upstream:
 
     async def _replies(self, dealer: zmq.asyncio.Socket) -> None:
         while True:
-            frames = await dealer.recv_multipart()
-            future = self._waiting.pop(frames[0], None) if len(frames) == 3 else None
+            frames = await dealer.recv_multipart(copy=False)  # an l4 reply's levels stay in ZeroMQ's buffers
+            future = self._waiting.pop(frames[0].bytes, None) if len(frames) >= 3 else None
             if future is None or future.done():
                 continue  # answer to a request that timed out
             try:
-                future.set_result(wire.decode(frames[2]))
+                future.set_result((wire.decode(frames[2].bytes), [f.buffer for f in frames[3:]]))
             except (msgspec.DecodeError, ValueError) as exc:
                 future.set_exception(QueryError(f"undecodable reply: {exc}"))
 
-    async def query(self, shard: int, query: wire.Query) -> dict[str, Any]:
-        """A shard's ``ok`` reply; QueryError when it refuses or times out."""
+    async def _ask(self, dealer: zmq.asyncio.Socket, request: bytes, what: str) -> Reply:
         request_id = str(next(self._ids)).encode()
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
-            await self.dealers[shard].send_multipart([request_id, b"", wire.encode(query)])
-            reply = await asyncio.wait_for(future, self.query_timeout)
+            await dealer.send_multipart([request_id, b"", request])
+            return await asyncio.wait_for(future, self.query_timeout)
         except TimeoutError:
-            raise QueryError(f"shard {shard} did not answer in {self.query_timeout} s") from None
+            raise QueryError(f"{what} did not answer in {self.query_timeout} s") from None
         finally:
             self._waiting.pop(request_id, None)
+
+    async def query_parts(self, shard: int, query: wire.Query) -> Reply:
+        """A shard's ``ok`` reply and the frames after it; QueryError when it refuses or times out."""
+        reply, parts = await self._ask(self.dealers[shard], wire.encode(query), f"shard {shard}")
         if not isinstance(reply, dict) or not reply.get("ok"):
             raise QueryError(str(reply.get("error") if isinstance(reply, dict) else reply))
-        return reply
+        return reply, parts
+
+    async def query(self, shard: int, query: wire.Query) -> dict[str, Any]:
+        """A shard's ``ok`` reply; QueryError when it refuses or times out."""
+        return (await self.query_parts(shard, query))[0]
+
+    async def replay(self, from_height: int, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Ingest's stored messages on topics starting with ``prefix`` from ``from_height``, in order."""
+        if self.replayer is None:
+            raise QueryError("no --ingest-replay endpoint configured")
+        header, frames = await self._ask(self.replayer, wire.encode(wire.ReplayRequest(from_height, [prefix])), "ingest replay")
+        reply = msgspec.convert(header, wire.ReplayReply)
+        if not reply.ok:
+            raise QueryError(f"replay from {from_height} refused: {reply.error}")
+        return [(bytes(frames[i]), bytes(frames[i + 1])) for i in range(0, len(frames) - 1, 2)]
 
     def close(self) -> None:
         for task in self.tasks:
             task.cancel()
         self.sub.close(0)
-        for dealer in self.dealers:
+        for dealer in [*self.dealers, *filter(None, [self.replayer])]:
             dealer.close(0)
         self.ctx.term()

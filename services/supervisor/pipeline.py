@@ -61,7 +61,7 @@ class Pipeline:
                                                  "--metrics-port", str(self.metrics_port(k)), *common]))
         for i in range(self.gateways):
             specs.append(ChildSpec(f"gateway-{i}", ["gateway", "--host", self.host, "--port", str(self.port + i),
-                                                    "--shards", str(self.shards), "--ingest-pub", ingest[1], *books, *common]))
+                                                    "--shards", str(self.shards), *ingest, *books, *common]))
         return specs
 
     def metrics_port(self, shard: int) -> int:
