@@ -18,7 +18,7 @@ import pytest
 import zmq
 
 from conftest import free_port
-from hlbook.common import nodefiles, wire
+from hlbook.common import nodefiles, topics, wire
 
 USER = "0x00000000000000000000000000000000000000aa"
 OTHER = "0x00000000000000000000000000000000000000bb"
@@ -227,7 +227,8 @@ def test_restart_from_height_and_replay(node: NodeWriter, ingest: IngestProcess,
     assert reply.ok and (reply.oldest, reply.head) == (103, 105)
     replayed = list(zip(frames[1::2], frames[2::2]))
     assert [wire.decode(p)["height"] for t, p in replayed if t == b"H|"] == [104, 105]
-    assert {t for t, _ in replayed} == {b"H|", b"B|BTC|", b"T|BTC|"}
+    # the followed user's messages are kept too: a gateway that lost one gets it again
+    assert {t for t, _ in replayed} == {b"H|", b"B|BTC|", b"T|BTC|", topics.user(USER)}
     too_old = wire.decode(ingest.replay_request(50)[0], wire.ReplayReply)
     assert not too_old.ok and "no longer held" in (too_old.error or "")
     ingest.stop()

@@ -32,12 +32,18 @@ class Block:
     diffs: list[BookDiff] = field(default_factory=list)
     fills: list[UserFill] = field(default_factory=list)
     streams_seen: set[str] = field(default_factory=set)
+    statuses_left_out: int = 0  # rejections nobody follows, not decoded (StatusHeadLine.resolve)
 
-    def add(self, stream: str, line: NodeLine) -> None:
+    @property
+    def n_statuses(self) -> int:
+        return len(self.statuses) + self.statuses_left_out
+
+    def add(self, stream: str, line: NodeLine, left_out: int = 0) -> None:
         if not self.block_time:
             self.block_time, self.local_time = line.block_time, line.local_time
         self.streams_seen.add(stream)
         getattr(self, _FIELD[stream]).extend(line.events)
+        self.statuses_left_out += left_out
 
 
 _FIELD = {"order_statuses": "statuses", "raw_book_diffs": "diffs", "fills": "fills"}
@@ -53,7 +59,7 @@ class Joiner:
         self._past_since: dict[int, float] = {}  # height -> when some stream first moved past it
         self._last_times: tuple[str, str] | None = None  # (block_time, local_time) of the last closed block
 
-    def add(self, stream: str, line: NodeLine) -> None:
+    def add(self, stream: str, line: NodeLine, left_out: int = 0) -> None:
         height = line.block_number
         if self.last_closed is not None and height <= self.last_closed:
             # streaming: a row of a block closed by timeout; by-block: a repeated line
@@ -71,7 +77,7 @@ class Joiner:
         block = self.pending.get(height)
         if block is None:
             block = self.pending[height] = Block(height)
-        block.add(stream, line)
+        block.add(stream, line, left_out)
 
     def _done(self, height: int) -> bool:
         if self.streaming:

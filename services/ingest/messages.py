@@ -2,21 +2,23 @@
 
 Work per status is a few attribute reads: statuses are routed to a coin's
 BookSlice only when their oid has a diff in the block, and to a user's topic
-only while that user is subscribed downstream; the other ~95 % (rejections)
-cost nothing after decoding.
+only while that user is subscribed downstream. Rejections (~95 %) of users
+nobody follows are not even decoded past their status (``StatusHead``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from hlbook.common import topics, wire
-from hlbook.common.models import Fill, UserFill, block_time_ms
+from hlbook.common.models import ASSISTANCE_FUND_USER, HIP2_USER, DiffBody, Fill, UserFill, block_time_ms
 from hlbook.services.ingest import metrics
 from hlbook.services.ingest.joiner import Block
 
 log = logging.getLogger(__name__)
+
+STATUSLESS_USERS = frozenset({HIP2_USER, ASSISTANCE_FUND_USER})  # their orders come with diffs only
 
 
 class UserSubscriptions:
@@ -33,6 +35,13 @@ class UserSubscriptions:
     @property
     def active(self) -> bool:
         return bool(self.users) or self.all_users > 0
+
+    @property
+    def wants(self) -> Callable[[str], bool] | None:
+        """Whether a user's events are wanted downstream (None: nobody's are)."""
+        if self.all_users > 0:
+            return lambda user: True
+        return self.users.__contains__ if self.users else None
 
     def handle(self, event: bytes) -> None:
         """Apply one XPUB event (``\\x01topic`` subscribe, ``\\x00topic`` unsubscribe)."""
@@ -57,7 +66,8 @@ class MessageBuilder:
         self.subs = subs
 
     def build(self, block: Block) -> tuple[list[Message], list[Message]]:
-        """(stored messages: header, book slices, trades; user messages, not stored)."""
+        """(header, book slices and trades; per-user messages): the two lists are kept apart
+        because per-user messages exist only for users someone follows."""
         ms = block_time_ms(block.block_time)
         slices = self._book_slices(block, ms)
         stored = [self._header(block, ms, [s.coin for s in slices])]
@@ -76,7 +86,7 @@ class MessageBuilder:
             time=ms,
             block_time=block.block_time,
             local_time=block.local_time,
-            n_statuses=len(block.statuses),
+            n_statuses=block.n_statuses,
             n_diffs=len(block.diffs),
             n_fills=len(block.fills),
             book_coins=coins,
@@ -85,6 +95,8 @@ class MessageBuilder:
 
     @staticmethod
     def _book_slices(block: Block, ms: int) -> list[wire.BookSlice]:
+        """Per coin: its diffs and the statuses of their oids. A ``new`` diff with no status
+        (other than HIP-2/assistance-fund orders) is counted: its details would be defaults."""
         by_coin: dict[str, wire.BookSlice] = {}
         oid_coin: dict[int, str] = {}
         for diff in block.diffs:
@@ -94,10 +106,17 @@ class MessageBuilder:
             s.diffs.append(diff)
             oid_coin[diff.oid] = diff.coin
         if oid_coin:
+            detailed = set()
             for status in block.statuses:
                 coin = oid_coin.get(status.order.oid)
                 if coin is not None:
                     by_coin[coin].statuses.append(status)
+                    detailed.add(status.order.oid)
+            for diff in block.diffs:
+                if isinstance(diff.raw_book_diff, DiffBody) and diff.raw_book_diff.new is not None \
+                        and diff.oid not in detailed and diff.user not in STATUSLESS_USERS:
+                    metrics.BLOCK_ANOMALIES.labels("new_without_status").inc()
+                    log.warning("block %d: new order %d of %s has no status (its details default)", block.height, diff.oid, diff.user)
         return list(by_coin.values())
 
     @staticmethod

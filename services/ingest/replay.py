@@ -50,11 +50,12 @@ class ReplayStore:
 
 
 def serve_one(router: zmq.Socket, store: ReplayStore) -> None:
-    """Answer one request waiting on ``router`` (REQ or DEALER peers)."""
+    """Answer one request waiting on ``router`` (REQ or DEALER peers; every frame
+    before the request comes back first, so a DEALER can match replies by id)."""
     frames = router.recv_multipart()
-    identity, rest = frames[0], frames[1:]
-    envelope = [identity, b""] if rest and rest[0] == b"" else [identity]
-    body = rest[-1] if rest else b""
+    envelope, body = frames[:-1], frames[-1]  # identity, any request-id frames, delimiter: all come back
+    if not envelope:  # a ROUTER always prepends the identity: not reached
+        return
     try:
         request = wire.decode(body, wire.ReplayRequest)
     except Exception as exc:  # malformed request: answer, never crash

@@ -10,19 +10,21 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
-from hlbook.common import logs
+from hlbook.common import logs, nodefiles
 from hlbook.common.metrics import BAD_INPUT, serve
-from hlbook.common.models import DECODERS, STREAMS, block_time_ms
+from hlbook.common.models import DECODERS, STATUS_HEADS, STREAMS, block_time_ms
 from hlbook.common.signals import stop_on_signals
 from hlbook.services.ingest import metrics
 from hlbook.services.ingest.joiner import Block, Joiner
 from hlbook.services.ingest.messages import MessageBuilder, UserSubscriptions
 from hlbook.services.ingest.replay import ReplayStore, serve_one
 from hlbook.services.ingest.tailer import Tailer, line_height
+from hlbook.services.ingest.watch import Watcher
 
 log = logging.getLogger(__name__)
 
 MAX_AHEAD = 200  # blocks a stream may read ahead of the slowest one still reading
+WATCHED_POLL = 0.05  # seconds between reads when inotify reports nothing (joiner timeouts, missed events)
 SNDHWM = 200_000  # messages queued per subscriber before PUB drops (consumers detect drops)
 
 
@@ -35,7 +37,8 @@ class IngestConfig:
     replay: str = "tcp://127.0.0.1:5551"
     replay_blocks: int = 1000
     block_timeout: float = 0.5
-    poll_interval: float = 0.002
+    poll_interval: float = 0.002  # without inotify
+    watch: bool = True  # wake on inotify events
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
@@ -63,6 +66,9 @@ class Ingest:
         self.poller = zmq.Poller()
         self.poller.register(self.pub, zmq.POLLIN)
         self.poller.register(self.router, zmq.POLLIN)
+        self.watcher = Watcher.open() if cfg.watch else None
+        if self.watcher is not None:
+            self.poller.register(self.watcher.fd, zmq.POLLIN)
         self._bad_logged = 0
         self.stopped = False
 
@@ -87,17 +93,30 @@ class Ingest:
         self.close()
 
     def step(self) -> int:
-        """One iteration: read, publish closed blocks, serve sockets. Returns lines read."""
+        """One iteration: read, publish closed blocks, wait for a write or a request
+        (inotify: at most ``WATCHED_POLL`` s; else ``poll_interval``). Returns lines read."""
+        self._watch()
         lines = self._read_streams()
         for block in self.joiner.ready():
             self.publish(block)
-        timeout_ms = 0 if lines else int(self.cfg.poll_interval * 1000) or 1
-        for sock, _ in self.poller.poll(timeout_ms):
+        wait = self.cfg.poll_interval if self.watcher is None else WATCHED_POLL
+        for sock, _ in self.poller.poll(0 if lines else int(wait * 1000) or 1):
             if sock is self.pub:
                 self.subs.handle(self.pub.recv())
-            else:
+            elif sock is self.router:
                 serve_one(self.router, self.store)
+            elif self.watcher is not None:
+                self.watcher.drain()
         return lines
+
+    def _watch(self) -> None:
+        """Watch every stream's folder and the day folder of the file it reads."""
+        if self.watcher is None:
+            return
+        for tailer in self.tailers.values():
+            self.watcher.watch(nodefiles.stream_dir(self.cfg.data_dir, tailer.stream, self.cfg.mode))
+            if tailer.path is not None:
+                self.watcher.watch(tailer.path.parent)
 
     def _read_streams(self) -> int:
         reading = [s for s, t in self.tailers.items() if not t.at_eof]
@@ -118,7 +137,11 @@ class Ingest:
             if height is not None and height < self.skip_below:
                 return
         try:
-            self.joiner.add(stream, DECODERS[stream].decode(line))
+            if stream == "order_statuses":
+                statuses, left_out = STATUS_HEADS.decode(line).resolve(self.subs.wants)
+                self.joiner.add(stream, statuses, left_out)
+            else:
+                self.joiner.add(stream, DECODERS[stream].decode(line))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             metrics.BAD_LINES.labels(stream, "malformed").inc()
             BAD_INPUT.labels("ingest", "malformed_line").inc()
@@ -135,7 +158,7 @@ class Ingest:
             self.pub.send_multipart((topic, payload), copy=False)
         for topic, payload in per_user:
             self.pub.send_multipart((topic, payload), copy=False)
-        self.store.add(block.height, stored)
+        self.store.add(block.height, stored + per_user)
         metrics.BLOCKS.inc()
         metrics.MESSAGES.labels("stored").inc(len(stored))
         metrics.MESSAGES.labels("user").inc(len(per_user))
@@ -145,6 +168,8 @@ class Ingest:
     def close(self) -> None:
         for tailer in self.tailers.values():
             tailer.close()
+        if self.watcher is not None:
+            self.watcher.close()
         self.pub.close()
         self.router.close()
 
