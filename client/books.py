@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from hlbook.common.chain import Chain, Step
+
 if TYPE_CHECKING:
     from hlbook.client.client import HLClient
 
@@ -163,6 +165,7 @@ class L4Book:
         self.on_update = on_update
         self.synced = False
         self.height: int | None = None
+        self._chain = Chain(dense=strict_heights)  # where ``height`` stands
         self.time: int | None = None
         self.resyncs = 0
         self.last_desync: str | None = None
@@ -224,6 +227,7 @@ class L4Book:
             for entry in side_levels:
                 self._insert(_order_from(entry))
         self.height = int(snap["height"])
+        self._chain.from_snapshot(self.height)
         self.time = snap.get("time")
         self.synced = True
 
@@ -232,14 +236,18 @@ class L4Book:
         if not self.synced or self.height is None:
             return False
         height = int(upd["height"])
-        if height <= self.height:
+        # hlbook sends one Updates per block (a dense stream: each is the next height);
+        # order_book_server only blocks that changed the coin: nothing to check but their order
+        step = self._chain.step(height, None if self.strict_heights else self._chain.last)
+        if step is Step.SEEN:
             return False
-        if self.strict_heights and height != self.height + 1:
+        if step is Step.GAP:
             raise BookDesync(f"height gap: {self.height} -> {height}")
         details = {s["order"]["oid"]: s for s in upd.get("order_statuses", ()) if isinstance(s.get("order"), dict)}
         for diff in upd.get("book_diffs", ()):
             self._apply_diff(diff, details)
         self.height = height
+        self._chain.advance(height)
         self.time = upd.get("time", self.time)
         return True
 
