@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 import zmq
@@ -67,6 +68,7 @@ class Ingest:
         self.poller.register(self.pub, zmq.POLLIN)
         self.poller.register(self.router, zmq.POLLIN)
         self.watcher = Watcher.open() if cfg.watch else None
+        self._watching: dict[str, Path | None] = {}  # stream -> the file whose folder is watched
         if self.watcher is not None:
             self.poller.register(self.watcher.fd, zmq.POLLIN)
         self._bad_logged = 0
@@ -110,13 +112,17 @@ class Ingest:
         return lines
 
     def _watch(self) -> None:
-        """Watch every stream's folder and the day folder of the file it reads."""
-        if self.watcher is None:
+        """Watch every stream's folder and the day folder of the file it reads (again after a change)."""
+        watcher = self.watcher
+        if watcher is None:
             return
         for tailer in self.tailers.values():
-            self.watcher.watch(nodefiles.stream_dir(self.cfg.data_dir, tailer.stream, self.cfg.mode))
+            if self._watching.get(tailer.stream) == tailer.path and watcher.watched:
+                continue
+            watcher.watch(nodefiles.stream_dir(self.cfg.data_dir, tailer.stream, self.cfg.mode))
             if tailer.path is not None:
-                self.watcher.watch(tailer.path.parent)
+                watcher.watch(tailer.path.parent)
+            self._watching[tailer.stream] = tailer.path
 
     def _read_streams(self) -> int:
         reading = [s for s, t in self.tailers.items() if not t.at_eof]

@@ -117,8 +117,8 @@ class Tailer:
                 return []
             self._open(files[0])
         assert self._fh is not None
-        self._check_truncated()
-        data = self._fh.read(CHUNK)
+        available = self._check_truncated()
+        data = self._fh.read(min(available, CHUNK)) if available > 0 else b""
         if not data:
             self.at_eof = True
             self._maybe_rotate()
@@ -127,7 +127,7 @@ class Tailer:
         return self._split(data)
 
     def _split(self, data: bytes) -> list[bytes]:
-        lines = (self._partial + data).split(b"\n")
+        lines = (self._partial + data if self._partial else data).split(b"\n")
         self._partial = lines.pop()
         if len(self._partial) > MAX_PARTIAL:
             metrics.BAD_LINES.labels(self.stream, "oversize").inc()
@@ -135,18 +135,21 @@ class Tailer:
             self._partial = b""
         return [line for line in lines if line]
 
-    def _check_truncated(self) -> None:
+    def _check_truncated(self) -> int:
+        """Bytes to read from the current position (the file is reread from its start if it shrank)."""
         assert self._fh is not None and self.path is not None
         pos = self._fh.tell()
         try:
             size = os.stat(self.path).st_size
         except FileNotFoundError:
-            return
+            return CHUNK  # gone: read what the open file still holds
         if size < pos:
             metrics.FILE_EVENTS.labels(self.stream, "truncated").inc()
             log.error("%s: %s shrank from %d to %d bytes; rereading it from the start", self.stream, self.path, pos, size)
             self._fh.seek(0)
             self._partial = b""
+            return size
+        return size - pos
 
     def _maybe_rotate(self) -> None:
         """At EOF: switch to the next hourly file once one exists."""
