@@ -188,7 +188,7 @@ class Level(msgspec.Struct, gc=False, eq=False):
     orders: list[Order] = msgspec.field(default_factory=list)
     sz: int = 0
     px_str: str | None = None
-    sz_str: str | None = None
+    cached: tuple[str, str, int] | None = None  # wire(), until the level changes
 
     @property
     def n(self) -> int:
@@ -197,11 +197,11 @@ class Level(msgspec.Struct, gc=False, eq=False):
     def add(self, order: Order) -> None:
         self.orders.append(order)
         self.sz += order.sz
-        self.sz_str = None
+        self.cached = None
 
     def resize(self, delta: int) -> None:
         self.sz += delta
-        self.sz_str = None
+        self.cached = None
 
     def discard(self, order: Order) -> None:
         orders = self.orders
@@ -210,15 +210,16 @@ class Level(msgspec.Struct, gc=False, eq=False):
         else:
             orders.remove(order)  # eq=False: an identity scan at C speed
         self.sz -= order.sz
-        self.sz_str = None
+        self.cached = None
 
     def wire(self) -> tuple[str, str, int]:
-        """``(px, sz, n)`` with canonical strings (formatted once per change)."""
-        if self.px_str is None:
-            self.px_str = fixed.fmt(self.px)
-        if self.sz_str is None:
-            self.sz_str = fixed.fmt(self.sz)
-        return (self.px_str, self.sz_str, len(self.orders))
+        """``(px, sz, n)`` with canonical strings (built once per change)."""
+        cached = self.cached
+        if cached is None:
+            if self.px_str is None:
+                self.px_str = fixed.fmt(self.px)
+            cached = self.cached = (self.px_str, fixed.fmt(self.sz), len(self.orders))
+        return cached
 
 
 class Side:
@@ -350,7 +351,7 @@ class Book:
         orders[oid] = order
         level.orders.append(order)
         level.sz += order.sz
-        level.sz_str = None
+        level.cached = None
         for view in side.views:
             view.change(order.px, order.sz, 1)
 
