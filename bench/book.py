@@ -35,7 +35,7 @@ from hlbook.common.models import BookDiff, DiffBody, NewDiff, Order as NodeOrder
 from hlbook.services.book import l2, snapshot
 from hlbook.services.book.book import Book
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "mainnet_btc_985148181_985148206.tar.gz"
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "mainnet_btc_985148181_985148206.tar.gz"
 Block = tuple[list[BookDiff], list[OrderStatus]]
 
 

@@ -1,69 +1,66 @@
-"""End-to-end benchmark: a block's line appended to the node files -> a WebSocket
-client receives that block's ``bbo`` / ``l2Book``, through the real ``hlbook up``
-(ingest, book shards, gateway, supervised) on this machine.
+"""End-to-end benchmark: a block's lines appended to the node files -> a WebSocket
+client receives that block's ``bbo`` / ``l2Book`` / ``trades``, through the real
+``hlbook up`` (ingest, book shards, gateway, supervised) on this machine, while
+``l4Book`` subscribers come and go.
 
 How it runs (per profile):
 
-1. **Node files, generated beforehand.** The node simulator's engine and writer
-   (``services/nodesim``: ``Simulator`` + ``NodeWriter``, by-block mode, no
-   partial writes) run ``--prewarm`` blocks (750, not written: resting orders
-   accumulate from the simulator's initial books to their steady count, so the
-   load is the same from the first block of the run to the last), then the
-   state is written as a node ``fileSnapshot`` file
-   (``[height, [[coin, [bids, asks]], …]]``) and the next
-   ``blocks/s x (--warmup + --seconds + --slack)`` blocks into a staging
-   directory. Generating beforehand keeps the
-   simulator's own CPU (a Python order-flow model: ~20 % of a core at the
-   mainnet profile, ~75 % at 3x) off the two cores the pipeline is measured
-   on; a real node has its own cores.
+1. **Node files, generated beforehand** into a staging directory, with a
+   snapshot file for the shards:
+
+   - ``btc``: real mainnet data. The fixture ``tests/data/mainnet_btc_985148181_985148206``
+     (BTC, 51,351 resting orders, ~990 statuses of ~470 kB, ~44 diffs and
+     ~0.5 fills a block, 14.7 blocks/s) played by ``services/nodesim/replay.py``:
+     its 25 blocks as recorded, then backward with every diff inverted, then
+     forward again…, so the run can last as long as needed on real line
+     sizes, a real 51k-order book and the real status mix.
+   - ``mainnet`` / ``3x``: the node simulator's engine and writer
+     (``services/nodesim``) over 50 coins, ``--prewarm`` blocks run first (not
+     written) so the books have their steady size; ``mainnet`` = 15 blocks/s,
+     ``--volume 4`` (~1,130 statuses, 195 diffs, 30 fills a block, ~40 coins
+     with diffs, ~20k resting orders), ``3x`` = ``--volume 12``.
+
+   Generating beforehand keeps the generator's CPU off the two cores the
+   pipeline is measured on; a real node has its own cores.
 2. ``hlbook up --no-simulate --data-dir LIVE --snapshot-file SNAP --shards N``
-   starts on an empty ``LIVE`` directory (ingest waits for the first file and
-   reads it from its start; the shards start from the snapshot file).
+   starts on an empty ``LIVE`` directory.
 3. A **writer** process appends each block's three lines (order statuses, raw
    book diffs, fills, in that order, one ``write`` each, unbuffered) to the
-   same hourly file paths under ``LIVE``, on the schedule of the blocks'
-   ``block_time`` (mean ``--blocks-per-sec``, the simulator's jitter kept).
-   **Append instant of a block** = wall clock (``time.time_ns``) right after the
-   write of its last line (fills) returned: from then on ingest can read the
-   whole block. The line's own ``local_time`` is the simulator's model of the
-   node (block time + ~350 ms), not a wall-clock stamp, so it is not used.
+   hourly file paths under ``LIVE``, on the schedule of the blocks'
+   ``block_time``. **Append instant of a block** = wall clock right after the
+   write of its last line returned: from then on ingest can read the whole block.
 4. **Clients**: ``--clients`` WebSocket connections in ``--client-procs``
    processes (a minimal asyncio client that parses frames itself, no
-   compression). Client *i* subscribes ``bbo`` and ``l2Book`` (default
-   aggregation, 20 levels) of ``--coins-per-client`` coins, assigned round-robin
-   so every coin has the same number of subscribers (the gateway's per-IP
-   connection cap is raised for them: ``HLBOOK_MAX_CONNECTIONS_PER_IP``).
-   Each frame is stamped at receipt (one stamp per ``data_received`` call) and matched to its block by
-   the ``time`` field (the block time in ms, unique per block).
-   **Latency of a frame** = receipt stamp - append instant of its block (same
-   machine, same clock).
-5. A **tap** process subscribes to ingest's ``H|`` block headers, every
-   shard's ``S|k|`` block-done messages and ``BBO|`` messages (ZeroMQ SUB over
-   the same ipc endpoints) and stamps their arrival: append -> ingest
-   published the block (header first, then the slices in the same burst),
-   append -> the first bbo of the block from any shard, append -> the last
-   shard finished it (its bbo / l2 messages are published before that). These
-   split the latency into ingest, shards, and gateway + client.
-6. After ``--warmup`` s the bench measures for ``--seconds`` s: frames received
-   in the window, their latency; blocks/s written and finished by every shard;
-   lag (blocks written - lowest shard height) sampled every second, and the
-   median latency per fifth of the window (does it grow?); CPU (utime + stime
-   from /proc/<pid>/stat, % of one core, and ms of CPU per block) and RSS
-   (VmRSS, max of the samples) of every process, and the whole machine's busy
-   and steal time (/proc/stat): the cores are shared with other work.
-   Afterwards the node files written are read back to check the profile
-   (statuses, diffs, fills and coins with diffs per block).
+   compression), each subscribed to ``--channels`` of ``--coins-per-client``
+   coins (round-robin, so every coin has the same number of subscribers).
+   Frames are stamped at receipt and matched to their block by ``time`` (the
+   block time in ms, unique per block; a trade's ``time`` too).
+   **Latency of a frame** = receipt stamp - append instant of its block.
+5. **Phases**, each ``--seconds`` long after ``--warmup``:
+   A (baseline: those clients only), B (+ ``--l4-subscribers`` clients on
+   ``l4Book`` of the busiest coin, joined at its start, and
+   ``--l4-joins-per-sec`` new ``l4Book`` clients a second, each staying
+   ``--l4-stay`` s), C (``--l4-storm`` clients join ``l4Book`` within one
+   second at its start). Phase A is the baseline the others are compared to,
+   measured in the same run. An ``l4Book`` client checks that the first
+   ``l4Book`` message is a snapshot and that the ``Updates`` heights follow it
+   one by one; **subscribe -> snapshot** = from sending the subscribe to
+   receiving the snapshot's last byte (a ~19 MB frame for BTC).
+6. A **tap** process subscribes (ZeroMQ SUB, same ipc endpoints) to ingest's
+   ``H|`` headers, the shards' ``L2|``, ``BBO|`` and ``S|k|`` messages and
+   stamps their arrival: append -> ingest published the block; -> the last
+   shard finished it (its messages are published before that). These split
+   the latency into ingest, shards, and gateway + client. The tap's
+   ``L2|``/``BBO|`` messages also say which blocks changed each coin's book:
+   a client's **delivery** of l2Book (bbo) = blocks of the phase whose l2Book
+   (bbo) it received / blocks that changed it.
+7. Per phase: latency percentiles, delivery (worst client and mean), lag
+   (blocks written - lowest shard height, every second), CPU (% of one core,
+   ms per block) of every process, RSS; the machine's busy and steal time.
 
-Profiles (``--profile``): ``mainnet`` = 15 blocks/s, ``--volume 4`` (about
-1,130 statuses, 195 diffs, 30 fills per block over 50 coins, ~40 coins with
-diffs per block, ~20k resting orders), ``3x`` = the same block rate with 3x
-the events per block (``--volume 12``: ~3,400 statuses, ~590 diffs, ~48
-coins with diffs, ~60k resting orders). ``both`` runs the two. The read-back
-line prints the counts of the files actually written.
-
-    .venv/bin/python bench/e2e.py [--profile mainnet|3x|both] [--seconds 30] [--warmup 5]
-        [--clients 200] [--client-procs 2] [--coins-per-client 5] [--shards 2] [--coins 50]
-        [--blocks-per-sec R --volume V]  (overrides the profile's rate/volume)
+    .venv/bin/python bench/e2e.py [--profile btc|mainnet|3x] [--seconds 20] [--warmup 5]
+        [--clients 200] [--client-procs 2] [--channels bbo,l2Book,trades] [--coins-per-client 1]
+        [--l4-subscribers 10] [--l4-joins-per-sec 1] [--l4-stay 5] [--l4-storm 100] [--shards 2]
 """
 
 from __future__ import annotations
@@ -77,8 +74,10 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.error
@@ -90,20 +89,25 @@ from typing import Any
 
 import orjson
 
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "data" / "mainnet_btc_985148181_985148206.tar.gz"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PROFILES = {"mainnet": (15.0, 4.0), "3x": (15.0, 12.0)}
-CHANNELS = ("bbo", "l2Book")
+PROFILES = {"btc": (None, None), "mainnet": (15.0, 4.0), "3x": (15.0, 12.0)}
+CHANNEL_IDS = {"bbo": 0, "l2Book": 1, "trades": 2}
+PHASES = "ABC"
+SO_TIMESTAMPNS = 35  # Linux: receive timestamps (not in Python's socket module)
+BIG = 1 << 16  # frames larger than this are counted, not kept, by the clients (l4Book snapshots)
 _HEIGHT = re.compile(rb'"block_number":(\d+)')
+_L4_HEAD = re.compile(rb'{"channel":"l4Book","data":{"(Snapshot|Updates)":{[^\[]*?"height":(\d+)')
 
 
 # ================================================================ node files
 
 
-def generate(stage: Path, snapshot: Path, n_blocks: int, coins: int, seed: int, rate: float, volume: float,
-             lead_s: float, prewarm: int) -> tuple[list[int], list[int], list[str]]:
-    """Run the simulator ``prewarm`` blocks (not written: the books fill up to their steady size), then
-    write the state into ``snapshot`` and the next ``n_blocks`` blocks into ``stage``.
-    Returns (heights, block times ns, coin names). The written block times start ``lead_s`` from now."""
+def generate_sim(stage: Path, snapshot: Path, n_blocks: int, coins: int, seed: int, rate: float, volume: float,
+                 lead_s: float, prewarm: int) -> tuple[list[int], list[int], list[str]]:
+    """Simulator blocks: ``prewarm`` not written (the books fill up), the state as ``snapshot``,
+    then ``n_blocks`` into ``stage``, block times starting ``lead_s`` from now."""
     from hlbook.services.nodesim.engine import Simulator
     from hlbook.services.nodesim.info_server import render
     from hlbook.services.nodesim.writer import NodeWriter
@@ -122,6 +126,26 @@ def generate(stage: Path, snapshot: Path, n_blocks: int, coins: int, seed: int, 
             heights.append(block.height)
             times.append(block.time_ns)
     return heights, times, [c.name for c in sim.coins]
+
+
+def generate_btc(tmp: Path, stage: Path, snapshot: Path, n_blocks: int, lead_s: float) -> tuple[list[int], list[int], list[str]]:
+    """The real BTC fixture played forward and backward (services/nodesim/replay.py)."""
+    from hlbook.services.nodesim.replay import Replay, load
+    from hlbook.services.nodesim.writer import NodeWriter
+
+    fixture = tmp / "fixture"
+    with tarfile.open(FIXTURE) as tar:
+        tar.extractall(fixture, filter="data")
+    shutil.copy(next(fixture.glob("snapshot_*.json")), snapshot)
+    replay = Replay(load(fixture, snapshot), start_ns=time.time_ns() + int(lead_s * 1e9))
+    heights, times = [], []
+    with NodeWriter(stage, ("by-block",), partial_p=0.0) as writer:
+        for block, _ in zip(replay.blocks(), range(n_blocks)):
+            writer.write_block(block)
+            heights.append(block.height)
+            times.append(block.time_ns)
+    shutil.rmtree(fixture)
+    return heights, times, ["BTC"]
 
 
 def build_index(stage: Path, heights: list[int]) -> tuple[list[str], list[list[tuple[int, int, int]]]]:
@@ -206,7 +230,9 @@ def writer_main(stage: str, live: str, files: list[str], index: list[list[tuple[
 # ================================================================ tap: ingest and shard progress
 
 
-def tap_main(sockets: str, shards: int, first: int, n: int, ingest_ns: Any, bbo_ns: Any, shard_ns: Any, stop: Any) -> None:
+def tap_main(sockets: str, shards: int, first: int, n: int, ingest_ns: Any, shard_ns: Any, conn: Any, stop: Any) -> None:
+    """Stamps ingest's headers and the shards' block-done messages; sends back which blocks
+    changed each coin's L2 and BBO: {(kind, coin): [heights]}."""
     import zmq
 
     from hlbook.common import topics, wire
@@ -222,10 +248,11 @@ def tap_main(sockets: str, shards: int, first: int, n: int, ingest_ns: Any, bbo_
     for k in range(shards):
         sub = ctx.socket(zmq.SUB)
         sub.connect(f"ipc://{sockets}/book-{k}-pub")
-        sub.setsockopt(zmq.SUBSCRIBE, topics.shard_block(k))
-        sub.setsockopt(zmq.SUBSCRIBE, topics.BBO_PREFIX)  # the clients subscribe every coin's bbo anyway
+        for prefix in (topics.shard_block(k), topics.BBO_PREFIX, topics.L2_PREFIX):
+            sub.setsockopt(zmq.SUBSCRIBE, prefix)
         poller.register(sub, zmq.POLLIN)
         socks[sub] = k
+    changed: dict[tuple[int, str], list[int]] = {}
     while not stop.is_set():
         for sock, _ in poller.poll(100):
             while True:
@@ -235,18 +262,19 @@ def tap_main(sockets: str, shards: int, first: int, n: int, ingest_ns: Any, bbo_
                     break
                 now = time.time_ns()
                 k = socks[sock]
-                if k >= 0 and topic.startswith(topics.BBO_PREFIX):
-                    i = wire.decode(payload, wire.Bbo).height - first
-                    if 0 <= i < n:
-                        bbo_ns[i] = min(bbo_ns[i], now) if bbo_ns[i] else now
+                if k >= 0 and not topic.startswith(topics.SHARD_PREFIX):
+                    if topic.startswith(topics.BBO_PREFIX) or topic.endswith(b"|-|-|"):
+                        message = wire.decode(payload)
+                        kind = CHANNEL_IDS["bbo" if topic.startswith(topics.BBO_PREFIX) else "l2Book"]
+                        changed.setdefault((kind, message["coin"]), []).append(message["height"])
                     continue
-                kind = wire.BlockHeader if k < 0 else wire.ShardBlock
-                i = wire.decode(payload, kind).height - first
+                i = wire.decode(payload, wire.BlockHeader if k < 0 else wire.ShardBlock).height - first
                 if 0 <= i < n:
                     if k < 0:
                         ingest_ns[i] = ingest_ns[i] or now
                     else:
                         shard_ns[k * n + i] = shard_ns[k * n + i] or now
+    conn.send(changed)
     ctx.destroy(linger=0)
 
 
@@ -262,41 +290,90 @@ def _frame(text: bytes) -> bytes:
     return head + mask + body
 
 
-class Client(asyncio.Protocol):
-    def __init__(self, host: str, port: int, subs: list[bytes], rec: array, acked: list[int]) -> None:
-        self.host, self.port, self.subs, self.rec, self.acked = host, port, subs, rec, acked
-        self.buf = b""
+class Client:
+    """A WebSocket connection on a plain non-blocking socket that parses frames itself.
+
+    Every read takes the kernel's receive timestamp of the data (``SO_TIMESTAMPNS``: when the
+    bytes reached this machine's socket, whatever this busy client process does meanwhile)
+    and the instant this process read it. Frames above ``BIG`` bytes are not kept: their first
+    bytes go to ``on_big`` when their last byte arrived."""
+
+    def __init__(self, host: str, port: int, subs: list[bytes]) -> None:
+        self.host, self.port, self.subs = host, port, subs
+        self.buf = bytearray()
         self.upgraded = False
-        self.transport: Any = None
+        self.sock: socket.socket | None = None
         self.closed = asyncio.get_running_loop().create_future()
         self.parts: list[bytes] = []
+        self.skip = 0  # bytes of a big frame still to come
+        self.big_head = b""
 
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = self.sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (self.host, self.port))
         key = base64.b64encode(os.urandom(16)).decode()
-        transport.write(f"GET /ws HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        sock.send(f"GET /ws HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        loop.add_reader(sock.fileno(), self._readable)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _readable(self) -> None:
+        assert self.sock is not None
+        user_ns = time.time_ns()
+        while True:
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(1 << 18, 64)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.close(exc)
+                return
+            if not data:
+                self.close(None)
+                return
+            kernel_ns = user_ns
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", value[:16])
+                    kernel_ns = sec * 1_000_000_000 + nsec
+            self.data_received(data, (kernel_ns, user_ns))
+
+    def close(self, exc: Exception | None = None) -> None:
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
         if not self.closed.done():
             self.closed.set_result(exc)
 
-    def data_received(self, data: bytes) -> None:
-        now = time.time_ns()
-        buf = self.buf + data
+    def send(self, text: bytes) -> None:
+        if self.sock is not None:
+            self.sock.send(_frame(text))
+
+    def data_received(self, data: bytes, now: tuple[int, int]) -> None:
+        if self.skip:
+            take = min(self.skip, len(data))
+            self.skip -= take
+            if not self.skip:
+                self.on_big(self.big_head, now)
+            data = data[take:]
+            if not data:
+                return
+        buf = self.buf
+        buf += data
         if not self.upgraded:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
-                self.buf = buf
                 return
             if not buf.startswith(b"HTTP/1.1 101"):
-                print("handshake refused:", buf[: buf.find(b"\r\n")].decode(), file=sys.stderr)
-                self.transport.close()
+                print("handshake refused:", bytes(buf[: buf.find(b"\r\n")]).decode(), file=sys.stderr)
+                self.close()
                 return
             self.upgraded = True
-            buf = buf[end + 4 :]
-            for sub in self.subs:
-                self.transport.write(_frame(sub))
+            del buf[: end + 4]
+            self.on_open(now)
         pos, size = 0, len(buf)
         while size - pos >= 2:
             b0, b1 = buf[pos], buf[pos + 1]
@@ -309,65 +386,181 @@ class Client(asyncio.Protocol):
                 if size - pos < 10:
                     break
                 n, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
+            if n > BIG and size - pos < head + n:  # a big frame: keep its head, count the rest
+                self.big_head = bytes(buf[pos + head : pos + head + 256])
+                self.skip = n - (size - pos - head)
+                pos = size
+                break
             if size - pos < head + n:
                 break
-            payload = buf[pos + head : pos + head + n]
+            payload = bytes(buf[pos + head : pos + head + n])
             pos += head + n
             opcode = b0 & 0x0F
             if opcode == 9:  # ping
-                self.transport.write(bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
+                if self.sock is not None:
+                    self.sock.send(bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
                 continue
             if opcode == 8:
-                self.transport.close()
+                self.close()
                 return
+            if n > BIG:
+                self.on_big(payload[:256], now)
+                continue
             self.parts.append(payload)
             if b0 & 0x80:
                 self.message(b"".join(self.parts), now)
                 self.parts = []
-        self.buf = buf[pos:]
+        del buf[:pos]
 
-    def message(self, text: bytes, now: int) -> None:
+    def on_open(self, now: tuple[int, int]) -> None:
+        for sub in self.subs:
+            self.send(sub)
+
+    def on_big(self, head: bytes, now: tuple[int, int]) -> None:
+        pass
+
+    def message(self, text: bytes, now: tuple[int, int]) -> None:
+        pass
+
+
+class FeedClient(Client):
+    """Records (connection, channel, block time, kernel receipt, read) of every bbo / l2Book / trades frame."""
+
+    def __init__(self, host: str, port: int, subs: list[bytes], conn_id: int, rec: array, acked: list[int]) -> None:
+        super().__init__(host, port, subs)
+        self.conn_id, self.rec, self.acked = conn_id, rec, acked
+
+    def message(self, text: bytes, now: tuple[int, int]) -> None:
         msg = orjson.loads(text)
-        channel = msg.get("channel")
-        if channel == "bbo" or channel == "l2Book":
-            self.rec.append(0 if channel == "bbo" else 1)
-            self.rec.append(msg["data"]["time"])
-            self.rec.append(now)
-        elif channel == "subscriptionResponse":
+        channel = CHANNEL_IDS.get(msg.get("channel"))
+        if channel is not None:
+            data = msg["data"]
+            ms = data[0]["time"] if channel == 2 else data["time"]
+            self.rec.extend((self.conn_id, channel, ms, *now))
+        elif msg.get("channel") == "subscriptionResponse":
             self.acked[0] += 1
-        elif channel == "error":
+        elif msg.get("channel") == "error":
             print("client error:", msg, file=sys.stderr)
 
 
-def client_main(port: int, plan: list[list[str]], conn: Any, stop: Any) -> None:
+def client_main(port: int, plan: list[tuple[int, list[str]]], channels: list[str], conn: Any, stop: Any) -> None:
     async def run() -> None:
-        loop = asyncio.get_running_loop()
         rec = array("q")
         acked = [0]
         clients = []
-        for coins in plan:
-            subs = [orjson.dumps({"method": "subscribe", "subscription": {"type": ch, "coin": c}}) for c in coins for ch in CHANNELS]
-            _, proto = await loop.create_connection(lambda s=subs: Client("127.0.0.1", port, s, rec, acked), "127.0.0.1", port)
-            clients.append(proto)
-        want = sum(len(c) * len(CHANNELS) for c in plan)
+        for conn_id, coins in plan:
+            subs = [orjson.dumps({"method": "subscribe", "subscription": {"type": ch, "coin": c}}) for c in coins for ch in channels]
+            client = FeedClient("127.0.0.1", port, subs, conn_id, rec, acked)
+            await client.connect()
+            clients.append(client)
+        want = sum(len(c) * len(channels) for _, c in plan)
         while acked[0] < want:
             if any(c.closed.done() for c in clients):
                 conn.send(("failed", sum(1 for c in clients if c.closed.done())))
                 return
             await asyncio.sleep(0.05)
         conn.send(("subscribed", len(clients)))
-        ping = _frame(b'{"method":"ping"}')
-        last_ping = time.monotonic()
-        while not stop.is_set():
-            await asyncio.sleep(0.1)
-            if time.monotonic() - last_ping > 20:  # the gateway closes connections silent for 60 s
-                last_ping = time.monotonic()
-                for c in clients:
-                    c.transport.write(ping)
+        await _keep_alive(clients, stop)
         lost = sum(1 for c in clients if c.closed.done())
         for c in clients:
-            c.transport.close()
+            c.close()
         conn.send(("done", rec.tobytes(), lost))
+
+    asyncio.run(run())
+
+
+async def _keep_alive(clients: list[Client], stop: Any) -> None:
+    """Ping every 20 s (the gateway closes connections silent for 60 s) until ``stop``."""
+    last_ping = time.monotonic()
+    while not stop.is_set():
+        await asyncio.sleep(0.1)
+        if time.monotonic() - last_ping > 20:
+            last_ping = time.monotonic()
+            for c in clients:
+                if not c.closed.done():
+                    c.send(b'{"method":"ping"}')
+
+
+class L4Client(Client):
+    """One l4Book subscriber: when it subscribed, when its snapshot was complete, whether the
+    Updates heights follow the snapshot one by one."""
+
+    def __init__(self, host: str, port: int, coin: str, phase: str) -> None:
+        super().__init__(host, port, [orjson.dumps({"method": "subscribe", "subscription": {"type": "l4Book", "coin": coin}})])
+        self.phase = phase
+        self.subscribed = self.snapshot_at = 0
+        self.height = -1
+        self.updates = self.broken = self.snapshots = 0
+
+    def on_open(self, now: tuple[int, int]) -> None:
+        self.subscribed = time.time_ns()
+        super().on_open(now)
+
+    def on_big(self, head: bytes, now: tuple[int, int]) -> None:
+        """A frame too big to keep (a snapshot, or the Updates of a busy block): its head says what it is."""
+        match = _L4_HEAD.match(head)
+        if match is None:
+            self.broken += 1
+            return
+        self.l4(match.group(1), int(match.group(2)), now)
+
+    def message(self, text: bytes, now: tuple[int, int]) -> None:
+        match = _L4_HEAD.match(text)
+        if match is not None:
+            self.l4(match.group(1), int(match.group(2)), now)
+
+    def l4(self, kind: bytes, height: int, now: tuple[int, int]) -> None:
+        if kind == b"Snapshot":
+            self.snapshots += 1
+            self.snapshot_at = self.snapshot_at or now[1]
+        else:
+            if self.height < 0 or height != self.height + 1:
+                self.broken += 1
+            self.updates += 1
+        self.height = height
+
+    def result(self) -> tuple[Any, ...]:
+        return (self.phase, self.subscribed, self.snapshot_at, self.snapshots, self.updates, self.broken, self.closed.done())
+
+
+def l4_main(port: int, coin: str, conn: Any, stop: Any) -> None:
+    """l4Book clients on command: ("subscribers", phase, n), ("joins", phase, per_sec, seconds, stay), ("storm", phase, n)."""
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        done: list[L4Client] = []
+        tasks: list[asyncio.Task[None]] = []
+
+        async def one(phase: str, stay: float | None) -> None:
+            client = L4Client("127.0.0.1", port, coin, phase)
+            await client.connect()
+            done.append(client)
+            if stay is not None:
+                await asyncio.sleep(stay)
+                client.close()
+
+        async def joins(phase: str, per_sec: float, seconds: float, stay: float) -> None:
+            start = time.monotonic()
+            k = 0
+            while time.monotonic() - start < seconds and not stop.is_set():
+                tasks.append(asyncio.create_task(one(phase, stay)))
+                k += 1
+                await asyncio.sleep(max(0.0, start + k / per_sec - time.monotonic()))
+
+        while not stop.is_set():
+            if conn.poll():
+                command = conn.recv()
+                if command[0] == "subscribers":
+                    tasks.extend(asyncio.create_task(one(command[1], None)) for _ in range(command[2]))
+                elif command[0] == "joins":
+                    tasks.append(asyncio.create_task(joins(*command[1:])))
+                elif command[0] == "storm":
+                    _, phase, n = command
+                    for i in range(n):
+                        loop.call_later(i / n, lambda p=phase: tasks.append(asyncio.create_task(one(p, None))))
+            await asyncio.sleep(0.05)
+        for client in done:
+            client.close()
+        conn.send([c.result() for c in done])
 
     asyncio.run(run())
 
@@ -412,8 +605,7 @@ def proc_rss_mb(pid: int) -> float:
 
 
 def machine_cpu_s() -> tuple[float, float]:
-    """(busy, steal) CPU seconds of the whole machine since boot, all cores (/proc/stat): busy =
-    user + nice + system + irq + softirq; steal = time the hypervisor gave this VM's vCPUs to others."""
+    """(busy, steal) CPU seconds of the whole machine since boot, all cores (/proc/stat)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / CLK_TCK, fields[7] / CLK_TCK
 
@@ -439,16 +631,16 @@ def up_children(root: int) -> dict[str, int]:
 
 
 def metrics(port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
     except OSError:
         return {}
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            base = name.split("{")[0]
-            out[base] = out.get(base, 0.0) + float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out
 
 
@@ -486,26 +678,75 @@ def ms_summary(ns: list[int]) -> str:
             f"p99.9 {pct(v, 99.9) / 1e6:.2f}, max {v[-1] / 1e6:.2f} ms (n={len(v):,})")
 
 
+class Sampler:
+    """CPU and RSS of every process, and the machine's busy time, over one phase."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.cpu0 = {name: proc_cpu_s(pid) for name, pid in pids.items()}
+        self.machine0 = machine_cpu_s()
+        self.t0 = time.monotonic()
+        self.rss = dict.fromkeys(pids, 0.0)
+        self.cpu1: dict[str, float | None] = {}
+        self.machine1 = self.machine0
+        self.t1 = self.t0
+
+    def sample_rss(self) -> None:
+        for name, pid in self.pids.items():
+            self.rss[name] = max(self.rss[name], proc_rss_mb(pid))
+
+    def stop(self) -> None:
+        self.cpu1 = {name: proc_cpu_s(pid) for name, pid in self.pids.items()}
+        self.machine1 = machine_cpu_s()
+        self.t1 = time.monotonic()
+
+    def report(self, blocks: int, line: Any) -> None:
+        window = self.t1 - self.t0 or 1.0
+        busy = (self.machine1[0] - self.machine0[0]) / window * 100
+        steal = (self.machine1[1] - self.machine0[1]) / window * 100
+        total = 0.0
+        line(f"  CPU (% of one core; ms of CPU per block, {blocks} blocks) and RSS (max, MB):")
+        for name in self.pids:
+            c0, c1 = self.cpu0.get(name), self.cpu1.get(name)
+            if c0 is None or c1 is None:
+                continue
+            total += (c1 - c0) / window * 100
+            line(f"    {name:<22} {(c1 - c0) / window * 100:6.1f} %  {(c1 - c0) * 1000 / max(blocks, 1):6.2f} ms/block"
+                 f"  {self.rss[name]:7.1f} MB")
+        line(f"    {'total':<22} {total:6.1f} %; machine: {busy:.0f} % of one core busy (other work {busy - total:.0f} %), "
+             f"steal {steal:.0f} %")
+
+
 # ================================================================ one profile
 
 
-def run_profile(name: str, rate: float, volume: float, args: argparse.Namespace) -> dict[str, Any]:
+def run_profile(name: str, rate: float | None, volume: float | None, args: argparse.Namespace) -> None:
     ctx = mp.get_context("fork")
     tmp = Path(tempfile.mkdtemp(prefix="hle2e-", dir=args.tmp))
     stage, live, sockets, snap = tmp / "stage", tmp / "node", tmp / "zmq", tmp / "snapshot.json"
     live.mkdir()
-    n_blocks = int(rate * (args.warmup + args.seconds + args.slack))
-    print(f"\n=== profile {name}: {rate:g} blocks/s, volume {volume:g}, {args.coins} coins; generating {n_blocks} blocks ...",
-          flush=True)
+    phases = [p for p in PHASES if p == "A" or (p == "B" and (args.l4_subscribers or args.l4_joins_per_sec))
+              or (p == "C" and args.l4_storm)]
+    seconds = args.warmup + args.seconds * len(phases) + args.slack
     t = time.monotonic()
-    est_gen = (n_blocks + args.prewarm / 2) * volume / 300  # ~300 blocks/s at volume 1 incl. encoding
-    heights, times, coin_names = generate(stage, snap, n_blocks, args.coins, args.seed, rate, volume, est_gen + 8,
-                                          args.prewarm)
+    if name == "btc":
+        n_blocks = int(15 * seconds)
+        print(f"\n=== profile btc: the real BTC fixture, replayed; {n_blocks} blocks ...", flush=True)
+        heights, times, coin_names = generate_btc(tmp, stage, snap, n_blocks, lead_s=n_blocks / 150 + 8)
+    else:
+        assert rate is not None and volume is not None
+        n_blocks = int(rate * seconds)
+        print(f"\n=== profile {name}: {rate:g} blocks/s, volume {volume:g}, {args.coins} coins; generating {n_blocks} blocks ...",
+              flush=True)
+        est_gen = (n_blocks + args.prewarm / 2) * volume / 300  # ~300 blocks/s at volume 1 incl. encoding
+        heights, times, coin_names = generate_sim(stage, snap, n_blocks, args.coins, args.seed, rate, volume, est_gen + 8,
+                                                  args.prewarm)
     files, index = build_index(stage, heights)
     print(f"generated in {time.monotonic() - t:.1f} s ({sum(l for b in index for _, _, l in b) / 1e6:.0f} MB staged)", flush=True)
     first = heights[0]
     by_time = {ns // 1_000_000: i for i, ns in enumerate(times)}
     assert len(by_time) == len(times), "two blocks share a block time in ms"
+    channels = args.channels.split(",")
 
     port, mport = free_port(), free_port(1 + args.shards)
     log = tmp / "up.log"
@@ -514,19 +755,24 @@ def run_profile(name: str, rate: float, volume: float, args: argparse.Namespace)
          "--shards", str(args.shards), "--port", str(port), "--metrics-base-port", str(mport), "--sockets", str(sockets),
          "--log-level", "WARNING"],
         stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "HLBOOK_MAX_CONNECTIONS_PER_IP": str(args.clients + 10)})
+        env={**os.environ, "PYTHONUNBUFFERED": "1",
+             "HLBOOK_MAX_CONNECTIONS_PER_IP": str(args.clients + args.l4_subscribers + args.l4_storm + 100)})
     base = f"http://127.0.0.1:{port}"
     stop = ctx.Event()
     n = len(index)
     stamps, late, written = ctx.Array("q", n, lock=False), ctx.Array("q", n, lock=False), ctx.Value("q", 0, lock=False)
-    ingest_ns, bbo_ns = ctx.Array("q", n, lock=False), ctx.Array("q", n, lock=False)
-    shard_ns = ctx.Array("q", n * args.shards, lock=False)
+    ingest_ns, shard_ns = ctx.Array("q", n, lock=False), ctx.Array("q", n * args.shards, lock=False)
     procs: list[Any] = []
     pipes: list[Any] = []
+    tap_parent = l4_parent = None
+    bounds: list[int] = []  # phase boundaries (time_ns)
+    samplers: list[Sampler] = []
+    lags: list[list[int]] = []
     try:
-        wait_for("gateway /health", lambda: http_status(f"{base}/health") == 200, 60, up, log)
-        wait_for("shard metrics", lambda: all(metrics(mport + 1 + k) for k in range(args.shards)), 60, up, log)
-        tap = ctx.Process(target=tap_main, args=(str(sockets), args.shards, first, n, ingest_ns, bbo_ns, shard_ns, stop), daemon=True)
+        wait_for("gateway /health", lambda: http_status(f"{base}/health") == 200, 120, up, log)
+        wait_for("shard metrics", lambda: all(metrics(mport + 1 + k) for k in range(args.shards)), 120, up, log)
+        tap_parent, tap_child = ctx.Pipe()
+        tap = ctx.Process(target=tap_main, args=(str(sockets), args.shards, first, n, ingest_ns, shard_ns, tap_child, stop), daemon=True)
         tap.start()
         procs.append(tap)
         time.sleep(0.3)
@@ -534,15 +780,15 @@ def run_profile(name: str, rate: float, volume: float, args: argparse.Namespace)
                                                         late, written, stop), daemon=True)
         writer.start()
         procs.append(writer)
-        wait_for("/ready", lambda: http_status(f"{base}/ready") == 200, 60, up, log)
+        wait_for("/ready", lambda: http_status(f"{base}/ready") == 200, 120, up, log)
         ready_at = written.value
 
-        plan = [[coin_names[(i * args.coins_per_client + j) % len(coin_names)] for j in range(args.coins_per_client)]
+        plan = [(i, [coin_names[(i * args.coins_per_client + j) % len(coin_names)] for j in range(args.coins_per_client)])
                 for i in range(args.clients)]
         clients = []
         for k in range(args.client_procs):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=client_main, args=(port, plan[k :: args.client_procs], child, stop), daemon=True)
+            p = ctx.Process(target=client_main, args=(port, plan[k :: args.client_procs], channels, child, stop), daemon=True)
             p.start()
             procs.append(p)
             pipes.append(parent)
@@ -553,31 +799,37 @@ def run_profile(name: str, rate: float, volume: float, args: argparse.Namespace)
             message = pipe.recv()
             if message[0] != "subscribed":
                 raise SystemExit(f"clients: {message[1]} connections closed before subscribing")
+        l4_parent, l4_child = ctx.Pipe()
+        l4 = ctx.Process(target=l4_main, args=(port, args.l4_coin or coin_names[0], l4_child, stop), daemon=True)
+        l4.start()
+        procs.append(l4)
         print(f"ready at block {ready_at}; {args.clients} clients subscribed at block {written.value}; "
               f"warming up {args.warmup:g} s", flush=True)
         time.sleep(args.warmup)
 
-        pids = {**up_children(up.pid), "writer (bench)": writer.pid, "tap (bench)": tap.pid,
+        pids = {**up_children(up.pid), "writer (bench)": writer.pid, "tap (bench)": tap.pid, "l4 clients (bench)": l4.pid,
                 **{f"clients-{k} (bench)": p.pid for k, p in enumerate(clients)}}
-        cpu0 = {name_: proc_cpu_s(pid) for name_, pid in pids.items()}
-        machine0 = machine_cpu_s()
-        t_a = time.time_ns()
-        samples = []  # (t, written, ingest head, [shard heights])
-        rss_max = {name_: 0.0 for name_ in pids}
-        end = time.monotonic() + args.seconds
-        next_sample = time.monotonic()
-        while time.monotonic() < end and written.value < n:
-            im = metrics(mport)
-            heights_now = [metrics(mport + 1 + k).get("hlbook_book_height", 0.0) for k in range(args.shards)]
-            samples.append((time.time_ns(), first - 1 + written.value, im.get("hlbook_ingest_head_height", 0.0), heights_now))
-            for name_, pid in pids.items():
-                rss_max[name_] = max(rss_max[name_], proc_rss_mb(pid))
-            next_sample += 1.0
-            time.sleep(max(0.0, min(next_sample, end) - time.monotonic()))
-        t_b = time.time_ns()
-        cpu1 = {name_: proc_cpu_s(pid) for name_, pid in pids.items()}
-        machine1 = machine_cpu_s()
-        window = (t_b - t_a) / 1e9
+        for phase in phases:
+            if phase == "B":
+                l4_parent.send(("subscribers", "B", args.l4_subscribers))
+                if args.l4_joins_per_sec:
+                    l4_parent.send(("joins", "B", args.l4_joins_per_sec, args.seconds, args.l4_stay))
+            elif phase == "C":
+                l4_parent.send(("storm", "C", args.l4_storm))
+            bounds.append(time.time_ns())
+            samplers.append(Sampler(pids))
+            lags.append([])
+            end = time.monotonic() + args.seconds
+            while time.monotonic() < end and written.value < n:
+                heights_now = [metrics(mport + 1 + k).get("hlbook_book_height", 0.0) for k in range(args.shards)]
+                lags[-1].append(int(first - 1 + written.value - min(heights_now)))
+                samplers[-1].sample_rss()
+                time.sleep(max(0.0, min(1.0, end - time.monotonic())))
+            samplers[-1].stop()
+            if written.value >= n:
+                print("WARNING: the staged blocks ran out (raise --slack)", flush=True)
+                break
+        bounds.append(time.time_ns())
         gw = metrics(port)
         restarts = up_children(up.pid)
     finally:
@@ -590,6 +842,8 @@ def run_profile(name: str, rate: float, volume: float, args: argparse.Namespace)
                 if message[0] == "done":
                     records.frombytes(message[1])
                     lost += message[2]
+        l4_results = l4_parent.recv() if l4_parent is not None and l4_parent.poll(60) else []
+        changed = tap_parent.recv() if tap_parent is not None and tap_parent.poll(30) else {}
         for p in procs:
             p.join(10)
             if p.is_alive():
@@ -604,125 +858,120 @@ def run_profile(name: str, rate: float, volume: float, args: argparse.Namespace)
             os.killpg(up.pid, signal.SIGKILL)
             up.wait(5)
 
-    # ---------------------------------------------------------------- figures
-    lat: dict[int, list[int]] = {0: [], 1: []}
-    unmatched = 0
-    per_fifth: list[list[int]] = [[] for _ in range(5)]
-    for j in range(0, len(records), 3):
-        ch, ms, recv = records[j], records[j + 1], records[j + 2]
-        if not t_a <= recv <= t_b:
-            continue
-        i = by_time.get(ms)
-        if i is None or not stamps[i]:
-            unmatched += 1
-            continue
-        d = recv - stamps[i]
-        lat[ch].append(d)
-        per_fifth[min(4, int(5 * (recv - t_a) / (t_b - t_a)))].append(d)
-    all_lat = lat[0] + lat[1]
-    in_window = [i for i in range(n) if stamps[i] and t_a <= stamps[i] <= t_b]
-    ingest_d = [ingest_ns[i] - stamps[i] for i in in_window if ingest_ns[i]]
-    bbo_d = [bbo_ns[i] - stamps[i] for i in in_window if bbo_ns[i]]
-    shard_d = [max(shard_ns[k * n + i] for k in range(args.shards)) - stamps[i] for i in in_window
-               if all(shard_ns[k * n + i] for k in range(args.shards))]
-    lateness = sorted(late[i] for i in in_window)
-    s0, s1 = samples[0], samples[-1]
-    span = (s1[0] - s0[0]) / 1e9 or 1.0
-    lags = [w - min(hs) for _, w, _, hs in samples]
-    ingest_lags = [w - ih for _, w, ih, _ in samples]
-    files_check = verify_files(live, first, first + written.value - 1)
-
-    def line(s: str) -> None:
-        print(s, flush=True)
-
-    if window < args.seconds - 1:
-        line(f"WARNING: the staged blocks ran out after {window:.1f} s of the window (raise --slack)")
-    line(f"--- {name}: {rate:g} blocks/s, volume {volume:g}; window {window:.1f} s after {args.warmup:g} s warm-up; "
-         f"{args.clients} clients x {args.coins_per_client} coins x (bbo + l2Book), {args.client_procs} client processes, "
-         f"{args.shards} shards")
-    st, df, fi = files_check["order_statuses"], files_check["raw_book_diffs"], files_check["fills"]
-    line(f"node files read back ({files_check['blocks']} blocks): statuses/block {st[0]:.0f} (min {st[1]}, max {st[2]}), "
-         f"diffs/block {df[0]:.0f} (min {df[1]}, max {df[2]}), fills/block {fi[0]:.1f}, coins with diffs/block "
-         f"{files_check['coins_with_diffs']:.1f}, {files_check['bytes_per_block'] / 1e3:.0f} kB/block")
-    line(f"blocks/s: written {(s1[1] - s0[1]) / span:.2f}, ingest {(s1[2] - s0[2]) / span:.2f}, "
-         f"shards {', '.join(f'{(s1[3][k] - s0[3][k]) / span:.2f}' for k in range(args.shards))}; "
-         f"writer lateness p50 {pct(lateness, 50) / 1e6:.2f} ms, max {lateness[-1] / 1e6 if lateness else 0:.2f} ms")
-    line(f"lag (blocks written - lowest shard height, every 1 s): first {lags[0]}, last {lags[-1]}, max {max(lags)}, "
-         f"mean {sum(lags) / len(lags):.2f}; ingest lag max {max(ingest_lags):.0f}")
-    line("lag series: " + " ".join(f"{x:.0f}" for x in lags))
-    line(f"frames in window: bbo {len(lat[0]):,}, l2Book {len(lat[1]):,} ({len(all_lat) / window:,.0f}/s), "
-         f"unmatched {unmatched}, connections lost {lost}")
-    line(f"append -> client, all frames: {ms_summary(all_lat)}")
-    line(f"append -> client, bbo:        {ms_summary(lat[0])}")
-    line(f"append -> client, l2Book:     {ms_summary(lat[1])}")
-    line(f"append -> ingest published block header: {ms_summary(ingest_d)}")
-    line(f"append -> first bbo of the block from a shard: {ms_summary(bbo_d)}")
-    line(f"append -> last shard finished block:     {ms_summary(shard_d)}")
-    line("median append -> client per fifth of the window: "
-         + ", ".join(f"{pct(sorted(f), 50) / 1e6:.2f}" for f in per_fifth) + " ms")
-
-    def fifths(delays: list[tuple[int, int]]) -> str:
-        parts: list[list[int]] = [[] for _ in range(5)]
-        for stamp, d in delays:
-            parts[min(4, int(5 * (stamp - t_a) / (t_b - t_a)))].append(d)
-        return ", ".join(f"{pct(sorted(f), 50) / 1e6:.2f}" for f in parts)
-
-    line("  ... append -> ingest header: " + fifths([(stamps[i], ingest_ns[i] - stamps[i]) for i in in_window if ingest_ns[i]])
-         + " ms; append -> last shard done: "
-         + fifths([(stamps[i], max(shard_ns[k * n + i] for k in range(args.shards)) - stamps[i]) for i in in_window
-                   if all(shard_ns[k * n + i] for k in range(args.shards))]) + " ms")
-    line(f"gateway: messages queued {gw.get('hlbook_gateway_messages_sent_total', 0):,.0f}, conflated "
-         f"{gw.get('hlbook_gateway_conflated_total', 0):,.0f}, upstream gaps {gw.get('hlbook_gateway_upstream_gaps_total', 0):.0f}")
-    if any(pids.get(k) != v for k, v in restarts.items()):
-        line(f"WARNING: a child of hlbook up restarted during the run: {restarts}")
-    blocks_in_window = max(1, len(in_window))
-    line(f"CPU (% of one core over the window; ms of CPU per block, {blocks_in_window} blocks) and RSS (max, MB):")
-    total = 0.0
-    for name_ in pids:
-        c0, c1 = cpu0.get(name_), cpu1.get(name_)
-        cpu = (c1 - c0) / window * 100 if c0 is not None and c1 is not None else float("nan")
-        total += cpu if cpu == cpu else 0
-        per_block = (c1 - c0) * 1000 / blocks_in_window if c0 is not None and c1 is not None else float("nan")
-        line(f"  {name_:<22} {cpu:6.1f} %  {per_block:6.2f} ms/block  {rss_max[name_]:7.1f} MB")
-    busy = (machine1[0] - machine0[0]) / window * 100
-    steal = (machine1[1] - machine0[1]) / window * 100
-    line(f"  {'total':<22} {total:6.1f} %")
-    line(f"machine: {os.cpu_count()} cores; over the window {busy:.0f} % of one core busy, of which other work on the box "
-         f"{busy - total:.0f} %; steal {steal:.0f} %; load average {os.getloadavg()[0]:.2f}")
+    report(name, args, first, n, by_time, stamps, late, ingest_ns, shard_ns, records, lost, l4_results, changed, bounds,
+           samplers, lags, gw, restarts, pids, channels, live, plan)
     if not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)
     else:
-        line(f"kept {tmp}")
-    return {"name": name, "p50": pct(sorted(all_lat), 50), "p99": pct(sorted(all_lat), 99)}
+        print(f"kept {tmp}")
+
+
+def report(name: str, args: argparse.Namespace, first: int, n: int, by_time: dict[int, int], stamps: Any, late: Any,
+           ingest_ns: Any, shard_ns: Any, records: array, lost: int, l4_results: list[tuple[Any, ...]],
+           changed: dict[tuple[int, str], list[int]], bounds: list[int], samplers: list[Sampler], lags: list[list[int]],
+           gw: dict[str, float], restarts: dict[str, int], pids: dict[str, int], channels: list[str], live: Path,
+           plan: list[tuple[int, list[str]]]) -> None:
+    def line(s: str) -> None:
+        print(s, flush=True)
+
+    names = {v: k for k, v in CHANNEL_IDS.items()}
+    written = max((i for i in range(n) if stamps[i]), default=-1) + 1
+    files_check = verify_files(live, first, first + written - 1)
+    st, df, fi = files_check["order_statuses"], files_check["raw_book_diffs"], files_check["fills"]
+    line(f"--- {name}: {args.clients} clients x {args.coins_per_client} coins x ({', '.join(channels)}), "
+         f"{args.client_procs} client processes, {args.shards} shards")
+    line(f"node files read back ({files_check['blocks']} blocks): statuses/block {st[0]:.0f} (min {st[1]}, max {st[2]}), "
+         f"diffs/block {df[0]:.0f} (min {df[1]}, max {df[2]}), fills/block {fi[0]:.1f}, coins with diffs/block "
+         f"{files_check['coins_with_diffs']:.1f}, {files_check['bytes_per_block'] / 1e3:.0f} kB/block")
+    for phase, (t_a, t_b) in zip(PHASES, zip(bounds, bounds[1:])):
+        in_window = [i for i in range(n) if stamps[i] and t_a <= stamps[i] <= t_b]
+        if not in_window:
+            continue
+        blocks = len(in_window)
+        lat: dict[int, list[int]] = {0: [], 1: [], 2: []}  # kernel receipt, per channel
+        read: list[int] = []  # read by the client process
+        got: dict[tuple[int, int], set[int]] = {}  # (connection, channel) -> block heights received
+        for j in range(0, len(records), 5):
+            conn_id, ch, ms, kernel_ns, user_ns = records[j : j + 5]
+            i = by_time.get(ms)
+            if i is not None and stamps[i] and t_a <= stamps[i] <= t_b:
+                lat[ch].append(kernel_ns - stamps[i])
+                read.append(user_ns - stamps[i])
+                got.setdefault((conn_id, ch), set()).add(first + i)
+        window = (t_b - t_a) / 1e9
+        ingest_d = [ingest_ns[i] - stamps[i] for i in in_window if ingest_ns[i]]
+        shard_d = [max(shard_ns[k * n + i] for k in range(args.shards)) - stamps[i] for i in in_window
+                   if all(shard_ns[k * n + i] for k in range(args.shards))]
+        lateness = sorted(late[i] for i in in_window)
+        heights = {first + i for i in in_window[:-8]}  # the last blocks of the window may still be on their way
+        line(f"[phase {phase}] {window:.1f} s, {blocks} blocks ({blocks / window:.2f}/s written; writer late p50 "
+             f"{pct(lateness, 50) / 1e6:.2f} ms, max {lateness[-1] / 1e6:.2f} ms); lag max {max(lags[PHASES.index(phase)], default=0)}")
+        every = [d for ch in lat for d in lat[ch]]
+        line(f"  append -> client socket, all frames: {ms_summary(every)}")
+        for ch in sorted(lat):
+            if lat[ch]:
+                line(f"  append -> client socket, {names[ch]:<7}: {ms_summary(lat[ch])}")
+        line(f"  append -> read by the client process: {ms_summary(read)}")
+        line(f"  append -> ingest published block: {ms_summary(ingest_d)}")
+        line(f"  append -> last shard finished:    {ms_summary(shard_d)}")
+        for ch in (0, 1):
+            if names[ch] not in channels:
+                continue
+            ratios = []
+            for conn_id, coins in plan:
+                want = set().union(*(heights.intersection(changed.get((ch, coin), ())) for coin in coins))
+                if want:
+                    ratios.append(len(want & got.get((conn_id, ch), set())) / len(want))
+            if ratios:
+                line(f"  delivery of {names[ch]} (blocks that changed it, received / changed): worst client "
+                     f"{min(ratios) * 100:.2f} %, mean {sum(ratios) / len(ratios) * 100:.2f} % ({len(ratios)} clients)")
+        l4 = [r for r in l4_results if r[0] == phase]
+        if l4:
+            waits = sorted(r[2] - r[1] for r in l4 if r[2] and r[1])
+            line(f"  l4Book clients joined: {len(l4)}; snapshot received by {len(waits)}; subscribe -> snapshot "
+                 f"{ms_summary(waits)}; Updates received {sum(r[4] for r in l4):,}, height breaks {sum(r[5] for r in l4)}, "
+                 f"more than one snapshot {sum(1 for r in l4 if r[3] > 1)}")
+            if phase == "C" and waits:
+                line(f"  storm: the last of {len(l4)} clients had its snapshot {(max(r[2] for r in l4 if r[2]) - min(r[1] for r in l4 if r[1])) / 1e9:.2f} s "
+                     f"after the first subscribed")
+        samplers[PHASES.index(phase)].report(blocks, line)
+    line(f"gateway: frames queued {gw.get('hlbook_gateway_messages_sent_total', 0):,.0f}, conflated "
+         f"{gw.get('hlbook_gateway_conflated_total', 0):,.0f}, upstream gaps {gw.get('hlbook_gateway_upstream_gaps_total', 0):.0f}, "
+         f"l4 resyncs {gw.get('hlbook_gateway_l4_resyncs_total', 0):.0f}; connections lost {lost}")
+    if any(pids.get(k) != v for k, v in restarts.items()):
+        line(f"WARNING: a child of hlbook up restarted during the run: {restarts}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=[*PROFILES, "both"], default="both")
-    parser.add_argument("--blocks-per-sec", type=float, help="override the profile's block rate")
+    parser.add_argument("--profile", choices=list(PROFILES), default="btc")
+    parser.add_argument("--blocks-per-sec", type=float, help="override the profile's block rate (simulator profiles)")
     parser.add_argument("--volume", type=float, help="override the profile's simulator volume")
-    parser.add_argument("--coins", type=int, default=50)
+    parser.add_argument("--coins", type=int, default=50, help="simulator profiles")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--client-procs", type=int, default=2)
-    parser.add_argument("--coins-per-client", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--channels", default="bbo,l2Book,trades")
+    parser.add_argument("--coins-per-client", type=int, default=1)
+    parser.add_argument("--l4-coin", default=None, help="default: the first coin (BTC in the btc profile)")
+    parser.add_argument("--l4-subscribers", type=int, default=10)
+    parser.add_argument("--l4-joins-per-sec", type=float, default=1.0)
+    parser.add_argument("--l4-stay", type=float, default=5.0)
+    parser.add_argument("--l4-storm", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=20.0, help="per phase")
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--prewarm", type=int, default=750,
                         help="simulator blocks run (not written) before the snapshot, so the books have their steady size")
-    parser.add_argument("--slack", type=float, default=25.0, help="seconds of extra blocks (start-up, connecting)")
+    parser.add_argument("--slack", type=float, default=40.0, help="seconds of extra blocks (start-up, connecting)")
     parser.add_argument("--tmp", default=None, help="directory for the temporary files (default: the system's)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
-    names = list(PROFILES) if args.profile == "both" else [args.profile]
-    root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
-    print(f"bench/e2e.py at {commit or '?'} ({root}), {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
+    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    print(f"bench/e2e.py at {commit or '?'} ({ROOT}), {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
           f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
-    for name in names:
-        rate, volume = PROFILES[name]
-        run_profile(name, args.blocks_per_sec or rate, args.volume or volume, args)
+    rate, volume = PROFILES[args.profile]
+    run_profile(args.profile, args.blocks_per_sec or rate, args.volume or volume, args)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from hlbook.common import nodefiles, topics
 from hlbook.common.models import STREAMS
 from hlbook.services.ingest.service import Ingest, IngestConfig
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "mainnet_btc_985148181_985148206.tar.gz"
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "mainnet_btc_985148181_985148206.tar.gz"
 HEIGHT = re.compile(rb'"block_number":(\d+)')
 
 

@@ -71,7 +71,7 @@ from hlbook.services.ingest.messages import MessageBuilder, UserSubscriptions
 from hlbook.services.ingest.offline import read_blocks
 from hlbook.services.ingest.service import Ingest, IngestConfig
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "mainnet_btc_985148181_985148206.tar.gz"
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "mainnet_btc_985148181_985148206.tar.gz"
 FIXTURE_RANGE = (985148182, 985148206)
 
 Message = tuple[bytes, bytes]
