@@ -97,27 +97,40 @@ class Publisher:
         self.last_bbo: dict[str, Any] = {}
         self.last_l2: dict[bytes, Any] = {}
         self.shard_topic = topics.shard_block(shard)
+        self.held: list[tuple[bytes, bytes]] | None = None  # messages of the coin being published
 
     def send(self, kind: str, topic: bytes, message: Any) -> None:
         if hasattr(message, "prev"):
             message.prev = self.prev.next(topic, message.height)
-        self.sock.send_multipart((topic, wire.encode(message)), copy=False)
+        payload = wire.encode(message)
+        if self.held is not None:
+            self.held.append((topic, payload))
+        else:
+            self.sock.send_multipart((topic, payload), copy=False)
         metrics.PUBLISHED.labels(kind).inc()
 
     def coin_block(self, book: Book, height: int, time: int, statuses: list, diffs: list) -> None:
-        """After a block changed ``book``: L4 updates, BBO if changed, subscribed L2."""
+        """After a block changed ``book``: L4 updates, BBO if changed, subscribed L2, sent
+        back to back once all are built (a gateway then gets them in one read, and writes
+        them to each client at once)."""
         coin = book.coin
         topic = topics.l4(coin)
-        if self.subs.wanted(topic):
-            self.send("l4", topic, wire.L4Updates(height, None, time, coin, statuses, diffs))
-        else:  # the chain advances unsent: ``prev`` is the coin's previous changed block
-            self.prev.next(topic, height)
-        self.bbo(book, height, time)
-        aggs = self.subs.aggregations(coin)
-        if aggs or book.views:
-            l2.sync_views(book, aggs)
-        for agg in aggs:
-            self.l2(book, agg, height, time)
+        self.held = []
+        try:
+            if self.subs.wanted(topic):
+                self.send("l4", topic, wire.L4Updates(height, None, time, coin, statuses, diffs))
+            else:  # the chain advances unsent: ``prev`` is the coin's previous changed block
+                self.prev.next(topic, height)
+            self.bbo(book, height, time)
+            aggs = self.subs.aggregations(coin)
+            if aggs or book.views:
+                l2.sync_views(book, aggs)
+            for agg in aggs:
+                self.l2(book, agg, height, time)
+        finally:
+            held, self.held = self.held, None
+            for frames in held:
+                self.sock.send_multipart(frames, copy=False)
 
     def l4_sync(self, coin: str, height: int) -> None:
         """Someone just subscribed ``L4|<coin>|``: tell where the coin's chain stands (``wire.L4Sync``)."""
