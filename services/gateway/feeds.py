@@ -19,7 +19,7 @@ from hlbook.common.chain import Chain, Step
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway.frames import Blob, Text
 from hlbook.services.gateway.protocol import FeedKey, dumps, message
-from hlbook.services.gateway.session import Session
+from hlbook.services.gateway.session import Counted, Session
 from hlbook.services.gateway.upstream import Reply
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class Feed:
         self.topic = topic  # upstream topic subscribed while the feed has subscribers
         self.subscribers: dict[Session, str] = {}  # session -> its subscription identity
         self.last: str | None = None
+        self.counted = Counted()  # what every subscriber got (their statistics follow it)
 
     def add(self, session: Session, ident: str) -> None:
         self.subscribers[session] = ident
@@ -64,9 +65,9 @@ class Feed:
         if not self.subscribers:
             return
         metrics.SENT.labels(self.channel).inc(len(self.subscribers))
+        self.counted.add(time.time(), time.monotonic())
         conflate = self.key if self.conflate else None
-        clock = (time.time(), time.monotonic())
-        replaced = sum(session.deliver(text, ident, conflate, clock) for session, ident in self.subscribers.items())
+        replaced = sum([session.push(text, conflate) for session in self.subscribers])
         if replaced:
             metrics.CONFLATED.inc(replaced)
 

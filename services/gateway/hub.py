@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 RECENT_TRADES = 100  # per coin, for recentTrades
 REPLAYED = ("trades", "user")  # kinds whose lost messages are recovered from ingest's replay
+TRADES_HOLD = 0.02  # seconds a block's trades wait at most for the owner shard to finish that block
 SHARD_SILENT = 5.0  # seconds without a ShardBlock after which a shard counts as down
 
 
@@ -70,6 +71,8 @@ class Hub:
         self.repairing: dict[bytes, list[Any]] = {}  # topic -> messages held while its lost ones are replayed
         self.block_feeds: list[set[Feed]] = [set() for _ in self.shards]  # l4Book/activeAssetCtx feeds by owner shard
         self.mids_feeds: set[Feed] = set()  # allMids feeds (one per dex asked for)
+        self.held_trades: list[deque[tuple[float, wire.Trades]]] = [deque() for _ in self.shards]  # by owner shard
+        self.release_scheduled = False
         self.mids_height = 0
 
     # ------------------------------------------------------------ what the shards hold
@@ -120,6 +123,9 @@ class Hub:
                 self.by_topic.setdefault(feed.topic, []).append(feed)
                 self.upstream.subscribe(feed.topic)
             self._prime(feed)
+        stats = session.subs.get(ident)
+        if stats is not None and not isinstance(feed, L4Feed):  # l4Book counts per subscriber (snapshot, catch-up)
+            stats.follow(feed.counted)
         feed.add(session, ident)
         metrics.SUBSCRIPTIONS.labels(key[0]).inc()
         if key[0] in ("userFills", "userTwapSliceFills"):
@@ -257,6 +263,7 @@ class Hub:
             return
         view = self.shards[m.shard]
         view.height, view.time, view.seen = m.height, m.time, time.monotonic()
+        self._release_trades(m.shard, m.height)
         view.mids, view.states = m.mids, m.states
         metrics.SHARDS_LIVE.set(self.live_shards())
         for feed in self.block_feeds[m.shard]:
@@ -288,10 +295,39 @@ class Hub:
             feed.on_reset(m.height, m.reason)
 
     def on_trades(self, topic: bytes, m: wire.Trades) -> None:
+        """Trades come from ingest before the owner shard has the block's books: they wait
+        (at most ``TRADES_HOLD``) for its ``S|``, so each client gets a block's trades, bbo and
+        l2Book in one write, and this fan-out does not take the CPU the shard needs meanwhile."""
         recent = self.trades.get(m.coin)
         if recent is None:
             recent = self.trades[m.coin] = deque(maxlen=RECENT_TRADES)
         recent.extend(m.trades)
+        shard = self.owner(m.coin)
+        held = self.held_trades[shard]
+        if not held and (self.shards[shard].height >= m.height or not self.live_shards()):
+            self._publish_trades(m)
+            return
+        held.append((time.monotonic(), m))
+        if not self.release_scheduled:
+            self.release_scheduled = True
+            asyncio.get_running_loop().call_later(TRADES_HOLD, self._release_late_trades)
+
+    def _release_trades(self, shard: int, height: int) -> None:
+        held = self.held_trades[shard]
+        while held and held[0][1].height <= height:
+            self._publish_trades(held.popleft()[1])
+
+    def _release_late_trades(self) -> None:
+        self.release_scheduled = False
+        due = time.monotonic() - TRADES_HOLD
+        for held in self.held_trades:
+            while held and held[0][0] <= due:
+                self._publish_trades(held.popleft()[1])
+        if any(self.held_trades):
+            self.release_scheduled = True
+            asyncio.get_running_loop().call_later(TRADES_HOLD / 2, self._release_late_trades)
+
+    def _publish_trades(self, m: wire.Trades) -> None:
         feed = self.feeds.get(("trades", m.coin))
         if feed is not None:
             feed.publish(m.trades)

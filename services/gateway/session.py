@@ -58,28 +58,54 @@ class RateWindow:
         return self.previous * (1 - (now - self.start) / 60) + self.current
 
 
+class Counted:
+    """Messages counted once for everyone who gets them (a feed's fan-out)."""
+
+    __slots__ = ("count", "last_at", "window")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last_at: float | None = None
+        self.window = RateWindow(time.monotonic())
+
+    def add(self, now: float, mono: float) -> None:
+        self.count += 1
+        self.last_at = now
+        self.window.add(mono)
+
+
 @dataclass
 class SubscriptionStats:
+    """One subscription's statistics: the messages counted for it alone (snapshots,
+    catch-up) plus those of the feed it follows since it subscribed."""
+
     subscription: dict[str, Any]
     feed: FeedKey
     subscribed_at: float = field(default_factory=time.time)
-    message_count: int = 0
-    last_message_at: float | None = None
-    window: RateWindow = field(default_factory=lambda: RateWindow(time.monotonic()))
+    own: Counted = field(default_factory=Counted)
+    shared: Counted | None = None  # the feed's counter
+    shared_base: int = 0  # its count when this subscription started following it
+
+    def follow(self, shared: Counted) -> None:
+        self.shared, self.shared_base = shared, shared.count
 
     def count(self, now: float, mono: float) -> None:
-        self.message_count += 1
-        self.last_message_at = now
-        self.window.add(mono)
+        self.own.add(now, mono)
 
     def to_dict(self) -> dict[str, Any]:
-        now = time.time()
+        now, mono = time.time(), time.monotonic()
+        count, last, per_minute = self.own.count, self.own.last_at, self.own.window.per_minute(mono)
+        shared = self.shared
+        if shared is not None and shared.count > self.shared_base:
+            count += shared.count - self.shared_base
+            last = max(last or 0.0, shared.last_at or 0.0)
+            per_minute += shared.window.per_minute(mono)  # the feed's rate (over its last minute)
         return {
             "subscription": self.subscription,
-            "message_count": self.message_count,
+            "message_count": count,
             "subscribed_at": self.subscribed_at,
-            "last_message_at": self.last_message_at,
-            "messages_per_minute": round(self.window.per_minute(time.monotonic()), 1),
+            "last_message_at": last,
+            "messages_per_minute": round(per_minute, 1),
             "uptime_seconds": round(now - self.subscribed_at, 3),
         }
 
@@ -156,12 +182,16 @@ class Session:
         self._queue(text)
 
     def deliver(self, text: Message, ident: str, conflate: FeedKey | None, clock: tuple[float, float] | None = None) -> bool:
-        """Queue a feed message for subscription ``ident``; ``conflate``: the feed key when only
-        the latest counts; ``clock``: (time, monotonic) read once for a whole fan-out.
-        True when it replaced a message the client had not received yet."""
+        """Queue a message for subscription ``ident`` alone, counted in its statistics
+        (``clock``: (time, monotonic) read once for a whole fan-out)."""
         stats = self.subs.get(ident)
         if stats is not None:
             stats.count(*(clock or (time.time(), time.monotonic())))
+        return self.push(text, conflate)
+
+    def push(self, text: Message, conflate: FeedKey | None) -> bool:
+        """Queue a feed message (counted by the feed); ``conflate``: the feed key when only
+        the latest counts. True when it replaced a message the client had not received yet."""
         if conflate is None:
             self._queue(text)
             return False
