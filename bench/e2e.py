@@ -61,6 +61,7 @@ How it runs (per profile):
     .venv/bin/python bench/e2e.py [--profile btc|mainnet|3x] [--seconds 20] [--warmup 5]
         [--clients 200] [--client-procs 2] [--channels bbo,l2Book,trades] [--coins-per-client 1]
         [--l4-subscribers 10] [--l4-joins-per-sec 1] [--l4-stay 5] [--l4-storm 100] [--shards 2]
+        [--python OTHER/.venv/bin/python]  (run another checkout's hlbook under the same harness)
 """
 
 from __future__ import annotations
@@ -356,6 +357,8 @@ class Client:
         if self.skip:
             take = min(self.skip, len(data))
             self.skip -= take
+            if len(self.big_head) < 256:
+                self.big_head += data[: 256 - len(self.big_head)]
             if not self.skip:
                 self.on_big(self.big_head, now)
             data = data[take:]
@@ -443,14 +446,15 @@ class FeedClient(Client):
             print("client error:", msg, file=sys.stderr)
 
 
-def client_main(port: int, plan: list[tuple[int, list[str]]], channels: list[str], conn: Any, stop: Any) -> None:
+def client_main(port: int, gateways: int, plan: list[tuple[int, list[str]]], channels: list[str], conn: Any, stop: Any) -> None:
+    """Connection i goes to gateway i % gateways (ports port, port+1, …)."""
     async def run() -> None:
         rec = array("q")
         acked = [0]
         clients = []
         for conn_id, coins in plan:
             subs = [orjson.dumps({"method": "subscribe", "subscription": {"type": ch, "coin": c}}) for c in coins for ch in channels]
-            client = FeedClient("127.0.0.1", port, subs, conn_id, rec, acked)
+            client = FeedClient("127.0.0.1", port + conn_id % gateways, subs, conn_id, rec, acked)
             await client.connect()
             clients.append(client)
         want = sum(len(c) * len(channels) for _, c in plan)
@@ -626,6 +630,8 @@ def up_children(root: int) -> dict[str, int]:
         command = args[args.index(b"hlbook.cli") + 1].decode()
         if command == "book":
             command = f"book-{args[args.index(b'--shard') + 1].decode()}"
+        elif command == "gateway":
+            command = f"gateway :{args[args.index(b'--port') + 1].decode()}"
         named[command] = int(p.name)
     return named
 
@@ -748,13 +754,14 @@ def run_profile(name: str, rate: float | None, volume: float | None, args: argpa
     assert len(by_time) == len(times), "two blocks share a block time in ms"
     channels = args.channels.split(",")
 
-    port, mport = free_port(), free_port(1 + args.shards)
+    port, mport = free_port(args.gateways), free_port(1 + args.shards)
     log = tmp / "up.log"
     up = subprocess.Popen(
-        [sys.executable, "-m", "hlbook.cli", "up", "--no-simulate", "--data-dir", str(live), "--snapshot-file", str(snap),
-         "--shards", str(args.shards), "--port", str(port), "--metrics-base-port", str(mport), "--sockets", str(sockets),
+        [args.python, "-m", "hlbook.cli", "up", "--no-simulate", "--data-dir", str(live), "--snapshot-file", str(snap),
+         "--shards", str(args.shards), "--gateways", str(args.gateways), "--port", str(port), "--metrics-base-port", str(mport),
+         "--sockets", str(sockets),
          "--log-level", "WARNING"],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,  # no checkout's hlbook/ shadows
         env={**os.environ, "PYTHONUNBUFFERED": "1",
              "HLBOOK_MAX_CONNECTIONS_PER_IP": str(args.clients + args.l4_subscribers + args.l4_storm + 100)})
     base = f"http://127.0.0.1:{port}"
@@ -788,7 +795,8 @@ def run_profile(name: str, rate: float | None, volume: float | None, args: argpa
         clients = []
         for k in range(args.client_procs):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=client_main, args=(port, plan[k :: args.client_procs], channels, child, stop), daemon=True)
+            p = ctx.Process(target=client_main, args=(port, args.gateways, plan[k :: args.client_procs], channels, child, stop),
+                            daemon=True)
             p.start()
             procs.append(p)
             pipes.append(parent)
@@ -830,7 +838,10 @@ def run_profile(name: str, rate: float | None, volume: float | None, args: argpa
                 print("WARNING: the staged blocks ran out (raise --slack)", flush=True)
                 break
         bounds.append(time.time_ns())
-        gw = metrics(port)
+        gw = {}
+        for g in range(args.gateways):
+            for name_, value in metrics(port + g).items():
+                gw[name_] = gw.get(name_, 0.0) + value
         restarts = up_children(up.pid)
     finally:
         stop.set()
@@ -950,6 +961,7 @@ def main() -> None:
     parser.add_argument("--coins", type=int, default=50, help="simulator profiles")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--gateways", type=int, default=1, help="gateway processes; clients spread over them")
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--channels", default="bbo,l2Book,trades")
@@ -966,10 +978,16 @@ def main() -> None:
     parser.add_argument("--slack", type=float, default=40.0, help="seconds of extra blocks (start-up, connecting)")
     parser.add_argument("--tmp", default=None, help="directory for the temporary files (default: the system's)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter whose hlbook runs as the system under test (e.g. an older checkout's .venv/bin/python)")
     args = parser.parse_args()
     commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     print(f"bench/e2e.py at {commit or '?'} ({ROOT}), {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
           f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    if args.python != sys.executable:
+        tested = subprocess.run([args.python, "-c", "import hlbook.services, os; print(os.path.dirname(hlbook.services.__path__[0]))"],
+                                capture_output=True, text=True, cwd="/").stdout.strip()
+        print(f"system under test: {args.python} ({tested})", flush=True)
     rate, volume = PROFILES[args.profile]
     run_profile(args.profile, args.blocks_per_sec or rate, args.volume or volume, args)
 

@@ -4,8 +4,9 @@ An l4 snapshot of a 51k-order book takes ~100 ms to render, a validation
 seconds; the shard's block loop must never stop that long. ``fork()`` gives a
 child an exact copy-on-write image of the books at this instant for ~0.5-1 ms
 of the parent's time; the child renders (or compares) and streams its result
-through a pipe; the parent reads the pipe from its poll loop, at most
-``READ_BUDGET`` bytes per iteration, and keeps applying blocks meanwhile.
+through a pipe, at a lower CPU priority than the pipeline's processes; the
+parent reads the pipe from its poll loop, at most ``READ_BUDGET`` bytes per
+iteration, and keeps applying blocks meanwhile.
 
 The child must not touch anything it shares with the parent: ZeroMQ sockets
 (their io threads live in the parent), locks held by the parent's other
@@ -29,7 +30,8 @@ from hlbook.services.book import metrics
 log = logging.getLogger(__name__)
 
 PIPE_SIZE = 1 << 20  # bytes a pipe buffers (Linux F_SETPIPE_SZ; the default 64 kB costs 16x the reads)
-READ_BUDGET = 4 << 20  # bytes read from children per loop iteration (~0.4 ms of copying)
+READ_BUDGET = 1 << 20  # bytes read from children per loop iteration (~0.1-0.3 ms of copying)
+CHILD_NICENESS = 10
 MAX_CHILDREN = 2
 _F_SETPIPE_SZ = 1031
 
@@ -166,6 +168,7 @@ class Jobs:
 
 def _child(work: Work, fd: int) -> None:  # pragma: no cover - runs in the forked child
     gc.disable()
+    os.nice(CHILD_NICENESS)  # the pipeline's processes go first; a render may take a little longer
     code = 0
     try:
         os.set_blocking(fd, True)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 MAX_RECORDS = 600  # l4 updates kept above the cached snapshot (40 s at 15 blocks/s) ...
 MAX_RECORD_BYTES = 16 << 20  # ... and at most this many bytes of them
-REFRESH_BLOCKS = 30  # a joiner finding the cached snapshot older than this starts a fresh fetch
+REFRESH_BLOCKS = 150  # a joiner finding the cached snapshot older than this (10 s) starts a fresh fetch
 RETRY_DELAY = 0.5
 SYNC_TIMEOUT = 3.0  # seconds to wait for the shard's sync marker before subscribing again
 
