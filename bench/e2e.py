@@ -234,10 +234,15 @@ def writer_main(stage: str, live: str, files: list[str], index: list[list[tuple[
 def tap_main(sockets: str, shards: int, first: int, n: int, ingest_ns: Any, shard_ns: Any, conn: Any, stop: Any) -> None:
     """Stamps ingest's headers and the shards' block-done messages; sends back which blocks
     changed each coin's L2 and BBO: {(kind, coin): [heights]}."""
+    import msgspec
     import zmq
 
-    from hlbook.common import topics, wire
+    from hlbook.common import topics
 
+    class Height(msgspec.Struct):
+        height: int
+
+    heights = msgspec.msgpack.Decoder(Height)  # the rest of each message is skipped, not built: the tap keeps up
     ctx = zmq.Context()
     poller = zmq.Poller()
     socks = {}
@@ -265,11 +270,10 @@ def tap_main(sockets: str, shards: int, first: int, n: int, ingest_ns: Any, shar
                 k = socks[sock]
                 if k >= 0 and not topic.startswith(topics.SHARD_PREFIX):
                     if topic.startswith(topics.BBO_PREFIX) or topic.endswith(b"|-|-|"):
-                        message = wire.decode(payload)
                         kind = CHANNEL_IDS["bbo" if topic.startswith(topics.BBO_PREFIX) else "l2Book"]
-                        changed.setdefault((kind, message["coin"]), []).append(message["height"])
+                        changed.setdefault((kind, topics.coin_of(topic)), []).append(heights.decode(payload).height)
                     continue
-                i = wire.decode(payload, wire.BlockHeader if k < 0 else wire.ShardBlock).height - first
+                i = heights.decode(payload).height - first
                 if 0 <= i < n:
                     if k < 0:
                         ingest_ns[i] = ingest_ns[i] or now

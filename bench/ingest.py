@@ -8,6 +8,10 @@ measured in the same run (file reading included in both).
 ``--users`` subscribes that many per-user topics downstream (the busiest
 users of the fixture), so per-user routing is part of the measured cost;
 ``--all-users`` subscribes the ``U|`` prefix (every user's events encoded).
+
+Also printed: decoding the fixture's status lines alone, as ingest does
+(``StatusHead``: orders left raw unless the status is not a rejection) against
+decoding every order (``DECODERS["order_statuses"]``), best of 7 passes.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import orjson
 import zmq
 
 from hlbook.common import nodefiles, topics
-from hlbook.common.models import STREAMS
+from hlbook.common.models import DECODERS, STATUS_HEADS, STREAMS
 from hlbook.services.ingest.service import Ingest, IngestConfig
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "mainnet_btc_985148181_985148206.tar.gz"
@@ -63,6 +67,25 @@ def baseline(data_dir: Path) -> tuple[float, int, int]:
                         events += len(doc["events"])
                         size += len(line)
     return time.perf_counter() - start, events, size
+
+
+def decode_only(src: Path) -> tuple[float, float, int, float]:
+    """(ms a line decoding every order, ms a line as ingest does, events a line, share of rejections)."""
+    lines = nodefiles.hour_files(src, "order_statuses", "by-block")[0].read_bytes().splitlines()
+
+    def best(decode: object) -> float:
+        runs = []
+        for _ in range(7):
+            start = time.perf_counter()
+            for line in lines:
+                decode(line)  # type: ignore[operator]
+            runs.append((time.perf_counter() - start) / len(lines))
+        return min(runs) * 1000
+
+    full = best(DECODERS["order_statuses"].decode)
+    heads = best(lambda line: STATUS_HEADS.decode(line).resolve(None))
+    events = [e for line in lines for e in STATUS_HEADS.decode(line).events]
+    return full, heads, len(events) // len(lines), sum(e.rejected for e in events) / len(events)
 
 
 def busiest_users(data_dir: Path, n: int) -> list[str]:
@@ -109,12 +132,15 @@ def main() -> None:
         users = busiest_users(src, args.users)
         base_s, events, size = baseline(dst)
         ingest_s = run_ingest(dst, first, last, users, args.all_users)
+        full_ms, heads_ms, per_line, rejected = decode_only(src)
     blocks = last - first + 1
     followed = "every user" if args.all_users else f"{len(users)} users"
     print(f"data: {blocks} blocks, {events} status events, {size / 1e6:.0f} MB of status lines; {followed} followed")
     print(f"orjson.loads baseline : {events / base_s:>10,.0f} status events/s  {size / 1e6 / base_s:7.1f} MB/s")
     print(f"ingest parse+join+pub : {events / ingest_s:>10,.0f} status events/s  {size / 1e6 / ingest_s:7.1f} MB/s  {blocks / ingest_s:,.0f} blocks/s")
     print(f"ratio ingest/baseline : {base_s / ingest_s:.2f}")
+    print(f"decoding a status line ({per_line} statuses, {rejected:.0%} rejections): every order {full_ms:.3f} ms, "
+          f"as ingest does (rejections' orders left raw) {heads_ms:.3f} ms, ratio {heads_ms / full_ms:.2f}")
 
 
 if __name__ == "__main__":

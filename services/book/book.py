@@ -10,7 +10,7 @@ Per-order state is compact (docs/BENCHMARKS.md, "Book"): sizes and prices are
 fixed-point ints, the fields most orders share (side, tif, order type, trigger
 fields, flags) are one interned tuple, ``children`` is kept as JSON bytes.
 
-Rules (DESIGN.md §1): ``new`` inserts at the back of its level with px/sz from
+Rules (as the node writes its data): ``new`` inserts at the back of its level with px/sz from
 the diff and details from the status of the same oid in the same block (a
 fired trigger order rests with the node's ``Triggered`` details, see
 :func:`kind_of`);

@@ -1,4 +1,4 @@
-"""L2 levels (DESIGN.md §5): full precision or buckets of ``nSigFigs``
+"""L2 levels as the public API serves them: full precision or buckets of ``nSigFigs``
 (bucket arithmetic in ``aggregate.py``).
 
 Full precision reads the top ``n`` levels. An aggregation with a view

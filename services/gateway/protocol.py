@@ -1,5 +1,5 @@
 """Requests of the public WebSocket API: parsing, subscription validation and
-normalisation, and the public API's error texts (DESIGN.md §5)."""
+normalisation, and the public API's error texts (docs/ARCHITECTURE.md, "Gateway")."""
 
 from __future__ import annotations
 
