@@ -261,3 +261,10 @@ class PrevTracker:
     def peek(self, topic: bytes) -> int | None:
         """The ``prev`` the next message on ``topic`` will carry."""
         return self._last.get(topic)
+
+    def items(self) -> list[tuple[bytes, int]]:
+        return list(self._last.items())
+
+    def restore(self, last: dict[bytes, int]) -> None:
+        """Continue the chains of an earlier run (its last height per topic)."""
+        self._last.update(last)

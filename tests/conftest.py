@@ -3,11 +3,16 @@ README), extracted once per session into a temporary directory (never edited in 
 
 from __future__ import annotations
 
+import os
 import socket
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# ingest's position files (--state-dir) of the processes the tests start go to a scratch folder
+os.environ.setdefault("HLBOOK_STATE_DIR", tempfile.mkdtemp(prefix="hlbook-test-state-"))
 
 DATA = Path(__file__).resolve().parent / "data"
 BTC_FIXTURE = "mainnet_btc_985148181_985148206.tar.gz"

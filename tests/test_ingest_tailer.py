@@ -8,7 +8,7 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 
 from hlbook.common import nodefiles
-from hlbook.services.ingest.tailer import Tailer, line_height
+from hlbook.services.ingest.tailer import Tailer, _offset_of, line_height
 
 HOUR = datetime(2026, 11, 22, 23)
 NEXT = datetime(2026, 11, 23, 0)
@@ -45,10 +45,23 @@ def test_start_from_scans_back_to_the_file_holding_the_height(tmp_path: Path) ->
     append(tmp_path, NEXT, node_line(5))
     tailer = Tailer(tmp_path, "fills", "by-block")
     assert tailer.start_from(4)
-    assert heights(tailer.poll()) == [3, 4]
+    assert heights(tailer.poll()) == [4]
     assert tailer.poll() == []  # end of the hour file: rotates
     assert heights(tailer.poll()) == [5]
     assert not Tailer(tmp_path, "fills", "by-block").start_from(0)  # older than every file
+
+
+def test_start_from_finds_the_line_in_a_big_file_by_bisection(tmp_path: Path) -> None:
+    """An hour of status lines is gigabytes: the position of a height is bisected, not scanned."""
+    lines = [node_line(h, pad=(h * 7919) % 9000) for h in range(100, 4100)]  # 36 MB, lines of unequal length
+    path = append(tmp_path, HOUR, b"".join(lines) + node_line(4100)[:30])
+    for height in (100, 101, 2345, 4099, 4100):
+        tailer = Tailer(tmp_path, "fills", "by-block")
+        assert tailer.start_from(height)
+        assert tailer._fh is not None and tailer._fh.tell() == sum(map(len, lines[: height - 100]))
+        tailer.close()
+    assert _offset_of(path, 3000) == sum(map(len, lines[:2900]))
+    assert _offset_of(path, 5000) == path.stat().st_size - 30  # not written yet: the partial line's start
 
 
 def test_truncated_file_is_reread_and_counted(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ from hlbook.common.config import env
 def ingest(
     data_dir: Annotated[str, typer.Option(envvar=env("data-dir"), help="Node data directory (holds hl/data/)")],
     mode: Annotated[str, typer.Option(envvar=env("mode"), help="by-block or streaming")] = "by-block",
-    from_height: Annotated[int | None, typer.Option(envvar=env("from-height"), help="Start at this block (scans back through hourly files); default: live at the end")] = None,
+    from_height: Annotated[int | None, typer.Option(envvar=env("from-height"), help="Start at this block (found in the hourly files); default: after the last block published (--state-dir), else live at the end")] = None,
+    state_dir: Annotated[str, typer.Option(envvar=env("state-dir"), help="Where ingest keeps its position, so a restart publishes every block written meanwhile ('' : start live at the end every time)")] = config.STATE_DIR,
     pub: Annotated[str, typer.Option(envvar=env("ingest-pub"), help="XPUB endpoint for blocks, trades, user events")] = config.INGEST_PUB,
     replay: Annotated[str, typer.Option(envvar=env("ingest-replay"), help="ROUTER endpoint serving replay")] = config.INGEST_REPLAY,
     replay_blocks: Annotated[int, typer.Option(envvar=env("replay-blocks"), help="Blocks kept for replay")] = config.REPLAY_BLOCKS,
@@ -32,6 +33,7 @@ def ingest(
             data_dir=data_dir,
             mode=mode,
             from_height=from_height,
+            state_dir=state_dir or None,
             pub=pub,
             replay=replay,
             replay_blocks=replay_blocks,

@@ -9,6 +9,7 @@ nobody follows are not even decoded past their status (``StatusHead``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 
 from hlbook.common import topics, wire
@@ -28,8 +29,12 @@ class UserSubscriptions:
     so a set is enough. A prefix covering every user (``b""``, ``b"U|"``)
     turns on all users."""
 
-    def __init__(self, users: Iterable[str] = ()) -> None:
+    def __init__(self, users: Iterable[str] = (), keep_for: float = 0.0) -> None:
+        """With ``keep_for``, ``users`` (followed before a restart) are kept that many seconds
+        without a subscription of theirs (the subscribers reconnect and confirm them meanwhile)."""
         self.users: set[str] = set(users)
+        self.unconfirmed: set[str] = set(self.users) if keep_for > 0 else set()
+        self.confirm_by = time.monotonic() + keep_for
         self.all_users = 0
 
     @property
@@ -53,7 +58,15 @@ class UserSubscriptions:
         elif topic.startswith(topics.USER_PREFIX) and topic.endswith(topics.SEP):
             user = topics.coin_of(topic)
             (self.users.add if subscribe else self.users.discard)(user)
+            self.unconfirmed.discard(user)
         metrics.USER_SUBSCRIPTIONS.set(len(self.users) + (1 if self.all_users else 0))
+
+    def expire(self) -> None:
+        """Stop building the messages of users followed before a restart that nobody followed again."""
+        if self.unconfirmed and time.monotonic() >= self.confirm_by:
+            self.users -= self.unconfirmed
+            self.unconfirmed.clear()
+            metrics.USER_SUBSCRIPTIONS.set(len(self.users) + (1 if self.all_users else 0))
 
 Message = tuple[bytes, bytes]
 

@@ -18,6 +18,7 @@ from hlbook.common.signals import stop_on_signals
 from hlbook.services.ingest import metrics
 from hlbook.services.ingest.joiner import Block, Joiner
 from hlbook.services.ingest.messages import MessageBuilder, UserSubscriptions
+from hlbook.services.ingest.position import Position, PositionFile, state_file
 from hlbook.services.ingest.replay import ReplayStore, serve_one
 from hlbook.services.ingest.tailer import Tailer, line_height
 from hlbook.services.ingest.watch import Watcher
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MAX_AHEAD = 200  # blocks a stream may read ahead of the slowest one still reading
 WATCHED_POLL = 0.05  # seconds between reads when inotify reports nothing (joiner timeouts, missed events)
+RESUBSCRIBE_S = 30.0  # after a restart, users followed before stay followed this long unless subscribed again
 SNDHWM = 200_000  # messages queued per subscriber before PUB drops (consumers detect drops)
 
 
@@ -40,6 +42,7 @@ class IngestConfig:
     block_timeout: float = 0.5
     poll_interval: float = 0.002  # without inotify
     watch: bool = True  # wake on inotify events
+    state_dir: str | None = None  # where the position is kept (None: start live at the end every time)
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
@@ -51,10 +54,14 @@ class Ingest:
             raise ValueError(f"mode must be by-block or streaming, not {cfg.mode!r}")
         self.cfg = cfg
         self.tailers = {s: Tailer(cfg.data_dir, s, cfg.mode) for s in STREAMS}
-        self.subs = UserSubscriptions()
+        self.position = PositionFile(state_file(cfg.state_dir, cfg.data_dir, cfg.mode)) if cfg.state_dir else None
+        saved = self.position.load() if self.position is not None and cfg.from_height is None else None
+        self.subs = UserSubscriptions(saved.users if saved else (), keep_for=RESUBSCRIBE_S)
         self.builder = MessageBuilder(self.subs)
+        if saved is not None:
+            self.builder.prev.restore({topic.encode("latin-1"): height for topic, height in saved.prev.items()})
         self.store = ReplayStore(cfg.replay_blocks)
-        self.skip_below = self._start_position()
+        self.skip_below = self._start_position(saved)
         self.joiner = Joiner(cfg.mode, cfg.block_timeout, self.skip_below)
         ctx = ctx or zmq.Context.instance()
         self.pub = ctx.socket(zmq.XPUB)
@@ -72,15 +79,22 @@ class Ingest:
         if self.watcher is not None:
             self.poller.register(self.watcher.fd, zmq.POLLIN)
         self._bad_logged = 0
+        self.published: int | None = None  # last block published
         self.stopped = False
 
-    def _start_position(self) -> int | None:
-        """Position every tailer; return the first height to publish."""
+    def _start_position(self, saved: Position | None) -> int | None:
+        """Position every tailer; return the first height to publish: ``--from-height``,
+        else the one after the last published (``--state-dir``), else live at the end."""
         height = self.cfg.from_height
+        if height is None and saved is not None:
+            height = saved.height + 1
+            log.info("resuming after block %d (%s)", saved.height, self.position.path if self.position else "")
         if height is not None:
             for tailer in self.tailers.values():
                 if not tailer.start_from(height):
-                    log.warning("%s: no file holds block %d; starting at its oldest file", tailer.stream, height)
+                    metrics.BLOCK_ANOMALIES.labels("not_on_disk").inc()
+                    log.error("%s: no file holds block %d any more (pruned?); starting at its oldest file",
+                              tailer.stream, height)
             return height
         lasts = [h for h in (t.start_at_end() for t in self.tailers.values()) if h is not None]
         start = max(lasts) + 1 if lasts else None
@@ -101,6 +115,8 @@ class Ingest:
         lines = self._read_streams()
         for block in self.joiner.ready():
             self.publish(block)
+        self.save_position()
+        self.subs.expire()
         wait = self.cfg.poll_interval if self.watcher is None else WATCHED_POLL
         for sock, _ in self.poller.poll(0 if lines else int(wait * 1000) or 1):
             if sock is self.pub:
@@ -170,8 +186,17 @@ class Ingest:
         metrics.MESSAGES.labels("user").inc(len(per_user))
         metrics.HEAD.set(block.height)
         metrics.LAG.set(time.time() - block_time_ms(block.block_time) / 1000)
+        self.published = block.height
+
+    def save_position(self, force: bool = False) -> None:
+        """Write where publishing stands (after a block, at most every ``position.SAVE_EVERY`` s)."""
+        if self.position is None or self.published is None or not (force or self.position.due()):
+            return
+        prev = {topic.decode("latin-1"): height for topic, height in self.builder.prev.items()}
+        self.position.save(Position(self.published, prev, sorted(self.subs.users)))
 
     def close(self) -> None:
+        self.save_position(force=True)
         for tailer in self.tailers.values():
             tailer.close()
         if self.watcher is not None:

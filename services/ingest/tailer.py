@@ -25,6 +25,7 @@ CHUNK = 4 << 20  # bytes read per poll
 MAX_PARTIAL = 64 << 20  # a "line" longer than this is garbage
 _HEIGHT = re.compile(rb'"block_number":(\d+)')
 _ROTATION_CHECK_S = 0.05
+BISECT_WINDOW = 1 << 20  # bytes below which start_from scans instead of bisecting
 
 
 def line_height(line: bytes) -> int | None:
@@ -54,6 +55,46 @@ def _tail(path: Path) -> tuple[int, int | None]:
             if end >= 0 and (line_start > 0 or start == 0):
                 return start + end + 1, line_height(data[line_start:end])
             window *= 4
+
+
+def _line_after(fh: BinaryIO, pos: int) -> tuple[int, int | None]:
+    """(start of the first complete line at or after ``pos``, its height); (size, None) when there is none."""
+    fh.seek(max(pos - 1, 0))
+    head = b"" if pos == 0 else fh.read(1)
+    start = pos
+    if head not in (b"", b"\n"):  # inside a line: skip to the next one
+        while True:
+            chunk = fh.read(1 << 16)
+            if not chunk:
+                return fh.tell(), None
+            cut = chunk.find(b"\n")
+            if cut >= 0:
+                start = fh.tell() - len(chunk) + cut + 1
+                break
+    fh.seek(start)
+    prefix = fh.read(256)
+    return start, line_height(prefix) if b"\n" in prefix or len(prefix) == 256 else None
+
+
+def _offset_of(path: Path, height: int) -> int:
+    """Offset of the first line whose block is ``height`` or later (the end when none is)."""
+    with open(path, "rb") as fh:
+        lo, hi = 0, fh.seek(0, os.SEEK_END)  # the answer is in [lo, hi]; lo is a line start below ``height``
+        while hi - lo > BISECT_WINDOW:
+            mid = (lo + hi) // 2
+            start, found = _line_after(fh, mid)
+            if found is not None and found < height:
+                lo = start
+            else:
+                hi = mid
+        pos = lo
+        while True:  # a short scan from ``lo``
+            start, found = _line_after(fh, pos)
+            if found is None or found >= height:
+                return start
+            fh.seek(start)
+            line_end = fh.readline()
+            pos = start + len(line_end)
 
 
 class Tailer:
@@ -87,13 +128,16 @@ class Tailer:
         return height
 
     def start_from(self, height: int) -> bool:
-        """Open the newest file whose first block is <= height (scanning back).
-        False when every file starts after ``height`` (blocks are missing)."""
+        """Open the newest file whose first block is <= height (scanning back) at the
+        first line of block ``height`` or later (found by bisection: an hour of status
+        lines is gigabytes). False when every file starts after ``height`` (blocks are missing)."""
         files = self.files()
         for path in reversed(files):
             first = _first_height(path)
             if first is not None and first <= height:
                 self._open(path)
+                assert self._fh is not None
+                self._fh.seek(_offset_of(path, height))
                 return True
         if files:
             self._open(files[0])

@@ -27,6 +27,7 @@ def up(
     seed: Annotated[int, typer.Option(envvar=env("seed"), help="Simulator seed")] = 1,
     metrics_base_port: Annotated[int, typer.Option(envvar=env("metrics-base-port"), help="Prometheus ports: ingest on this one, shard k on +1+k (0: off)")] = 9100,
     sockets: Annotated[str | None, typer.Option(envvar=env("sockets"), help="Directory for the ZeroMQ ipc:// endpoints (default: a new temporary one)")] = None,
+    state_dir: Annotated[str, typer.Option(envvar=env("state-dir"), help="Where ingest keeps its position across restarts (with the simulator's temporary data: inside it)")] = config.STATE_DIR,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """Run sim (optional), ingest, N book shards and M gateways as supervised children."""
@@ -54,5 +55,6 @@ def up(
             metrics_base_port=metrics_base_port,
             log_level=log_level,
             sockets=sockets,
+            state_dir=state_dir,
         )
     )

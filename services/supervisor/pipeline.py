@@ -36,6 +36,7 @@ class Pipeline:
     metrics_base_port: int
     log_level: str
     sockets: str | None = None  # directory of the ipc:// endpoints; None: a temporary one
+    state_dir: str = ""  # ingest's position; "" with the simulator's temporary data: kept in it
 
     def specs(self, data_dir: str, sockets: str) -> list[ChildSpec]:
         """The children; ZeroMQ runs over ``ipc://`` endpoints in the directory ``sockets``."""
@@ -48,7 +49,8 @@ class Pipeline:
                                            "--mode", self.mode, "--seed", str(self.seed), *common]))
             info_url = info_url or f"http://127.0.0.1:{self.info_port}/info"
         ingest = ["--ingest-pub", ipc_endpoint(sockets, "ingest-pub"), "--ingest-replay", ipc_endpoint(sockets, "ingest-replay")]
-        specs.append(ChildSpec("ingest", ["ingest", "--data-dir", data_dir, "--mode", self.mode,
+        state_dir = self.state_dir if self.data_dir else os.path.join(data_dir, "state")
+        specs.append(ChildSpec("ingest", ["ingest", "--data-dir", data_dir, "--mode", self.mode, "--state-dir", state_dir,
                                           "--pub", ingest[1], "--replay", ingest[3],
                                           "--metrics-port", str(self.metrics_port(-1)), *common]))
         source = ["--info-url", info_url] if info_url else ["--snapshot-file", self.snapshot_file or ""]
