@@ -13,9 +13,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import msgspec
+
+# Every integer the node writes (oids, tids, heights, ms times) is a non-negative
+# int64 (msgpack carries it): a larger or negative one is a malformed line,
+# refused at decoding instead of failing later (ints >= 2**64 cannot be encoded).
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 HIP2_USER = "0xffffffffffffffffffffffffffffffffffffffff"
 ASSISTANCE_FUND_USER = "0xfefefefefefefefefefefefefefefefefefefefe"
@@ -29,8 +34,8 @@ class Order(msgspec.Struct, gc=False):
     side: str
     limitPx: str
     sz: str
-    oid: int
-    timestamp: int
+    oid: Count
+    timestamp: Count
     triggerCondition: str
     isTrigger: bool
     triggerPx: str
@@ -70,7 +75,7 @@ class DiffBody(msgspec.Struct, omit_defaults=True, gc=False):
 
 class BookDiff(msgspec.Struct, gc=False):
     user: str
-    oid: int
+    oid: Count
     coin: str
     side: str
     px: str
@@ -82,18 +87,18 @@ class Fill(msgspec.Struct, omit_defaults=True, gc=False):
     px: str
     sz: str
     side: str
-    time: int
+    time: Count
     startPosition: str
     dir: str
     closedPnl: str
     hash: str
-    oid: int
+    oid: Count
     crossed: bool
     fee: str
-    tid: int
+    tid: Count
     cloid: str | None = None
     feeToken: str | None = None
-    twapId: int | None = None
+    twapId: Count | None = None
     builderFee: str | None = None
     liquidation: Any = None
 
@@ -104,21 +109,21 @@ UserFill = tuple[str, Fill]
 class StatusLine(msgspec.Struct):
     local_time: str
     block_time: str
-    block_number: int
+    block_number: Count
     events: list[OrderStatus]
 
 
 class DiffLine(msgspec.Struct):
     local_time: str
     block_time: str
-    block_number: int
+    block_number: Count
     events: list[BookDiff]
 
 
 class FillLine(msgspec.Struct):
     local_time: str
     block_time: str
-    block_number: int
+    block_number: Count
     events: list[UserFill]
 
 
@@ -148,7 +153,7 @@ class StatusHead(msgspec.Struct, gc=False):
 class StatusHeadLine(msgspec.Struct):
     local_time: str
     block_time: str
-    block_number: int
+    block_number: Count
     events: list[StatusHead]
 
     def resolve(self, wanted: Callable[[str], bool] | None = None) -> tuple[StatusLine, int]:

@@ -31,6 +31,7 @@ class BlockHeader(msgspec.Struct):
     n_diffs: int
     n_fills: int
     book_coins: list[str]  # coins with a BookSlice in this block
+    incomplete: list[str] = []  # streams whose line of this block never came (a damaged or truncated file)
 
 
 class BookSlice(msgspec.Struct):

@@ -399,3 +399,47 @@ def test_unknown_oid_resyncs_the_coin_from_a_fresh_snapshot(pipeline, btc_data: 
     shard.wait(lambda r: r["height"] == LAST and r["coins"] == {"BTC": "live"})
     assert shard.ask(op="l4", coin="BTC")["levels"] == list(expected_book(btc_data, LAST).l4_levels())
     assert shard.metrics()['hlbook_book_out_of_sync_total{reason="unknown_oid"}'] == 1.0
+
+
+def test_damaged_blocks_rebuild_the_coin_from_a_snapshot(pipeline, btc_data: Path, tmp_path: Path) -> None:
+    """A block whose diffs line never came (a truncated file) and a diff with a negative
+    size: the coin is rebuilt from a fresh node snapshot each time, counted as bad input,
+    and ends equal to the node's book."""
+    p = pipeline
+    shard, sub = hooked_shard(p, tmp_path, "d")
+    await_topic(sub, topics.bbo("BTC"))
+    lines = fixture_lines(btc_data)
+    node = p.data / "hl" / "data"
+
+    def append(stream: str, line: bytes) -> None:
+        with open(node / f"node_{stream}_by_block" / HOUR, "ab") as fh:
+            fh.write(line)
+
+    for s in STREAMS:  # FIRST + 5 without its diffs line
+        if s != "raw_book_diffs":
+            append(s, lines[s][5])
+    p.info.height = FIRST + 5
+    for i in range(6, 8):
+        for s in STREAMS:
+            line = lines[s][i]
+            if i == 7 and s == "raw_book_diffs":
+                assert b'{"new":{"sz":"' in line
+                line = line.replace(b'{"new":{"sz":"', b'{"new":{"sz":"-', 1)
+            append(s, line)
+        p.info.height = FIRST + i
+        time.sleep(0.3)  # the first resync is done before the next damage
+    p.write(FIRST + 8, LAST, pause=0.05)
+    resets = []
+    deadline = time.monotonic() + 20
+    while len(resets) < 4 and time.monotonic() < deadline:
+        if sub.poll(200):
+            topic, payload = sub.recv_multipart()
+            if topic.startswith(topics.RESET_PREFIX) and wire.decode(payload)["reason"] != "init":
+                resets.append((wire.decode(payload)["reason"], wire.decode(payload)["state"]))
+    assert resets == [("incomplete_block", "resyncing"), ("resync", "live"), ("bad_value", "resyncing"), ("resync", "live")], \
+        shard.log_text()[-3000:]
+    shard.wait(lambda r: r["height"] == LAST and r["coins"] == {"BTC": "live"})
+    assert shard.ask(op="l4", coin="BTC")["levels"] == list(expected_book(btc_data, LAST).l4_levels())
+    metrics = shard.metrics()
+    assert metrics['hlbook_bad_input_total{reason="incomplete_block",service="book"}'] == 1
+    assert metrics['hlbook_bad_input_total{reason="bad_value",service="book"}'] == 1

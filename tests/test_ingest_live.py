@@ -295,3 +295,43 @@ def test_killed_ingest_resumes_where_it_stopped(node: NodeWriter, ingest: Ingest
         assert users == [h for h, _ in headers]  # the followed user's events from the first block again
     finally:
         restarted.stop()
+
+
+def test_damaged_node_files_are_counted_and_the_rest_goes_on(node: NodeWriter, ingest: IngestProcess) -> None:
+    """A next-hour file created early and empty, a line with a far-future height, an
+    oid beyond int64, a block whose diffs line never came: each counted, none stops ingest,
+    no block closes before its lines (the trades of every block are published)."""
+    early = START + timedelta(seconds=1)  # the next hour
+    for stream in ("order_statuses", "raw_book_diffs", "fills"):
+        node.append(stream, early, b"")  # created, empty: ingest must stay on the current file
+    node.write(103, START)
+    node.append("fills", START, block_lines(10**12, START)["fills"])  # a damaged height: 10^12, same block time
+    node.write(104, START)
+    bad = block_lines(105, START)
+    node.append("order_statuses", START, bad["order_statuses"])
+    node.append("raw_book_diffs", START, bad["raw_book_diffs"].replace(b'"oid":105', b'"oid":18446744073709551616'))
+    node.append("fills", START, bad["fills"])
+    node.write(106, START, streams=("order_statuses", "fills"))  # its diffs line never comes
+    node.write(107, START)
+    messages = list(ingest.messages(until=107))
+    headers = [m for t, m in messages if t == b"H|"]
+    assert [h["height"] for h in headers] == [103, 104, 105, 106, 107]
+    assert [h["incomplete"] for h in headers] == [[], [], ["raw_book_diffs"], ["raw_book_diffs"], []]
+    assert [m["height"] for t, m in messages if t == topics.trades("BTC")] == [103, 104, 105, 106, 107]
+    assert ingest.metric('hlbook_ingest_bad_lines_total{reason="implausible_height",stream="fills"}') == 1
+    assert ingest.metric('hlbook_ingest_bad_lines_total{reason="malformed",stream="raw_book_diffs"}') == 1
+    assert ingest.metric('hlbook_ingest_block_anomalies_total{kind="incomplete"}') == 2
+    assert ingest.proc.poll() is None
+
+
+def test_an_early_empty_next_hour_file_is_not_taken_at_start(tmp_path: Path) -> None:
+    node = NodeWriter(tmp_path / "data")
+    node.write(100, START)
+    for stream in ("order_statuses", "raw_book_diffs", "fills"):
+        node.append(stream, START + timedelta(seconds=1), b"")
+    ingest = IngestProcess(node.data_dir, tmp_path)
+    try:
+        node.write(101, START)  # still the current hour's file
+        assert [h["height"] for h in ingest.headers(until=101)] == [101]
+    finally:
+        ingest.stop()

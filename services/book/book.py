@@ -15,8 +15,9 @@ the diff and details from the status of the same oid in the same block (a
 fired trigger order rests with the node's ``Triggered`` details, see
 :func:`kind_of`);
 ``update`` sets the size to ``newSz``; ``remove`` deletes. An update/remove of
-an unknown oid, a ``new`` for a known one, or a diff whose px/side disagree
-with the order raises :class:`OutOfSync`.
+an unknown oid, a ``new`` for a known one, a diff whose px/side disagree
+with the order, or a price/size that is not positive and plausible raises
+:class:`OutOfSync`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from hlbook.common.models import BookDiff, Order as NodeOrder, OrderStatus
 
 BID, ASK = "B", "A"
 DETAIL_STATUSES = ("open", "triggered")
+MAX_PX = 10**12 * fixed.ONE  # a price or size beyond these is a damaged line, not a market
+MAX_SZ = 10**15 * fixed.ONE
+BAD_VALUES = ("bad_diff", "bad_side", "bad_value")  # OutOfSync reasons that mean damaged input
 
 # Kind tuple: the order fields most orders share, interned.
 K_SIDE, K_TIF, K_TYPE, K_TRIG_COND, K_TRIG_PX, K_IS_TRIG, K_REDUCE, K_TPSL, K_CHILDREN = range(9)
@@ -398,9 +402,15 @@ class Book:
             elif (new := body.new) is not None:
                 if details is None:
                     details = details_of(statuses) if statuses else {}
-                self.insert(diff.oid, new_order(diff, new.sz, details.get(diff.oid), time))
+                order = new_order(diff, new.sz, details.get(diff.oid), time)
+                if not (0 < order.px < MAX_PX and 0 < order.sz < MAX_SZ):
+                    raise OutOfSync(self.coin, "bad_value", diff.oid)
+                self.insert(diff.oid, order)
             elif (upd := body.update) is not None:
-                self.update(self._checked(diff).oid, parse_sz(upd.newSz))
+                size = parse_sz(upd.newSz)
+                if not 0 <= size < MAX_SZ:
+                    raise OutOfSync(self.coin, "bad_value", diff.oid)
+                self.update(self._checked(diff).oid, size)
             else:
                 raise OutOfSync(self.coin, "bad_diff", diff.oid)
 

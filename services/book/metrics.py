@@ -24,3 +24,4 @@ JOB_SECONDS = Histogram("hlbook_book_job_seconds", "Time from fork to a child's 
                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 L4_SNAPSHOTS = Counter("hlbook_book_l4_snapshots_total", "l4 snapshot requests: rendered in the loop (inline), "
                        "by a new child (forked) or answered by a render already under way (shared)", ["how"])
+COINS_ADDED = Counter("hlbook_book_coins_added_total", "Coins that got orders without being in the snapshot (new listings, or a damaged coin name)")

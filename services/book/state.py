@@ -3,11 +3,15 @@ height of the last block it finished."""
 
 from __future__ import annotations
 
+import logging
+
 from hlbook.common import fixed, topics
 from hlbook.common.chain import Chain
 from hlbook.common.wire import CoinState
 from hlbook.services.book import metrics
 from hlbook.services.book.book import Book
+
+log = logging.getLogger(__name__)
 
 
 class Coin:
@@ -52,10 +56,12 @@ class ShardState:
             return owned
 
     def coin(self, coin: str) -> Coin:
-        """The coin's entry; a coin absent from the snapshot had no orders then."""
+        """The coin's entry; a coin absent from the snapshot had no orders then (a new listing)."""
         c = self.coins.get(coin)
         if c is None:
             c = self.coins[coin] = Coin(Book(coin, self.base))
+            metrics.COINS_ADDED.inc()
+            log.info("%s: first orders of a coin absent from the snapshot at %d", coin, self.base)
         return c
 
     def coin_state(self, coin: str) -> CoinState | None:

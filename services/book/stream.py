@@ -19,7 +19,7 @@ from hlbook.common.chain import Chain, Step
 from hlbook.common.metrics import BAD_INPUT
 from hlbook.common.wire import CoinState
 from hlbook.services.book import metrics
-from hlbook.services.book.book import OutOfSync
+from hlbook.services.book.book import BAD_VALUES, OutOfSync
 from hlbook.services.book.publisher import Publisher
 from hlbook.services.book.recovery import Recovery
 from hlbook.services.book.state import Coin, ShardState
@@ -77,6 +77,8 @@ class Stream:
             if self.header_gap() and h.height <= self.state.height:
                 return  # the replay held this header (and its slices) too
         self.headers.advance(h.height)
+        if h.incomplete:
+            self._incomplete(h)
         self.block, self.block_opened = h, time.monotonic()
         owns, awaits = self.state.owns, self._awaits
         self.pending = {c for c in h.book_coins if owns(c) and awaits(c, h.height)}
@@ -93,6 +95,20 @@ class Stream:
                 return True
         self.recovery.resync(list(self.state.coins), "gap")
         return False
+
+    def _incomplete(self, h: wire.BlockHeader) -> None:
+        """A stream's line of this block never reached ingest: without its diffs any book
+        may be wrong, without its statuses the new orders of its coins lack their details."""
+        if "raw_book_diffs" in h.incomplete:
+            coins = [coin for coin, c in self.state.coins.items() if c.state == LIVE]
+        elif "order_statuses" in h.incomplete:
+            coins = [coin for coin in h.book_coins if self.state.owns(coin)]
+        else:
+            return  # fills only: the books are whole
+        BAD_INPUT.labels("book", "incomplete_block").inc()
+        log.error("block %d came without its %s: rebuilding %d coins from a fresh snapshot",
+                  h.height, " and ".join(h.incomplete), len(coins))
+        self.recovery.resync(coins, "incomplete_block")
 
     def _awaits(self, coin: str, height: int) -> bool:
         c = self.state.coins.get(coin)
@@ -121,6 +137,8 @@ class Stream:
             c.book.apply(s.height, s.time, s.diffs, s.statuses)
         except OutOfSync as exc:
             metrics.OUT_OF_SYNC.labels(exc.reason).inc()
+            if exc.reason in BAD_VALUES:
+                BAD_INPUT.labels("book", exc.reason).inc()
             log.error("%s at block %d", exc, s.height)
             self.recovery.resync([c.book.coin], exc.reason)
             return

@@ -15,10 +15,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from hlbook.common.models import STREAMS, BookDiff, NodeLine, OrderStatus, UserFill
+from hlbook.common.metrics import BAD_INPUT
+from hlbook.common.models import STREAMS, BookDiff, NodeLine, OrderStatus, UserFill, block_time_ms
 from hlbook.services.ingest import metrics
 
 log = logging.getLogger(__name__)
+
+JUMP_FREE = 1000  # blocks a line may run ahead of the others without question
+MAX_BLOCK_RATE = 100  # blocks a second of block time can hold, at most (mainnet: ~15)
 
 
 @dataclass
@@ -33,6 +37,7 @@ class Block:
     fills: list[UserFill] = field(default_factory=list)
     streams_seen: set[str] = field(default_factory=set)
     statuses_left_out: int = 0  # rejections nobody follows, not decoded (StatusHeadLine.resolve)
+    missing: list[str] = field(default_factory=list)  # by-block: streams whose line of this block never came
 
     @property
     def n_statuses(self) -> int:
@@ -58,9 +63,12 @@ class Joiner:
         self.last_closed: int | None = None if start_height is None else start_height - 1
         self._past_since: dict[int, float] = {}  # height -> when some stream first moved past it
         self._last_times: tuple[str, str] | None = None  # (block_time, local_time) of the last closed block
+        self.top: tuple[int, int] | None = None  # (height, block time ms) of the highest line believed
 
     def add(self, stream: str, line: NodeLine, left_out: int = 0) -> None:
         height = line.block_number
+        if not self._plausible(stream, line):
+            return
         if self.last_closed is not None and height <= self.last_closed:
             # streaming: a row of a block closed by timeout; by-block: a repeated line
             kind = "late_row" if self.streaming else "duplicate"
@@ -78,6 +86,22 @@ class Joiner:
         if block is None:
             block = self.pending[height] = Block(height)
         block.add(stream, line, left_out)
+
+    def _plausible(self, stream: str, line: NodeLine) -> bool:
+        """A height far ahead of every block seen, with a block time that cannot have
+        covered that many blocks, is a damaged line: believing it would let every later
+        block close before its lines came (the stream "moved past" them)."""
+        height, ms = line.block_number, block_time_ms(line.block_time)
+        top = self.top
+        if top is not None and height - top[0] > JUMP_FREE and height - top[0] > (ms - top[1]) / 1000 * MAX_BLOCK_RATE:
+            metrics.BAD_LINES.labels(stream, "implausible_height").inc()
+            BAD_INPUT.labels("ingest", "implausible_height").inc()
+            log.error("%s: block %d is %d blocks after %d but only %d ms later: line dropped",
+                      stream, height, height - top[0], top[0], ms - top[1])
+            return False
+        if top is None or height > top[0]:
+            self.top = (height, ms)
+        return True
 
     def _done(self, height: int) -> bool:
         if self.streaming:
@@ -106,8 +130,9 @@ class Joiner:
         block = self.pending.pop(height)
         self._past_since.pop(height, None)
         if not self.streaming and len(block.streams_seen) < len(STREAMS):
+            block.missing = sorted(set(STREAMS) - block.streams_seen)
             metrics.BLOCK_ANOMALIES.labels("incomplete").inc()
-            log.warning("block %d closed without %s", height, set(STREAMS) - block.streams_seen)
+            log.warning("block %d closed without %s", height, block.missing)
         if self.last_closed is not None and height > self.last_closed + 1:
             self._fill_gap(height, block, out)
         self.last_closed = height

@@ -103,6 +103,7 @@ class MessageBuilder:
             n_diffs=len(block.diffs),
             n_fills=len(block.fills),
             book_coins=coins,
+            incomplete=block.missing,
         )
         return topics.HEADER, wire.encode(header)
 

@@ -164,7 +164,7 @@ class Ingest:
                 self.joiner.add(stream, statuses, left_out)
             else:
                 self.joiner.add(stream, DECODERS[stream].decode(line))
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:  # ValueError: a bad block_time
             metrics.BAD_LINES.labels(stream, "malformed").inc()
             BAD_INPUT.labels("ingest", "malformed_line").inc()
             self._log_bad(stream, line, exc)
@@ -175,7 +175,12 @@ class Ingest:
             log.error("%s: malformed line skipped (%s): %.200r [%d so far]", stream, exc, line, self._bad_logged)
 
     def publish(self, block: Block) -> None:
-        stored, per_user = self.builder.build(block)
+        try:
+            stored, per_user = self.builder.build(block)
+        except Exception:  # a bug or input the models let through: the block is lost, ingest is not
+            BAD_INPUT.labels("ingest", "error").inc()
+            log.exception("block %d could not be published; consumers will see its height missing", block.height)
+            return
         for topic, payload in stored:
             self.pub.send_multipart((topic, payload), copy=False)
         for topic, payload in per_user:

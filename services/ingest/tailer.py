@@ -116,13 +116,17 @@ class Tailer:
         return nodefiles.hour_files(self.data_dir, self.stream, self.mode)
 
     def start_at_end(self) -> int | None:
-        """Open the newest file after its last complete line (a partial one will be
-        completed by the node and read); return that line's height."""
+        """Open the newest file that holds a complete line, after its last one (a partial
+        one will be completed by the node and read); return that line's height. A newer
+        file still empty (a node may create the next hour's early) is not taken."""
         files = self.files()
         if not files:
             return None
-        offset, height = _tail(files[-1])
-        self._open(files[-1])
+        for path in reversed(files):
+            offset, height = _tail(path)
+            if height is not None or path == files[0]:
+                break
+        self._open(path)
         assert self._fh is not None
         self._fh.seek(offset)
         return height
@@ -203,8 +207,8 @@ class Tailer:
         self._next_rotation_check = now + _ROTATION_CHECK_S
         assert self.path is not None and self._fh is not None
         newer = nodefiles.next_hour_file(self.path)
-        if newer is None:
-            return
+        if newer is None or _first_height(newer) is None:
+            return  # none yet, or created early and still empty: the node still writes here
         if self._fh.read(1):  # the writer appended after our last read: finish this file first
             self._fh.seek(-1, os.SEEK_CUR)
             return
