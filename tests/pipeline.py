@@ -5,6 +5,7 @@ known directory so tests can attach more processes (e.g. a second gateway)."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,6 +111,19 @@ def http_get(url: str) -> tuple[int, Any]:
             return exc.code, json.loads(body)
         except ValueError:
             return exc.code, body.decode()
+
+
+def get_from(source: str, url: str) -> tuple[int, bytes]:
+    """GET ``url`` from the local address ``source`` (e.g. 127.0.0.2: another client
+    address on loopback, with its own per-address connection budget)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
 
 
 def post_info(base: str, payload: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:

@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import free_port
 from hlbook.services.book import snapshot
-from pipeline import Up, http_get, post_info, running
+from pipeline import Up, get_from, http_get, post_info, running
 
 Orders = dict[int, tuple[str, Decimal, Decimal, str]]  # oid -> (side, px, sz, user)
 
@@ -374,11 +374,14 @@ def test_token_and_connections_per_ip(limited: str) -> None:
         open_ += [await connect(f"ws://{limited}/ws?token=secret") for _ in range(5)]
         with pytest.raises(InvalidStatus):
             await connect(f"ws://{limited}/ws?token=secret")
+        # the cap counts TCP connections from the accept: a plain HTTP request from this address is refused too
+        assert post_info(f"http://{limited}", {"type": "allMids"}, {"Authorization": "Bearer secret"})[0] == 429
         await open_.pop().close()
         await asyncio.sleep(0.2)
         open_.append(await connect(f"ws://{limited}/ws?token=secret"))  # a slot again
-        debug = http_get(f"http://{limited}/debug/connections?token=secret")[1]["connections"]
-        assert len(debug) == 6 and not any(c["direct_frames"] for c in debug)  # compression negotiated: ASGI sends
+        status, body = get_from("127.0.0.2", f"http://{limited}/debug/connections?token=secret")  # another address
+        debug = json.loads(body)["connections"]
+        assert status == 200 and len(debug) == 6 and not any(c["direct_frames"] for c in debug)  # compression: ASGI sends
         for ws in open_:
             await ws.close()
 

@@ -14,91 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
-import time
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 import websockets
-import zmq
 
-from conftest import free_port
-from hlbook.common import topics, wire
-from hlbook.common.models import BookDiff, DiffBody, NewDiff
-from pipeline import stop_group, wait_ready
-
-COIN = "BTC"
-USER = "0x" + "ab" * 20
-
-
-class ScriptedShard:
-    """The shard side of the wire (XPUB + ROUTER on ipc); the test says what happens when."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.ctx = zmq.Context()
-        self.pub_ep, self.query_ep = f"ipc://{tmp}/shard-pub", f"ipc://{tmp}/shard-query"
-        self.xpub = self.ctx.socket(zmq.XPUB)
-        self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
-        self.xpub.bind(self.pub_ep)
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.bind(self.query_ep)
-        self.prev = wire.PrevTracker()
-        self.height = 100
-        self.last_change: int | None = None
-
-    def block(self, change: bool = False) -> dict[str, Any] | None:
-        """Finish the next block (its L4 update first when it changed the coin); the update's client JSON."""
-        self.height += 1
-        updates = None
-        if change:
-            diff = BookDiff(USER, self.height, COIN, "B", "100.0", DiffBody(new=NewDiff("1.5")))
-            message = wire.L4Updates(self.height, self.prev.next(topics.l4(COIN), self.height), self.height * 1000, COIN, [], [diff])
-            self.xpub.send_multipart([topics.l4(COIN), wire.encode(message)])
-            self.last_change = self.height
-            updates = {"time": message.time, "height": self.height, "order_statuses": [], "book_diffs": [msgspec.to_builtins(diff)]}
-        block = wire.ShardBlock(self.height, self.prev.next(topics.shard_block(0), self.height), self.height * 1000, 0,
-                                {COIN: "100.5"}, {COIN: "live"})
-        self.xpub.send_multipart([topics.shard_block(0), wire.encode(block)])
-        return updates
-
-    def lost_update(self) -> None:
-        """An L4 update whose predecessor never reached the gateway (as when PUB drops at its HWM)."""
-        self.height += 1
-        self.prev.next(topics.l4(COIN), self.height)  # sent into the void
-        self.height += 1
-        message = wire.L4Updates(self.height, self.prev.next(topics.l4(COIN), self.height), self.height * 1000, COIN, [], [])
-        self.xpub.send_multipart([topics.l4(COIN), wire.encode(message)])
-
-    def sync(self) -> None:
-        self.xpub.send_multipart([topics.l4(COIN), wire.encode(wire.L4Sync(self.height, self.prev.peek(topics.l4(COIN)), COIN))])
-
-    def await_subscription(self, topic: bytes, timeout: float = 5.0) -> None:
-        """Read subscription events until ``topic``'s (the gateway's standing ones come first)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.xpub.poll(max(1, int((deadline - time.monotonic()) * 1000))), f"{topic!r} never subscribed"
-            if self.xpub.recv() == b"\x01" + topic:
-                return
-
-    def query(self, timeout: float = 5.0) -> tuple[list[bytes], wire.Query] | None:
-        if not self.router.poll(int(timeout * 1000)):
-            return None
-        frames = self.router.recv_multipart()
-        return frames[:-1], wire.decode(frames[-1], wire.Query)
-
-    def answer_l4(self, envelope: list[bytes], height: int, levels: list[list[dict[str, Any]]]) -> None:
-        body = json.dumps(levels, separators=(",", ":")).encode()
-        header = wire.L4Snapshot(True, COIN, height, height * 1000, len(body))
-        self.router.send_multipart([*envelope, wire.encode(header), body[:7], body[7:]])  # in two frames, as big ones come
-
-    def close(self) -> None:
-        self.ctx.destroy(linger=0)
-
+from hlbook.common import topics
+from scripted import COIN, USER, ScriptedShard, scripted_gateway
 
 def levels_at(height: int) -> list[list[dict[str, Any]]]:
     return [[{"user": USER, "coin": COIN, "side": "B", "limitPx": "100.0", "sz": "1.0", "oid": height}], []]
@@ -112,35 +36,9 @@ async def receive_l4(ws: Any, timeout: float = 5.0) -> dict[str, Any]:
 
 
 @pytest.fixture
-def setup(tmp_path: Path):
-    shard = ScriptedShard(tmp_path)
-    port = free_port()
-    log = open(tmp_path / "gateway.log", "wb")
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "hlbook.cli", "gateway", "--port", str(port), "--shards", "1",
-         "--ingest-pub", f"ipc://{tmp_path}/no-ingest-pub", "--ingest-replay", f"ipc://{tmp_path}/no-ingest-replay",
-         "--book-pub", shard.pub_ep, "--book-query", shard.query_ep],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    try:
-        for _ in range(300):  # blocks until the gateway has seen the shard
-            shard.block()
-            if _ready(port):
-                break
-            time.sleep(0.05)
-        wait_ready(f"http://127.0.0.1:{port}", gateway, 10)
+def setup(tmp_path: Path) -> Iterator[tuple[ScriptedShard, str]]:
+    with scripted_gateway(tmp_path) as (shard, port):
         yield shard, f"ws://127.0.0.1:{port}/ws"
-    finally:
-        stop_group(gateway)
-        shard.close()
-        log.close()
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=0.2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def test_snapshot_joins_the_stream_whatever_the_order_of_events(setup) -> None:

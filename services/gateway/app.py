@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import logging
 import time
 from collections import Counter
@@ -26,7 +27,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from hlbook.common import config
 from hlbook.services.gateway import metrics, user_info
 from hlbook.services.gateway.candles import Candles
-from hlbook.services.gateway.frames import FrameWriter
+from hlbook.services.gateway.frames import POLICY, FrameWriter
 from hlbook.services.gateway.hub import Hub
 from hlbook.services.gateway.info import Info, InfoError
 from hlbook.services.gateway.protocol import RequestError, dumps, feed_key, identity, message, normalise, parse_request
@@ -39,8 +40,8 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 SWEEP_EVERY = 1.0
 SEND_STUCK = 10.0  # seconds one send may block (client not reading) before the client is cut off
+MAX_INFO_BODY = 64 << 10  # bytes of a POST /info body (the largest real request is a few hundred)
 MAX_PENDING_POSTS = 16
-POLICY = 1008  # WebSocket close code: policy violation
 
 
 @dataclass
@@ -51,7 +52,9 @@ class GatewayConfig:
     book_pubs: list[str] = field(default_factory=list)  # default: config.book_endpoints(k)
     book_queries: list[str] = field(default_factory=list)
     token: str | None = None
-    max_connections_per_ip: int = 100
+    max_connections_per_ip: int = 100  # TCP connections, from the accept (guard.py)
+    header_timeout: float = 10.0  # seconds a request's headers may take
+    allowed_origins: tuple[str, ...] = ()  # WebSocket Origin headers accepted (empty: any; clients without one always)
     max_subscriptions: int = 1000
     max_messages_per_minute: int = 2000
     idle_timeout: float = 60.0
@@ -83,7 +86,6 @@ class Gateway:
         self.info.handlers.update(user_info.handlers(self.hub, self.info))
         self.sessions: dict[Session, asyncio.Task[None]] = {}  # session -> its writer task
         self.outbound = Outbound()
-        self.per_ip: dict[str, int] = {}
         self.tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -119,28 +121,24 @@ class Gateway:
     # ------------------------------------------------------------ one WebSocket
 
     async def serve(self, ws: WebSocket) -> None:
+        """One WebSocket connection (connections per address are capped from the TCP accept: ``guard``)."""
         ip = ws.client.host if ws.client else "?"
-        refusal = self._refusal(ws, ip)
+        refusal = self._refusal(ws)
         if refusal:
             metrics.REFUSED.labels(refusal).inc()
             await ws.close(code=POLICY, reason=refusal)
             return
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-        try:
-            await ws.accept()
-            await self._session(ws, ip)
-        finally:
-            self.per_ip[ip] -= 1
-            if not self.per_ip[ip]:
-                del self.per_ip[ip]
+        await ws.accept()
+        await self._session(ws, ip)
 
-    def _refusal(self, ws: WebSocket, ip: str) -> str | None:
+    def _refusal(self, ws: WebSocket) -> str | None:
         if not self.authorised(ws):
             return "unauthorised"
+        origin = ws.headers.get("origin")
+        if self.cfg.allowed_origins and origin is not None and origin not in self.cfg.allowed_origins:
+            return "origin"
         if not self.hub.knows_coins():
             return "not_ready"  # it would answer valid subscriptions with "Invalid subscription"
-        if self.per_ip.get(ip, 0) >= self.cfg.max_connections_per_ip:
-            return "too_many_connections"
         return None
 
     async def _session(self, ws: WebSocket, ip: str) -> None:
@@ -247,11 +245,16 @@ class Gateway:
         asyncio.create_task(self._answer_post(session, post_id, inner.get("payload")))
 
     async def _answer_post(self, session: Session, post_id: Any, payload: Any) -> None:
+        """Every post gets its answer: the data, or an error (also on a bug: logged)."""
         try:
             data = await self.info.answer(payload)
             response = {"type": "info", "payload": {"type": payload["type"], "data": data}}
         except InfoError as exc:
             response = {"type": "error", "payload": str(exc)}
+        except Exception:
+            metrics.ERRORS.labels("internal").inc()
+            log.exception("post %r failed", payload)
+            response = {"type": "error", "payload": "Internal error handling the request"}
         finally:
             session.pending_posts -= 1
         session.reply(message("post", {"id": post_id, "response": response}))
@@ -261,9 +264,13 @@ class Gateway:
     async def info_endpoint(self, request: Request) -> Response:
         if not self.authorised(request):
             return Response("unauthorised", status_code=401)
+        body = await _body(request, MAX_INFO_BODY)
+        if body is None:
+            metrics.INFO.labels("too_large", "error").inc()
+            return Response(f"Request body larger than {MAX_INFO_BODY} bytes", status_code=413)
         try:
-            payload = msgspec.json.decode(await request.body())
-        except msgspec.DecodeError as exc:
+            payload = msgspec.json.decode(body)
+        except (msgspec.DecodeError, RecursionError) as exc:
             metrics.INFO.labels("unparsable", "error").inc()
             return Response(f"Failed to parse the JSON body: {exc}", status_code=400)
         try:
@@ -280,11 +287,35 @@ class Gateway:
         return Response(dumps(body), status_code=200 if body["ready"] else 503, media_type="application/json")
 
     async def debug(self, request: Request) -> Response:
+        """Every client's address and followed users: with ``--token`` to its holders, else to this host only."""
         if not self.authorised(request):
             return Response("unauthorised", status_code=401)
+        if not self.cfg.token and not _loopback(request.client.host if request.client else ""):
+            return Response("/debug/connections answers this host only unless --token is set", status_code=403)
         body = {"connections": [s.info() for s in self.sessions], "feeds": len(self.hub.feeds),
                 "upstream_topics": sorted(t.decode() for t in self.upstream.counts)}
         return Response(dumps(body), media_type="application/json")
+
+
+async def _body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None when it is larger than ``limit`` bytes (read no further)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def health(request: Request) -> Response:

@@ -10,23 +10,27 @@ parts (a JSON prefix, the shard's rendered levels as received, a suffix) are
 never joined or copied; each session writes it in ``CHUNK`` pieces, waiting for
 the transport to drain between them, so no write holds the event loop.
 
-``FrameProtocol`` is uvicorn's websockets sans-I/O protocol plus one line: it
-puts itself into the ASGI scope, so the session can reach the transport. Only
-connections without a negotiated extension (permessage-deflate compresses per
-connection) take this path; the handshake, pings, reading and closing stay
-uvicorn's. Should uvicorn's internals change, ``FrameWriter.of`` returns None
-and sessions fall back to ASGI sends.
+``FrameProtocol`` is uvicorn's websockets sans-I/O protocol that puts itself
+into the ASGI scope, so the session can reach the transport. Only connections
+without a negotiated extension (permessage-deflate compresses per connection)
+take this path; the handshake, pings, reading and closing stay uvicorn's
+(a ping flood is cut off). Should uvicorn's internals change,
+``FrameWriter.of`` returns None and sessions fall back to ASGI sends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from hlbook.services.gateway import guard, metrics
+
 SCOPE_KEY = "hlbook.frames"
+POLICY = 1008  # WebSocket close code: policy violation
 CHUNK = 256 << 10  # bytes of a Blob written at once
 
 
@@ -108,12 +112,83 @@ def frame_of(text: str) -> bytes:
     return text.frame() if isinstance(text, Text) else text_frame(text)
 
 
+class HoldingTransport:
+    """A connection's transport as uvicorn's protocol sees it: while a big message is
+    written piece by piece (``hold``), the protocol's own frames (a pong, a keepalive
+    ping, a close) wait and follow it, instead of landing inside it."""
+
+    def __init__(self, transport: Any) -> None:
+        self.raw = transport
+        self.held: list[bytes] | None = None
+        self.close_after = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.held is not None:
+            self.held.append(bytes(data))
+        else:
+            self.raw.write(data)
+
+    def close(self) -> None:
+        if self.held is not None:
+            self.close_after = True
+        else:
+            self.raw.close()
+
+    def hold(self) -> None:
+        self.held = []
+
+    def release(self) -> None:
+        held, self.held = self.held or [], None
+        if held:
+            self.raw.write(b"".join(held))
+        if self.close_after:
+            self.raw.close()
+
+
 class FrameProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, plus: it puts itself into the ASGI scope (so a session
+    can write pre-built frames), holds its own frames back during a big message, limits
+    the pings a client may send, and tells the connection guard when it ends."""
+
+    max_pings_per_second = 10.0
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(HoldingTransport(transport))
+        self.ping_tokens = self.max_pings_per_second
+        self.ping_refill = time.monotonic()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        guard.release(self.transport.raw)
+
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None:
             scope["extensions"][SCOPE_KEY] = self
+
+    def handle_ping(self) -> None:
+        """Answer a ping, unless the client sends them faster than ``max_pings_per_second``
+        (a ping flood costs a write each): then close the connection (1008). The pongs the
+        websockets state machine queued for the pings of one read go out together."""
+        now = time.monotonic()
+        rate = self.max_pings_per_second
+        self.ping_tokens = min(rate, self.ping_tokens + (now - self.ping_refill) * rate)
+        self.ping_refill = now
+        if self.ping_tokens >= 1:
+            self.ping_tokens -= 1
+            super().handle_ping()
+            return
+        if not self.close_sent:
+            metrics.ERRORS.labels("ping_flood").inc()
+            self.conn.data_to_send()  # the pongs queued for the rest of the flood: dropped
+            self.conn.send_close(POLICY, "Too many pings")
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.transport.close()
 
 
 class FrameWriter:
@@ -128,6 +203,8 @@ class FrameWriter:
         needed = ("transport", "writable", "close_sent", "conn")
         if protocol is None or not all(hasattr(protocol, a) for a in needed) or protocol.conn.extensions:
             return None
+        if not isinstance(protocol.transport, HoldingTransport):
+            return None
         return cls(protocol)
 
     def ready(self) -> bool:
@@ -137,7 +214,7 @@ class FrameWriter:
 
     def write_now(self, frames: list[bytes]) -> None:
         """Write frames at once (call only when :meth:`ready`)."""
-        self.protocol.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        self.protocol.transport.raw.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     async def write(self, frames: list[bytes]) -> None:
         await self._drained()
@@ -146,17 +223,25 @@ class FrameWriter:
     async def write_blob(self, blob: Blob) -> None:
         """Write a big message piece by piece, letting the transport drain and the event
         loop run in between. Every session writing a Blob takes turns, one piece at a
-        time (``BULK``): 100 clients joining l4Book at once cost the loop one 256 kB copy
-        per turn, not a hundred."""
+        time (one lane per event loop): 100 clients joining l4Book at once cost the loop
+        one 256 kB copy per turn, not a hundred. The protocol's own frames wait meanwhile."""
         transport = self.protocol.transport
         bulk = _bulk_lane()
-        for chunk in blob.chunks():
-            await self._drained()
-            async with bulk:
-                if self.protocol.close_sent or transport.is_closing():
-                    raise ConnectionError("connection closing")
-                transport.write(chunk)
-            await asyncio.sleep(0)
+        transport.hold()
+        try:
+            for chunk in blob.chunks():
+                await self._drained()
+                async with bulk:
+                    if self.protocol.close_sent or transport.is_closing():
+                        raise ConnectionError("connection closing")
+                    transport.raw.write(chunk)
+                await asyncio.sleep(0)
+        finally:
+            transport.release()
+
+    def abort(self) -> None:
+        """Drop the connection now, with whatever is queued for it (a client cut off as too slow)."""
+        self.protocol.transport.raw.abort()
 
     async def _drained(self) -> None:
         protocol = self.protocol

@@ -190,8 +190,8 @@ class Info:
     async def order_status(self, payload: dict[str, Any]) -> dict[str, Any]:
         self.user_of(payload)
         oid = payload.get("oid")
-        if not isinstance(oid, int) or isinstance(oid, bool):
-            raise InfoError("oid must be an integer (cloid lookups need the user streams of issue 5)")
+        if not isinstance(oid, int) or isinstance(oid, bool) or not 0 <= oid < 2**63:
+            raise InfoError("oid must be a non-negative 64-bit integer (or a cloid, for a followed user)")
         replies = await asyncio.gather(*(self.hub.upstream.query(k, wire.Query("order", oid=oid)) for k in range(len(self.hub.shards))))
         for reply in replies:
             order = reply.get("order")

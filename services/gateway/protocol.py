@@ -46,7 +46,7 @@ def parse_request(raw: str | bytes) -> dict[str, Any]:
     """A request object with a string ``method``; RequestError otherwise."""
     try:
         request = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         request = None
     if not isinstance(request, dict) or not isinstance(request.get("method"), str):
         text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")

@@ -229,7 +229,9 @@ class Session:
             self.wakeup.set()
 
     def close(self, reason: str, text: str | None = None) -> None:
-        """Ask the writer to send ``text`` as an error (if any) and end the session."""
+        """Ask the writer to send ``text`` as an error (if any) and end the session. A client
+        cut off as too slow is dropped at once: what is queued for it (megabytes, maybe) and
+        its socket are freed now, not when it finally reads."""
         if self.closing:
             return
         self.closing = reason
@@ -238,6 +240,8 @@ class Session:
         self.texts = 0
         self.latest.clear()
         self.wakeup.set()
+        if reason == "slow_client" and self.frames is not None:
+            self.frames.abort()
 
     async def writer(self) -> None:
         """Send queued messages until the session closes."""
