@@ -18,6 +18,7 @@ L2_PREFIX = b"L2|"  # L2|<coin>|<nSigFigs or ->|<mantissa or ->| L2Levels
 BBO_PREFIX = b"BBO|"  # BBO|<coin>| Bbo
 L4_PREFIX = b"L4|"  # L4|<coin>| L4Updates
 SHARD_PREFIX = b"S|"  # S|<shard>| ShardBlock (mids, coin states), every block
+HEARTBEAT_PREFIX = b"HB|"  # HB|<shard>| ShardStatus, every second, also when no block comes
 RESET_PREFIX = b"RESET|"  # RESET|<coin>| Reset
 
 
@@ -53,6 +54,10 @@ def l4(coin: str) -> bytes:
 
 def shard_block(shard: int) -> bytes:
     return _t(SHARD_PREFIX, str(shard))
+
+
+def heartbeat(shard: int) -> bytes:
+    return _t(HEARTBEAT_PREFIX, str(shard))
 
 
 def reset(coin: str) -> bytes:

@@ -184,6 +184,18 @@ class ShardBlock(msgspec.Struct):
     states: dict[str, str]
 
 
+class ShardStatus(msgspec.Struct):
+    """``HB|<shard>|``: the shard is up, every second whatever the node does (a gateway
+    started while the node is silent learns the coins; a stalled node is told apart from
+    a dead shard). Not a stream: no ``prev``."""
+
+    shard: int
+    phase: CoinState  # initialising until the snapshot is loaded and replayed
+    height: int  # last block finished
+    time: int  # its block time (ms)
+    states: dict[str, str]
+
+
 class Reset(msgspec.Struct):
     """``RESET|<coin>|``: the coin's book was rebuilt (gap, unknown oid, failed
     validation); consumers drop what they derived and fetch a fresh snapshot."""

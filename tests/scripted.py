@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +57,12 @@ class ScriptedShard:
         self.xpub.send_multipart([topics.shard_block(0), wire.encode(block)])
         return updates
 
+    def heartbeat(self, live: bool = True) -> None:
+        """The shard's ``HB|0|`` (what it sends every second, blocks or not)."""
+        phase = wire.CoinState.LIVE if live else wire.CoinState.INITIALISING
+        status = wire.ShardStatus(0, phase, self.height, self.height * 1000, {COIN: "live"} if live else {})
+        self.xpub.send_multipart([topics.heartbeat(0), wire.encode(status)])
+
     def lost_update(self) -> None:
         """An L4 update whose predecessor never reached the gateway (as when PUB drops at its HWM)."""
         self.height += 1
@@ -92,8 +99,9 @@ class ScriptedShard:
 
 
 @contextlib.contextmanager
-def scripted_gateway(tmp_path: Path, *flags: str) -> Iterator[tuple[ScriptedShard, int]]:
-    """A real gateway process on a scripted shard, ready (the shard has published blocks); (shard, port)."""
+def scripted_gateway(tmp_path: Path, *flags: str, blocks: bool = True) -> Iterator[tuple[ScriptedShard, int]]:
+    """A real gateway process on a scripted shard, ready (the shard has published blocks) or,
+    with ``blocks=False``, only started (nothing published yet); (shard, port)."""
     shard = ScriptedShard(tmp_path)
     port = free_port()
     log = open(tmp_path / "gateway.log", "wb")
@@ -103,12 +111,18 @@ def scripted_gateway(tmp_path: Path, *flags: str) -> Iterator[tuple[ScriptedShar
          "--book-pub", shard.pub_ep, "--book-query", shard.query_ep, *flags],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     try:
-        for _ in range(300):  # blocks until the gateway has seen the shard
-            shard.block()
-            if _ready(port):
-                break
-            time.sleep(0.05)
-        wait_ready(f"http://127.0.0.1:{port}", gateway, 10)
+        if blocks:
+            for _ in range(300):  # blocks until the gateway has seen the shard
+                shard.block()
+                if _ready(port):
+                    break
+                time.sleep(0.05)
+            wait_ready(f"http://127.0.0.1:{port}", gateway, 10)
+        else:
+            deadline = time.monotonic() + 30
+            while _status(port, "/health") != 200:
+                assert gateway.poll() is None and time.monotonic() < deadline, "the gateway did not start"
+                time.sleep(0.05)
         yield shard, port
     finally:
         stop_group(gateway)
@@ -117,8 +131,14 @@ def scripted_gateway(tmp_path: Path, *flags: str) -> Iterator[tuple[ScriptedShar
 
 
 def _ready(port: int) -> bool:
+    return _status(port, "/ready") == 200
+
+
+def _status(port: int, path: str) -> int:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=0.2) as r:
-            return r.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=0.5) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
     except OSError:
-        return False
+        return 0

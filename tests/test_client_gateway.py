@@ -114,7 +114,7 @@ def test_restarted_gateway_refuses_connections_until_it_knows_its_coins(up: Up) 
             await asyncio.to_thread(gateway.wait, 5)
 
             blind = await asyncio.to_thread(start_blind_gateway, up, port)
-            await until(lambda: "403" in (client.connection_info()[0]["last_error"] or ""), 10, "the refused handshake")
+            await until(lambda: "503" in (client.connection_info()[0]["last_error"] or ""), 10, "the refused handshake")
             assert not client.connection_info()[0]["recent_server_errors"]
             assert client.get_subscription(sub_id)["state"] == "pending" and client.get_subscription(sub_id)["error"] is None
             before = len(got)

@@ -7,7 +7,7 @@ L2 is computed only for aggregations someone subscribed to: an exact topic
 ``L2|<coin>|<nsf>|<man>|`` turns that aggregation on; a broader prefix
 (``L2|``, ``L2|BTC|``, ``""``) turns on full precision for the coins it covers.
 ``L4`` and ``BBO`` are encoded only while some subscription covers them;
-``S|<k>|`` and ``RESET|`` always.
+``S|<k>|``, ``HB|<k>|`` and ``RESET|`` always.
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ class Publisher:
         self.last_bbo: dict[str, Any] = {}
         self.last_l2: dict[bytes, Any] = {}
         self.shard_topic = topics.shard_block(shard)
+        self.heartbeat_topic = topics.heartbeat(shard)
         self.held: list[tuple[bytes, bytes]] | None = None  # messages of the coin being published
 
     def send(self, kind: str, topic: bytes, message: Any) -> None:
@@ -178,6 +179,10 @@ class Publisher:
         self.last_bbo.pop(coin, None)
         for topic in [t for t in self.last_l2 if topics.coin_of(t) == coin]:
             del self.last_l2[topic]
+
+    def heartbeat(self, status: wire.ShardStatus) -> None:
+        self.sock.send_multipart((self.heartbeat_topic, wire.encode(status)))
+        metrics.PUBLISHED.labels("heartbeat").inc()
 
     def shard_block(self, height: int, time: int, mids: dict[str, str], states: dict[str, str]) -> None:
         self.send("shard", self.shard_topic, wire.ShardBlock(height, None, time, self.shard, mids, states))

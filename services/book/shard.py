@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 RCVHWM = 500_000  # messages queued from ingest (while initialising, or a slow loop)
 BATCH = 2000  # messages read from ingest per loop iteration before serving other sockets
 QUERY_BATCH = 64  # queries answered per loop iteration
+HEARTBEAT_S = 1.0  # seconds between ShardStatus messages
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Shard:
                                          cfg.replay_timeout, self.recovery.resync)
         self.dropper = hooks.Dropper(state, cfg.test_drop_every)
         self.retry_at = 0.0
+        self.heartbeat_at = 0.0
         self.stopped = False
 
     def _socket(self, kind: int, endpoint: str, bind: bool, verbose: bool = False) -> zmq.Socket:
@@ -144,6 +146,10 @@ class Shard:
         if self.validation is not None:
             self.validation.tick(now)
         self.jobs.start_queued()
+        if now >= self.heartbeat_at:
+            self.heartbeat_at = now + HEARTBEAT_S
+            state = self.state
+            self.publisher.heartbeat(wire.ShardStatus(state.shard, state.phase, state.height, state.time, state.states()))
 
     def _watch_jobs(self) -> None:
         """Poll exactly the pipes of the running children."""

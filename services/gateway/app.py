@@ -28,7 +28,7 @@ from hlbook.common import config
 from hlbook.services.gateway import metrics, user_info
 from hlbook.services.gateway.candles import Candles
 from hlbook.services.gateway.frames import POLICY, FrameWriter
-from hlbook.services.gateway.hub import Hub
+from hlbook.services.gateway.hub import SHARD_SILENT, STALE, Hub
 from hlbook.services.gateway.info import Info, InfoError
 from hlbook.services.gateway.protocol import RequestError, dumps, feed_key, identity, message, normalise, parse_request
 from hlbook.services.gateway.session import Outbound, Session, SubscriptionStats
@@ -125,20 +125,22 @@ class Gateway:
         ip = ws.client.host if ws.client else "?"
         refusal = self._refusal(ws)
         if refusal:
-            metrics.REFUSED.labels(refusal).inc()
-            await ws.close(code=POLICY, reason=refusal)
+            reason, response = refusal
+            metrics.REFUSED.labels(reason).inc()
+            await ws.send_denial_response(response)
             return
         await ws.accept()
         await self._session(ws, ip)
 
-    def _refusal(self, ws: WebSocket) -> str | None:
+    def _refusal(self, ws: WebSocket) -> tuple[str, Response] | None:
+        """Why a handshake is refused, with the HTTP answer: 401, 403 or 503 + Retry-After."""
         if not self.authorised(ws):
-            return "unauthorised"
+            return "unauthorised", Response("unauthorised: a valid token is required", status_code=401)
         origin = ws.headers.get("origin")
         if self.cfg.allowed_origins and origin is not None and origin not in self.cfg.allowed_origins:
-            return "origin"
-        if not self.hub.knows_coins():
-            return "not_ready"  # it would answer valid subscriptions with "Invalid subscription"
+            return "origin", Response(f"origin {origin} is not allowed", status_code=403)
+        if not self.hub.knows_coins():  # it would answer valid subscriptions with "Invalid subscription"
+            return "not_ready", not_ready()
         return None
 
     async def _session(self, ws: WebSocket, ip: str) -> None:
@@ -264,6 +266,8 @@ class Gateway:
     async def info_endpoint(self, request: Request) -> Response:
         if not self.authorised(request):
             return Response("unauthorised", status_code=401)
+        if not self.hub.knows_coins():  # meta would list no coin, l2Book would know none
+            return not_ready()
         body = await _body(request, MAX_INFO_BODY)
         if body is None:
             metrics.INFO.labels("too_large", "error").inc()
@@ -280,11 +284,17 @@ class Gateway:
         return Response(dumps(data), media_type="application/json")
 
     async def ready(self, request: Request) -> Response:
+        """200 when this gateway works (every shard up and live, heard from within 5 s), also
+        while the node is silent: ``stale`` says so (every gateway is as stale then, a load
+        balancer should keep them). ``?fresh=1``: 503 when stale too (for monitoring)."""
         now = time.monotonic()
-        shards = [{"shard": k, "height": v.height, "live": bool(v.seen) and now - v.seen < 5.0,
+        shards = [{"shard": k, "height": v.height, "phase": v.phase, "live": bool(v.seen) and now - v.seen < SHARD_SILENT,
                    "coins": dict(Counter(v.states.values()))} for k, v in enumerate(self.hub.shards)]
-        body = {"ready": self.hub.ready(), "shards": shards}
-        return Response(dumps(body), status_code=200 if body["ready"] else 503, media_type="application/json")
+        age = self.hub.block_age()
+        stale = age is None or age > STALE
+        body = {"ready": self.hub.ready(), "stale": stale, "block_age_s": None if age is None else round(age, 3), "shards": shards}
+        ok = body["ready"] and not (stale and request.query_params.get("fresh") in ("1", "true"))
+        return Response(dumps(body), status_code=200 if ok else 503, media_type="application/json")
 
     async def debug(self, request: Request) -> Response:
         """Every client's address and followed users: with ``--token`` to its holders, else to this host only."""
@@ -295,6 +305,11 @@ class Gateway:
         body = {"connections": [s.info() for s in self.sessions], "feeds": len(self.hub.feeds),
                 "upstream_topics": sorted(t.decode() for t in self.upstream.counts)}
         return Response(dumps(body), media_type="application/json")
+
+
+def not_ready() -> Response:
+    return Response("not ready: the book shards have not reported their coins yet; retry shortly", status_code=503,
+                    headers={"Retry-After": "2"})
 
 
 async def _body(request: Request, limit: int) -> bytes | None:

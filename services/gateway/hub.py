@@ -15,6 +15,7 @@ import msgspec
 from hlbook.common import topics, wire
 from hlbook.common.chain import Chains, Step
 from hlbook.common.metrics import BAD_INPUT
+from hlbook.common.wire import CoinState
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway import users as user_streams
 from hlbook.services.gateway.candles import Candles
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 RECENT_TRADES = 100  # per coin, for recentTrades
 REPLAYED = ("trades", "user")  # kinds whose lost messages are recovered from ingest's replay
 TRADES_HOLD = 0.02  # seconds a block's trades wait at most for the owner shard to finish that block
-SHARD_SILENT = 5.0  # seconds without a ShardBlock after which a shard counts as down
+SHARD_SILENT = 5.0  # seconds without a message (block or heartbeat) after which a shard counts as down
+STALE = 5.0  # seconds without a block after which the data is stale (the node stalled)
 
 
 class ShardView:
@@ -39,7 +41,10 @@ class ShardView:
     def __init__(self) -> None:
         self.height = 0
         self.time = 0
-        self.seen = 0.0  # monotonic
+        self.seen = 0.0  # monotonic: its last message (a block or a heartbeat)
+        self.block_seen = 0.0  # monotonic: its last block
+        self.phase = CoinState.INITIALISING
+        self.known = False  # it has been live (its coins are known) since this gateway started
         self.mids: dict[str, str] = {}
         self.states: dict[str, str] = {}
 
@@ -90,16 +95,24 @@ class Hub:
         return {coin: state for view in self.shards for coin, state in view.states.items()}
 
     def live_shards(self) -> int:
+        """Shards heard from lately (blocks, or heartbeats while the node is silent) with their books live."""
         now = time.monotonic()
-        return sum(1 for view in self.shards if view.seen and now - view.seen < SHARD_SILENT)
+        return sum(1 for v in self.shards if v.phase == CoinState.LIVE and now - v.seen < SHARD_SILENT)
 
     def knows_coins(self) -> bool:
-        """Every shard has said which coins it holds (since this gateway started)."""
-        return all(view.seen for view in self.shards)
+        """Every shard has said which coins it holds (once live since this gateway started;
+        a shard restarting later keeps its coins known)."""
+        return all(view.known for view in self.shards)
 
     def ready(self) -> bool:
-        """Every shard is live (it publishes blocks only once its books are)."""
+        """This gateway works: every shard is up, live and talking to it. True also while the
+        node is silent (every gateway is as stale then: a load balancer should keep them)."""
         return self.live_shards() == len(self.shards)
+
+    def block_age(self) -> float | None:
+        """Seconds since the last block reached this gateway (None: none yet): a stalled node."""
+        last = max(view.block_seen for view in self.shards)
+        return time.monotonic() - last if last else None
 
     def all_mids(self, dex: str = "") -> dict[str, str]:
         return {coin: px for view in self.shards for coin, px in view.mids.items() if dex_of(coin) == dex}
@@ -263,6 +276,7 @@ class Hub:
             return
         view = self.shards[m.shard]
         view.height, view.time, view.seen = m.height, m.time, time.monotonic()
+        view.block_seen, view.phase, view.known = view.seen, CoinState.LIVE, True
         self._release_trades(m.shard, m.height)
         view.mids, view.states = m.mids, m.states
         metrics.SHARDS_LIVE.set(self.live_shards())
@@ -272,6 +286,19 @@ class Hub:
             else:
                 self._publish_ctx(feed)
         self._maybe_mids(m.height)
+
+    def on_heartbeat(self, topic: bytes, m: wire.ShardStatus) -> None:
+        if not 0 <= m.shard < len(self.shards):
+            BAD_INPUT.labels("gateway", "unknown_shard").inc()
+            return
+        view = self.shards[m.shard]
+        view.seen, view.phase = time.monotonic(), m.phase
+        if m.height > view.height:  # a block's S| message was lost: catch up on its state
+            view.height, view.time, view.states = m.height, m.time, m.states
+        elif m.phase == CoinState.LIVE and not view.block_seen:
+            view.states = m.states  # the node is silent: the coins are known all the same
+        view.known = view.known or m.phase == CoinState.LIVE
+        metrics.SHARDS_LIVE.set(self.live_shards())
 
     def _publish_ctx(self, feed: Feed) -> None:
         """activeAssetCtx: the coin's context, when it changed (the mid)."""
@@ -389,6 +416,7 @@ class Hub:
 
     _handlers = {
         topics.SHARD_PREFIX: ("shard", wire.ShardBlock, on_shard_block),
+        topics.HEARTBEAT_PREFIX: ("heartbeat", wire.ShardStatus, on_heartbeat),
         topics.RESET_PREFIX: ("reset", wire.Reset, on_reset),
         topics.TRADES_PREFIX: ("trades", wire.Trades, on_trades),
         topics.L2_PREFIX: ("l2", wire.L2Levels, on_l2),
