@@ -87,11 +87,15 @@ class UserEvents(msgspec.Struct):
 
 class ReplayRequest(msgspec.Struct):
     """Ask ingest for the stored messages of heights ``>= from_height`` whose
-    topic starts with one of ``prefixes`` (all when empty)."""
+    topic starts with one of ``prefixes`` (all when empty). ``partial``: when
+    ingest no longer holds ``from_height``, answer with what it holds instead of
+    refusing (the requester checks its chains to tell whether anything it needed
+    is missing: a sparse topic may have had no message in between)."""
 
     from_height: int
     prefixes: list[bytes] = []
     op: str = "replay"
+    partial: bool = False
 
 
 class ReplayReply(msgspec.Struct):

@@ -23,12 +23,22 @@ def main() -> None:
     """hlbook: Hyperliquid node files -> L4 books -> public-API-compatible WebSocket/HTTP."""
 
 
+def keys(directory: str = typer.Argument(..., help="Folder to write the keys into (kept private: mode 0600 secrets)")) -> None:
+    """Write ZeroMQ CURVE keys for --curve-dir: a server pair (ingest, shards), a client pair, authorized/."""
+    from hlbook.common.security import create_keys
+
+    path = create_keys(directory)
+    typer.echo(f"keys in {path}: pass --curve-dir {path} (or HLBOOK_CURVE_DIR) to every hlbook process; "
+               f"copy other clients' public keys into {path / 'authorized'} to admit them")
+
+
 app.command()(ingest)
 app.command()(sim)
 app.command()(up)
 app.command()(book)
 app.command()(gateway)
 app.command()(client)
+app.command()(keys)
 
 if __name__ == "__main__":
     app()

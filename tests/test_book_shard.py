@@ -34,14 +34,17 @@ STREAMS = ("order_statuses", "raw_book_diffs", "fills")
 
 
 class ShardProcess:
-    """A real `hlbook book` subprocess and a DEALER socket for queries."""
+    """A real `hlbook book` subprocess and a DEALER socket for queries (with ``env``: the
+    test entry point, which alone reads the test hooks' variables)."""
 
-    def __init__(self, tmp: Path, name: str, shard: int, shards: int, ingest: tuple[str, str], *args: str, env: dict | None = None) -> None:
+    def __init__(self, tmp: Path, name: str, shard: int, shards: int, ingest: tuple[str, str], *args: str, env: dict | None = None,
+                 production: bool = False) -> None:
         self.pub, self.query = f"ipc://{tmp}/{name}-pub", f"ipc://{tmp}/{name}-query"
         self.metrics_port = free_port()
         self.log = open(tmp / f"{name}.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hlbook.cli", "book", "--shard", str(shard), "--shards", str(shards),
+            [sys.executable, "-m", *(["hlbook.services.book.hooks"] if env and not production else ["hlbook.cli", "book"]),
+             "--shard", str(shard), "--shards", str(shards),
              "--ingest-pub", ingest[0], "--ingest-replay", ingest[1], "--pub", self.pub, "--query", self.query,
              "--metrics-port", str(self.metrics_port), "--replay-timeout", "1", *args],
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT,
@@ -443,3 +446,15 @@ def test_damaged_blocks_rebuild_the_coin_from_a_snapshot(pipeline, btc_data: Pat
     metrics = shard.metrics()
     assert metrics['hlbook_bad_input_total{reason="incomplete_block",service="book"}'] == 1
     assert metrics['hlbook_bad_input_total{reason="bad_value",service="book"}'] == 1
+
+
+def test_the_production_command_never_enables_the_test_hooks(pipeline, btc_data: Path, tmp_path: Path) -> None:
+    """`hlbook book` ignores the test hooks' variables (hlbook up passes its environment on)."""
+    snap = shutil.copy(btc_data / "snapshot_985148181.json", tmp_path / "snapshot.json")
+    shard = ShardProcess(tmp_path, "prod", 0, 1, pipeline.ingest, "--snapshot-file", str(snap),
+                         env={"HLBOOK_TEST_HOOKS": "1", "HLBOOK_TEST_DROP_EVERY": "2"}, production=True)
+    pipeline.shards.append(shard)
+    pipeline.write(FIRST, FIRST + 6)
+    shard.wait(lambda r: r["height"] == FIRST + 6 and r["coins"] == {"BTC": "live"})
+    assert shard.ask(op="test_corrupt", coin="BTC")["error"].startswith("unknown op 'test_corrupt'")
+    assert shard.metrics().get('hlbook_book_gaps_total{kind="slice"}', 0.0) == 0.0  # nothing dropped

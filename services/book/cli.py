@@ -21,6 +21,7 @@ def book(
     query: Annotated[str | None, typer.Option(envvar=env("book-query"), help="ROUTER endpoint for queries (default tcp://127.0.0.1:5601+2K)")] = None,
     validate_every: Annotated[float, typer.Option(envvar=env("validate-every"), help="Seconds between validations against a fresh node snapshot (0: off; needs --info-url)")] = 0.0,
     replay_timeout: Annotated[float, typer.Option(envvar=env("replay-timeout"), help="Seconds to wait for ingest's replay answer")] = 5.0,
+    curve_dir: Annotated[str | None, typer.Option(envvar=env("curve-dir"), help="ZeroMQ CURVE keys (hlbook keys DIR): authenticate and encrypt every socket")] = None,
     metrics_port: Annotated[int, typer.Option(envvar=env("book-metrics-port"), help="Prometheus port (0: off)")] = 0,
     metrics_host: Annotated[str, typer.Option(envvar=env("metrics-host"), help="Address for /metrics (0.0.0.0 to let Prometheus on other hosts scrape it)")] = config.DEFAULT_HOST,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
@@ -31,7 +32,7 @@ def book(
 
     if not info_url and not snapshot_file:
         raise typer.BadParameter("one of --info-url or --snapshot-file is required")
-    drop_every, test_hooks = hooks.from_env()
+    drop_every, test_hooks = hooks.ENABLED  # only `python -m hlbook.services.book.hooks` (tests) sets them
     pub_default, query_default = config.book_endpoints(shard)
     run(
         ShardConfig(
@@ -48,6 +49,7 @@ def book(
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             log_level=log_level,
+            curve_dir=curve_dir,
             test_drop_every=drop_every,
             test_hooks=test_hooks,
         )

@@ -1,7 +1,9 @@
-"""Test hooks of the shard (never for production), from hidden environment variables.
+"""Test hooks of the shard: never in production. ``hlbook book`` cannot turn them
+on; the tests start a shard as ``python -m hlbook.services.book.hooks <hlbook book
+flags>``, which reads:
 
-``HLBOOK_TEST_DROP_EVERY=N`` drops every Nth ``H|`` or owned ``B|`` message as
-if the PUB socket had dropped it; ``HLBOOK_TEST_HOOKS=1`` enables the query ops
+``HLBOOK_TEST_DROP_EVERY=N``: drop every Nth ``H|`` or owned ``B|`` message as if
+the PUB socket had dropped it; ``HLBOOK_TEST_HOOKS=1``: enable the query ops
 ``test_corrupt`` / ``test_drop`` (change one order's size / remove it silently,
 for validation and resync tests).
 """
@@ -17,9 +19,18 @@ from hlbook.services.book.state import ShardState
 OPS = ("test_corrupt", "test_drop")
 
 
-def from_env() -> tuple[int, bool]:
-    """(drop every N owned B|/H| messages, enable the test query ops)."""
-    return int(os.environ.get("HLBOOK_TEST_DROP_EVERY", "0") or 0), os.environ.get("HLBOOK_TEST_HOOKS") == "1"
+ENABLED: tuple[int, bool] = (0, False)  # (drop every N owned B|/H| messages, the test query ops)
+
+
+def main() -> None:
+    """``hlbook book`` with the hooks the environment asks for (tests only)."""
+    import typer
+
+    from hlbook.services.book import hooks  # this module under its package name (run as __main__ it is a copy)
+    from hlbook.services.book.cli import book
+
+    hooks.ENABLED = int(os.environ.get("HLBOOK_TEST_DROP_EVERY", "0") or 0), os.environ.get("HLBOOK_TEST_HOOKS") == "1"
+    typer.run(book)
 
 
 class Dropper:
@@ -55,3 +66,7 @@ def corrupt(state: ShardState, query: wire.Query) -> dict[str, Any]:
     else:
         c.book.update(oid, order.sz + fixed.ONE)
     return {"ok": True, "oid": oid}
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from hlbook.common import topics, wire
+from hlbook.common.security import Curve
 from hlbook.common.wire import CoinState
 from hlbook.services.book import metrics
 from hlbook.services.book.book import Book
@@ -33,19 +34,22 @@ log = logging.getLogger(__name__)
 class Replayer:
     """Asks ingest's ROUTER for its stored messages (a REQ socket, recreated after a timeout)."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, timeout: float) -> None:
-        self.ctx, self.endpoint, self.timeout = ctx, endpoint, timeout
+    def __init__(self, ctx: zmq.Context, endpoint: str, timeout: float, curve: Curve | None = None) -> None:
+        self.ctx, self.endpoint, self.timeout, self.curve = ctx, endpoint, timeout, curve
         self.req = self._new_req()
 
     def _new_req(self) -> zmq.Socket:
         req = self.ctx.socket(zmq.REQ)
         req.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.connect(req)
         req.connect(self.endpoint)
         return req
 
-    def fetch(self, from_height: int, prefixes: list[bytes]) -> list[bytes] | None:
-        """Stored ``topic, payload`` frames from ``from_height`` (None: timeout or refused)."""
-        self.req.send(wire.encode(wire.ReplayRequest(from_height, prefixes)))
+    def fetch(self, from_height: int, prefixes: list[bytes], partial: bool = False) -> list[bytes] | None:
+        """Stored ``topic, payload`` frames from ``from_height`` (None: timeout or refused;
+        ``partial``: what ingest holds when it no longer holds ``from_height``)."""
+        self.req.send(wire.encode(wire.ReplayRequest(from_height, prefixes, partial=partial)))
         if not self.req.poll(int(self.timeout * 1000)):
             metrics.REPLAYS.labels("timeout").inc()
             log.warning("replay from %d: no answer from %s", from_height, self.endpoint)
@@ -79,9 +83,10 @@ class Recovery:
         self.replaying = False
         self.resync_after: float | None = None  # when to fetch a snapshot for resyncing coins
 
-    def replay(self, from_height: int, prefixes: list[bytes]) -> bool:
-        """Ask ingest for the stored messages from ``from_height`` and apply them."""
-        frames = self.replayer.fetch(from_height, prefixes)
+    def replay(self, from_height: int, prefixes: list[bytes], partial: bool = False) -> bool:
+        """Ask ingest for the stored messages from ``from_height`` and apply them (with
+        ``partial``, what it holds: the chains of the coins tell whether it was enough)."""
+        frames = self.replayer.fetch(from_height, prefixes, partial)
         if frames is None:
             return False
         self.replaying = True
@@ -100,7 +105,8 @@ class Recovery:
             return
         if not self.replaying:
             start = min(all_coins[c].book.height for c in coins) + 1
-            if self.replay(start, [topics.book(c) for c in coins]):
+            # a coin's slices are sparse: ingest may no longer hold ``start`` and still hold all that is missing
+            if self.replay(start, [topics.book(c) for c in coins], partial=True):
                 return
         self.resync(coins, "gap")
 

@@ -30,6 +30,7 @@ import zmq
 
 from hlbook.common import config, logs, topics, wire
 from hlbook.common.metrics import BAD_INPUT, serve
+from hlbook.common.security import Curve
 from hlbook.common.signals import stop_on_signals
 from hlbook.common.wire import CoinState
 from hlbook.services.book import hooks, metrics, snapshot
@@ -48,6 +49,8 @@ RCVHWM = 500_000  # messages queued from ingest (while initialising, or a slow l
 BATCH = 2000  # messages read from ingest per loop iteration before serving other sockets
 QUERY_BATCH = 64  # queries answered per loop iteration
 HEARTBEAT_S = 1.0  # seconds between ShardStatus messages
+SNDHWM = 50_000  # messages queued per gateway before the XPUB drops (gateways detect the loss and recover)
+REPLIES_QUEUED = 8  # query replies (an l4 snapshot: ~19 MB) queued for a peer that does not read them
 
 
 @dataclass
@@ -66,7 +69,8 @@ class ShardConfig:
     log_level: str = "INFO"
     replay_timeout: float = 5.0
     retry_every: float = 1.0
-    test_drop_every: int = 0
+    curve_dir: str | None = None  # ZeroMQ CURVE keys (common.security)
+    test_drop_every: int = 0  # test hooks (hooks.py): only the test entry point sets these
     test_hooks: bool = False
 
 
@@ -77,6 +81,7 @@ class Shard:
         self.cfg = cfg
         self.state = state = ShardState(cfg.shard, cfg.shards)
         self.ctx = ctx or zmq.Context.instance()
+        self.curve = Curve.from_dir(cfg.curve_dir)
         pub, query = config.book_endpoints(cfg.shard)
         self.sub = self._socket(zmq.SUB, cfg.ingest_pub, bind=False)
         self.sub.setsockopt(zmq.RCVHWM, RCVHWM)
@@ -85,20 +90,21 @@ class Shard:
         xpub = self._socket(zmq.XPUB, cfg.pub or pub, bind=True, verbose=True)
         self.publisher = Publisher(xpub, cfg.shard)
         self.router = self._socket(zmq.ROUTER, cfg.query or query, bind=True)
+        self.router.setsockopt(zmq.SNDHWM, REPLIES_QUEUED)
         self.poller = zmq.Poller()
         for sock in (xpub, self.router):
             self.poller.register(sock, zmq.POLLIN)
         self.job_fds: set[int] = set()
         self.jobs = Jobs()
         self.fetcher = snapshot.Fetcher(cfg.info_url, state.owns) if cfg.info_url else None
-        self.recovery = Recovery(state, self.publisher, Replayer(self.ctx, cfg.ingest_replay, cfg.replay_timeout),
+        self.recovery = Recovery(state, self.publisher, Replayer(self.ctx, cfg.ingest_replay, cfg.replay_timeout, self.curve),
                                  self.fetcher, cfg.retry_every)
         self.stream = Stream(state, self.publisher, self.recovery)
         self.queries = Queries(state, self.jobs, self.send)
         self.validation = None
         if cfg.info_url and cfg.validate_every > 0:
             self.validation = Validation(state, self.jobs, cfg.info_url, cfg.ingest_replay, cfg.validate_every,
-                                         cfg.replay_timeout, self.recovery.resync)
+                                         cfg.replay_timeout, self.recovery.resync, cfg.curve_dir)
         self.dropper = hooks.Dropper(state, cfg.test_drop_every)
         self.retry_at = 0.0
         self.heartbeat_at = 0.0
@@ -109,7 +115,9 @@ class Shard:
         sock.setsockopt(zmq.LINGER, 0)
         if verbose:
             sock.setsockopt(zmq.XPUB_VERBOSE, 1)
-            sock.setsockopt(zmq.SNDHWM, 200_000)
+            sock.setsockopt(zmq.SNDHWM, SNDHWM)
+        if self.curve is not None:
+            self.curve.serve(sock, self.ctx) if bind else self.curve.connect(sock)
         (sock.bind if bind else sock.connect)(endpoint)
         return sock
 
@@ -290,6 +298,8 @@ class Shard:
         self.recovery.replayer.close()
         for sock in (self.sub, self.publisher.sock, self.router):
             sock.close(linger=0)
+        if self.curve is not None:
+            self.curve.close()
 
 
 def run(cfg: ShardConfig) -> None:

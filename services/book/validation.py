@@ -20,6 +20,7 @@ import msgspec
 import zmq
 
 from hlbook.common import topics, wire
+from hlbook.common.security import Curve
 from hlbook.common.wire import CoinState
 from hlbook.services.book import metrics, snapshot
 from hlbook.services.book.book import Book, OutOfSync
@@ -69,7 +70,7 @@ def roll_forward(books: dict[str, Book], slices: list[wire.BookSlice], target: i
         book.height = max(book.height, target)
 
 
-def compare(state: ShardState, info_url: str, ingest_replay: str, timeout: float) -> Outcome:
+def compare(state: ShardState, info_url: str, ingest_replay: str, timeout: float, curve_dir: str | None = None) -> Outcome:
     """The child's work: fetch, bring both sides to one height, compare every coin
     that is live here or held by the node (a coin absent from a side is empty)."""
     height, theirs = snapshot.load(snapshot.fetch(info_url), state.owns)
@@ -82,7 +83,7 @@ def compare(state: ShardState, info_url: str, ingest_replay: str, timeout: float
     target = max([height, state.height, *(b.height for b in ours.values())])
     start = min([height, *(b.height for b in ours.values())]) + 1
     if start <= target:
-        stored = _stored_slices(ingest_replay, start, timeout)
+        stored = _stored_slices(ingest_replay, start, timeout, curve_dir)
         if stored is None:
             return Outcome(skipped=f"ingest no longer holds the blocks from {start}")
         slices, head = stored
@@ -101,12 +102,15 @@ def compare(state: ShardState, info_url: str, ingest_replay: str, timeout: float
     return Outcome(target, len(coins), mismatches)
 
 
-def _stored_slices(endpoint: str, from_height: int, timeout: float) -> tuple[list[wire.BookSlice], int] | None:
+def _stored_slices(endpoint: str, from_height: int, timeout: float, curve_dir: str | None) -> tuple[list[wire.BookSlice], int] | None:
     """Ingest's stored slices from ``from_height`` and the newest height it holds (None: refused, no answer)."""
     ctx = zmq.Context()  # the child's own: the parent's sockets belong to the parent's io threads
     try:
         req = ctx.socket(zmq.REQ)
         req.setsockopt(zmq.LINGER, 0)
+        curve = Curve.from_dir(curve_dir)
+        if curve is not None:
+            curve.connect(req)
         req.connect(endpoint)
         req.send(wire.encode(wire.ReplayRequest(from_height, [topics.BOOK_PREFIX])))
         if not req.poll(int(timeout * 1000)):
@@ -124,7 +128,7 @@ class Validation:
     """Schedules validation children and acts on what they found."""
 
     def __init__(self, state: ShardState, jobs: Jobs, info_url: str, ingest_replay: str, every: float, timeout: float,
-                 repair: Callable[[list[str], str], None]) -> None:
+                 repair: Callable[[list[str], str], None], curve_dir: str | None = None) -> None:
         self.state = state
         self.jobs = jobs
         self.info_url = info_url
@@ -132,6 +136,7 @@ class Validation:
         self.every = every
         self.timeout = timeout
         self.repair = repair  # resync these coins, with this reason
+        self.curve_dir = curve_dir
         self.next_at = time.monotonic() + every
         self.running = False
 
@@ -147,8 +152,8 @@ class Validation:
         self.running = True
 
     def _prepare(self) -> tuple[Callable[[], Iterator[bytes]], Callable[[list[bytes] | None, str | None], None]]:
-        state, url, replay, timeout = self.state, self.info_url, self.ingest_replay, self.timeout
-        return (lambda: iter([msgspec.msgpack.encode(compare(state, url, replay, timeout))])), self._done
+        state, url, replay, timeout, curve = self.state, self.info_url, self.ingest_replay, self.timeout, self.curve_dir
+        return (lambda: iter([msgspec.msgpack.encode(compare(state, url, replay, timeout, curve))])), self._done
 
     def _done(self, chunks: list[bytes] | None, error: str | None) -> None:
         self.running = False

@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from hlbook.common import config
+from hlbook.common.security import Curve
 from hlbook.services.gateway import metrics, user_info
 from hlbook.services.gateway.candles import Candles
 from hlbook.services.gateway.frames import POLICY, FrameWriter
@@ -55,6 +56,7 @@ class GatewayConfig:
     max_connections_per_ip: int = 100  # TCP connections, from the accept (guard.py)
     header_timeout: float = 10.0  # seconds a request's headers may take
     allowed_origins: tuple[str, ...] = ()  # WebSocket Origin headers accepted (empty: any; clients without one always)
+    curve_dir: str | None = None  # ZeroMQ CURVE keys (common.security)
     max_subscriptions: int = 1000
     max_messages_per_minute: int = 2000
     idle_timeout: float = 60.0
@@ -79,7 +81,8 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
         pubs, queries = cfg.endpoints()
-        self.upstream = Upstream(cfg.ingest_pub, pubs, queries, cfg.query_timeout, cfg.ingest_replay)
+        self.upstream = Upstream(cfg.ingest_pub, pubs, queries, cfg.query_timeout, cfg.ingest_replay,
+                                 Curve.from_dir(cfg.curve_dir))
         users = Users(cfg.user_fills_kept, cfg.user_orders_kept, cfg.max_followed_users)
         self.hub = Hub(self.upstream, users, Candles(cfg.candles_kept))
         self.info = Info(self.hub)

@@ -256,19 +256,24 @@ class Hub:
         replayed: list[Any] = []
         try:
             replayed = [wire.decode(payload, message_type) for t, payload in await self.upstream.replay(from_height, topic) if t == topic]
-            metrics.REPAIRS.labels(kind, "replayed").inc()
         except (QueryError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            metrics.REPAIRS.labels(kind, "failed").inc()
-            log.error("%r: messages from %d lost for good: %s", topic[:60], from_height, exc)
+            log.error("%r: no replay from %d: %s", topic[:60], from_height, exc)
         finally:
             held = self.repairing.pop(topic, [])
+        lost = False
         for message in [*replayed, *held]:
-            if chain.check(message.height, message.prev) is not Step.SEEN:
+            step = chain.check(message.height, message.prev)
+            if step is Step.GAP:
+                lost = True
+                log.error("%r: messages between %s and %d lost for good (ingest no longer holds them)",
+                          topic[:60], message.prev, message.height)
+            if step is not Step.SEEN:
                 try:
                     handle(self, topic, message)
                 except Exception:  # as in Upstream._read: one bad message must not stop the rest
                     BAD_INPUT.labels("gateway", "error").inc()
                     log.exception("handling %r failed", topic[:40])
+        metrics.REPAIRS.labels(kind, "failed" if lost else "replayed").inc()
 
     def on_shard_block(self, topic: bytes, m: wire.ShardBlock) -> None:
         if not 0 <= m.shard < len(self.shards):

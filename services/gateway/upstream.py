@@ -17,6 +17,7 @@ import zmq.asyncio
 
 from hlbook.common import topics, wire
 from hlbook.common.metrics import BAD_INPUT
+from hlbook.common.security import Curve
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,9 @@ class Upstream:
     """Subscriptions to ingest and the shards, queries to the shards, replays from ingest."""
 
     def __init__(self, ingest_pub: str, book_pubs: list[str], book_queries: list[str], query_timeout: float = 3.0,
-                 ingest_replay: str | None = None) -> None:
+                 ingest_replay: str | None = None, curve: Curve | None = None) -> None:
         self.endpoints = (ingest_pub, book_pubs, book_queries)
+        self.curve = curve
         self.ingest_replay = ingest_replay
         self.query_timeout = query_timeout
         self.counts: dict[bytes, int] = {}
@@ -55,6 +57,8 @@ class Upstream:
         self.sub.setsockopt(zmq.RCVHWM, RCVHWM)
         self.sub.setsockopt(zmq.SNDHWM, 0)  # subscriptions travel on the send side: never drop one (libzmq #2258)
         self.sub.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.connect(self.sub)
         for endpoint in [ingest_pub, *book_pubs]:
             self.sub.connect(endpoint)
         for prefix in ALWAYS:
@@ -68,6 +72,8 @@ class Upstream:
     def _dealer(self, endpoint: str) -> zmq.asyncio.Socket:
         dealer = self.ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.connect(dealer)
         dealer.connect(endpoint)
         return dealer
 
@@ -156,7 +162,8 @@ class Upstream:
         """Ingest's stored messages on topics starting with ``prefix`` from ``from_height``, in order."""
         if self.replayer is None:
             raise QueryError("no --ingest-replay endpoint configured")
-        header, frames = await self._ask(self.replayer, wire.encode(wire.ReplayRequest(from_height, [prefix])), "ingest replay")
+        request = wire.ReplayRequest(from_height, [prefix], partial=True)  # the chain tells whether anything is missing
+        header, frames = await self._ask(self.replayer, wire.encode(request), "ingest replay")
         reply = msgspec.convert(header, wire.ReplayReply)
         if not reply.ok:
             raise QueryError(f"replay from {from_height} refused: {reply.error}")

@@ -33,7 +33,7 @@ class ReplayStore:
         oldest, head = self.oldest, self.head
         if request.op != "replay":
             return [wire.encode(wire.ReplayReply(False, oldest, head, f"unknown op {request.op!r}"))]
-        if oldest is not None and request.from_height < oldest:
+        if oldest is not None and request.from_height < oldest and not request.partial:
             metrics.REPLAY_REQUESTS.labels("too_old").inc()
             error = f"height {request.from_height} is no longer held (oldest {oldest})"
             return [wire.encode(wire.ReplayReply(False, oldest, head, error))]

@@ -13,6 +13,7 @@ import zmq
 
 from hlbook.common import logs, nodefiles
 from hlbook.common.metrics import BAD_INPUT, serve
+from hlbook.common.security import Curve
 from hlbook.common.models import DECODERS, STATUS_HEADS, STREAMS, block_time_ms
 from hlbook.common.signals import stop_on_signals
 from hlbook.services.ingest import metrics
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 MAX_AHEAD = 200  # blocks a stream may read ahead of the slowest one still reading
 WATCHED_POLL = 0.05  # seconds between reads when inotify reports nothing (joiner timeouts, missed events)
 RESUBSCRIBE_S = 30.0  # after a restart, users followed before stay followed this long unless subscribed again
-SNDHWM = 200_000  # messages queued per subscriber before PUB drops (consumers detect drops)
+SNDHWM = 20_000  # messages queued per subscriber before PUB drops (consumers detect drops and replay): ~1,000 blocks
+REPLIES_QUEUED = 8  # replay replies (up to megabytes each) queued for a peer that does not read them
 
 
 @dataclass
@@ -43,6 +45,7 @@ class IngestConfig:
     poll_interval: float = 0.002  # without inotify
     watch: bool = True  # wake on inotify events
     state_dir: str | None = None  # where the position is kept (None: start live at the end every time)
+    curve_dir: str | None = None  # ZeroMQ CURVE keys (common.security); None: no authentication
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
@@ -64,13 +67,17 @@ class Ingest:
         self.skip_below = self._start_position(saved)
         self.joiner = Joiner(cfg.mode, cfg.block_timeout, self.skip_below)
         ctx = ctx or zmq.Context.instance()
+        self.curve = Curve.from_dir(cfg.curve_dir)
         self.pub = ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.SNDHWM, SNDHWM)
         self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.bind(cfg.pub)
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.bind(cfg.replay)
+        self.router.setsockopt(zmq.SNDHWM, REPLIES_QUEUED)
+        for sock, endpoint in ((self.pub, cfg.pub), (self.router, cfg.replay)):
+            if self.curve is not None:
+                self.curve.serve(sock, ctx)
+            sock.bind(endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.pub, zmq.POLLIN)
         self.poller.register(self.router, zmq.POLLIN)
@@ -208,6 +215,8 @@ class Ingest:
             self.watcher.close()
         self.pub.close()
         self.router.close()
+        if self.curve is not None:
+            self.curve.close()
 
 
 def run(cfg: IngestConfig) -> None:

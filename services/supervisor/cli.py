@@ -27,6 +27,7 @@ def up(
     seed: Annotated[int, typer.Option(envvar=env("seed"), help="Simulator seed")] = 1,
     metrics_base_port: Annotated[int, typer.Option(envvar=env("metrics-base-port"), help="Prometheus ports: ingest on this one, shard k on +1+k (0: off)")] = 9100,
     sockets: Annotated[str | None, typer.Option(envvar=env("sockets"), help="Directory for the ZeroMQ ipc:// endpoints (default: a new temporary one)")] = None,
+    curve_dir: Annotated[str | None, typer.Option(envvar=env("curve-dir"), help="ZeroMQ CURVE keys (hlbook keys DIR) for every socket (the default ipc:// endpoints are private to this host without them)")] = None,
     state_dir: Annotated[str, typer.Option(envvar=env("state-dir"), help="Where ingest keeps its position across restarts (with the simulator's temporary data: inside it)")] = config.STATE_DIR,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
@@ -56,5 +57,6 @@ def up(
             log_level=log_level,
             sockets=sockets,
             state_dir=state_dir,
+            curve_dir=curve_dir,
         )
     )

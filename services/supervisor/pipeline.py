@@ -37,10 +37,12 @@ class Pipeline:
     log_level: str
     sockets: str | None = None  # directory of the ipc:// endpoints; None: a temporary one
     state_dir: str = ""  # ingest's position; "" with the simulator's temporary data: kept in it
+    curve_dir: str | None = None  # ZeroMQ CURVE keys for every socket
 
     def specs(self, data_dir: str, sockets: str) -> list[ChildSpec]:
         """The children; ZeroMQ runs over ``ipc://`` endpoints in the directory ``sockets``."""
         common = ["--log-level", self.log_level]
+        curve = ["--curve-dir", self.curve_dir] if self.curve_dir else []
         specs = []
         info_url = self.info_url
         if self.simulate:
@@ -52,7 +54,7 @@ class Pipeline:
         state_dir = self.state_dir if self.data_dir else os.path.join(data_dir, "state")
         specs.append(ChildSpec("ingest", ["ingest", "--data-dir", data_dir, "--mode", self.mode, "--state-dir", state_dir,
                                           "--pub", ingest[1], "--replay", ingest[3],
-                                          "--metrics-port", str(self.metrics_port(-1)), *common]))
+                                          "--metrics-port", str(self.metrics_port(-1)), *curve, *common]))
         source = ["--info-url", info_url] if info_url else ["--snapshot-file", self.snapshot_file or ""]
         books: list[str] = []
         for k in range(self.shards):
@@ -60,10 +62,10 @@ class Pipeline:
             books += ["--book-pub", pub, "--book-query", query]
             specs.append(ChildSpec(f"book-{k}", ["book", "--shard", str(k), "--shards", str(self.shards), *source, *ingest,
                                                  "--pub", pub, "--query", query,
-                                                 "--metrics-port", str(self.metrics_port(k)), *common]))
+                                                 "--metrics-port", str(self.metrics_port(k)), *curve, *common]))
         for i in range(self.gateways):
             specs.append(ChildSpec(f"gateway-{i}", ["gateway", "--host", self.host, "--port", str(self.port + i),
-                                                    "--shards", str(self.shards), *ingest, *books, *common]))
+                                                    "--shards", str(self.shards), *ingest, *books, *curve, *common]))
         return specs
 
     def metrics_port(self, shard: int) -> int:
