@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import orjson
@@ -377,6 +378,18 @@ def test_killed_shard_comes_back_live_and_equal(pipeline, btc_data: Path, tmp_pa
     assert again.ask(op="l4", coin="BTC")["levels"] == list(node["BTC"].l4_levels())
 
 
+def await_resets(sub: zmq.Socket, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """The next ``count`` RESET messages other than the initial ones (fewer after ``timeout``)."""
+    resets: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(resets) < count and time.monotonic() < deadline:
+        if sub.poll(200):
+            topic, payload = sub.recv_multipart()
+            if topic.startswith(topics.RESET_PREFIX) and (reset := wire.decode(payload))["reason"] != "init":
+                resets.append(reset)
+    return resets
+
+
 def test_unknown_oid_resyncs_the_coin_from_a_fresh_snapshot(pipeline, btc_data: Path, tmp_path: Path) -> None:
     p = pipeline
     shard, sub = hooked_shard(p, tmp_path, "r")
@@ -388,13 +401,7 @@ def test_unknown_oid_resyncs_the_coin_from_a_fresh_snapshot(pipeline, btc_data: 
     await_topic(sub, topics.bbo("BTC"))  # the subscriptions reached the shard
     p.write(FIRST + 5, LAST, pause=0.05)
 
-    resets = []
-    deadline = time.monotonic() + 20
-    while len(resets) < 2 and time.monotonic() < deadline:
-        if sub.poll(200):
-            topic, payload = sub.recv_multipart()
-            if topic.startswith(topics.RESET_PREFIX) and wire.decode(payload)["reason"] != "init":
-                resets.append(wire.decode(payload))
+    resets = await_resets(sub, 2)
     assert [(r["reason"], r["state"]) for r in resets] == [("unknown_oid", "resyncing"), ("resync", "live")], shard.log_text()[-3000:]
     assert resets[0]["height"] == FIRST + 7
     assert resets[1]["height"] >= FIRST + 8
@@ -432,13 +439,7 @@ def test_damaged_blocks_rebuild_the_coin_from_a_snapshot(pipeline, btc_data: Pat
         p.info.height = FIRST + i
         time.sleep(0.3)  # the first resync is done before the next damage
     p.write(FIRST + 8, LAST, pause=0.05)
-    resets = []
-    deadline = time.monotonic() + 20
-    while len(resets) < 4 and time.monotonic() < deadline:
-        if sub.poll(200):
-            topic, payload = sub.recv_multipart()
-            if topic.startswith(topics.RESET_PREFIX) and wire.decode(payload)["reason"] != "init":
-                resets.append((wire.decode(payload)["reason"], wire.decode(payload)["state"]))
+    resets = [(r["reason"], r["state"]) for r in await_resets(sub, 4)]
     assert resets == [("incomplete_block", "resyncing"), ("resync", "live"), ("bad_value", "resyncing"), ("resync", "live")], \
         shard.log_text()[-3000:]
     shard.wait(lambda r: r["height"] == LAST and r["coins"] == {"BTC": "live"})

@@ -172,16 +172,22 @@ def test_a_ping_flood_is_cut_off_and_others_keep_their_pongs(gateway: tuple[Scri
     assert metric(port, "hlbook_gateway_errors_total", 'reason="ping_flood"') == 1
 
 
+def l4_client_served(shard: ScriptedShard, port: int, levels: list[Any], rcvbuf: int) -> RawClient:
+    """A raw client subscribed to l4Book, whose snapshot the scripted shard answers with ``levels``."""
+    client = RawClient(port, rcvbuf=rcvbuf)
+    client.send(json.dumps({"method": "subscribe", "subscription": {"type": "l4Book", "coin": COIN}}).encode())
+    shard.await_subscription(b"L4|" + COIN.encode() + b"|")
+    shard.sync()
+    envelope, _ = shard.query()
+    shard.answer_l4(envelope, shard.height, levels)
+    return client
+
+
 def test_pongs_wait_for_the_big_message_being_written(gateway: tuple[ScriptedShard, int]) -> None:
     """A client pings while its l4Book snapshot (5 MB) is being written: the pongs follow
     the snapshot's frame, they are not written into it."""
     shard, port = gateway
-    client = RawClient(port, rcvbuf=64 << 10)
-    client.send(json.dumps({"method": "subscribe", "subscription": {"type": "l4Book", "coin": COIN}}).encode())
-    shard.await_subscription(b"L4|" + COIN.encode() + b"|")
-    shard.sync()
-    envelope, query = shard.query()
-    shard.answer_l4(envelope, shard.height, BIG_LEVELS)
+    client = l4_client_served(shard, port, BIG_LEVELS, rcvbuf=64 << 10)
     time.sleep(0.5)  # the gateway fills this client's socket and waits for it to drain
     for _ in range(3):
         client.send(b"hello", opcode=9)
@@ -202,13 +208,8 @@ def test_pongs_wait_for_the_big_message_being_written(gateway: tuple[ScriptedSha
 
 def test_a_client_that_stops_reading_is_dropped_with_what_was_queued(gateway: tuple[ScriptedShard, int]) -> None:
     shard, port = gateway
-    stuck = RawClient(port, rcvbuf=32 << 10)
-    stuck.send(json.dumps({"method": "subscribe", "subscription": {"type": "l4Book", "coin": COIN}}).encode())
-    shard.await_subscription(b"L4|" + COIN.encode() + b"|")
-    shard.sync()
-    envelope, _ = shard.query()
     huge = [BIG_LEVELS[0] * 4, []]  # ~23 MB, like BTC's: more than the kernels' buffers hold
-    shard.answer_l4(envelope, shard.height, huge)
+    stuck = l4_client_served(shard, port, huge, rcvbuf=32 << 10)
     time.sleep(0.3)
     for _ in range(40):  # more than --queue-size (20) updates pile up behind the snapshot
         shard.block(change=True)
