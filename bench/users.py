@@ -67,7 +67,7 @@ from hlbook.services.gateway.protocol import feed_key, identity, normalise
 from hlbook.services.gateway.session import Session, SubscriptionStats
 from hlbook.services.gateway.users import Users
 from hlbook.services.ingest.joiner import Block
-from hlbook.services.ingest.messages import MessageBuilder, UserSubscriptions
+from hlbook.services.ingest.messages import MessageBuilder, Subscriptions
 from hlbook.services.ingest.offline import read_blocks
 from hlbook.services.ingest.service import Ingest, IngestConfig
 
@@ -116,7 +116,7 @@ def busiest(blocks: list[Block], n: int) -> tuple[list[str], int]:
 
 
 def time_build(blocks: list[Block], users: list[str]) -> list[float]:
-    builder = MessageBuilder(UserSubscriptions(users))
+    builder = MessageBuilder(Subscriptions(users))
     out = []
     for block in blocks:
         t0 = time.perf_counter()

@@ -7,12 +7,16 @@ Every CLI flag also reads an environment variable ``HLBOOK_<FLAG>`` (see
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 ENV_PREFIX = "HLBOOK_"
 DEFAULT_HOST = "127.0.0.1"
 INGEST_PUB = "tcp://127.0.0.1:5550"
 INGEST_REPLAY = "tcp://127.0.0.1:5551"
+HISTORY_PUB = "tcp://127.0.0.1:5560"
+HISTORY_QUERY = "tcp://127.0.0.1:5561"
 BOOK_BASE_PORT = 5600  # shard k: PUB on base+2k, queries (ROUTER) on base+2k+1
 REPLAY_BLOCKS = 1000  # blocks ingest keeps for replay (~67 s at 15 blocks/s)
 STATE_DIR = os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "hlbook")
@@ -32,3 +36,10 @@ def book_endpoints(shard: int, host: str = DEFAULT_HOST, base_port: int = BOOK_B
 def ipc_endpoint(directory: str, name: str) -> str:
     """An ``ipc://`` endpoint in ``directory`` (tests, single-host runs)."""
     return f"ipc://{os.path.join(directory, name)}"
+
+
+def state_file(state_dir: str | Path, service: str, data_dir: str | Path, mode: str, suffix: str) -> Path:
+    """A service's state file for one node's files (``ingest-<key>.json``): several nodes' data
+    dirs, or both modes of one, can share a state dir."""
+    key = hashlib.sha256(f"{os.path.abspath(data_dir)}\0{mode}".encode()).hexdigest()[:16]
+    return Path(state_dir) / f"{service}-{key}{suffix}"

@@ -56,6 +56,15 @@ class OrderStatus(msgspec.Struct, gc=False):
     status: str
     order: Order
 
+    @property
+    def rejected(self) -> bool:
+        return is_rejection(self.status)
+
+
+def is_rejection(status: str) -> bool:
+    """An order the node refused (``badAloPxRejected``, ``perpMarginRejected``, …)."""
+    return status.endswith("Rejected")
+
 
 class NewDiff(msgspec.Struct, gc=False):
     sz: str
@@ -144,7 +153,7 @@ class StatusHead(msgspec.Struct, gc=False):
 
     @property
     def rejected(self) -> bool:
-        return self.status.endswith("Rejected")
+        return is_rejection(self.status)
 
     def full(self) -> OrderStatus:
         return OrderStatus(self.time, self.user, self.hash, self.builder, self.status, _order.decode(self.order))

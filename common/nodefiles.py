@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import os
+import re
 from datetime import datetime
 from pathlib import Path
+from typing import BinaryIO
 
 MODES = ("by-block", "streaming")
+_HEIGHT = re.compile(rb'"block_number":(\d+)')
+BISECT_WINDOW = 1 << 20  # bytes below which offset_of scans instead of bisecting
 _MODE_SUFFIX = {"by-block": "by_block", "streaming": "streaming"}
 
 
@@ -56,3 +61,76 @@ def next_hour_file(path: Path) -> Path | None:
         if hours:
             return hours[0]
     return None
+
+
+# ---------------------------------------------------------------- heights in a file
+
+
+def line_height(line: bytes) -> int | None:
+    """Block number of a node line, read from its prefix without decoding the line."""
+    match = _HEIGHT.search(line, 0, 256)
+    return int(match.group(1)) if match else None
+
+
+def first_height(path: Path) -> int | None:
+    """Block number of a node file's first line (None: empty or no height in it)."""
+    with open(path, "rb") as fh:
+        return line_height(fh.read(256))
+
+
+def tail(path: Path) -> tuple[int, int | None]:
+    """(offset just after the last newline, height of the last complete line) of a node file."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        window = 1 << 16
+        while True:
+            start = max(0, size - window)
+            fh.seek(start)
+            data = fh.read(size - start)
+            end = data.rfind(b"\n")
+            if end < 0 and start == 0:
+                return 0, None
+            line_start = data.rfind(b"\n", 0, end) + 1 if end >= 0 else 0
+            if end >= 0 and (line_start > 0 or start == 0):
+                return start + end + 1, line_height(data[line_start:end])
+            window *= 4
+
+
+def line_after(fh: BinaryIO, pos: int) -> tuple[int, int | None]:
+    """(start of the first complete line at or after ``pos``, its height); (size, None) when there is none."""
+    fh.seek(max(pos - 1, 0))
+    head = b"" if pos == 0 else fh.read(1)
+    start = pos
+    if head not in (b"", b"\n"):  # inside a line: skip to the next one
+        while True:
+            chunk = fh.read(1 << 16)
+            if not chunk:
+                return fh.tell(), None
+            cut = chunk.find(b"\n")
+            if cut >= 0:
+                start = fh.tell() - len(chunk) + cut + 1
+                break
+    fh.seek(start)
+    prefix = fh.read(256)
+    return start, line_height(prefix) if b"\n" in prefix or len(prefix) == 256 else None
+
+
+def offset_of(path: Path, height: int) -> int:
+    """Offset of the first line whose block is ``height`` or later (the end when none is)."""
+    with open(path, "rb") as fh:
+        lo, hi = 0, fh.seek(0, os.SEEK_END)  # the answer is in [lo, hi]; lo is a line start below ``height``
+        while hi - lo > BISECT_WINDOW:
+            mid = (lo + hi) // 2
+            start, found = line_after(fh, mid)
+            if found is not None and found < height:
+                lo = start
+            else:
+                hi = mid
+        pos = lo
+        while True:  # a short scan from ``lo``
+            start, found = line_after(fh, pos)
+            if found is None or found >= height:
+                return start
+            fh.seek(start)
+            line_end = fh.readline()
+            pos = start + len(line_end)

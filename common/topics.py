@@ -12,6 +12,7 @@ HEADER = b"H|"  # one BlockHeader per block
 BOOK_PREFIX = b"B|"  # B|<coin>| BookSlice
 TRADES_PREFIX = b"T|"  # T|<coin>| Trades
 USER_PREFIX = b"U|"  # U|<user>| UserEvents (only published while subscribed)
+HISTORY = b"HIST|"  # HistoryBlock, every block while subscribed (the history service)
 
 # book shard -> gateways
 L2_PREFIX = b"L2|"  # L2|<coin>|<nSigFigs or ->|<mantissa or ->| L2Levels
@@ -20,6 +21,9 @@ L4_PREFIX = b"L4|"  # L4|<coin>| L4Updates
 SHARD_PREFIX = b"S|"  # S|<shard>| ShardBlock (mids, coin states), every block
 HEARTBEAT_PREFIX = b"HB|"  # HB|<shard>| ShardStatus, every second, also when no block comes
 RESET_PREFIX = b"RESET|"  # RESET|<coin>| Reset
+
+# history service -> gateways
+CANDLE_PREFIX = b"C|"  # C|<coin>|<interval>| CandleUpdate
 
 
 def _t(prefix: bytes, *parts: str) -> bytes:
@@ -62,6 +66,10 @@ def heartbeat(shard: int) -> bytes:
 
 def reset(coin: str) -> bytes:
     return _t(RESET_PREFIX, coin)
+
+
+def candle(coin: str, interval: str) -> bytes:
+    return _t(CANDLE_PREFIX, coin, interval)
 
 
 def split(topic: bytes) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from hlbook.common.models import BookDiff, Fill, OrderStatus
+from hlbook.common.models import BookDiff, Fill, OrderStatus, UserFill
 
 # ---------------------------------------------------------------- ingest PUB
 
@@ -80,6 +80,20 @@ class UserEvents(msgspec.Struct):
     user: str
     statuses: list[OrderStatus]
     fills: list[Fill]
+
+
+class HistoryBlock(msgspec.Struct):
+    """``HIST|``: what the history service keeps of one block, every block (empty ones
+    too) while it is subscribed: every fill, and every status but rejections (over 95 %
+    of them, rarely asked for). ``incomplete``: a stream's line never came (the history
+    service reads that block from the node's files instead)."""
+
+    height: int
+    prev: int | None
+    time: int
+    statuses: list[OrderStatus]
+    fills: list[UserFill]
+    incomplete: list[str] = []
 
 
 # ---------------------------------------------------------------- ingest replay (ROUTER)
@@ -237,6 +251,51 @@ class L4Snapshot(msgspec.Struct):
     height: int
     time: int
     size: int  # bytes of JSON in the frames that follow
+
+
+# ---------------------------------------------------------------- history service
+
+
+class HistoryQuery(msgspec.Struct, omit_defaults=True):
+    """A request to the history service (ROUTER). ``op``: ``user_fills`` (user,
+    aggregate), ``user_fills_by_time`` (user, start, end, aggregate),
+    ``historical_orders`` (user), ``order_status`` (user, oid or cloid),
+    ``recent_trades`` (coin), ``candles`` (coin, interval, start, end), ``status``.
+    The reply is a ``HistoryReply`` frame, then (when ok) the answer's JSON as clients get it.
+    With ``min_height`` the answer waits (a second at most) until that block is stored."""
+
+    op: str
+    user: str | None = None
+    coin: str | None = None
+    interval: str | None = None
+    start: int = 0
+    end: int | None = None
+    oid: int | None = None
+    cloid: str | None = None
+    aggregate: bool = False
+    min_height: int = 0  # answer once every block up to this one is held (or after WAIT_FOR_HEIGHT s)
+
+
+class HistoryReply(msgspec.Struct):
+    ok: bool
+    height: int | None  # newest block held
+    error: str | None = None
+
+
+class CandleUpdate(msgspec.Struct):
+    """``C|<coin>|<interval>|`` (history service XPUB): the series' newest candle, public
+    API fields, after every block that changed it, and at once to a new subscriber."""
+
+    t: int
+    T: int
+    s: str
+    i: str
+    o: str
+    c: str
+    h: str
+    l: str
+    v: str
+    n: int
 
 
 def error_reply(text: str) -> dict[str, Any]:

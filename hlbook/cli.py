@@ -11,6 +11,7 @@ import typer
 from hlbook.client.cli import client
 from hlbook.services.book.cli import book
 from hlbook.services.gateway.cli import gateway
+from hlbook.services.history.cli import history
 from hlbook.services.ingest.cli import ingest
 from hlbook.services.nodesim.cli import sim
 from hlbook.services.supervisor.cli import up
@@ -37,6 +38,7 @@ app.command()(sim)
 app.command()(up)
 app.command()(book)
 app.command()(gateway)
+app.command()(history)
 app.command()(client)
 app.command()(keys)
 

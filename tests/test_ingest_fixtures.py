@@ -10,7 +10,7 @@ import pytest
 from hlbook.common import fixed, nodefiles, wire
 from hlbook.common.chain import Chains, Step
 from hlbook.common.models import ASSISTANCE_FUND_USER, DECODERS, HIP2_USER, STREAMS, diff_kind
-from hlbook.services.ingest.messages import MessageBuilder, UserSubscriptions
+from hlbook.services.ingest.messages import MessageBuilder, Subscriptions
 from hlbook.services.ingest.offline import read_blocks
 
 
@@ -94,7 +94,7 @@ def test_joined_diffs_apply_to_the_snapshot_without_unknown_oids(btc_data: Path)
 def test_book_slices_carry_the_status_of_every_new_order(btc_nosnapshot_data: Path, btc_data: Path) -> None:
     news = 0
     for data_dir in (btc_data, btc_nosnapshot_data):
-        builder = MessageBuilder(UserSubscriptions())
+        builder = MessageBuilder(Subscriptions())
         for block in read_blocks(data_dir, "by-block"):
             stored, per_user = builder.build(block)
             assert per_user == []
@@ -116,7 +116,7 @@ def test_book_slices_carry_the_status_of_every_new_order(btc_nosnapshot_data: Pa
 
 
 def test_trades_pair_fills_by_tid_with_the_taker_side(btc_data: Path) -> None:
-    builder = MessageBuilder(UserSubscriptions())
+    builder = MessageBuilder(Subscriptions())
     trades: list[wire.Trade] = []
     fills = 0
     for block in read_blocks(btc_data, "by-block"):
@@ -133,7 +133,7 @@ def test_trades_pair_fills_by_tid_with_the_taker_side(btc_data: Path) -> None:
 
 def test_user_topics_only_for_wanted_users(btc_data: Path) -> None:
     user = "0x5eaac7c475b1fad85701f02c4e9e796a53f94bd5"
-    builder = MessageBuilder(UserSubscriptions([user]))
+    builder = MessageBuilder(Subscriptions([user]))
     statuses = fills = 0
     expected_statuses = expected_fills = 0
     for block in read_blocks(btc_data, "by-block"):
@@ -149,7 +149,7 @@ def test_user_topics_only_for_wanted_users(btc_data: Path) -> None:
 
 
 def test_header_chain_and_prev_per_topic(btc_data: Path) -> None:
-    builder = MessageBuilder(UserSubscriptions())
+    builder = MessageBuilder(Subscriptions())
     chains = Chains(dense_prefixes=(b"H|",))
     headers = []
     for block in read_blocks(btc_data, "by-block"):

@@ -8,7 +8,8 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 
 from hlbook.common import nodefiles
-from hlbook.services.ingest.tailer import Tailer, _offset_of, line_height
+from hlbook.common.nodefiles import line_height, offset_of
+from hlbook.services.ingest.tailer import Tailer
 
 HOUR = datetime(2026, 11, 22, 23)
 NEXT = datetime(2026, 11, 23, 0)
@@ -60,8 +61,8 @@ def test_start_from_finds_the_line_in_a_big_file_by_bisection(tmp_path: Path) ->
         assert tailer.start_from(height)
         assert tailer._fh is not None and tailer._fh.tell() == sum(map(len, lines[: height - 100]))
         tailer.close()
-    assert _offset_of(path, 3000) == sum(map(len, lines[:2900]))
-    assert _offset_of(path, 5000) == path.stat().st_size - 30  # not written yet: the partial line's start
+    assert offset_of(path, 3000) == sum(map(len, lines[:2900]))
+    assert offset_of(path, 5000) == path.stat().st_size - 30  # not written yet: the partial line's start
 
 
 def test_truncated_file_is_reread_and_counted(tmp_path: Path) -> None:

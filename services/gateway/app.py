@@ -27,7 +27,6 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from hlbook.common import config
 from hlbook.common.security import Curve
 from hlbook.services.gateway import metrics, user_info
-from hlbook.services.gateway.candles import Candles
 from hlbook.services.gateway.frames import POLICY, FrameWriter
 from hlbook.services.gateway.hub import SHARD_SILENT, STALE, Hub
 from hlbook.services.gateway.info import Info, InfoError
@@ -62,10 +61,9 @@ class GatewayConfig:
     idle_timeout: float = 60.0
     queue_size: int = 4096
     query_timeout: float = 3.0
-    user_fills_kept: int = 2000
-    user_orders_kept: int = 2000
     max_followed_users: int = 10_000
-    candles_kept: int = 200
+    history_pub: str | None = None  # the history service (candles, user history); None: served without it
+    history_query: str | None = None
 
     def endpoints(self) -> tuple[list[str], list[str]]:
         pubs = self.book_pubs or [config.book_endpoints(k)[0] for k in range(self.shards)]
@@ -81,10 +79,10 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
         pubs, queries = cfg.endpoints()
+        history = (cfg.history_pub, cfg.history_query) if cfg.history_pub and cfg.history_query else None
         self.upstream = Upstream(cfg.ingest_pub, pubs, queries, cfg.query_timeout, cfg.ingest_replay,
-                                 Curve.from_dir(cfg.curve_dir))
-        users = Users(cfg.user_fills_kept, cfg.user_orders_kept, cfg.max_followed_users)
-        self.hub = Hub(self.upstream, users, Candles(cfg.candles_kept))
+                                 Curve.from_dir(cfg.curve_dir), history)
+        self.hub = Hub(self.upstream, Users(cfg.max_followed_users))
         self.info = Info(self.hub)
         self.info.handlers.update(user_info.handlers(self.hub, self.info))
         self.sessions: dict[Session, asyncio.Task[None]] = {}  # session -> its writer task

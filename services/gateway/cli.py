@@ -28,10 +28,9 @@ def gateway(
     idle_timeout: Annotated[float, typer.Option(envvar=env("idle-timeout"), help="Close a connection silent for this many seconds")] = 60.0,
     max_frame_bytes: Annotated[int, typer.Option(envvar=env("max-frame-bytes"), help="Largest client frame accepted")] = 1 << 20,
     queue_size: Annotated[int, typer.Option(envvar=env("queue-size"), help="Trades/l4Book/reply messages queued per client before it is cut off (conflated feeds keep one each)")] = 4096,
-    user_fills_kept: Annotated[int, typer.Option(envvar=env("user-fills-kept"), help="Fills kept per followed user (userFills snapshot, info)")] = 2000,
-    user_orders_kept: Annotated[int, typer.Option(envvar=env("user-orders-kept"), help="Order statuses kept per followed user (orderStatus, historicalOrders)")] = 2000,
     max_followed_users: Annotated[int, typer.Option(envvar=env("max-followed-users"), help="Users followed at once (per-user feeds)")] = 10_000,
-    candles_kept: Annotated[int, typer.Option(envvar=env("candles-kept"), help="Candles kept per coin and interval")] = 200,
+    history_pub: Annotated[str | None, typer.Option(envvar=env("history-pub"), help="The history service's XPUB endpoint (candles); without it and --history-query: no candles or user history")] = None,
+    history_query: Annotated[str | None, typer.Option(envvar=env("history-query"), help="The history service's query endpoint (fills, orders, trades, candles of the past)")] = None,
     per_message_deflate: Annotated[bool, typer.Option(envvar=env("per-message-deflate"), help="Offer permessage-deflate compression (about 3x the CPU per frame: each client's stream is compressed separately)")] = False,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
@@ -54,10 +53,9 @@ def gateway(
         max_messages_per_minute=max_messages_per_minute,
         idle_timeout=idle_timeout,
         queue_size=queue_size,
-        user_fills_kept=user_fills_kept,
-        user_orders_kept=user_orders_kept,
         max_followed_users=max_followed_users,
-        candles_kept=candles_kept,
+        history_pub=history_pub,
+        history_query=history_query,
     )
     try:
         cfg.endpoints()

@@ -13,14 +13,15 @@ from typing import Any
 import msgspec
 
 from hlbook.common import topics, wire
+from hlbook.common.fills import aggregate_by_time
+from hlbook.common.models import Fill
 from hlbook.common.chain import Chains, Step
 from hlbook.common.metrics import BAD_INPUT
 from hlbook.common.wire import CoinState
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway import users as user_streams
-from hlbook.services.gateway.candles import Candles
 from hlbook.services.gateway.ctx import active_asset_ctx, active_asset_ctx_channel
-from hlbook.services.gateway.feeds import Feed, L4Feed
+from hlbook.services.gateway.feeds import Feed, JoinedFeed, L4Feed
 from hlbook.services.gateway.protocol import CHANNELS, CONFLATED, USER_FEEDS, FeedKey, RequestError, message
 from hlbook.services.gateway.session import Session
 from hlbook.services.gateway.upstream import QueryError, Upstream
@@ -33,6 +34,7 @@ REPLAYED = ("trades", "user")  # kinds whose lost messages are recovered from in
 TRADES_HOLD = 0.02  # seconds a block's trades wait at most for the owner shard to finish that block
 SHARD_SILENT = 5.0  # seconds without a message (block or heartbeat) after which a shard counts as down
 STALE = 5.0  # seconds without a block after which the data is stale (the node stalled)
+SUBSCRIBE_SETTLE = 0.05  # seconds for a new U| subscription to reach ingest (later blocks come live)
 
 
 class ShardView:
@@ -63,10 +65,9 @@ def dex_of(coin: str) -> str:
 
 
 class Hub:
-    def __init__(self, upstream: Upstream, users: Users | None = None, candles: Candles | None = None) -> None:
+    def __init__(self, upstream: Upstream, users: Users | None = None) -> None:
         self.upstream = upstream
         self.users = users or Users()
-        self.candles = candles or Candles()
         self.shards = [ShardView() for _ in range(upstream.shards)]
         self.feeds: dict[FeedKey, Feed] = {}
         self.by_topic: dict[bytes, list[Feed]] = {}
@@ -121,8 +122,10 @@ class Hub:
 
     def check(self, key: FeedKey) -> None:
         """RequestError when a new feed for ``key`` cannot be opened (cap of followed users)."""
-        if key[0] in USER_FEEDS and key[1] not in self.users.stores and len(self.users.stores) >= self.users.max_users:
+        if key[0] in USER_FEEDS and not self.users.can_follow(key[1]):
             raise RequestError(f"Cannot follow more than {self.users.max_users} users on this server.", "too_many_users")
+        if key[0] == "candle" and not self.upstream.has_history:
+            raise RequestError("Candles need the history service; this server runs without one.", "no_history")
 
     def attach(self, session: Session, ident: str, key: FeedKey) -> None:
         feed = self.feeds.get(key)
@@ -141,8 +144,6 @@ class Hub:
             stats.follow(feed.counted)
         feed.add(session, ident)
         metrics.SUBSCRIPTIONS.labels(key[0]).inc()
-        if key[0] in ("userFills", "userTwapSliceFills"):
-            self._user_snapshot(session, ident, key)
 
     def detach(self, session: Session, key: FeedKey) -> None:
         feed = self.feeds.get(key)
@@ -180,8 +181,12 @@ class Hub:
             shard, topic = self.owner(coin), topics.l4(coin)
             return L4Feed(key, topic, shard, lambda min_height: self.upstream.query_parts(shard, wire.Query("l4", coin=coin, min_height=min_height)),
                           lambda: self.upstream.resubscribe(topic))
+        if kind in ("userFills", "userTwapSliceFills"):
+            return JoinedFeed(key, kind, topics.user(key[1]), lambda: self._fills_snapshot(key))
         if kind in USER_FEEDS:
             return Feed(key, CHANNELS.get(kind, kind), False, topics.user(key[1]))
+        if kind == "candle":
+            return Feed(key, kind, True, topics.candle(key[1], key[2]))  # the history service sends the newest at once
         if kind == "activeAssetCtx":
             return Feed(key, active_asset_ctx_channel(key[1]), True, None)
         topic = {"l2Book": lambda: topics.l2(key[1], key[2], key[3]), "bbo": lambda: topics.bbo(key[1])}.get(kind)
@@ -196,21 +201,30 @@ class Hub:
             self._publish_l2(feed, self.l2_last[feed.topic])
         elif kind == "activeAssetCtx":
             self._publish_ctx(feed)
-        elif kind == "candle":
-            candle = self.candles.last(feed.key[1], feed.key[2])
-            if candle is not None:
-                feed.publish(candle)
 
-    def _user_snapshot(self, session: Session, ident: str, key: FeedKey) -> None:
-        """userFills / userTwapSliceFills start with ``isSnapshot: true`` and what is kept of the user."""
-        user = key[1]
-        store = self.users.stores.get(user)
-        fills = list(store.fills) if store else []
-        if key[0] == "userFills":
-            data = {"isSnapshot": True, "user": user, "fills": user_streams.aggregate_by_time(fills) if key[2] else fills}
-        else:
-            data = {"isSnapshot": True, "user": user, "twapSliceFills": [{"fill": f, "twapId": f.twapId} for f in fills if f.twapId is not None]}
-        session.deliver(message(key[0], data), ident, None)
+    def newest_height(self) -> int:
+        """The newest block some shard finished."""
+        return max(view.height for view in self.shards)
+
+    async def _fills_snapshot(self, key: FeedKey) -> tuple[int | None, str]:
+        """userFills / userTwapSliceFills start with ``isSnapshot: true`` and the user's fills
+        so far (the history service's, once it holds every block this gateway has seen)."""
+        kind, user = key[0], key[1]
+        height, fills = None, b"[]"
+        if self.upstream.has_history:
+            await asyncio.sleep(SUBSCRIBE_SETTLE)
+            query = wire.HistoryQuery("user_fills", user=user, aggregate=kind == "userFills" and bool(key[2]),
+                                      min_height=self.newest_height())
+            try:
+                reply, fills = await self.upstream.history(query)
+                height = reply.height
+            except QueryError as exc:
+                metrics.ERRORS.labels("no_history").inc()
+                log.warning("%s snapshot of %s: %s; sent empty", kind, user, exc)
+        if kind == "userFills":
+            return height, message(kind, {"isSnapshot": True, "user": user, "fills": msgspec.Raw(fills)})
+        twap = [{"fill": f, "twapId": f.twapId} for f in msgspec.json.decode(fills, type=list[Fill]) if f.twapId is not None]
+        return height, message(kind, {"isSnapshot": True, "user": user, "twapSliceFills": twap})
 
     # ------------------------------------------------------------ upstream messages
 
@@ -363,19 +377,16 @@ class Hub:
         feed = self.feeds.get(("trades", m.coin))
         if feed is not None:
             feed.publish(m.trades)
-        for coin, interval in self.candles.add(m.trades):
-            candle_feed = self.feeds.get(("candle", coin, interval))
-            if candle_feed is not None:
-                candle_feed.publish(self.candles.last(coin, interval))
 
     def on_user(self, topic: bytes, m: wire.UserEvents) -> None:
-        store = self.users.stores.get(m.user)
-        if store is not None:
-            store.add(m.statuses, m.fills)
         for feed in self.by_topic.get(topic, ()):
             data = self._user_data(feed.key, m)
             if data:
-                feed.publish(data)
+                feed.publish_at(m.height, data)
+
+    def on_candle(self, topic: bytes, m: wire.CandleUpdate) -> None:
+        for feed in self.by_topic.get(topic, ()):
+            feed.publish(m)
 
     @staticmethod
     def _user_data(key: FeedKey, m: wire.UserEvents) -> Any:
@@ -384,7 +395,7 @@ class Hub:
         if kind == "orderUpdates":
             return [user_streams.order_update(s) for s in m.statuses] or None
         if kind == "userFills":
-            return {"user": m.user, "fills": user_streams.aggregate_by_time(m.fills) if key[2] else m.fills} if m.fills else None
+            return {"user": m.user, "fills": aggregate_by_time(m.fills) if key[2] else m.fills} if m.fills else None
         if kind == "userTwapSliceFills":
             twap = [{"fill": f, "twapId": f.twapId} for f in m.fills if f.twapId is not None]
             return {"user": m.user, "twapSliceFills": twap} if twap else None
@@ -428,4 +439,5 @@ class Hub:
         topics.BBO_PREFIX: ("bbo", wire.Bbo, on_bbo),
         topics.L4_PREFIX: ("l4", wire.L4Message, on_l4),
         topics.USER_PREFIX: ("user", wire.UserEvents, on_user),
+        topics.CANDLE_PREFIX: ("candle", wire.CandleUpdate, on_candle),
     }

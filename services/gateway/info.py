@@ -191,7 +191,7 @@ class Info:
         self.user_of(payload)
         oid = payload.get("oid")
         if not isinstance(oid, int) or isinstance(oid, bool) or not 0 <= oid < 2**63:
-            raise InfoError("oid must be a non-negative 64-bit integer (or a cloid, for a followed user)")
+            raise InfoError("oid must be a non-negative 64-bit integer or a cloid (0x and 32 hex digits)")
         replies = await asyncio.gather(*(self.hub.upstream.query(k, wire.Query("order", oid=oid)) for k in range(len(self.hub.shards))))
         for reply in replies:
             order = reply.get("order")

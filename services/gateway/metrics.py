@@ -22,4 +22,3 @@ L4_SNAPSHOTS = Counter("hlbook_gateway_l4_snapshots_total", "l4Book snapshots fe
 INFO = Counter("hlbook_gateway_info_requests_total", "Info requests (POST /info and WS post), by type and result", ["type", "result"])
 SHARDS_LIVE = Gauge("hlbook_gateway_shards_live", "Shards heard from in the last seconds")
 USERS = Gauge("hlbook_gateway_followed_users", "Users followed by some client (each has a bounded store)")
-CANDLE_SERIES = Gauge("hlbook_gateway_candle_series", "(coin, interval) candle series kept (each capped at --candles-kept)")

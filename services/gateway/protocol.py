@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 from hlbook.services.book import l2
-from hlbook.services.gateway.candles import INTERVALS
+from hlbook.common.candles import INTERVALS
 from hlbook.services.gateway.frames import Text
 
 FEEDS = ("l2Book", "trades", "bbo", "allMids", "l4Book", "candle", "activeAssetCtx", "orderUpdates", "userFills", "userEvents", "userTwapSliceFills")

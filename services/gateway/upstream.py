@@ -1,7 +1,8 @@
-"""The gateway's ZeroMQ side: one SUB socket connected to ingest and every
-shard (topics subscribed while some client needs them, counted), a DEALER per
-shard for queries (request ids, timeouts) and one to ingest's replay ROUTER
-(to repair a lost trades or user message)."""
+"""The gateway's ZeroMQ side: one SUB socket connected to ingest, every shard
+and the history service (topics subscribed while some client needs them,
+counted), a DEALER per shard for queries (request ids, timeouts), one to
+ingest's replay ROUTER (to repair a lost trades or user message) and one to
+the history service's queries."""
 
 from __future__ import annotations
 
@@ -37,14 +38,17 @@ class Upstream:
     """Subscriptions to ingest and the shards, queries to the shards, replays from ingest."""
 
     def __init__(self, ingest_pub: str, book_pubs: list[str], book_queries: list[str], query_timeout: float = 3.0,
-                 ingest_replay: str | None = None, curve: Curve | None = None) -> None:
+                 ingest_replay: str | None = None, curve: Curve | None = None,
+                 history: tuple[str, str] | None = None) -> None:
         self.endpoints = (ingest_pub, book_pubs, book_queries)
         self.curve = curve
         self.ingest_replay = ingest_replay
+        self.history_endpoints = history  # (pub, query) of the history service
         self.query_timeout = query_timeout
         self.counts: dict[bytes, int] = {}
         self.dealers: list[zmq.asyncio.Socket] = []
         self.replayer: zmq.asyncio.Socket | None = None
+        self.historian: zmq.asyncio.Socket | None = None
         self._ids = itertools.count(1)
         self._waiting: dict[bytes, asyncio.Future[Reply]] = {}
         self.tasks: list[asyncio.Task[None]] = []
@@ -59,7 +63,8 @@ class Upstream:
         self.sub.setsockopt(zmq.LINGER, 0)
         if self.curve is not None:
             self.curve.connect(self.sub)
-        for endpoint in [ingest_pub, *book_pubs]:
+        history_pub = [self.history_endpoints[0]] if self.history_endpoints else []
+        for endpoint in [ingest_pub, *book_pubs, *history_pub]:
             self.sub.connect(endpoint)
         for prefix in ALWAYS:
             self.sub.setsockopt(zmq.SUBSCRIBE, prefix)
@@ -68,6 +73,8 @@ class Upstream:
             self.dealers.append(self._dealer(endpoint))
         if self.ingest_replay:
             self.replayer = self._dealer(self.ingest_replay)
+        if self.history_endpoints:
+            self.historian = self._dealer(self.history_endpoints[1])
 
     def _dealer(self, endpoint: str) -> zmq.asyncio.Socket:
         dealer = self.ctx.socket(zmq.DEALER)
@@ -76,6 +83,13 @@ class Upstream:
             self.curve.connect(dealer)
         dealer.connect(endpoint)
         return dealer
+
+    @property
+    def has_history(self) -> bool:
+        return self.history_endpoints is not None
+
+    def _extra_dealers(self) -> list[zmq.asyncio.Socket]:
+        return [d for d in (self.replayer, self.historian) if d is not None]
 
     @property
     def shards(self) -> int:
@@ -103,7 +117,7 @@ class Upstream:
     def start(self, on_message: Callable[[bytes, bytes], None]) -> None:
         self._open()
         self.tasks.append(asyncio.create_task(self._read(on_message)))
-        self.tasks.extend(asyncio.create_task(self._replies(d)) for d in [*self.dealers, *filter(None, [self.replayer])])
+        self.tasks.extend(asyncio.create_task(self._replies(d)) for d in [*self.dealers, *self._extra_dealers()])
 
     async def _read(self, on_message: Callable[[bytes, bytes], None]) -> None:
         sub = self.sub_nowait
@@ -135,15 +149,15 @@ class Upstream:
             except (msgspec.DecodeError, ValueError) as exc:
                 future.set_exception(QueryError(f"undecodable reply: {exc}"))
 
-    async def _ask(self, dealer: zmq.asyncio.Socket, request: bytes, what: str) -> Reply:
+    async def _ask(self, dealer: zmq.asyncio.Socket, request: bytes, what: str, timeout: float | None = None) -> Reply:
         request_id = str(next(self._ids)).encode()
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
             await dealer.send_multipart([request_id, b"", request])
-            return await asyncio.wait_for(future, self.query_timeout)
+            return await asyncio.wait_for(future, timeout or self.query_timeout)
         except TimeoutError:
-            raise QueryError(f"{what} did not answer in {self.query_timeout} s") from None
+            raise QueryError(f"{what} did not answer in {timeout or self.query_timeout} s") from None
         finally:
             self._waiting.pop(request_id, None)
 
@@ -169,10 +183,20 @@ class Upstream:
             raise QueryError(f"replay from {from_height} refused: {reply.error}")
         return [(bytes(frames[i]), bytes(frames[i + 1])) for i in range(0, len(frames) - 1, 2)]
 
+    async def history(self, query: wire.HistoryQuery, timeout: float | None = None) -> tuple[wire.HistoryReply, bytes]:
+        """The history service's answer: its reply header and the answer's JSON."""
+        if self.historian is None:
+            raise QueryError("this gateway has no history service (--history-query)")
+        header, frames = await self._ask(self.historian, wire.encode(query), "the history service", timeout)
+        reply = msgspec.convert(header, wire.HistoryReply)
+        if not reply.ok or not frames:
+            raise QueryError(reply.error or "empty history answer")
+        return reply, bytes(frames[0])
+
     def close(self) -> None:
         for task in self.tasks:
             task.cancel()
         self.sub.close(0)
-        for dealer in [*self.dealers, *filter(None, [self.replayer])]:
+        for dealer in [*self.dealers, *self._extra_dealers()]:
             dealer.close(0)
         self.ctx.term()

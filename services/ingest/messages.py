@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable, Iterable
 
 from hlbook.common import topics, wire
-from hlbook.common.models import ASSISTANCE_FUND_USER, HIP2_USER, DiffBody, Fill, UserFill, block_time_ms
+from hlbook.common.models import ASSISTANCE_FUND_USER, HIP2_USER, DiffBody, block_time_ms
+from hlbook.common.fills import trades_of
 from hlbook.services.ingest import metrics
 from hlbook.services.ingest.joiner import Block
 
@@ -22,8 +23,9 @@ log = logging.getLogger(__name__)
 STATUSLESS_USERS = frozenset({HIP2_USER, ASSISTANCE_FUND_USER})  # their orders come with diffs only
 
 
-class UserSubscriptions:
-    """Per-user topics someone downstream subscribed to, from XPUB events.
+class Subscriptions:
+    """The topics ingest builds only on demand, from XPUB events: per-user topics
+    and the history service's ``HIST|``.
 
     XPUB (not verbose) reports a topic's first subscribe and last unsubscribe,
     so a set is enough. A prefix covering every user (``b""``, ``b"U|"``)
@@ -36,6 +38,7 @@ class UserSubscriptions:
         self.unconfirmed: set[str] = set(self.users) if keep_for > 0 else set()
         self.confirm_by = time.monotonic() + keep_for
         self.all_users = 0
+        self.history = 0  # subscriptions covering HIST|
 
     @property
     def active(self) -> bool:
@@ -53,6 +56,8 @@ class UserSubscriptions:
         if not event:
             return
         subscribe, topic = event[0] == 1, event[1:]
+        if topics.HISTORY.startswith(topic):
+            self.history += 1 if subscribe else -1
         if topics.USER_PREFIX.startswith(topic):
             self.all_users += 1 if subscribe else -1
         elif topic.startswith(topics.USER_PREFIX) and topic.endswith(topics.SEP):
@@ -74,7 +79,7 @@ Message = tuple[bytes, bytes]
 class MessageBuilder:
     """Builds the messages of each block, keeping the per-topic ``prev`` chain."""
 
-    def __init__(self, subs: UserSubscriptions) -> None:
+    def __init__(self, subs: Subscriptions) -> None:
         self.prev = wire.PrevTracker()
         self.subs = subs
 
@@ -88,7 +93,15 @@ class MessageBuilder:
         stored += [self._pack(topics.trades(t.coin), t) for t in self._trades(block, ms)]
         return stored, self._user_events(block, ms)
 
-    def _pack(self, topic: bytes, message: wire.BookSlice | wire.Trades | wire.UserEvents) -> Message:
+    def history(self, block: Block) -> Message | None:
+        """``HIST|``, while the history service subscribes (built after the live messages went out)."""
+        if self.subs.history <= 0:
+            return None
+        statuses = [s for s in block.statuses if not s.rejected]
+        return self._pack(topics.HISTORY, wire.HistoryBlock(block.height, None, block_time_ms(block.block_time), statuses,
+                                                            block.fills, block.missing))
+
+    def _pack(self, topic: bytes, message: wire.BookSlice | wire.Trades | wire.UserEvents | wire.HistoryBlock) -> Message:
         message.prev = self.prev.next(topic, message.height)
         return topic, wire.encode(message)
 
@@ -135,14 +148,10 @@ class MessageBuilder:
 
     @staticmethod
     def _trades(block: Block, ms: int) -> list[wire.Trades]:
-        by_tid: dict[int, list[UserFill]] = {}
-        for user_fill in block.fills:
-            by_tid.setdefault(user_fill[1].tid, []).append(user_fill)
+        trades, unpaired = trades_of(block.fills)
+        metrics.UNPAIRED_FILLS.inc(unpaired)
         by_coin: dict[str, wire.Trades] = {}
-        for pair in by_tid.values():
-            trade = trade_of(pair)
-            if trade is None:
-                continue
+        for _, trade in trades:
             t = by_coin.get(trade.coin)
             if t is None:
                 t = by_coin[trade.coin] = wire.Trades(block.height, None, ms, trade.coin, [])
@@ -169,26 +178,3 @@ class MessageBuilder:
             if every or user in wanted:
                 slot(user).fills.append(fill)
         return [self._pack(topics.user(e.user), e) for e in events.values()]
-
-
-def trade_of(pair: Iterable[UserFill]) -> wire.Trade | None:
-    """The public trade of the two fills sharing a tid (side and hash of the taker)."""
-    fills = list(pair)
-    buyer = next((u for u, f in fills if f.side == "B"), None)
-    seller = next((u for u, f in fills if f.side == "A"), None)
-    taker: Fill | None = next((f for _, f in fills if f.crossed), None)
-    if len(fills) != 2 or buyer is None or seller is None or taker is None:
-        metrics.UNPAIRED_FILLS.inc()
-        log.warning("fills %s do not form a buyer/seller pair with one taker; no trade published", fills)
-        return None
-    return wire.Trade(
-        coin=taker.coin,
-        side=taker.side,
-        px=taker.px,
-        sz=taker.sz,
-        hash=taker.hash,
-        time=taker.time,
-        tid=taker.tid,
-        users=[buyer, seller],
-    )
-

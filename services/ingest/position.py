@@ -16,7 +16,6 @@ The file is per data directory and mode (its name holds a hash of both), in
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -33,11 +32,6 @@ class Position(msgspec.Struct):
     height: int  # the last block published
     prev: dict[str, int] = {}  # topic (latin-1) -> its last height
     users: list[str] = []  # followed downstream
-
-
-def state_file(state_dir: str | Path, data_dir: str | Path, mode: str) -> Path:
-    key = hashlib.sha256(f"{os.path.abspath(data_dir)}\0{mode}".encode()).hexdigest()[:16]
-    return Path(state_dir) / f"ingest-{key}.json"
 
 
 class PositionFile:

@@ -11,17 +11,18 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from hlbook.common import logs, nodefiles
+from hlbook.common import config, logs, nodefiles
 from hlbook.common.metrics import BAD_INPUT, serve
+from hlbook.common.nodefiles import line_height
 from hlbook.common.security import Curve
 from hlbook.common.models import DECODERS, STATUS_HEADS, STREAMS, block_time_ms
 from hlbook.common.signals import stop_on_signals
 from hlbook.services.ingest import metrics
 from hlbook.services.ingest.joiner import Block, Joiner
-from hlbook.services.ingest.messages import MessageBuilder, UserSubscriptions
-from hlbook.services.ingest.position import Position, PositionFile, state_file
+from hlbook.services.ingest.messages import MessageBuilder, Subscriptions
+from hlbook.services.ingest.position import Position, PositionFile
 from hlbook.services.ingest.replay import ReplayStore, serve_one
-from hlbook.services.ingest.tailer import Tailer, line_height
+from hlbook.services.ingest.tailer import Tailer
 from hlbook.services.ingest.watch import Watcher
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,9 @@ class Ingest:
             raise ValueError(f"mode must be by-block or streaming, not {cfg.mode!r}")
         self.cfg = cfg
         self.tailers = {s: Tailer(cfg.data_dir, s, cfg.mode) for s in STREAMS}
-        self.position = PositionFile(state_file(cfg.state_dir, cfg.data_dir, cfg.mode)) if cfg.state_dir else None
+        self.position = PositionFile(config.state_file(cfg.state_dir, "ingest", cfg.data_dir, cfg.mode, ".json")) if cfg.state_dir else None
         saved = self.position.load() if self.position is not None and cfg.from_height is None else None
-        self.subs = UserSubscriptions(saved.users if saved else (), keep_for=RESUBSCRIBE_S)
+        self.subs = Subscriptions(saved.users if saved else (), keep_for=RESUBSCRIBE_S)
         self.builder = MessageBuilder(self.subs)
         if saved is not None:
             self.builder.prev.restore({topic.encode("latin-1"): height for topic, height in saved.prev.items()})
@@ -193,12 +194,26 @@ class Ingest:
         for topic, payload in per_user:
             self.pub.send_multipart((topic, payload), copy=False)
         self.store.add(block.height, stored + per_user)
+        self._publish_history(block)
         metrics.BLOCKS.inc()
         metrics.MESSAGES.labels("stored").inc(len(stored))
         metrics.MESSAGES.labels("user").inc(len(per_user))
         metrics.HEAD.set(block.height)
         metrics.LAG.set(time.time() - block_time_ms(block.block_time) / 1000)
         self.published = block.height
+
+    def _publish_history(self, block: Block) -> None:
+        """``HIST|`` after the live messages; not kept for replay (the history service reads
+        a block it lost from the node's files)."""
+        try:
+            history = self.builder.history(block)
+        except Exception:
+            BAD_INPUT.labels("ingest", "error").inc()
+            log.exception("block %d: no history message; the history service will read it from the files", block.height)
+            return
+        if history is not None:
+            self.pub.send_multipart(history, copy=False)
+            metrics.MESSAGES.labels("history").inc()
 
     def save_position(self, force: bool = False) -> None:
         """Write where publishing stands (after a block, at most every ``position.SAVE_EVERY`` s)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -23,78 +22,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20  # bytes read per poll
 MAX_PARTIAL = 64 << 20  # a "line" longer than this is garbage
-_HEIGHT = re.compile(rb'"block_number":(\d+)')
 _ROTATION_CHECK_S = 0.05
-BISECT_WINDOW = 1 << 20  # bytes below which start_from scans instead of bisecting
-
-
-def line_height(line: bytes) -> int | None:
-    """Block number of a node line, read from its prefix without decoding the line."""
-    match = _HEIGHT.search(line, 0, 256)
-    return int(match.group(1)) if match else None
-
-
-def _first_height(path: Path) -> int | None:
-    with open(path, "rb") as fh:
-        return line_height(fh.read(256))
-
-
-def _tail(path: Path) -> tuple[int, int | None]:
-    """(offset just after the last newline, height of the last complete line)."""
-    with open(path, "rb") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        window = 1 << 16
-        while True:
-            start = max(0, size - window)
-            fh.seek(start)
-            data = fh.read(size - start)
-            end = data.rfind(b"\n")
-            if end < 0 and start == 0:
-                return 0, None
-            line_start = data.rfind(b"\n", 0, end) + 1 if end >= 0 else 0
-            if end >= 0 and (line_start > 0 or start == 0):
-                return start + end + 1, line_height(data[line_start:end])
-            window *= 4
-
-
-def _line_after(fh: BinaryIO, pos: int) -> tuple[int, int | None]:
-    """(start of the first complete line at or after ``pos``, its height); (size, None) when there is none."""
-    fh.seek(max(pos - 1, 0))
-    head = b"" if pos == 0 else fh.read(1)
-    start = pos
-    if head not in (b"", b"\n"):  # inside a line: skip to the next one
-        while True:
-            chunk = fh.read(1 << 16)
-            if not chunk:
-                return fh.tell(), None
-            cut = chunk.find(b"\n")
-            if cut >= 0:
-                start = fh.tell() - len(chunk) + cut + 1
-                break
-    fh.seek(start)
-    prefix = fh.read(256)
-    return start, line_height(prefix) if b"\n" in prefix or len(prefix) == 256 else None
-
-
-def _offset_of(path: Path, height: int) -> int:
-    """Offset of the first line whose block is ``height`` or later (the end when none is)."""
-    with open(path, "rb") as fh:
-        lo, hi = 0, fh.seek(0, os.SEEK_END)  # the answer is in [lo, hi]; lo is a line start below ``height``
-        while hi - lo > BISECT_WINDOW:
-            mid = (lo + hi) // 2
-            start, found = _line_after(fh, mid)
-            if found is not None and found < height:
-                lo = start
-            else:
-                hi = mid
-        pos = lo
-        while True:  # a short scan from ``lo``
-            start, found = _line_after(fh, pos)
-            if found is None or found >= height:
-                return start
-            fh.seek(start)
-            line_end = fh.readline()
-            pos = start + len(line_end)
 
 
 class Tailer:
@@ -123,7 +51,7 @@ class Tailer:
         if not files:
             return None
         for path in reversed(files):
-            offset, height = _tail(path)
+            offset, height = nodefiles.tail(path)
             if height is not None or path == files[0]:
                 break
         self._open(path)
@@ -137,11 +65,11 @@ class Tailer:
         lines is gigabytes). False when every file starts after ``height`` (blocks are missing)."""
         files = self.files()
         for path in reversed(files):
-            first = _first_height(path)
+            first = nodefiles.first_height(path)
             if first is not None and first <= height:
                 self._open(path)
                 assert self._fh is not None
-                self._fh.seek(_offset_of(path, height))
+                self._fh.seek(nodefiles.offset_of(path, height))
                 return True
         if files:
             self._open(files[0])
@@ -207,7 +135,7 @@ class Tailer:
         self._next_rotation_check = now + _ROTATION_CHECK_S
         assert self.path is not None and self._fh is not None
         newer = nodefiles.next_hour_file(self.path)
-        if newer is None or _first_height(newer) is None:
+        if newer is None or nodefiles.first_height(newer) is None:
             return  # none yet, or created early and still empty: the node still writes here
         if self._fh.read(1):  # the writer appended after our last read: finish this file first
             self._fh.seek(-1, os.SEEK_CUR)

@@ -25,10 +25,12 @@ def up(
     blocks_per_sec: Annotated[float, typer.Option(envvar=env("blocks-per-sec"), help="Simulator block rate")] = 15.0,
     coins: Annotated[int, typer.Option(envvar=env("coins"), help="Simulator coins")] = 50,
     seed: Annotated[int, typer.Option(envvar=env("seed"), help="Simulator seed")] = 1,
-    metrics_base_port: Annotated[int, typer.Option(envvar=env("metrics-base-port"), help="Prometheus ports: ingest on this one, shard k on +1+k (0: off)")] = 9100,
+    metrics_base_port: Annotated[int, typer.Option(envvar=env("metrics-base-port"), help="Prometheus ports: ingest on this one, shard k on +1+k, history after the shards (0: off)")] = 9100,
     sockets: Annotated[str | None, typer.Option(envvar=env("sockets"), help="Directory for the ZeroMQ ipc:// endpoints (default: a new temporary one)")] = None,
     curve_dir: Annotated[str | None, typer.Option(envvar=env("curve-dir"), help="ZeroMQ CURVE keys (hlbook keys DIR) for every socket (the default ipc:// endpoints are private to this host without them)")] = None,
     state_dir: Annotated[str, typer.Option(envvar=env("state-dir"), help="Where ingest keeps its position across restarts (with the simulator's temporary data: inside it)")] = config.STATE_DIR,
+    history_days: Annotated[float, typer.Option(envvar=env("history-days"), help="History kept (fills, trades, orders), in days")] = 7.0,
+    history_hours: Annotated[float | None, typer.Option(envvar=env("history-hours"), help="Backfill history from the node files of the last N hours (default: all within --history-days)")] = None,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """Run sim (optional), ingest, N book shards and M gateways as supervised children."""
@@ -58,5 +60,7 @@ def up(
             sockets=sockets,
             state_dir=state_dir,
             curve_dir=curve_dir,
+            history_days=history_days,
+            history_hours=history_hours,
         )
     )

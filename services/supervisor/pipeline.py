@@ -38,6 +38,8 @@ class Pipeline:
     sockets: str | None = None  # directory of the ipc:// endpoints; None: a temporary one
     state_dir: str = ""  # ingest's position; "" with the simulator's temporary data: kept in it
     curve_dir: str | None = None  # ZeroMQ CURVE keys for every socket
+    history_days: float = 7.0
+    history_hours: float | None = None  # backfill window (None: every file within history_days)
 
     def specs(self, data_dir: str, sockets: str) -> list[ChildSpec]:
         """The children; ZeroMQ runs over ``ipc://`` endpoints in the directory ``sockets``."""
@@ -55,6 +57,12 @@ class Pipeline:
         specs.append(ChildSpec("ingest", ["ingest", "--data-dir", data_dir, "--mode", self.mode, "--state-dir", state_dir,
                                           "--pub", ingest[1], "--replay", ingest[3],
                                           "--metrics-port", str(self.metrics_port(-1)), *curve, *common]))
+        history = ["--history-pub", ipc_endpoint(sockets, "history-pub"), "--history-query", ipc_endpoint(sockets, "history-query")]
+        hours = ["--history-hours", str(self.history_hours)] if self.history_hours is not None else []
+        specs.append(ChildSpec("history", ["history", "--data-dir", data_dir, "--mode", self.mode, "--state-dir", state_dir,
+                                           "--history-days", str(self.history_days), *hours, "--ingest-pub", ingest[1],
+                                           "--pub", history[1], "--query", history[3],
+                                           "--metrics-port", str(self.metrics_port(self.shards)), *curve, *common]))
         source = ["--info-url", info_url] if info_url else ["--snapshot-file", self.snapshot_file or ""]
         books: list[str] = []
         for k in range(self.shards):
@@ -65,11 +73,11 @@ class Pipeline:
                                                  "--metrics-port", str(self.metrics_port(k)), *curve, *common]))
         for i in range(self.gateways):
             specs.append(ChildSpec(f"gateway-{i}", ["gateway", "--host", self.host, "--port", str(self.port + i),
-                                                    "--shards", str(self.shards), *ingest, *books, *curve, *common]))
+                                                    "--shards", str(self.shards), *ingest, *books, *history, *curve, *common]))
         return specs
 
     def metrics_port(self, shard: int) -> int:
-        """Ingest: shard -1; book shard k: k."""
+        """Ingest: shard -1; book shard k: k; history: after the last shard (k = shards)."""
         return self.metrics_base_port + 1 + shard if self.metrics_base_port else 0
 
 

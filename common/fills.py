@@ -1,0 +1,69 @@
+"""What is derived from the node's fills.
+
+Public trades: the two fills of a trade share its ``tid``; the trade takes the
+taker's (``crossed``) side, price, size and hash, and ``users`` = [buyer, seller].
+``aggregateByTime``: the partial fills of one order at one time merged."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from hlbook.common import fixed
+from hlbook.common.models import Fill, UserFill
+from hlbook.common.wire import Trade
+
+log = logging.getLogger(__name__)
+
+
+def trades_of(fills: list[UserFill]) -> tuple[list[tuple[int, Trade]], int]:
+    """The block's trades (in the order their tids first appear), each with the place of its taker fill in ``fills``;
+    and how many tids did not form a buyer/seller pair with one taker (no trade for them)."""
+    by_tid: dict[int, list[tuple[int, UserFill]]] = {}
+    for place, user_fill in enumerate(fills):
+        by_tid.setdefault(user_fill[1].tid, []).append((place, user_fill))
+    trades, unpaired = [], 0
+    for group in by_tid.values():
+        trade = trade_of(f for _, f in group)
+        if trade is None:
+            unpaired += 1
+            continue
+        trades.append((next(place for place, (_, f) in group if f.crossed), trade))
+    return trades, unpaired
+
+
+def trade_of(pair: Iterable[UserFill]) -> Trade | None:
+    """The public trade of the two fills sharing a tid (None when they are not a pair)."""
+    fills = list(pair)
+    buyer = next((u for u, f in fills if f.side == "B"), None)
+    seller = next((u for u, f in fills if f.side == "A"), None)
+    taker: Fill | None = next((f for _, f in fills if f.crossed), None)
+    if len(fills) != 2 or buyer is None or seller is None or taker is None:
+        log.warning("fills %s do not form a buyer/seller pair with one taker; no trade", fills)
+        return None
+    return Trade(coin=taker.coin, side=taker.side, px=taker.px, sz=taker.sz, hash=taker.hash,
+                 time=taker.time, tid=taker.tid, users=[buyer, seller])
+
+
+def aggregate_by_time(fills: list[Fill]) -> list[Fill]:
+    """Partial fills of one order at one time merged: sizes, fees and PnL summed, price size-weighted."""
+    groups: dict[tuple[int, int], list[Fill]] = {}
+    for fill in fills:
+        groups.setdefault((fill.oid, fill.time), []).append(fill)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        sizes = [fixed.parse(f.sz) for f in group]
+        total = sum(sizes)
+        notional = sum(fixed.parse(f.px) * s for f, s in zip(group, sizes))
+        first = group[0]
+        out.append(Fill(**{
+            **{f: getattr(first, f) for f in first.__struct_fields__},
+            "sz": fixed.fmt(total),
+            "px": fixed.fmt(notional // total) if total else first.px,
+            "fee": fixed.fmt(sum(fixed.parse(f.fee) for f in group)),
+            "closedPnl": fixed.fmt(sum(fixed.parse(f.closedPnl) for f in group)),
+        }))
+    return out

@@ -1,0 +1,201 @@
+"""The backfill: blocks of the node's hourly files that the store does not hold.
+
+A pass looks at the files in the window (``--history-hours``, at most the
+retention), takes the heights between the oldest both streams have and the
+newest both have finished, and reads only the runs the store does not hold
+(bisecting each file to a run's first height). It reads a line at a time and
+stores block by block, a slice of time per call, so memory stays at one block
+and the service keeps answering between slices. Passes run at start and after
+a live gap (a restart, a lost message), until no run is left.
+
+Heights no file holds are counted (``hlbook_history_missing_blocks_total``) and
+recorded as held: nothing could fill them later. In streaming mode a block
+without events has no line, so heights between lines are empty blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import msgspec
+
+from hlbook.common import nodefiles
+from hlbook.common.metrics import BAD_INPUT
+from hlbook.common.models import DECODERS, STATUS_HEADS, OrderStatus, UserFill, block_time_ms
+from hlbook.services.history import metrics
+from hlbook.services.history.store import Store
+
+log = logging.getLogger(__name__)
+
+STREAMS = ("order_statuses", "fills")  # what history keeps (book diffs are the books' business)
+Block = tuple[int, int, list[OrderStatus], list[UserFill]]  # height, time (ms), statuses without rejections, fills
+Lines = Iterator[tuple[int, bytes]]
+
+
+class Backfill:
+    def __init__(self, data_dir: str | Path, mode: str, store: Store, hours: float | None = None) -> None:
+        self.data_dir, self.mode, self.store = data_dir, mode, store
+        self.hours = hours if hours is not None else store.days * 24
+        self.wanted = True  # a pass is due
+        self.work: Iterator[int] | None = None
+        self.stored = 0  # blocks stored by the backfill since start
+
+    @property
+    def busy(self) -> bool:
+        return self.work is not None or self.wanted
+
+    def request(self) -> None:
+        """Run a pass (again) after the current one: heights may be missing."""
+        self.wanted = True
+
+    def step(self, budget: float) -> int:
+        """Work for about ``budget`` seconds; returns the blocks stored."""
+        if self.work is None:
+            if not self.wanted:
+                return 0
+            self.wanted = False
+            self.work = self._pass()
+        deadline = time.monotonic() + budget
+        stored = 0
+        for stored_now in self.work:
+            stored += stored_now
+            if time.monotonic() >= deadline:
+                return stored
+        self.work = None
+        return stored
+
+    # ------------------------------------------------------------ a pass
+
+    def _files(self) -> dict[str, list[tuple[Path, int]]]:
+        """Per stream: (file, its first height) of the files in the window, oldest first."""
+        since = datetime.now(timezone.utc) - timedelta(hours=self.hours)
+        out = {}
+        for stream in STREAMS:
+            files = []
+            for path in nodefiles.hour_files(self.data_dir, stream, self.mode):
+                day, hour = nodefiles.hour_key(path)
+                end = datetime.strptime(day, "%Y%m%d").replace(tzinfo=timezone.utc) + timedelta(hours=hour + 1)
+                first = nodefiles.first_height(path) if end > since else None
+                if first is not None:
+                    files.append((path, first))
+            out[stream] = files
+        return out
+
+    def _pass(self) -> Iterator[int]:
+        files = self._files()
+        if not all(files.values()):
+            return
+        lo = max(f[0][1] for f in files.values())
+        tails = [nodefiles.tail(f[-1][0])[1] for f in files.values()]
+        if any(t is None for t in tails):
+            return
+        hi = min(t for t in tails if t is not None) - (1 if self.mode == "streaming" else 0)  # a streaming block may go on
+        holes = self.store.held.holes(lo, hi)
+        if holes:
+            log.info("backfill: %d heights in %d runs between %d and %d", sum(b - a + 1 for a, b in holes), len(holes), lo, hi)
+        for first, last in holes:
+            yield from self._fill(files, first, last)
+
+    def _fill(self, files: dict[str, list[tuple[Path, int]]], first: int, last: int) -> Iterator[int]:
+        """Store the blocks of ``first..last`` from the files; mark the heights without lines."""
+        store, at = self.store, first  # at: the first height not yet accounted for
+        statuses = _blocks("order_statuses", _lines("order_statuses", files["order_statuses"], first, last))
+        fills = _blocks("fills", _lines("fills", files["fills"], first, last))
+        for height, ms, block_statuses, block_fills in _merge(statuses, fills):
+            self._skipped(at, height - 1)
+            at = height + 1
+            if height in store.held:  # stored live meanwhile
+                continue
+            store.add_block(height, ms, block_statuses, block_fills)
+            self.stored += 1
+            metrics.BLOCKS.labels("backfill").inc()
+            yield 1
+        self._skipped(at, last)
+        yield 0
+
+    def _skipped(self, first: int, last: int) -> None:
+        """Heights without a line in any stream: empty blocks (streaming), else missing."""
+        if first > last:
+            return
+        if self.mode == "by-block":
+            missing = sum(b - a + 1 for a, b in self.store.held.holes(first, last))
+            if missing:
+                metrics.MISSING.inc(missing)
+                log.warning("blocks %d..%d are in no file; recorded as held", first, last)
+        self.store.mark_held(first, last)
+
+
+def _lines(stream: str, files: list[tuple[Path, int]], first: int, last: int) -> Lines:
+    """(height, line) of the complete lines with ``first <= height <= last``, in file order."""
+    for i, (path, start) in enumerate(files):
+        following = files[i + 1][1] if i + 1 < len(files) else None
+        if (following is not None and following <= first) or start > last:
+            continue
+        with open(path, "rb") as fh:
+            if start < first:
+                fh.seek(nodefiles.offset_of(path, first))
+            for line in fh:
+                if not line.endswith(b"\n"):
+                    break  # being written: the next pass reads it
+                metrics.BACKFILL_BYTES.inc(len(line))
+                height = nodefiles.line_height(line)
+                if height is None:
+                    _bad(stream, "no_height", line)
+                    continue
+                if height > last:
+                    return
+                if height >= first:
+                    yield height, line
+
+
+def _blocks(stream: str, lines: Lines) -> Iterator[tuple[int, int, list]]:
+    """(height, time ms, events) per block; consecutive lines of one block (streaming) joined."""
+    current: tuple[int, int, list] | None = None
+    for height, line in lines:
+        try:
+            if stream == "order_statuses":
+                decoded = STATUS_HEADS.decode(line).resolve(None)[0]  # rejections stay undecoded
+            else:
+                decoded = DECODERS[stream].decode(line)
+            ms = block_time_ms(decoded.block_time)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            _bad(stream, "malformed", line, exc)
+            continue
+        if current is not None and current[0] == height:
+            current[2].extend(decoded.events)
+            continue
+        if current is not None:
+            yield current
+        current = (height, ms, list(decoded.events))
+    if current is not None:
+        yield current
+
+
+def _merge(statuses: Iterator[tuple[int, int, list]], fills: Iterator[tuple[int, int, list]]) -> Iterator[Block]:
+    """The two streams' blocks joined by height, in height order."""
+    s, f = next(statuses, None), next(fills, None)
+    while s is not None or f is not None:
+        height = min(b[0] for b in (s, f) if b is not None)
+        ms = next(b[1] for b in (s, f) if b is not None and b[0] == height)
+        block_statuses = s[2] if s is not None and s[0] == height else []
+        block_fills = f[2] if f is not None and f[0] == height else []
+        yield height, ms, block_statuses, block_fills
+        if s is not None and s[0] == height:
+            s = next(statuses, None)
+        if f is not None and f[0] == height:
+            f = next(fills, None)
+
+
+_bad_logged = [0]
+
+
+def _bad(stream: str, reason: str, line: bytes, exc: Exception | None = None) -> None:
+    metrics.BAD_LINES.labels(stream, reason).inc()
+    BAD_INPUT.labels("history", reason).inc()
+    _bad_logged[0] += 1
+    if _bad_logged[0] <= 20 or _bad_logged[0] % 1000 == 0:
+        log.error("%s: line skipped (%s%s): %.200r [%d so far]", stream, reason, f": {exc}" if exc else "", line, _bad_logged[0])
