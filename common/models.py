@@ -92,6 +92,8 @@ class BookDiff(msgspec.Struct, gc=False):
 
 
 class Fill(msgspec.Struct, omit_defaults=True, gc=False):
+    """A fill as the node writes it; optional fields the node leaves out stay out when re-encoded."""
+
     coin: str
     px: str
     sz: str
@@ -107,7 +109,7 @@ class Fill(msgspec.Struct, omit_defaults=True, gc=False):
     tid: Count
     cloid: str | None = None
     feeToken: str | None = None
-    twapId: Count | None = None
+    twapId: Count | None | msgspec.UnsetType = msgspec.UNSET  # the node writes null when not a TWAP slice: kept as written
     builderFee: str | None = None
     liquidation: Any = None
 
@@ -204,3 +206,8 @@ def block_time_ms(block_time: str) -> int:
     whole, _, frac = block_time.partition(".")
     dt = datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
     return int(dt.timestamp()) * 1000 + int((frac + "000")[:3])
+
+
+def twap_id(fill: Fill) -> int | None:
+    """The TWAP of a slice fill (None for other fills)."""
+    return fill.twapId if isinstance(fill.twapId, int) else None

@@ -14,7 +14,7 @@ import msgspec
 
 from hlbook.common import topics, wire
 from hlbook.common.fills import aggregate_by_time
-from hlbook.common.models import Fill
+from hlbook.common.models import Fill, twap_id
 from hlbook.common.chain import Chains, Step
 from hlbook.common.metrics import BAD_INPUT
 from hlbook.common.wire import CoinState
@@ -223,7 +223,7 @@ class Hub:
                 log.warning("%s snapshot of %s: %s; sent empty", kind, user, exc)
         if kind == "userFills":
             return height, message(kind, {"isSnapshot": True, "user": user, "fills": msgspec.Raw(fills)})
-        twap = [{"fill": f, "twapId": f.twapId} for f in msgspec.json.decode(fills, type=list[Fill]) if f.twapId is not None]
+        twap = [{"fill": f, "twapId": twap_id(f)} for f in msgspec.json.decode(fills, type=list[Fill]) if twap_id(f) is not None]
         return height, message(kind, {"isSnapshot": True, "user": user, "twapSliceFills": twap})
 
     # ------------------------------------------------------------ upstream messages
@@ -397,7 +397,7 @@ class Hub:
         if kind == "userFills":
             return {"user": m.user, "fills": aggregate_by_time(m.fills) if key[2] else m.fills} if m.fills else None
         if kind == "userTwapSliceFills":
-            twap = [{"fill": f, "twapId": f.twapId} for f in m.fills if f.twapId is not None]
+            twap = [{"fill": f, "twapId": twap_id(f)} for f in m.fills if twap_id(f) is not None]
             return {"user": m.user, "twapSliceFills": twap} if twap else None
         cancels = [{"coin": s.order.coin, "oid": s.order.oid} for s in m.statuses if s.status in user_streams.NON_USER_CANCELS]
         if m.fills and cancels:

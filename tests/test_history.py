@@ -1,0 +1,305 @@
+"""The history service against the node's files.
+
+- Real mainnet blocks on disk before ``hlbook up`` starts: ``candleSnapshot``
+  (all 14 intervals), ``userFills``, ``userFillsByTime``, ``recentTrades``,
+  ``historicalOrders`` and ``orderStatus`` equal what this test computes from
+  the files itself (orjson and ``Decimal``, none of hlbook's code).
+- ``hlbook history`` SIGKILLed in the middle of a backfill and started again
+  ends with a store equal, table by table, to one backfilled without a break:
+  nothing stored twice, nothing skipped.
+- After ``hlbook up`` is stopped and started again, ccxt ``fetch_ohlcv`` and the
+  SDK's ``user_fills`` (unmodified) get what was there before the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from calendar import timegm
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import orjson
+import zmq
+from hyperliquid.info import Info
+
+from conftest import free_port
+from hlbook.common import wire
+from pipeline import Up, post_info, stop_group, wait_ready
+from test_gateway_compat import hyperliquid
+
+DAYS = ["--history-days", "100000"]  # the fixture is months old: keep it
+MINUTE = 60_000
+WIDTHS = {"1m": 1, "3m": 3, "5m": 5, "15m": 15, "30m": 30, "1h": 60, "2h": 120, "4h": 240, "8h": 480, "12h": 720,
+          "1d": 1440, "3d": 4320, "1w": 10080}
+
+
+# ---------------------------------------------------------------- what the files say (computed here)
+
+
+def canonical(value: Decimal) -> str:
+    text = format(value.normalize(), "f")
+    return text if "." in text else text + ".0"
+
+
+def ms_of(node_time: str) -> int:
+    whole, _, frac = node_time.partition(".")
+    return timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) * 1000 + int((frac + "000")[:3])
+
+
+def candle_start(interval: str, ms: int) -> int:
+    if interval == "1M":
+        day = datetime.fromtimestamp(ms / 1000, timezone.utc)
+        return timegm((day.year, day.month, 1, 0, 0, 0)) * 1000
+    width = WIDTHS[interval] * MINUTE
+    monday = 4 * 1440 * MINUTE if interval == "1w" else 0  # 1970-01-01 was a Thursday
+    return (ms - monday) // width * width + monday
+
+
+def read_blocks(data: Path) -> dict[int, dict[str, Any]]:
+    """height -> {"statuses": [non-rejected status dicts], "fills": [[user, fill]]} from the by-block files."""
+    blocks: dict[int, dict[str, Any]] = {}
+    for stream, key in (("order_statuses", "statuses"), ("fills", "fills")):
+        for path in sorted((data / "hl" / "data" / f"node_{stream}_by_block").rglob("*")):
+            if path.is_file():
+                for line in path.read_bytes().splitlines():
+                    row = orjson.loads(line)
+                    events = row["events"] if key == "fills" else [e for e in row["events"] if not e["status"].endswith("Rejected")]
+                    blocks.setdefault(row["block_number"], {"statuses": [], "fills": []})[key] = events
+    return blocks
+
+
+def expected(blocks: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    fills: dict[str, list[dict[str, Any]]] = {}
+    trades: list[dict[str, Any]] = []
+    orders: dict[int, tuple[tuple[int, int], str, dict[str, Any]]] = {}  # oid -> ((height, place), user, entry)
+    for height in sorted(blocks):
+        block = blocks[height]
+        by_tid: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+        for user, fill in block["fills"]:
+            fills.setdefault(user, []).append(fill)
+            by_tid.setdefault(fill["tid"], []).append((user, fill))
+        for pair in by_tid.values():
+            taker = next(f for _, f in pair if f["crossed"])
+            trades.append({"coin": taker["coin"], "side": taker["side"], "px": taker["px"], "sz": taker["sz"], "hash": taker["hash"],
+                           "time": taker["time"], "tid": taker["tid"],
+                           "users": [next(u for u, f in pair if f["side"] == "B"), next(u for u, f in pair if f["side"] == "A")]})
+        for place, status in enumerate(block["statuses"]):
+            order = {k: v for k, v in status["order"].items() if v is not None}
+            entry = {"order": order, "status": status["status"], "statusTimestamp": ms_of(status["time"])}
+            orders[order["oid"]] = ((height, place), status["user"], entry)
+    candles: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for trade in trades:  # node order: opens first, closes last
+        for interval in [*WIDTHS, "1M"]:
+            key = (trade["coin"], interval, candle_start(interval, trade["time"]))
+            px, sz = Decimal(trade["px"]), Decimal(trade["sz"])
+            c = candles.setdefault(key, {"o": px, "h": px, "l": px, "v": Decimal(0), "n": 0})
+            c.update(c=px, h=max(c["h"], px), l=min(c["l"], px), v=c["v"] + sz, n=c["n"] + 1)
+    return {"fills": fills, "trades": trades, "orders": orders, "candles": candles}
+
+
+def candle_dicts(candles: dict[tuple[str, str, int], dict[str, Any]], coin: str, interval: str) -> list[dict[str, Any]]:
+    out = []
+    for (c_coin, c_interval, t), c in sorted(candles.items()):
+        if (c_coin, c_interval) == (coin, interval):
+            end = candle_start(interval, t + 32 * 1440 * MINUTE) if interval == "1M" else t + WIDTHS[interval] * MINUTE
+            out.append({"t": t, "T": end - 1, "s": coin, "i": interval, "o": canonical(c["o"]), "c": canonical(c["c"]),
+                        "h": canonical(c["h"]), "l": canonical(c["l"]), "v": canonical(c["v"]), "n": c["n"]})
+    return out
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def ask_history(endpoint: str, timeout: float = 2.0, **query: Any) -> tuple[dict[str, Any], Any] | None:
+    """(reply header, answer) of one history query over its ROUTER (None: no answer in time)."""
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send(wire.encode(wire.HistoryQuery(**query)))
+        if not sock.poll(int(timeout * 1000)):
+            return None
+        frames = sock.recv_multipart()
+        return msgspec.to_builtins(wire.decode(frames[0], wire.HistoryReply)), orjson.loads(frames[1]) if len(frames) > 1 else None
+    finally:
+        sock.close(0)
+
+
+def wait_until(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+def dump(db: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every table of a store, rows sorted; user ids replaced by addresses (ids follow insertion order)."""
+    conn = sqlite3.connect(db)
+    try:
+        users = dict(conn.execute("SELECT id, address FROM users"))
+        out = {}
+        for table, user_col in (("fills", 0), ("trades", None), ("orders", 1), ("candles", None), ("held", None)):
+            rows = [tuple(users[v] if i == user_col else v for i, v in enumerate(r)) for r in conn.execute(f"SELECT * FROM {table}")]
+            out[table] = sorted(rows, key=repr)
+        return out
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_answers_from_node_files_written_before_start(btc_data: Path, tmp_path: Path) -> None:
+    node = tmp_path / "node"
+    shutil.copytree(btc_data / "hl", node / "hl")
+    want = expected(read_blocks(node))
+    port = free_port()
+    log = open(tmp_path / "up.log", "wb")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "hlbook.cli", "up", "--no-simulate", "--data-dir", str(node), "--snapshot-file",
+         str(btc_data / "snapshot_985148181.json"), "--shards", "1", "--port", str(port), "--metrics-base-port", "0",
+         "--sockets", str(tmp_path / "zmq"), *DAYS],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "HLBOOK_FROM_HEIGHT": "985148182"})  # ingest publishes them too: the books get live
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, up, 90)
+        query = f"ipc://{tmp_path}/zmq/history-query"
+        last = max(read_blocks(node))
+        wait_until(lambda: (ask_history(query, op="status") or ({}, {}))[1].get("height") == last, 30, "history holds every block")
+
+        for interval in [*WIDTHS, "1M"]:
+            status, got = post_info(base, {"type": "candleSnapshot", "req": {"coin": "BTC", "interval": interval, "startTime": 0}})
+            assert status == 200 and got == candle_dicts(want["candles"], "BTC", interval), interval
+            assert got and got[0]["n"] == len(want["trades"])  # the fixture's trades all fall into one candle of each
+
+        newest = sorted(want["trades"], key=lambda t: (t["time"], t["tid"]))[-100:]
+        assert post_info(base, {"type": "recentTrades", "coin": "BTC"})[1] == newest
+        for user, fills in want["fills"].items():
+            newest_first = sorted(fills, key=lambda f: (f["time"], f["tid"], f["oid"]), reverse=True)
+            assert post_info(base, {"type": "userFills", "user": user})[1] == newest_first
+            by_time = post_info(base, {"type": "userFillsByTime", "user": user, "startTime": fills[0]["time"]})[1]
+            assert by_time == newest_first[::-1]
+            assert post_info(base, {"type": "userFillsByTime", "user": user, "startTime": fills[-1]["time"] + 1})[1] == []
+
+        users: dict[str, list[tuple[tuple[int, int], dict[str, Any]]]] = {}
+        for at, user, entry in want["orders"].values():
+            users.setdefault(user, []).append((at, entry))
+        busiest = sorted(users, key=lambda u: -len(users[u]))[:5]
+        for user in busiest:
+            entries = [e for _, e in sorted(users[user], key=lambda x: x[0], reverse=True)][:2000]
+            assert post_info(base, {"type": "historicalOrders", "user": user})[1] == entries
+        canceled = next((oid, u, e) for oid, (_, u, e) in want["orders"].items() if e["status"] == "canceled")
+        assert post_info(base, {"type": "orderStatus", "user": canceled[1], "oid": canceled[0]})[1] == {"status": "order", "order": canceled[2]}
+        with_cloid = next(((u, e) for _, u, e in want["orders"].values() if "cloid" in e["order"]), None)
+        if with_cloid is not None:
+            user, entry = with_cloid
+            latest = max((at for at, u, e in want["orders"].values() if u == user and e["order"].get("cloid") == entry["order"]["cloid"]))
+            entry = next(e for at, u, e in want["orders"].values() if at == latest)
+            assert post_info(base, {"type": "orderStatus", "user": user, "oid": entry["order"]["cloid"]})[1] == {"status": "order", "order": entry}
+        assert post_info(base, {"type": "orderStatus", "user": busiest[0], "oid": "0x" + "0" * 32})[1] == {"status": "unknownOid"}
+    finally:
+        stop_group(up)
+        log.close()
+    assert "Traceback" not in (tmp_path / "up.log").read_text()
+
+
+def start_history(data: Path, db: Path, sockets: Path, log: Any) -> tuple[subprocess.Popen[bytes], str]:
+    query = f"ipc://{sockets}/query"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hlbook.cli", "history", "--data-dir", str(data), "--db", str(db), "--niceness", "0",
+         "--ingest-pub", f"ipc://{sockets}/no-ingest", "--pub", f"ipc://{sockets}/pub", "--query", query],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, query
+
+
+def test_killed_mid_backfill_ends_equal_to_one_uninterrupted_backfill(tmp_path: Path) -> None:
+    data = tmp_path / "node"
+    subprocess.run([sys.executable, "-m", "hlbook.cli", "sim", "--data-dir", str(data), "--blocks", "1200",
+                    "--blocks-per-sec", "5000", "--coins", "20", "--info-port", "0", "--log-level", "WARNING"], check=True, timeout=120)
+    log = open(tmp_path / "history.log", "wb")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    try:
+        proc, query = start_history(data, tmp_path / "a" / "h.sqlite", tmp_path / "a", log)
+
+        def partly_stored() -> bool:
+            answer = ask_history(query, op="status")
+            return answer is not None and answer[1]["height"] is not None and answer[1]["backfilling"]
+
+        wait_until(partly_stored, 60, "a first commit of the backfill")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        held_at_kill = dump(tmp_path / "a" / "h.sqlite")["held"]
+        assert held_at_kill and held_at_kill[-1][1] < 1001199, "the backfill was over before the kill"
+
+        proc, query = start_history(data, tmp_path / "a" / "h.sqlite", tmp_path / "a", log)
+
+        def done(q: str) -> bool:
+            answer = ask_history(q, op="status")
+            return answer is not None and not answer[1]["backfilling"] and answer[1]["height"] == 1001199
+
+        wait_until(lambda: done(query), 120, "the restarted backfill")
+        stop_group(proc)
+        other, other_query = start_history(data, tmp_path / "b" / "h.sqlite", tmp_path / "b", log)
+        wait_until(lambda: done(other_query), 120, "the uninterrupted backfill")
+        stop_group(other)
+    finally:
+        log.close()
+    interrupted, whole = dump(tmp_path / "a" / "h.sqlite"), dump(tmp_path / "b" / "h.sqlite")
+    assert whole["held"] == [(1000000, 1001199)]
+    want = expected(read_blocks(data))
+    assert len(whole["fills"]) == sum(map(len, want["fills"].values())) and len(whole["trades"]) == len(want["trades"])
+    assert len(whole["orders"]) == len(want["orders"])
+    for table in whole:
+        assert interrupted[table] == whole[table], table
+
+
+def test_ccxt_and_the_sdk_get_history_right_after_a_restart(tmp_path: Path) -> None:
+    up = Up(tmp_path, shards=1, coins=8, seed=11)
+    try:
+        up.wait_ready()
+        trades = wait_until(lambda: post_info(up.http, {"type": "recentTrades", "coin": "BTC"})[1], 30, "BTC trades")
+        user = trades[-1]["users"][0]
+        time.sleep(1.0)  # the history service has stored them (it commits every 0.2 s)
+        fills_before = Info(base_url=up.http, skip_ws=True).user_fills(user)
+        candles_before = post_info(up.http, {"type": "candleSnapshot", "req": {"coin": "BTC", "interval": "1m", "startTime": 0}})[1]
+        assert fills_before and candles_before
+    finally:
+        up.stop()
+
+    up = Up(tmp_path, shards=1, coins=8, seed=11)  # the same node files and state
+    try:
+        up.wait_ready()
+        fills_after = Info(base_url=up.http, skip_ws=True).user_fills(user)
+        after = {orjson.dumps(f, option=orjson.OPT_SORT_KEYS) for f in fills_after}
+        assert all(orjson.dumps(f, option=orjson.OPT_SORT_KEYS) in after for f in fills_before)
+
+        async def ohlcv() -> list[list[Any]]:
+            exchange = hyperliquid(up.http)
+            try:
+                await exchange.load_markets()
+                return await exchange.fetch_ohlcv("BTC/USDC:USDC", "1m", since=candles_before[0]["t"])
+            finally:
+                await exchange.close()
+
+        got = asyncio.run(asyncio.wait_for(ohlcv(), 30))
+        closed = [c for c in candles_before[:-1]]  # the last minute may have gone on
+        by_start = {row[0]: row for row in got}
+        for c in closed:
+            assert by_start[c["t"]] == [c["t"], float(c["o"]), float(c["h"]), float(c["l"]), float(c["c"]), float(c["v"])]
+    finally:
+        up.stop()
