@@ -130,6 +130,11 @@ def binds(proc: Proc) -> dict[str, int]:
         if p["metrics_port"]:
             out["metrics"] = p["metrics_port"]
         return out
+    if proc.command == "history":
+        out = {"history_pub": endpoint(p["pub"])[1], "history_query": endpoint(p["query"])[1]}
+        if p["metrics_port"]:
+            out["metrics"] = p["metrics_port"]
+        return out
     if proc.command == "gateway":
         return {"http": p["port"]}
     if proc.command == "sim":
@@ -143,6 +148,8 @@ def bind_hosts(proc: Proc) -> list[str]:
         return [endpoint(p["pub"])[0], endpoint(p["replay"])[0]]
     if proc.command == "book":
         return [endpoint(e)[0] for e in (p["pub"], p["query"]) if e] or ["127.0.0.1"]
+    if proc.command == "history":
+        return [endpoint(p["pub"])[0], endpoint(p["query"])[0]]
     if proc.command == "gateway":
         return [p["host"]]
     if proc.command == "sim":
@@ -190,6 +197,9 @@ def check_topology(procs: list[Proc], resolve) -> None:
     for b in books:
         target(b, b.params["ingest_pub"], "ingest_pub")
         target(b, b.params["ingest_replay"], "ingest_replay")
+    assert len(by_cmd.get("history", [])) == 1, "exactly one history service"
+    for h in by_cmd["history"]:
+        target(h, h.params["ingest_pub"], "ingest_pub")
     for g in by_cmd.get("gateway", []):
         assert g.params["shards"] == n, f"{g.where}: --shards {g.params['shards']}, books have {n}"
         target(g, g.params["ingest_pub"], "ingest_pub")
@@ -198,6 +208,9 @@ def check_topology(procs: list[Proc], resolve) -> None:
         for k, (pub, query) in enumerate(zip(pubs, queries)):
             target(g, pub, "book_pub", k)
             target(g, query, "book_query", k)
+        assert g.params["history_pub"] and g.params["history_query"], f"{g.where}: no history service"
+        target(g, g.params["history_pub"], "history_pub")
+        target(g, g.params["history_query"], "history_query")
 
     used: dict[tuple[str, int], str] = {}
     for proc in procs:
@@ -384,7 +397,7 @@ def env_file(path: Path) -> dict[str, str]:
 def systemd_procs() -> list[Proc]:
     procs = []
     units = sorted(SYSTEMD.glob("*.service"))
-    assert {u.name for u in units} == {"hlbook-ingest.service", "hlbook-book@.service", "hlbook-gateway.service"}
+    assert {u.name for u in units} == {"hlbook-ingest.service", "hlbook-book@.service", "hlbook-gateway.service", "hlbook-history.service"}
     instances = sorted(int(m.group(1)) for f in SYSTEMD.glob("book-*.env") if (m := re.fullmatch(r"book-(\d+)\.env", f.name)))
     assert instances, "no example book-K.env"
     for path in units:
@@ -624,7 +637,7 @@ def test_dashboard_uses_existing_metrics_of_every_service():
     used = {m for e in exprs for m in re.findall(r"\bhlbook_[a-z0-9_]+", e)}
     unknown = sorted(used - names)
     assert not unknown, f"dashboard metrics not in the code: {unknown}"
-    prefixes = ["hlbook_ingest_", "hlbook_book_"] + (["hlbook_gateway_"] if (ROOT / "services/gateway/metrics.py").exists() else [])
+    prefixes = ["hlbook_ingest_", "hlbook_book_", "hlbook_history_"] + (["hlbook_gateway_"] if (ROOT / "services/gateway/metrics.py").exists() else [])
     for prefix in prefixes:
         assert any(m.startswith(prefix) for m in used), f"no {prefix}* panel"
     ids = [p["id"] for p in dash["panels"]]
@@ -654,6 +667,7 @@ def test_prometheus_targets_match_metrics_ports():
     expected = {
         "hlbook-ingest": {f"{p.host}:{p.params['metrics_port']}" for p in procs if p.command == "ingest"},
         "hlbook-book": {f"{p.host}:{p.params['metrics_port']}" for p in procs if p.command == "book"},
+        "hlbook-history": {f"{p.host}:{p.params['metrics_port']}" for p in procs if p.command == "history"},
     }
     if HAS_GATEWAY:
         expected["hlbook-gateway"] = {f"{p.host}:{p.params['port']}" for p in procs if p.command == "gateway"}
@@ -665,7 +679,7 @@ def test_prometheus_targets_match_metrics_ports():
 def test_ingest_and_book_metrics_reachable_from_prometheus():
     procs = compose_procs() + k8s_procs(k8s_objects())
     for proc in procs:
-        if proc.command in ("ingest", "book"):
+        if proc.command in ("ingest", "book", "history"):
             params = parse(proc)
             assert params.get("metrics_host") in BIND_ALL, f"{proc.where}: metrics served on loopback only"
 

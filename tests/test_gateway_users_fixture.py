@@ -73,10 +73,11 @@ def expected_order_updates(lines: list[bytes], user: str) -> list[list[dict[str,
 
 
 def expected_fills(lines: list[bytes], user: str) -> list[dict[str, Any]]:
-    """One userFills message per block with fills of ``user`` (node fields; nulls are omitted on the wire)."""
+    """One userFills message per block with fills of ``user``: the node's fields as it wrote them
+    (``twapId: null`` too, as the public API sends it)."""
     messages = []
     for raw in lines:
-        fills = [{k: v for k, v in fill.items() if v is not None} for who, fill in orjson.loads(raw)["events"] if who == user]
+        fills = [fill for who, fill in orjson.loads(raw)["events"] if who == user]
         if fills:
             messages.append({"user": user, "fills": fills})
     return messages

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 STREAMS = ("order_statuses", "fills")  # what history keeps (book diffs are the books' business)
 Block = tuple[int, int, list[OrderStatus], list[UserFill]]  # height, time (ms), statuses without rejections, fills
 Lines = Iterator[tuple[int, bytes]]
+MAX_HOURS = 1e6  # a window longer than this (114 years) is "everything"
 
 
 class Backfill:
@@ -72,7 +73,7 @@ class Backfill:
 
     def _files(self) -> dict[str, list[tuple[Path, int]]]:
         """Per stream: (file, its first height) of the files in the window, oldest first."""
-        since = datetime.now(timezone.utc) - timedelta(hours=self.hours)
+        since = datetime.now(timezone.utc) - timedelta(hours=min(self.hours, MAX_HOURS))
         out = {}
         for stream in STREAMS:
             files = []

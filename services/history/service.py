@@ -260,7 +260,7 @@ class History:
             if q.interval not in INTERVALS:
                 raise ValueError(f"interval must be one of {list(INTERVALS)}")
             end = q.end if q.end is not None else int(time.time() * 1000)
-            return msgspec.json.encode(s.candles(_needed(q.coin, "coin"), q.interval, q.start, end))
+            return s.candles(_needed(q.coin, "coin"), q.interval, q.start, end)
         user = _needed(q.user, "user").lower()
         if q.op == "user_fills":
             return s.user_fills(user, q.aggregate)

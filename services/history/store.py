@@ -49,7 +49,7 @@ CREATE INDEX IF NOT EXISTS orders_by_cloid ON orders(user, cloid) WHERE cloid IS
 CREATE INDEX IF NOT EXISTS orders_by_time ON orders(time);
 CREATE TABLE IF NOT EXISTS candles(interval TEXT NOT NULL, coin TEXT NOT NULL, t INTEGER NOT NULL,
     o TEXT NOT NULL, c TEXT NOT NULL, h TEXT NOT NULL, l TEXT NOT NULL, v TEXT NOT NULL, n INTEGER NOT NULL,
-    first INTEGER NOT NULL, last INTEGER NOT NULL, PRIMARY KEY(interval, coin, t)) WITHOUT ROWID;
+    first INTEGER NOT NULL, last INTEGER NOT NULL, body BLOB NOT NULL, PRIMARY KEY(interval, coin, t)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS held(first INTEGER PRIMARY KEY, last INTEGER NOT NULL);
 """
 
@@ -206,9 +206,10 @@ class Store:
             return
         if self.dirty:
             self.db.executemany(
-                "INSERT OR REPLACE INTO candles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO candles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(interval, coin, c.start, fixed.fmt(c.open), fixed.fmt(c.close), fixed.fmt(c.high), fixed.fmt(c.low),
-                  fixed.fmt(c.volume), c.trades, c.first, c.last) for (coin, interval, _), c in self.dirty.items()])
+                  fixed.fmt(c.volume), c.trades, c.first, c.last, _json.encode(c.to_dict(coin, interval)))
+                 for (coin, interval, _), c in self.dirty.items()])
             metrics.ROWS.labels("candles").inc(len(self.dirty))
             self.dirty.clear()
         self.db.execute("DELETE FROM held")
@@ -335,21 +336,18 @@ class Store:
                                (coin, RECENT_TRADES)).fetchall()
         return json_list(r[0] for r in reversed(rows))
 
-    def candles(self, coin: str, interval: str, start: int, end: int) -> list[dict[str, Any]]:
+    def candles(self, coin: str, interval: str, start: int, end: int) -> bytes:
         """Candles overlapping ``[start, end]``, oldest first, among the series' ``KEPT`` (5,000) newest."""
         newest = self._newest(coin, interval)
         if newest is None:
-            return []
+            return b"[]"
         first = max(oldest_kept(interval, newest.start), bounds(interval, max(start, 0))[0])
-        found = {t: (t, o, c, h, l, v, n) for t, o, c, h, l, v, n in self.db.execute(
-            "SELECT t, o, c, h, l, v, n FROM candles WHERE interval = ? AND coin = ? AND t >= ? AND t <= ? ORDER BY t",
-            (interval, coin, first, end))}
+        bodies = dict(self.db.execute("SELECT t, body FROM candles WHERE interval = ? AND coin = ? AND t >= ? AND t <= ? ORDER BY t",
+                                      (interval, coin, first, end)))
         for (c_coin, c_interval, t), candle in self.dirty.items():  # not written yet
             if c_coin == coin and c_interval == interval and first <= t <= end:
-                found[t] = (t, fixed.fmt(candle.open), fixed.fmt(candle.close), fixed.fmt(candle.high),
-                            fixed.fmt(candle.low), fixed.fmt(candle.volume), candle.trades)
-        return [{"t": t, "T": bounds(interval, t)[1] - 1, "s": coin, "i": interval, "o": o, "c": c, "h": h, "l": l, "v": v, "n": n}
-                for t, o, c, h, l, v, n in (found[t] for t in sorted(found))]
+                bodies[t] = _json.encode(candle.to_dict(coin, interval))
+        return json_list(bodies[t] for t in sorted(bodies))
 
     def newest_candle(self, coin: str, interval: str) -> dict[str, Any] | None:
         candle = self._newest(coin, interval)

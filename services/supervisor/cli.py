@@ -25,7 +25,7 @@ def up(
     blocks_per_sec: Annotated[float, typer.Option(envvar=env("blocks-per-sec"), help="Simulator block rate")] = 15.0,
     coins: Annotated[int, typer.Option(envvar=env("coins"), help="Simulator coins")] = 50,
     seed: Annotated[int, typer.Option(envvar=env("seed"), help="Simulator seed")] = 1,
-    metrics_base_port: Annotated[int, typer.Option(envvar=env("metrics-base-port"), help="Prometheus ports: ingest on this one, shard k on +1+k, history after the shards (0: off)")] = 9100,
+    metrics_base_port: Annotated[int, typer.Option(envvar=env("metrics-base-port"), help="Prometheus ports: ingest on this one, shard k on +1+k, history on -1 (0: off)")] = 9100,
     sockets: Annotated[str | None, typer.Option(envvar=env("sockets"), help="Directory for the ZeroMQ ipc:// endpoints (default: a new temporary one)")] = None,
     curve_dir: Annotated[str | None, typer.Option(envvar=env("curve-dir"), help="ZeroMQ CURVE keys (hlbook keys DIR) for every socket (the default ipc:// endpoints are private to this host without them)")] = None,
     state_dir: Annotated[str, typer.Option(envvar=env("state-dir"), help="Where ingest keeps its position across restarts (with the simulator's temporary data: inside it)")] = config.STATE_DIR,

@@ -62,7 +62,7 @@ class Pipeline:
         specs.append(ChildSpec("history", ["history", "--data-dir", data_dir, "--mode", self.mode, "--state-dir", state_dir,
                                            "--history-days", str(self.history_days), *hours, "--ingest-pub", ingest[1],
                                            "--pub", history[1], "--query", history[3],
-                                           "--metrics-port", str(self.metrics_port(self.shards)), *curve, *common]))
+                                           "--metrics-port", str(self.metrics_base_port - 1 if self.metrics_base_port else 0), *curve, *common]))
         source = ["--info-url", info_url] if info_url else ["--snapshot-file", self.snapshot_file or ""]
         books: list[str] = []
         for k in range(self.shards):
@@ -77,7 +77,7 @@ class Pipeline:
         return specs
 
     def metrics_port(self, shard: int) -> int:
-        """Ingest: shard -1; book shard k: k; history: after the last shard (k = shards)."""
+        """Ingest: shard -1; book shard k: k (history: the base port - 1)."""
         return self.metrics_base_port + 1 + shard if self.metrics_base_port else 0
 
 
