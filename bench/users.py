@@ -47,6 +47,7 @@ users, the ratio and the µs the users add per block; the median of the rounds.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import gc
 import statistics
@@ -180,6 +181,7 @@ class StubUpstream:
     """What Hub needs of Upstream, without sockets."""
 
     shards = 1
+    has_history = False  # userFills snapshots are empty
 
     def __init__(self) -> None:
         self.counts: Counter[bytes] = Counter()
@@ -215,6 +217,10 @@ def gateway_input(received: list[Message], blocks: list[Block], coins: dict[str,
 
 def time_gateway(messages: list[list[Message]], users: list[str], feeds: list[str], per_user: int, warm: int) -> tuple[list[float], int]:
     """Seconds of Hub.on_message work per block (after ``warm`` blocks); texts queued to sessions."""
+    return asyncio.run(_time_gateway(messages, users, feeds, per_user, warm))  # the hub schedules on the running loop
+
+
+async def _time_gateway(messages: list[list[Message]], users: list[str], feeds: list[str], per_user: int, warm: int) -> tuple[list[float], int]:
     hub = Hub(StubUpstream(), Users(max_users=max(len(users), 1)))  # type: ignore[arg-type]
     sessions = []
     for user in users:
@@ -225,10 +231,13 @@ def time_gateway(messages: list[list[Message]], users: list[str], feeds: list[st
                 ident, key = identity(norm), feed_key(norm)
                 hub.check(key)
                 session.subs[ident] = SubscriptionStats(norm, key)
-                hub.attach(session, norm, ident, key)
-            session.outbox.clear()
-            session.texts = 0
+                hub.attach(session, ident, key)
             sessions.append(session)
+    for _ in range(3):  # the userFills joiners get their (empty) snapshots
+        await asyncio.sleep(0)
+    for session in sessions:
+        session.outbox.clear()
+        session.texts = 0
     seconds, texts = [], 0
     for i, block in enumerate(messages):
         t0 = time.perf_counter()
