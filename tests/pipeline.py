@@ -147,3 +147,14 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) 
             pass
         assert time.monotonic() < deadline, f"{base}/ready never answered 200"
         time.sleep(0.2)
+
+
+def wait_until(condition: Any, timeout: float, what: str, every: float = 0.1) -> Any:
+    """The first truthy value of ``condition()``, polled every ``every`` s; fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(every)

@@ -34,7 +34,7 @@ from hyperliquid.info import Info
 
 from conftest import free_port
 from hlbook.common import wire
-from pipeline import Up, post_info, stop_group, wait_ready
+from pipeline import Up, post_info, stop_group, wait_ready, wait_until
 from test_gateway_compat import hyperliquid
 
 DAYS = ["--history-days", "100000"]  # the fixture is months old: keep it
@@ -133,16 +133,6 @@ def ask_history(endpoint: str, timeout: float = 2.0, **query: Any) -> tuple[dict
         return msgspec.to_builtins(wire.decode(frames[0], wire.HistoryReply)), orjson.loads(frames[1]) if len(frames) > 1 else None
     finally:
         sock.close(0)
-
-
-def wait_until(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
 
 
 def dump(db: Path) -> dict[str, list[tuple[Any, ...]]]:

@@ -20,7 +20,7 @@ import pytest
 from websockets.sync.client import connect
 
 from conftest import free_port
-from pipeline import Up, http_get, post_info, stop_group
+from pipeline import Up, http_get, post_info, stop_group, wait_until
 
 from hlbook.common.topics import shard_of
 
@@ -80,16 +80,6 @@ def children(root: int) -> dict[str, int]:
             command = f"book-{args[args.index('--shard') + 1]}"
         named[command] = pid
     return named
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.1)
 
 
 def assert_tree_gone(pids: dict[int, int], timeout: float = 15.0) -> None:

@@ -89,7 +89,7 @@ class History:
         self.poller = zmq.Poller()
         for sock in (self.sub, self.pub, self.router):
             self.poller.register(sock, zmq.POLLIN)
-        self.subscribed: dict[bytes, int] = {}  # candle topics -> subscriptions
+        self.subscribed: set[bytes] = set()  # candle topics someone subscribes to
         self.parked: list[tuple[float, list[bytes], wire.HistoryQuery]] = []  # (deadline, envelope, query) awaiting min_height
         self.last_commit = time.monotonic()
         self.last_upkeep = 0.0
@@ -186,15 +186,13 @@ class History:
             if not event or not event[1:].startswith(topics.CANDLE_PREFIX):
                 continue
             topic = event[1:]
-            if event[0] == 1:
-                self.subscribed[topic] = self.subscribed.get(topic, 0) + 1
+            if event[0] == 1:  # every subscribe (XPUB_VERBOSE); an unsubscribe comes when the last one leaves
+                self.subscribed.add(topic)
                 parts = topics.split(topic)
                 if len(parts) == 3 and parts[2] in INTERVALS:
                     self.publish_candle(topic, parts[1], parts[2])
-            elif topic in self.subscribed:
-                self.subscribed[topic] -= 1
-                if self.subscribed[topic] <= 0:
-                    del self.subscribed[topic]
+            else:
+                self.subscribed.discard(topic)
 
     def publish_candle(self, topic: bytes, coin: str, interval: str) -> None:
         candle = self.store.newest_candle(coin, interval)
