@@ -758,12 +758,12 @@ def run_profile(name: str, rate: float | None, volume: float | None, args: argpa
     assert len(by_time) == len(times), "two blocks share a block time in ms"
     channels = args.channels.split(",")
 
-    port, mport = free_port(args.gateways), free_port(1 + args.shards)
+    port, mport = free_port(args.gateways), free_port(2 + args.shards) + 1  # history: mport - 1
     log = tmp / "up.log"
     up = subprocess.Popen(
         [args.python, "-m", "hlbook.cli", "up", "--no-simulate", "--data-dir", str(live), "--snapshot-file", str(snap),
          "--shards", str(args.shards), "--gateways", str(args.gateways), "--port", str(port), "--metrics-base-port", str(mport),
-         "--sockets", str(sockets),
+         "--sockets", str(sockets), "--history" if args.history else "--no-history",
          "--log-level", "WARNING"],
         stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,  # no checkout's hlbook/ shadows
         env={**os.environ, "PYTHONUNBUFFERED": "1",
@@ -966,6 +966,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--gateways", type=int, default=1, help="gateway processes; clients spread over them")
+    parser.add_argument("--history", action=argparse.BooleanOptionalAction, default=True, help="run the history service")
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--channels", default="bbo,l2Book,trades")

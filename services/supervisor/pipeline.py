@@ -38,6 +38,7 @@ class Pipeline:
     sockets: str | None = None  # directory of the ipc:// endpoints; None: a temporary one
     state_dir: str = ""  # ingest's position; "" with the simulator's temporary data: kept in it
     curve_dir: str | None = None  # ZeroMQ CURVE keys for every socket
+    history: bool = True  # run the history service (gateways then answer history requests and candles)
     history_days: float = 7.0
     history_hours: float | None = None  # backfill window (None: every file within history_days)
 
@@ -57,12 +58,15 @@ class Pipeline:
         specs.append(ChildSpec("ingest", ["ingest", "--data-dir", data_dir, "--mode", self.mode, "--state-dir", state_dir,
                                           "--pub", ingest[1], "--replay", ingest[3],
                                           "--metrics-port", str(self.metrics_port(-1)), *curve, *common]))
-        history = ["--history-pub", ipc_endpoint(sockets, "history-pub"), "--history-query", ipc_endpoint(sockets, "history-query")]
-        hours = ["--history-hours", str(self.history_hours)] if self.history_hours is not None else []
-        specs.append(ChildSpec("history", ["history", "--data-dir", data_dir, "--mode", self.mode, "--state-dir", state_dir,
-                                           "--history-days", str(self.history_days), *hours, "--ingest-pub", ingest[1],
-                                           "--pub", history[1], "--query", history[3],
-                                           "--metrics-port", str(self.metrics_base_port - 1 if self.metrics_base_port else 0), *curve, *common]))
+        history: list[str] = []
+        if self.history:
+            history = ["--history-pub", ipc_endpoint(sockets, "history-pub"), "--history-query", ipc_endpoint(sockets, "history-query")]
+            hours = ["--history-hours", str(self.history_hours)] if self.history_hours is not None else []
+            specs.append(ChildSpec("history", ["history", "--data-dir", data_dir, "--mode", self.mode, "--state-dir", state_dir,
+                                               "--history-days", str(self.history_days), *hours, "--ingest-pub", ingest[1],
+                                               "--pub", history[1], "--query", history[3],
+                                               "--metrics-port", str(self.metrics_base_port - 1 if self.metrics_base_port else 0),
+                                               *curve, *common]))
         source = ["--info-url", info_url] if info_url else ["--snapshot-file", self.snapshot_file or ""]
         books: list[str] = []
         for k in range(self.shards):
