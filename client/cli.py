@@ -12,11 +12,14 @@ INT_PARAMS = {"nSigFigs", "mantissa", "nLevels"}
 
 
 def parse_params(kind: str, params: list[str]) -> dict[str, Any]:
-    """``["coin=BTC", "nSigFigs=5"]`` -> a subscription dict."""
+    """``["coin=BTC", "nSigFigs=5"]`` -> a subscription dict. A bare first value is the
+    coin (``BTC``), or the user when it is an address (``0x…``)."""
     sub: dict[str, Any] = {"type": kind}
-    for item in params:
+    for i, item in enumerate(params):
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep and i == 0:
+            key, value = ("user" if item.startswith("0x") else "coin"), item
+        elif not sep or not key:
             raise ValueError(f"expected key=value, got {item!r}")
         sub[key] = _value(key, value)
     return sub
@@ -34,7 +37,7 @@ def _value(key: str, value: str) -> Any:
 
 def client(
     kind: Annotated[str, typer.Argument(metavar="TYPE", help="Subscription type: l2Book, trades, bbo, allMids, candle, l4Book, orderUpdates, userFills…")],
-    params: Annotated[list[str] | None, typer.Argument(metavar="PARAMS", help="key=value, e.g. coin=BTC nSigFigs=5 interval=1m user=0x…")] = None,
+    params: Annotated[list[str] | None, typer.Argument(metavar="PARAMS", help="key=value, e.g. coin=BTC nSigFigs=5 interval=1m user=0x… (a bare first value is the coin, or the user if 0x…)")] = None,
     url: Annotated[str, typer.Option(envvar="HLBOOK_URL", help="WebSocket URL")] = "ws://127.0.0.1:8000/ws",
     json_out: Annotated[bool, typer.Option("--json", envvar="HLBOOK_JSON", help="One JSON message per line")] = False,
     count: Annotated[int | None, typer.Option(envvar="HLBOOK_COUNT", help="Stop after N messages")] = None,

@@ -19,8 +19,18 @@ from hlbook.services.supervisor.cli import up
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
 
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        typer.echo(f"hlbook {version('hlbook')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit"),
+) -> None:
     """hlbook: Hyperliquid node files -> L4 books -> public-API-compatible WebSocket/HTTP."""
 
 

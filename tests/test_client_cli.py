@@ -21,8 +21,10 @@ def test_parse_params() -> None:
     assert parse_params("l2Book", ["coin=BTC", "nSigFigs=5", "mantissa=2"]) == {"type": "l2Book", "coin": "BTC", "nSigFigs": 5, "mantissa": 2}
     assert parse_params("userFills", ["user=0xAB", "aggregateByTime=true"]) == {"type": "userFills", "user": "0xAB", "aggregateByTime": True}
     assert parse_params("trades", ["coin=@107"]) == {"type": "trades", "coin": "@107"}
+    assert parse_params("l2Book", ["BTC", "nSigFigs=5"]) == {"type": "l2Book", "coin": "BTC", "nSigFigs": 5}  # a bare coin
+    assert parse_params("orderUpdates", ["0xab"]) == {"type": "orderUpdates", "user": "0xab"}
     with pytest.raises(ValueError):
-        parse_params("trades", ["coin"])
+        parse_params("trades", ["coin=BTC", "ETH"])
 
 
 def test_l2_table_output() -> None:

@@ -164,9 +164,11 @@ def test_readme_run_command_on_a_clean_clone(tmp_path: Path) -> None:
         up_ready = time.monotonic()
         print(f"\nclean clone: install {installed - started:.1f} s, then ready {up_ready - installed:.1f} s")
 
+        wait_until(lambda: "hlbook up: ready:" in log_path.read_text(), 10, "the ready line")
         output = log_path.read_text()
         ws_url = f"ws://127.0.0.1:{port}/ws"
-        assert re.search(rf"WebSocket {re.escape(ws_url)}\b", output), output[-3000:]
+        assert re.search(rf"ready: WebSocket {re.escape(ws_url)}; POST http://127.0.0.1:{port}/info; web view http://127.0.0.1:{port}/",
+                         output), output[-3000:]
         book = l2_book(ws_url, "BTC")
         assert book["coin"] == "BTC" and book["time"] > 0
 
@@ -183,6 +185,57 @@ def test_readme_run_command_on_a_clean_clone(tmp_path: Path) -> None:
         for pid in alive(pids):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ----------------------------------------------------------------- mistakes: one line, a non-zero exit
+
+
+def hlbook_up(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hlbook.cli", "up", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+def test_wrong_arguments_are_named_before_anything_starts(tmp_path: Path) -> None:
+    result = hlbook_up("--no-simulate", "--data-dir", str(tmp_path / "nowhere"), "--mode", "fast")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert f"hlbook up: --data-dir {tmp_path / 'nowhere'}: no such directory (give the directory that holds the node's hl/data/, e.g. ~)" in lines
+    assert any(line.startswith("hlbook up: --mode fast: use by-block") for line in lines)
+    assert any("--info-url" in line and "--snapshot-file" in line for line in lines)
+    (tmp_path / "node" / "hl" / "data").mkdir(parents=True)
+    dead = free_port()  # nothing listens there
+    result = hlbook_up("--no-simulate", "--data-dir", str(tmp_path / "node"), "--info-url", f"http://127.0.0.1:{dead}/info",
+                       "--port", str(free_port()), "--metrics-base-port", "0")
+    assert result.returncode == 2
+    assert f"--info-url http://127.0.0.1:{dead}/info: cannot connect" in result.stderr and "--serve-info" in result.stderr
+
+
+def test_ports_in_use_are_refused_not_shared(tmp_path: Path) -> None:
+    """A second instance on the same ports: refused with the flag to change, never cross-talk."""
+    import socket
+
+    taken = [socket.socket() for _ in range(2)]
+    try:
+        for sock in taken:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+        http, info = (sock.getsockname()[1] for sock in taken)
+        result = hlbook_up("--port", str(http), "--info-port", str(info), "--metrics-base-port", "0")
+        assert result.returncode == 2, result.stderr
+        assert f"hlbook up: --port {http}: already in use" in result.stderr
+        assert f"hlbook up: --info-port {info} (the simulator's info server): already in use" in result.stderr
+    finally:
+        for sock in taken:
+            sock.close()
+
+
+def test_a_child_failing_at_every_start_stops_up_with_its_error(tmp_path: Path) -> None:
+    result = hlbook_up("--port", str(free_port()), "--info-port", str(free_port()), "--metrics-base-port", "0",
+                       "--sockets", str(tmp_path / "zmq"), env={"HLBOOK_QUEUE_SIZE": "many"}, timeout=90)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("hlbook up: gateway-0 failed 3 times in a row at start (exit code 2):"), last
+    assert "--queue-size" in last and "HLBOOK_QUEUE_SIZE" in last
 
 
 # ----------------------------------------------------------------- supervisor with the real system

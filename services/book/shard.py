@@ -51,6 +51,7 @@ QUERY_BATCH = 64  # queries answered per loop iteration
 HEARTBEAT_S = 1.0  # seconds between ShardStatus messages
 SNDHWM = 50_000  # messages queued per gateway before the XPUB drops (gateways detect the loss and recover)
 REPLIES_QUEUED = 8  # query replies (an l4 snapshot: ~19 MB) queued for a peer that does not read them
+INIT_BACKOFF_MAX = 30.0  # seconds between snapshot attempts at most while initialising
 
 
 @dataclass
@@ -107,6 +108,7 @@ class Shard:
                                          cfg.replay_timeout, self.recovery.resync, cfg.curve_dir)
         self.dropper = hooks.Dropper(state, cfg.test_drop_every)
         self.retry_at = 0.0
+        self.init_failures = 0  # snapshot failures in a row while initialising (backoff)
         self.heartbeat_at = 0.0
         self.stopped = False
 
@@ -192,12 +194,18 @@ class Shard:
         try:
             height, books = snapshot.load_file(self.cfg.snapshot_file or "", self.state.owns)
         except (OSError, snapshot.SnapshotError) as exc:
-            log.error("cannot read snapshot file %s: %s", self.cfg.snapshot_file, exc)
             metrics.SNAPSHOTS.labels("init", "error").inc()
-            self.retry_at = time.monotonic() + self.cfg.retry_every
+            self.init_failed(f"cannot read snapshot file {self.cfg.snapshot_file!r}: {exc}")
             return
         metrics.SNAPSHOTS.labels("init", "ok").inc()
         self.finish_init(height, books)
+
+    def init_failed(self, why: str) -> None:
+        """Try the snapshot again later: 1 s, 2 s, 4 s … up to INIT_BACKOFF_MAX s."""
+        delay = min(self.cfg.retry_every * 2 ** self.init_failures, INIT_BACKOFF_MAX)
+        self.init_failures += 1
+        log.error("%s; trying again in %.0f s", why, delay)
+        self.retry_at = time.monotonic() + delay
 
     def finish_init(self, height: int, books: dict[str, Book]) -> None:
         """Install the snapshot's books, replay from its height + 1, go live."""
@@ -213,6 +221,7 @@ class Shard:
             self.retry_at = time.monotonic() + self.cfg.retry_every
             return
         state.phase = CoinState.LIVE
+        self.init_failures = 0
         self.poller.register(self.sub, zmq.POLLIN)
         for coin, c in state.coins.items():
             state.update_mid(c.book)
@@ -226,10 +235,11 @@ class Shard:
         initialising = self.state.phase == CoinState.INITIALISING
         if fetched.error is not None:
             metrics.SNAPSHOTS.labels(fetched.purpose, "error").inc()
-            log.error("snapshot (%s) failed: %s", fetched.purpose, fetched.error)
             if initialising:
-                self.retry_at = time.monotonic() + self.cfg.retry_every
+                self.init_failed(f"snapshot from {self.cfg.info_url} failed: {fetched.error} "
+                                 "(is the node running with --serve-info, and is --info-url its address?)")
             else:
+                log.error("snapshot (%s) failed: %s", fetched.purpose, fetched.error)
                 self.recovery.on_fetched(fetched)
             return
         metrics.SNAPSHOTS.labels(fetched.purpose, "ok").inc()

@@ -35,34 +35,47 @@ def up(
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """Run sim (optional), ingest, N book shards and M gateways as supervised children."""
+    from hlbook.services.supervisor import checks
     from hlbook.services.supervisor.pipeline import Pipeline, run
+    from hlbook.services.supervisor.supervisor import ChildFailed
 
     if simulate is None:
         simulate = data_dir is None
     if not simulate and data_dir is None:
-        raise typer.BadParameter("--data-dir is required with --no-simulate")
-    run(
-        Pipeline(
-            simulate=simulate,
-            data_dir=data_dir,
-            info_url=info_url,
-            snapshot_file=snapshot_file,
-            mode=mode,
-            shards=shards or max(1, os.cpu_count() or 1),
-            gateways=gateways,
-            host=host,
-            port=port,
-            info_port=info_port,
-            blocks_per_sec=blocks_per_sec,
-            coins=coins,
-            seed=seed,
-            metrics_base_port=metrics_base_port,
-            log_level=log_level,
-            sockets=sockets,
-            state_dir=state_dir,
-            curve_dir=curve_dir,
-            history=history,
-            history_days=history_days,
-            history_hours=history_hours,
-        )
+        _fail("--no-simulate needs --data-dir (the directory that holds the node's hl/data/)")
+    pipeline = Pipeline(
+        simulate=simulate,
+        data_dir=data_dir,
+        info_url=info_url,
+        snapshot_file=snapshot_file,
+        mode=mode,
+        shards=shards or max(1, os.cpu_count() or 1),
+        gateways=gateways,
+        host=host,
+        port=port,
+        info_port=info_port,
+        blocks_per_sec=blocks_per_sec,
+        coins=coins,
+        seed=seed,
+        metrics_base_port=metrics_base_port,
+        log_level=log_level,
+        sockets=sockets,
+        state_dir=state_dir,
+        curve_dir=curve_dir,
+        history=history,
+        history_days=history_days,
+        history_hours=history_hours,
     )
+    found = checks.problems(pipeline)
+    if found:
+        _fail(*found)
+    try:
+        run(pipeline)
+    except ChildFailed as exc:
+        _fail(str(exc), code=1)
+
+
+def _fail(*lines: str, code: int = 2) -> None:
+    for line in lines:
+        typer.echo(f"hlbook up: {line}", err=True)
+    raise typer.Exit(code)

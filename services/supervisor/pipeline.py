@@ -106,6 +106,13 @@ class Status:
                 f" | clients {clients:.0f}")
 
 
+def _ready(base: str) -> bool:
+    try:
+        return urllib.request.urlopen(f"{base}/ready", timeout=0.5).status == 200
+    except OSError:
+        return False
+
+
 def _metrics(url: str) -> dict[str, float]:
     """Unlabelled samples of a Prometheus endpoint; empty when it does not answer."""
     try:
@@ -127,15 +134,19 @@ def run(pipeline: Pipeline) -> None:
     os.makedirs(sockets, exist_ok=True)
     supervisor = Supervisor(pipeline.specs(data_dir, sockets))
     status = Status(pipeline)
+    base = f"http://{pipeline.host}:{pipeline.port}"
     urls = [f"ws://{pipeline.host}:{pipeline.port + i}/ws" for i in range(pipeline.gateways)]
-    print(f"hlbook up: data {data_dir}; WebSocket {', '.join(urls)}; "
-          f"POST http://{pipeline.host}:{pipeline.port}/info; ready: GET http://{pipeline.host}:{pipeline.port}/ready",
-          file=sys.stderr, flush=True)
+    print(f"hlbook up: starting (node data {data_dir}); a 'ready' line follows when every gateway serves", file=sys.stderr, flush=True)
     ticks = 0
+    ready = False
 
     def tick() -> None:
-        nonlocal ticks
+        nonlocal ticks, ready
         ticks += 1
+        if not ready and all(_ready(f"http://{pipeline.host}:{pipeline.port + i}") for i in range(pipeline.gateways)):
+            ready = True
+            print(f"\nhlbook up: ready: WebSocket {', '.join(urls)}; POST {base}/info; web view {base}/; "
+                  f"health {base}/ready", file=sys.stderr, flush=True)
         line = status.line()
         if sys.stderr.isatty():
             print(f"\r{line}   ", end="", file=sys.stderr, flush=True)

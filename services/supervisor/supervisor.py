@@ -1,7 +1,10 @@
 """A small process supervisor for `hlbook up`: starts the services as child
 processes, restarts a crashed child with exponential backoff, and stops
 everything on SIGTERM/SIGINT (children also get SIGTERM if the supervisor
-itself dies, via PR_SET_PDEATHSIG on Linux)."""
+itself dies, via PR_SET_PDEATHSIG on Linux). A child that fails
+``FAILED_STARTS`` times in a row within ``START_WINDOW_S`` of starting cannot
+work as configured: everything stops and ``ChildFailed`` carries its last error
+line (children's stderr passes through the supervisor, which keeps its tail)."""
 
 from __future__ import annotations
 
@@ -11,9 +14,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import IO
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +27,18 @@ BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 30.0  # a child up this long has its backoff reset
 STOP_GRACE_S = 8.0
+START_WINDOW_S = 10.0  # an exit this soon after starting is a failed start
+FAILED_STARTS = 3  # failed starts in a row after which `up` gives up
+TAIL_LINES = 20
+PANEL = "│╭╮╰╯─ "  # the frame of typer's error panels
+
+
+class ChildFailed(Exception):
+    """A child keeps failing at start."""
+
+    def __init__(self, name: str, code: int, last_error: str) -> None:
+        super().__init__(f"{name} failed {FAILED_STARTS} times in a row at start (exit code {code}): {last_error}")
+        self.name, self.code, self.last_error = name, code, last_error
 
 
 @dataclass
@@ -42,6 +60,26 @@ class Child:
     backoff: float = BACKOFF_START_S
     restart_at: float | None = None
     exit_codes: list[int] = field(default_factory=list)
+    failed_starts: int = 0  # exits within START_WINDOW_S of starting, in a row
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))  # its last stderr lines
+
+    def last_error(self) -> str:
+        """The last line of its stderr that says something (a traceback ends with the exception)."""
+        tail = [line.strip() for line in self.tail if line.strip()]
+        if tail and tail[-1].startswith("╰"):  # typer's error panel: its text, joined
+            top = max((i for i, line in enumerate(tail) if line.startswith("╭")), default=0)
+            return " ".join(text for text in (line.strip(PANEL) for line in tail[top:]) if text)
+        return tail[-1] if tail else "(it printed nothing)"
+
+
+def _pass_through(stream: IO[bytes], tail: deque[str]) -> None:
+    """Copy a child's stderr to ours, keeping its last lines."""
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace")
+        tail.append(line)
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    stream.close()
 
 
 def _die_with_parent() -> None:
@@ -60,7 +98,9 @@ class Supervisor:
 
     def start(self, child: Child) -> None:
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
-        child.proc = subprocess.Popen(child.spec.argv, env=self.env, preexec_fn=preexec)
+        child.proc = subprocess.Popen(child.spec.argv, env=self.env, preexec_fn=preexec, stderr=subprocess.PIPE)
+        threading.Thread(target=_pass_through, args=(child.proc.stderr, child.tail), daemon=True,
+                         name=f"stderr-{child.spec.name}").start()
         child.started_at = time.monotonic()
         child.restart_at = None
         log.info("started %s (pid %d): %s", child.spec.name, child.proc.pid, " ".join(child.spec.args))
@@ -84,6 +124,10 @@ class Supervisor:
             child.exit_codes.append(code)
             if now - child.started_at >= STABLE_AFTER_S:
                 child.backoff = BACKOFF_START_S
+            child.failed_starts = child.failed_starts + 1 if now - child.started_at < START_WINDOW_S else 0
+            if child.failed_starts >= FAILED_STARTS and not self.stopping:
+                time.sleep(0.2)  # the rest of its stderr
+                raise ChildFailed(child.spec.name, code, child.last_error())
             log.error("%s exited with %s; restarting in %.1fs", child.spec.name, code, child.backoff)
             child.restart_at = now + child.backoff
             child.backoff = min(child.backoff * 2, BACKOFF_MAX_S)
