@@ -54,6 +54,9 @@ def main() -> int:
         argv = [str(BIN / "hlbook"), "up", *(extra or ["--simulate"])]
     else:
         argv = [str(BIN / "python"), "-m", "pytest", *extra]
+        if not os.path.exists("/usr/bin/chromium"):
+            print("dev.py: tests/test_webview.py drives Debian's Chromium, which is missing here: "
+                  "apt-get install -y --no-install-recommends chromium", flush=True)
     os.chdir(ROOT)
     sys.stdout.flush()
     # Replace this process, so that SIGTERM/SIGINT reach `hlbook up` (whose

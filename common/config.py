@@ -7,9 +7,11 @@ Every CLI flag also reads an environment variable ``HLBOOK_<FLAG>`` (see
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from pathlib import Path
+from typing import IO
 
 ENV_PREFIX = "HLBOOK_"
 DEFAULT_HOST = "127.0.0.1"
@@ -43,3 +45,20 @@ def state_file(state_dir: str | Path, service: str, data_dir: str | Path, mode: 
     dirs, or both modes of one, can share a state dir."""
     key = hashlib.sha256(f"{os.path.abspath(data_dir)}\0{mode}".encode()).hexdigest()[:16]
     return Path(state_dir) / f"{service}-{key}{suffix}"
+
+
+class StateInUse(RuntimeError):
+    """Another process holds a state file (two instances on the same node files and state dir)."""
+
+
+def hold(path: Path) -> IO[str]:
+    """Lock ``<path>.lock`` for the life of this process (keep the returned file open)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path.with_name(path.name + ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise StateInUse(f"{path} is in use by another process (a second hlbook on the same node files?); "
+                         "give this one another --state-dir") from None
+    return lock

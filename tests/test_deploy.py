@@ -676,6 +676,18 @@ def test_prometheus_targets_match_metrics_ports():
         assert targets.get(job) == want, f"{job}: targets {targets.get(job)}, compose serves metrics on {want}"
 
 
+def test_alert_rules_use_existing_metrics():
+    alerts = DEPLOY / "prometheus-alerts.yml"
+    assert alerts.name in yaml.safe_load(PROMETHEUS.read_text()).get("rule_files", [])
+    rules = [r for g in yaml.safe_load(alerts.read_text())["groups"] for r in g["rules"]]
+    assert rules
+    names = metric_names()
+    for rule in rules:
+        assert {"alert", "expr", "for", "labels", "annotations"} <= set(rule), rule.get("alert")
+        unknown = set(re.findall(r"\bhlbook_[a-z0-9_]+", rule["expr"])) - names
+        assert not unknown, f"{rule['alert']}: {sorted(unknown)} not in the code"
+
+
 def test_ingest_and_book_metrics_reachable_from_prometheus():
     procs = compose_procs() + k8s_procs(k8s_objects())
     for proc in procs:

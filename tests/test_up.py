@@ -238,6 +238,24 @@ def test_a_child_failing_at_every_start_stops_up_with_its_error(tmp_path: Path) 
     assert "--queue-size" in last and "HLBOOK_QUEUE_SIZE" in last
 
 
+def test_a_second_ingest_on_the_same_state_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "node" / "hl" / "data").mkdir(parents=True)
+
+    def ingest(name: str) -> list[str]:
+        return [sys.executable, "-m", "hlbook.cli", "ingest", "--data-dir", str(tmp_path / "node"), "--state-dir", str(tmp_path / "state"),
+                "--pub", f"ipc://{tmp_path}/{name}-pub", "--replay", f"ipc://{tmp_path}/{name}-replay"]
+
+    first = subprocess.Popen(ingest("a"), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_until(lambda: list((tmp_path / "state").glob("ingest-*.json.lock")), 20, "the first ingest's lock")
+        second = subprocess.run(ingest("b"), capture_output=True, text=True, timeout=30)
+        assert second.returncode == 2
+        assert "is in use by another process (a second hlbook on the same node files?)" in second.stderr
+        assert first.poll() is None
+    finally:
+        stop_group(first)
+
+
 # ----------------------------------------------------------------- supervisor with the real system
 
 

@@ -307,7 +307,11 @@ def run(cfg: HistoryConfig) -> None:
     if cfg.niceness:
         os.nice(cfg.niceness)
     serve(cfg.metrics_port, cfg.metrics_host)
-    history = History(cfg)
+    try:
+        history = History(cfg)
+    except config.StateInUse as exc:
+        log.error("%s", exc)
+        raise SystemExit(2) from None
     stop_on_signals(lambda: setattr(history, "stopped", True))
     log.info("store %s, backfill of %s (%s), live from %s, queries on %s, candles on %s", history.store.path, cfg.data_dir,
              cfg.mode, cfg.ingest_pub, cfg.query, cfg.pub)

@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from hlbook.common import fixed
+from hlbook.common import config, fixed
 from hlbook.common.candles import INTERVALS, Candle, bounds, oldest_kept, seq
 from hlbook.common.fills import aggregate_by_time, trades_of
 from hlbook.common.models import Fill, OrderStatus, UserFill, block_time_ms
@@ -79,7 +79,7 @@ def json_list(bodies: Iterable[bytes]) -> bytes:
 class Store:
     def __init__(self, path: str | Path, days: float = 7.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = config.hold(self.path)  # one writer
         self.db = sqlite3.connect(self.path, isolation_level=None)
         for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "temp_store=MEMORY", "cache_size=-65536"):
             self.db.execute(f"PRAGMA {pragma}")
@@ -275,6 +275,7 @@ class Store:
     def close(self) -> None:
         self.commit()
         self.db.close()
+        self._lock.close()
 
     # ------------------------------------------------------------ answers (JSON as clients get it)
 

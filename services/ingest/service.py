@@ -58,7 +58,11 @@ class Ingest:
             raise ValueError(f"mode must be by-block or streaming, not {cfg.mode!r}")
         self.cfg = cfg
         self.tailers = {s: Tailer(cfg.data_dir, s, cfg.mode) for s in STREAMS}
-        self.position = PositionFile(config.state_file(cfg.state_dir, "ingest", cfg.data_dir, cfg.mode, ".json")) if cfg.state_dir else None
+        self.position, self._lock = None, None
+        if cfg.state_dir:
+            path = config.state_file(cfg.state_dir, "ingest", cfg.data_dir, cfg.mode, ".json")
+            self._lock = config.hold(path)
+            self.position = PositionFile(path)
         saved = self.position.load() if self.position is not None and cfg.from_height is None else None
         self.subs = Subscriptions(saved.users if saved else (), keep_for=RESUBSCRIBE_S)
         self.builder = MessageBuilder(self.subs)
@@ -224,6 +228,8 @@ class Ingest:
 
     def close(self) -> None:
         self.save_position(force=True)
+        if self._lock is not None:
+            self._lock.close()
         for tailer in self.tailers.values():
             tailer.close()
         if self.watcher is not None:
@@ -237,7 +243,11 @@ class Ingest:
 def run(cfg: IngestConfig) -> None:
     logs.setup("ingest", cfg.log_level)
     serve(cfg.metrics_port, cfg.metrics_host)
-    ingest = Ingest(cfg)
+    try:
+        ingest = Ingest(cfg)
+    except config.StateInUse as exc:
+        log.error("%s", exc)
+        raise SystemExit(2) from None
     stop_on_signals(lambda: setattr(ingest, "stopped", True))
     log.info("publishing on %s, replay on %s, mode %s", cfg.pub, cfg.replay, cfg.mode)
     ingest.run()
