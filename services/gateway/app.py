@@ -232,7 +232,7 @@ class Gateway:
         if stats is None:
             raise RequestError(f"Already unsubscribed: {dumps(norm)}", "not_subscribed")
         self.hub.detach(session, stats.feed)
-        session.latest.pop(stats.feed, None)
+        session.forget(stats.feed)
         session.reply(message("subscriptionResponse", {"method": method, "subscription": norm}))
 
     def post(self, session: Session, request: dict[str, Any]) -> None:

@@ -203,6 +203,11 @@ class Session:
             self._queue(conflate)
         return replaced
 
+    def forget(self, key: FeedKey) -> None:
+        """A conflated feed the client left: its pending text is not sent (its key leaves the outbox)."""
+        if self.latest.pop(key, None) is not None and key in self.outbox:
+            self.outbox.remove(key)
+
     def _queue(self, item: Message | FeedKey) -> None:
         if self.closing:
             return

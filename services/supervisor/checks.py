@@ -32,10 +32,8 @@ def problems(p: Pipeline) -> list[str]:
 def _node(p: Pipeline) -> list[str]:
     found = []
     data = Path(p.data_dir or "")
-    if not data.is_dir():
+    if not data.is_dir():  # hl/data/ itself may come later: the node creates it when it starts writing
         found.append(f"--data-dir {p.data_dir}: no such directory (give the directory that holds the node's hl/data/, e.g. ~)")
-    elif not (data / "hl" / "data").is_dir():
-        found.append(f"--data-dir {p.data_dir}: it has no hl/data/ (give the node's home, where hl/data/node_* are written)")
     if p.snapshot_file:
         if not Path(p.snapshot_file).is_file():
             found.append(f"--snapshot-file {p.snapshot_file}: no such file")
