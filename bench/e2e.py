@@ -80,6 +80,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -93,7 +94,8 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "data" / "mainnet_btc_985148181_985148206.tar.gz"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PROFILES = {"btc": (None, None), "mainnet": (15.0, 4.0), "3x": (15.0, 12.0)}
+PROFILES = {"btc": (None, None), "mainnet": (15.0, 4.0), "3x": (15.0, 12.0), "full": (12.0, 1.0), "full3x": (12.0, 3.0)}
+FULL_PREWARM = 24  # the full profile's books start deep: a few blocks are enough
 CHANNEL_IDS = {"bbo": 0, "l2Book": 1, "trades": 2}
 PHASES = "ABC"
 SO_TIMESTAMPNS = 35  # Linux: receive timestamps (not in Python's socket module)
@@ -106,7 +108,7 @@ _L4_HEAD = re.compile(rb'{"channel":"l4Book","data":{"(Snapshot|Updates)":{[^\[]
 
 
 def generate_sim(stage: Path, snapshot: Path, n_blocks: int, coins: int, seed: int, rate: float, volume: float,
-                 lead_s: float, prewarm: int) -> tuple[list[int], list[int], list[str]]:
+                 lead_s: float, prewarm: int, profile: str = "default") -> tuple[list[int], list[int], list[str]]:
     """Simulator blocks: ``prewarm`` not written (the books fill up), the state as ``snapshot``,
     then ``n_blocks`` into ``stage``, block times starting ``lead_s`` from now."""
     from hlbook.services.nodesim.engine import Simulator
@@ -114,7 +116,7 @@ def generate_sim(stage: Path, snapshot: Path, n_blocks: int, coins: int, seed: i
     from hlbook.services.nodesim.writer import NodeWriter
 
     start = datetime.now(timezone.utc) + timedelta(seconds=lead_s - prewarm / rate)
-    sim = Simulator(seed=seed, coins=coins, blocks_per_sec=rate, volume=volume, start_time=start)
+    sim = Simulator(seed=seed, coins=coins, blocks_per_sec=rate, volume=volume, start_time=start, profile=profile)
     for _ in range(prewarm):
         sim.step()
     height, body = sim.snapshot()
@@ -688,6 +690,49 @@ def ms_summary(ns: list[int]) -> str:
             f"p99.9 {pct(v, 99.9) / 1e6:.2f}, max {v[-1] / 1e6:.2f} ms (n={len(v):,})")
 
 
+class StartupWatch:
+    """Peak RSS of the shards from `hlbook up`'s start until ready (a thread sampling /proc)."""
+
+    def __init__(self, up_pid: int) -> None:
+        self.up_pid = up_pid
+        self.peak: dict[str, float] = {}
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.ready_s = 0.0
+
+    def __enter__(self) -> StartupWatch:
+        self.started = time.monotonic()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ready_s = time.monotonic() - self.started
+        self.stopped.set()
+        self.thread.join()
+
+    def _sample(self) -> None:
+        while not self.stopped.wait(0.05):
+            for name, pid in up_children(self.up_pid).items():
+                if name.startswith("book"):
+                    self.peak[name] = max(self.peak.get(name, 0.0), proc_rss_mb(pid))
+
+    def report(self, up_started: float, snap: Path, shard_metrics: list[dict[str, float]], line: Any) -> None:
+        """Start-up time, each shard's orders, peak and steady RSS, bytes per order."""
+        line(f"start-up: snapshot file {snap.stat().st_size / 1e6:.0f} MB on disk; every shard live and the gateway ready "
+             f"{time.monotonic() - up_started:.1f} s after `hlbook up` started")
+        steady = {name: proc_rss_mb(pid) for name, pid in up_children(self.up_pid).items() if name.startswith("book")}
+        for k, m in enumerate(shard_metrics):
+            name = f"book-{k}"
+            orders, coins = m.get("hlbook_book_orders", 0.0), m.get("hlbook_book_coins", 0.0)
+            per_order = (steady.get(name, 0.0) - EMPTY_SHARD_MB) * 1e6 / orders if orders else 0.0
+            line(f"  {name}: {coins:.0f} coins, {orders:,.0f} orders; RSS peak during start-up {self.peak.get(name, 0.0):.0f} MB, "
+                 f"once live {steady.get(name, 0.0):.0f} MB (ratio {self.peak.get(name, 0.0) / max(steady.get(name, 1.0), 1.0):.2f}); "
+                 f"{per_order:.0f} bytes an order above an empty shard's {EMPTY_SHARD_MB:.0f} MB")
+
+
+EMPTY_SHARD_MB = 45.0  # RSS of a shard holding no coin (the btc profile's second shard)
+
+
 class Sampler:
     """CPU and RSS of every process, and the machine's busy time, over one phase."""
 
@@ -748,9 +793,11 @@ def run_profile(name: str, rate: float | None, volume: float | None, args: argpa
         n_blocks = int(rate * seconds)
         print(f"\n=== profile {name}: {rate:g} blocks/s, volume {volume:g}, {args.coins} coins; generating {n_blocks} blocks ...",
               flush=True)
-        est_gen = (n_blocks + args.prewarm / 2) * volume / 300  # ~300 blocks/s at volume 1 incl. encoding
+        full = name.startswith("full")
+        prewarm = min(args.prewarm, FULL_PREWARM) if full else args.prewarm
+        est_gen = (n_blocks + prewarm / 2) * volume * (0.2 if full else 1 / 300) + (10 if full else 0)  # s, encoding included
         heights, times, coin_names = generate_sim(stage, snap, n_blocks, args.coins, args.seed, rate, volume, est_gen + 8,
-                                                  args.prewarm)
+                                                  prewarm, "full" if full else "default")
     files, index = build_index(stage, heights)
     print(f"generated in {time.monotonic() - t:.1f} s ({sum(l for b in index for _, _, l in b) / 1e6:.0f} MB staged)", flush=True)
     first = heights[0]
@@ -760,6 +807,7 @@ def run_profile(name: str, rate: float | None, volume: float | None, args: argpa
 
     port, mport = free_port(args.gateways), free_port(2 + args.shards) + 1  # history: mport - 1
     log = tmp / "up.log"
+    up_started = time.monotonic()
     up = subprocess.Popen(
         [args.python, "-m", "hlbook.cli", "up", "--no-simulate", "--data-dir", str(live), "--snapshot-file", str(snap),
          "--shards", str(args.shards), "--gateways", str(args.gateways), "--port", str(port), "--metrics-base-port", str(mport),
@@ -791,8 +839,10 @@ def run_profile(name: str, rate: float | None, volume: float | None, args: argpa
                                                         late, written, stop), daemon=True)
         writer.start()
         procs.append(writer)
-        wait_for("/ready", lambda: http_status(f"{base}/ready") == 200, 120, up, log)
+        with StartupWatch(up.pid) as startup:
+            wait_for("/ready", lambda: http_status(f"{base}/ready") == 200, 300, up, log)
         ready_at = written.value
+        startup.report(up_started, snap, [metrics(mport + 1 + k) for k in range(args.shards)], print)
 
         plan = [(i, [coin_names[(i * args.coins_per_client + j) % len(coin_names)] for j in range(args.coins_per_client)])
                 for i in range(args.clients)]

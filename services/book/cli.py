@@ -11,7 +11,7 @@ from hlbook.common.config import env
 
 
 def book(
-    shard: Annotated[int, typer.Option(envvar=env("shard"), help="This shard's index K (owns coins with crc32(coin) % N == K)")],
+    shard: Annotated[int, typer.Option(envvar=env("shard"), help="This shard's index K (owns the coins common.topics.shard_of places on K of N: the majors balanced by weight, the rest by crc32)")],
     shards: Annotated[int, typer.Option(envvar=env("shards"), help="Number of shards N")],
     info_url: Annotated[str | None, typer.Option(envvar=env("info-url"), help="Node info server (fileSnapshot) for init, resync and validation")] = None,
     snapshot_file: Annotated[str | None, typer.Option(envvar=env("snapshot-file"), help="Node fileSnapshot output to start from (no resync/validation without --info-url)")] = None,

@@ -7,7 +7,7 @@ Lifecycle (docs/ARCHITECTURE.md):
    socket is not read: ZeroMQ queues what arrives (bounded by ``RCVHWM``;
    anything dropped beyond it shows as a gap later and is repaired).
 2. Load the node snapshot (``--snapshot-file``, or ``--info-url`` fetched in a
-   helper thread), keep the owned coins (``crc32(coin) % N == K``).
+   helper thread), keep the owned coins (``topics.shard_of(coin, N) == K``).
 3. Replay ``H|``/``B|`` from snapshot height + 1 from ingest's ROUTER, then
    read the queued live messages, skipping what was applied: live, no gap.
 
@@ -97,7 +97,7 @@ class Shard:
             self.poller.register(sock, zmq.POLLIN)
         self.job_fds: set[int] = set()
         self.jobs = Jobs()
-        self.fetcher = snapshot.Fetcher(cfg.info_url, state.owns) if cfg.info_url else None
+        self.fetcher = snapshot.Fetcher(cfg.info_url, state.owns, state.name) if cfg.info_url else None
         self.recovery = Recovery(state, self.publisher, Replayer(self.ctx, cfg.ingest_replay, cfg.replay_timeout, self.curve),
                                  self.fetcher, cfg.retry_every)
         self.stream = Stream(state, self.publisher, self.recovery)
@@ -109,6 +109,7 @@ class Shard:
         self.dropper = hooks.Dropper(state, cfg.test_drop_every)
         self.retry_at = 0.0
         self.init_failures = 0  # snapshot failures in a row while initialising (backoff)
+        self.fresh_after = 0.0  # epoch s: a snapshot to start from must be written after this
         self.heartbeat_at = 0.0
         self.stopped = False
 
@@ -188,7 +189,7 @@ class Shard:
         """Load the snapshot (file) or start fetching it (info server)."""
         if self.fetcher is not None:
             if not self.fetcher.busy:
-                self.fetcher.start("init")
+                self.fetcher.start("init", self.fresh_after)
             self.retry_at = time.monotonic() + 3600  # on_fetched decides what comes next
             return
         try:
@@ -216,7 +217,8 @@ class Shard:
         self.stream.start_at(height)
         if not self.recovery.replay(height + 1, [topics.HEADER, topics.BOOK_PREFIX]):
             metrics.INIT_RESTARTS.inc()
-            log.warning("replay from %d failed; starting initialisation over", height + 1)
+            log.warning("replay from %d failed; starting initialisation over with a newer snapshot", height + 1)
+            self.fresh_after = time.time()  # not the one another shard fetched before ingest lost these blocks
             state.coins = {}
             self.retry_at = time.monotonic() + self.cfg.retry_every
             return
@@ -242,8 +244,9 @@ class Shard:
                 log.error("snapshot (%s) failed: %s", fetched.purpose, fetched.error)
                 self.recovery.on_fetched(fetched)
             return
-        metrics.SNAPSHOTS.labels(fetched.purpose, "ok").inc()
-        log.info("snapshot (%s) at %d: %d coins in %.2fs", fetched.purpose, fetched.height, len(fetched.books), fetched.seconds)
+        metrics.SNAPSHOTS.labels(fetched.purpose, "shared" if fetched.shared else "ok").inc()
+        log.info("snapshot (%s) at %d: %d coins in %.2fs%s", fetched.purpose, fetched.height, len(fetched.books),
+                 fetched.seconds, " (fetched by another shard)" if fetched.shared else "")
         if initialising:
             self.finish_init(fetched.height, fetched.books)
         else:

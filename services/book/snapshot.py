@@ -8,6 +8,8 @@ caller wants the coin (the rest is skipped as raw JSON), into typed Structs.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import sys
@@ -16,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,6 +27,8 @@ from hlbook.common import fixed
 from hlbook.services.book.book import ASK, BID, Book, Level, Order, Side, children_bytes, intern_kind, parse_cloid
 
 log = logging.getLogger(__name__)
+
+SHARE_AGE = 5.0  # seconds a snapshot one shard fetched serves the other shards of the host (they start, and validate, together)
 
 
 class SnapOrder(msgspec.Struct):
@@ -121,8 +126,32 @@ def _fill(book: Book, side: Side, entries: list[Entry], side_name: str) -> None:
         level.sz += sz
 
 
-def fetch(info_url: str, timeout: float = 60.0, directory: str | None = None) -> bytes:
-    """Ask the node's info server for a fresh fileSnapshot and return the file's bytes."""
+def fetch_shared(info_url: str, owner: str, not_before: float = 0.0, timeout: float = 60.0,
+                 directory: str | None = None) -> tuple[bytes, bool]:
+    """(a node snapshot, whether another shard fetched it). The shards of one host take turns
+    on a lock file: one asks the node, the others read its file when it is at most
+    ``SHARE_AGE`` old and written after ``not_before`` (epoch s) (a full mainnet snapshot costs
+    the node seconds and hundreds of MB each time). ``owner`` (the shard) never reuses its own:
+    when it asks again it needs a newer one."""
+    folder = Path(directory or tempfile.gettempdir())
+    key = hashlib.sha256(info_url.encode()).hexdigest()[:12]
+    latest, by = folder / f"hlbook-snapshot-{key}.json", folder / f"hlbook-snapshot-{key}.owner"
+    with open(folder / f"hlbook-snapshot-{key}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
+        try:
+            written = latest.stat().st_mtime
+            if written >= not_before and time.time() - written <= SHARE_AGE and by.read_text() != owner:
+                return latest.read_bytes(), True
+        except FileNotFoundError:
+            pass
+        data = fetch(info_url, timeout, directory, keep=latest)
+        by.write_text(owner)
+        return data, False
+
+
+def fetch(info_url: str, timeout: float = 60.0, directory: str | None = None, keep: Path | None = None) -> bytes:
+    """Ask the node's info server for a fresh fileSnapshot and return the file's bytes
+    (the file is then removed, or renamed to ``keep``)."""
     import httpx
 
     fd, path = tempfile.mkstemp(prefix="hlbook-snapshot-", suffix=".json", dir=directory)
@@ -139,6 +168,8 @@ def fetch(info_url: str, timeout: float = 60.0, directory: str | None = None) ->
             data = fh.read()
         if not data:
             raise SnapshotError(f"snapshot request to {info_url} wrote nothing to {path}")
+        if keep is not None:
+            os.replace(path, keep)
         return data
     finally:
         try:
@@ -156,6 +187,7 @@ class Fetched:
     books: dict[str, Book] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    shared: bool = False  # another shard of this host had fetched it
 
 
 class Fetcher:
@@ -163,9 +195,10 @@ class Fetcher:
     shard's loop keeps applying blocks meanwhile (a mainnet snapshot takes seconds).
     The loop polls :meth:`result`."""
 
-    def __init__(self, info_url: str, want: Callable[[str], bool]) -> None:
+    def __init__(self, info_url: str, want: Callable[[str], bool], owner: str) -> None:
         self.info_url = info_url
         self.want = want
+        self.owner = owner  # who fetches, for fetch_shared
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
         self.future: Future[Fetched] | None = None
         self.purpose: str | None = None  # of the fetch in flight
@@ -174,19 +207,20 @@ class Fetcher:
     def busy(self) -> bool:
         return self.future is not None
 
-    def start(self, purpose: str) -> bool:
+    def start(self, purpose: str, not_before: float = 0.0) -> bool:
         """Start a fetch unless one is in flight; False when busy."""
         if self.future is not None:
             return False
         self.purpose = purpose
-        self.future = self.pool.submit(self._run, purpose)
+        self.future = self.pool.submit(self._run, purpose, not_before)
         return True
 
-    def _run(self, purpose: str) -> Fetched:
+    def _run(self, purpose: str, not_before: float) -> Fetched:
         started = time.monotonic()
         result = Fetched(purpose)
         try:
-            result.height, result.books = load(fetch(self.info_url), self.want)
+            data, result.shared = fetch_shared(self.info_url, self.owner, not_before)
+            result.height, result.books = load(data, self.want)
         except SnapshotError as exc:
             result.error = str(exc)
         except Exception as exc:  # never let the helper die silently

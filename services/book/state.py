@@ -35,6 +35,7 @@ class ShardState:
             raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
         self.shard = shard
         self.shards = shards
+        self.name = f"shard {shard} of {shards}"
         self.coins: dict[str, Coin] = {}
         self.mids: dict[str, str] = {}
         self.phase = CoinState.INITIALISING  # LIVE once the snapshot is loaded and replayed

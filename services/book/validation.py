@@ -73,7 +73,7 @@ def roll_forward(books: dict[str, Book], slices: list[wire.BookSlice], target: i
 def compare(state: ShardState, info_url: str, ingest_replay: str, timeout: float, curve_dir: str | None = None) -> Outcome:
     """The child's work: fetch, bring both sides to one height, compare every coin
     that is live here or held by the node (a coin absent from a side is empty)."""
-    height, theirs = snapshot.load(snapshot.fetch(info_url), state.owns)
+    height, theirs = snapshot.load(snapshot.fetch_shared(info_url, state.name)[0], state.owns)
     not_live = {coin for coin, c in state.coins.items() if c.state != CoinState.LIVE}
     ours = {coin: c.book for coin, c in state.coins.items() if coin not in not_live}
     coins = (set(ours) | set(theirs)) - not_live
@@ -124,6 +124,12 @@ def _stored_slices(endpoint: str, from_height: int, timeout: float, curve_dir: s
         ctx.destroy(linger=0)
 
 
+def aligned(every: float) -> float:
+    """The next multiple of ``every`` on the wall clock, as a monotonic time: every shard
+    validates at the same moment, against one shared snapshot (``snapshot.fetch_shared``)."""
+    return time.monotonic() + every - time.time() % every
+
+
 class Validation:
     """Schedules validation children and acts on what they found."""
 
@@ -137,13 +143,13 @@ class Validation:
         self.timeout = timeout
         self.repair = repair  # resync these coins, with this reason
         self.curve_dir = curve_dir
-        self.next_at = time.monotonic() + every
+        self.next_at = aligned(every)
         self.running = False
 
     def tick(self, now: float) -> None:
         if self.every <= 0 or self.running or now < self.next_at or self.state.phase != CoinState.LIVE:
             return
-        self.next_at = now + self.every
+        self.next_at = aligned(self.every)
         try:
             self.jobs.submit("validate", self._prepare)
         except JobsBusy:

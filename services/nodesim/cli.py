@@ -24,8 +24,10 @@ def sim(
     data_dir: Annotated[str, typer.Option(envvar=env("data-dir"), help="Directory to write hl/data/ into")],
     info_port: Annotated[int, typer.Option(envvar=env("info-port"), help="Info server port (POST /info fileSnapshot); -1: off")] = 3001,
     info_host: Annotated[str, typer.Option(envvar=env("info-host"), help="Info server bind address")] = "127.0.0.1",
-    blocks_per_sec: Annotated[float, typer.Option(envvar=env("blocks-per-sec"), help="Blocks per second")] = 15.0,
-    coins: Annotated[int, typer.Option(envvar=env("coins"), help="Number of coins (perps and spot)")] = 50,
+    blocks_per_sec: Annotated[float | None, typer.Option(envvar=env("blocks-per-sec"), help="Blocks per second (default: the profile's, 15 or 12)")] = None,
+    coins: Annotated[int, typer.Option(envvar=env("coins"), help="Number of coins (perps and spot; the default profile)")] = 50,
+    depth: Annotated[int | None, typer.Option(envvar=env("depth"), help="Resting orders of the most active coin at start, the others falling off with rank (default: the profile's; full: 50,000)")] = None,
+    profile: Annotated[str, typer.Option(envvar=env("profile"), help="default (a few coins, light) or full (every market of mainnet: ~450 coins, ~620,000 resting orders, ~8,000 statuses a block)")] = "default",
     mode: Annotated[str, typer.Option(envvar=env("mode"), help="by-block, streaming or both")] = "by-block",
     seed: Annotated[int, typer.Option(envvar=env("seed"), help="RNG seed: same seed and start time, same blocks")] = 0,
     blocks: Annotated[int | None, typer.Option(envvar=env("blocks"), help="Stop after this many blocks (default: run forever)")] = None,
@@ -43,6 +45,11 @@ def sim(
         parse_modes(mode)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--mode") from None
+    from hlbook.services.nodesim.engine import PROFILES
+
+    if profile not in PROFILES:
+        raise typer.BadParameter(f"one of {list(PROFILES)}", param_hint="--profile")
+    blocks_per_sec = PROFILES[profile][1] if blocks_per_sec is None else blocks_per_sec
     if blocks_per_sec <= 0:
         raise typer.BadParameter("must be positive", param_hint="--blocks-per-sec")
     run(
@@ -59,6 +66,8 @@ def sim(
             start_time=_start_time(start_time),
             volume=volume,
             partial_write_p=partial_write_p,
+            profile=profile,
+            depth=depth,
             log_level=log_level,
         )
     )

@@ -13,6 +13,7 @@ content of every block.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from bisect import bisect_right
@@ -26,7 +27,7 @@ from sortedcontainers import SortedDict
 from hlbook.common import fixed
 from hlbook.common.fixed import fmt
 from hlbook.common.models import ASSISTANCE_FUND_USER, HIP2_USER, ZERO_HASH
-from hlbook.services.nodesim.universe import Coin, universe
+from hlbook.services.nodesim.universe import Coin, full_universe, universe
 
 Event = dict[str, Any]
 REJECTIONS_PERP = (
@@ -70,6 +71,16 @@ class Activity:
     special_places: float = 1.0  # HIP-2 (spot) and assistance fund (perps): diffs, no statuses
     empty_block_p: float = 0.02
     initial_orders: tuple[int, int] = (20, 200)
+    major_depth: int = 0  # > 0: the coin of rank r starts with ~major_depth / (r + 1) ** depth_decay orders
+    depth_decay: float = 0.8
+
+
+# The whole market, per block (see docs/BENCHMARKS.md, "Whole market"): ~8,000 statuses (~94 %
+# rejections), ~700 diffs (HIP-2 orders, which have no statuses, a third of them), ~60 fills;
+# ~620,000 resting orders, BTC's 50,000 like the real fixture's.
+FULL = Activity(rejects=7600.0, places=200.0, cancel_rate=0.0003, takers=15.0, modifies=20.0, trigger_places=3.0,
+                twaps=1.0, special_places=250.0, empty_block_p=0.0, initial_orders=(20, 40), major_depth=50_000)
+PROFILES = {"default": (Activity(), 15.0), "full": (FULL, 12.0)}  # name -> (activity, blocks per second)
 
 
 @dataclass(slots=True)
@@ -208,15 +219,21 @@ class Simulator:
         blocks_per_sec: float = 15.0,
         volume: float = 1.0,
         activity: Activity | None = None,
+        profile: str = "default",
+        depth: int | None = None,
     ) -> None:
         if blocks_per_sec <= 0:
             raise ValueError("blocks_per_sec must be positive")
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {list(PROFILES)}, not {profile!r}")
         self.rng = random.Random(seed)
-        self.coins = universe(coins, seed)
+        self.coins = full_universe(seed) if profile == "full" else universe(coins, seed)
         self.coin_by_name = {c.name: c for c in self.coins}
         self.books = {c.name: Book() for c in self.coins}
         self.fair = {c.name: c.price for c in self.coins}
-        self.activity = activity or Activity()
+        self.activity = activity or PROFILES[profile][0]
+        if depth is not None:  # resting orders of the most active coin at start (the others fall off with rank)
+            self.activity = dataclasses.replace(self.activity, major_depth=depth)
         self.volume = volume
         self.height = start_height - 1
         start = start_time or datetime.now(timezone.utc)
@@ -337,9 +354,13 @@ class Simulator:
 
     def _populate(self) -> None:
         """Initial books (height start-1): resting orders with timestamps in the past hour."""
-        lo, hi = self.activity.initial_orders
+        a = self.activity
+        lo, hi = a.initial_orders
         t0 = self._time_ns(self.start_height) // 1_000_000 - 3_600_000
         counts = [self.rng.randint(lo, hi) for _ in self.coins]
+        if a.major_depth:
+            counts = [max(n, int(a.major_depth / (rank + 1) ** a.depth_decay * self.rng.uniform(0.9, 1.1)))
+                      for rank, n in enumerate(counts)]
         total = sum(counts)
         self.next_oid = self.first_oid - total - 1
         made = 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hlbook.common import logs
 from hlbook.common.signals import stop_on_signals
-from hlbook.services.nodesim.engine import DEFAULT_START_HEIGHT, Activity, Simulator
+from hlbook.services.nodesim.engine import DEFAULT_START_HEIGHT, Simulator
 from hlbook.services.nodesim.info_server import InfoServer
 from hlbook.services.nodesim.writer import NodeWriter, last_height, parse_modes
 
@@ -32,6 +32,8 @@ class SimConfig:
     start_time: datetime | None = None  # block time of start_height; default: now
     volume: float = 1.0
     partial_write_p: float = 0.01
+    profile: str = "default"  # engine.PROFILES: "full" is every market of mainnet (coins ignored)
+    depth: int | None = None  # resting orders of the most active coin at start (default: the profile's)
     log_level: str = "INFO"
 
 
@@ -43,7 +45,7 @@ class NodeSim:
         self.start_height = resolve_start_height(cfg)
         self.sim = Simulator(seed=cfg.seed, coins=cfg.coins, start_height=self.start_height,
                              start_time=cfg.start_time, blocks_per_sec=cfg.blocks_per_sec, volume=cfg.volume,
-                             activity=Activity())
+                             profile=cfg.profile, depth=cfg.depth)
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         spread = min(0.035, 0.5 / cfg.blocks_per_sec)
         self.writer = NodeWriter(cfg.data_dir, parse_modes(cfg.mode), cfg.partial_write_p, cfg.seed,

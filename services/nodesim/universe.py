@@ -111,3 +111,34 @@ def universe(n: int, seed: int = 0) -> list[Coin]:
         coins.append(make_coin(len(coins), f"@{k}", "spot", price, sz_decimals, f"TOKEN{k}", 0.3))
         k += 1
     return coins
+
+
+# The whole market (``--profile full``): perps, HIP-3 dexes' perps (``dex:NAME``) and spot
+# pairs, activity falling off with rank the way mainnet's does (a few majors, a long tail).
+FULL_PERPS, FULL_HIP3, FULL_SPOT = 200, 50, 200
+HIP3_DEXES = ("xyz", "flx")
+
+
+def full_universe(seed: int = 0) -> list[Coin]:
+    """~450 coins: the named table, then generated perps, HIP-3 perps and spot pairs; weights by rank."""
+    rng = random.Random(f"full-universe-{seed}")
+    rows = [row for row in _TABLE]
+    perps = sum(1 for row in rows if row[1] == "perp")
+    spots = len(rows) - perps
+
+    def price() -> tuple[str, int]:
+        exp = rng.randint(-3, 4)
+        return f"{rng.uniform(1.2, 8.0) * 10**exp:.{max(1, 4 - exp)}f}", max(0, min(exp - 1, 5))
+
+    for k in range(FULL_PERPS - perps):
+        px, sz = price()
+        rows.append((f"P{k:03d}", "perp", px, sz, f"P{k:03d}", 0.0))
+    for k in range(FULL_HIP3):
+        px, sz = price()
+        rows.append((f"{HIP3_DEXES[k % len(HIP3_DEXES)]}:H{k:03d}", "perp", px, sz, f"H{k:03d}", 0.0))
+    for k in range(FULL_SPOT - spots):
+        px, sz = price()
+        rows.append((f"@{300 + k}", "spot", px, sz, f"TOKEN{300 + k}", 0.0))
+    # the table's majors keep their weights; the rest fall off with rank (Zipf-like)
+    return [make_coin(i, name, kind, px, sz, base, weight or 8.0 / (i + 1) ** 1.1)
+            for i, (name, kind, px, sz, base, weight) in enumerate(rows)]

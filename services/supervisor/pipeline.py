@@ -30,7 +30,7 @@ class Pipeline:
     host: str
     port: int
     info_port: int
-    blocks_per_sec: float
+    blocks_per_sec: float | None  # None: the simulator profile's
     coins: int
     seed: int
     metrics_base_port: int
@@ -38,6 +38,7 @@ class Pipeline:
     sockets: str | None = None  # directory of the ipc:// endpoints; None: a temporary one
     state_dir: str = ""  # ingest's position; "" with the simulator's temporary data: kept in it
     curve_dir: str | None = None  # ZeroMQ CURVE keys for every socket
+    profile: str = "default"  # the simulator's
     history: bool = True  # run the history service (gateways then answer history requests and candles)
     history_days: float = 7.0
     history_hours: float | None = None  # backfill window (None: every file within history_days)
@@ -50,7 +51,8 @@ class Pipeline:
         info_url = self.info_url
         if self.simulate:
             specs.append(ChildSpec("sim", ["sim", "--data-dir", data_dir, "--info-port", str(self.info_port),
-                                           "--blocks-per-sec", str(self.blocks_per_sec), "--coins", str(self.coins),
+                                           *(["--blocks-per-sec", str(self.blocks_per_sec)] if self.blocks_per_sec else []),
+                                           "--coins", str(self.coins), "--profile", self.profile,
                                            "--mode", self.mode, "--seed", str(self.seed), *common]))
             info_url = info_url or f"http://127.0.0.1:{self.info_port}/info"
         ingest = ["--ingest-pub", ipc_endpoint(sockets, "ingest-pub"), "--ingest-replay", ipc_endpoint(sockets, "ingest-replay")]
