@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -134,3 +135,27 @@ def offset_of(path: Path, height: int) -> int:
             fh.seek(start)
             line_end = fh.readline()
             pos = start + len(line_end)
+
+
+def lines_between(data_dir: str | Path, stream: str, mode: str, first: int, last: int) -> Iterator[bytes]:
+    """The complete lines of blocks ``first``..``last`` of one stream, in file order."""
+    files = hour_files(data_dir, stream, mode)
+    start = 0
+    for i, path in enumerate(files):
+        height = first_height(path)
+        if height is not None and height <= first:
+            start = i
+    for k, path in enumerate(files[start:]):
+        height = first_height(path)
+        if height is not None and height > last:
+            return
+        with open(path, "rb") as fh:
+            if k == 0:
+                fh.seek(offset_of(path, first))
+            for line in fh:
+                height = line_height(line)
+                if not line.endswith(b"\n") or height is None or height < first:
+                    continue
+                if height > last:
+                    return
+                yield line
