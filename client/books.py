@@ -17,6 +17,7 @@ from hlbook.common.chain import Chain, Step
 
 if TYPE_CHECKING:
     from hlbook.client.client import HLClient
+    from hlbook.client.registry import Strategy
 
 log = logging.getLogger("hlbook.client")
 
@@ -176,10 +177,11 @@ class L4Book:
 
     # -- wiring to a client ------------------------------------------------------
 
-    async def subscribe(self, client: HLClient) -> int:
-        """Subscribe l4Book for the coin; the book keeps itself in sync."""
+    async def subscribe(self, client: HLClient, strategy: Strategy = "shared") -> int:
+        """Subscribe l4Book for the coin (``strategy="dedicated"``: on a connection of
+        its own, for a heavy book); the book keeps itself in sync."""
         self._client = client
-        self.sub_id = await client.subscribe({"type": "l4Book", "coin": self.coin}, self.handle)
+        self.sub_id = await client.subscribe({"type": "l4Book", "coin": self.coin}, self.handle, strategy=strategy)
         return self.sub_id
 
     def handle(self, message: dict[str, Any]) -> bool:

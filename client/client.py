@@ -6,14 +6,16 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, get_args
 
 from hlbook.client.connection import ClientConfig, Connection, RateLimiter
+from hlbook.client.events import Ack, EventBus, EventStream, publish
 from hlbook.client.registry import (
     SNAPSHOT_TYPES,
     Callback,
     Message,
     ServerSubscription,
+    Strategy,
     SubscriptionError,
     UserSubscription,
     identity,
@@ -22,15 +24,25 @@ from hlbook.client.registry import (
 )
 
 
+def check_strategy(sub: dict[str, Any], strategy: Strategy) -> None:
+    """``ValueError`` unless ``strategy`` is known and fits the subscription."""
+    if strategy not in get_args(Strategy):
+        raise ValueError(f"strategy must be one of {get_args(Strategy)}, not {strategy!r}")
+    if strategy == "user_grouped" and not isinstance(sub.get("user"), str):
+        raise ValueError(f"user_grouped needs a subscription with a user: {sub!r}")
+
+
 class HLClient:
     """Async client for hlbook and the public Hyperliquid WebSocket API.
 
     >>> async with HLClient("ws://127.0.0.1:8000/ws") as client:
     ...     sid = await client.subscribe({"type": "l2Book", "coin": "BTC"}, print)
 
-    Connections are opened on demand (a new one when a subscription does not
-    fit: > ``max_subscriptions_per_connection`` or a route-key clash) and
-    supervised: heartbeat, reconnect with backoff, resubscription.
+    Connections are opened on demand, following each subscription's strategy
+    (``shared``: any shared connection with room for its route key;
+    ``dedicated``: one of its own; ``user_grouped``: the connection of its user,
+    so that the relative order of that user's feeds holds), and supervised:
+    heartbeat, reconnect with backoff, resubscription.
     """
 
     def __init__(self, url: str | None = None, config: ClientConfig | None = None, **settings: Any) -> None:
@@ -39,6 +51,7 @@ class HLClient:
             settings["url"] = url
         self.config = replace(config, **settings)
         self.limiter = RateLimiter(self.config.max_messages_per_minute, self.config.rate_window)
+        self.bus = EventBus()
         self._connections: list[Connection] = []
         self._servers: dict[str, ServerSubscription] = {}
         self._users: dict[int, UserSubscription] = {}
@@ -54,59 +67,102 @@ class HLClient:
 
     # -- connections ---------------------------------------------------------
 
-    def _new_connection(self) -> Connection:
-        conn = Connection(next(self._conn_ids), self.config, self.limiter)
+    def _new_connection(self, strategy: Strategy = "shared", user: str | None = None) -> Connection:
+        conn = Connection(next(self._conn_ids), self.config, self.limiter, self.bus, strategy, user)
         self._connections.append(conn)
         conn.start()
         return conn
 
     def _connection_for(self, server: ServerSubscription) -> Connection:
+        """A live connection of the server subscription's strategy with room for it, or a new one."""
+        user = server.subscription.get("user") if server.strategy == "user_grouped" else None
+        if server.strategy != "dedicated":
+            for conn in self._connections:
+                if conn.strategy == server.strategy and conn.user == user and conn.state != "failed" and conn.has_room(server.route):
+                    return conn
+        return self._new_connection(server.strategy, user)
+
+    def _shared_connection(self) -> Connection:
+        """The first live shared connection, opened if none."""
         for conn in self._connections:
-            if conn.state != "failed" and conn.has_room(server.route):
+            if conn.strategy == "shared" and conn.state != "failed":
                 return conn
         return self._new_connection()
 
     async def connect(self, timeout: float | None = None) -> None:
-        """Open the first connection and wait for it (``TimeoutError`` after ``timeout``)."""
-        conn = self._connections[0] if self._connections else self._new_connection()
-        await asyncio.wait_for(conn.opened.wait(), timeout if timeout is not None else self.config.open_timeout)
+        """Open a shared connection now; ``ConnectionError`` when the attempt fails
+        (refused, not a WebSocket, 503…) or takes over ``timeout`` (``open_timeout``).
+        The connection keeps retrying in the background either way."""
+        await self._shared_connection().wait_open(timeout if timeout is not None else self.config.open_timeout)
 
     async def close(self) -> None:
-        """Close every connection and end every iterator."""
+        """Close every connection and end every iterator; the client can be used again after."""
         for user in self._users.values():
             user.close()
-        await asyncio.gather(*(c.close() for c in self._connections))
-        self._connections.clear()
+        self.bus.end()
+        connections, self._connections = self._connections, []
+        self._servers.clear()
+        self._users.clear()
+        await asyncio.gather(*(c.close() for c in connections))
 
     # -- registry --------------------------------------------------------------
 
-    async def subscribe(self, subscription: dict[str, Any], callback: Callback | None = None, *, queue_size: int = 1000) -> int:
+    async def subscribe(
+        self, subscription: dict[str, Any], callback: Callback | None = None, *, queue_size: int = 1000, strategy: Strategy = "shared"
+    ) -> int:
         """Subscribe; returns the subscription id at once (see ``wait_active``).
 
         ``callback``: a plain function is called inline (keep it short); a
         coroutine function runs in a per-subscription task, in order. Without a
         callback, read the messages with ``messages(id)`` (bounded queue: the
-        oldest is dropped and counted when full).
+        oldest is dropped and counted when full), or with ``events()``
+        (``queue_size=0``: no queue). ``strategy``: see the class; an identical
+        subscription shares the existing one, wherever it lives.
         """
         sub = normalize(subscription)
-        key = identity(sub)
-        server = self._servers.get(key)
-        new = server is None
-        if server is None:
-            server = ServerSubscription(key=key, subscription=sub, route=route_key(sub))
-            self._servers[key] = server
-        user = UserSubscription(next(self._ids), sub, server, callback, queue_size)
+        check_strategy(sub, strategy)
+        server, new = self._server_for(sub, strategy)
+        user = UserSubscription(next(self._ids), sub, server, callback, queue_size, self.bus)
         server.users[user.id] = user
         self._users[user.id] = user
         if new:
             self._connection_for(server).add(server)
         elif server.state == "active":
-            user.activated = True
-            if sub["type"] in SNAPSHOT_TYPES and server.connection is not None:
-                server.connection.resubscribe(server)
-        elif server.state == "failed":
-            user.fail(server.error or "failed")
+            self._join_active(server, user)
         return user.id
+
+    def _server_for(self, sub: dict[str, Any], strategy: Strategy) -> tuple[ServerSubscription, bool]:
+        """The server subscription of ``sub``, and whether it is new (a refused or given-up one is asked for afresh)."""
+        key = identity(sub)
+        server = self._servers.get(key)
+        if server is not None and server.state != "failed":
+            return server, False
+        if server is not None:
+            self._discard(server)
+        server = self._servers[key] = ServerSubscription(key=key, subscription=sub, route=route_key(sub), strategy=strategy)
+        return server, True
+
+    def _join_active(self, server: ServerSubscription, user: UserSubscription) -> None:
+        """A new user of a live server subscription: a snapshot type is asked again so that
+        it gets its snapshot (the others get one too); any other is acknowledged at once."""
+        conn = server.connection
+        if server.subscription["type"] in SNAPSHOT_TYPES and conn is not None:
+            conn.resubscribe(server)
+        else:
+            user.activated = True
+            publish(self.bus, Ack, user.id, conn.id if conn else None)
+
+    def _discard(self, server: ServerSubscription) -> None:
+        """Forget a failed server subscription (its users keep their error); drop
+        its connection if that failed too and holds nothing else."""
+        if self._servers.get(server.key) is server:
+            del self._servers[server.key]
+        conn = server.connection
+        server.connection = None
+        if conn is not None and conn.routes.get(server.route) is server:
+            del conn.routes[server.route]
+            if conn.state == "failed" and not conn.routes:
+                self._connections.remove(conn)
 
     async def unsubscribe(self, sub_id: int) -> bool:
         """Remove a subscription; the server one goes when its last user does."""
@@ -117,14 +173,22 @@ class HLClient:
         server = user.server
         server.users.pop(sub_id, None)
         if not server.users:
-            self._servers.pop(server.key, None)
+            if self._servers.get(server.key) is server:
+                del self._servers[server.key]
             conn = server.connection
             if conn is not None:
                 conn.remove(server)
-                if not conn.routes and len(self._connections) > 1:
-                    self._connections.remove(conn)
-                    await conn.close()
+                await self._close_if_idle(conn)
         return True
+
+    async def _close_if_idle(self, conn: Connection) -> None:
+        """Close an emptied connection, unless it is the last shared one."""
+        if conn.routes or conn not in self._connections:
+            return
+        if conn.strategy == "shared" and sum(c.strategy == "shared" for c in self._connections) == 1:
+            return
+        self._connections.remove(conn)
+        await conn.close()
 
     def resubscribe(self, sub_id: int) -> None:
         """Ask the server again (fresh snapshot); shared users get it too."""
@@ -143,7 +207,7 @@ class HLClient:
         """Iterate the messages of a subscription made without a callback."""
         user = self._users[sub_id]
         if user.queue is None or user.worker is not None:
-            raise ValueError("subscription has a callback; messages() needs one made without")
+            raise ValueError("messages() needs a subscription made without a callback and with a queue")
         while True:
             message = await user.queue.get()
             if message is None:
@@ -152,21 +216,43 @@ class HLClient:
                 return
             yield message
 
+    def events(self, size: int = 10_000) -> EventStream:
+        """Every event from now on, in one async iterator (see ``hlbook.client.events``):
+        ``Data``, ``Ack``, ``Gap``, ``Error``, ``Connected``, ``Disconnected``, ``Dropped``."""
+        return EventStream(self.bus, size)
+
     async def info(self, payload: dict[str, Any], timeout: float = 10.0) -> Any:
-        """An ``/info`` request over the WebSocket (``post``); returns the response payload."""
-        conn = self._connections[0] if self._connections else self._new_connection()
-        await asyncio.wait_for(conn.opened.wait(), timeout)
+        """An ``/info`` request over the WebSocket (``post``) on an open connection (a
+        shared one opened if none); returns the response payload."""
+        conn = next((c for c in self._connections if c.state == "open"), None) or self._shared_connection()
+        await conn.wait_open(timeout)
         return await conn.post(next(self._post_ids), {"type": "info", "payload": payload}, timeout)
 
-    def list_subscriptions(self) -> list[dict[str, Any]]:
-        """Every subscription with its state and metrics."""
-        return [u.info() for u in self._users.values()]
+    # -- lookups and metrics ---------------------------------------------------------
+
+    def list_subscriptions(self, *, type: str | None = None, user: str | None = None) -> list[dict[str, Any]]:  # noqa: A002
+        """Every subscription (of that ``type``, of that ``user``) with its state."""
+        user = user.lower() if user else None
+        return [
+            u.info() for u in self._users.values()
+            if (type is None or u.subscription["type"] == type) and (user is None or u.subscription.get("user") == user)
+        ]
 
     def get_subscription(self, sub_id: int) -> dict[str, Any] | None:
-        """One subscription with its state and metrics, or None."""
+        """One subscription's state (strategy, connection, error…), or None."""
         user = self._users.get(sub_id)
         return user.info() if user else None
 
+    def subscription_metrics(self, sub_id: int) -> dict[str, Any] | None:
+        """One subscription's counters (messages, rates, reconnects, dropped), or None."""
+        user = self._users.get(sub_id)
+        return user.metrics.as_dict() if user else None
+
     def connection_info(self) -> list[dict[str, Any]]:
-        """Every connection's state, for debugging."""
+        """Every connection's state: strategy, user, state, subscriptions, last error."""
         return [c.info() for c in self._connections]
+
+    def connection_metrics(self, conn_id: int) -> dict[str, Any] | None:
+        """One connection's counters (connects, attempt, ping RTT, messages), or None."""
+        conn = next((c for c in self._connections if c.id == conn_id), None)
+        return conn.metrics() if conn else None

@@ -4,6 +4,10 @@ A connection owns a set of server subscriptions (at most one per route key,
 see ``registry``). It keeps them as *desired state*: after every successful
 upgrade it re-sends a subscribe for each, paced by the shared rate limiter, so
 a restart of the server is invisible to the user apart from the gap.
+
+Attempts count until a session proves *stable* (open ``stable_after`` seconds):
+a server that accepts the upgrade and drops it at once is retried with a
+growing backoff and, with ``max_attempts``, given up on like one that refuses.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import orjson
 import websockets
 from websockets.asyncio.client import connect
 
-from hlbook.client.registry import RouteKey, ServerSubscription, message_route_key, route_key
+from hlbook.client.events import Connected, Disconnected, Error, EventBus, publish
+from hlbook.client.registry import RouteKey, ServerSubscription, Strategy, message_route_key, route_key
 
 log = logging.getLogger("hlbook.client")
 
@@ -39,6 +44,7 @@ class ClientConfig:
     backoff_base: float = 0.25
     backoff_cap: float = 30.0
     max_attempts: int | None = None  # consecutive failed attempts before giving up; None: never
+    stable_after: float = 10.0  # a session open this long resets the attempt counter; a shorter one counts as failed
     max_subscriptions_per_connection: int = 1000
     max_messages_per_minute: int = 1800  # under the server's 2000, shared by all connections
     rate_window: float = 60.0  # the window of max_messages_per_minute (tests shorten it)
@@ -82,12 +88,20 @@ class DeadConnection(Exception):
 
 
 class Connection:
-    """A WebSocket connection kept alive forever (or until ``max_attempts``)."""
+    """A WebSocket connection kept alive forever (or until ``max_attempts``).
 
-    def __init__(self, conn_id: int, config: ClientConfig, limiter: RateLimiter) -> None:
+    ``strategy`` and ``user`` say which subscriptions it takes (see ``HLClient``)."""
+
+    def __init__(
+        self, conn_id: int, config: ClientConfig, limiter: RateLimiter, bus: EventBus | None = None,
+        strategy: Strategy = "shared", user: str | None = None,
+    ) -> None:
         self.id = conn_id
         self.config = config
         self.limiter = limiter
+        self.bus = bus
+        self.strategy = strategy
+        self.user = user
         self.routes: dict[RouteKey, ServerSubscription] = {}
         self.state = "idle"  # idle | connecting | open | backoff | failed | closed
         self.connects = 0
@@ -97,9 +111,11 @@ class Connection:
         self.connected_since: float | None = None
         self.last_rx = 0.0
         self.rtt: float | None = None
+        self.received = 0
         self.unrouted = 0
         self.errors: collections.deque[str] = collections.deque(maxlen=20)
-        self.opened = asyncio.Event()
+        self._opened_at = 0.0  # monotonic time of the current session's upgrade
+        self._outcome: asyncio.Future[str | None] | None = None  # the next attempt's error, None if it opened
         self._ws: Any = None
         self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._ping_sent: float | None = None
@@ -156,6 +172,27 @@ class Connection:
         else:
             future.set_result(response.get("payload"))
 
+    async def wait_open(self, timeout: float) -> None:
+        """Until open; ``ConnectionError`` when the next attempt fails, it gave up, or ``timeout``."""
+        if self.state == "open":
+            return
+        if self.state in ("failed", "closed"):
+            raise ConnectionError(f"connection {self.id} to {self.config.url} {self.state}: {self.last_error}")
+        if self._outcome is None:
+            self._outcome = asyncio.get_running_loop().create_future()
+        try:
+            error = await asyncio.wait_for(asyncio.shield(self._outcome), timeout)
+        except asyncio.TimeoutError:
+            error = f"not open after {timeout}s (last error: {self.last_error})"
+        if error is not None:
+            raise ConnectionError(f"connection {self.id} to {self.config.url}: {error}")
+
+    def _attempted(self, error: str | None) -> None:
+        """Tell ``wait_open`` callers how the attempt went."""
+        if self._outcome is not None and not self._outcome.done():
+            self._outcome.set_result(error)
+        self._outcome = None
+
     def _send_if_open(self, request: dict[str, Any]) -> None:
         if self.state == "open":
             self._outbox.put_nowait(request)
@@ -171,6 +208,7 @@ class Connection:
         """Close for good."""
         self._closing = True
         self.state = "closed"
+        self._attempted("closed")
         if self._task is not None:
             self._task.cancel()
             try:
@@ -195,18 +233,28 @@ class Connection:
                 if not await self._backoff(f"connect failed: {exc!r}"):
                     return
                 continue
-            self.attempt = 0  # counters reset only after a successful upgrade
+            self._attempted(None)
             await self._session(ws)
             if self._closing:
                 return
-            # first retry after a drop also waits a jittered moment (no thundering herd)
-            await asyncio.sleep(backoff_delay(0, cfg.backoff_base, cfg.backoff_cap))
+            lasted = time.monotonic() - self._opened_at
+            if lasted >= cfg.stable_after:
+                self.attempt = 0
+                # the first retry after a drop waits a jittered moment too (no thundering herd)
+                publish(self.bus, Disconnected, self.id, self.last_error or "closed", True)
+                await asyncio.sleep(backoff_delay(0, cfg.backoff_base, cfg.backoff_cap))
+            elif not await self._backoff(f"closed after {lasted:.2f}s: {self.last_error}"):
+                return
 
     async def _backoff(self, error: str, fatal: bool = False) -> bool:
+        """Count a failed attempt; wait before the next (True) or give up (False)."""
         cfg = self.config
         self.last_error = error
         self.attempt += 1
-        if fatal or (cfg.max_attempts is not None and self.attempt >= cfg.max_attempts):
+        give_up = fatal or (cfg.max_attempts is not None and self.attempt >= cfg.max_attempts)
+        publish(self.bus, Disconnected, self.id, error, not give_up)
+        self._attempted(error)
+        if give_up:
             self.state = "failed"
             log.error("connection %d gave up after %d attempts: %s", self.id, self.attempt, error)
             for server in list(self.routes.values()):
@@ -225,13 +273,13 @@ class Connection:
             self.reconnects += 1
         self.state = "open"
         self.connected_since = time.time()
-        self.last_rx = time.monotonic()
+        self.last_rx = self._opened_at = time.monotonic()
         self._ping_sent = None
         self._outbox = asyncio.Queue()
         for server in list(self.routes.values()):
             if server.state != "failed":
                 self._outbox.put_nowait({"method": "subscribe", "subscription": server.subscription})
-        self.opened.set()
+        publish(self.bus, Connected, self.id, self.connects > 1)
         tasks = [asyncio.create_task(c) for c in (self._reader(ws), self._writer(ws), self._heartbeat(ws))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -242,7 +290,6 @@ class Connection:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.opened.clear()
             self.connected_since = None
             self._ws = None
             if not self._closing:
@@ -287,6 +334,8 @@ class Connection:
             if self._ping_sent is None and now - last_ping >= cfg.ping_interval:
                 await self._send(ws, _PING)  # may wait for the rate limiter: time the pong from here
                 last_ping = self._ping_sent = time.monotonic()
+            if self.attempt and now - self._opened_at >= cfg.stable_after:
+                self.attempt = 0  # a stable session: the next drop starts the count afresh
             self._retry_unacked(now)
 
     def _retry_unacked(self, now: float) -> None:
@@ -299,6 +348,7 @@ class Connection:
     async def _reader(self, ws: Any) -> None:
         async for raw in ws:
             self.last_rx = time.monotonic()
+            self.received += 1
             try:
                 message = orjson.loads(raw)
                 channel = message["channel"]
@@ -344,41 +394,55 @@ class Connection:
     def _on_error(self, text: str) -> None:
         self.errors.append(text)
         log.warning("connection %d: server error: %s", self.id, text)
-        head, sep, body = text.partition(": ")
-        if not sep:
-            return
-        try:
-            server = self._server_of(orjson.loads(body))
-        except orjson.JSONDecodeError:
-            return
-        if server is None:
-            return
-        if head.startswith("Already subscribed"):
+        server = self._server_of_error(text)
+        if server is not None and text.startswith("Already subscribed"):
             server.on_ack()
-        elif head.startswith("Invalid subscription"):
-            if server.lost and server.refusals < self.config.refused_retries:
-                # The server took it before the connection dropped: one that has just
-                # restarted may refuse it until it knows its coins again. It stays
-                # pending and is sent again after ack_timeout (_retry_unacked).
-                server.refusals += 1
-            else:
-                server.on_error(text)
+        elif server is not None and text.startswith("Invalid subscription") and not self._retry_refused(server):
+            server.on_error(text)  # an Error event per user subscription
+        else:
+            publish(self.bus, Error, text, self.id)
+
+    def _retry_refused(self, server: ServerSubscription) -> bool:
+        """Whether a refusal is retried: the server took it before the connection dropped,
+        and one that has just restarted may refuse it until it knows its coins again. It
+        stays pending and is sent again after ack_timeout (``_retry_unacked``)."""
+        if server.lost and server.refusals < self.config.refused_retries:
+            server.refusals += 1
+            return True
+        return False
+
+    def _server_of_error(self, text: str) -> ServerSubscription | None:
+        """The subscription an error text names (``Invalid subscription: {…}``), if any."""
+        _, sep, body = text.partition(": ")
+        try:
+            return self._server_of(orjson.loads(body)) if sep else None
+        except orjson.JSONDecodeError:
+            return None
 
     def info(self) -> dict[str, Any]:
-        """State for debugging."""
+        """What it is and where it stands."""
         return {
             "id": self.id,
             "url": self.config.url,
+            "strategy": self.strategy,
+            "user": self.user,
             "state": self.state,
             "subscriptions": len(self.routes),
             "active_subscriptions": sum(1 for s in self.routes.values() if s.state == "active"),
+            "connected_since": self.connected_since,
+            "last_error": self.last_error,
+            "recent_server_errors": list(self.errors),
+        }
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters: connects, reconnects, the current attempt, ping RTT, messages."""
+        return {
             "connects": self.connects,
             "reconnects": self.reconnects,
             "attempt": self.attempt,
-            "connected_since": self.connected_since,
+            "uptime_seconds": round(time.monotonic() - self._opened_at, 3) if self.state == "open" else None,
             "last_message_age": round(time.monotonic() - self.last_rx, 3) if self.last_rx else None,
             "ping_rtt": self.rtt,
+            "messages_received": self.received,
             "unrouted_messages": self.unrouted,
-            "last_error": self.last_error,
-            "recent_server_errors": list(self.errors),
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 _WINDOW = 60
@@ -12,45 +13,47 @@ class SubscriptionMetrics:
     """Message counters of one user subscription.
 
     ``messages_last_minute`` counts messages of the last 60 s in one-second
-    buckets (bounded memory); ``messages_per_minute`` is the lifetime average.
+    buckets (bounded memory); ``messages_per_minute`` is the lifetime average,
+    over at least a minute (a young subscription is not extrapolated: one
+    message in its first 50 ms reads 1, not 1,200). ``clock``: monotonic seconds.
     """
 
-    __slots__ = ("subscribed_at", "last_message_at", "message_count", "reconnects", "dropped", "_mono0", "_buckets", "_stamps")
+    __slots__ = ("subscribed_at", "last_message_at", "message_count", "reconnects", "dropped", "_clock", "_mono0", "_buckets", "_stamps")
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.subscribed_at = time.time()
         self.last_message_at: float | None = None
         self.message_count = 0
         self.reconnects = 0
         self.dropped = 0
-        self._mono0 = time.monotonic()
+        self._clock = clock
+        self._mono0 = clock()
         self._buckets = [0] * _WINDOW
         self._stamps = [-1] * _WINDOW
 
-    def record(self, now_mono: float | None = None) -> None:
+    def record(self) -> None:
         """Count one delivered message."""
-        now = time.monotonic() if now_mono is None else now_mono
         self.message_count += 1
         self.last_message_at = time.time()
-        second = int(now)
+        second = int(self._clock())
         slot = second % _WINDOW
         if self._stamps[slot] != second:
             self._stamps[slot] = second
             self._buckets[slot] = 0
         self._buckets[slot] += 1
 
-    def messages_last_minute(self, now_mono: float | None = None) -> int:
+    def messages_last_minute(self) -> int:
         """Messages received in the last 60 seconds."""
-        now = int(time.monotonic() if now_mono is None else now_mono)
+        now = int(self._clock())
         return sum(n for n, s in zip(self._buckets, self._stamps) if now - s < _WINDOW and s >= 0)
 
     def uptime_seconds(self) -> float:
         """Seconds since the subscription was made."""
-        return time.monotonic() - self._mono0
+        return self._clock() - self._mono0
 
     def messages_per_minute(self) -> float:
-        """Average messages per minute since the subscription was made."""
-        return self.message_count * 60.0 / max(self.uptime_seconds(), 1e-9)
+        """Average messages per minute since the subscription was made (over at least one minute)."""
+        return self.message_count * 60.0 / max(self.uptime_seconds(), 60.0)
 
     def as_dict(self) -> dict[str, Any]:
         """A plain snapshot of every metric."""

@@ -1,32 +1,56 @@
 """Order tracker over ``orderUpdates`` + ``userFills`` that understands cancel-replace.
 
 Hyperliquid performs a modify as cancel-and-replace: ``canceled`` for the old
-oid and ``open`` for a new oid with the same cloid, in one block (hence one
-``orderUpdates`` message). The tracker folds that pair into one ``modified``
-event. Fills and statuses travel on different channels, so a replacement's
-fill can arrive before its ``open``: fills of an oid the tracker has not seen
-are held (``hold_seconds``) and emitted right after the status that introduces
-the order (or when the hold expires). Fills are deduplicated by ``(tid, oid)``
-(``tid`` alone is shared by both sides of a self-trade) in a bounded FIFO set,
-so the snapshot a ``userFills`` re-subscription sends after a reconnect never
-emits a fill twice. A modify without a cloid cannot be told apart from a cancel
-plus a new order and is reported as such.
+oid and ``open`` for a new oid with the same cloid. The tracker folds the two
+legs into one ``modified`` event:
+
+- in one ``orderUpdates`` message (hlbook sends a block's statuses in one), by cloid;
+- in two messages (the public API may split them): an ``open`` whose cloid
+  belongs to another resting order replaces it. A ``canceled`` that comes
+  first can only be told from a plain cancel when the program marked the
+  order when it sent the modify (``expect_modify(oid)``, nautilus_trader's
+  pending-modify marker): that cancel is held until the replacement's
+  ``open`` (same cloid, else the oldest marked order of the same coin and
+  side, which also pairs modifies without a cloid), or emitted as a cancel
+  after ``hold_seconds`` when none comes. A stale ``canceled`` of an order
+  already reported as replaced is dropped.
+
+Fills and statuses travel on different channels, so a fill can arrive before
+the status that introduces its order: fills of an oid the tracker does not know
+(not resting, not recently closed) are held ``hold_seconds`` and emitted right
+after that status, or when the hold expires. Resting orders are known from the
+start: ``frontendOpenOrders`` is loaded once the ``orderUpdates`` subscription
+is live. Fills are deduplicated by ``(tid, oid)`` (both sides of a self-trade
+share a ``tid``) in a FIFO set of ``dedup_size``, so the snapshot a
+``userFills`` re-subscription sends after a reconnect never emits a fill
+twice; the first snapshot is history (only recorded).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from hlbook.client.registry import SubscriptionError
 
 if TYPE_CHECKING:
     from hlbook.client.client import HLClient
 
-#: Statuses after which an order rests no more.
-TERMINAL = {"filled", "canceled", "rejected", "marginCanceled", "reduceOnlyCanceled", "scheduledCancel", "siblingFilledCanceled", "liquidatedCanceled", "selfTradeCanceled", "openInterestCapCanceled", "vaultWithdrawalCanceled", "delistedCanceled", "outcomeSettledCanceled"}
+log = logging.getLogger("hlbook.client")
+
+#: Statuses after which an order rests no more (besides any ``…Rejected`` / ``…Canceled``).
+TERMINAL = {"filled", "canceled", "rejected", "scheduledCancel"}
+
+Update = dict[str, Any]  # one element of an orderUpdates message: {"order", "status", "statusTimestamp"}
+
+
+def is_terminal(status: str) -> bool:
+    return status in TERMINAL or status.endswith(("Rejected", "Canceled"))
 
 
 @dataclass
@@ -43,6 +67,22 @@ class OrderEvent:
     fill: dict[str, Any] | None = None
     time: int | None = None
     raw: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TrackerCounts:
+    """What the tracker did, counted since it started."""
+
+    fills: int = 0  # fill events emitted
+    snapshots: int = 0  # userFills snapshots received (the first is history)
+    duplicates: int = 0  # fills seen before, dropped
+    held: int = 0  # fills held: their order was unknown
+    released_on_status: int = 0  # held fills emitted after their order's status (or the resting orders' load)
+    released_on_expiry: int = 0  # held fills emitted when the hold expired
+    released_on_overflow: int = 0  # held fills emitted early: over ``max_held``
+    modifies: int = 0  # modified events
+    suppressed_cancels: int = 0  # canceled statuses of a modify's old leg, not reported
+    open_orders_loaded: int | None = None  # resting orders from frontendOpenOrders; None until loaded
 
 
 class FifoSet:
@@ -64,12 +104,22 @@ class FifoSet:
     def __contains__(self, key: Any) -> bool:
         return key in self._keys
 
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._keys)
+
     def __len__(self) -> int:
         return len(self._keys)
 
 
 class OrderTracker:
-    """Folds status and fill messages into order events (callback ``on_event``)."""
+    """Folds status and fill messages into order events (callback ``on_event``).
+
+    ``dedup_size``: fills remembered for deduplication, and closed orders
+    remembered (their late fills pass at once); ``hold_seconds``: how long a
+    fill of an unknown order, or a marked order's cancel, is held;
+    ``max_held``: held fills at most; ``load_open_orders``: ask
+    ``frontendOpenOrders`` once subscribed (``wait_ready``).
+    """
 
     def __init__(
         self,
@@ -79,39 +129,74 @@ class OrderTracker:
         hold_seconds: float = 5.0,
         max_held: int = 10_000,
         emit_initial_snapshot: bool = False,
+        load_open_orders: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.on_event = on_event
         self.hold_seconds = hold_seconds
         self.max_held = max_held
         self.emit_initial_snapshot = emit_initial_snapshot
+        self.load_open_orders = load_open_orders
         self.clock = clock
+        self.counts = TrackerCounts()
         self.seen_fills = FifoSet(dedup_size)
-        self.open_orders: dict[int, dict[str, Any]] = {}
-        self.known_oids = FifoSet(dedup_size)
+        self.open_orders: dict[int, dict[str, Any]] = {}  # resting: exact, as many as the user has
+        self._by_cloid: dict[str, int] = {}  # cloid -> resting oid
+        self.closed = FifoSet(dedup_size)  # orders that reached a final status (or were replaced)
+        self.expired = FifoSet(dedup_size)  # orders whose fills' hold expired: older than the tracker
         self.held: collections.OrderedDict[int, list[tuple[float, dict[str, Any]]]] = collections.OrderedDict()
-        self.duplicates = 0
-        self._snapshots = 0
-        self._timer: asyncio.Task[None] | None = None
+        self.pending_modify: dict[int, float] = {}  # oid -> when marked by expect_modify
+        self.held_cancels: dict[int, tuple[float, Update]] = {}  # marked oid -> (when, its canceled update)
+        self.replaced = FifoSet(dedup_size)  # old oids of reported modifies: a later canceled is stale
+        self.ready = asyncio.Event()
+        self.load_error: str | None = None
         self.sub_ids: list[int] = []
+        self._tasks: list[asyncio.Task[None]] = []
 
     # -- wiring --------------------------------------------------------------------
 
     async def subscribe(self, client: HLClient, user: str) -> list[int]:
-        """Subscribe orderUpdates and userFills of ``user``; flush held fills on a timer."""
+        """Subscribe orderUpdates and userFills of ``user`` on one connection
+        (``user_grouped``: their relative order holds), load the resting orders
+        in the background (``wait_ready``), expire holds on a timer."""
         self.sub_ids = [
-            await client.subscribe({"type": "orderUpdates", "user": user}, self.handle),
-            await client.subscribe({"type": "userFills", "user": user}, self.handle),
+            await client.subscribe({"type": "orderUpdates", "user": user}, self.handle, strategy="user_grouped"),
+            await client.subscribe({"type": "userFills", "user": user}, self.handle, strategy="user_grouped"),
         ]
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().create_task(self._flush_loop())
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._flush_loop()))
+        if self.load_open_orders:
+            self._tasks.append(loop.create_task(self._load(client, user)))
+        else:
+            self.ready.set()
         return self.sub_ids
 
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Until the resting orders are loaded (or could not be: ``load_error``)."""
+        await asyncio.wait_for(self.ready.wait(), timeout)
+
     async def close(self) -> None:
-        """Stop the flush timer."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """Stop the background tasks."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _load(self, client: HLClient, user: str) -> None:
+        while True:
+            try:
+                await client.wait_active(self.sub_ids[0])  # statuses from here on reach the tracker
+                payload = await client.info({"type": "frontendOpenOrders", "user": user})
+                break
+            except ConnectionError:  # dropped meanwhile: again once resubscribed
+                await asyncio.sleep(0.05)
+            except (SubscriptionError, RuntimeError, TimeoutError) as exc:
+                self.load_error = str(exc)
+                log.warning("order tracker of %s: resting orders not loaded: %s", user, exc)
+                self.ready.set()
+                return
+        self.add_open_orders(payload["data"])
+        self.ready.set()
 
     async def _flush_loop(self) -> None:
         while True:
@@ -127,9 +212,35 @@ class OrderTracker:
             self.on_user_fills(message["data"])
         self.flush_expired()
 
+    def metrics(self) -> dict[str, Any]:
+        """The counts, plus what is held and resting now."""
+        return {
+            **asdict(self.counts),
+            "holding": sum(len(fills) for fills in self.held.values()),
+            "held_cancels": len(self.held_cancels),
+            "pending_modifies": len(self.pending_modify),
+            "open_orders": len(self.open_orders),
+        }
+
     # -- statuses ------------------------------------------------------------------
 
-    def on_order_updates(self, updates: list[dict[str, Any]]) -> None:
+    def add_open_orders(self, orders: list[dict[str, Any]]) -> None:
+        """Take resting orders (``frontendOpenOrders``): known from now on, their held
+        fills released; those the tracker saw close meanwhile are skipped."""
+        for order in orders:
+            oid = order["oid"]
+            if oid not in self.closed and oid not in self.open_orders:
+                self._rest(order)
+                self._release(oid)
+        self.counts.open_orders_loaded = len(orders)
+
+    def expect_modify(self, oid: int) -> None:
+        """Mark a resting order as being modified (call it when you send the modify):
+        its ``canceled`` is held until the replacement's ``open`` (one ``modified``
+        event), or emitted after ``hold_seconds`` if none comes."""
+        self.pending_modify[oid] = self.clock()
+
+    def on_order_updates(self, updates: list[Update]) -> None:
         """One orderUpdates message (one block): pair modifies, emit in node order."""
         opens = {}
         for i, u in enumerate(updates):
@@ -147,73 +258,144 @@ class OrderTracker:
             if i in folded:
                 continue
             if i in replaced:
-                self._modified(updates[replaced[i]], u)
+                canceled = updates[replaced[i]]
+                self._modified(canceled["order"]["oid"], u, canceled)
             else:
                 self._status(u)
 
-    def _status(self, u: dict[str, Any]) -> None:
+    def _status(self, u: Update) -> None:
         order, status = u["order"], u["status"]
         oid = order["oid"]
-        terminal = status in TERMINAL
+        if status == "canceled" and self._cancel_of_modify(oid, u):
+            return
+        if status == "open" and oid not in self.open_orders:
+            old = self._replaced_order(order)
+            if old is not None:
+                self._modified(old, u)
+                return
+        terminal = is_terminal(status)
         if terminal:
-            self.open_orders.pop(oid, None)
+            self._close(oid)
             self._release(oid)  # its fills come before the final status
-        elif status == "open":
-            self.open_orders[oid] = order
-        self.known_oids.add(oid)
+        else:
+            self._rest(order)
         self._emit(OrderEvent(status, oid, order.get("coin"), order.get("cloid"), order, time=u.get("statusTimestamp"), raw=[u]))
         if not terminal:
             self._release(oid)
 
-    def _modified(self, canceled: dict[str, Any], opened: dict[str, Any]) -> None:
-        old, new = canceled["order"], opened["order"]
-        self.open_orders.pop(old["oid"], None)
-        self.open_orders[new["oid"]] = new
-        self.known_oids.add(old["oid"])
-        self.known_oids.add(new["oid"])
-        self._release(old["oid"])
-        event = OrderEvent("modified", new["oid"], new.get("coin"), new.get("cloid"), new, prev_oid=old["oid"], time=opened.get("statusTimestamp"), raw=[canceled, opened])
-        self._emit(event)
+    def _cancel_of_modify(self, oid: int, u: Update) -> bool:
+        """Whether a canceled is a modify's old leg: stale (the modify was reported) or held (marked)."""
+        if oid in self.replaced:
+            self.counts.suppressed_cancels += 1
+            return True
+        if oid in self.pending_modify:
+            self.held_cancels[oid] = (self.clock(), u)
+            self._release(oid)
+            return True
+        return False
+
+    def _replaced_order(self, order: dict[str, Any]) -> int | None:
+        """The oid a new ``open`` replaces: the resting or held-cancel order with its cloid,
+        else the oldest marked order of its coin and side."""
+        cloid = order.get("cloid")
+        if cloid:
+            for oid, (_, u) in self.held_cancels.items():
+                if u["order"].get("cloid") == cloid:
+                    return oid
+            oid = self._by_cloid.get(cloid)
+            if oid is not None and oid != order["oid"]:
+                return oid
+        for oid in self.pending_modify:
+            old = self.open_orders.get(oid) or (self.held_cancels[oid][1]["order"] if oid in self.held_cancels else None)
+            if old is not None and (old.get("coin"), old.get("side")) == (order.get("coin"), order.get("side")) and old.get("cloid") in (None, cloid):
+                return oid
+        return None
+
+    def _modified(self, old_oid: int, opened: Update, canceled: Update | None = None) -> None:
+        new = opened["order"]
+        if canceled is None:
+            held = self.held_cancels.pop(old_oid, None)
+            if held is not None:
+                canceled = held[1]
+                self.counts.suppressed_cancels += 1
+            else:
+                self.replaced.add(old_oid)  # its canceled is still to come
+        self.pending_modify.pop(old_oid, None)
+        self._close(old_oid)
+        self._rest(new)
+        self._release(old_oid)
+        self.counts.modifies += 1
+        raw = [canceled, opened] if canceled is not None else [opened]
+        self._emit(OrderEvent("modified", new["oid"], new.get("coin"), new.get("cloid"), new, prev_oid=old_oid, time=opened.get("statusTimestamp"), raw=raw))
         self._release(new["oid"])
+
+    def _rest(self, order: dict[str, Any]) -> None:
+        self.open_orders[order["oid"]] = order
+        if order.get("cloid"):
+            self._by_cloid[order["cloid"]] = order["oid"]
+
+    def _close(self, oid: int) -> None:
+        order = self.open_orders.pop(oid, None)
+        if order is not None and self._by_cloid.get(order.get("cloid")) == oid:
+            del self._by_cloid[order["cloid"]]
+        self.closed.add(oid)
 
     # -- fills ---------------------------------------------------------------------
 
     def on_user_fills(self, data: dict[str, Any]) -> None:
         """One userFills message; a snapshot's fills are only recorded the first time."""
         is_snapshot = bool(data.get("isSnapshot"))
-        emit = not is_snapshot or self._snapshots > 0 or self.emit_initial_snapshot
+        emit = not is_snapshot or self.counts.snapshots > 0 or self.emit_initial_snapshot
         if is_snapshot:
-            self._snapshots += 1
+            self.counts.snapshots += 1
         for fill in data.get("fills", ()):
             if not self.seen_fills.add((fill.get("tid"), fill.get("oid"))):
-                self.duplicates += 1
+                self.counts.duplicates += 1
             elif emit:
                 self._fill(fill)
 
+    def _known(self, oid: int) -> bool:
+        return oid in self.open_orders or oid in self.closed or oid in self.expired or oid in self.held_cancels
+
     def _fill(self, fill: dict[str, Any]) -> None:
         oid = fill.get("oid")
-        if oid in self.known_oids or oid is None:
+        if oid is None or self._known(oid):
             self._emit_fill(fill)
             return
         self.held.setdefault(oid, []).append((self.clock(), fill))
+        self.counts.held += 1
         while sum(len(v) for v in self.held.values()) > self.max_held:
             _, fills = self.held.popitem(last=False)
+            self.counts.released_on_overflow += len(fills)
             for _, f in fills:
                 self._emit_fill(f)
 
     def _emit_fill(self, fill: dict[str, Any]) -> None:
+        self.counts.fills += 1
         self._emit(OrderEvent("fill", fill.get("oid", -1), fill.get("coin"), fill.get("cloid"), fill=fill, time=fill.get("time")))
 
-    def _release(self, oid: int) -> None:
-        for _, fill in self.held.pop(oid, ()):
+    def _release(self, oid: int, expired: bool = False) -> None:
+        fills = self.held.pop(oid, ())
+        if expired:
+            self.counts.released_on_expiry += len(fills)
+        else:
+            self.counts.released_on_status += len(fills)
+        for _, fill in fills:
             self._emit_fill(fill)
 
     def flush_expired(self) -> None:
-        """Emit held fills older than ``hold_seconds`` (their order predates the tracker)."""
+        """Emit what waited ``hold_seconds``: held fills (their order predates the
+        tracker) and held cancels (no replacement came); forget stale markers."""
         limit = self.clock() - self.hold_seconds
         for oid in [oid for oid, fills in self.held.items() if fills[0][0] <= limit]:
-            self.known_oids.add(oid)
-            self._release(oid)
+            self.expired.add(oid)
+            self._release(oid, expired=True)
+        for oid in [oid for oid, (at, _) in self.held_cancels.items() if at <= limit]:
+            _, u = self.held_cancels.pop(oid)
+            self.pending_modify.pop(oid, None)
+            self._status(u)
+        for oid in [oid for oid, at in self.pending_modify.items() if at <= limit and oid not in self.held_cancels]:
+            del self.pending_modify[oid]
 
     def _emit(self, event: OrderEvent) -> None:
         if self.on_event is not None:

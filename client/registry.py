@@ -19,13 +19,16 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
+from hlbook.client.events import Ack, Data, Error, EventBus, Gap, publish
 from hlbook.client.metrics import SubscriptionMetrics
+from hlbook.client.models import typed
 
 if TYPE_CHECKING:
     from hlbook.client.connection import Connection
@@ -41,8 +44,11 @@ _BY_COIN = {"l2Book", "trades", "bbo", "activeAssetCtx"}
 _BY_USER = {"userFills", "userFundings", "userNonFundingLedgerUpdates", "userTwapSliceFills", "userTwapHistory", "webData2"}
 #: Types whose first message is a snapshot: a new user joining a live server
 #: subscription triggers a re-subscription so that it gets one too.
-SNAPSHOT_TYPES = {"l4Book"}
+SNAPSHOT_TYPES = {"l4Book", "userFills", "userTwapSliceFills", "userFundings", "userNonFundingLedgerUpdates", "userTwapHistory"}
 RouteKey = tuple[Any, ...]
+#: Where a subscription lives: ``shared`` (any shared connection with room),
+#: ``dedicated`` (a connection of its own), ``user_grouped`` (the connection of its user).
+Strategy = Literal["shared", "dedicated", "user_grouped"]
 
 
 class SubscriptionError(Exception):
@@ -111,7 +117,8 @@ class UserSubscription:
     subscription: dict[str, Any]
     server: ServerSubscription
     callback: Callback | None = None
-    queue_size: int = 1000
+    queue_size: int = 1000  # 0 without a callback: no queue (read it with ``events()``)
+    bus: EventBus | None = None
     metrics: SubscriptionMetrics = field(default_factory=SubscriptionMetrics)
     error: str | None = None
     activated: bool = False
@@ -120,41 +127,55 @@ class UserSubscription:
 
     def __post_init__(self) -> None:
         is_async = self.callback is not None and inspect.iscoroutinefunction(self.callback)
-        if self.callback is None or is_async:
-            self.queue = asyncio.Queue(self.queue_size)
+        if (self.callback is None and self.queue_size > 0) or is_async:
+            self.queue = asyncio.Queue(max(self.queue_size, 1))
         if is_async:
             self.worker = asyncio.get_running_loop().create_task(self._work())
 
     def deliver(self, message: Message) -> None:
         """Hand one message to the user: inline for a plain callback, queued otherwise."""
         self.metrics.record()
-        if self.queue is None:
+        publish(self.bus, self._data, message)
+        if self.callback is not None and self.worker is None:
             try:
-                self.callback(message)  # type: ignore[misc]
+                self.callback(message)
             except Exception:
                 log.exception("callback of subscription %d failed", self.id)
-            return
+        elif self.queue is not None:
+            self._put(message)
+
+    def _data(self, message: Message) -> Data:
+        channel = message["channel"]
+        return Data(self.id, channel, typed(channel, message.get("data")), message)
+
+    def _put(self, message: Message | None) -> None:
+        assert self.queue is not None
         if self.queue.full():
             self.queue.get_nowait()
-            self.metrics.dropped += 1
+            if message is not None:
+                self.metrics.dropped += 1
         self.queue.put_nowait(message)
+
+    def acked(self, resumed: bool, lost_at: float | None) -> None:
+        """The server took it (``resumed``: again after a lost connection, which ``lost_at``)."""
+        connection = self.server.connection.id if self.server.connection else None
+        publish(self.bus, Ack, self.id, connection, resumed)
+        if resumed and lost_at is not None:
+            publish(self.bus, Gap, self.id, connection, lost_at, time.time())
 
     def fail(self, error: str) -> None:
         """Record a refusal; an iterator ends with SubscriptionError."""
         self.error = error
+        publish(self.bus, Error, error, self.server.connection.id if self.server.connection else None, self.id)
         if self.queue is not None and self.worker is None:
-            if self.queue.full():
-                self.queue.get_nowait()
-            self.queue.put_nowait(None)
+            self._put(None)
 
     def close(self) -> None:
         """Stop the worker and end iterators."""
         if self.worker is not None:
             self.worker.cancel()
         elif self.queue is not None:
-            if self.queue.full():
-                self.queue.get_nowait()
-            self.queue.put_nowait(None)
+            self._put(None)
 
     async def _work(self) -> None:
         assert self.queue is not None and self.callback is not None
@@ -170,15 +191,15 @@ class UserSubscription:
                 log.exception("callback of subscription %d failed", self.id)
 
     def info(self) -> dict[str, Any]:
-        """Public description with metrics."""
+        """What it is and where it stands (metrics: ``metrics.as_dict()``)."""
         return {
             "id": self.id,
             "subscription": self.subscription,
+            "strategy": self.server.strategy,
             "state": self.server.state,
             "error": self.error,
             "connection": self.server.connection.id if self.server.connection else None,
             "shared_with": sorted(u for u in self.server.users if u != self.id),
-            **self.metrics.as_dict(),
         }
 
 
@@ -189,14 +210,20 @@ class ServerSubscription:
     key: str
     subscription: dict[str, Any]
     route: RouteKey
+    strategy: Strategy = "shared"
     users: dict[int, UserSubscription] = field(default_factory=dict)
     connection: Connection | None = None
     state: str = "pending"  # pending | active | failed
     error: str | None = None
-    lost: bool = False  # set when its connection dropped; the next ack is a reconnect
+    lost_at: float | None = None  # wall time its connection dropped; the next ack is a reconnect
     sent_at: float | None = None  # monotonic time of the last subscribe sent
     refusals: int = 0  # refusals since the last ack (retried while ``lost``)
     active: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def lost(self) -> bool:
+        """Taken by the server before its connection dropped, not re-acknowledged yet."""
+        return self.lost_at is not None
 
     def on_ack(self) -> None:
         """The server confirmed it: count a reconnect for users that had it before."""
@@ -204,26 +231,28 @@ class ServerSubscription:
         self.error = None
         self.sent_at = None
         self.refusals = 0
-        for user in self.users.values():
-            if user.activated and self.lost:
+        for user in list(self.users.values()):
+            resumed = user.activated and self.lost
+            if resumed:
                 user.metrics.reconnects += 1
             user.activated = True
-        self.lost = False
+            user.acked(resumed, self.lost_at)
+        self.lost_at = None
         self.active.set()
 
     def on_lost(self) -> None:
         """Its connection dropped: pending until re-acknowledged."""
         if self.state == "active":
-            self.lost = True
+            self.lost_at = time.time()
         if self.state != "failed":
             self.state = "pending"
         self.active.clear()
 
     def on_error(self, error: str) -> None:
-        """The server refused it."""
+        """The server refused it, or its connection gave up."""
         self.state = "failed"
         self.error = error
-        for user in self.users.values():
+        for user in list(self.users.values()):
             user.fail(error)
         self.active.set()
 

@@ -3,7 +3,9 @@
 For testing code built on the client (and the client itself): acks with the
 normalised subscription, pong, the public error texts, the 1000-subscription
 limit, and feeds you publish by hand. It can be stopped, restarted on the same
-port, killed abruptly or silenced (stops answering, pings included).
+port, killed abruptly, silenced (stops answering, pings included), made to
+close every new connection right after the upgrade (``drop_new``) or to refuse
+subscriptions of some coins (``refused_coins``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class FakeServer:
         self.on_info = on_info
         self.on_subscribe = on_subscribe
         self.silent = False
+        self.drop_new = False  # close each new connection right after the upgrade
+        self.refused_coins = {"INVALID"}  # subscriptions of these coins: Invalid subscription
         self.connections: list[FakeConnection] = []
         self.subscribe_requests = 0
         self.total_connections = 0
@@ -108,8 +112,11 @@ class FakeServer:
 
     async def _handler(self, ws: ServerConnection) -> None:
         conn = FakeConnection(ws)
-        self.connections.append(conn)
         self.total_connections += 1
+        if self.drop_new:
+            await ws.close()
+            return
+        self.connections.append(conn)
         try:
             async for raw in ws:
                 conn.received += 1
@@ -131,7 +138,7 @@ class FakeServer:
             return
         if method == "ping":
             await conn.send({"channel": "pong"})
-        elif method == "post" and self.on_info is not None:
+        elif method == "post":
             await self._post(conn, request)
         elif method in ("subscribe", "unsubscribe"):
             await self._subscription(conn, method, request.get("subscription"))
@@ -139,8 +146,9 @@ class FakeServer:
             await conn.send({"channel": "error", "data": f"Error parsing JSON into valid websocket request: {raw!r}"})
 
     async def _post(self, conn: FakeConnection, request: dict[str, Any]) -> None:
-        assert self.on_info is not None
         try:
+            if self.on_info is None:
+                raise ValueError("this FakeServer answers no info requests (on_info)")
             payload = request["request"]["payload"]
             response = {"type": "info", "payload": {"type": payload["type"], "data": self.on_info(payload)}}
         except Exception as exc:
@@ -162,7 +170,7 @@ class FakeServer:
             if len(conn.subscriptions) >= MAX_SUBSCRIPTIONS:
                 await conn.send({"channel": "error", "data": "Cannot subscribe to more than 1000 channels."})
                 return
-            if sub.get("coin") == "INVALID":
+            if sub.get("coin") in self.refused_coins:
                 await conn.send({"channel": "error", "data": f"Invalid subscription: {text}"})
                 return
             conn.subscriptions[key] = sub

@@ -26,7 +26,7 @@ async def main(url: str, user: str, seconds: float) -> OrderTracker:
         tracker = OrderTracker(show)
         await tracker.subscribe(client, user)
         await asyncio.sleep(seconds)
-        print(f"open orders: {sorted(tracker.open_orders)}; duplicate fills dropped: {tracker.duplicates}")
+        print(f"open orders: {sorted(tracker.open_orders)}; tracker: {tracker.metrics()}")
         await tracker.close()
         return tracker
 

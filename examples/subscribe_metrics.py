@@ -24,11 +24,12 @@ async def main(url: str, coins: list[str], seconds: float, every: float = 5.0) -
         while loop.time() < end:
             await asyncio.sleep(min(every, max(0.0, end - loop.time())))
             for info in client.list_subscriptions():
-                sub = info["subscription"]
-                print(f"#{info['id']:<3} {sub['type']:<7} {sub.get('coin', ''):<8} {info['state']:<8} msgs={info['message_count']:<6} "
-                      f"last_min={info['messages_last_minute']:<5} per_min={info['messages_per_minute']:<8} reconnects={info['reconnects']}")
-            print(json.dumps(client.connection_info(), indent=1))
-        return client.list_subscriptions()
+                sub, m = info["subscription"], client.subscription_metrics(info["id"])
+                print(f"#{info['id']:<3} {sub['type']:<7} {sub.get('coin', ''):<8} {info['state']:<8} msgs={m['message_count']:<6} "
+                      f"last_min={m['messages_last_minute']:<5} per_min={m['messages_per_minute']:<8} reconnects={m['reconnects']}")
+            for conn in client.connection_info():
+                print(json.dumps({**conn, **client.connection_metrics(conn["id"])}))
+        return [{**info, **client.subscription_metrics(info["id"])} for info in client.list_subscriptions()]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from hlbook.client.connection import RateLimiter
 from hlbook.client.registry import identity, message_route_key, route_key
 from hlbook.client.testing import FakeServer
 
-FAST = {"ping_interval": 0.2, "pong_timeout": 1.5, "ack_timeout": 1.0, "backoff_base": 0.02, "backoff_cap": 0.2, "open_timeout": 2.0}
+FAST = {"ping_interval": 0.2, "pong_timeout": 1.5, "ack_timeout": 1.0, "backoff_base": 0.02, "backoff_cap": 0.2, "open_timeout": 2.0, "stable_after": 0.3}
 
 
 def run(coro: Awaitable[Any], timeout: float = 20) -> Any:
@@ -84,9 +84,9 @@ def test_routes_by_key_shares_duplicates_and_counts() -> None:
             await until(lambda: len(got["t"]) == 1 and len(got["c"]) == 1 and len(got["a"]) == 1)
             assert got["a"] == got["b"] == [{"channel": "l2Book", "data": l2("BTC")}]
             assert got["c"][0]["data"]["coin"] == "ETH"
-            info = client.get_subscription(a)
-            assert info is not None and info["message_count"] == 1 and info["messages_last_minute"] == 1
-            assert info["reconnects"] == 0 and info["state"] == "active" and info["shared_with"] == [b]
+            info, metrics = client.get_subscription(a), client.subscription_metrics(a)
+            assert metrics is not None and metrics["message_count"] == 1 and metrics["messages_last_minute"] == 1
+            assert info is not None and metrics["reconnects"] == 0 and info["state"] == "active" and info["shared_with"] == [b]
             assert {s["id"] for s in client.list_subscriptions()} == {a, b, c, t}
             assert await client.unsubscribe(a)
             assert len(server.connections[0].subscriptions) == 3  # b still holds it
@@ -138,17 +138,17 @@ def test_server_restart_reconnects_resubscribes_and_counts_one_reconnect() -> No
             await until(lambda: client.connection_info()[0]["state"] != "open", what="drop noticed")
             assert client.get_subscription(sid)["state"] == "pending"
             await asyncio.sleep(0.3)  # a few failed attempts while it is down
-            assert client.connection_info()[0]["attempt"] >= 1
+            assert client.connection_metrics(1)["attempt"] >= 1
             await server.start()
             await client.wait_active(sid, 5)
             await client.wait_active(other, 5)
             await server.publish({"type": "bbo", "coin": "BTC"}, {"coin": "BTC", "time": 2, "bbo": [None, None]})
             await until(lambda: len(got) == 2)
             assert [m["data"]["time"] for m in got] == [1, 2]
-            info = client.get_subscription(sid)
-            assert info["reconnects"] == 1 and info["message_count"] == 2
-            conn = client.connection_info()[0]
-            assert conn["reconnects"] == 1 and conn["attempt"] == 0 and conn["state"] == "open"
+            metrics = client.subscription_metrics(sid)
+            assert metrics["reconnects"] == 1 and metrics["message_count"] == 2
+            assert client.connection_info()[0]["state"] == "open" and client.connection_metrics(1)["reconnects"] == 1
+            await until(lambda: client.connection_metrics(1)["attempt"] == 0, what="the count reset by a stable session")
             assert len(server.connections) == 1 and len(server.connections[0].subscriptions) == 2
         await server.stop()
 
@@ -165,8 +165,8 @@ def test_missing_pong_triggers_reconnect() -> None:
             await until(lambda: server.total_connections >= 2, timeout=8, what="reconnect after missing pong")
             assert "pong" in (client.connection_info()[0]["last_error"] or "")
             await until(lambda: client.get_subscription(sid)["state"] == "active", what="resubscribed")
-            assert client.get_subscription(sid)["reconnects"] == 1
-            await until(lambda: client.connection_info()[0]["ping_rtt"] is not None, what="pong answered")
+            assert client.subscription_metrics(sid)["reconnects"] == 1
+            await until(lambda: client.connection_metrics(1)["ping_rtt"] is not None, what="pong answered")
         await server.stop()
 
     run(main())
@@ -214,19 +214,22 @@ def test_aggregations_of_one_coin_use_separate_connections() -> None:
     run(main())
 
 
-def test_connect_timeout_and_backoff_reset_after_upgrade() -> None:
+def test_refused_connect_is_a_connection_error_at_once_and_a_stable_session_resets_the_count() -> None:
     async def main() -> None:
         probe = await FakeServer().start()
         port = probe.port
         await probe.stop()
-        async with HLClient(f"ws://127.0.0.1:{port}/ws", **FAST) as client:
-            with pytest.raises(asyncio.TimeoutError):
-                await client.connect(timeout=0.3)
-            await until(lambda: client.connection_info()[0]["attempt"] >= 2, what="failed attempts")
+        async with HLClient(f"ws://127.0.0.1:{port}/ws", **{**FAST, "open_timeout": 10.0}) as client:
+            start = time.monotonic()
+            with pytest.raises(ConnectionError, match="Connect"):  # ConnectionRefusedError, not a bare timeout
+                await client.connect()
+            assert time.monotonic() - start < 1.0
+            await until(lambda: client.connection_metrics(1)["attempt"] >= 2, what="failed attempts")
             server = await FakeServer(port).start()
             await client.connect(timeout=5)
-            assert client.connection_info()[0]["attempt"] == 0
-            assert client.connection_info()[0]["reconnects"] == 0
+            assert client.connection_metrics(1)["attempt"] >= 2  # not yet: the session has to prove stable
+            await until(lambda: client.connection_metrics(1)["attempt"] == 0, what="the count reset by a stable session")
+            assert client.connection_metrics(1)["reconnects"] == 0
             await server.stop()
 
     run(main())
@@ -257,7 +260,7 @@ def test_unacknowledged_subscribe_is_sent_again() -> None:
             server.connections[0].silent = False
             await client.wait_active(sid, 5)
             assert server.subscribe_requests == 1 and server.connections[0].received >= 2
-            assert client.connection_info()[0]["reconnects"] == 0
+            assert client.connection_metrics(1)["reconnects"] == 0
         await server.stop()
 
     run(main())
@@ -310,7 +313,7 @@ def test_async_callback_in_order_and_bounded_iterator_drops_oldest() -> None:
                 await server.publish({"type": "trades", "coin": "B"}, [{"coin": "B", "tid": tid}])
             await until(lambda: len(seen) == 10)
             assert seen == list(range(10))
-            assert client.get_subscription(b)["dropped"] == 7
+            assert client.subscription_metrics(b)["dropped"] == 7
             got = []
             async for message in client.messages(b):
                 got.append(message["data"][0]["tid"])

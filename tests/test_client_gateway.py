@@ -21,8 +21,23 @@ from typing import Any
 import pytest
 
 from conftest import free_port
-from hlbook.client import HLClient, L4Book
+from hlbook.client import (
+    Ack,
+    Connected,
+    Data,
+    Disconnected,
+    Event,
+    EventStream,
+    Gap,
+    HLClient,
+    L4Book,
+    OrderEvent,
+    OrderTracker,
+    SubscriptionError,
+)
 from hlbook.client.books import canon
+from hlbook.client.models import L2Book, Trade
+from hlbook.client.orders import is_terminal
 from hlbook.services.book import snapshot
 from pipeline import Up, http_get, post_info, running, stop_group
 from test_client import FAST, run, until
@@ -41,14 +56,26 @@ def recorder(store: dict[int, list[dict[str, Any]]], key: int) -> Callable[[dict
     return store[key].append
 
 
+async def drain(stream: EventStream) -> list[Event]:
+    """The events queued in ``stream`` now."""
+    events = []
+    while True:
+        try:
+            events.append(await asyncio.wait_for(anext(stream), 0.05))
+        except TimeoutError:
+            return events
+
+
 def test_gateway_killed_and_restarted_on_the_same_port(up: Up) -> None:
     """SIGKILL the gateway, start it again on the same port: the client reconnects,
-    resubscribes, delivers again, and counts exactly one reconnect."""
+    resubscribes, delivers again, counts exactly one reconnect, and its event
+    stream tells it all (typed data of the real gateway's messages included)."""
     port = free_port()
     gateway = up.start_gateway(port)
 
     async def main() -> None:
         async with HLClient(f"ws://127.0.0.1:{port}/ws", **FAST) as client:
+            stream = client.events()
             got: dict[int, list[dict[str, Any]]] = {}
             subs = [{"type": "l2Book", "coin": "BTC"}, {"type": "trades", "coin": "BTC"}, {"type": "l2Book", "coin": "ETH"}]
             ids = [await client.subscribe(sub, recorder(got, i)) for i, sub in enumerate(subs)]
@@ -64,12 +91,25 @@ def test_gateway_killed_and_restarted_on_the_same_port(up: Up) -> None:
             await until(lambda: all(len(got[i]) > before[i] for i in range(len(subs))), 15, "messages after the restart")
 
             assert [client.get_subscription(s)["state"] for s in ids] == ["active"] * len(ids)
-            assert [client.get_subscription(s)["reconnects"] for s in ids] == [1] * len(ids)
-            (conn,) = client.connection_info()
+            assert [client.subscription_metrics(s)["reconnects"] for s in ids] == [1] * len(ids)
+            conn = client.connection_metrics(1)
             assert conn["connects"] == 2 and conn["reconnects"] == 1 and conn["unrouted_messages"] == 0
             assert got[0][-1]["channel"] == "l2Book" and got[0][-1]["data"]["coin"] == "BTC"
             assert got[1][-1]["channel"] == "trades" and {t["coin"] for t in got[1][-1]["data"]} == {"BTC"}
             assert got[2][-1]["data"]["coin"] == "ETH"
+
+            events = await drain(stream)
+            down = next(i for i, e in enumerate(events) if isinstance(e, Disconnected))
+            control = lambda part: [e for e in part if not isinstance(e, (Data, Disconnected))]  # noqa: E731
+            assert control(events[:down]) == [Connected(1, False), *(Ack(s, 1, False) for s in ids)]
+            connected, *back = control(events[down:])
+            assert connected == Connected(1, True) and back[::2] == [Ack(s, 1, True) for s in ids]
+            assert [(type(e), e.sub_id, e.since < e.until) for e in back[1::2]] == [(Gap, s, True) for s in ids]
+            assert all(isinstance(e, Disconnected) and e.retrying for e in events[down:] if not isinstance(e, (Data, Connected, Ack, Gap)))
+            data = [e for e in events if isinstance(e, Data)]
+            assert len(data) == sum(len(v) for v in got.values())
+            assert all(isinstance(e.data, L2Book) for e in data if e.channel == "l2Book")
+            assert all(isinstance(t, Trade) and t.coin == "BTC" for e in data if e.channel == "trades" for t in e.data)
         stop_group(restarted)
 
     run(main(), timeout=40)
@@ -123,8 +163,8 @@ def test_restarted_gateway_refuses_connections_until_it_knows_its_coins(up: Up) 
 
             restarted = await asyncio.to_thread(up.start_gateway, port)
             await until(lambda: client.get_subscription(sub_id)["state"] == "active" and len(got) > before, 15, "messages after the restart")
-            assert client.get_subscription(sub_id)["reconnects"] == 1
-            assert client.connection_info()[0]["reconnects"] >= 1
+            assert client.subscription_metrics(sub_id)["reconnects"] == 1
+            assert client.connection_metrics(1)["reconnects"] >= 1
             assert got[-1]["data"]["coin"] == "BTC"
         stop_group(restarted)
 
@@ -144,7 +184,7 @@ def test_stopped_gateway_is_detected_by_the_pong_timeout(up: Up) -> None:
             got: list[dict[str, Any]] = []
             sub_id = await client.subscribe({"type": "l2Book", "coin": "BTC"}, got.append)
             await client.wait_active(sub_id, 5)
-            await until(lambda: bool(got) and client.connection_info()[0]["ping_rtt"] is not None, 10, "messages and a pong")
+            await until(lambda: bool(got) and client.connection_metrics(1)["ping_rtt"] is not None, 10, "messages and a pong")
 
             os.kill(gateway.pid, signal.SIGSTOP)
             try:
@@ -153,9 +193,8 @@ def test_stopped_gateway_is_detected_by_the_pong_timeout(up: Up) -> None:
             finally:
                 os.kill(gateway.pid, signal.SIGCONT)
             await until(lambda: client.get_subscription(sub_id)["state"] == "active" and len(got) > stalled, 15, "messages after SIGCONT")
-            (conn,) = client.connection_info()
-            assert conn["reconnects"] >= 1 and conn["state"] == "open"
-            assert client.get_subscription(sub_id)["reconnects"] >= 1
+            assert client.connection_metrics(1)["reconnects"] >= 1 and client.connection_info()[0]["state"] == "open"
+            assert client.subscription_metrics(sub_id)["reconnects"] >= 1
             assert got[-1]["data"]["coin"] == "BTC"
 
     try:
@@ -221,7 +260,7 @@ def test_1500_subscriptions_over_two_connections(up: Up) -> None:
                 if sub["type"] == "userFills":
                     assert got[i][0]["data"]["isSnapshot"] is True and all(not m["data"].get("isSnapshot") for m in got[i][1:])
             assert sum(1 for i in users if len(got[i]) > 1) >= 1
-            assert [c["unrouted_messages"] for c in client.connection_info()] == [0, 0]
+            assert [client.connection_metrics(c["id"])["unrouted_messages"] for c in client.connection_info()] == [0, 0]
 
     run(main(), timeout=60)
 
@@ -268,6 +307,156 @@ def test_l4_book_repairs_a_forced_gap_and_equals_the_simulator(up: Up) -> None:
             assert sum(map(len, truth)) > 50
             assert [o["side"] for o in levels[0]] == ["B"] * len(levels[0]) and [o["side"] for o in levels[1]] == ["A"] * len(levels[1])
             assert history[truth_height] == truth  # (oid, user, px, sz) per side, best level first, time priority within
-            assert client.get_subscription(sub_id)["reconnects"] == 0
+            assert client.subscription_metrics(sub_id)["reconnects"] == 0
 
     run(main(), timeout=40)
+
+
+def test_refused_connect_and_a_given_up_feed_against_a_gateway_not_ready(up: Up) -> None:
+    """A gateway that refuses handshakes (503 until it knows its coins): ``connect()``
+    raises a ConnectionError naming it at once, a subscription gives up after
+    ``max_attempts``, and the same feed subscribed again works once a ready
+    gateway answers on that port."""
+    port = free_port()
+    blind = start_blind_gateway(up, port)
+    book = {"type": "l2Book", "coin": "BTC"}
+
+    async def main() -> None:
+        async with HLClient(f"ws://127.0.0.1:{port}/ws", **{**FAST, "max_attempts": 3}) as client:
+            start = time.monotonic()
+            with pytest.raises(ConnectionError, match="503"):
+                await client.connect(timeout=10)
+            assert time.monotonic() - start < 2
+            old = await client.subscribe(book)
+            with pytest.raises(SubscriptionError, match="503"):
+                await client.wait_active(old, 10)
+            os.kill(blind.pid, signal.SIGKILL)
+            await asyncio.to_thread(blind.wait, 5)
+            gateway = await asyncio.to_thread(up.start_gateway, port)
+            got: list[dict[str, Any]] = []
+            again = await client.subscribe(book, got.append)
+            await client.wait_active(again, 10)
+            await until(lambda: bool(got), 10, "messages of the feed subscribed again")
+            assert client.get_subscription(old)["state"] == "failed" and got[-1]["data"]["coin"] == "BTC"
+        stop_group(gateway)
+
+    run(main(), timeout=40)
+
+
+SPECIAL_USERS = ("0xffff", "0xfefe")  # the simulator's special accounts: fills, no order statuses
+
+
+def active_makers(up: Up, n: int) -> list[str]:
+    """The ``n`` users with the most resting orders in the simulator now."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _, books = snapshot.load(snapshot.fetch(up.sim_info, timeout=10, directory=tmp))
+    makers = Counter(o["user"] for book in books.values() for side in book.l4_levels() for o in side if not o["user"].startswith(SPECIAL_USERS))
+    return [user for user, _ in makers.most_common(n)]
+
+
+def fill_keys(events: list[OrderEvent]) -> list[tuple[int, int]]:
+    return [(e.fill["tid"], e.fill["oid"]) for e in events if e.fill is not None]
+
+
+def test_trackers_know_resting_orders_from_the_start_on_user_grouped_connections(up: Up) -> None:
+    """``frontendOpenOrders`` makes the orders resting when a tracker starts known: with
+    a hold longer than the test, a partial fill of one (no status releases it) is
+    emitted at once. A user's two feeds share one user_grouped connection; a
+    dedicated l4Book has one of its own."""
+    users = active_makers(up, 4)
+
+    async def main() -> None:
+        async with HLClient(up.ws, **FAST) as client, HLClient(up.ws, **FAST) as raw:
+            events: dict[str, list[OrderEvent]] = {u: [] for u in users}
+            trackers = {u: OrderTracker(events[u].append, hold_seconds=60.0) for u in users}
+            for user, tracker in trackers.items():
+                await tracker.subscribe(client, user)
+            for tracker in trackers.values():
+                await tracker.wait_ready(10)
+            assert all(t.counts.open_orders_loaded and t.load_error is None for t in trackers.values())
+            loaded = {}  # resting at the start: no status of theirs seen, known from frontendOpenOrders only
+            for user in users:
+                resting = (await client.info({"type": "frontendOpenOrders", "user": user}))["data"]
+                loaded[user] = {o["oid"] for o in resting} - {e.oid for e in events[user]}
+            fills: dict[str, list[dict[str, Any]]] = {u: [] for u in users}
+            closed: dict[str, set[int]] = {u: set() for u in users}  # oids with a final status
+            for user in users:
+                await raw.subscribe({"type": "userFills", "user": user}, lambda m, u=user: fills[u].extend([] if m["data"].get("isSnapshot") else m["data"]["fills"]))
+                await raw.subscribe({"type": "orderUpdates", "user": user}, lambda m, u=user: closed[u].update(s["order"]["oid"] for s in m["data"] if is_terminal(s["status"])))
+            book = L4Book("BTC")
+            await book.subscribe(client, strategy="dedicated")
+
+            def partial() -> set[tuple[str, int, int]]:
+                """Fills of orders resting at the start that still rest: nothing but being known lets them through."""
+                return {(u, f["tid"], f["oid"]) for u in users for f in fills[u] if f["oid"] in loaded[u] and f["oid"] not in closed[u]}
+
+            await until(lambda: bool(partial()), 20, "a partial fill of an order resting at the start")
+            expected = partial()
+            await until(lambda: all((tid, oid) in fill_keys(events[u]) for u, tid, oid in expected), 1.0, "those fills from the trackers at once")
+
+            conns = {c["id"]: c for c in client.connection_info()}
+            for user, tracker in trackers.items():
+                (conn,) = {client.get_subscription(s)["connection"] for s in tracker.sub_ids}
+                assert (conns[conn]["strategy"], conns[conn]["user"], conns[conn]["subscriptions"]) == ("user_grouped", user, 2)
+            dedicated = conns[client.get_subscription(book.sub_id)["connection"]]
+            assert (dedicated["strategy"], dedicated["subscriptions"]) == ("dedicated", 1)
+            await until(lambda: book.synced, 10, "the dedicated l4Book")
+            for tracker in trackers.values():
+                await tracker.close()
+
+    run(main(), timeout=60)
+
+
+def test_a_second_tracker_of_a_user_misses_no_fill_of_an_outage(up: Up) -> None:
+    """Two trackers of each of three users share the server subscriptions: the second
+    gets a userFills snapshot of its own (its history), so after the gateway was
+    killed and restarted both emit every fill made meanwhile, each once."""
+    port = free_port()
+    history = ["--history-pub", f"ipc://{up.sockets}/history-pub", "--history-query", f"ipc://{up.sockets}/history-query"]
+    gateway = up.start_gateway(port, *history)  # userFills snapshots come from the history service
+    users = active_makers(up, 3)
+
+    async def main() -> None:
+        async with HLClient(f"ws://127.0.0.1:{port}/ws", **FAST) as client:
+            pairs = {u: [OrderTracker(hold_seconds=1.0), OrderTracker(hold_seconds=1.0)] for u in users}
+            events: dict[OrderTracker, list[OrderEvent]] = {}
+            for pair in pairs.values():
+                for tracker in pair:
+                    events[tracker] = []
+                    tracker.on_event = events[tracker].append
+            for user, (first, _) in pairs.items():
+                await first.subscribe(client, user)
+                await first.wait_ready(10)
+            await asyncio.sleep(0.5)
+            for user, (_, second) in pairs.items():
+                await second.subscribe(client, user)
+                await second.wait_ready(10)
+            await until(lambda: all(t.counts.snapshots >= 1 for t in events), 10, "a snapshot for every tracker")
+            for first, second in pairs.values():
+                assert client.get_subscription(second.sub_ids[1])["shared_with"] == [first.sub_ids[1]]
+
+            os.kill(gateway.pid, signal.SIGKILL)
+            await asyncio.to_thread(gateway.wait, 5)
+            known = {t: set(t.seen_fills) for t in events}
+            done = {t: len(e) for t, e in events.items()}
+            await asyncio.sleep(2.0)  # fills go on meanwhile
+            restarted = await asyncio.to_thread(up.start_gateway, port, *history)
+            await until(lambda: all(client.get_subscription(s)["state"] == "active" for t in events for s in t.sub_ids), 15, "resubscribed")
+
+            missed_total = 0
+            for user, pair in pairs.items():
+                status, fills = await asyncio.to_thread(post_info, f"http://127.0.0.1:{port}", {"type": "userFills", "user": user})
+                assert status == 200
+                truth = {(f["tid"], f["oid"]) for f in fills}
+                for tracker in pair:
+                    missed = truth - known[tracker]
+                    await until(lambda: missed <= set(fill_keys(events[tracker][done[tracker]:])), 5, "every fill made while away")
+                    keys = fill_keys(events[tracker])
+                    assert len(keys) == len(set(keys))  # each once
+                missed_total += len(truth - known[pair[1]])
+            assert missed_total > 0  # there were fills to miss
+            for tracker in events:
+                await tracker.close()
+        stop_group(restarted)
+
+    run(main(), timeout=60)

@@ -24,10 +24,10 @@ def fill(oid: int, tid: int, sz: str = "0.5") -> dict[str, Any]:
     return {"coin": "BTC", "px": "100.0", "sz": sz, "side": "B", "time": 1, "oid": oid, "tid": tid, "hash": "0x0", "crossed": False}
 
 
-def tracker(clock: list[float] | None = None) -> tuple[OrderTracker, list[OrderEvent]]:
+def tracker(clock: list[float] | None = None, **options: Any) -> tuple[OrderTracker, list[OrderEvent]]:
     events: list[OrderEvent] = []
     now = clock if clock is not None else [0.0]
-    return OrderTracker(events.append, hold_seconds=2.0, clock=lambda: now[0]), events
+    return OrderTracker(events.append, **{"hold_seconds": 2.0, "clock": lambda: now[0], **options}), events
 
 
 def kinds(events: list[OrderEvent]) -> list[tuple[str, int]]:
@@ -82,7 +82,7 @@ def test_duplicate_fills_emitted_once_and_fifo_bound() -> None:
     t.on_user_fills({"user": USER, "fills": [fill(1, 2), fill(1, 3)]})
     t.on_user_fills({"isSnapshot": True, "user": USER, "fills": [fill(1, 1), fill(1, 2), fill(1, 3), fill(1, 4)]})  # after a reconnect
     assert [e.fill["tid"] for e in events if e.kind == "fill"] == [2, 3, 4]
-    assert t.duplicates == 3
+    assert t.counts.duplicates == 3
     fifo = FifoSet(3)
     assert all(fifo.add(k) for k in range(5)) and len(fifo) == 3 and 0 not in fifo and 4 in fifo
     assert not fifo.add(4)
@@ -116,8 +116,163 @@ def test_tracker_over_websocket_reconnect_emits_each_fill_once() -> None:
             await asyncio.sleep(0.2)
             assert kinds(events) == [("open", 1), ("modified", 2), ("fill", 2), ("fill", 2)]
             assert [e.fill["tid"] for e in events if e.fill] == [101, 102]
-            assert t.duplicates == 2  # 100 and 101 again in the second snapshot
-            assert client.get_subscription(ids[1])["reconnects"] == 1
+            assert t.counts.duplicates == 2  # 100 and 101 again in the second snapshot
+            assert client.subscription_metrics(ids[1])["reconnects"] == 1
+            await t.close()
+        await server.stop()
+
+    run(main())
+
+
+def test_known_orders_are_the_resting_ones_not_a_fifo_of_the_last_oids() -> None:
+    t, events = tracker(dedup_size=3)
+    t.on_order_updates([status(1, "open")])
+    for oid in range(100, 110):  # ten newer orders, more than dedup_size
+        t.on_order_updates([status(oid, "open")])
+        t.on_order_updates([status(oid, "canceled")])
+    t.on_user_fills({"user": USER, "fills": [fill(1, 50)]})
+    assert kinds(events)[-1] == ("fill", 1) and t.metrics()["holding"] == 0  # still resting: not held
+
+
+def test_resting_orders_from_frontend_open_orders_are_known() -> None:
+    t, events = tracker()
+    t.on_user_fills({"user": USER, "fills": [fill(5, 1)]})  # before the load: held
+    t.on_order_updates([status(6, "open")])
+    t.on_order_updates([status(6, "canceled")])  # closed before the load answered
+    resting = [status(oid, "open")["order"] for oid in (5, 6, 7)]
+    t.add_open_orders(resting)
+    assert sorted(t.open_orders) == [5, 7]  # 6 closed meanwhile
+    t.on_user_fills({"user": USER, "fills": [fill(7, 2)]})  # an order older than the tracker: at once
+    assert kinds(events) == [("open", 6), ("canceled", 6), ("fill", 5), ("fill", 7)]
+    m = t.metrics()
+    assert (m["held"], m["released_on_status"], m["released_on_expiry"], m["open_orders_loaded"], m["open_orders"]) == (1, 1, 0, 3, 2)
+
+
+def test_hold_metrics_status_expiry_overflow() -> None:
+    clock = [0.0]
+    t, events = tracker(clock, hold_seconds=1.0, max_held=2)
+    t.on_user_fills({"user": USER, "fills": [fill(1, 1), fill(2, 2)]})
+    t.on_order_updates([status(1, "open")])
+    clock[0] = 0.5
+    t.on_user_fills({"user": USER, "fills": [fill(3, 3), fill(4, 4)]})  # 3 held pushes 2 out
+    clock[0] = 1.6
+    t.flush_expired()  # 3 and 4 waited 1.1 s
+    assert [e.oid for e in events if e.kind == "fill"] == [1, 2, 3, 4]
+    m = t.metrics()
+    assert (m["held"], m["released_on_status"], m["released_on_overflow"], m["released_on_expiry"], m["holding"], m["fills"]) == (4, 1, 1, 2, 0, 4)
+    t.on_user_fills({"user": USER, "fills": [fill(3, 5)]})  # its hold expired once: not held again
+    assert t.metrics()["holding"] == 0 and events[-1].oid == 3
+
+
+def test_modify_legs_in_separate_messages() -> None:
+    clock = [0.0]
+    t, events = tracker(clock)
+    t.on_order_updates([status(1, "open", "0xa"), status(10, "open"), status(20, "open"), status(30, "open", "0xd")])
+    # open first, with a cloid: recognised without a marker; the late cancel is stale
+    t.on_order_updates([status(2, "open", "0xa")])
+    t.on_order_updates([status(1, "canceled", "0xa")])
+    # cancel first: only a marked order's cancel waits for its replacement (cloid, else coin and side)
+    t.expect_modify(10)
+    t.on_order_updates([status(10, "canceled")])
+    t.on_order_updates([status(11, "open")])
+    t.expect_modify(20)
+    t.on_order_updates([status(20, "canceled"), status(21, "open")])  # no cloid, one message
+    assert kinds(events)[4:] == [("modified", 2), ("modified", 11), ("modified", 21)]
+    assert [e.prev_oid for e in events[4:]] == [1, 10, 20] and sorted(t.open_orders) == [2, 11, 21, 30]
+    # a marked order whose replacement never comes is canceled after the hold
+    t.expect_modify(30)
+    t.on_order_updates([status(30, "canceled", "0xd")])
+    assert kinds(events)[-1] == ("modified", 21)
+    clock[0] = 2.5
+    t.flush_expired()
+    assert kinds(events)[-1] == ("canceled", 30)
+    # unmarked, cancel first: a cancel and an open (documented)
+    t.on_order_updates([status(2, "canceled", "0xa")])
+    t.on_order_updates([status(3, "open", "0xa")])
+    assert kinds(events)[-2:] == [("canceled", 2), ("open", 3)]
+    m = t.metrics()
+    assert (m["modifies"], m["suppressed_cancels"], m["pending_modifies"], m["held_cancels"]) == (3, 3, 0, 0)
+
+
+def test_self_trade_fills_share_a_tid_and_dedup_is_bounded() -> None:
+    t, events = tracker(dedup_size=2)
+    t.on_order_updates([status(1, "open"), status(2, "open")])
+    t.on_user_fills({"user": USER, "fills": [fill(1, 7), fill(2, 7), fill(1, 7)]})  # both sides, then a duplicate
+    assert [(e.oid, e.fill["tid"]) for e in events if e.fill] == [(1, 7), (2, 7)] and t.counts.duplicates == 1
+    t.on_user_fills({"user": USER, "fills": [fill(1, 8), fill(1, 9), fill(1, 7)]})  # (7, 1) forgotten: only 2 remembered
+    assert [e.fill["tid"] for e in events if e.fill][2:] == [8, 9, 7]
+
+
+def test_second_tracker_of_a_user_gets_its_own_snapshot_and_the_outage_fill() -> None:
+    async def main() -> None:
+        history: list[dict[str, Any]] = [fill(1, 100)]
+
+        async def on_subscribe(conn: FakeConnection, s: dict[str, Any]) -> None:
+            if s["type"] == "userFills":
+                await conn.send({"channel": "userFills", "data": {"isSnapshot": True, "user": USER, "fills": list(history)}})
+
+        server = await FakeServer(on_subscribe=on_subscribe, on_info=lambda p: [status(1, "open")["order"]]).start()
+        first: list[OrderEvent] = []
+        second: list[OrderEvent] = []
+        a = OrderTracker(first.append, hold_seconds=0.5)
+        b = OrderTracker(second.append, hold_seconds=0.5)
+        async with HLClient(server.url, **FAST) as client:
+            await a.subscribe(client, USER)
+            await a.wait_ready(5)
+            history.append(fill(1, 101))
+            await server.publish({"type": "userFills", "user": USER}, {"user": USER, "fills": [fill(1, 101)]})
+            await until(lambda: len(first) == 1)
+            await b.subscribe(client, USER)
+            await b.wait_ready(5)
+            await until(lambda: b.counts.snapshots == 1, what="the second tracker's own snapshot")
+            assert second == [] and a.counts.duplicates == 2  # history for b; already seen by a
+            await server.stop(abort=True)
+            history.append(fill(1, 102))  # while both are away
+            await server.start()
+            await until(lambda: len(first) == 2 and len(second) == 1)
+            await asyncio.sleep(0.2)
+            assert [e.fill["tid"] for e in first] == [101, 102] and [e.fill["tid"] for e in second] == [102]
+            assert client.get_subscription(a.sub_ids[1])["connection"] == client.get_subscription(a.sub_ids[0])["connection"]
+            await a.close()
+            await b.close()
+        await server.stop()
+
+    run(main())
+
+
+def test_tracker_over_websocket_loads_resting_orders_and_folds_a_split_modify() -> None:
+    async def main() -> None:
+        resting = [status(1, "open", "0xa")["order"]]
+        server = await FakeServer(on_info=lambda p: resting if p == {"type": "frontendOpenOrders", "user": USER} else None).start()
+        events: list[OrderEvent] = []
+        t = OrderTracker(events.append, hold_seconds=5.0)
+        async with HLClient(server.url, **FAST) as client:
+            await t.subscribe(client, USER)
+            await t.wait_ready(5)
+            assert t.counts.open_orders_loaded == 1 and t.load_error is None
+            updates = {"type": "orderUpdates", "user": USER}
+            await server.publish({"type": "userFills", "user": USER}, {"user": USER, "fills": [fill(1, 1)]})
+            t.expect_modify(1)
+            await server.publish(updates, [status(1, "canceled", "0xa")])
+            await server.publish(updates, [status(2, "open", "0xa")])
+            await until(lambda: len(events) == 2)
+            await asyncio.sleep(0.1)
+            assert kinds(events) == [("fill", 1), ("modified", 2)] and t.metrics()["held"] == 0
+            assert len(client.connection_info()) == 1  # the info request went over the user's connection
+            await t.close()
+        await server.stop()
+
+    run(main())
+
+
+def test_tracker_without_info_support_says_so() -> None:
+    async def main() -> None:
+        server = await FakeServer().start()
+        t = OrderTracker()
+        async with HLClient(server.url, **FAST) as client:
+            await t.subscribe(client, USER)
+            await t.wait_ready(5)
+            assert "answers no info requests" in (t.load_error or "") and t.counts.open_orders_loaded is None
             await t.close()
         await server.stop()
 

@@ -1,0 +1,172 @@
+"""Client resilience against FakeServer: giving up is not forever, no reconnect
+storm, reuse after close, and every per-subscription and per-connection metric."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from hlbook.client import HLClient, SubscriptionError
+from hlbook.client.metrics import SubscriptionMetrics
+from hlbook.client.testing import FakeServer
+from test_client import FAST, run, until
+
+TRADES = {"type": "trades", "coin": "BTC"}
+
+
+async def free_url() -> tuple[str, int]:
+    probe = await FakeServer().start()
+    await probe.stop()
+    return probe.url, probe.port
+
+
+def test_same_feed_after_max_attempts_works_once_the_server_is_back() -> None:
+    async def main() -> None:
+        url, port = await free_url()
+        async with HLClient(url, **{**FAST, "max_attempts": 3}) as client:
+            old = await client.subscribe(TRADES)
+            with pytest.raises(SubscriptionError, match="connection failed"):
+                await client.wait_active(old, 5)
+            server = await FakeServer(port).start()
+            got: list[dict] = []
+            again = await client.subscribe(TRADES, got.append)
+            await client.wait_active(again, 5)
+            await server.publish(TRADES, [{"coin": "BTC", "tid": 1}])
+            await until(lambda: len(got) == 1)
+            assert client.get_subscription(old)["state"] == "failed"  # the old one keeps its error
+            assert [(c["state"], c["subscriptions"]) for c in client.connection_info()] == [("open", 1)]  # the failed one is gone
+        await server.stop()
+
+    run(main())
+
+
+def test_same_feed_after_refused_retries_works_once_the_server_takes_it() -> None:
+    async def main() -> None:
+        server = await FakeServer().start()
+        async with HLClient(server.url, **{**FAST, "ack_timeout": 0.2, "refused_retries": 2}) as client:
+            first = await client.subscribe(TRADES)
+            await client.wait_active(first, 5)
+            server.refused_coins.add("BTC")  # a restarted server that does not know BTC yet
+            await server.stop(abort=True)
+            await server.start()
+            await until(lambda: client.get_subscription(first)["state"] == "failed", what="refused for good")
+            assert server.subscribe_requests == 1 + 3  # the first, then refused once and retried twice
+            server.refused_coins.discard("BTC")
+            got: list[dict] = []
+            again = await client.subscribe(TRADES, got.append)
+            await client.wait_active(again, 5)
+            await server.publish(TRADES, [{"coin": "BTC", "tid": 1}])
+            await until(lambda: len(got) == 1)
+        await server.stop()
+
+    run(main())
+
+
+def test_a_server_that_drops_each_upgrade_is_backed_off_and_given_up() -> None:
+    async def main() -> None:
+        server = await FakeServer().start()
+        server.drop_new = True
+        async with HLClient(server.url, **{**FAST, "max_attempts": 3}) as client:
+            sid = await client.subscribe(TRADES)
+            with pytest.raises(SubscriptionError, match="closed after"):
+                await client.wait_active(sid, 5)
+            assert server.total_connections == 3 and client.connection_info()[0]["state"] == "failed"
+        async with HLClient(server.url, **{**FAST, "backoff_base": 0.05, "backoff_cap": 10.0}) as client:
+            await client.subscribe(TRADES)
+            await asyncio.sleep(1.5)
+            upgrades = server.total_connections - 3
+            assert 2 <= upgrades <= 9  # growing waits (the fixed 0-50 ms wait made ~60)
+            assert client.connection_metrics(1)["attempt"] >= upgrades - 1  # short sessions count as failed attempts
+        await server.stop()
+
+    run(main())
+
+
+def test_reuse_after_close() -> None:
+    async def main() -> None:
+        server = await FakeServer().start()
+        client = HLClient(server.url, **FAST)
+        sid = await client.subscribe(TRADES)
+        await client.wait_active(sid, 5)
+        await client.close()
+        assert client.get_subscription(sid) is None and client.connection_info() == []
+        got: list[dict] = []
+        again = await client.subscribe(TRADES, got.append)
+        await client.wait_active(again, 5)
+        await server.publish(TRADES, [{"coin": "BTC", "tid": 7}])
+        await until(lambda: len(got) == 1)
+        await client.close()
+        await server.stop()
+
+    run(main())
+
+
+def test_subscription_metrics_each_field() -> None:
+    async def main() -> None:
+        server = await FakeServer().start()
+        async with HLClient(server.url, **FAST) as client:
+            await client.connect(5)
+            before = time.time()
+            sid = await client.subscribe(TRADES, queue_size=2)
+            after = time.time()
+            await client.wait_active(sid, 5)
+            sent = time.time()
+            for tid in range(3):
+                await server.publish(TRADES, [{"coin": "BTC", "tid": tid}])
+            await until(lambda: client.subscription_metrics(sid)["message_count"] == 3)
+            m = client.subscription_metrics(sid)
+            assert before <= m["subscribed_at"] <= after
+            assert sent <= m["last_message_at"] <= time.time()
+            assert m["messages_per_minute"] == 3.0  # not 3·60/uptime: a young subscription is not extrapolated
+            assert m["messages_last_minute"] == 3
+            assert 0 < m["uptime_seconds"] < time.time() - before + 0.01
+            assert m["reconnects"] == 0 and m["dropped"] == 1  # queue of 2, nobody reading
+            assert client.subscription_metrics(999) is None
+        await server.stop()
+
+    run(main())
+
+
+def test_rates_over_time_with_a_clock() -> None:
+    now = [1000.0]
+    m = SubscriptionMetrics(clock=lambda: now[0])
+    m.record()
+    now[0] += 0.05
+    assert m.messages_per_minute() == 1.0 and m.uptime_seconds() == pytest.approx(0.05)
+    for _ in range(59):
+        now[0] += 2.0  # one message every 2 s for ~2 minutes
+        m.record()
+    assert m.messages_per_minute() == pytest.approx(60 * 60 / (0.05 + 118))  # the lifetime average: ~30/min
+    assert m.messages_last_minute() == 30
+    now[0] += 61
+    assert m.messages_last_minute() == 0 and m.message_count == 60
+
+
+def test_connection_metrics_each_field() -> None:
+    async def main() -> None:
+        server = await FakeServer().start()
+        async with HLClient(server.url, **FAST) as client:
+            sid = await client.subscribe(TRADES, lambda m: None)
+            await client.wait_active(sid, 5)
+            await server.publish(TRADES, [{"coin": "BTC", "tid": 1}])
+            await server.connections[0].send({"channel": "trades", "data": [{"coin": "ETH", "tid": 1}]})  # nobody's
+            await until(lambda: client.connection_metrics(1)["ping_rtt"] is not None, what="a pong")
+            m = client.connection_metrics(1)
+            assert m["connects"] == 1 and m["reconnects"] == 0 and m["attempt"] == 0
+            assert 0 < m["uptime_seconds"] < 5 and 0 <= m["last_message_age"] < 1 and 0 < m["ping_rtt"] < 1
+            assert m["messages_received"] >= 4  # ack, two trades, a pong
+            assert m["unrouted_messages"] == 1
+            await server.stop(abort=True)
+            await server.start()
+            await client.wait_active(sid, 5)
+            await until(lambda: client.connection_metrics(1)["attempt"] == 0)
+            m = client.connection_metrics(1)
+            assert m["connects"] == 2 and m["reconnects"] == 1 and m["uptime_seconds"] < 5
+            info = client.connection_info()[0]
+            assert info["strategy"] == "shared" and info["state"] == "open" and info["subscriptions"] == info["active_subscriptions"] == 1
+            assert client.connection_metrics(999) is None
+        await server.stop()
+
+    run(main())

@@ -1,0 +1,101 @@
+"""Connection strategies (shared, dedicated, user_grouped) and lookups, against FakeServer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from hlbook.client import HLClient
+from hlbook.client.testing import FakeServer
+from test_client import FAST, run, until
+
+ALICE = "0x" + "a1" * 20
+BOB = "0x" + "b2" * 20
+ALICE_CASED = "0x" + "A1" * 20  # the same user: addresses are case-insensitive
+
+
+def test_each_strategy_places_subscriptions_as_it_says() -> None:
+    async def main() -> None:
+        server = await FakeServer().start()
+        async with HLClient(server.url, **FAST) as client:
+            trades = await client.subscribe({"type": "trades", "coin": "BTC"}, lambda m: None)
+            mids = await client.subscribe({"type": "allMids"}, lambda m: None)
+            book = await client.subscribe({"type": "l4Book", "coin": "BTC"}, lambda m: None, strategy="dedicated")
+            heavy = await client.subscribe({"type": "l2Book", "coin": "ETH"}, lambda m: None, strategy="dedicated")
+            alice = [await client.subscribe({"type": kind, "user": ALICE_CASED}, lambda m: None, strategy="user_grouped")
+                     for kind in ("orderUpdates", "userFills", "userEvents")]
+            bob = await client.subscribe({"type": "orderUpdates", "user": BOB}, lambda m: None, strategy="user_grouped")
+            ids = [trades, mids, book, heavy, *alice, bob]
+            for sid in ids:
+                await client.wait_active(sid, 5)
+            conn = {sid: client.get_subscription(sid)["connection"] for sid in ids}
+            assert conn[trades] == conn[mids]
+            assert len({conn[trades], conn[book], conn[heavy], conn[alice[0]], conn[bob]}) == 5
+            assert conn[alice[0]] == conn[alice[1]] == conn[alice[2]]
+            by_id = {c["id"]: c for c in client.connection_info()}
+            assert (by_id[conn[alice[0]]]["strategy"], by_id[conn[alice[0]]]["user"]) == ("user_grouped", ALICE)
+            assert by_id[conn[book]]["strategy"] == "dedicated" and by_id[conn[book]]["subscriptions"] == 1
+            assert len(server.connections) == 5
+            # nothing else joins a dedicated connection; emptied, it closes
+            more = await client.subscribe({"type": "trades", "coin": "SOL"}, lambda m: None)
+            assert client.get_subscription(more)["connection"] == conn[trades]
+            await client.unsubscribe(book)
+            assert conn[book] not in {c["id"] for c in client.connection_info()}
+            await until(lambda: len(server.connections) == 4, what="the dedicated connection closed")
+        await server.stop()
+
+    run(main())
+
+
+def test_user_grouped_feeds_arrive_in_their_order_on_one_connection() -> None:
+    async def main() -> None:
+        server = await FakeServer().start()
+        seen: list[tuple[str, int]] = []
+
+        def record(message: dict[str, Any]) -> None:
+            data = message["data"]
+            seen.append((message["channel"], data[0]["order"]["oid"] if message["channel"] == "orderUpdates" else data["fills"][0]["oid"]))
+
+        async with HLClient(server.url, **FAST) as client:
+            ids = [await client.subscribe({"type": kind, "user": ALICE}, record, strategy="user_grouped") for kind in ("orderUpdates", "userFills")]
+            for sid in ids:
+                await client.wait_active(sid, 5)
+            (conn,) = server.connections
+            expected = []
+            for oid in range(20):
+                channel = "orderUpdates" if oid % 3 else "userFills"
+                data = [{"order": {"oid": oid}, "status": "open", "statusTimestamp": 1}] if channel == "orderUpdates" else {"user": ALICE, "fills": [{"oid": oid}]}
+                await conn.send({"channel": channel, "data": data})
+                expected.append((channel, oid))
+            await until(lambda: len(seen) == 20)
+            assert seen == expected
+        await server.stop()
+
+    run(main())
+
+
+def test_lookups_by_type_and_user_and_strategy_checks() -> None:
+    async def main() -> None:
+        server = await FakeServer().start()
+        async with HLClient(server.url, **FAST) as client:
+            a = await client.subscribe({"type": "userFills", "user": ALICE}, lambda m: None, strategy="user_grouped")
+            b = await client.subscribe({"type": "orderUpdates", "user": ALICE}, lambda m: None, strategy="user_grouped")
+            c = await client.subscribe({"type": "userFills", "user": BOB}, lambda m: None)
+            d = await client.subscribe({"type": "trades", "coin": "BTC"}, lambda m: None)
+            ids = lambda subs: sorted(s["id"] for s in subs)  # noqa: E731
+            assert ids(client.list_subscriptions(user=ALICE_CASED)) == [a, b]
+            assert ids(client.list_subscriptions(type="userFills")) == [a, c]
+            assert ids(client.list_subscriptions(type="userFills", user=BOB)) == [c]
+            assert ids(client.list_subscriptions()) == [a, b, c, d]
+            assert client.get_subscription(a)["strategy"] == "user_grouped" and client.get_subscription(c)["strategy"] == "shared"
+            # an identical subscription shares the existing one, whatever strategy it asks for
+            e = await client.subscribe({"type": "trades", "coin": "BTC"}, lambda m: None, strategy="dedicated")
+            assert client.get_subscription(e)["connection"] == client.get_subscription(d)["connection"]
+            with pytest.raises(ValueError, match="needs a subscription with a user"):
+                await client.subscribe({"type": "trades", "coin": "ETH"}, strategy="user_grouped")
+            with pytest.raises(ValueError, match="strategy must be one of"):
+                await client.subscribe({"type": "trades", "coin": "ETH"}, strategy="own")  # type: ignore[arg-type]
+        await server.stop()
+
+    run(main())
