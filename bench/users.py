@@ -64,7 +64,8 @@ import zmq
 from hlbook.common import topics, wire
 from hlbook.common.models import block_time_ms
 from hlbook.services.gateway.hub import Hub
-from hlbook.services.gateway.protocol import feed_key, identity, normalise
+from hlbook.services.gateway.kinds import feed_key, normalise
+from hlbook.services.gateway.protocol import identity
 from hlbook.services.gateway.session import Session, SubscriptionStats
 from hlbook.services.gateway.users import Users
 from hlbook.services.ingest.joiner import Block

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from hlbook.services.gateway.kinds import L2BookKey
 from hlbook.services.gateway.session import Session
 
 
@@ -20,7 +21,7 @@ def test_a_conflated_feed_keeps_its_latest_text_and_its_place() -> None:
         sent: list[str] = []
         s = session(sent)
         writer = asyncio.create_task(s.writer())
-        key = ("l2Book", "BTC", None, None, 20)
+        key = L2BookKey("BTC", None, None, 20)
         s.push("book 1", key)
         s.reply("ack")
         assert s.push("book 2", key) is True  # replaced, still ahead of the ack
@@ -37,7 +38,7 @@ def test_leaving_a_conflated_feed_drops_its_queued_text() -> None:
     async def run() -> tuple[list[str], str | None]:
         sent: list[str] = []
         s = session(sent)
-        key = ("l2Book", "BTC", None, None, 20)
+        key = L2BookKey("BTC", None, None, 20)
         s.push("book", key)
         s.reply("ack of the unsubscribe")
         s.forget(key)

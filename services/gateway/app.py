@@ -26,11 +26,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from hlbook.common import config
 from hlbook.common.security import Curve
-from hlbook.services.gateway import metrics, user_info
+from hlbook.services.gateway import metrics
 from hlbook.services.gateway.frames import POLICY, FrameWriter
 from hlbook.services.gateway.hub import SHARD_SILENT, STALE, Hub
 from hlbook.services.gateway.info import Info, InfoError
-from hlbook.services.gateway.protocol import RequestError, dumps, feed_key, identity, message, normalise, parse_request
+from hlbook.services.gateway.kinds import feed_key, normalise
+from hlbook.services.gateway.protocol import RequestError, dumps, identity, message, parse_request
 from hlbook.services.gateway.session import Outbound, Session, SubscriptionStats
 from hlbook.services.gateway.upstream import Upstream
 from hlbook.services.gateway.users import Users
@@ -84,7 +85,6 @@ class Gateway:
                                  Curve.from_dir(cfg.curve_dir), history)
         self.hub = Hub(self.upstream, Users(cfg.max_followed_users))
         self.info = Info(self.hub)
-        self.info.handlers.update(user_info.handlers(self.hub, self.info))
         self.sessions: dict[Session, asyncio.Task[None]] = {}  # session -> its writer task
         self.outbound = Outbound()
         self.tasks: list[asyncio.Task[None]] = []
@@ -285,9 +285,9 @@ class Gateway:
         return Response(dumps(data), media_type="application/json")
 
     async def ready(self, request: Request) -> Response:
-        """200 when this gateway works (every shard up and live, heard from within 5 s), also
-        while the node is silent: ``stale`` says so (every gateway is as stale then, a load
-        balancer should keep them). ``?fresh=1``: 503 when stale too (for monitoring)."""
+        """200 when this gateway works (every shard up and live, heard from within ``SHARD_SILENT``
+        seconds), also while the node is silent: ``stale`` says so (every gateway is as stale then,
+        a load balancer should keep them). ``?fresh=1``: 503 when stale too (for monitoring)."""
         now = time.monotonic()
         shards = [{"shard": k, "height": v.height, "phase": v.phase, "live": bool(v.seen) and now - v.seen < SHARD_SILENT,
                    "coins": dict(Counter(v.states.values()))} for k, v in enumerate(self.hub.shards)]

@@ -18,7 +18,7 @@ from hlbook.common import wire
 from hlbook.common.chain import Chain, Step
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway.frames import Blob, Text
-from hlbook.services.gateway.protocol import FeedKey, dumps, message
+from hlbook.services.gateway.protocol import CoinKey, FeedKey, dumps, message
 from hlbook.services.gateway.session import Counted, Session
 from hlbook.services.gateway.upstream import Reply
 
@@ -31,14 +31,24 @@ RETRY_DELAY = 0.5
 SYNC_TIMEOUT = 3.0  # seconds to wait for the shard's sync marker before subscribing again
 
 
+Render = Callable[[Any, Any], Any]  # (feed key, upstream message) -> the data of the client message (None: no message)
+
+
+def no_render(key: Any, m: Any) -> None:
+    return None
+
+
 class Feed:
     """Subscribers of one stream and, for conflated feeds, its latest text."""
 
-    def __init__(self, key: FeedKey, channel: str, conflate: bool, topic: bytes | None) -> None:
+    shared_count = True  # subscribers' statistics follow the feed's count (l4Book: each subscriber counts its own)
+
+    def __init__(self, key: FeedKey, channel: str, conflate: bool, topic: bytes | None, render: Render = no_render) -> None:
         self.key = key
         self.channel = channel
         self.conflate = conflate
-        self.topic = topic  # upstream topic subscribed while the feed has subscribers
+        self.topic = topic  # upstream topic routed to the feed (subscribed while it has subscribers, unless always)
+        self.render = render
         self.subscribers: dict[Session, str] = {}  # session -> its subscription identity
         self.last: str | None = None
         self.counted = Counted()  # what every subscriber got (their statistics follow it)
@@ -53,6 +63,12 @@ class Feed:
 
     def __len__(self) -> int:
         return len(self.subscribers)
+
+    def on_upstream(self, m: Any) -> None:
+        """A message of the feed's upstream topic."""
+        data = self.render(self.key, m)
+        if data is not None:
+            self.publish(data)
 
     def publish(self, data: Any) -> None:
         self.publish_text(message(self.channel, data))
@@ -72,11 +88,6 @@ class Feed:
             metrics.CONFLATED.inc(replaced)
 
 
-    def publish_at(self, height: int, data: Any) -> None:
-        """``publish`` for feeds that care which block an update came from."""
-        self.publish(data)
-
-
 Join = Callable[[], Awaitable[tuple[int | None, str]]]  # -> (newest block the snapshot holds, its text)
 MAX_HELD = 1000  # updates held for one joiner while its snapshot is fetched
 
@@ -87,10 +98,15 @@ class JoinedFeed(Feed):
     joiner's updates wait until its snapshot came; then those of blocks the
     snapshot does not hold follow it: nothing missed, nothing twice."""
 
-    def __init__(self, key: FeedKey, channel: str, topic: bytes | None, snapshot: Join) -> None:
-        super().__init__(key, channel, False, topic)
+    def __init__(self, key: FeedKey, channel: str, topic: bytes | None, snapshot: Join, render: Render) -> None:
+        super().__init__(key, channel, False, topic, render)
         self.snapshot = snapshot
         self.joining: dict[Session, tuple[str, deque[tuple[int, str]]]] = {}
+
+    def on_upstream(self, m: Any) -> None:
+        data = self.render(self.key, m)
+        if data is not None:
+            self.publish_at(m.height, data)
 
     def add(self, session: Session, ident: str) -> None:
         self.joining[session] = (ident, deque(maxlen=MAX_HELD))
@@ -116,6 +132,7 @@ class JoinedFeed(Feed):
         return len(self.subscribers) + len(self.joining)
 
     def publish_at(self, height: int, data: Any) -> None:
+        """Publish the update of block ``height`` (held for joiners whose snapshot may not hold it)."""
         text = message(self.channel, data)
         for _, held in self.joining.values():
             held.append((height, text))
@@ -159,9 +176,11 @@ class L4Feed(Feed):
     records and sends every subscriber a fresh snapshot.
     """
 
-    def __init__(self, key: FeedKey, topic: bytes, shard: int, fetch: Fetch, resubscribe: Callable[[], None]) -> None:
+    shared_count = False  # each subscriber counts its own messages (its snapshot, its catch-up)
+
+    def __init__(self, key: CoinKey, topic: bytes, shard: int, fetch: Fetch, resubscribe: Callable[[], None]) -> None:
         super().__init__(key, "l4Book", False, topic)
-        self.coin = key[1]
+        self.coin = key.coin
         self.shard = shard
         self._fetch = fetch
         self._resubscribe = resubscribe
@@ -215,6 +234,12 @@ class L4Feed(Feed):
         self.positions[session] = max(position, snap.height)
 
     # ------------------------------------------------------------ upstream
+
+    def on_upstream(self, m: wire.L4Updates | wire.L4Sync) -> None:
+        if isinstance(m, wire.L4Sync):
+            self.on_sync(m)
+        else:
+            self.on_update(m)
 
     def on_sync(self, m: wire.L4Sync) -> None:
         """The shard saw our subscription (or someone's: ignored once following)."""

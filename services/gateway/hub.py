@@ -8,21 +8,19 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import msgspec
 
 from hlbook.common import topics, wire
-from hlbook.common.fills import aggregate_by_time
-from hlbook.common.models import Fill, twap_id
 from hlbook.common.chain import Chains, Step
 from hlbook.common.metrics import BAD_INPUT
 from hlbook.common.wire import CoinState
 from hlbook.services.gateway import metrics
-from hlbook.services.gateway import users as user_streams
-from hlbook.services.gateway.ctx import active_asset_ctx, active_asset_ctx_channel
-from hlbook.services.gateway.feeds import Feed, JoinedFeed, L4Feed
-from hlbook.services.gateway.protocol import CHANNELS, CONFLATED, USER_FEEDS, FeedKey, RequestError, message
+from hlbook.services.gateway.feeds import Feed, L4Feed
+from hlbook.services.gateway.kinds import KINDS, level_dict, level_dicts  # noqa: F401  (level_*: bench/gateway.py)
+from hlbook.services.gateway.protocol import CoinKey, FeedKey, RequestError, UserKey
 from hlbook.services.gateway.session import Session
 from hlbook.services.gateway.upstream import QueryError, Upstream
 from hlbook.services.gateway.users import Users
@@ -34,7 +32,6 @@ REPLAYED = ("trades", "user")  # kinds whose lost messages are recovered from in
 TRADES_HOLD = 0.02  # seconds a block's trades wait at most for the owner shard to finish that block
 SHARD_SILENT = 5.0  # seconds without a message (block or heartbeat) after which a shard counts as down
 STALE = 5.0  # seconds without a block after which the data is stale (the node stalled)
-SUBSCRIBE_SETTLE = 0.05  # seconds for a new U| subscription to reach ingest (later blocks come live)
 
 
 class ShardView:
@@ -51,12 +48,8 @@ class ShardView:
         self.states: dict[str, str] = {}
 
 
-def level_dicts(side: list[wire.Level], n: int | None = None) -> list[dict[str, Any]]:
-    return [{"px": px, "sz": sz, "n": count} for px, sz, count in side[:n]]
-
-
-def level_dict(level: wire.Level | None) -> dict[str, Any] | None:
-    return None if level is None else {"px": level[0], "sz": level[1], "n": level[2]}
+BlockHook = Callable[["Hub", Any, wire.ShardBlock], None]
+Handler = tuple[str, Any, Callable[["Hub", bytes, Any], None]]  # (metrics label, wire type, method)
 
 
 def dex_of(coin: str) -> str:
@@ -71,15 +64,15 @@ class Hub:
         self.shards = [ShardView() for _ in range(upstream.shards)]
         self.feeds: dict[FeedKey, Feed] = {}
         self.by_topic: dict[bytes, list[Feed]] = {}
-        self.l2_last: dict[bytes, wire.L2Levels] = {}  # subscribed L2 topics: last levels (new nLevels feeds start from it)
+        self.last: dict[bytes, Any] = {}  # topics of keep_last kinds (l2Book): newest message (new feeds start from it)
         self.trades: dict[str, deque[wire.Trade]] = {}
         self.chains = Chains(dense_prefixes=(topics.SHARD_PREFIX,))  # every upstream topic but L4| (its feed keeps that)
         self.repairing: dict[bytes, list[Any]] = {}  # topic -> messages held while its lost ones are replayed
-        self.block_feeds: list[set[Feed]] = [set() for _ in self.shards]  # l4Book/activeAssetCtx feeds by owner shard
-        self.mids_feeds: set[Feed] = set()  # allMids feeds (one per dex asked for)
-        self.held_trades: list[deque[tuple[float, wire.Trades]]] = [deque() for _ in self.shards]  # by owner shard
+        self.block_feeds: list[dict[Feed, BlockHook]] = [{} for _ in self.shards]  # kinds with block="owner", by owner shard
+        self.every_block_feeds: dict[Feed, BlockHook] = {}  # kinds with block="every" (allMids)
+        self.held_trades: list[deque[tuple[float, bytes, wire.Trades]]] = [deque() for _ in self.shards]  # by owner shard
         self.release_scheduled = False
-        self.mids_height = 0
+        self.every_height = 0
 
     # ------------------------------------------------------------ what the shards hold
 
@@ -121,110 +114,70 @@ class Hub:
     # ------------------------------------------------------------ subscriptions
 
     def check(self, key: FeedKey) -> None:
-        """RequestError when a new feed for ``key`` cannot be opened (cap of followed users)."""
-        if key[0] in USER_FEEDS and not self.users.can_follow(key[1]):
+        """RequestError when a new feed for ``key`` cannot be opened (cap of followed users, no history service)."""
+        if isinstance(key, UserKey) and not self.users.can_follow(key.user):
             raise RequestError(f"Cannot follow more than {self.users.max_users} users on this server.", "too_many_users")
-        if key[0] == "candle" and not self.upstream.has_history:
-            raise RequestError("Candles need the history service; this server runs without one.", "no_history")
+        if KINDS[key.kind].history and not self.upstream.has_history:
+            raise RequestError(f"{key.kind[0].upper()}{key.kind[1:]}s need the history service; this server runs without one.", "no_history")
 
     def attach(self, session: Session, ident: str, key: FeedKey) -> None:
         feed = self.feeds.get(key)
         if feed is None:
-            if key[0] in USER_FEEDS:
-                self.users.follow(key[1])
-            feed = self.feeds[key] = self._new_feed(key)
+            kind = KINDS[key.kind]
+            if isinstance(key, UserKey):
+                self.users.follow(key.user)
+            feed = self.feeds[key] = kind.feed(self, key)
             metrics.FEEDS.set(len(self.feeds))
-            self._per_block(feed).add(feed)
+            if kind.on_block is not None:
+                self._block_index(kind.block, key)[feed] = kind.on_block
             if feed.topic is not None:
                 self.by_topic.setdefault(feed.topic, []).append(feed)
-                self.upstream.subscribe(feed.topic)
-            self._prime(feed)
+                if kind.subscribe:
+                    self.upstream.subscribe(feed.topic)
+            if kind.prime is not None:
+                kind.prime(self, feed)
         stats = session.subs.get(ident)
-        if stats is not None and not isinstance(feed, L4Feed):  # l4Book counts per subscriber (snapshot, catch-up)
+        if stats is not None and feed.shared_count:
             stats.follow(feed.counted)
         feed.add(session, ident)
-        metrics.SUBSCRIPTIONS.labels(key[0]).inc()
+        metrics.SUBSCRIPTIONS.labels(key.kind).inc()
 
     def detach(self, session: Session, key: FeedKey) -> None:
         feed = self.feeds.get(key)
         if feed is None:
             return
         feed.remove(session)
-        metrics.SUBSCRIPTIONS.labels(key[0]).dec()
+        metrics.SUBSCRIPTIONS.labels(key.kind).dec()
         if len(feed):
             return
         del self.feeds[key]
         metrics.FEEDS.set(len(self.feeds))
-        self._per_block(feed).discard(feed)
-        if key[0] in USER_FEEDS:
-            self.users.unfollow(key[1])
+        kind = KINDS[key.kind]
+        if kind.on_block is not None:
+            self._block_index(kind.block, key).pop(feed, None)
+        if isinstance(key, UserKey):
+            self.users.unfollow(key.user)
         if feed.topic is not None:
             siblings = self.by_topic[feed.topic]
             siblings.remove(feed)
             if not siblings:
                 del self.by_topic[feed.topic]
-                self.l2_last.pop(feed.topic, None)
-                self.chains.pop(feed.topic)
-            self.upstream.unsubscribe(feed.topic)
+                self.last.pop(feed.topic, None)
+                if kind.subscribe:
+                    self.chains.pop(feed.topic)
+            if kind.subscribe:
+                self.upstream.unsubscribe(feed.topic)
 
-    def _per_block(self, feed: Feed) -> set[Feed]:
-        """The index of feeds driven by shard blocks that ``feed`` belongs in (an empty set when none)."""
-        kind = feed.key[0]
-        if kind in ("l4Book", "activeAssetCtx"):
-            return self.block_feeds[self.owner(feed.key[1])]
-        return self.mids_feeds if kind == "allMids" else set()
-
-    def _new_feed(self, key: FeedKey) -> Feed:
-        kind = key[0]
-        if kind == "l4Book":
-            coin = key[1]
-            shard, topic = self.owner(coin), topics.l4(coin)
-            return L4Feed(key, topic, shard, lambda min_height: self.upstream.query_parts(shard, wire.Query("l4", coin=coin, min_height=min_height)),
-                          lambda: self.upstream.resubscribe(topic))
-        if kind in ("userFills", "userTwapSliceFills"):
-            return JoinedFeed(key, kind, topics.user(key[1]), lambda: self._fills_snapshot(key))
-        if kind in USER_FEEDS:
-            return Feed(key, CHANNELS.get(kind, kind), False, topics.user(key[1]))
-        if kind == "candle":
-            return Feed(key, kind, True, topics.candle(key[1], key[2]))  # the history service sends the newest at once
-        if kind == "activeAssetCtx":
-            return Feed(key, active_asset_ctx_channel(key[1]), True, None)
-        topic = {"l2Book": lambda: topics.l2(key[1], key[2], key[3]), "bbo": lambda: topics.bbo(key[1])}.get(kind)
-        return Feed(key, kind, kind in CONFLATED, topic() if topic else None)
-
-    def _prime(self, feed: Feed) -> None:
-        """A new feed starts from what is already known (later updates replace it)."""
-        kind = feed.key[0]
-        if kind == "allMids":
-            feed.publish({"mids": self.all_mids(feed.key[1])})
-        elif kind == "l2Book" and feed.topic in self.l2_last:
-            self._publish_l2(feed, self.l2_last[feed.topic])
-        elif kind == "activeAssetCtx":
-            self._publish_ctx(feed)
+    def _block_index(self, block: str | None, key: FeedKey) -> dict[Feed, BlockHook]:
+        """Where the feeds driven by shard blocks are: by the coin's owner shard, or every block."""
+        if block == "owner":
+            assert isinstance(key, CoinKey)
+            return self.block_feeds[self.owner(key.coin)]
+        return self.every_block_feeds
 
     def newest_height(self) -> int:
         """The newest block some shard finished."""
         return max(view.height for view in self.shards)
-
-    async def _fills_snapshot(self, key: FeedKey) -> tuple[int | None, str]:
-        """userFills / userTwapSliceFills start with ``isSnapshot: true`` and the user's fills
-        so far (the history service's, once it holds every block this gateway has seen)."""
-        kind, user = key[0], key[1]
-        height, fills = None, b"[]"
-        if self.upstream.has_history:
-            await asyncio.sleep(SUBSCRIBE_SETTLE)
-            query = wire.HistoryQuery("user_fills", user=user, aggregate=kind == "userFills" and bool(key[2]),
-                                      min_height=self.newest_height())
-            try:
-                reply, fills = await self.upstream.history(query)
-                height = reply.height
-            except QueryError as exc:
-                metrics.ERRORS.labels("no_history").inc()
-                log.warning("%s snapshot of %s: %s; sent empty", kind, user, exc)
-        if kind == "userFills":
-            return height, message(kind, {"isSnapshot": True, "user": user, "fills": msgspec.Raw(fills)})
-        twap = [{"fill": f, "twapId": twap_id(f)} for f in msgspec.json.decode(fills, type=list[Fill]) if twap_id(f) is not None]
-        return height, message(kind, {"isSnapshot": True, "user": user, "twapSliceFills": twap})
 
     # ------------------------------------------------------------ upstream messages
 
@@ -299,12 +252,9 @@ class Hub:
         self._release_trades(m.shard, m.height)
         view.mids, view.states = m.mids, m.states
         metrics.SHARDS_LIVE.set(self.live_shards())
-        for feed in self.block_feeds[m.shard]:
-            if isinstance(feed, L4Feed):
-                feed.on_block(m.height, m.time)
-            else:
-                self._publish_ctx(feed)
-        self._maybe_mids(m.height)
+        for feed, on_block in self.block_feeds[m.shard].items():
+            on_block(self, feed, m)
+        self._every_block(m)
 
     def on_heartbeat(self, topic: bytes, m: wire.ShardStatus) -> None:
         if not 0 <= m.shard < len(self.shards):
@@ -319,26 +269,20 @@ class Hub:
         view.known = view.known or m.phase == CoinState.LIVE
         metrics.SHARDS_LIVE.set(self.live_shards())
 
-    def _publish_ctx(self, feed: Feed) -> None:
-        """activeAssetCtx: the coin's context, when it changed (the mid)."""
-        coin = feed.key[1]
-        text = message(feed.channel, active_asset_ctx(coin, self.shards[self.owner(coin)].mids.get(coin)))
-        if text != feed.last:
-            feed.publish_text(text)
-
-    def _maybe_mids(self, height: int) -> None:
-        """allMids once per block: when every live shard has finished ``height``."""
+    def _every_block(self, m: wire.ShardBlock) -> None:
+        """Feeds of every block (allMids): once per block, when every live shard has finished it."""
         now = time.monotonic()
-        if height <= self.mids_height or any(v.height < height for v in self.shards if now - v.seen < SHARD_SILENT):
+        height = m.height
+        if height <= self.every_height or any(v.height < height for v in self.shards if now - v.seen < SHARD_SILENT):
             return
-        self.mids_height = height
-        for feed in self.mids_feeds:
-            feed.publish({"mids": self.all_mids(feed.key[1])})
+        self.every_height = height
+        for feed, on_block in self.every_block_feeds.items():
+            on_block(self, feed, m)
 
     def on_reset(self, topic: bytes, m: wire.Reset) -> None:
-        feed = self.feeds.get(("l4Book", m.coin))
-        if isinstance(feed, L4Feed):
-            feed.on_reset(m.height, m.reason)
+        for feed in self.by_topic.get(topics.l4(m.coin), ()):
+            if isinstance(feed, L4Feed):
+                feed.on_reset(m.height, m.reason)
 
     def on_trades(self, topic: bytes, m: wire.Trades) -> None:
         """Trades come from ingest before the owner shard has the block's books: they wait
@@ -351,93 +295,50 @@ class Hub:
         shard = self.owner(m.coin)
         held = self.held_trades[shard]
         if not held and (self.shards[shard].height >= m.height or not self.live_shards()):
-            self._publish_trades(m)
+            self.on_feeds(topic, m)
             return
-        held.append((time.monotonic(), m))
+        held.append((time.monotonic(), topic, m))
         if not self.release_scheduled:
             self.release_scheduled = True
             asyncio.get_running_loop().call_later(TRADES_HOLD, self._release_late_trades)
 
     def _release_trades(self, shard: int, height: int) -> None:
         held = self.held_trades[shard]
-        while held and held[0][1].height <= height:
-            self._publish_trades(held.popleft()[1])
+        while held and held[0][2].height <= height:
+            _, topic, m = held.popleft()
+            self.on_feeds(topic, m)
 
     def _release_late_trades(self) -> None:
         self.release_scheduled = False
         due = time.monotonic() - TRADES_HOLD
         for held in self.held_trades:
             while held and held[0][0] <= due:
-                self._publish_trades(held.popleft()[1])
+                _, topic, m = held.popleft()
+                self.on_feeds(topic, m)
         if any(self.held_trades):
             self.release_scheduled = True
             asyncio.get_running_loop().call_later(TRADES_HOLD / 2, self._release_late_trades)
 
-    def _publish_trades(self, m: wire.Trades) -> None:
-        feed = self.feeds.get(("trades", m.coin))
-        if feed is not None:
-            feed.publish(m.trades)
-
-    def on_user(self, topic: bytes, m: wire.UserEvents) -> None:
+    def on_feeds(self, topic: bytes, m: Any) -> None:
+        """A message of a feed topic (l2Book, bbo, l4Book, trades, user feeds, candles) to its feeds."""
         for feed in self.by_topic.get(topic, ()):
-            data = self._user_data(feed.key, m)
-            if data:
-                feed.publish_at(m.height, data)
+            feed.on_upstream(m)
 
-    def on_candle(self, topic: bytes, m: wire.CandleUpdate) -> None:
-        for feed in self.by_topic.get(topic, ()):
-            feed.publish(m)
-
-    @staticmethod
-    def _user_data(key: FeedKey, m: wire.UserEvents) -> Any:
-        """The message of one user feed for one block's events (None when it has nothing)."""
-        kind = key[0]
-        if kind == "orderUpdates":
-            return [user_streams.order_update(s) for s in m.statuses] or None
-        if kind == "userFills":
-            return {"user": m.user, "fills": aggregate_by_time(m.fills) if key[2] else m.fills} if m.fills else None
-        if kind == "userTwapSliceFills":
-            twap = [{"fill": f, "twapId": twap_id(f)} for f in m.fills if twap_id(f) is not None]
-            return {"user": m.user, "twapSliceFills": twap} if twap else None
-        cancels = [{"coin": s.order.coin, "oid": s.order.oid} for s in m.statuses if s.status in user_streams.NON_USER_CANCELS]
-        if m.fills and cancels:
-            return {"fills": m.fills, "nonUserCancel": cancels}
-        return {"fills": m.fills} if m.fills else {"nonUserCancel": cancels} if cancels else None
-
-    def on_l2(self, topic: bytes, m: wire.L2Levels) -> None:
+    def on_feeds_kept(self, topic: bytes, m: Any) -> None:
+        """``on_feeds``, keeping the message for the topic's next new feed (kinds with ``keep_last``)."""
         feeds = self.by_topic.get(topic)
         if not feeds:
             return
-        self.l2_last[topic] = m
+        self.last[topic] = m
         for feed in feeds:
-            self._publish_l2(feed, m)
+            feed.on_upstream(m)
 
-    @staticmethod
-    def _publish_l2(feed: Feed, m: wire.L2Levels) -> None:
-        n = feed.key[4]
-        feed.publish({"coin": m.coin, "time": m.time, "levels": [level_dicts(m.levels[0], n), level_dicts(m.levels[1], n)]})
-
-    def on_bbo(self, topic: bytes, m: wire.Bbo) -> None:
-        for feed in self.by_topic.get(topic, ()):
-            feed.publish({"coin": m.coin, "time": m.time, "bbo": [level_dict(m.bbo[0]), level_dict(m.bbo[1])]})
-
-    def on_l4(self, topic: bytes, m: wire.L4Updates | wire.L4Sync) -> None:
-        for feed in self.by_topic.get(topic, ()):
-            if not isinstance(feed, L4Feed):
-                continue
-            if isinstance(m, wire.L4Sync):
-                feed.on_sync(m)
-            else:
-                feed.on_update(m)
-
-    _handlers = {
+    _handlers: ClassVar[dict[bytes, Handler]] = {
         topics.SHARD_PREFIX: ("shard", wire.ShardBlock, on_shard_block),
         topics.HEARTBEAT_PREFIX: ("heartbeat", wire.ShardStatus, on_heartbeat),
         topics.RESET_PREFIX: ("reset", wire.Reset, on_reset),
-        topics.TRADES_PREFIX: ("trades", wire.Trades, on_trades),
-        topics.L2_PREFIX: ("l2", wire.L2Levels, on_l2),
-        topics.BBO_PREFIX: ("bbo", wire.Bbo, on_bbo),
-        topics.L4_PREFIX: ("l4", wire.L4Message, on_l4),
-        topics.USER_PREFIX: ("user", wire.UserEvents, on_user),
-        topics.CANDLE_PREFIX: ("candle", wire.CandleUpdate, on_candle),
+        topics.TRADES_PREFIX: ("trades", wire.Trades, on_trades),  # held for the owner shard's block, then on_feeds
     }
+    for _kind in KINDS.values():  # every other upstream message of a feed kind goes to the feeds of its topic
+        _handlers.setdefault(_kind.source.prefix, (_kind.source.label, _kind.source.type, on_feeds_kept if _kind.keep_last else on_feeds))
+    del _kind

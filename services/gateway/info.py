@@ -19,6 +19,17 @@ its position ccxt takes another pair's ctx or none (then a price precision of 1)
 recipient and open-interest caps are not in the node files (``null`` / ``[]``),
 ``fullName`` repeats the name, and the order (which clients use for builder-dex
 asset ids from 110000) is not the chain's deployment order.
+
+Requests about the past (``userFills``, ``userFillsByTime``, ``historicalOrders``,
+``orderStatus`` of orders no longer resting or by cloid, ``candleSnapshot``,
+``recentTrades``) are answered by the history service, which keeps every
+user's fills and orders and every coin's trades and candles from the node's
+files; its answers are the clients' JSON, passed through without decoding. A
+gateway without one (no ``--history-query``) answers these from what it has:
+resting orders from the books, trades seen since it started, and an error for
+the rest.
+
+Every info type and its handler are in one table, ``HANDLERS``, at the end.
 """
 
 from __future__ import annotations
@@ -29,15 +40,20 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
+
 from hlbook.common import wire
+from hlbook.common.candles import INTERVALS
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway.ctx import is_spot, perp_ctx, spot_ctx
-from hlbook.services.gateway.hub import Hub, dex_of, level_dicts
-from hlbook.services.gateway.protocol import DEFAULT_LEVELS, USER, RequestError, normalise
+from hlbook.services.gateway.hub import RECENT_TRADES, Hub, dex_of
+from hlbook.services.gateway.kinds import L2BookKey, feed_key, level_dicts, normalise
+from hlbook.services.gateway.protocol import USER, RequestError
 from hlbook.services.gateway.upstream import QueryError
 
 SPOT_PAIR = re.compile(r"^@(\d+)$")
 META_TTL = 10.0  # seconds a built meta is reused
+CLOID_OR_OID = "oid must be a non-negative 64-bit integer or a cloid (0x and 32 hex digits)"
 USDC = {"name": "USDC", "szDecimals": 8, "weiDecimals": 8, "index": 0, "tokenId": "0x" + "0" * 32, "isCanonical": True}
 
 
@@ -54,29 +70,16 @@ class Info:
         self.hub = hub
         self.sz_decimals: dict[str, int] = {}
         self._meta: tuple[float, dict[str, Any]] | None = None
-        self.handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
-            "l2Book": self.l2_book,
-            "allMids": self.all_mids,
-            "meta": self.meta,
-            "spotMeta": self.spot_meta,
-            "perpDexs": self.perp_dexs,
-            "metaAndAssetCtxs": self.meta_and_asset_ctxs,
-            "spotMetaAndAssetCtxs": self.spot_meta_and_asset_ctxs,
-            "recentTrades": self.recent_trades,
-            "openOrders": self.open_orders,
-            "frontendOpenOrders": self.frontend_open_orders,
-            "orderStatus": self.order_status,
-        }
 
     async def answer(self, payload: Any) -> Any:
         """The response body of one info request; InfoError when it is refused."""
         kind = payload.get("type") if isinstance(payload, dict) else None
-        handler = self.handlers.get(kind) if isinstance(kind, str) else None
+        handler = HANDLERS.get(kind) if isinstance(kind, str) else None
         if handler is None:
             metrics.INFO.labels("unknown", "error").inc()
-            raise InfoError(f"unknown info type {kind!r}; supported: {sorted(self.handlers)}")
+            raise InfoError(f"unknown info type {kind!r}; supported: {sorted(HANDLERS)}")
         try:
-            result = await handler(payload)
+            result = await handler(self, payload)
         except (InfoError, QueryError, RequestError) as exc:
             metrics.INFO.labels(kind, "error").inc()
             raise InfoError(getattr(exc, "text", str(exc))) from None
@@ -92,9 +95,10 @@ class Info:
         return coin
 
     async def l2_book(self, payload: dict[str, Any]) -> dict[str, Any]:
-        sub = normalise({**payload, "type": "l2Book"}, self.hub.coin_exists)
-        coin = sub["coin"]
-        query = wire.Query("l2", coin=coin, n_sig_figs=sub["nSigFigs"], mantissa=sub["mantissa"], n_levels=sub.get("nLevels", DEFAULT_LEVELS))
+        key = feed_key(normalise({**payload, "type": "l2Book"}, self.hub.coin_exists))
+        assert isinstance(key, L2BookKey)
+        coin = key.coin
+        query = wire.Query("l2", coin=coin, n_sig_figs=key.n_sig_figs, mantissa=key.mantissa, n_levels=key.n_levels)
         reply = await self.hub.upstream.query(self.hub.owner(coin), query)
         bids, asks = reply["levels"]
         self._note_sizes(coin, bids + asks)
@@ -103,7 +107,8 @@ class Info:
     async def all_mids(self, payload: dict[str, Any]) -> dict[str, str]:
         return self.hub.all_mids(payload.get("dex") or "")
 
-    async def recent_trades(self, payload: dict[str, Any]) -> list[wire.Trade]:
+    async def live_trades(self, payload: dict[str, Any]) -> list[wire.Trade]:
+        """The coin's trades this gateway saw since it started (at most RECENT_TRADES)."""
         return list(self.hub.trades.get(self._coin(payload), ()))
 
     # ------------------------------------------------------------ meta
@@ -187,11 +192,12 @@ class Info:
     async def frontend_open_orders(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
         return [{k: v for k, v in o.items() if k != "user"} for o in await self._resting(self.user_of(payload))]
 
-    async def order_status(self, payload: dict[str, Any]) -> dict[str, Any]:
+    async def resting_status(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """orderStatus of an order the books hold now (``unknownOid`` when none does)."""
         self.user_of(payload)
         oid = payload.get("oid")
         if not isinstance(oid, int) or isinstance(oid, bool) or not 0 <= oid < 2**63:
-            raise InfoError("oid must be a non-negative 64-bit integer or a cloid (0x and 32 hex digits)")
+            raise InfoError(CLOID_OR_OID)
         replies = await asyncio.gather(*(self.hub.upstream.query(k, wire.Query("order", oid=oid)) for k in range(len(self.hub.shards))))
         for reply in replies:
             order = reply.get("order")
@@ -199,3 +205,86 @@ class Info:
                 body = {k: v for k, v in order.items() if k != "user"}
                 return {"status": "order", "order": {"order": body, "status": "open", "statusTimestamp": order["timestamp"]}}
         return {"status": "unknownOid"}
+
+    # ------------------------------------------------------------ the past (history service)
+
+    async def _ask(self, query: wire.HistoryQuery) -> msgspec.Raw:
+        try:
+            return msgspec.Raw((await self.hub.upstream.history(query))[1])
+        except QueryError as exc:
+            raise InfoError(str(exc)) from None
+
+    async def user_fills(self, payload: dict[str, Any]) -> msgspec.Raw:
+        return await self._ask(wire.HistoryQuery("user_fills", user=self.user_of(payload), aggregate=bool(payload.get("aggregateByTime"))))
+
+    async def user_fills_by_time(self, payload: dict[str, Any]) -> msgspec.Raw:
+        return await self._ask(wire.HistoryQuery("user_fills_by_time", user=self.user_of(payload), start=_int(payload, "startTime"),
+                                                 end=_int(payload, "endTime", int(time.time() * 1000)),
+                                                 aggregate=bool(payload.get("aggregateByTime"))))
+
+    async def historical_orders(self, payload: dict[str, Any]) -> msgspec.Raw:
+        return await self._ask(wire.HistoryQuery("historical_orders", user=self.user_of(payload)))
+
+    async def order_status(self, payload: dict[str, Any]) -> Any:
+        """A resting order as the books hold it now; else its last status in the history (by oid or cloid)."""
+        user, oid = self.user_of(payload), payload.get("oid")
+        if isinstance(oid, int) and not isinstance(oid, bool):
+            resting = await self.resting_status(payload)
+            if resting["status"] != "unknownOid" or not self.hub.upstream.has_history:
+                return resting
+            return await self._ask(wire.HistoryQuery("order_status", user=user, oid=oid))
+        if isinstance(oid, str) and len(oid) == 34 and oid.startswith("0x"):
+            return await self._ask(wire.HistoryQuery("order_status", user=user, cloid=oid.lower()))
+        raise InfoError(CLOID_OR_OID)
+
+    async def recent_trades(self, payload: dict[str, Any]) -> Any:
+        """The history's newest trades with those this gateway saw since (the history may be a block behind)."""
+        live = await self.live_trades(payload)
+        if not self.hub.upstream.has_history:
+            return live
+        stored = msgspec.json.decode(await self._ask(wire.HistoryQuery("recent_trades", coin=payload["coin"])), type=list[wire.Trade])
+        merged = {t.tid: t for t in stored}
+        for trade in live:
+            merged.setdefault(trade.tid, trade)
+        return sorted(merged.values(), key=lambda t: (t.time, t.tid))[-RECENT_TRADES:]
+
+    async def candle_snapshot(self, payload: dict[str, Any]) -> msgspec.Raw:
+        req = payload.get("req")
+        if not isinstance(req, dict):
+            raise InfoError("candleSnapshot needs req: {coin, interval, startTime, endTime}")
+        coin, interval = req.get("coin"), req.get("interval")
+        if not isinstance(coin, str) or not self.hub.coin_exists(coin):
+            raise InfoError(f"unknown coin {coin!r}")
+        if interval not in INTERVALS:
+            raise InfoError(f"interval must be one of {list(INTERVALS)}")
+        return await self._ask(wire.HistoryQuery("candles", coin=coin, interval=interval, start=_int(req, "startTime"),
+                                                 end=_int(req, "endTime", int(time.time() * 1000))))
+
+
+def _int(payload: dict[str, Any], field: str, default: int | None = None) -> int:
+    value = payload.get(field, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise InfoError(f"{field} must be an integer (epoch ms)")
+    return value
+
+
+Handler = Callable[[Info, dict[str, Any]], Awaitable[Any]]
+
+# Every info type this gateway answers (POST /info and WebSocket post), and its handler.
+HANDLERS: dict[str, Handler] = {
+    "l2Book": Info.l2_book,
+    "allMids": Info.all_mids,
+    "meta": Info.meta,
+    "spotMeta": Info.spot_meta,
+    "perpDexs": Info.perp_dexs,
+    "metaAndAssetCtxs": Info.meta_and_asset_ctxs,
+    "spotMetaAndAssetCtxs": Info.spot_meta_and_asset_ctxs,
+    "recentTrades": Info.recent_trades,
+    "openOrders": Info.open_orders,
+    "frontendOpenOrders": Info.frontend_open_orders,
+    "orderStatus": Info.order_status,
+    "userFills": Info.user_fills,
+    "userFillsByTime": Info.user_fills_by_time,
+    "historicalOrders": Info.historical_orders,
+    "candleSnapshot": Info.candle_snapshot,
+}

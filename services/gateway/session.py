@@ -211,7 +211,7 @@ class Session:
     def _queue(self, item: Message | FeedKey) -> None:
         if self.closing:
             return
-        if not isinstance(item, tuple):
+        if not isinstance(item, FeedKey):
             if self.texts >= self.queue_size:
                 self.close("slow_client", f"Connection closed: client too slow, {self.texts} messages queued")
                 return
@@ -291,7 +291,7 @@ class Session:
 
     def _next(self) -> Message:
         item = self.outbox.popleft()
-        if isinstance(item, tuple):
+        if isinstance(item, FeedKey):
             return self.latest.pop(item)
         self.texts -= 1
         return item
