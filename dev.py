@@ -2,20 +2,24 @@
 """Fresh-machine entry point: needs only python3.
 
     python3 dev.py up     # the whole system on the node simulator (hlbook up --simulate)
-    python3 dev.py test   # the test suite
+    python3 dev.py test   # the type check, then the test suite
+    python3 dev.py check  # the type check alone (mypy, as pyproject's [tool.mypy] says)
 
 Creates ./.venv and installs the project into it when pyproject.toml changed
 since the last install: the server's dependencies for ``up``, with the test
-extras (ccxt, the official SDK, pytest) for ``test``. Extra arguments go to the
-command (``python3 dev.py up --shards 4``, ``python3 dev.py test -k history``).
+extras (ccxt, the official SDK, pytest, mypy) for ``test`` and ``check``. Extra
+arguments go to the command (``python3 dev.py up --shards 4``,
+``python3 dev.py test -k history``, ``python3 dev.py check --no-incremental``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tomllib
 import venv
 from pathlib import Path
 
@@ -44,12 +48,53 @@ def ensure_venv(extras: str) -> None:
     print("dev.py: installed", flush=True)
 
 
+def link_packages() -> dict[str, str]:
+    """Link pyproject's package-dir folders into .venv/mypy-path under their import names
+    (hlbook/common -> common/, ...), where [tool.mypy] finds them: mypy can neither map
+    the folders itself nor follow the editable install's import hook. Returns each
+    link's path prefix -> its folder's, to name the real files in mypy's report."""
+    package_dir = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    tree = VENV / "mypy-path"
+    shutil.rmtree(tree, ignore_errors=True)  # unlinks the links, never follows them
+    prefixes: dict[str, str] = {}
+    for name, folder in sorted(package_dir.items()):
+        link, source = tree.joinpath(*name.split(".")), ROOT / folder
+        if any(other.startswith(name + ".") for other in package_dir):  # a parent: link its entries
+            link.mkdir(parents=True)
+            for entry in source.iterdir():
+                if entry.name != "__pycache__":
+                    (link / entry.name).symlink_to(entry)
+        else:
+            link.symlink_to(source, target_is_directory=True)
+        prefixes[f"{link.relative_to(ROOT)}/"] = f"{folder}/"
+    return dict(sorted(prefixes.items(), key=lambda item: -len(item[0])))  # the deepest first
+
+
+def typecheck(extra: list[str]) -> int:
+    """mypy over the package; its exit status."""
+    prefixes = link_packages()
+    result = subprocess.run([str(BIN / "python"), "-m", "mypy", *extra], cwd=ROOT, capture_output=True, text=True)
+    report = result.stdout + result.stderr
+    for link, folder in prefixes.items():
+        report = report.replace(link, folder)
+    print(report, end="", flush=True)
+    return result.returncode
+
+
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("up", "test"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("up", "test", "check"):
         print(__doc__)
         return 2
     command, extra = sys.argv[1], sys.argv[2:]
-    ensure_venv("test" if command == "test" else "")
+    ensure_venv("" if command == "up" else "test")
+    if command == "check":
+        return typecheck(extra)
+    if command == "test":
+        status = typecheck([])
+        if status:
+            print("dev.py: mypy found type errors (above), so the tests did not run "
+                  "(.venv/bin/python -m pytest runs them alone)", flush=True)
+            return status
     if command == "up":
         argv = [str(BIN / "hlbook"), "up", *(extra or ["--simulate"])]
     else:

@@ -77,7 +77,8 @@ class _Printer:
     def _pretty(self, message: dict[str, Any]) -> str:
         import orjson
 
-        channel, data = message.get("channel"), message.get("data")
+        channel = message.get("channel")
+        data: Any = message.get("data")  # the channel's payload, as received
         clear = "\x1b[2J\x1b[H" if self.tty else ""
         if channel == "l2Book":
             self.l2.apply(data)

@@ -162,7 +162,7 @@ class Connection:
             self._posts.pop(post_id, None)
 
     def _on_post(self, data: Any) -> None:
-        future = self._posts.get(data.get("id")) if isinstance(data, dict) else None
+        future = self._posts.get(data["id"]) if isinstance(data, dict) and "id" in data else None
         if future is None or future.done():
             self.unrouted += 1
             return

@@ -18,10 +18,10 @@ import msgspec
 
 
 class Event(msgspec.Struct, frozen=True):
-    """Base of the client events."""
+    """Base of the client events (each restates ``frozen=True``: msgspec inherits it, type checkers do not)."""
 
 
-class Data(Event):
+class Data(Event, frozen=True):
     """A feed message of subscription ``sub_id``: ``data`` typed (``hlbook.client.models``)
     where the channel has a model, else as received; ``raw`` the message as received."""
 
@@ -31,7 +31,7 @@ class Data(Event):
     raw: dict[str, Any]
 
 
-class Ack(Event):
+class Ack(Event, frozen=True):
     """The server took subscription ``sub_id`` (``resumed``: again, after a lost connection)."""
 
     sub_id: int
@@ -39,7 +39,7 @@ class Ack(Event):
     resumed: bool = False
 
 
-class Gap(Event):
+class Gap(Event, frozen=True):
     """Subscription ``sub_id`` is back after a lost connection: messages between
     ``since`` and ``until`` (wall clock) may be missing."""
 
@@ -49,7 +49,7 @@ class Gap(Event):
     until: float
 
 
-class Error(Event):
+class Error(Event, frozen=True):
     """A refusal or failure of subscription ``sub_id``, or (``sub_id`` None) a server error text."""
 
     text: str
@@ -57,14 +57,14 @@ class Error(Event):
     sub_id: int | None = None
 
 
-class Connected(Event):
+class Connected(Event, frozen=True):
     """Connection ``connection`` is open (``reconnect``: not its first time)."""
 
     connection: int
     reconnect: bool
 
 
-class Disconnected(Event):
+class Disconnected(Event, frozen=True):
     """Connection ``connection`` was lost or could not open (``retrying`` False: it gave up)."""
 
     connection: int
@@ -72,7 +72,7 @@ class Disconnected(Event):
     retrying: bool
 
 
-class Dropped(Event):
+class Dropped(Event, frozen=True):
     """This stream was full: its ``count`` oldest events were dropped."""
 
     count: int

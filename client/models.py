@@ -16,22 +16,22 @@ log = logging.getLogger("hlbook.client")
 
 
 class Model(msgspec.Struct, frozen=True):
-    """Base of the feed models."""
+    """Base of the feed models (each restates ``frozen=True``: msgspec inherits it, type checkers do not)."""
 
 
-class Level(Model):
+class Level(Model, frozen=True):
     px: str
     sz: str
     n: int
 
 
-class L2Book(Model):
+class L2Book(Model, frozen=True):
     coin: str
     time: int
     levels: tuple[tuple[Level, ...], tuple[Level, ...]]
 
 
-class Trade(Model):
+class Trade(Model, frozen=True):
     coin: str
     side: str
     px: str
@@ -42,17 +42,17 @@ class Trade(Model):
     users: tuple[str, str] | None = None
 
 
-class Bbo(Model):
+class Bbo(Model, frozen=True):
     coin: str
     time: int
     bbo: tuple[Level | None, Level | None]
 
 
-class AllMids(Model):
+class AllMids(Model, frozen=True):
     mids: dict[str, str]
 
 
-class Candle(Model):
+class Candle(Model, frozen=True):
     t: int
     T: int
     s: str
@@ -65,7 +65,7 @@ class Candle(Model):
     n: int
 
 
-class Fill(Model):
+class Fill(Model, frozen=True):
     coin: str
     px: str
     sz: str
@@ -83,13 +83,13 @@ class Fill(Model):
     cloid: str | None = None
 
 
-class UserFills(Model):
+class UserFills(Model, frozen=True):
     user: str
     fills: tuple[Fill, ...]
     isSnapshot: bool = False
 
 
-class Order(Model):
+class Order(Model, frozen=True):
     coin: str
     side: str
     limitPx: str
@@ -100,13 +100,13 @@ class Order(Model):
     cloid: str | None = None
 
 
-class OrderUpdate(Model):
+class OrderUpdate(Model, frozen=True):
     order: Order
     status: str
     statusTimestamp: int
 
 
-class L4Order(Model):
+class L4Order(Model, frozen=True):
     user: str
     coin: str
     side: str
@@ -117,14 +117,14 @@ class L4Order(Model):
     cloid: str | None = None
 
 
-class L4Snapshot(Model):
+class L4Snapshot(Model, frozen=True):
     coin: str
     time: int
     height: int
     levels: tuple[tuple[L4Order, ...], tuple[L4Order, ...]]
 
 
-class L4Updates(Model):
+class L4Updates(Model, frozen=True):
     time: int
     height: int
     order_statuses: tuple[dict[str, Any], ...]

@@ -242,7 +242,7 @@ class OrderTracker:
 
     def on_order_updates(self, updates: list[Update]) -> None:
         """One orderUpdates message (one block): pair modifies, emit in node order."""
-        opens = {}
+        opens: dict[str, int] = {}  # cloid -> index of its open
         for i, u in enumerate(updates):
             cloid = u["order"].get("cloid")
             if u["status"] == "open" and cloid:
@@ -302,9 +302,9 @@ class OrderTracker:
             for oid, (_, u) in self.held_cancels.items():
                 if u["order"].get("cloid") == cloid:
                     return oid
-            oid = self._by_cloid.get(cloid)
-            if oid is not None and oid != order["oid"]:
-                return oid
+            resting = self._by_cloid.get(cloid)
+            if resting is not None and resting != order["oid"]:
+                return resting
         for oid in self.pending_modify:
             old = self.open_orders.get(oid) or (self.held_cancels[oid][1]["order"] if oid in self.held_cancels else None)
             if old is not None and (old.get("coin"), old.get("side")) == (order.get("coin"), order.get("side")) and old.get("cloid") in (None, cloid):
@@ -336,7 +336,7 @@ class OrderTracker:
 
     def _close(self, oid: int) -> None:
         order = self.open_orders.pop(oid, None)
-        if order is not None and self._by_cloid.get(order.get("cloid")) == oid:
+        if order is not None and order.get("cloid") and self._by_cloid.get(order["cloid"]) == oid:
             del self._by_cloid[order["cloid"]]
         self.closed.add(oid)
 

@@ -184,7 +184,7 @@ class UserSubscription:
             if message is None:
                 continue
             try:
-                await self.callback(message)  # type: ignore[misc]
+                await self.callback(message)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -32,9 +32,9 @@ def bounds(interval: str, ms: int) -> tuple[int, int]:
     """(start, end) in epoch ms of the interval that holds ``ms``."""
     if interval == "1M":
         day = datetime.fromtimestamp(ms / 1000, timezone.utc)
-        start = datetime(day.year, day.month, 1, tzinfo=timezone.utc)
-        end = datetime(day.year + day.month // 12, day.month % 12 + 1, 1, tzinfo=timezone.utc)
-        return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+        first = datetime(day.year, day.month, 1, tzinfo=timezone.utc)
+        after = datetime(day.year + day.month // 12, day.month % 12 + 1, 1, tzinfo=timezone.utc)
+        return int(first.timestamp() * 1000), int(after.timestamp() * 1000)
     width = INTERVALS[interval]
     offset = MONDAY_OFFSET if interval == "1w" else 0
     start = (ms - offset) // width * width + offset

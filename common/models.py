@@ -182,7 +182,7 @@ LINE_TYPES: dict[str, type] = {
     "raw_book_diffs": DiffLine,
     "fills": FillLine,
 }
-DECODERS = {stream: msgspec.json.Decoder(t) for stream, t in LINE_TYPES.items()}
+DECODERS: dict[str, msgspec.json.Decoder[Any]] = {stream: msgspec.json.Decoder(t) for stream, t in LINE_TYPES.items()}
 STATUS_HEADS = msgspec.json.Decoder(StatusHeadLine)
 _order = msgspec.json.Decoder(Order)
 

@@ -54,7 +54,7 @@ class AggSide:
         self.mantissa = mantissa
         self.is_bid = side.is_bid
         self.buckets: dict[int, list[int]] = {}
-        self.keys = SortedList()
+        self.keys: SortedList[int] = SortedList()
         self._of: dict[int, int] = {}  # px -> bucket
         for level in side.levels.values():
             self.change(level.px, level.sz, len(level.orders))
@@ -81,4 +81,4 @@ class AggSide:
         keys = self.keys
         it = keys.islice(max(len(keys) - n, 0), reverse=True) if self.is_bid else keys.islice(0, n)
         buckets = self.buckets
-        return [(b, *buckets[b]) for b in it]
+        return [(b, sz, count) for b in it for sz, count in (buckets[b],)]  # an entry is [sz, n]

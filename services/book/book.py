@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from sortedcontainers import SortedList
@@ -38,8 +38,17 @@ MAX_PX = 10**12 * fixed.ONE  # a price or size beyond these is a damaged line, n
 MAX_SZ = 10**15 * fixed.ONE
 BAD_VALUES = ("bad_diff", "bad_side", "bad_value")  # OutOfSync reasons that mean damaged input
 
-# Kind tuple: the order fields most orders share, interned.
-K_SIDE, K_TIF, K_TYPE, K_TRIG_COND, K_TRIG_PX, K_IS_TRIG, K_REDUCE, K_TPSL, K_CHILDREN = range(9)
+# Kind tuple: the order fields most orders share, interned. Its indexes are Final
+# literals, so that a type checker knows each field's type.
+K_SIDE: Final = 0
+K_TIF: Final = 1
+K_TYPE: Final = 2
+K_TRIG_COND: Final = 3
+K_TRIG_PX: Final = 4
+K_IS_TRIG: Final = 5
+K_REDUCE: Final = 6
+K_TPSL: Final = 7
+K_CHILDREN: Final = 8
 Kind = tuple[str, str | None, str, str, str, bool, bool, bool, bytes | None]
 
 _kinds: dict[Kind, Kind] = {}
@@ -234,7 +243,7 @@ class Side:
     def __init__(self, is_bid: bool) -> None:
         self.is_bid = is_bid
         self.levels: dict[int, Level] = {}
-        self.keys = SortedList()  # ascending prices (the Level's own int objects)
+        self.keys: SortedList[int] = SortedList()  # ascending prices (the Level's own int objects)
         self.views: list[Any] = []  # aggregate.AggSide views kept up to date on every change
 
     def level_for(self, px: int) -> Level:
@@ -395,7 +404,7 @@ class Book:
         details: dict[int, OrderStatus] | None = None
         for diff in diffs:
             body = diff.raw_book_diff
-            if body.__class__ is str:
+            if isinstance(body, str):
                 if body != "remove":
                     raise OutOfSync(self.coin, "bad_diff", diff.oid)
                 self.remove(self._checked(diff).oid)

@@ -59,7 +59,7 @@ def corrupt(state: ShardState, query: wire.Query) -> dict[str, Any]:
     best = c.book.bids.best()
     oid = query.oid if query.oid is not None else (best.orders[0].oid if best else None)
     order = c.book.orders.get(oid) if oid is not None else None
-    if order is None:
+    if oid is None or order is None:
         return wire.error_reply("no such order")
     if query.op == "test_drop":
         c.book.remove(oid)

@@ -164,9 +164,9 @@ class Publisher:
                 book = books[parsed[0]]
                 self.l2(book, parsed[1], max(height, book.height), max(time, book.time), force=True)
         elif topic.startswith(topics.BBO_PREFIX) and is_exact(topic):
-            book = books.get(topics.coin_of(topic))
-            if book is not None:
-                self.bbo(book, max(height, book.height), max(time, book.time), force=True)
+            found = books.get(topics.coin_of(topic))
+            if found is not None:
+                self.bbo(found, max(height, found.height), max(time, found.time), force=True)
 
     def refresh(self, book: Book, height: int, time: int) -> None:
         """Send the current BBO and subscribed L2 of ``book`` (after it was rebuilt)."""
