@@ -164,7 +164,7 @@ class L4Feed(Feed):
     ``L4Updates`` (``prev`` chain checked) and, from the shard's ``S|`` messages,
     an empty ``Updates`` for each block that left the coin unchanged. The
     records above the cached snapshot are kept (``records``, heights
-    ``base+1 .. last``), also while a snapshot is being fetched.
+    ``base+1 .. last_height``), also while a snapshot is being fetched.
 
     **Joining.** A subscriber gets the cached snapshot and the records above it
     at once; when there is none it can join (none yet, or the records no longer
@@ -187,8 +187,8 @@ class L4Feed(Feed):
         self.upstream = Chain()  # the shard's L4|<coin>| chain
         self.following = False  # the sync marker came: every block from ``base`` on is recorded
         self.base = 0
-        self.last = 0  # last height recorded
-        self.records: deque[tuple[int, Text]] = deque()  # heights base+1 .. last (those above the snapshot)
+        self.last_height = 0  # last height recorded
+        self.records: deque[tuple[int, Text]] = deque()  # heights base+1 .. last_height (those above the snapshot)
         self.record_bytes = 0
         self.snapshot: Snapshot | None = None
         self.positions: dict[Session, int] = {}  # subscriber -> last height it got
@@ -205,7 +205,7 @@ class L4Feed(Feed):
         snap = self.snapshot
         if snap is not None and self._joinable(snap.height):
             self._join(session, ident, snap)
-            if self.last - snap.height > REFRESH_BLOCKS:
+            if self.last_height - snap.height > REFRESH_BLOCKS:
                 self._start_fetch()  # keep the cache recent, so joiners catch up little
             return
         self.waiting[session] = ident
@@ -268,25 +268,25 @@ class L4Feed(Feed):
             self.upstream.at(u.height)
             return
         self.upstream.advance(u.height)
-        if u.height > self.last + 1:
+        if u.height > self.last_height + 1:
             self.on_block(u.height - 1, u.time)  # the shard's S| of the blocks before were lost
         self._record(u.height, {"time": u.time, "height": u.height, "order_statuses": u.order_statuses, "book_diffs": u.book_diffs})
 
     def on_block(self, height: int, time: int) -> None:
         """The owner shard finished ``height``: blocks that left the coin unchanged get empty updates."""
-        if not self.following or height <= self.last:
+        if not self.following or height <= self.last_height:
             return
-        if height - self.last > MAX_RECORDS:
-            self.resync(f"{height - self.last} blocks at once", height)
+        if height - self.last_height > MAX_RECORDS:
+            self.resync(f"{height - self.last_height} blocks at once", height)
             return
-        for h in range(self.last + 1, height + 1):
+        for h in range(self.last_height + 1, height + 1):
             self._record(h, {"time": time, "height": h, "order_statuses": [], "book_diffs": []})
 
     def on_reset(self, height: int, reason: str) -> None:
         """The shard rebuilt the coin's book at ``height``."""
         if not self.following:
             return  # the snapshot comes after the marker, so after the rebuild
-        self.resync(f"shard reset: {reason}", max(height, self.last))
+        self.resync(f"shard reset: {reason}", max(height, self.last_height))
         self.upstream.from_snapshot(self.base)
 
     def resync(self, reason: str, height: int) -> None:
@@ -303,13 +303,13 @@ class L4Feed(Feed):
             self._start_fetch()
 
     def _restart_records(self, height: int) -> None:
-        self.base = self.last = height
+        self.base = self.last_height = height
         self.records.clear()
         self.record_bytes = 0
 
     def _record(self, height: int, updates: dict[str, Any]) -> None:
         text = message("l4Book", {"Updates": updates})
-        self.last = height
+        self.last_height = height
         metrics.ENCODED.labels("l4Book").inc()
         positions = self.positions
         clock = (time.time(), time.monotonic())
@@ -378,7 +378,7 @@ class L4Feed(Feed):
             while self.records and self.records[0][0] <= snap.height:
                 _, old = self.records.popleft()
                 self.record_bytes -= len(old)
-            self.base = max(self.base, min(snap.height, self.last))
+            self.base = max(self.base, min(snap.height, self.last_height))
         waiting, self.waiting = self.waiting, {}
         for session, ident in waiting.items():
             self._join(session, ident, snap)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -156,13 +156,13 @@ class FrameProtocol(WebSocketsSansIOProtocol):
     max_pings_per_second = 10.0
 
     def connection_made(self, transport: Any) -> None:
-        super().connection_made(HoldingTransport(transport))
+        super().connection_made(HoldingTransport(transport))  # type: ignore[arg-type]  # a transport by delegation
         self.ping_tokens = self.max_pings_per_second
         self.ping_refill = time.monotonic()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        guard.release(self.transport.raw)
+        guard.release(self.transport.raw)  # type: ignore[attr-defined]  # our HoldingTransport
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -198,7 +198,7 @@ class FrameWriter:
         self.protocol = protocol
 
     @classmethod
-    def of(cls, scope: dict[str, Any]) -> FrameWriter | None:
+    def of(cls, scope: MutableMapping[str, Any]) -> FrameWriter | None:
         protocol = scope.get("extensions", {}).get(SCOPE_KEY)
         needed = ("transport", "writable", "close_sent", "conn")
         if protocol is None or not all(hasattr(protocol, a) for a in needed) or protocol.conn.extensions:

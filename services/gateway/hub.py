@@ -28,7 +28,7 @@ from hlbook.services.gateway.users import Users
 log = logging.getLogger(__name__)
 
 RECENT_TRADES = 100  # per coin, for recentTrades
-REPLAYED = ("trades", "user")  # kinds whose lost messages are recovered from ingest's replay
+REPLAYED = ("trades", "user")  # sources (labels) whose lost messages are recovered from ingest's replay
 TRADES_HOLD = 0.02  # seconds a block's trades wait at most for the owner shard to finish that block
 SHARD_SILENT = 5.0  # seconds without a message (block or heartbeat) after which a shard counts as down
 STALE = 5.0  # seconds without a block after which the data is stale (the node stalled)
@@ -186,15 +186,15 @@ class Hub:
         if handler is None:
             BAD_INPUT.labels("gateway", "unknown_topic").inc()
             return
-        kind, message_type, handle = handler
-        metrics.UPSTREAM.labels(kind).inc()
+        label, message_type, handle = handler
+        metrics.UPSTREAM.labels(label).inc()
         try:
             message = wire.decode(payload, message_type)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             BAD_INPUT.labels("gateway", "bad_payload").inc()
             log.error("undecodable %r message: %s", topic[:40], exc)
             return
-        if kind == "l4" or not hasattr(message, "prev"):
+        if label == "l4" or not hasattr(message, "prev"):
             handle(self, topic, message)
             return
         held = self.repairing.get(topic)
@@ -206,16 +206,16 @@ class Hub:
         if step is Step.SEEN:
             return
         if step is Step.GAP:
-            metrics.GAPS.labels(kind).inc()
-            if kind in REPLAYED:
+            metrics.GAPS.labels(label).inc()
+            if label in REPLAYED:
                 self.repairing[topic] = [message]
-                asyncio.create_task(self._repair(topic, kind, handle))
+                asyncio.create_task(self._repair(topic, label, handle))
                 return
             # L2, BBO, S: each message is the whole current state, so this one repairs the loss
         chain.advance(message.height)
         handle(self, topic, message)
 
-    async def _repair(self, topic: bytes, kind: str, handle: Any) -> None:
+    async def _repair(self, topic: bytes, label: str, handle: Any) -> None:
         """Deliver the lost messages of ``topic`` from ingest's replay, then those held meanwhile."""
         chain = self.chains[topic]
         from_height = (chain.last or 0) + 1
@@ -240,7 +240,7 @@ class Hub:
                 except Exception:  # as in Upstream._read: one bad message must not stop the rest
                     BAD_INPUT.labels("gateway", "error").inc()
                     log.exception("handling %r failed", topic[:40])
-        metrics.REPAIRS.labels(kind, "failed" if lost else "replayed").inc()
+        metrics.REPAIRS.labels(label, "failed" if lost else "replayed").inc()
 
     def on_shard_block(self, topic: bytes, m: wire.ShardBlock) -> None:
         if not 0 <= m.shard < len(self.shards):

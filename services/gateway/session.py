@@ -30,6 +30,7 @@ from hlbook.services.gateway.protocol import FeedKey
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
+_KEY_META = type(FeedKey)  # msgspec's StructMeta: feed keys are the only Structs an outbox holds
 WRITE_BATCH = 256  # at most this many frames ...
 WRITE_BYTES = 256 << 10  # ... or bytes joined into one transport write
 
@@ -200,7 +201,7 @@ class Session:
         if replaced:
             self.conflated += 1
         else:
-            self._queue(conflate)
+            self._queue_key(conflate)
         return replaced
 
     def forget(self, key: FeedKey) -> None:
@@ -208,15 +209,22 @@ class Session:
         if self.latest.pop(key, None) is not None and key in self.outbox:
             self.outbox.remove(key)
 
-    def _queue(self, item: Message | FeedKey) -> None:
+    def _queue(self, item: Message) -> None:
+        """Queue a message (counted against ``queue_size``)."""
         if self.closing:
             return
-        if not isinstance(item, FeedKey):
-            if self.texts >= self.queue_size:
-                self.close("slow_client", f"Connection closed: client too slow, {self.texts} messages queued")
-                return
-            self.texts += 1
+        if self.texts >= self.queue_size:
+            self.close("slow_client", f"Connection closed: client too slow, {self.texts} messages queued")
+            return
+        self.texts += 1
         self.outbox.append(item)
+        self.outbound.mark(self)
+
+    def _queue_key(self, key: FeedKey) -> None:
+        """Queue the place of a conflated feed's latest text (kept in ``latest``; not counted)."""
+        if self.closing:
+            return
+        self.outbox.append(key)
         self.outbound.mark(self)
 
     def flush(self) -> None:
@@ -291,10 +299,10 @@ class Session:
 
     def _next(self) -> Message:
         item = self.outbox.popleft()
-        if isinstance(item, FeedKey):
-            return self.latest.pop(item)
+        if type(type(item)) is _KEY_META:  # a feed key (cheaper than isinstance(item, FeedKey) on every frame)
+            return self.latest.pop(item)  # type: ignore[arg-type]
         self.texts -= 1
-        return item
+        return item  # type: ignore[return-value]
 
     def info(self) -> dict[str, Any]:
         """The debug view of this connection."""

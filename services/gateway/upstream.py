@@ -68,7 +68,7 @@ class Upstream:
             self.sub.connect(endpoint)
         for prefix in ALWAYS:
             self.sub.setsockopt(zmq.SUBSCRIBE, prefix)
-        self.sub_nowait = zmq.Socket.shadow(self.sub.underlying)  # plain socket for draining without awaiting
+        self.sub_nowait: zmq.Socket[bytes] = zmq.Socket.shadow(self.sub.underlying)  # plain socket for draining without awaiting
         for endpoint in book_queries:
             self.dealers.append(self._dealer(endpoint))
         if self.ingest_replay:
