@@ -63,7 +63,7 @@ REFUSAL = (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\nconne
 class GuardedHttp(HttpToolsProtocol):
     """uvicorn's HTTP protocol with a per-address cap from the accept and a header deadline."""
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self.header_timer: Any = None
         self.refused = False
