@@ -155,8 +155,11 @@ def test_every_bad_request_gets_a_4xx_and_every_post_an_answer(gateway: tuple[Sc
 def test_a_ping_flood_is_cut_off_and_others_keep_their_pongs(gateway: tuple[ScriptedShard, int]) -> None:
     _, port = gateway
     flood = RawClient(port)
-    for _ in range(200):
-        flood.send(b"p", opcode=9)
+    try:
+        for _ in range(200):
+            flood.send(b"p", opcode=9)
+    except (ConnectionResetError, BrokenPipeError):
+        pass  # cut off before the flood was all sent
     frames = list(flood.frames())
     closes = [payload for opcode, payload in frames if opcode == 8]
     assert closes and struct.unpack("!H", closes[0][:2])[0] == 1008 and b"Too many pings" in closes[0]

@@ -159,6 +159,7 @@ class FrameProtocol(WebSocketsSansIOProtocol):
         super().connection_made(HoldingTransport(transport))  # type: ignore[arg-type]  # a transport by delegation
         self.ping_tokens = self.max_pings_per_second
         self.ping_refill = time.monotonic()
+        self.pongs_due = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -172,15 +173,18 @@ class FrameProtocol(WebSocketsSansIOProtocol):
 
     def handle_ping(self) -> None:
         """Answer a ping, unless the client sends them faster than ``max_pings_per_second``
-        (a ping flood costs a write each): then close the connection (1008). The pongs the
-        websockets state machine queued for the pings of one read go out together."""
+        (a ping flood costs a write each): then close the connection (1008). The websockets
+        state machine queues a pong for every ping of a read at once, so they are written
+        after the read's last ping was counted: a flood in one read gets no pong at all."""
         now = time.monotonic()
         rate = self.max_pings_per_second
         self.ping_tokens = min(rate, self.ping_tokens + (now - self.ping_refill) * rate)
         self.ping_refill = now
         if self.ping_tokens >= 1:
             self.ping_tokens -= 1
-            super().handle_ping()
+            if not self.pongs_due:
+                self.pongs_due = True
+                asyncio.get_running_loop().call_soon(self._write_pongs)
             return
         if not self.close_sent:
             metrics.ERRORS.labels("ping_flood").inc()
@@ -189,6 +193,11 @@ class FrameProtocol(WebSocketsSansIOProtocol):
             self.transport.write(b"".join(self.conn.data_to_send()))
             self.close_sent = True
             self.transport.close()
+
+    def _write_pongs(self) -> None:
+        self.pongs_due = False
+        if not self.close_sent:
+            super().handle_ping()  # writes what the state machine queued
 
 
 class FrameWriter:
