@@ -98,7 +98,11 @@ def main() -> int:
     if command == "up":
         argv = [str(BIN / "hlbook"), "up", *(extra or ["--simulate"])]
     else:
-        argv = [str(BIN / "python"), "-m", "pytest", *extra]
+        # two test processes (pytest-xdist), whole files to each (a module's fixture, e.g. a started
+        # pipeline, is started once), in the order collected (tests/conftest.py: the long modules
+        # first): about half the time on CI's 2 cores. `-n 0` runs the tests in one process.
+        parallel = [] if "no:xdist" in extra else ["-n", "2", "--dist", "loadfile", "--no-loadscope-reorder"]
+        argv = [str(BIN / "python"), "-m", "pytest", *parallel, *extra]
         if not os.path.exists("/usr/bin/chromium"):
             print("dev.py: tests/test_webview.py drives Debian's Chromium, which is missing here: "
                   "apt-get install -y --no-install-recommends chromium", flush=True)

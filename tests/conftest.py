@@ -3,6 +3,7 @@ README), extracted once per session into a temporary directory (never edited in 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import tarfile
@@ -17,6 +18,23 @@ os.environ.setdefault("HLBOOK_STATE_DIR", tempfile.mkdtemp(prefix="hlbook-test-s
 DATA = Path(__file__).resolve().parent / "data"
 BTC_FIXTURE = "mainnet_btc_985148181_985148206.tar.gz"
 BTC_NOSNAPSHOT_FIXTURE = "mainnet_btc_978995377_978995416_nosnapshot.tar.gz"
+
+
+# The long modules (whole process trees, real-time waits: ~10-45 s each on 2 cores), longest first.
+# Marked `slow` (`pytest -m "not slow"` is a quick loop while editing; `python3 dev.py test` and CI
+# run every test) and collected first, so that under `pytest -n 2 --dist loadfile` (dev.py) the
+# short modules fill the two workers' ends instead of one long module running on alone at the end.
+LONG = ("test_book_shard.py", "test_up.py", "test_history.py", "test_client_gateway.py", "test_faults.py",
+        "test_nodesim.py", "test_l4_live.py", "test_gateway_users.py", "test_readme.py", "test_ingest_live.py",
+        "test_gateway.py", "test_book_full.py", "test_gateway_ready.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG)}
+    for item in items:
+        if item.path.name in rank:
+            item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a module is kept
 
 
 def _extract(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
@@ -41,7 +59,31 @@ def btc_nosnapshot_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _extract(tmp_path_factory, BTC_NOSNAPSHOT_FIXTURE)
 
 
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # set alike in every worker of one `pytest -n N` run
+_PORTS = Path(tempfile.gettempdir()) / f"hlbook-test-ports-{_RUN}" if _RUN else None
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1 that no other call in this test run was given: the
+    ports handed out are recorded (under ``pytest -n``, in a file the workers share,
+    under a lock), so two tests running at once never get the same one."""
+    lock = open(_PORTS, "a+") if _PORTS else None
+    try:
+        if lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            lock.seek(0)
+            _given.update(int(line) for line in lock.read().split())
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _given:
+                break
+        _given.add(port)
+        if lock:
+            lock.write(f"{port}\n")
+        return port
+    finally:
+        if lock:
+            lock.close()  # flushes, then unlocks

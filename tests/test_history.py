@@ -237,16 +237,19 @@ def test_killed_mid_backfill_ends_equal_to_one_uninterrupted_backfill(tmp_path: 
         assert held_at_kill and held_at_kill[-1][1] < 1001199, "the backfill was over before the kill"
 
         proc, query = start_history(data, tmp_path / "a" / "h.sqlite", tmp_path / "a", log)
+        # meanwhile, the same files into another store (b/) in one uninterrupted backfill
+        other, other_query = start_history(data, tmp_path / "b" / "h.sqlite", tmp_path / "b", log)
 
         def done(q: str) -> bool:
             answer = ask_history(q, op="status")
             return answer is not None and not answer[1]["backfilling"] and answer[1]["height"] == 1001199
 
-        wait_until(lambda: done(query), 120, "the restarted backfill")
-        stop_group(proc)
-        other, other_query = start_history(data, tmp_path / "b" / "h.sqlite", tmp_path / "b", log)
-        wait_until(lambda: done(other_query), 120, "the uninterrupted backfill")
-        stop_group(other)
+        try:
+            wait_until(lambda: done(query), 120, "the restarted backfill")
+            wait_until(lambda: done(other_query), 120, "the uninterrupted backfill")
+        finally:
+            stop_group(proc)
+            stop_group(other)
     finally:
         log.close()
     interrupted, whole = dump(tmp_path / "a" / "h.sqlite"), dump(tmp_path / "b" / "h.sqlite")

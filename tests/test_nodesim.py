@@ -257,7 +257,8 @@ def test_engine_consistency_over_thousands_of_blocks() -> None:
     names = [coin for coin, _ in initial]
     assert {"BTC", "ETH", "@107", "@1", "PURR/USDC", "kPEPE"} <= set(names)
     checker = Checker(initial)
-    n = 3000
+    n = 1000  # every invariant and every count below is exercised many times over (seed 7: 93 triggered
+    # new orders, 47 at another price, 1157 modifies, 884 TWAP fills, 19 empty blocks); 3000 took 3x the time
     totals = Counter()
     empty = 0
     for i in range(n):

@@ -13,6 +13,8 @@ running ``hlbook up --simulate`` (its port put in place of 8000):
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import json
 import os
 import re
@@ -20,6 +22,8 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +76,6 @@ def run_for(argv: list[str], seconds: float, env: dict[str, str] | None = None) 
         return None, out.decode(), err.decode()
 
 
-@pytest.mark.parametrize("where, code", blocks("python"), ids=lambda v: v if ":" in str(v) else "")
-def test_python_snippets_run(where: str, code: str, up: Up, tmp_path: Path) -> None:
-    compile(code, where, "exec")  # a top-level await is a SyntaxError in a script
-    script = tmp_path / "snippet.py"
-    script.write_text(local(code, up))
-    code_, out, err = run_for([sys.executable, str(script)], SCRIPT_SECONDS)
-    assert "Traceback" not in err and code_ in (0, None), f"{where}: exit {code_}\n{err[-2000:]}"
-    assert out.strip(), f"{where}: printed nothing"
-
-
 def sh_lines() -> list[tuple[str, str]]:
     lines = []
     for where, text in blocks("sh"):
@@ -92,7 +86,44 @@ def sh_lines() -> list[tuple[str, str]]:
     return lines
 
 
-def test_every_shell_line_is_known_and_works(up: Up) -> None:
+def runs_of(up: Up, scripts: Path) -> dict[tuple[str, str], Callable[[], tuple[int | None, str, str]]]:
+    """(where, snippet or shell line) -> the run that the tests below check: each python
+    snippet for SCRIPT_SECONDS, the shell lines that start a process as this test runs them."""
+    runs: dict[tuple[str, str], Callable[[], tuple[int | None, str, str]]] = {}
+    for i, (where, code) in enumerate(blocks("python")):
+        script = scripts / f"snippet{i}.py"
+        script.write_text(local(code, up))
+        runs[where, code] = functools.partial(run_for, [sys.executable, str(script)], SCRIPT_SECONDS)
+    for where, line in sh_lines():
+        argv = shlex.split(line)
+        if line.startswith("python examples/"):
+            runs[where, line] = functools.partial(run_for, [sys.executable, *argv[1:], "--url", up.ws], 30)
+        elif argv[:2] in (["hlbook", "--version"], ["hlbook", "--help"]):
+            runs[where, line] = functools.partial(run_for, [sys.executable, "-m", "hlbook.cli", *argv[1:]], 30)
+        elif argv[:2] == ["hlbook", "client"]:
+            runs[where, line] = functools.partial(run_for, [sys.executable, "-m", "hlbook.cli", *argv[1:]], 8,
+                                                  env={"HLBOOK_URL": up.ws})
+    return runs
+
+
+@pytest.fixture(scope="module")
+def started(up: Up, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str, str], Future[tuple[int | None, str, str]]]]:
+    """Every run of ``runs_of``, started at once (they stream for seconds: side by side, the
+    module takes the longest one's time, not their sum); each test checks its own runs' results."""
+    runs = runs_of(up, tmp_path_factory.mktemp("snippets"))
+    with concurrent.futures.ThreadPoolExecutor(len(runs) or 1) as pool:
+        yield {key: pool.submit(run) for key, run in runs.items()}
+
+
+@pytest.mark.parametrize("where, code", blocks("python"), ids=lambda v: v if ":" in str(v) else "")
+def test_python_snippets_run(where: str, code: str, started: dict[tuple[str, str], Future[tuple[int | None, str, str]]]) -> None:
+    compile(code, where, "exec")  # a top-level await is a SyntaxError in a script
+    code_, out, err = started[where, code].result()  # the snippet, its port replaced, run for SCRIPT_SECONDS
+    assert "Traceback" not in err and code_ in (0, None), f"{where}: exit {code_}\n{err[-2000:]}"
+    assert out.strip(), f"{where}: printed nothing"
+
+
+def test_every_shell_line_is_known_and_works(up: Up, started: dict[tuple[str, str], Future[tuple[int | None, str, str]]]) -> None:
     typed: list[str] = []
     for where, line in sh_lines():
         if line.startswith(SKIPPED):
@@ -102,10 +133,9 @@ def test_every_shell_line_is_known_and_works(up: Up) -> None:
         elif line.startswith("websocat ") or line.startswith("wscat "):
             assert "ws://127.0.0.1:8000/ws" in line, f"{where}: {line}"
         elif line.startswith("hlbook "):
-            check_hlbook(where, shlex.split(line)[1:], up)
+            check_hlbook(where, shlex.split(line)[1:], started.get((where, line)))
         elif line.startswith("python examples/"):
-            argv = shlex.split(line)
-            code, out, err = run_for([sys.executable, *argv[1:], "--url", up.ws], 30)
+            code, out, err = started[where, line].result()  # run with --url of this test's gateway
             assert code == 0 and "Traceback" not in err and out.strip(), f"{where}: {line}: exit {code}\n{err[-2000:]}"
         else:
             pytest.fail(f"{where}: this test does not know how to check `{line}`")
@@ -115,9 +145,10 @@ def test_every_shell_line_is_known_and_works(up: Up) -> None:
         assert answer.get("channel") not in (None, "error"), f"{line} -> {answer}"
 
 
-def check_hlbook(where: str, args: list[str], up: Up) -> None:
+def check_hlbook(where: str, args: list[str], run: Future[tuple[int | None, str, str]] | None) -> None:
     if args[:1] in (["--version"], ["--help"]):
-        code, out, err = run_for([sys.executable, "-m", "hlbook.cli", *args], 30)
+        assert run is not None
+        code, out, err = run.result()
         assert code == 0 and out.strip(), f"{where}: hlbook {args}: {err[-500:]}"
         return
     name = args[0]
@@ -127,7 +158,8 @@ def check_hlbook(where: str, args: list[str], up: Up) -> None:
     except Exception as exc:
         pytest.fail(f"{where}: hlbook {shlex.join(args)}: {exc}")
     if name == "client":
-        code, out, err = run_for([sys.executable, "-m", "hlbook.cli", *args], 8, env={"HLBOOK_URL": up.ws})
+        assert run is not None
+        code, out, err = run.result()  # with HLBOOK_URL of this test's gateway, stopped after 8 s
         assert code is None and "Traceback" not in err and out.strip(), f"{where}: hlbook {args}: exit {code}\n{err[-1000:]}"
 
 
