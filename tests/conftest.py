@@ -87,3 +87,10 @@ def free_port() -> int:
     finally:
         if lock:
             lock.close()  # flushes, then unlocks
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The shared record goes with the first worker to finish: its processes are stopped, and the
+    other worker still knows the ports it was given."""
+    if _PORTS:
+        _PORTS.unlink(missing_ok=True)
