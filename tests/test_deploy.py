@@ -49,8 +49,6 @@ DASHBOARD = DEPLOY / "grafana" / "hlbook.json"
 
 GROUP = typer.main.get_command(cli.app)
 COMMANDS = GROUP.commands  # name -> click command
-HAS_GATEWAY = "gateway" in COMMANDS
-needs_gateway = pytest.mark.skipif(not HAS_GATEWAY, reason="`hlbook gateway` is not registered in hlbook.cli yet")
 ALL_ENVVARS = {
     envvar
     for command in COMMANDS.values()
@@ -282,7 +280,7 @@ def compose_procs(with_gateway: bool = True) -> list[Proc]:
         if isinstance(env, list):
             env = dict(e.split("=", 1) for e in env)
         env = {k: "" if v is None else str(v) for k, v in env.items()}
-        if argv[0] == "gateway" and not (with_gateway and HAS_GATEWAY):
+        if argv[0] == "gateway" and not with_gateway:
             continue
         procs.append(Proc(f"compose {name}", name, f"compose {name}", argv, env))
     return procs
@@ -352,7 +350,6 @@ def test_compose_shared_volumes():
             assert tmp in sim and mounts(name).get(tmp) == sim[tmp], f"{name}: TMPDIR {tmp} is not a volume shared with the simulator"
 
 
-@needs_gateway
 def test_compose_gateway_ports_and_healthcheck():
     services = compose()["services"]
     (name, svc), = [(n, s) for n, s in services.items() if s["command"][0] == "gateway"]
@@ -441,8 +438,6 @@ def test_systemd_units_restart_and_read_the_environment_file():
 def test_systemd_command_lines_use_real_commands_and_flags():
     procs = systemd_procs()
     for proc in procs:
-        if proc.command == "gateway" and not HAS_GATEWAY:
-            continue
         parse(proc)
         check_env_names(proc.env, proc.where)
     for path in SYSTEMD.glob("*.env"):
@@ -450,7 +445,7 @@ def test_systemd_command_lines_use_real_commands_and_flags():
 
 
 def test_systemd_ports_connect():
-    procs = [p for p in systemd_procs() if HAS_GATEWAY or p.command != "gateway"]
+    procs = systemd_procs()
 
     def resolve(conn: Proc, host: str, port: int):
         assert host in ("127.0.0.1", "localhost"), f"{conn.where}: {host}: everything runs on one host"
@@ -495,8 +490,6 @@ def k8s_procs(objs) -> list[Proc]:
                 else:
                     assert item["valueFrom"].get("secretKeyRef", {}).get("optional") or "fieldRef" in item["valueFrom"], item
             argv = [str(a) for a in c["args"]]
-            if argv[0] == "gateway" and not HAS_GATEWAY:
-                continue
             procs.append(Proc(f"k8s {w['metadata']['name']}/{c['name']}", w["metadata"]["name"], f"pod {w['metadata']['name']}", argv, env))
     return procs
 
@@ -576,7 +569,6 @@ def test_k8s_ports_connect():
             assert set(binds(proc).values()) <= declared, f"{proc.where}: binds {binds(proc)}, declares {declared}"
 
 
-@needs_gateway
 def test_k8s_gateway_probes_and_service():
     objs = k8s_objects()
     (w,) = [w for w in workloads(objs) if any(c["args"][0] == "gateway" for c in w["spec"]["template"]["spec"]["containers"])]
@@ -668,9 +660,8 @@ def test_prometheus_targets_match_metrics_ports():
         "hlbook-ingest": {f"{p.host}:{p.params['metrics_port']}" for p in procs if p.command == "ingest"},
         "hlbook-book": {f"{p.host}:{p.params['metrics_port']}" for p in procs if p.command == "book"},
         "hlbook-history": {f"{p.host}:{p.params['metrics_port']}" for p in procs if p.command == "history"},
+        "hlbook-gateway": {f"{p.host}:{p.params['port']}" for p in procs if p.command == "gateway"},
     }
-    if HAS_GATEWAY:
-        expected["hlbook-gateway"] = {f"{p.host}:{p.params['port']}" for p in procs if p.command == "gateway"}
     for job, want in expected.items():
         assert 0 not in {int(t.rsplit(":", 1)[1]) for t in want}, f"{job}: metrics off"
         assert targets.get(job) == want, f"{job}: targets {targets.get(job)}, compose serves metrics on {want}"
