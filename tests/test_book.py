@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from hlbook.common import topics
+from hlbook.common import l2rules, topics
 from hlbook.common.models import DECODERS, BookDiff, DiffBody, NewDiff, Order as NodeOrder, OrderStatus, UpdateDiff
 from hlbook.services.book import l2, snapshot
 from hlbook.services.book.book import Book, OutOfSync
@@ -292,10 +292,10 @@ def test_aggregation_stops_at_n_and_matches_reference_on_fixture(fixture_blocks)
 
 def test_validate_aggregation() -> None:
     for ok in ((None, None), (2, None), (5, 2), (5, 5), (5, 1), (3, 1)):
-        l2.validate(*ok)
+        l2rules.validate(*ok)
     for bad in ((1, None), (6, None), (4, 2), (None, 2), (5, 3)):
         with pytest.raises(ValueError):
-            l2.validate(*bad)
+            l2rules.validate(*bad)
 
 
 # ------------------------------------------------------------ subscriptions and validation

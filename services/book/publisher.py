@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 
-from hlbook.common import topics, wire
+from hlbook.common import l2rules, topics, wire
 from hlbook.services.book import l2, metrics
 from hlbook.services.book.book import Book
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 Agg = tuple[int | None, int | None]
 _PARTS = {topics.L2_PREFIX: 4, topics.BBO_PREFIX: 2, topics.L4_PREFIX: 2, topics.RESET_PREFIX: 2, topics.SHARD_PREFIX: 2}
-L2_DEPTH = l2.MAX_LEVELS
+L2_DEPTH = l2rules.MAX_LEVELS
 
 
 def parse_l2_topic(topic: bytes) -> tuple[str, Agg] | None:
@@ -33,7 +33,7 @@ def parse_l2_topic(topic: bytes) -> tuple[str, Agg] | None:
     try:
         kind, coin, nsf, man = topics.split(topic)
         agg = (None if nsf == "-" else int(nsf), None if man == "-" else int(man))
-        l2.validate(*agg)
+        l2rules.validate(*agg)
     except (ValueError, UnicodeDecodeError):
         return None
     return (coin, agg) if kind == "L2" else None

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from hlbook.common import wire
+from hlbook.common import l2rules, wire
 from hlbook.common.wire import CoinState
 from hlbook.services.book import l2, metrics
 from hlbook.services.book.book import Book
@@ -100,7 +100,7 @@ class Queries:
         if isinstance(book, dict):
             return book
         try:
-            l2.validate(query.n_sig_figs, query.mantissa)
+            l2rules.validate(query.n_sig_figs, query.mantissa)
         except ValueError as exc:
             return wire.error_reply(str(exc))
         if query.n_levels < 1:

@@ -40,11 +40,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 import msgspec
 
-from hlbook.common import topics, wire
+from hlbook.common import l2rules, topics, wire
 from hlbook.common.candles import INTERVALS
 from hlbook.common.fills import aggregate_by_time
 from hlbook.common.models import Fill, twap_id
-from hlbook.services.book import l2
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway import users as user_streams
 from hlbook.services.gateway.ctx import active_asset_ctx, active_asset_ctx_channel
@@ -305,12 +304,12 @@ def parse_l2(sub: dict[str, Any], coin_exists: CoinExists) -> dict[str, Any]:
     try:
         if (nsf is not None and not is_int(nsf)) or (man is not None and not is_int(man)):
             raise ValueError("not an integer")
-        l2.validate(nsf, man)
+        l2rules.validate(nsf, man)
     except ValueError:
         raise invalid(sub) from None
     out["nSigFigs"], out["mantissa"] = nsf, man
     if n_levels is not None:
-        if not is_int(n_levels) or not 1 <= n_levels <= l2.MAX_LEVELS:
+        if not is_int(n_levels) or not 1 <= n_levels <= l2rules.MAX_LEVELS:
             raise invalid(sub)
         out["nLevels"] = n_levels
     return out
