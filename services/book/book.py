@@ -362,9 +362,7 @@ class Book:
         side = self.side(order.kind[K_SIDE])
         level = side.level_for(order.px)
         orders[oid] = order
-        level.orders.append(order)
-        level.sz += order.sz
-        level.cached = None
+        level.add(order)
         for view in side.views:
             view.change(order.px, order.sz, 1)
 

@@ -122,8 +122,7 @@ def _fill(book: Book, side: Side, entries: list[Entry], side_name: str) -> None:
         if oid in orders:
             raise SnapshotError(f"{book.coin}: oid {oid} twice in the snapshot")
         orders[oid] = order
-        level.orders.append(order)
-        level.sz += sz
+        level.add(order)
 
 
 def fetch_shared(info_url: str, owner: str, not_before: float = 0.0, timeout: float = 60.0,
