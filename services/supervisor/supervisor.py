@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
+from hlbook.common.signals import stop_on_signals
+
 log = logging.getLogger(__name__)
 
 BACKOFF_START_S = 0.5
@@ -150,11 +152,7 @@ class Supervisor:
     def run(self, on_tick: Callable[[], None] | None = None, tick_s: float = 1.0) -> None:
         """Supervise until SIGTERM/SIGINT; ``on_tick`` runs every ``tick_s`` (status line)."""
 
-        def request_stop(*_: object) -> None:
-            self.stopping = True
-
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
+        stop_on_signals(lambda: setattr(self, "stopping", True))
         self.start_all()
         next_tick = time.monotonic()
         try:
