@@ -10,13 +10,13 @@ are complete (queries), O(levels read).
 from __future__ import annotations
 
 from hlbook.common import fixed
+from hlbook.common.wire import Level
 from hlbook.services.book.aggregate import AggSide, bucket, step_of
 from hlbook.services.book.book import Book, Side
 
 __all__ = ["AggSide", "bucket", "step_of", "levels", "side_levels", "bbo", "sync_views"]
-Agg = tuple[int | None, int | None]
+Agg = tuple[int | None, int | None]  # (nSigFigs, mantissa): None, None is full precision
 
-WireLevel = tuple[str, str, int]
 
 _fmt_cache: dict[int, str] = {}
 NO_BID = 1 << 256  # above any price: the first bid always opens a bucket
@@ -31,7 +31,7 @@ def _fmt(value: int) -> str:
     return text
 
 
-def side_levels(side: Side, n: int, n_sig_figs: int | None = None, mantissa: int | None = None) -> list[WireLevel]:
+def side_levels(side: Side, n: int, n_sig_figs: int | None = None, mantissa: int | None = None) -> list[Level]:
     """Up to ``n`` levels of one side, best first, as ``(px, sz, n)``."""
     if n_sig_figs is None:
         return [lv.wire() for lv in side.top(n)]
@@ -39,7 +39,7 @@ def side_levels(side: Side, n: int, n_sig_figs: int | None = None, mantissa: int
     is_bid = side.is_bid
     levels = side.levels
     keys = reversed(side.keys) if is_bid else iter(side.keys)
-    out: list[WireLevel] = []
+    out: list[Level] = []
     # Prices come best first and buckets are monotonic, so a level belongs to
     # the current bucket iff it has not passed the bucket's edge.
     cur = NO_BID if is_bid else -1
@@ -61,7 +61,7 @@ def side_levels(side: Side, n: int, n_sig_figs: int | None = None, mantissa: int
     return out
 
 
-def levels(book: Book, n: int = 20, n_sig_figs: int | None = None, mantissa: int | None = None) -> tuple[list[WireLevel], list[WireLevel]]:
+def levels(book: Book, n: int = 20, n_sig_figs: int | None = None, mantissa: int | None = None) -> tuple[list[Level], list[Level]]:
     """``[bids, asks]`` of ``book``, up to ``n`` levels each."""
     if n_sig_figs is not None:
         view = book.views.get((n_sig_figs, mantissa or 1))
@@ -73,7 +73,7 @@ def levels(book: Book, n: int = 20, n_sig_figs: int | None = None, mantissa: int
     )
 
 
-def _view_levels(view: AggSide, n: int) -> list[WireLevel]:
+def _view_levels(view: AggSide, n: int) -> list[Level]:
     fmt = fixed.fmt
     return [(_fmt(px), fmt(sz), count) for px, sz, count in view.top(n)]
 
@@ -87,7 +87,7 @@ def sync_views(book: Book, aggs: set[Agg]) -> None:
         book.attach(key, AggSide(book.bids, *key), AggSide(book.asks, *key))
 
 
-def bbo(book: Book) -> tuple[WireLevel | None, WireLevel | None]:
+def bbo(book: Book) -> tuple[Level | None, Level | None]:
     """Best bid and ask as wire levels."""
     bid, ask = book.bbo()
     return (bid.wire() if bid else None, ask.wire() if ask else None)

@@ -23,12 +23,11 @@ from hlbook.services.book.book import Book
 
 log = logging.getLogger(__name__)
 
-Agg = tuple[int | None, int | None]
 _PARTS = {topics.L2_PREFIX: 4, topics.BBO_PREFIX: 2, topics.L4_PREFIX: 2, topics.RESET_PREFIX: 2, topics.SHARD_PREFIX: 2}
 L2_DEPTH = l2rules.MAX_LEVELS
 
 
-def parse_l2_topic(topic: bytes) -> tuple[str, Agg] | None:
+def parse_l2_topic(topic: bytes) -> tuple[str, l2.Agg] | None:
     """``(coin, (nsf, man))`` of an exact, valid L2 topic; None otherwise."""
     try:
         kind, coin, nsf, man = topics.split(topic)
@@ -53,7 +52,7 @@ class Subscriptions:
     def __init__(self) -> None:
         self.exact: set[bytes] = set()
         self.prefixes: set[bytes] = set()
-        self.l2: dict[str, set[Agg]] = {}
+        self.l2: dict[str, set[l2.Agg]] = {}
 
     def handle(self, event: bytes) -> bytes | None:
         """Apply one XPUB event; returns the topic when it is a subscription."""
@@ -79,7 +78,7 @@ class Subscriptions:
             return True
         return any(topic.startswith(p) for p in self.prefixes)
 
-    def aggregations(self, coin: str) -> set[Agg]:
+    def aggregations(self, coin: str) -> set[l2.Agg]:
         aggs = set(self.l2.get(coin, ()))
         if self.prefixes and any(topics.l2(coin).startswith(p) for p in self.prefixes):
             aggs.add((None, None))
@@ -149,7 +148,7 @@ class Publisher:
             self.last_bbo[book.coin] = bbo
             self.send("bbo", topic, wire.Bbo(height, None, time, book.coin, bbo))
 
-    def l2(self, book: Book, agg: Agg, height: int, time: int, force: bool = False) -> None:
+    def l2(self, book: Book, agg: l2.Agg, height: int, time: int, force: bool = False) -> None:
         topic = topics.l2(book.coin, *agg)
         levels = l2.levels(book, L2_DEPTH, *agg)
         if force or self.last_l2.get(topic) != levels:
