@@ -2,8 +2,9 @@
 trades can be folded into in any order.
 
 A candle's ``t`` is the start of its interval in epoch ms: multiples of the
-interval since the epoch for 1m..3d, weeks starting Monday 00:00 UTC for 1w,
-calendar months for 1M. ``T`` is its end minus 1 ms. Each trade counts once,
+interval since the epoch for 1m..1w (so weeks start on Thursday 00:00 UTC, as
+1970-01-01 was a Thursday: Hyperliquid's weekly candles do too), calendar
+months for 1M. ``T`` is its end minus 1 ms. Each trade counts once,
 from the taker's fill. A trade's ``seq`` (block height and its place in the
 block) orders trades, so ``open``/``close`` come out right whichever order the
 trades are folded in (live blocks and a backfill of older ones meet in one
@@ -23,7 +24,6 @@ INTERVALS = {
     "1h": 60 * MINUTE, "2h": 120 * MINUTE, "4h": 240 * MINUTE, "8h": 480 * MINUTE, "12h": 720 * MINUTE,
     "1d": 1440 * MINUTE, "3d": 3 * 1440 * MINUTE, "1w": 7 * 1440 * MINUTE, "1M": 0,
 }
-MONDAY_OFFSET = 4 * 1440 * MINUTE  # 1970-01-01 was a Thursday; the first Monday is 4 days later
 KEPT = 5000  # candles of a series the public API serves (the most recent)
 SEQ_BITS = 20  # seq = height << SEQ_BITS | place in the block
 
@@ -36,8 +36,7 @@ def bounds(interval: str, ms: int) -> tuple[int, int]:
         after = datetime(day.year + day.month // 12, day.month % 12 + 1, 1, tzinfo=timezone.utc)
         return int(first.timestamp() * 1000), int(after.timestamp() * 1000)
     width = INTERVALS[interval]
-    offset = MONDAY_OFFSET if interval == "1w" else 0
-    start = (ms - offset) // width * width + offset
+    start = ms // width * width
     return start, start + width
 
 

@@ -2,7 +2,9 @@
 
 Public trades: the two fills of a trade share its ``tid``; the trade takes the
 taker's (``crossed``) side, price, size and hash, and ``users`` = [buyer, seller].
-``aggregateByTime``: the partial fills of one order at one time merged."""
+``aggregateByTime``: the partial fills of one crossing order at one time merged
+(Hyperliquid: "Resting orders filled by multiple crossing orders will not be
+aggregated")."""
 
 from __future__ import annotations
 
@@ -46,10 +48,12 @@ def trade_of(pair: Iterable[UserFill]) -> Trade | None:
 
 
 def aggregate_by_time(fills: list[Fill]) -> list[Fill]:
-    """Partial fills of one order at one time merged: sizes, fees and PnL summed, price size-weighted."""
+    """Partial fills of one crossing order at one time merged: sizes, fees and PnL summed, price
+    size-weighted, the rest from the order's first fill; a resting order's fills (``crossed`` false)
+    stay apart."""
     groups: dict[tuple[int, int], list[Fill]] = {}
-    for fill in fills:
-        groups.setdefault((fill.oid, fill.time), []).append(fill)
+    for place, fill in enumerate(fills):
+        groups.setdefault((fill.oid, fill.time) if fill.crossed else (-1, place), []).append(fill)
     out = []
     for group in groups.values():
         if len(group) == 1:
@@ -58,7 +62,10 @@ def aggregate_by_time(fills: list[Fill]) -> list[Fill]:
         sizes = [fixed.parse(f.sz) for f in group]
         total = sum(sizes)
         notional = sum(fixed.parse(f.px) * s for f, s in zip(group, sizes))
-        first = group[0]
+        # the order's first fill (the position before it: each fill of a buy raises it, of a sell lowers it),
+        # whichever order the fills come in (the history service reads them by tid)
+        starts = [fixed.parse(f.startPosition) for f in group]
+        first = group[starts.index(min(starts) if group[0].side == "B" else max(starts))]
         out.append(Fill(**{
             **{f: getattr(first, f) for f in first.__struct_fields__},
             "sz": fixed.fmt(total),

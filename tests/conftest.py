@@ -8,9 +8,11 @@ import os
 import socket
 import tarfile
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 # ingest's position files (--state-dir) of the processes the tests start go to a scratch folder
 os.environ.setdefault("HLBOOK_STATE_DIR", tempfile.mkdtemp(prefix="hlbook-test-state-"))
@@ -87,6 +89,35 @@ def free_port() -> int:
     finally:
         if lock:
             lock.close()  # flushes, then unlocks
+
+
+def metric_samples(where: int | str, timeout: float = 5.0) -> dict[str, float]:
+    """Every sample of a Prometheus ``/metrics`` page (``where``: a port on 127.0.0.1, or a
+    ``host:port``), parsed by prometheus_client, keyed ``name{label="value",…}`` (labels in
+    the page's order; no braces without labels)."""
+    base = f"127.0.0.1:{where}" if isinstance(where, int) else where
+    text = urllib.request.urlopen(f"http://{base}/metrics", timeout=timeout).read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def metric(where: int | str, name: str, default: float | None = 0.0, timeout: float = 5.0, **labels: str) -> float | None:
+    """Sum of the samples named ``name`` whose labels include ``labels`` (``default`` when there
+    are none; also when the page cannot be read, if ``default`` is None)."""
+    base = f"127.0.0.1:{where}" if isinstance(where, int) else where
+    try:
+        text = urllib.request.urlopen(f"http://{base}/metrics", timeout=timeout).read().decode()
+    except OSError:
+        if default is None:
+            return None
+        raise
+    values = [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+              if sample.name == name and labels.items() <= sample.labels.items()]
+    return sum(values) if values else default
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

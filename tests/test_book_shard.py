@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import orjson
 import pytest
 import zmq
 
-from conftest import free_port
+from conftest import free_port, metric_samples
 from hlbook.common import topics, wire
 from hlbook.common.chain import Chains, Step
 from hlbook.common.models import DECODERS
@@ -77,13 +76,7 @@ class ShardProcess:
             time.sleep(0.05)
 
     def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+        return metric_samples(self.metrics_port)
 
     def log_text(self) -> str:
         self.log.flush()

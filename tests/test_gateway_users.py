@@ -17,9 +17,10 @@ from hlbook.common.models import block_time_ms
 from hlbook.common.topics import shard_of
 from hlbook.services.book import snapshot
 from hlbook.services.book.book import Book
-from pipeline import Up, http_get, post_info, running
+from pipeline import Up, http_get, post_info, running, wait_until
 from test_book_sim import advance, node_lines
 from test_gateway import connect, receive, send, sub
+from test_history import ask_history, canonical, expected, read_blocks
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +183,179 @@ def test_candles_follow_the_trades(up: Up) -> None:
     snap = post_info(up.http, {"type": "candleSnapshot", "req": {"coin": "BTC", "interval": "1m", "startTime": last["t"], "endTime": last["T"]}})[1]
     assert snap[-1]["t"] == last["t"] and snap[-1]["n"] >= last["n"]
     assert post_info(up.http, {"type": "candleSnapshot", "req": {"coin": "BTC", "interval": "7m", "startTime": 0}})[0] == 400
+
+
+# ---------------------------------------------------------------- aggregateByTime, TWAP slices, historicalOrders
+# Expected values from the node files (orjson and Decimal: test_history's reader), none of hlbook's code.
+
+
+def file_fills(up: Up) -> dict[str, list[tuple[int, dict[str, Any]]]]:
+    """user -> (height, fill) of the user in the node files, in node order."""
+    blocks = read_blocks(up.data)
+    out: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for height in sorted(blocks):
+        for who, f in blocks[height]["fills"]:
+            out.setdefault(who, []).append((height, f))
+    return out
+
+
+def aggregated(fills: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Hyperliquid's aggregateByTime: a crossing order's fills at one time in one (sizes, fees and
+    PnL summed, price size-weighted, the rest from its first fill); a resting order's fills stay apart."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for place, f in enumerate(fills):
+        groups.setdefault((f["oid"], f["time"]) if f["crossed"] else place, []).append(f)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        size = sum(Decimal(f["sz"]) for f in group)
+        px = sum(Decimal(f["px"]) * Decimal(f["sz"]) for f in group) / size
+        out.append({**group[0], "sz": canonical(size), "px": px,
+                    "fee": canonical(sum(Decimal(f["fee"]) for f in group)),
+                    "closedPnl": canonical(sum(Decimal(f["closedPnl"]) for f in group))})
+    return out
+
+
+def same_fills(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    """Equal as multisets; a merged price (a Decimal in ``want``) to within hlbook's 10 decimals."""
+    def key(f: dict[str, Any]) -> Any:
+        return (f["oid"], f["crossed"], f["tid"] if not f["crossed"] else 0)
+    got, want = sorted(got, key=key), sorted(want, key=key)
+    assert [key(f) for f in got] == [key(f) for f in want]
+    for g, w in zip(got, want):
+        if isinstance(w["px"], Decimal):
+            assert abs(Decimal(g["px"]) - w["px"]) < Decimal("1e-10"), (g, w)
+            w = {**w, "px": g["px"]}
+        assert {k: v for k, v in g.items() if v is not None} == {k: v for k, v in w.items() if v is not None}
+
+
+def history_height(up: Up) -> int:
+    answer = ask_history(f"ipc://{up.sockets}/history-query", op="status")
+    return answer[1]["height"] if answer and answer[1] else 0
+
+
+def test_aggregate_by_time_merges_a_crossing_orders_fills(up: Up) -> None:
+    """userFillsByTime and the userFills WS feed with ``aggregateByTime``: a taker's fills of
+    one block in one, equal to what the node files give; resting orders' fills stay apart."""
+
+    def merged_groups() -> list[tuple[str, int]]:
+        """(user, time) of crossing orders with several fills in one block, up to the history's height."""
+        height = history_height(up)
+        fills = file_fills(up)
+        out = []
+        for user in active_users(up.data, 20):
+            counts = Counter((f["oid"], f["time"]) for h, f in fills.get(user, []) if f["crossed"] and h <= height)
+            out += [(user, t) for (_, t), n in counts.items() if n > 1]
+        return out[:6] if len(out) >= 3 else []
+
+    groups = wait_until(merged_groups, 20, "crossing orders filled by several resting orders in one block", every=0.5)
+    fills = file_fills(up)
+    for user, at in groups:
+        want = [f for _, f in fills[user] if f["time"] == at]
+        assert len(post_info(up.http, {"type": "userFillsByTime", "user": user, "startTime": at, "endTime": at})[1]) == len(want)
+        got = post_info(up.http, {"type": "userFillsByTime", "user": user, "startTime": at, "endTime": at, "aggregateByTime": True})[1]
+        assert len(got) < len(want)
+        same_fills(got, aggregated(want))
+
+    users = active_users(up.data, 8)
+
+    async def live(user: str) -> list[Any]:
+        ws = await connect(up.ws)
+        await send(ws, sub("subscribe", {"type": "userFills", "user": user, "aggregateByTime": True}))
+        messages = []
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            try:
+                messages.append((await receive(ws, "userFills", timeout=deadline - time.monotonic()))["data"])
+            except TimeoutError:
+                break
+        await ws.close()
+        return messages
+
+    async def run() -> list[list[Any]]:
+        return await asyncio.gather(*(live(u) for u in users))
+
+    results = asyncio.run(run())
+    time.sleep(0.5)
+    checked = 0
+    every = file_fills(up)
+    for user, messages in zip(users, results):
+        assert messages and messages[0]["isSnapshot"] is True
+        fills = [f for _, f in every.get(user, [])]
+        snapshot = messages[0]["fills"]  # the user's fills so far, aggregated
+        if snapshot and len(fills) <= 2000:
+            newest = max(f["time"] for f in snapshot)
+            same_fills(snapshot, aggregated([f for f in fills if f["time"] <= newest]))
+        for message in messages[1:]:  # one per block
+            at = {f["time"] for f in message["fills"]}
+            assert len(at) == 1
+            same_fills(message["fills"], aggregated([f for f in fills if f["time"] in at]))
+            checked += 1
+    assert checked >= 3
+
+
+def test_twap_slice_fills_carry_their_twap_id(up: Up) -> None:
+    """userTwapSliceFills: first the snapshot (isSnapshot, the user's slice fills so far), then each
+    block's slice fills; every entry is ``{"fill", "twapId"}`` of a fill with that twapId in the files."""
+    users = active_users(up.data, 30)
+
+    async def watch(user: str, found: asyncio.Future[tuple[str, list[Any], dict[str, Any]]]) -> None:
+        ws = await connect(up.ws)
+        await send(ws, sub("subscribe", {"type": "userTwapSliceFills", "user": user}))
+        try:
+            first = (await receive(ws, "userTwapSliceFills", timeout=10))["data"]
+            assert first["isSnapshot"] is True and first["user"] == user
+            while not found.done():
+                try:
+                    data = (await receive(ws, "userTwapSliceFills", timeout=0.5))["data"]
+                except TimeoutError:
+                    continue
+                assert "isSnapshot" not in data or data["isSnapshot"] is False
+                if not found.done():
+                    found.set_result((user, first["twapSliceFills"], data))
+        finally:
+            await ws.close()
+
+    async def run() -> tuple[str, list[Any], dict[str, Any]]:
+        found: asyncio.Future[tuple[str, list[Any], dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        tasks = [asyncio.create_task(watch(u, found)) for u in users]
+        try:
+            return await asyncio.wait_for(asyncio.shield(found), 20)
+        finally:
+            await asyncio.gather(*tasks)
+
+    user, snapshot_entries, live = asyncio.run(run())
+    time.sleep(0.5)
+    slices = [{"fill": f, "twapId": f["twapId"]} for _, f in file_fills(up)[user] if f.get("twapId") is not None]
+    assert live["user"] == user and live["twapSliceFills"]
+    for entry in live["twapSliceFills"]:
+        assert isinstance(entry["twapId"], int) and entry["fill"]["twapId"] == entry["twapId"]
+        assert entry in slices, entry
+        assert entry["fill"]["crossed"] is True and entry["fill"]["hash"] == "0x" + "0" * 64
+    for entry in snapshot_entries:
+        assert entry in slices
+    newest = max((e["fill"]["time"] for e in snapshot_entries), default=0)
+    assert sorted(snapshot_entries, key=repr) == sorted((s for s in slices if s["fill"]["time"] <= newest), key=repr)
+
+
+def test_historical_orders_are_each_orders_last_status_newest_first(up: Up) -> None:
+    """historicalOrders of the busiest users: each order's last status, newest first, at most
+    2000, as the node files have them up to the height the history service held."""
+    answers = []
+    for user in active_users(up.data, 3):
+        before = history_height(up)
+        got = post_info(up.http, {"type": "historicalOrders", "user": user})[1]
+        answers.append((user, before, got, history_height(up)))
+    blocks = {h: {"statuses": b["statuses"], "fills": []} for h, b in read_blocks(up.data).items()}  # orders only
+    for user, before, got, after in answers:
+        candidates = [before] + [h for h in range(before + 1, after + 1)
+                                 if h in blocks and any(s["user"] == user for s in blocks[h]["statuses"])]
+        wants = []
+        for height in candidates:
+            orders = expected({h: b for h, b in blocks.items() if h <= height})["orders"]
+            mine = sorted(((at, entry) for at, who, entry in orders.values() if who == user), key=lambda x: x[0], reverse=True)
+            wants.append([entry for _, entry in mine][:2000])
+        assert len(got) >= 10 and got in wants
+        assert len({e["order"]["oid"] for e in got}) == len(got)

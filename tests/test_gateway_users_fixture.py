@@ -2,7 +2,10 @@
 real `hlbook ingest` and `hlbook gateway` processes, the node files written live
 as a node does, a real WebSocket client. orderUpdates of the user with the most
 statuses equal that user's statuses in the files, block by block; userFills of
-a user with fills equal that user's fills in the files.
+a user with fills equal that user's fills in the files. userEvents of a third user
+carry its fills and, as ``nonUserCancel``, the orders the system canceled: the
+fixture has no such status, so that user's ``canceled`` statuses are rewritten
+as statuses the node writes for them (``reduceOnlyCanceled``, ``marginCanceled``, …).
 
 Per-user feeds come from ingest alone; one real book shard runs only because
 the gateway takes WebSocket clients once every shard has reported its coins.
@@ -20,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from typing import Any
 import orjson
 import websockets
 
-from conftest import free_port
+from conftest import free_port, metric
 from hlbook.common import nodefiles
 from hlbook.common.models import STREAMS
 from pipeline import http_get, stop_group
@@ -72,6 +74,26 @@ def expected_order_updates(lines: list[bytes], user: str) -> list[list[dict[str,
     return messages
 
 
+NON_USER_CANCELS = ("reduceOnlyCanceled", "marginCanceled", "selfTradeCanceled", "siblingFilledCanceled")
+
+
+def expected_user_events(status_lines: list[bytes], fill_lines: list[bytes], user: str) -> list[dict[str, Any]]:
+    """One userEvents message per block with fills of ``user`` or orders of it the system canceled."""
+    messages = []
+    for statuses, fills in zip(status_lines, fill_lines):
+        message: dict[str, Any] = {}
+        mine = [fill for who, fill in orjson.loads(fills)["events"] if who == user]
+        if mine:
+            message["fills"] = mine
+        cancels = [{"coin": s["order"]["coin"], "oid": s["order"]["oid"]} for s in orjson.loads(statuses)["events"]
+                   if s["user"] == user and s["status"] in NON_USER_CANCELS]
+        if cancels:
+            message["nonUserCancel"] = cancels
+        if message:
+            messages.append(message)
+    return messages
+
+
 def expected_fills(lines: list[bytes], user: str) -> list[dict[str, Any]]:
     """One userFills message per block with fills of ``user``: the node's fields as it wrote them
     (``twapId: null`` too, as the public API sends it)."""
@@ -83,13 +105,9 @@ def expected_fills(lines: list[bytes], user: str) -> list[dict[str, Any]]:
     return messages
 
 
-def metric(port: int, name: str) -> float | None:
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    except OSError:
-        return None
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.split(" ", 1)[0] == name]
-    return values[0] if values else None
+def ingest_metric(port: int, name: str) -> float | None:
+    """A metric of ingest; None while there is none (or no page yet)."""
+    return metric(port, name, default=None, timeout=2)
 
 
 def wait_for(what: str, check: Any, procs: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> None:
@@ -111,6 +129,17 @@ def test_order_updates_and_user_fills_equal_the_fixture_files(btc_data: Path, tm
     orders_user = counts.most_common(1)[0][0]  # 0x5884…: ~2700 statuses, ~100 a block
     fill_counts = Counter(who for raw in files[fills_file][4:] for who, _ in orjson.loads(raw)["events"])
     fills_user = fill_counts.most_common(1)[0][0]  # 0x17c3…: fills in 3 blocks
+    cancel_counts = Counter(s["user"] for raw in files[statuses_file][4:] for s in orjson.loads(raw)["events"]
+                            if s["status"] == "canceled" and s["user"] not in (orders_user, fills_user))
+    events_user = cancel_counts.most_common(1)[0][0]
+    rewritten = 0
+    for i, raw in enumerate(files[statuses_file]):
+        doc = orjson.loads(raw)
+        for s in doc["events"]:
+            if s["user"] == events_user and s["status"] == "canceled":
+                s["status"] = NON_USER_CANCELS[rewritten % len(NON_USER_CANCELS)]
+                rewritten += 1
+        files[statuses_file][i] = orjson.dumps(doc) + b"\n"
 
     data = tmp_path / "data"
     for rel, lines in files.items():  # the first block's line of each stream, as the node had written it
@@ -160,7 +189,7 @@ def test_order_updates_and_user_fills_equal_the_fixture_files(btc_data: Path, tm
     try:
         start("ingest", "--data-dir", str(data), "--pub", ingest_pub, "--replay", ingest_replay,
               "--metrics-port", str(metrics_port), "--from-height", str(FIRST))
-        wait_for("ingest to publish the first block", lambda: metric(metrics_port, "hlbook_ingest_head_height") == FIRST, procs)
+        wait_for("ingest to publish the first block", lambda: ingest_metric(metrics_port, "hlbook_ingest_head_height") == FIRST, procs)
         # the gateway takes WebSocket clients once every shard has reported its coins: one real shard
         # (BTC from the fixture's snapshot, the first block by replay from ingest)
         start("book", "--shard", "0", "--shards", "1", "--snapshot-file", str(snapshot), "--ingest-pub", ingest_pub,
@@ -175,12 +204,14 @@ def test_order_updates_and_user_fills_equal_the_fixture_files(btc_data: Path, tm
                 wait_for("gateway /ready", lambda: status("/ready") == 200, procs, timeout=3)
         followed_from = written  # blocks written from here on are expected in full
 
-        async def session() -> tuple[list[Any], list[Any], list[Any]]:
+        async def session() -> tuple[list[Any], list[Any], list[Any], list[Any]]:
             async with websockets.connect(f"ws://127.0.0.1:{port}/ws", max_size=None, max_queue=None) as ws:
-                for sub in ({"type": "orderUpdates", "user": orders_user}, {"type": "userFills", "user": fills_user}):
+                for sub in ({"type": "orderUpdates", "user": orders_user}, {"type": "userFills", "user": fills_user},
+                            {"type": "userEvents", "user": events_user}):
                     await ws.send(json.dumps({"method": "subscribe", "subscription": sub}))
                 updates: list[Any] = []
                 fills: list[Any] = []
+                events: list[Any] = []
                 others: list[Any] = []
 
                 async def collect(until: float, done: Any) -> None:
@@ -190,29 +221,30 @@ def test_order_updates_and_user_fills_equal_the_fixture_files(btc_data: Path, tm
                         except TimeoutError:
                             return
                         message = json.loads(raw)
-                        {"orderUpdates": updates, "userFills": fills}.get(message["channel"], others).append(message["data"])
+                        {"orderUpdates": updates, "userFills": fills, "user": events}.get(message["channel"], others).append(message["data"])
 
-                # both acks and the (empty) userFills snapshot, then the subscriptions reach ingest's XPUB
-                await collect(time.monotonic() + 10, lambda: len(others) >= 2 and fills)
-                wait_for("ingest to see both user subscriptions",
-                         lambda: metric(metrics_port, "hlbook_ingest_user_subscriptions") == 2, procs)
+                # the three acks and the (empty) userFills snapshot, then the subscriptions reach ingest's XPUB
+                await collect(time.monotonic() + 10, lambda: len(others) >= 3 and fills)
+                wait_for("ingest to see the three user subscriptions",
+                         lambda: ingest_metric(metrics_port, "hlbook_ingest_user_subscriptions") == 3, procs)
 
                 for upto in range(followed_from + 8, n_blocks + 8, 8):  # the node writes the rest, 8 blocks at a time
                     write_blocks(min(upto, n_blocks))
                     await collect(time.monotonic() + 0.2, lambda: False)
 
                 total = (sum(len(s) for s in expected_order_updates(files[statuses_file][followed_from:], orders_user)),
-                         sum(len(m["fills"]) for m in expected_fills(files[fills_file][followed_from:], fills_user)))
+                         sum(len(m["fills"]) for m in expected_fills(files[fills_file][followed_from:], fills_user)),
+                         len(expected_user_events(files[statuses_file][followed_from:], files[fills_file][followed_from:], events_user)))
 
                 def complete() -> bool:
-                    return (sum(map(len, updates)), sum(len(m.get("fills", ())) for m in fills[1:])) >= total
+                    return (sum(map(len, updates)), sum(len(m.get("fills", ())) for m in fills[1:]), len(events)) >= total
 
                 await collect(time.monotonic() + 15, complete)
                 await collect(time.monotonic() + 0.5, lambda: False)  # nothing doubled arrives late
-                return updates, fills, others
+                return updates, fills, events, others
 
-        updates, fills, others = asyncio.run(session())
-        assert metric(metrics_port, "hlbook_ingest_head_height") == LAST
+        updates, fills, events, others = asyncio.run(session())
+        assert ingest_metric(metrics_port, "hlbook_ingest_head_height") == LAST
     finally:
         for proc in reversed(procs):
             stop_group(proc)
@@ -225,11 +257,14 @@ def test_order_updates_and_user_fills_equal_the_fixture_files(btc_data: Path, tm
     want_fills = expected_fills(files[fills_file][followed_from:], fills_user)
     assert followed_from <= 3 and len(want_updates) >= 18 and sum(map(len, want_updates)) > 2000
     assert sum(len(m["fills"]) for m in want_fills) == 3
+    want_events = expected_user_events(files[statuses_file][followed_from:], files[fills_file][followed_from:], events_user)
+    assert sum(len(m.get("nonUserCancel", ())) for m in want_events) >= 5
     acks = [m for m in others if isinstance(m, dict) and m.get("method") == "subscribe"]
-    assert len(acks) == 2 and len(others) == 2, others
+    assert len(acks) == 3 and len(others) == 3, others
     assert fills[0] == {"isSnapshot": True, "user": fills_user, "fills": []}
     got_entries, want_entries = [u for m in updates for u in m], [u for m in want_updates for u in m]
     assert len(got_entries) == len(want_entries)
     assert got_entries == want_entries  # every status, in node order, field by field
     assert updates == want_updates  # one message per block
     assert fills[1:] == want_fills
+    assert events == want_events  # fills and nonUserCancel of each block, in node order

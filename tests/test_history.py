@@ -60,9 +60,8 @@ def candle_start(interval: str, ms: int) -> int:
     if interval == "1M":
         day = datetime.fromtimestamp(ms / 1000, timezone.utc)
         return timegm((day.year, day.month, 1, 0, 0, 0)) * 1000
-    width = WIDTHS[interval] * MINUTE
-    monday = 4 * 1440 * MINUTE if interval == "1w" else 0  # 1970-01-01 was a Thursday
-    return (ms - monday) // width * width + monday
+    width = WIDTHS[interval] * MINUTE  # 1w too: Hyperliquid's weeks start on Thursday 00:00 UTC, like the epoch
+    return ms // width * width
 
 
 def read_blocks(data: Path) -> dict[int, dict[str, Any]]:
@@ -296,3 +295,48 @@ def test_ccxt_and_the_sdk_get_history_right_after_a_restart(tmp_path: Path) -> N
             assert by_start[c["t"]] == [c["t"], float(c["o"]), float(c["h"]), float(c["l"]), float(c["c"]), float(c["v"])]
     finally:
         up.stop()
+
+
+def test_historical_orders_are_each_orders_last_status_capped_at_the_2000_newest(tmp_path: Path) -> None:
+    """The history store (in process) over node-shaped status lines of one user with 2,100 orders,
+    some of them later canceled or filled: ``historicalOrders`` is each order's last status, newest
+    first, the 2,000 newest only (before and after retention removed the others)."""
+    from hlbook.common.models import OrderStatus
+    from hlbook.services.history.store import Store
+
+    user, other = "0x" + "a1" * 20, "0x" + "b2" * 20
+    blocks: dict[int, dict[str, Any]] = {}
+    oid = 1000
+    for i in range(30):
+        height, when = 500 + i, f"2026-11-22T10:00:{i:02d}.250000123"
+        statuses = []
+        for k in range(70):
+            oid += 1
+            order = {"coin": "BTC", "side": "AB"[k % 2], "limitPx": f"{80000 + k}.5", "sz": "0.01", "oid": oid,
+                     "timestamp": ms_of(when), "triggerCondition": "N/A", "isTrigger": False, "triggerPx": "0.0", "children": [],
+                     "isPositionTpsl": False, "reduceOnly": False, "orderType": "Limit", "origSz": "0.01", "tif": "Gtc",
+                     "cloid": f"0x{oid:032x}" if k % 3 == 0 else None}
+            statuses.append({"time": when, "user": other if k == 69 else user, "hash": None, "builder": None, "status": "open", "order": order})
+            if i and k % 10 == 0:  # an order of the previous block ends here
+                old = {**blocks[height - 1]["statuses"][k]["order"], "sz": "0.0"}
+                statuses.append({"time": when, "user": blocks[height - 1]["statuses"][k]["user"], "hash": None, "builder": None,
+                                 "status": "filled" if k % 20 == 0 else "canceled", "order": old})
+        blocks[height] = {"statuses": statuses, "fills": []}
+    want_orders = expected(blocks)["orders"]
+    mine = sorted(((at, entry) for at, who, entry in want_orders.values() if who == user), key=lambda x: x[0], reverse=True)
+    want = [entry for _, entry in mine][:2000]
+    assert len(mine) == 30 * 69 > 2000 and sum(e["status"] != "open" for e in want) >= 50
+
+    store = Store(tmp_path / "history.db", days=100000)
+    try:
+        for height, block in sorted(blocks.items()):
+            store.add_block(height, ms_of(block["statuses"][0]["time"]),
+                            [msgspec.convert(s, OrderStatus) for s in block["statuses"]], [])
+        store.commit()
+        assert orjson.loads(store.historical_orders(user)) == want
+        store.prune(now_ms=ms_of("2026-11-22T10:01:00"))
+        assert orjson.loads(store.historical_orders(user)) == want
+        assert store.db.execute("SELECT count(*) FROM orders WHERE user = ?", (store.user_id(user),)).fetchone()[0] == 2000
+        assert len(orjson.loads(store.historical_orders(other))) == 30
+    finally:
+        store.close()

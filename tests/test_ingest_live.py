@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -17,7 +16,7 @@ import orjson
 import pytest
 import zmq
 
-from conftest import free_port
+from conftest import free_port, metric
 from hlbook.common import nodefiles, topics, wire
 
 USER = "0x00000000000000000000000000000000000000aa"
@@ -135,9 +134,9 @@ class IngestProcess:
     def headers(self, until: int) -> list[dict]:
         return [m for t, m in self.messages(until) if t == b"H|"]
 
-    def metric(self, name: str) -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of ``name``'s samples with these labels (and any others); 0 when none."""
+        return metric(self.metrics_port, name, **labels) or 0.0
 
     def stop(self) -> None:
         if self.proc.returncode is None:
@@ -171,7 +170,7 @@ def test_starts_live_and_follows_rotation_across_midnight(node: NodeWriter, inge
     assert [h["height"] for h in headers] == [103, 104, 105, 106, 107]  # live: 100..102 were there before
     assert [h["prev"] for h in headers] == [None, 103, 104, 105, 106]
     assert headers[3]["block_time"] == "2026-11-23T00:00:00.100000123"
-    assert ingest.metric('hlbook_ingest_file_events_total{event="rotated"') == 6  # 2 rotations x 3 streams
+    assert ingest.metric("hlbook_ingest_file_events_total", event="rotated") == 6  # 2 rotations x 3 streams
 
 
 def test_partial_line_waits_for_its_newline(node: NodeWriter, ingest: IngestProcess) -> None:
@@ -200,8 +199,8 @@ def test_garbage_line_is_skipped_and_counted(node: NodeWriter, ingest: IngestPro
     node.append("raw_book_diffs", START, b"\x00\xff not json at all\n")
     node.write(104, START)
     assert [h["height"] for h in ingest.headers(until=104)] == [103, 104]
-    assert ingest.metric('hlbook_ingest_bad_lines_total{reason="malformed",stream="order_statuses"}') == 1
-    assert ingest.metric('hlbook_ingest_bad_lines_total{reason="malformed",stream="raw_book_diffs"}') == 1
+    assert ingest.metric("hlbook_ingest_bad_lines_total", reason="malformed", stream="order_statuses") == 1
+    assert ingest.metric("hlbook_ingest_bad_lines_total", reason="malformed", stream="raw_book_diffs") == 1
     assert ingest.proc.poll() is None
 
 
@@ -214,8 +213,8 @@ def test_missing_block_is_detected_and_the_rest_goes_on(node: NodeWriter, ingest
     headers = ingest.headers(until=108)
     assert [(h["height"], h["prev"]) for h in headers] == [(103, None), (105, 103), (106, 105), (107, 106), (108, 107)]
     assert headers[3]["n_diffs"] == 0 and headers[3]["n_statuses"] == 1
-    assert ingest.metric('hlbook_ingest_block_anomalies_total{kind="gap"}') == 1
-    assert ingest.metric('hlbook_ingest_block_anomalies_total{kind="incomplete"}') == 1
+    assert ingest.metric("hlbook_ingest_block_anomalies_total", kind="gap") == 1
+    assert ingest.metric("hlbook_ingest_block_anomalies_total", kind="incomplete") == 1
 
 
 def test_restart_from_height_and_replay(node: NodeWriter, ingest: IngestProcess, tmp_path: Path) -> None:
@@ -260,8 +259,8 @@ def test_streaming_mode_closes_blocks_when_streams_move_on(tmp_path: Path) -> No
         assert [(h["height"], h["n_statuses"], h["n_diffs"], h["n_fills"]) for h in headers] == [
             (101, 1, 1, 2), (102, 0, 0, 0), (103, 1, 1, 0)
         ]
-        assert ingest.metric('hlbook_ingest_block_anomalies_total{kind="timeout"}') >= 1
-        assert ingest.metric('hlbook_ingest_block_anomalies_total{kind="gap"}') == 0
+        assert ingest.metric("hlbook_ingest_block_anomalies_total", kind="timeout") >= 1
+        assert ingest.metric("hlbook_ingest_block_anomalies_total", kind="gap") == 0
     finally:
         ingest.stop()
 
@@ -328,9 +327,9 @@ def test_damaged_node_files_are_counted_and_the_rest_goes_on(node: NodeWriter, i
     assert [h["height"] for h in headers] == [103, 104, 105, 106, 107]
     assert [h["incomplete"] for h in headers] == [[], [], ["raw_book_diffs"], ["raw_book_diffs"], []]
     assert [m["height"] for t, m in messages if t == topics.trades("BTC")] == [103, 104, 105, 106, 107]
-    assert ingest.metric('hlbook_ingest_bad_lines_total{reason="implausible_height",stream="fills"}') == 1
-    assert ingest.metric('hlbook_ingest_bad_lines_total{reason="malformed",stream="raw_book_diffs"}') == 1
-    assert ingest.metric('hlbook_ingest_block_anomalies_total{kind="incomplete"}') == 2
+    assert ingest.metric("hlbook_ingest_bad_lines_total", reason="implausible_height", stream="fills") == 1
+    assert ingest.metric("hlbook_ingest_bad_lines_total", reason="malformed", stream="raw_book_diffs") == 1
+    assert ingest.metric("hlbook_ingest_block_anomalies_total", kind="incomplete") == 2
     assert ingest.proc.poll() is None
 
 
