@@ -340,3 +340,42 @@ def test_historical_orders_are_each_orders_last_status_capped_at_the_2000_newest
         assert len(orjson.loads(store.historical_orders(other))) == 30
     finally:
         store.close()
+
+
+def test_weekly_candles_of_an_older_store_are_realigned_from_the_daily_ones(tmp_path: Path) -> None:
+    """A store written when weeks started on Monday: opened again, its weekly candles are the
+    ones a fresh store computes (Thursday 00:00 UTC), rebuilt from its daily candles."""
+    from hlbook.common.models import Fill
+    from hlbook.services.history.store import Store
+
+    day = 86_400_000
+    start = ms_of("2026-11-16T12:00:00")  # a Monday
+    blocks = []
+    for i in range(40):  # every 9 hours for 15 days: three Thursday boundaries
+        ms = start + i * 9 * 3_600_000
+        fill = {"coin": "BTC", "px": f"{80000 + (i * 37) % 500}.0", "sz": f"0.{i + 1:03d}", "side": "AB"[i % 2], "time": ms,
+                "startPosition": "0.0", "dir": "Open Long", "closedPnl": "0.0", "hash": "0x" + "0" * 64, "oid": 10 + i,
+                "crossed": True, "fee": "0.0", "tid": 1000 + i, "feeToken": "USDC"}
+        maker = {**fill, "side": "BA"[i % 2], "crossed": False, "oid": 500 + i}
+        blocks.append((900 + i, ms, [("0x" + "a1" * 20, msgspec.convert(fill, Fill)), ("0x" + "b2" * 20, msgspec.convert(maker, Fill))]))
+
+    def weekly(db: Path) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT * FROM candles WHERE interval = '1w' ORDER BY t").fetchall()
+
+    fresh, old = tmp_path / "fresh.db", tmp_path / "old.db"
+    for path in (fresh, old):
+        store = Store(path, days=100000)
+        for height, ms, fills in blocks:
+            store.add_block(height, ms, [], fills)
+        store.commit()
+        store.close()
+    want = weekly(fresh)
+    assert len(want) == 3 and all(row[2] % (7 * day) == 0 for row in want)
+    with sqlite3.connect(old) as conn:  # as the Monday-based code wrote them: a week from Monday the 16th
+        conn.execute("DELETE FROM candles WHERE interval = '1w'")
+        conn.execute("INSERT INTO candles SELECT '1w', coin, t, o, c, h, l, v, n, first, last, body FROM candles "
+                     "WHERE interval = '1d' AND t = ?", (start // day * day,))
+        assert conn.execute("SELECT t % ? FROM candles WHERE interval = '1w'", (7 * day,)).fetchall() == [(4 * day,)]
+    Store(old, days=100000).close()
+    assert weekly(old) == want

@@ -92,6 +92,31 @@ class Store:
         self.order_users: set[int] = set()  # users whose orders changed since the last prune
         self.in_transaction = False
         self.last_time = 0  # block time (ms) of the newest block stored by this process
+        self._realign_weeks()
+
+    def _realign_weeks(self) -> None:
+        """Weekly candles written when weeks started on Monday are rebuilt from the daily
+        ones (a week is whole days; each daily candle keeps its first and last trade's
+        ``seq``, so open and close come out exact)."""
+        week = INTERVALS["1w"]
+        if self.db.execute("SELECT 1 FROM candles WHERE interval = '1w' AND t % ? != 0 LIMIT 1", (week,)).fetchone() is None:
+            return
+        weeks: dict[CandleKey, Candle] = {}
+        for coin, t in self.db.execute("SELECT coin, t FROM candles WHERE interval = '1d'").fetchall():
+            day = self._load_candle((coin, "1d", t))
+            assert day is not None
+            start, end = bounds("1w", t)
+            day.start, day.end = start, end
+            if (coin, "1w", start) in weeks:
+                weeks[(coin, "1w", start)].merge(day)
+            else:
+                weeks[(coin, "1w", start)] = day
+        self.db.execute("BEGIN")
+        self.db.execute("DELETE FROM candles WHERE interval = '1w'")
+        self.in_transaction = True
+        self.dirty.update(weeks)
+        self.commit()
+        log.warning("weekly candles realigned to Thursday 00:00 UTC: %d rebuilt from the daily candles", len(weeks))
 
     # ------------------------------------------------------------ writing
 
