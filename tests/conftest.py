@@ -10,6 +10,7 @@ import tarfile
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -95,10 +96,8 @@ def metric_samples(where: int | str, timeout: float = 5.0) -> dict[str, float]:
     """Every sample of a Prometheus ``/metrics`` page (``where``: a port on 127.0.0.1, or a
     ``host:port``), parsed by prometheus_client, keyed ``name{label="value",…}`` (labels in
     the page's order; no braces without labels)."""
-    base = f"127.0.0.1:{where}" if isinstance(where, int) else where
-    text = urllib.request.urlopen(f"http://{base}/metrics", timeout=timeout).read().decode()
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in _metrics_page(where, timeout):
         for sample in family.samples:
             labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
             out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
@@ -108,16 +107,22 @@ def metric_samples(where: int | str, timeout: float = 5.0) -> dict[str, float]:
 def metric(where: int | str, name: str, default: float | None = 0.0, timeout: float = 5.0, **labels: str) -> float | None:
     """Sum of the samples named ``name`` whose labels include ``labels`` (``default`` when there
     are none; also when the page cannot be read, if ``default`` is None)."""
-    base = f"127.0.0.1:{where}" if isinstance(where, int) else where
     try:
-        text = urllib.request.urlopen(f"http://{base}/metrics", timeout=timeout).read().decode()
+        families = _metrics_page(where, timeout)
     except OSError:
         if default is None:
             return None
         raise
-    values = [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+    values = [sample.value for family in families for sample in family.samples
               if sample.name == name and labels.items() <= sample.labels.items()]
     return sum(values) if values else default
+
+
+def _metrics_page(where: int | str, timeout: float) -> list[Any]:
+    """The metric families of a ``/metrics`` page (``where``: a port on 127.0.0.1, or ``host:port``)."""
+    base = f"127.0.0.1:{where}" if isinstance(where, int) else where
+    text = urllib.request.urlopen(f"http://{base}/metrics", timeout=timeout).read().decode()
+    return list(text_string_to_metric_families(text))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
