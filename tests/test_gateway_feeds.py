@@ -254,3 +254,31 @@ def test_subscribing_through_a_real_gateway(up: Up) -> None:
         await ws.close()
 
     asyncio.run(run())
+
+
+def test_user_events_send_one_key_a_message() -> None:
+    """A block with a user's fills and a system cancel of its orders gives two userEvents
+    messages, ``fills`` then ``nonUserCancel`` (the public API's union: one key each)."""
+    from hlbook.common.models import Fill, OrderStatus
+    from hlbook.services.gateway.feeds import Feed
+    from hlbook.services.gateway.kinds import render_user_events
+
+    order = {"coin": "BTC", "side": "B", "limitPx": "100.0", "sz": "0.0", "oid": 7, "timestamp": 5, "triggerCondition": "N/A",
+             "isTrigger": False, "triggerPx": "0.0", "children": [], "isPositionTpsl": False, "reduceOnly": True,
+             "orderType": "Limit", "origSz": "1.0", "tif": "Gtc", "cloid": None}
+    cancel = msgspec.convert({"time": "2026-11-22T10:00:00.1", "user": USER, "hash": None, "builder": None,
+                              "status": "reduceOnlyCanceled", "order": order}, OrderStatus)
+    fill = msgspec.convert({"coin": "BTC", "px": "100.0", "sz": "1.0", "side": "B", "time": 5, "startPosition": "0.0",
+                            "dir": "Open Long", "closedPnl": "0.0", "hash": "0x" + "0" * 64, "oid": 6, "crossed": True,
+                            "fee": "0.0", "tid": 9}, Fill)
+    events = wire.UserEvents(height=1, prev=None, time=5, user=USER, statuses=[cancel], fills=[fill])
+    key = KINDS["userEvents"].key_of({"type": "userEvents", "user": USER})
+    published: list[Any] = []
+    feed = Feed(key, "user", False, topics.user(USER), render_user_events)
+    feed.publish = published.append  # type: ignore[method-assign]
+    feed.on_upstream(events)
+    assert published == [{"fills": [fill]}, {"nonUserCancel": [{"coin": "BTC", "oid": 7}]}]
+    feed.on_upstream(wire.UserEvents(height=2, prev=1, time=6, user=USER, statuses=[cancel], fills=[]))
+    assert published[2:] == [{"nonUserCancel": [{"coin": "BTC", "oid": 7}]}]
+    feed.on_upstream(wire.UserEvents(height=3, prev=2, time=7, user=USER, statuses=[], fills=[]))
+    assert len(published) == 3

@@ -78,19 +78,17 @@ NON_USER_CANCELS = ("reduceOnlyCanceled", "marginCanceled", "selfTradeCanceled",
 
 
 def expected_user_events(status_lines: list[bytes], fill_lines: list[bytes], user: str) -> list[dict[str, Any]]:
-    """One userEvents message per block with fills of ``user`` or orders of it the system canceled."""
-    messages = []
+    """The userEvents messages of each block: ``user``'s fills, then the orders of it the system
+    canceled (``nonUserCancel``), one key a message as the public API's union type."""
+    messages: list[dict[str, Any]] = []
     for statuses, fills in zip(status_lines, fill_lines):
-        message: dict[str, Any] = {}
         mine = [fill for who, fill in orjson.loads(fills)["events"] if who == user]
         if mine:
-            message["fills"] = mine
+            messages.append({"fills": mine})
         cancels = [{"coin": s["order"]["coin"], "oid": s["order"]["oid"]} for s in orjson.loads(statuses)["events"]
                    if s["user"] == user and s["status"] in NON_USER_CANCELS]
         if cancels:
-            message["nonUserCancel"] = cancels
-        if message:
-            messages.append(message)
+            messages.append({"nonUserCancel": cancels})
     return messages
 
 

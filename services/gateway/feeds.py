@@ -34,6 +34,10 @@ SYNC_TIMEOUT = 3.0  # seconds to wait for the shard's sync marker before subscri
 Render = Callable[[Any, Any], Any]  # (feed key, upstream message) -> the data of the client message (None: no message)
 
 
+class Several(list[Any]):
+    """What a render returns for several client messages from one upstream message, in order."""
+
+
 def no_render(key: Any, m: Any) -> None:
     return None
 
@@ -67,8 +71,8 @@ class Feed:
     def on_upstream(self, m: Any) -> None:
         """A message of the feed's upstream topic."""
         data = self.render(self.key, m)
-        if data is not None:
-            self.publish(data)
+        for each in data if isinstance(data, Several) else () if data is None else (data,):
+            self.publish(each)
 
     def publish(self, data: Any) -> None:
         self.publish_text(message(self.channel, data))

@@ -47,7 +47,7 @@ from hlbook.common.models import Fill, twap_id
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway import users as user_streams
 from hlbook.services.gateway.ctx import active_asset_ctx, active_asset_ctx_channel
-from hlbook.services.gateway.feeds import Feed, JoinedFeed, L4Feed, Render, no_render
+from hlbook.services.gateway.feeds import Feed, JoinedFeed, L4Feed, Render, Several, no_render
 from hlbook.services.gateway.protocol import USER, CoinKey, FeedKey, UserKey, invalid, is_int, message
 from hlbook.services.gateway.upstream import QueryError
 
@@ -216,11 +216,13 @@ def render_twap_slice_fills(key: UserTwapSliceFillsKey, m: wire.UserEvents) -> d
     return {"user": m.user, "twapSliceFills": twap} if twap else None
 
 
-def render_user_events(key: UserEventsKey, m: wire.UserEvents) -> dict[str, Any] | None:
+def render_user_events(key: UserEventsKey, m: wire.UserEvents) -> Several | None:
+    """One message a key, as the public API's userEvents union: ``fills``, then ``nonUserCancel``."""
     cancels = [{"coin": s.order.coin, "oid": s.order.oid} for s in m.statuses if s.status in user_streams.NON_USER_CANCELS]
-    if m.fills and cancels:
-        return {"fills": m.fills, "nonUserCancel": cancels}
-    return {"fills": m.fills} if m.fills else {"nonUserCancel": cancels} if cancels else None
+    messages = Several([{"fills": m.fills}] if m.fills else [])
+    if cancels:
+        messages.append({"nonUserCancel": cancels})
+    return messages or None
 
 
 # ------------------------------------------------------------------ snapshots and blocks
