@@ -128,8 +128,8 @@ def latencies(query: str, n: int) -> dict[str, list[float]]:
     sock = zmq.Context.instance().socket(zmq.REQ)
     sock.connect(query)
     asks = {
-        "userFills": wire.HistoryQuery("user_fills", user=USER),
-        "candleSnapshot": wire.HistoryQuery("candles", coin=COIN, interval="1m", start=0, end=2**62),
+        "userFills": wire.UserFillsQuery(user=USER),
+        "candleSnapshot": wire.CandlesQuery(coin=COIN, interval="1m", start=0, end=2**62),
     }
     out: dict[str, list[float]] = {k: [] for k in asks}
     for i in range(n):

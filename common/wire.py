@@ -178,7 +178,7 @@ class L4Sync(msgspec.Struct, tag=True):
     it: from here on that subscriber gets every update of the coin.
     ``height`` is the coin's height then; ``prev`` the height of its last
     change (the ``prev`` its next ``L4Updates`` will carry). A gateway asks for
-    an l4 snapshot only after this (``Query.min_height = height``), so no update
+    an l4 snapshot only after this (``L4Query.min_height = height``), so no update
     falls between the snapshot and the stream."""
 
     height: int
@@ -227,19 +227,63 @@ class Reset(msgspec.Struct):
 # ---------------------------------------------------------------- book shard queries (ROUTER)
 
 
-class Query(msgspec.Struct, omit_defaults=True):
-    """A request to a shard. ``op``: ``l4`` (coin), ``l2`` (coin, n_sig_figs,
-    mantissa, n_levels), ``coins``, ``open_orders`` (user), ``order`` (oid).
+class _ShardQuery(msgspec.Struct, tag_field="op", omit_defaults=True):
+    """Base of the shard's requests: a msgspec tagged union on ``op`` (``ShardQuery``).
     Replies are maps with ``ok`` and, when not ok, ``error``."""
 
-    op: str
+
+class L4Query(_ShardQuery, tag="l4"):
+    """The coin's L4 book (an ``L4Snapshot`` frame, then its JSON) at ``min_height`` or later."""
+
     coin: str | None = None
-    user: str | None = None
-    oid: int | None = None
+    min_height: int = 0  # the snapshot must be at least this recent
+
+
+class L2Query(_ShardQuery, tag="l2"):
+    """The coin's L2 levels, aggregated by ``n_sig_figs`` / ``mantissa``."""
+
+    coin: str | None = None
     n_sig_figs: int | None = None
     mantissa: int | None = None
     n_levels: int = 20
-    min_height: int = 0  # l4: the snapshot must be at least this recent
+
+
+class CoinsQuery(_ShardQuery, tag="coins"):
+    """The shard's coins and their states."""
+
+
+class OpenOrdersQuery(_ShardQuery, tag="open_orders"):
+    """Every resting order of ``user`` in the shard's live books."""
+
+    user: str | None = None
+
+
+class OrderQuery(_ShardQuery, tag="order"):
+    """The resting order ``oid``."""
+
+    oid: int | None = None
+
+
+ShardQuery = L4Query | L2Query | CoinsQuery | OpenOrdersQuery | OrderQuery
+SHARD_OPS: tuple[str, ...] = ("l4", "l2", "coins", "open_orders", "order")
+
+
+class _Op(msgspec.Struct):
+    op: str
+
+
+def op_of(payload: bytes) -> str | None:
+    """The ``op`` of a request that did not decode as its union (None: not a map with a string ``op``):
+    tells an unknown op from a known one with wrong fields."""
+    try:
+        return decode(payload, _Op).op
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def op_name(query: msgspec.Struct | type[msgspec.Struct]) -> str:
+    """The ``op`` (tag) of a request struct or of its type."""
+    return str(query.__struct_config__.tag)
 
 
 class L4Snapshot(msgspec.Struct):
@@ -256,24 +300,58 @@ class L4Snapshot(msgspec.Struct):
 # ---------------------------------------------------------------- history service
 
 
-class HistoryQuery(msgspec.Struct, omit_defaults=True):
-    """A request to the history service (ROUTER). ``op``: ``user_fills`` (user,
-    aggregate), ``user_fills_by_time`` (user, start, end, aggregate),
-    ``historical_orders`` (user), ``order_status`` (user, oid or cloid),
-    ``recent_trades`` (coin), ``candles`` (coin, interval, start, end), ``status``.
-    The reply is a ``HistoryReply`` frame, then (when ok) the answer's JSON as clients get it.
-    With ``min_height`` the answer waits (a second at most) until that block is stored."""
+class _HistoryQuery(msgspec.Struct, tag_field="op", omit_defaults=True, kw_only=True):
+    """Base of the history service's requests (ROUTER): a msgspec tagged union on ``op``
+    (``HistoryQuery``). The reply is a ``HistoryReply`` frame, then (when ok) the answer's
+    JSON as clients get it. With ``min_height`` the answer waits (a second at most) until
+    that block is stored."""
 
-    op: str
+    min_height: int = 0  # answer once every block up to this one is held (or after WAIT_FOR_HEIGHT s)
+
+
+class UserFillsQuery(_HistoryQuery, tag="user_fills"):
     user: str | None = None
+    aggregate: bool = False
+
+
+class UserFillsByTimeQuery(_HistoryQuery, tag="user_fills_by_time"):
+    user: str | None = None
+    start: int = 0
+    end: int | None = None
+    aggregate: bool = False
+
+
+class HistoricalOrdersQuery(_HistoryQuery, tag="historical_orders"):
+    user: str | None = None
+
+
+class OrderStatusQuery(_HistoryQuery, tag="order_status"):
+    """By ``oid`` or ``cloid``."""
+
+    user: str | None = None
+    oid: int | None = None
+    cloid: str | None = None
+
+
+class RecentTradesQuery(_HistoryQuery, tag="recent_trades"):
+    coin: str | None = None
+
+
+class CandlesQuery(_HistoryQuery, tag="candles"):
     coin: str | None = None
     interval: str | None = None
     start: int = 0
     end: int | None = None
-    oid: int | None = None
-    cloid: str | None = None
-    aggregate: bool = False
-    min_height: int = 0  # answer once every block up to this one is held (or after WAIT_FOR_HEIGHT s)
+
+
+class StatusQuery(_HistoryQuery, tag="status"):
+    """Held heights and backfill progress."""
+
+
+HistoryQuery = (UserFillsQuery | UserFillsByTimeQuery | HistoricalOrdersQuery | OrderStatusQuery | RecentTradesQuery
+                | CandlesQuery | StatusQuery)
+HISTORY_OPS: tuple[str, ...] = ("user_fills", "user_fills_by_time", "historical_orders", "order_status", "recent_trades",
+                                "candles", "status")
 
 
 class HistoryReply(msgspec.Struct):
@@ -306,14 +384,14 @@ def error_reply(text: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- codec
 
 _encoder = msgspec.msgpack.Encoder()
-_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+_decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
 
 
 def encode(message: Any) -> bytes:
     return _encoder.encode(message)
 
 
-def decode(payload: bytes, message_type: type | None = None) -> Any:
+def decode(payload: bytes, message_type: Any = None) -> Any:
     """Decode a payload into ``message_type`` (validated) or plain Python objects."""
     if message_type is None:
         return msgspec.msgpack.decode(payload)

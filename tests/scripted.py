@@ -82,11 +82,11 @@ class ScriptedShard:
             if self.xpub.recv() == b"\x01" + topic:
                 return
 
-    def query(self, timeout: float = 5.0) -> tuple[list[bytes], wire.Query] | None:
+    def query(self, timeout: float = 5.0) -> tuple[list[bytes], wire.ShardQuery] | None:
         if not self.router.poll(int(timeout * 1000)):
             return None
         frames = self.router.recv_multipart()
-        return frames[:-1], wire.decode(frames[-1], wire.Query)
+        return frames[:-1], wire.decode(frames[-1], wire.ShardQuery)
 
     def answer_l4(self, envelope: list[bytes], height: int, levels: list[list[dict[str, Any]]]) -> None:
         body = json.dumps(levels, separators=(",", ":")).encode()

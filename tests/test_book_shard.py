@@ -26,11 +26,20 @@ from conftest import free_port, metric_samples
 from hlbook.common import topics, wire
 from hlbook.common.chain import Chains, Step
 from hlbook.common.models import DECODERS
-from hlbook.services.book import l2, snapshot
+from hlbook.services.book import hooks, l2, snapshot
 
 HOUR = Path("hourly/20260505/17")
 FIRST, LAST = 985148182, 985148206
 STREAMS = ("order_statuses", "raw_book_diffs", "fills")
+
+
+def request(query: dict) -> bytes:
+    """The wire bytes of a shard request given as a dict (``op`` and its fields): its typed
+    struct (the test ops too), or the dict itself for an op no struct has (to test the refusal)."""
+    try:
+        return wire.encode(msgspec.convert(query, wire.ShardQuery | hooks.HookQuery))
+    except msgspec.ValidationError:
+        return wire.encode(query)
 
 
 class ShardProcess:
@@ -56,7 +65,7 @@ class ShardProcess:
 
     def ask(self, timeout: float = 10, **query) -> dict:
         """The reply as a dict (an l4 reply's JSON levels frames decoded into ``levels``)."""
-        self.dealer.send_multipart([b"", wire.encode(wire.Query(**query))])
+        self.dealer.send_multipart([b"", request(query)])
         assert self.dealer.poll(int(timeout * 1000)), f"no answer to {query}"
         header, *levels = self.dealer.recv_multipart()[1:]
         reply = msgspec.msgpack.decode(header)

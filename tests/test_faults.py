@@ -153,7 +153,7 @@ def _owner(coin: str) -> int:
 
 
 def _l4(dealer: zmq.Socket, coin: str) -> dict[str, Any]:
-    dealer.send_multipart([b"", wire.encode(wire.Query("l4", coin=coin))])
+    dealer.send_multipart([b"", wire.encode(wire.L4Query(coin=coin))])
     assert dealer.poll(10_000), f"no l4 answer for {coin}"
     header, *levels = dealer.recv_multipart()[1:]
     reply = msgspec.msgpack.decode(header)

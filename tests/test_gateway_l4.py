@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import websockets
 
-from hlbook.common import topics
+from hlbook.common import topics, wire
 from scripted import COIN, USER, ScriptedShard, scripted_gateway
 
 def levels_at(height: int) -> list[list[dict[str, Any]]]:
@@ -56,7 +56,7 @@ def test_snapshot_joins_the_stream_whatever_the_order_of_events(setup) -> None:
         shard.sync()
         marker = shard.height
         envelope, query = shard.query()
-        assert query.op == "l4" and query.coin == COIN and query.min_height == marker
+        assert isinstance(query, wire.L4Query) and query.coin == COIN and query.min_height == marker
 
         # blocks finish while the snapshot is being fetched; the snapshot is of an earlier one
         expected: dict[int, Any] = {}

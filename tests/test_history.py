@@ -125,7 +125,7 @@ def ask_history(endpoint: str, timeout: float = 2.0, **query: Any) -> tuple[dict
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     try:
-        sock.send(wire.encode(wire.HistoryQuery(**query)))
+        sock.send(wire.encode(msgspec.convert(query, wire.HistoryQuery)))
         if not sock.poll(int(timeout * 1000)):
             return None
         frames = sock.recv_multipart()

@@ -13,10 +13,30 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import msgspec
+
 from hlbook.common import fixed, topics, wire
 from hlbook.services.book.state import ShardState
 
-OPS = ("test_corrupt", "test_drop")
+
+class Hook(msgspec.Struct, tag_field="op", omit_defaults=True):
+    """The test ops: shard requests (on ``op`` like ``wire.ShardQuery``) that a shard
+    decodes only with the test hooks on."""
+
+    coin: str | None = None
+    oid: int | None = None  # default: the best bid's first order
+
+
+class CorruptQuery(Hook, tag="test_corrupt"):
+    """Silently grow order ``oid`` by 1."""
+
+
+class DropQuery(Hook, tag="test_drop"):
+    """Silently remove order ``oid``."""
+
+
+HookQuery = CorruptQuery | DropQuery
+OPS: tuple[str, ...] = ("test_corrupt", "test_drop")
 
 
 ENABLED: tuple[int, bool] = (0, False)  # (drop every N owned B|/H| messages, the test query ops)
@@ -50,7 +70,7 @@ class Dropper:
         return self.seen % self.every == 0
 
 
-def corrupt(state: ShardState, query: wire.Query) -> dict[str, Any]:
+def corrupt(state: ShardState, query: Hook) -> dict[str, Any]:
     """``test_drop`` silently removes order ``oid``; ``test_corrupt`` silently grows
     order ``oid`` (default: the best bid's first) by 1."""
     c = state.coins.get(query.coin or "")
@@ -61,7 +81,7 @@ def corrupt(state: ShardState, query: wire.Query) -> dict[str, Any]:
     order = c.book.orders.get(oid) if oid is not None else None
     if oid is None or order is None:
         return wire.error_reply("no such order")
-    if query.op == "test_drop":
+    if isinstance(query, DropQuery):
         c.book.remove(oid)
     else:
         c.book.update(oid, order.sz + fixed.ONE)

@@ -1,4 +1,4 @@
-"""Answers to ``Query`` requests on the shard's ROUTER socket.
+"""Answers to ``wire.ShardQuery`` requests on the shard's ROUTER socket.
 
 Replies are msgpack maps with ``ok`` (and ``error`` when false); an ``l4``
 reply is a ``wire.L4Snapshot`` frame followed by the levels' JSON (``l4.py``).
@@ -34,29 +34,33 @@ class Queries:
         self.jobs = jobs
         self.send = send
         self.snapshots = Snapshots(jobs, send, self._current)
-        self.handlers: dict[str, Callable[[list[bytes], wire.Query], Reply | None]] = {
-            "l4": self.l4,
-            "l2": self.l2_levels,
-            "coins": self.coins,
-            "open_orders": self.open_orders,
-            "order": self.order,
+        self.handlers: dict[type[wire.ShardQuery], Callable[[list[bytes], Any], Reply | None]] = {
+            wire.L4Query: self.l4,
+            wire.L2Query: self.l2_levels,
+            wire.CoinsQuery: self.coins,
+            wire.OpenOrdersQuery: self.open_orders,
+            wire.OrderQuery: self.order,
         }
 
-    def answer(self, envelope: list[bytes], query: wire.Query) -> None:
-        handler = self.handlers.get(query.op)
-        if handler is None:
-            metrics.QUERIES.labels("unknown", "error").inc()
-            self.reply(envelope, wire.error_reply(f"unknown op {query.op!r}; one of {sorted(self.handlers)}"))
+    def answer(self, envelope: list[bytes], query: wire.ShardQuery) -> None:
+        handler = self.handlers.get(type(query))
+        if handler is None:  # a request type of the wire with no handler here
+            self.unknown(envelope, wire.op_name(query))
             return
         reply = handler(envelope, query)
-        metrics.QUERIES.labels(query.op, "deferred" if reply is None else "ok" if reply["ok"] else "error").inc()
+        metrics.QUERIES.labels(wire.op_name(query), "deferred" if reply is None else "ok" if reply["ok"] else "error").inc()
         if reply is not None:
             self.reply(envelope, reply)
+
+    def unknown(self, envelope: list[bytes], op: str) -> None:
+        """Refuse a request whose ``op`` no handler serves."""
+        metrics.QUERIES.labels("unknown", "error").inc()
+        self.reply(envelope, wire.error_reply(f"unknown op {op!r}; one of {sorted(map(wire.op_name, self.handlers))}"))
 
     def reply(self, envelope: list[bytes], reply: Reply) -> None:
         self.send(envelope, [wire.encode(reply)])
 
-    def _live_book(self, query: wire.Query) -> Book | Reply:
+    def _live_book(self, query: wire.L4Query | wire.L2Query) -> Book | Reply:
         if not query.coin:
             return wire.error_reply("coin is required")
         state = self.state.coin_state(query.coin)
@@ -88,14 +92,14 @@ class Queries:
 
     # ------------------------------------------------------------ ops
 
-    def l4(self, envelope: list[bytes], query: wire.Query) -> Reply | None:
+    def l4(self, envelope: list[bytes], query: wire.L4Query) -> Reply | None:
         book = self._live_book(query)
         if isinstance(book, dict):
             return book
         self.snapshots.request(envelope, book, self.state.coin_height(book), self.state.coin_time(book), query.min_height)
         return None
 
-    def l2_levels(self, envelope: list[bytes], query: wire.Query) -> Reply | None:
+    def l2_levels(self, envelope: list[bytes], query: wire.L2Query) -> Reply | None:
         book = self._live_book(query)
         if isinstance(book, dict):
             return book
@@ -115,11 +119,11 @@ class Queries:
                  or len(book.bids) + len(book.asks) <= INLINE_LEVELS) and query.n_levels <= INLINE_LEVELS
         return compute() if cheap else self._in_child(envelope, "l2", compute)
 
-    def coins(self, envelope: list[bytes], query: wire.Query) -> Reply:
+    def coins(self, envelope: list[bytes], query: wire.CoinsQuery) -> Reply:
         state = self.state
         return {"ok": True, "shard": state.shard, "height": state.height, "phase": state.phase, "coins": state.states()}
 
-    def open_orders(self, envelope: list[bytes], query: wire.Query) -> Reply | None:
+    def open_orders(self, envelope: list[bytes], query: wire.OpenOrdersQuery) -> Reply | None:
         """Every resting order of ``user`` in the shard's live books (a scan: in a child for big books)."""
         if not query.user:
             return wire.error_reply("user is required")
@@ -134,7 +138,7 @@ class Queries:
         small = sum(len(book) for book in books.values()) <= INLINE_SCAN
         return compute() if small else self._in_child(envelope, "open_orders", compute)
 
-    def order(self, envelope: list[bytes], query: wire.Query) -> Reply:
+    def order(self, envelope: list[bytes], query: wire.OrderQuery) -> Reply:
         """The resting order ``oid`` (``order: null`` when no live book holds it)."""
         if query.oid is None:
             return wire.error_reply("oid is required")

@@ -98,7 +98,7 @@ class Info:
         key = feed_key(normalise({**payload, "type": "l2Book"}, self.hub.coin_exists))
         assert isinstance(key, L2BookKey)
         coin = key.coin
-        query = wire.Query("l2", coin=coin, n_sig_figs=key.n_sig_figs, mantissa=key.mantissa, n_levels=key.n_levels)
+        query = wire.L2Query(coin=coin, n_sig_figs=key.n_sig_figs, mantissa=key.mantissa, n_levels=key.n_levels)
         reply = await self.hub.upstream.query(self.hub.owner(coin), query)
         bids, asks = reply["levels"]
         self._note_sizes(coin, bids + asks)
@@ -122,7 +122,7 @@ class Info:
     async def _learn_sizes(self, coins: list[str]) -> None:
         async def one(coin: str) -> None:
             try:
-                reply = await self.hub.upstream.query(self.hub.owner(coin), wire.Query("l2", coin=coin, n_levels=100))
+                reply = await self.hub.upstream.query(self.hub.owner(coin), wire.L2Query(coin=coin, n_levels=100))
             except QueryError:
                 return
             self._note_sizes(coin, reply["levels"][0] + reply["levels"][1])
@@ -180,7 +180,7 @@ class Info:
         return user.lower()
 
     async def _resting(self, user: str) -> list[dict[str, Any]]:
-        replies = await asyncio.gather(*(self.hub.upstream.query(k, wire.Query("open_orders", user=user))
+        replies = await asyncio.gather(*(self.hub.upstream.query(k, wire.OpenOrdersQuery(user=user))
                                          for k in range(len(self.hub.shards))))
         orders = [o for reply in replies for o in reply["orders"]]
         return sorted(orders, key=lambda o: (-o["timestamp"], -o["oid"]))
@@ -198,7 +198,7 @@ class Info:
         oid = payload.get("oid")
         if not isinstance(oid, int) or isinstance(oid, bool) or not 0 <= oid < 2**63:
             raise InfoError(CLOID_OR_OID)
-        replies = await asyncio.gather(*(self.hub.upstream.query(k, wire.Query("order", oid=oid)) for k in range(len(self.hub.shards))))
+        replies = await asyncio.gather(*(self.hub.upstream.query(k, wire.OrderQuery(oid=oid)) for k in range(len(self.hub.shards))))
         for reply in replies:
             order = reply.get("order")
             if order is not None:
@@ -215,15 +215,15 @@ class Info:
             raise InfoError(str(exc)) from None
 
     async def user_fills(self, payload: dict[str, Any]) -> msgspec.Raw:
-        return await self._ask(wire.HistoryQuery("user_fills", user=self.user_of(payload), aggregate=bool(payload.get("aggregateByTime"))))
+        return await self._ask(wire.UserFillsQuery(user=self.user_of(payload), aggregate=bool(payload.get("aggregateByTime"))))
 
     async def user_fills_by_time(self, payload: dict[str, Any]) -> msgspec.Raw:
-        return await self._ask(wire.HistoryQuery("user_fills_by_time", user=self.user_of(payload), start=_int(payload, "startTime"),
-                                                 end=_int(payload, "endTime", int(time.time() * 1000)),
-                                                 aggregate=bool(payload.get("aggregateByTime"))))
+        return await self._ask(wire.UserFillsByTimeQuery(user=self.user_of(payload), start=_int(payload, "startTime"),
+                                                         end=_int(payload, "endTime", int(time.time() * 1000)),
+                                                         aggregate=bool(payload.get("aggregateByTime"))))
 
     async def historical_orders(self, payload: dict[str, Any]) -> msgspec.Raw:
-        return await self._ask(wire.HistoryQuery("historical_orders", user=self.user_of(payload)))
+        return await self._ask(wire.HistoricalOrdersQuery(user=self.user_of(payload)))
 
     async def order_status(self, payload: dict[str, Any]) -> Any:
         """A resting order as the books hold it now; else its last status in the history (by oid or cloid)."""
@@ -232,9 +232,9 @@ class Info:
             resting = await self.resting_status(payload)
             if resting["status"] != "unknownOid" or not self.hub.upstream.has_history:
                 return resting
-            return await self._ask(wire.HistoryQuery("order_status", user=user, oid=oid))
+            return await self._ask(wire.OrderStatusQuery(user=user, oid=oid))
         if isinstance(oid, str) and len(oid) == 34 and oid.startswith("0x"):
-            return await self._ask(wire.HistoryQuery("order_status", user=user, cloid=oid.lower()))
+            return await self._ask(wire.OrderStatusQuery(user=user, cloid=oid.lower()))
         raise InfoError(CLOID_OR_OID)
 
     async def recent_trades(self, payload: dict[str, Any]) -> Any:
@@ -242,7 +242,7 @@ class Info:
         live = await self.live_trades(payload)
         if not self.hub.upstream.has_history:
             return live
-        stored = msgspec.json.decode(await self._ask(wire.HistoryQuery("recent_trades", coin=payload["coin"])), type=list[wire.Trade])
+        stored = msgspec.json.decode(await self._ask(wire.RecentTradesQuery(coin=payload["coin"])), type=list[wire.Trade])
         merged = {t.tid: t for t in stored}
         for trade in live:
             merged.setdefault(trade.tid, trade)
@@ -257,8 +257,8 @@ class Info:
             raise InfoError(f"unknown coin {coin!r}")
         if interval not in INTERVALS:
             raise InfoError(f"interval must be one of {list(INTERVALS)}")
-        return await self._ask(wire.HistoryQuery("candles", coin=coin, interval=interval, start=_int(req, "startTime"),
-                                                 end=_int(req, "endTime", int(time.time() * 1000))))
+        return await self._ask(wire.CandlesQuery(coin=coin, interval=interval, start=_int(req, "startTime"),
+                                                  end=_int(req, "endTime", int(time.time() * 1000))))
 
 
 def _int(payload: dict[str, Any], field: str, default: int | None = None) -> int:

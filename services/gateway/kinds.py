@@ -260,7 +260,7 @@ def new_l4_feed(hub: Hub, key: L4BookKey, kind: Kind) -> Feed:
     coin = key.coin
     shard, topic = hub.owner(coin), topics.l4(coin)
     return L4Feed(key, topic, shard,
-                  lambda min_height: hub.upstream.query_parts(shard, wire.Query("l4", coin=coin, min_height=min_height)),
+                  lambda min_height: hub.upstream.query_parts(shard, wire.L4Query(coin=coin, min_height=min_height)),
                   lambda: hub.upstream.resubscribe(topic))
 
 
@@ -275,8 +275,8 @@ async def fills_snapshot(hub: Hub, key: UserFillsKey | UserTwapSliceFillsKey) ->
     height, fills = None, b"[]"
     if hub.upstream.has_history:
         await asyncio.sleep(SUBSCRIBE_SETTLE)
-        query = wire.HistoryQuery("user_fills", user=user, aggregate=isinstance(key, UserFillsKey) and key.aggregate_by_time,
-                                  min_height=hub.newest_height())
+        query = wire.UserFillsQuery(user=user, aggregate=isinstance(key, UserFillsKey) and key.aggregate_by_time,
+                                    min_height=hub.newest_height())
         try:
             reply, fills = await hub.upstream.history(query)
             height = reply.height

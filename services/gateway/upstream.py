@@ -161,14 +161,14 @@ class Upstream:
         finally:
             self._waiting.pop(request_id, None)
 
-    async def query_parts(self, shard: int, query: wire.Query) -> Reply:
+    async def query_parts(self, shard: int, query: wire.ShardQuery) -> Reply:
         """A shard's ``ok`` reply and the frames after it; QueryError when it refuses or times out."""
         reply, parts = await self._ask(self.dealers[shard], wire.encode(query), f"shard {shard}")
         if not isinstance(reply, dict) or not reply.get("ok"):
             raise QueryError(str(reply.get("error") if isinstance(reply, dict) else reply))
         return reply, parts
 
-    async def query(self, shard: int, query: wire.Query) -> dict[str, Any]:
+    async def query(self, shard: int, query: wire.ShardQuery) -> dict[str, Any]:
         """A shard's ``ok`` reply; QueryError when it refuses or times out."""
         return (await self.query_parts(shard, query))[0]
 

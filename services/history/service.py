@@ -35,7 +35,6 @@ LIVE_BATCH = 100  # live blocks applied per turn
 UPKEEP_EVERY = 60.0  # seconds between retention runs and gauge updates
 IDLE_WAIT_MS = 100
 REPLIES_QUEUED = 8
-OPS = ("user_fills", "user_fills_by_time", "historical_orders", "order_status", "recent_trades", "candles", "status")
 WAIT_FOR_HEIGHT = 1.0  # seconds a query with min_height waits for that block at most
 
 
@@ -211,6 +210,12 @@ class History:
             try:
                 query = wire.decode(body, wire.HistoryQuery)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                op = wire.op_of(body)
+                if op is not None and op not in wire.HISTORY_OPS:
+                    BAD_INPUT.labels("history", "bad_query").inc()
+                    metrics.QUERIES.labels("unknown", "error").inc()
+                    self.router.send_multipart(envelope + [wire.encode(wire.HistoryReply(False, self.store.held.last, f"bad query: unknown op {op!r}"))])
+                    continue
                 BAD_INPUT.labels("history", "bad_query").inc()
                 metrics.QUERIES.labels("bad", "error").inc()
                 self.router.send_multipart(envelope + [wire.encode(wire.HistoryReply(False, self.store.held.last, f"bad query: {exc}"))])
@@ -231,7 +236,7 @@ class History:
         self.parked = waiting
 
     def reply(self, envelope: list[bytes], query: wire.HistoryQuery) -> None:
-        started, op = time.perf_counter(), query.op if query.op in OPS else "unknown"  # metric labels stay few
+        started, op = time.perf_counter(), wire.op_name(query)  # one of wire.HISTORY_OPS: metric labels stay few
         try:
             reply = [wire.encode(wire.HistoryReply(True, self.store.held.last)), self.answer(query)]
             metrics.QUERIES.labels(op, "ok").inc()
@@ -249,27 +254,27 @@ class History:
     def answer(self, q: wire.HistoryQuery) -> bytes:
         """The answer's JSON; ValueError for a request missing what it needs."""
         s = self.store
-        if q.op == "status":
-            return msgspec.json.encode({"height": s.held.last, "spans": s.held.rows()[-100:], "backfilled": self.backfill.stored,
-                                        "backfilling": self.backfill.busy})
-        if q.op == "recent_trades":
-            return s.recent_trades(_needed(q.coin, "coin"))
-        if q.op == "candles":
-            if q.interval not in INTERVALS:
-                raise ValueError(f"interval must be one of {list(INTERVALS)}")
-            end = q.end if q.end is not None else int(time.time() * 1000)
-            return s.candles(_needed(q.coin, "coin"), q.interval, q.start, end)
-        user = _needed(q.user, "user").lower()
-        if q.op == "user_fills":
-            return s.user_fills(user, q.aggregate)
-        if q.op == "user_fills_by_time":
-            end = q.end if q.end is not None else int(time.time() * 1000)
-            return s.user_fills_by_time(user, q.start, end, q.aggregate)
-        if q.op == "historical_orders":
-            return s.historical_orders(user)
-        if q.op == "order_status":
-            return s.order_status(user, oid=q.oid, cloid=q.cloid.lower() if q.cloid else None)
-        raise ValueError(f"unknown op {q.op!r}")
+        match q:
+            case wire.StatusQuery():
+                return msgspec.json.encode({"height": s.held.last, "spans": s.held.rows()[-100:], "backfilled": self.backfill.stored,
+                                            "backfilling": self.backfill.busy})
+            case wire.RecentTradesQuery():
+                return s.recent_trades(_needed(q.coin, "coin"))
+            case wire.CandlesQuery():
+                if q.interval not in INTERVALS:
+                    raise ValueError(f"interval must be one of {list(INTERVALS)}")
+                end = q.end if q.end is not None else int(time.time() * 1000)
+                return s.candles(_needed(q.coin, "coin"), q.interval, q.start, end)
+            case wire.UserFillsQuery():
+                return s.user_fills(_needed(q.user, "user").lower(), q.aggregate)
+            case wire.UserFillsByTimeQuery():
+                end = q.end if q.end is not None else int(time.time() * 1000)
+                return s.user_fills_by_time(_needed(q.user, "user").lower(), q.start, end, q.aggregate)
+            case wire.HistoricalOrdersQuery():
+                return s.historical_orders(_needed(q.user, "user").lower())
+            case wire.OrderStatusQuery():
+                return s.order_status(_needed(q.user, "user").lower(), oid=q.oid, cloid=q.cloid.lower() if q.cloid else None)
+        raise ValueError(f"unknown op {wire.op_name(q)!r}")
 
     # ------------------------------------------------------------ upkeep
 
