@@ -10,6 +10,7 @@ instead of serving a wrong book. docs/ARCHITECTURE.md lists them all.
 from __future__ import annotations
 
 import enum
+import typing
 from typing import Any
 
 import msgspec
@@ -265,7 +266,6 @@ class OrderQuery(_ShardQuery, tag="order"):
 
 
 ShardQuery = L4Query | L2Query | CoinsQuery | OpenOrdersQuery | OrderQuery
-SHARD_OPS: tuple[str, ...] = ("l4", "l2", "coins", "open_orders", "order")
 
 
 class _Op(msgspec.Struct):
@@ -284,6 +284,9 @@ def op_of(payload: bytes) -> str | None:
 def op_name(query: msgspec.Struct | type[msgspec.Struct]) -> str:
     """The ``op`` (tag) of a request struct or of its type."""
     return str(query.__struct_config__.tag)
+
+
+SHARD_OPS: tuple[str, ...] = tuple(op_name(t) for t in typing.get_args(ShardQuery))
 
 
 class L4Snapshot(msgspec.Struct):
@@ -350,8 +353,7 @@ class StatusQuery(_HistoryQuery, tag="status"):
 
 HistoryQuery = (UserFillsQuery | UserFillsByTimeQuery | HistoricalOrdersQuery | OrderStatusQuery | RecentTradesQuery
                 | CandlesQuery | StatusQuery)
-HISTORY_OPS: tuple[str, ...] = ("user_fills", "user_fills_by_time", "historical_orders", "order_status", "recent_trades",
-                                "candles", "status")
+HISTORY_OPS: tuple[str, ...] = tuple(op_name(t) for t in typing.get_args(HistoryQuery))
 
 
 class HistoryReply(msgspec.Struct):
