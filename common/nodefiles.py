@@ -137,20 +137,25 @@ def offset_of(path: Path, height: int) -> int:
             pos = start + len(line_end)
 
 
+def holding(files: list[Path], height: int) -> Path | None:
+    """The newest of ``files`` (hour order) whose first block is ``height`` or earlier
+    (None: every one starts after it)."""
+    for path in reversed(files):
+        first = first_height(path)
+        if first is not None and first <= height:
+            return path
+    return None
+
+
 def lines_between(data_dir: str | Path, stream: str, mode: str, first: int, last: int) -> Iterator[bytes]:
     """The complete lines of blocks ``first``..``last`` of one stream, in file order."""
     files = hour_files(data_dir, stream, mode)
-    start = 0
-    for i, path in enumerate(files):
-        height = first_height(path)
-        if height is not None and height <= first:
-            start = i
-    for k, path in enumerate(files[start:]):
-        height = first_height(path)
-        if height is not None and height > last:
+    start = holding(files, first)
+    for path in files[files.index(start) if start is not None else 0 :]:
+        if path != start and (first_height(path) or 0) > last:
             return
         with open(path, "rb") as fh:
-            if k == 0:
+            if path == start:
                 fh.seek(offset_of(path, first))
             for line in fh:
                 height = line_height(line)

@@ -52,6 +52,15 @@ def test_start_from_scans_back_to_the_file_holding_the_height(tmp_path: Path) ->
     assert not Tailer(tmp_path, "fills", "by-block").start_from(0)  # older than every file
 
 
+def test_lines_between_two_heights_across_an_hour_rotation(tmp_path: Path) -> None:
+    append(tmp_path, HOUR, b"".join(node_line(h) for h in range(1, 5)))
+    append(tmp_path, NEXT, b"".join(node_line(h) for h in range(5, 9)) + node_line(9)[:-1])  # 9 not complete yet
+    assert heights(list(nodefiles.lines_between(tmp_path, "fills", "by-block", 3, 6))) == [3, 4, 5, 6]
+    assert heights(list(nodefiles.lines_between(tmp_path, "fills", "by-block", 6, 20))) == [6, 7, 8]
+    assert heights(list(nodefiles.lines_between(tmp_path, "fills", "by-block", 0, 2))) == [1, 2]  # before the oldest file
+    assert list(nodefiles.lines_between(tmp_path, "fills", "by-block", 2, 1)) == []
+
+
 def test_start_from_finds_the_line_in_a_big_file_by_bisection(tmp_path: Path) -> None:
     """An hour of status lines is gigabytes: the position of a height is bisected, not scanned."""
     lines = [node_line(h, pad=(h * 7919) % 9000) for h in range(100, 4100)]  # 36 MB, lines of unequal length

@@ -64,13 +64,12 @@ class Tailer:
         first line of block ``height`` or later (found by bisection: an hour of status
         lines is gigabytes). False when every file starts after ``height`` (blocks are missing)."""
         files = self.files()
-        for path in reversed(files):
-            first = nodefiles.first_height(path)
-            if first is not None and first <= height:
-                self._open(path)
-                assert self._fh is not None
-                self._fh.seek(nodefiles.offset_of(path, height))
-                return True
+        path = nodefiles.holding(files, height)
+        if path is not None:
+            self._open(path)
+            assert self._fh is not None
+            self._fh.seek(nodefiles.offset_of(path, height))
+            return True
         if files:
             self._open(files[0])
         return False
