@@ -62,6 +62,8 @@ How it runs (per profile):
         [--clients 200] [--client-procs 2] [--channels bbo,l2Book,trades] [--coins-per-client 1]
         [--l4-subscribers 10] [--l4-joins-per-sec 1] [--l4-stay 5] [--l4-storm 100] [--shards 2]
         [--python OTHER/.venv/bin/python]  (run another checkout's hlbook under the same harness)
+        [--py-spy DIR]  (py-spy records every hlbook process during phase A: DIR/<process>.txt, and a
+                         table per process of where its samples are; profiling costs CPU: measure without it)
 """
 
 from __future__ import annotations
@@ -233,9 +235,13 @@ def writer_main(stage: str, live: str, files: list[str], index: list[list[tuple[
 # ================================================================ tap: ingest and shard progress
 
 
-def tap_main(sockets: str, shards: int, first: int, n: int, ingest_ns: Any, shard_ns: Any, conn: Any, stop: Any) -> None:
+def tap_main(sockets: str, shards: int, coins: list[str], depth_topics: bool, first: int, n: int, ingest_ns: Any,
+             shard_ns: Any, conn: Any, stop: Any) -> None:
     """Stamps ingest's headers and the shards' block-done messages; sends back which blocks
-    changed each coin's L2 and BBO: {(kind, coin): [heights]}."""
+    changed the L2 (as the clients see it: 20 levels) and BBO of each coin the clients
+    follow: {(kind, coin): [heights]}. It subscribes to exactly those topics, so that the
+    shards compute nothing more for it than for the clients (``depth_topics``: the hlbook
+    under test names the depth in L2 topics, ``L2|<coin>|-|-|20|``; older ones did not)."""
     import msgspec
     import zmq
 
@@ -256,8 +262,11 @@ def tap_main(sockets: str, shards: int, first: int, n: int, ingest_ns: Any, shar
     for k in range(shards):
         sub = ctx.socket(zmq.SUB)
         sub.connect(f"ipc://{sockets}/book-{k}-pub")
-        for prefix in (topics.shard_block(k), topics.BBO_PREFIX, topics.L2_PREFIX):
-            sub.setsockopt(zmq.SUBSCRIBE, prefix)
+        sub.setsockopt(zmq.SUBSCRIBE, topics.shard_block(k))
+        for coin in coins:
+            if topics.shard_of(coin, shards) == k:
+                sub.setsockopt(zmq.SUBSCRIBE, topics.bbo(coin))
+                sub.setsockopt(zmq.SUBSCRIBE, topics.l2(coin) + (b"20|" if depth_topics else b""))
         poller.register(sub, zmq.POLLIN)
         socks[sub] = k
     changed: dict[tuple[int, str], list[int]] = {}
@@ -271,7 +280,7 @@ def tap_main(sockets: str, shards: int, first: int, n: int, ingest_ns: Any, shar
                 now = time.time_ns()
                 k = socks[sock]
                 if k >= 0 and not topic.startswith(topics.SHARD_PREFIX):
-                    if topic.startswith(topics.BBO_PREFIX) or topic.endswith(b"|-|-|"):
+                    if topic.startswith(topics.BBO_PREFIX) or topic.startswith(topics.L2_PREFIX):
                         kind = CHANNEL_IDS["bbo" if topic.startswith(topics.BBO_PREFIX) else "l2Book"]
                         changed.setdefault((kind, topics.coin_of(topic)), []).append(heights.decode(payload).height)
                     continue
@@ -676,6 +685,37 @@ def wait_for(what: str, condition: Any, timeout: float, proc: subprocess.Popen[b
         time.sleep(0.05)
 
 
+def start_profilers(out: str, pids: dict[str, int], seconds: float) -> dict[str, subprocess.Popen[bytes]]:
+    """py-spy record (raw collapsed stacks, 100 Hz, idle samples left out) of every hlbook process."""
+    spy = Path(sys.executable).with_name("py-spy")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for name, pid in pids.items():
+        if name.startswith("up"):
+            continue
+        path = Path(out) / f"{name.split()[0]}.txt"
+        procs[name] = subprocess.Popen([str(spy), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "--nonblocking",
+                                        "-f", "raw", "-o", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    return procs
+
+
+def summarise_profiles(out: Path, top: int = 14) -> None:
+    """Per process: the functions holding the most samples (inclusive, a function counted once a stack)."""
+    for path in sorted(out.glob("*.txt")):
+        inclusive: dict[str, int] = {}
+        total = 0
+        for row in path.read_text().splitlines():
+            stack, _, count = row.rpartition(" ")
+            if not count.isdigit():
+                continue
+            total += int(count)
+            for frame in {f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")" for f in stack.split(";")}:
+                inclusive[frame] = inclusive.get(frame, 0) + int(count)
+        print(f"profile {path.stem}: {total:,} samples (100 Hz, active only)")
+        for frame, count in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"    {count / max(total, 1) * 100:5.1f} %  {frame}")
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -783,14 +823,21 @@ def run_profile(name: str, rate: float | None, volume: float | None, args: argpa
     phases = [p for p in PHASES if p == "A" or (p == "B" and (args.l4_subscribers or args.l4_joins_per_sec))
               or (p == "C" and args.l4_storm)]
     seconds = args.warmup + args.seconds * len(phases) + args.slack
+    n_blocks = int((15 if name == "btc" else rate or 0) * seconds)
+    cache = None
+    if args.stage_cache:  # the same blocks for every run (a baseline and a change compared on identical input)
+        cache = Path(args.stage_cache) / f"{name}-{rate}-{volume}-{args.coins}-{args.seed}-{n_blocks}"
+        stage, snap = cache / "stage", cache / "snapshot.json"
+        cache.mkdir(parents=True, exist_ok=True)
     t = time.monotonic()
-    if name == "btc":
-        n_blocks = int(15 * seconds)
+    if cache is not None and (cache / "meta.json").exists():
+        heights, times, coin_names = orjson.loads((cache / "meta.json").read_bytes())
+        print(f"\n=== profile {name}: {n_blocks} blocks from {cache}", flush=True)
+    elif name == "btc":
         print(f"\n=== profile btc: the real BTC fixture, replayed; {n_blocks} blocks ...", flush=True)
         heights, times, coin_names = generate_btc(tmp, stage, snap, n_blocks, lead_s=n_blocks / 150 + 8)
     else:
         assert rate is not None and volume is not None
-        n_blocks = int(rate * seconds)
         print(f"\n=== profile {name}: {rate:g} blocks/s, volume {volume:g}, {args.coins} coins; generating {n_blocks} blocks ...",
               flush=True)
         full = name.startswith("full")
@@ -798,6 +845,8 @@ def run_profile(name: str, rate: float | None, volume: float | None, args: argpa
         est_gen = (n_blocks + prewarm / 2) * volume * (0.2 if full else 1 / 300) + (10 if full else 0)  # s, encoding included
         heights, times, coin_names = generate_sim(stage, snap, n_blocks, args.coins, args.seed, rate, volume, est_gen + 8,
                                                   prewarm, "full" if full else "default")
+    if cache is not None and not (cache / "meta.json").exists():
+        (cache / "meta.json").write_bytes(orjson.dumps([heights, times, coin_names]))
     files, index = build_index(stage, heights)
     print(f"generated in {time.monotonic() - t:.1f} s ({sum(l for b in index for _, _, l in b) / 1e6:.0f} MB staged)", flush=True)
     first = heights[0]
@@ -831,7 +880,11 @@ def run_profile(name: str, rate: float | None, volume: float | None, args: argpa
         wait_for("gateway /health", lambda: http_status(f"{base}/health") == 200, 120, up, log)
         wait_for("shard metrics", lambda: all(metrics(mport + 1 + k) for k in range(args.shards)), 120, up, log)
         tap_parent, tap_child = ctx.Pipe()
-        tap = ctx.Process(target=tap_main, args=(str(sockets), args.shards, first, n, ingest_ns, shard_ns, tap_child, stop), daemon=True)
+        followed = sorted({coin_names[k % len(coin_names)] for k in range(args.clients * args.coins_per_client)})
+        depth_topics = subprocess.run([args.python, "-c", "from hlbook.common import topics; topics.l2('X', None, None, 20)"],
+                                      capture_output=True, cwd="/").returncode == 0
+        tap = ctx.Process(target=tap_main, args=(str(sockets), args.shards, followed, depth_topics, first, n, ingest_ns, shard_ns,
+                                                  tap_child, stop), daemon=True)
         tap.start()
         procs.append(tap)
         time.sleep(0.3)
@@ -871,6 +924,7 @@ def run_profile(name: str, rate: float | None, volume: float | None, args: argpa
 
         pids = {**up_children(up.pid), "writer (bench)": writer.pid, "tap (bench)": tap.pid, "l4 clients (bench)": l4.pid,
                 **{f"clients-{k} (bench)": p.pid for k, p in enumerate(clients)}}
+        profilers = start_profilers(args.py_spy, up_children(up.pid), args.seconds) if args.py_spy else {}
         for phase in phases:
             if phase == "B":
                 l4_parent.send(("subscribers", "B", args.l4_subscribers))
@@ -888,6 +942,9 @@ def run_profile(name: str, rate: float | None, volume: float | None, args: argpa
                 samplers[-1].sample_rss()
                 time.sleep(max(0.0, min(1.0, end - time.monotonic())))
             samplers[-1].stop()
+            for profiler in profilers.values():
+                profiler.wait(60)
+            profilers = {}
             if written.value >= n:
                 print("WARNING: the staged blocks ran out (raise --slack)", flush=True)
                 break
@@ -923,6 +980,8 @@ def run_profile(name: str, rate: float | None, volume: float | None, args: argpa
             os.killpg(up.pid, signal.SIGKILL)
             up.wait(5)
 
+    if args.py_spy:
+        summarise_profiles(Path(args.py_spy))
     report(name, args, first, n, by_time, stamps, late, ingest_ns, shard_ns, records, lost, l4_results, changed, bounds,
            samplers, lags, gw, restarts, pids, channels, live, plan)
     if not args.keep:
@@ -1033,6 +1092,9 @@ def main() -> None:
     parser.add_argument("--slack", type=float, default=40.0, help="seconds of extra blocks (start-up, connecting)")
     parser.add_argument("--tmp", default=None, help="directory for the temporary files (default: the system's)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--stage-cache", metavar="DIR", help="keep the generated node files in DIR and use them again in later runs "
+                        "with the same profile and length (remove DIR when done)")
+    parser.add_argument("--py-spy", metavar="DIR", help="profile every hlbook process during phase A into DIR (py-spy)")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter whose hlbook runs as the system under test (e.g. an older checkout's .venv/bin/python)")
     args = parser.parse_args()
