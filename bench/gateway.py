@@ -4,8 +4,8 @@ The bench plays the upstream processes and the clients around one real
 gateway process (``hlbook gateway``):
 
 - a publisher process binds, on ipc endpoints in a temp dir, what one book
-  shard binds (XPUB ``book-0-pub``: ``L2|<coin>|-|-|`` L2Levels with
-  ``--levels`` levels a side, ``BBO|<coin>|`` Bbo, ``S|0|`` ShardBlock every
+  shard binds (XPUB ``book-0-pub``: ``L2|<coin>|-|-|20|`` L2Book, the 20
+  levels a side clients get, rendered as a shard renders them, ``BBO|<coin>|`` Bbo, ``S|0|`` ShardBlock every
   block with every coin ``live`` and its mid; ROUTER ``book-0-query``, answered
   like services/book/queries.py: ``coins`` is served, other ops get
   ``ok: false`` — the measured path sends none) and what ingest binds (XPUB
@@ -21,7 +21,7 @@ gateway process (``hlbook gateway``):
   not negotiate compression (``--deflate`` makes it offer permessage-deflate,
   as browsers do).
 
-**In this bench the ``time`` field of every message (L2Levels, Bbo, each
+**In this bench the ``time`` field of every message (L2Book, Bbo, each
 Trade, ShardBlock) carries the publish instant in epoch milliseconds, not a
 block time**: the publisher waits for the start of a millisecond, stamps every
 message of the block with it and publishes them all at once (the spread, from
@@ -83,6 +83,14 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PLACEHOLDER = 9_999_999_999_999  # epoch ms of a message's ``time`` until the block is stamped (same width as now: 13 digits, msgpack uint64)
 
 
+def level_dicts(levels: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+    return [{"px": px, "sz": sz, "n": n} for px, sz, n in levels]
+
+
+def json_bytes(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
 def now_us() -> int:
     return time.time_ns() // 1000
 
@@ -131,7 +139,6 @@ def publisher_main(cfg: dict[str, Any], stop: Any, pipe: Any) -> None:
             sock.bind(endpoint)
         poll_socks = [shard, ingest, router]
     else:
-        from hlbook.services.gateway.hub import level_dicts, level_dict
         from hlbook.services.gateway.protocol import message
 
         shard = ctx.socket(zmq.PUB)
@@ -175,25 +182,26 @@ def publisher_main(cfg: dict[str, Any], stop: Any, pipe: Any) -> None:
                 else:
                     out.append((shard, b"J|", message("trades", trades).encode()))
                 n_trades += 1
-            topic = topics.l2(coin)
-            if mode == "gateway":
-                out.append((shard, topic, wire.encode(wire.L2Levels(height, prev.next(topic, height), PLACEHOLDER, coin, None, None, (bids, asks)))))
+            topic = topics.l2(coin, None, None, levels_n)
+            data = {"coin": coin, "time": PLACEHOLDER, "levels": [level_dicts(bids[:levels_n]), level_dicts(asks[:levels_n])]}
+            if mode == "gateway":  # the shard renders the client's data once per topic
+                out.append((shard, topic, wire.encode(wire.L2Book(height, prev.next(topic, height), PLACEHOLDER, coin, json_bytes(data)))))
             else:
-                data = {"coin": coin, "time": PLACEHOLDER, "levels": [level_dicts(bids, levels_n), level_dicts(asks, levels_n)]}
                 out.append((shard, b"J|", message("l2Book", data).encode()))
             n_l2 += 1
             if rng.random() < cfg["bbo_prob"]:
                 topic = topics.bbo(coin)
+                bbo = {"coin": coin, "time": PLACEHOLDER, "bbo": level_dicts([bids[0], asks[0]])}
                 if mode == "gateway":
-                    out.append((shard, topic, wire.encode(wire.Bbo(height, prev.next(topic, height), PLACEHOLDER, coin, (bids[0], asks[0])))))
+                    out.append((shard, topic, wire.encode(wire.Bbo(height, prev.next(topic, height), PLACEHOLDER, coin, json_bytes(bbo)))))
                 else:
-                    bbo = {"coin": coin, "time": PLACEHOLDER, "bbo": [level_dict(bids[0]), level_dict(asks[0])]}
                     out.append((shard, b"J|", message("bbo", bbo).encode()))
                 n_bbo += 1
         if mode == "gateway":
             topic = topics.shard_block(0)
             out.append((shard, topic, wire.encode(wire.ShardBlock(height, prev.next(topic, height), PLACEHOLDER, 0, mids, states))))
         placeholder = wire.encode(PLACEHOLDER) if mode == "gateway" else str(PLACEHOLDER).encode()
+        text_placeholder = str(PLACEHOLDER).encode()  # in the rendered data of L2Book and Bbo
         due = start + block / rate
         while True:  # wait for the block's time, answering queries and draining XPUB subscriptions
             wait = due - time.time()
@@ -213,11 +221,12 @@ def publisher_main(cfg: dict[str, Any], stop: Any, pipe: Any) -> None:
         # the first millisecond at or after ``due``: every message of the block carries it
         stamp = max(time.time_ns() // 1_000_000 + 1, -(-int(due * 1e6) // 1000))
         stamped = wire.encode(stamp) if mode == "gateway" else str(stamp).encode()
-        assert len(stamped) == len(placeholder)
+        text_stamped = str(stamp).encode()
+        assert len(stamped) == len(placeholder) and len(text_stamped) == len(text_placeholder)
         while time.time_ns() < stamp * 1_000_000:
             pass
         for sock, topic, payload in out:
-            sock.send_multipart([topic, payload.replace(placeholder, stamped)], copy=False)
+            sock.send_multipart([topic, payload.replace(placeholder, stamped).replace(text_placeholder, text_stamped)], copy=False)
         records.extend((int(due * 1e6), stamp * 1000, now_us(), n_l2, n_bbo, n_trades))
     pipe.send(records.tobytes())
     for sock in (shard, ingest, router):
@@ -748,7 +757,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="measured window")
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--client-procs", type=int, default=4)
-    parser.add_argument("--levels", type=int, default=100, help="levels a side in the shard's L2 messages (clients get 20)")
+    parser.add_argument("--levels", type=int, default=100, help="levels a side of the books the bench makes (clients get 20)")
     parser.add_argument("--trade-prob", type=float, default=0.8, help="probability that a block has trades of a coin (1-3)")
     parser.add_argument("--bbo-prob", type=float, default=0.7, help="probability that a block changes a coin's BBO")
     parser.add_argument("--seed", type=int, default=1)

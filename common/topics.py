@@ -16,7 +16,7 @@ USER_PREFIX = b"U|"  # U|<user>| UserEvents (only published while subscribed)
 HISTORY = b"HIST|"  # HistoryBlock, every block while subscribed (the history service)
 
 # book shard -> gateways
-L2_PREFIX = b"L2|"  # L2|<coin>|<nSigFigs or ->|<mantissa or ->| L2Levels
+L2_PREFIX = b"L2|"  # L2|<coin>|<nSigFigs or ->|<mantissa or ->|<nLevels>| L2Book
 BBO_PREFIX = b"BBO|"  # BBO|<coin>| Bbo
 L4_PREFIX = b"L4|"  # L4|<coin>| L4Updates
 SHARD_PREFIX = b"S|"  # S|<shard>| ShardBlock (mids, coin states), every block
@@ -43,10 +43,12 @@ def user(address: str) -> bytes:
     return _t(USER_PREFIX, address.lower())
 
 
-def l2(coin: str, n_sig_figs: int | None = None, mantissa: int | None = None) -> bytes:
+def l2(coin: str, n_sig_figs: int | None = None, mantissa: int | None = None, n_levels: int | None = None) -> bytes:
+    """``L2|<coin>|<nSigFigs or ->|<mantissa or ->|<nLevels>|``; without ``n_levels`` the
+    prefix of every depth of that aggregation."""
     nsf = "-" if n_sig_figs is None else str(n_sig_figs)
     man = "-" if mantissa is None else str(mantissa)
-    return _t(L2_PREFIX, coin, nsf, man)
+    return _t(L2_PREFIX, coin, nsf, man) if n_levels is None else _t(L2_PREFIX, coin, nsf, man, str(n_levels))
 
 
 def bbo(coin: str) -> bytes:

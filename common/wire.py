@@ -138,28 +138,28 @@ class CoinState(enum.StrEnum):
 Level = tuple[str, str, int]  # (px, sz, n): canonical decimal strings, order count
 
 
-class L2Levels(msgspec.Struct):
-    """``L2|<coin>|<nSigFigs|->|<mantissa|->|``: up to 100 levels per side (bids
-    best first, asks best first) after a block that changed the coin; computed
-    only for aggregations some subscriber asked for (XPUB)."""
+class L2Book(msgspec.Struct):
+    """``L2|<coin>|<nSigFigs|->|<mantissa|->|<nLevels>|``: the top ``nLevels`` levels a side
+    after a block that changed them, as the ``data`` of the client's l2Book message
+    (``{"coin","time","levels":[[{"px","sz","n"}…],[…]]}``: JSON rendered once, by the
+    shard, for every gateway); computed only for topics some subscriber asked for (XPUB)."""
 
     height: int
     prev: int | None
     time: int
     coin: str
-    n_sig_figs: int | None
-    mantissa: int | None
-    levels: tuple[list[Level], list[Level]]
+    data: bytes
 
 
 class Bbo(msgspec.Struct):
-    """``BBO|<coin>|``: best bid and ask, published only when they changed."""
+    """``BBO|<coin>|``: best bid and ask, published only when they changed, as the ``data``
+    of the client's bbo message (``{"coin","time","bbo":[level|null, level|null]}``, JSON)."""
 
     height: int
     prev: int | None
     time: int
     coin: str
-    bbo: tuple[Level | None, Level | None]
+    data: bytes
 
 
 class L4Updates(msgspec.Struct, tag=True):

@@ -13,7 +13,7 @@ from hlbook.common import l2rules, topics
 from hlbook.common.models import DECODERS, BookDiff, DiffBody, NewDiff, Order as NodeOrder, OrderStatus, UpdateDiff
 from hlbook.services.book import l2, snapshot
 from hlbook.services.book.book import Book, OutOfSync
-from hlbook.services.book.publisher import Subscriptions
+from hlbook.services.book.publisher import Publisher, Subscriptions
 from hlbook.services.book.validation import difference
 
 HOUR = "hourly/20260505/17"
@@ -303,18 +303,63 @@ def test_validate_aggregation() -> None:
 
 def test_subscriptions_turn_on_aggregations() -> None:
     subs = Subscriptions()
-    assert subs.handle(b"\x01L2|BTC|5|2|") == b"L2|BTC|5|2|"
-    subs.handle(b"\x01L2|BTC|-|-|")
-    subs.handle(b"\x01L2|BTC|4|2|")  # invalid aggregation: ignored
+    assert subs.handle(b"\x01L2|BTC|5|2|20|") == b"L2|BTC|5|2|20|"
+    subs.handle(b"\x01L2|BTC|-|-|7|")
+    subs.handle(b"\x01L2|BTC|4|2|20|")  # invalid aggregation: ignored
+    subs.handle(b"\x01L2|BTC|-|-|101|")  # deeper than the API allows: ignored
     subs.handle(b"\x01BBO|ETH|")
-    assert subs.aggregations("BTC") == {(5, 2), (None, None)} and subs.aggregations("ETH") == set()
+    assert subs.l2_topics("BTC") == {b"L2|BTC|5|2|20|": ((5, 2), 20), b"L2|BTC|-|-|7|": ((None, None), 7)}
+    assert subs.l2_topics("ETH") == {}
     assert subs.wanted(topics.bbo("ETH")) and not subs.wanted(topics.bbo("ET"))
-    assert subs.handle(b"\x00L2|BTC|5|2|") is None
-    assert subs.aggregations("BTC") == {(None, None)}
-    subs.handle(b"\x01L2|")  # a prefix: full precision for every coin
-    assert subs.aggregations("SOL") == {(None, None)} and subs.wanted(b"L2|SOL|3|-|")
+    assert subs.handle(b"\x00L2|BTC|5|2|20|") is None
+    assert subs.l2_topics("BTC") == {b"L2|BTC|-|-|7|": ((None, None), 7)}
+    subs.handle(b"\x01L2|")  # a prefix: full precision at full depth for every coin
+    assert subs.l2_topics("SOL") == {b"L2|SOL|-|-|100|": ((None, None), 100)} and subs.wanted(b"L2|SOL|3|-|20|")
     subs.handle(b"\x01")  # everything
     assert subs.wanted(b"L4|SOL|")
+
+
+class SentFrames:
+    """Stands for the shard's XPUB socket: what the publisher sent, in order."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[bytes, bytes]] = []
+
+    def send_multipart(self, frames: tuple[bytes, bytes], copy: bool = True) -> None:
+        self.frames.append(frames)
+
+    def take(self) -> dict[bytes, dict]:
+        out = {topic: msgspec.msgpack.decode(payload) for topic, payload in self.frames}
+        self.frames.clear()
+        return out
+
+
+def test_a_depth_is_published_when_a_block_changed_its_levels_and_only_then() -> None:
+    book, sent = Book("X"), SentFrames()
+    publisher = Publisher(sent, 0)  # type: ignore[arg-type]
+    shallow, deep = topics.l2("X", None, None, 3), topics.l2("X", None, None, 100)
+    for topic in (shallow, deep, topics.l2("X", 3, None, 2)):
+        publisher.subs.handle(b"\x01" + topic)
+
+    def block(height: int, diffs: list[BookDiff]) -> dict[bytes, dict]:
+        book.apply(height, height * 10, diffs, [])
+        publisher.coin_block(book, height, height * 10, [], diffs)
+        published = sent.take()
+        for topic, (nsf, man, n) in ((shallow, (None, None, 3)), (deep, (None, None, 100)), (topics.l2("X", 3, None, 2), (3, None, 2))):
+            if topic in published:  # what the shard rendered is what the book holds, as clients get it
+                want = [[{"px": px, "sz": sz, "n": count} for px, sz, count in side] for side in l2.levels(book, n, nsf, man)]
+                assert msgspec.json.decode(published[topic]["data"]) == {"coin": "X", "time": height * 10, "levels": want}
+        return published
+
+    coarse = topics.l2("X", 3, None, 2)
+    first = block(1, [new(i, "B", f"{100 - i}.0", "1.0") for i in range(10)] + [new(20 + i, "A", f"{101 + i}.0", "1.0") for i in range(4)])
+    assert {shallow, deep, coarse} <= first.keys()
+    second = block(2, [new(30, "B", "95.0", "2.0")])  # beyond the 3 levels (and 2 buckets) shown
+    assert deep in second and shallow not in second and coarse not in second
+    assert deep in block(3, [diff(30, "B", "95.0", "remove")]).keys() - {shallow, coarse}
+    assert shallow in block(4, [diff(2, "B", "98.0", DiffBody(update=UpdateDiff("1.0", "0.5")))])  # the third level
+    assert {shallow, coarse} <= block(5, [diff(0, "B", "100.0", "remove")]).keys()  # the best level goes: all shift
+    assert set(block(6, [new(40, "A", "150.0", "1.0")])) == {deep}  # the book's 100 levels are not full: every change shows
 
 
 def test_validation_difference_reasons() -> None:

@@ -221,7 +221,8 @@ def test_shards_follow_live_blocks_and_repair_lost_messages(pipeline, btc_data: 
 
     sub = clean.ctx.socket(zmq.SUB)
     sub.connect(clean.pub)
-    for topic in (topics.l2("BTC"), topics.l2("BTC", 5, 5), topics.bbo("BTC"), topics.l4("BTC"), topics.shard_block(0), topics.RESET_PREFIX):
+    for topic in (topics.l2("BTC", None, None, 100), topics.l2("BTC", None, None, 3), topics.l2("BTC", 5, 5, 100), topics.bbo("BTC"),
+                  topics.l4("BTC"), topics.shard_block(0), topics.RESET_PREFIX):
         sub.subscribe(topic)
 
     write(FIRST, FIRST + 2)  # before the shards are live: they come by replay
@@ -255,6 +256,10 @@ def test_shards_follow_live_blocks_and_repair_lost_messages(pipeline, btc_data: 
 
     check_published(sub, want, early)
     check_queries(clean, want)
+
+
+def level_dicts(levels: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+    return [{"px": px, "sz": sz, "n": n} for px, sz, n in levels]
 
 
 def await_topic(sub: zmq.Socket, topic: bytes, timeout: float = 15) -> list[list[bytes]]:
@@ -292,9 +297,14 @@ def check_published(sub: zmq.Socket, want, early: list[list[bytes]]) -> None:
     shard_heights = heights[topics.shard_block(0)]
     assert shard_heights[-1] == LAST and shard_heights == list(range(shard_heights[0], LAST + 1))
     assert last[topics.shard_block(0)]["mids"] == {"BTC": "81307.5"} and last[topics.shard_block(0)]["states"] == {"BTC": "live"}
-    assert [list(map(tuple, side)) for side in last[topics.l2("BTC")]["levels"]] == list(l2.levels(want, 100))
-    assert [list(map(tuple, side)) for side in last[topics.l2("BTC", 5, 5)]["levels"]] == list(l2.levels(want, 100, 5, 5))
-    assert tuple(map(tuple, last[topics.bbo("BTC")]["bbo"])) == l2.bbo(want)
+    for (nsf, man, n), message in ((agg, last[topics.l2("BTC", *agg)]) for agg in ((None, None, 100), (None, None, 3), (5, 5, 100))):
+        data = orjson.loads(message["data"])  # the client's l2Book data, rendered by the shard
+        assert data == {"coin": "BTC", "time": message["time"], "levels": [level_dicts(side) for side in l2.levels(want, n, nsf, man)]}
+    # 3 levels change less often than 100: the shard sends a depth only when its levels changed
+    assert 0 < len(heights[topics.l2("BTC", None, None, 3)]) < len(heights[topics.l2("BTC", None, None, 100)])
+    bid, ask = l2.bbo(want)
+    assert orjson.loads(last[topics.bbo("BTC")]["data"]) == {"coin": "BTC", "time": last[topics.bbo("BTC")]["time"],
+                                                             "bbo": level_dicts([bid, ask])}
     l4_heights = heights[topics.l4("BTC")]
     assert l4_heights[-1] == LAST and len(l4_heights) >= 15
 

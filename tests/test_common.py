@@ -37,7 +37,8 @@ def test_malformed_decimals_raise(bad: str) -> None:
 def test_topic_prefixes_are_exact() -> None:
     assert not topics.book("@10").startswith(topics.book("@1"))
     assert topics.book("@1") == b"B|@1|"
-    assert topics.l2("BTC", 5, 2) == b"L2|BTC|5|2|" and topics.l2("BTC") == b"L2|BTC|-|-|"
+    assert topics.l2("BTC", 5, 2, 20) == b"L2|BTC|5|2|20|" and topics.l2("BTC", None, None, 100) == b"L2|BTC|-|-|100|"
+    assert topics.l2("BTC") == b"L2|BTC|-|-|"  # without a depth: the prefix of every depth
     assert topics.coin_of(topics.l2("PURR/USDC", 3)) == "PURR/USDC"
     assert topics.coin_of(topics.user("0xABC")) == "0xabc"
     assert topics.split(b"L2|dex:XYZ|4|-|") == ["L2", "dex:XYZ", "4", "-"]

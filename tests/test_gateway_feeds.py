@@ -146,7 +146,7 @@ def test_every_kind_through_a_hub() -> None:
             keys[name] = key
         feeds = {name: hub.feeds[key] for name, key in keys.items()}
         assert isinstance(feeds["l4Book"], L4Feed) and isinstance(feeds["userFills"], JoinedFeed)
-        assert set(upstream.counts) == {topics.l2("BTC", 5, None), topics.bbo("BTC"), topics.l4("BTC"), topics.user(USER)}
+        assert set(upstream.counts) == {topics.l2("BTC", 5, None, 7), topics.bbo("BTC"), topics.l4("BTC"), topics.user(USER)}
         assert upstream.counts[topics.user(USER)] == 4
         assert set(hub.block_feeds[owner]) == {feeds["l4Book"], feeds["activeAssetCtx"]}
         assert set(hub.every_block_feeds) == {feeds["allMids"]}
@@ -155,30 +155,29 @@ def test_every_kind_through_a_hub() -> None:
         assert keys["allMids"] in session.latest and keys["activeAssetCtx"] in session.latest
         assert json.loads(session.latest[keys["activeAssetCtx"]])["data"]["ctx"]["midPx"] == "100.5"
 
-        levels = ([("100", "1", 1)] * 10, [("101", "2", 1)] * 10)
-        l2_levels = wire.L2Levels(height=1, prev=None, time=5, coin="BTC", n_sig_figs=5, mantissa=None, levels=levels)
-        hub.on_message(topics.l2("BTC", 5, None), wire.encode(l2_levels))
-        hub.on_message(topics.bbo("BTC"), wire.encode(wire.Bbo(height=1, prev=None, time=5, coin="BTC", bbo=(("100", "1", 1), None))))
+        levels = [[{"px": "100", "sz": "1", "n": 1}] * 7, [{"px": "101", "sz": "2", "n": 1}] * 7]
+        data = json.dumps({"coin": "BTC", "time": 5, "levels": levels}).encode()  # the shard renders the client's data
+        hub.on_message(topics.l2("BTC", 5, None, 7), wire.encode(wire.L2Book(height=1, prev=None, time=5, coin="BTC", data=data)))
+        bbo = json.dumps({"coin": "BTC", "time": 5, "bbo": [{"px": "100", "sz": "1", "n": 1}, None]}).encode()
+        hub.on_message(topics.bbo("BTC"), wire.encode(wire.Bbo(height=1, prev=None, time=5, coin="BTC", data=bbo)))
         hub.on_message(topics.shard_block(owner), wire.encode(wire.ShardBlock(height=1, prev=None, time=5, shard=owner,
                                                                                mids={"BTC": "101"}, states={"BTC": "live"})))
         l2 = json.loads(session.latest[keys["l2Book"]])
-        assert l2 == {"channel": "l2Book", "data": {"coin": "BTC", "time": 5, "levels": [[{"px": "100", "sz": "1", "n": 1}] * 7,
-                                                                                         [{"px": "101", "sz": "2", "n": 1}] * 7]}}
+        assert l2 == {"channel": "l2Book", "data": {"coin": "BTC", "time": 5, "levels": levels}}
         assert json.loads(session.latest[keys["bbo"]])["data"] == {"coin": "BTC", "time": 5, "bbo": [{"px": "100", "sz": "1", "n": 1}, None]}
-        assert list(hub.last) == [topics.l2("BTC", 5, None)]
         # the shard's block: activeAssetCtx and allMids follow the new mid
         assert json.loads(session.latest[keys["activeAssetCtx"]])["data"]["ctx"]["midPx"] == "101"
         assert json.loads(session.latest[keys["allMids"]]) == {"channel": "allMids", "data": {"mids": {"BTC": "101"}}}
-        # a second l2Book feed of the same topic starts from the kept levels
+        # another depth is another topic (the shard renders each depth it is asked for)
         other = feed_key(normalise({"type": "l2Book", "coin": "BTC", "nSigFigs": 5, "nLevels": 2}, hub.coin_exists))
         hub.attach(session, "other", other)
-        assert len(json.loads(session.latest[other])["data"]["levels"][0]) == 2
+        assert upstream.counts[topics.l2("BTC", 5, None, 2)] == 1 and upstream.counts[topics.l2("BTC", 5, None, 7)] == 1
         hub.detach(session, other)
-        assert upstream.counts[topics.l2("BTC", 5, None)] == 1
+        assert topics.l2("BTC", 5, None, 2) not in upstream.counts
 
         for ident, stats in list(session.subs.items()):
             hub.detach(session, stats.feed)
-        assert not hub.feeds and not hub.by_topic and not upstream.counts and not hub.last
+        assert not hub.feeds and not hub.by_topic and not upstream.counts
         assert not any(hub.block_feeds) and not hub.every_block_feeds and not hub.users.followers
 
     asyncio.run(run())

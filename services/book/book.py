@@ -202,6 +202,7 @@ class Level(msgspec.Struct, gc=False, eq=False):
     sz: int = 0
     px_str: str | None = None
     cached: tuple[str, str, int] | None = None  # wire(), until the level changes
+    json: bytes | None = None  # fragment(), until the level changes
 
     @property
     def n(self) -> int:
@@ -210,11 +211,11 @@ class Level(msgspec.Struct, gc=False, eq=False):
     def add(self, order: Order) -> None:
         self.orders.append(order)
         self.sz += order.sz
-        self.cached = None
+        self.cached = self.json = None
 
     def resize(self, delta: int) -> None:
         self.sz += delta
-        self.cached = None
+        self.cached = self.json = None
 
     def discard(self, order: Order) -> None:
         orders = self.orders
@@ -223,7 +224,7 @@ class Level(msgspec.Struct, gc=False, eq=False):
         else:
             orders.remove(order)  # eq=False: an identity scan at C speed
         self.sz -= order.sz
-        self.cached = None
+        self.cached = self.json = None
 
     def wire(self) -> tuple[str, str, int]:
         """``(px, sz, n)`` with canonical strings (built once per change)."""
@@ -233,6 +234,18 @@ class Level(msgspec.Struct, gc=False, eq=False):
                 self.px_str = fixed.fmt(self.px)
             cached = self.cached = (self.px_str, fixed.fmt(self.sz), len(self.orders))
         return cached
+
+    def fragment(self) -> bytes:
+        """``{"px","sz","n"}`` as clients get it (JSON, built once per change)."""
+        frag = self.json
+        if frag is None:
+            frag = self.json = level_json(*self.wire())
+        return frag
+
+
+def level_json(px: str, sz: str, n: int) -> bytes:
+    """A client's L2 level, ``{"px":"81307.0","sz":"0.20195","n":4}``."""
+    return b'{"px":"%s","sz":"%s","n":%d}' % (px.encode(), sz.encode(), n)
 
 
 class Side:

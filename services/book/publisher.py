@@ -3,9 +3,12 @@
 XPUB reports subscriptions (``\\x01topic``) and last unsubscriptions
 (``\\x00topic``); with ``XPUB_VERBOSE`` every subscribe is reported, so a new
 subscriber to an exact ``L2``/``BBO`` topic gets the current value at once.
-L2 is computed only for aggregations someone subscribed to: an exact topic
-``L2|<coin>|<nsf>|<man>|`` turns that aggregation on; a broader prefix
-(``L2|``, ``L2|BTC|``, ``""``) turns on full precision for the coins it covers.
+L2 is computed only for topics someone subscribed to: an exact topic
+``L2|<coin>|<nsf>|<man>|<nLevels>|`` turns on that aggregation at that depth; a
+broader prefix (``L2|``, ``L2|BTC|``, ``""``) turns on full precision at the
+greatest depth for the coins it covers. A block recomputes a topic's levels only
+when one of its diffs lies within the levels that topic last showed (or the side
+showed fewer than its depth): most diffs of a deep book are further out.
 ``L4`` and ``BBO`` are encoded only while some subscription covers them;
 ``S|<k>|``, ``HB|<k>|`` and ``RESET|`` always.
 """
@@ -13,29 +16,34 @@ L2 is computed only for aggregations someone subscribed to: an exact topic
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
+import msgspec
 import zmq
 
 from hlbook.common import l2rules, topics, wire
+from hlbook.common.models import BookDiff
 from hlbook.services.book import l2, metrics
-from hlbook.services.book.book import Book
+from hlbook.services.book.book import BID, Book, parse_px
 
 log = logging.getLogger(__name__)
 
-_PARTS = {topics.L2_PREFIX: 4, topics.BBO_PREFIX: 2, topics.L4_PREFIX: 2, topics.RESET_PREFIX: 2, topics.SHARD_PREFIX: 2}
-L2_DEPTH = l2rules.MAX_LEVELS
+_PARTS = {topics.L2_PREFIX: 5, topics.BBO_PREFIX: 2, topics.L4_PREFIX: 2, topics.RESET_PREFIX: 2, topics.SHARD_PREFIX: 2}
+L2_DEPTH = l2rules.MAX_LEVELS  # levels a side for prefix subscribers
+L2Spec = tuple[l2.Agg, int]  # an L2 topic's aggregation and depth
 
 
-def parse_l2_topic(topic: bytes) -> tuple[str, l2.Agg] | None:
-    """``(coin, (nsf, man))`` of an exact, valid L2 topic; None otherwise."""
+def parse_l2_topic(topic: bytes) -> tuple[str, L2Spec] | None:
+    """``(coin, ((nsf, man), nLevels))`` of an exact, valid L2 topic; None otherwise."""
     try:
-        kind, coin, nsf, man = topics.split(topic)
+        kind, coin, nsf, man, depth = topics.split(topic)
         agg = (None if nsf == "-" else int(nsf), None if man == "-" else int(man))
+        n = int(depth)
         l2rules.validate(*agg)
     except (ValueError, UnicodeDecodeError):
         return None
-    return (coin, agg) if kind == "L2" else None
+    return (coin, (agg, n)) if kind == "L2" and 1 <= n <= L2_DEPTH else None
 
 
 def is_exact(topic: bytes) -> bool:
@@ -46,13 +54,26 @@ def is_exact(topic: bytes) -> bool:
     return topic.count(topics.SEP) == _PARTS.get(prefix, -1)
 
 
+def touched(diffs: Iterable[BookDiff]) -> tuple[int | None, int | None]:
+    """The best bid and the best ask price a block's diffs touched (None: that side untouched)."""
+    bid = ask = None
+    for diff in diffs:
+        px = parse_px(diff.px)
+        if diff.side == BID:
+            if bid is None or px > bid:
+                bid = px
+        elif ask is None or px < ask:
+            ask = px
+    return bid, ask
+
+
 class Subscriptions:
     """Exact topics and broader prefixes subscribed on the XPUB socket."""
 
     def __init__(self) -> None:
         self.exact: set[bytes] = set()
         self.prefixes: set[bytes] = set()
-        self.l2: dict[str, set[l2.Agg]] = {}
+        self.l2: dict[str, dict[bytes, L2Spec]] = {}  # coin -> its exact L2 topics
 
     def handle(self, event: bytes) -> bytes | None:
         """Apply one XPUB event; returns the topic when it is a subscription."""
@@ -66,10 +87,13 @@ class Subscriptions:
             target.discard(topic)
         parsed = parse_l2_topic(topic) if topic.startswith(topics.L2_PREFIX) else None
         if parsed is not None:
-            coin, agg = parsed
-            aggs = self.l2.setdefault(coin, set())
-            (aggs.add if subscribe else aggs.discard)(agg)
-            if not aggs:
+            coin, spec = parsed
+            specs = self.l2.setdefault(coin, {})
+            if subscribe:
+                specs[topic] = spec
+            else:
+                specs.pop(topic, None)
+            if not specs:
                 del self.l2[coin]
         return topic if subscribe else None
 
@@ -78,11 +102,14 @@ class Subscriptions:
             return True
         return any(topic.startswith(p) for p in self.prefixes)
 
-    def aggregations(self, coin: str) -> set[l2.Agg]:
-        aggs = set(self.l2.get(coin, ()))
-        if self.prefixes and any(topics.l2(coin).startswith(p) for p in self.prefixes):
-            aggs.add((None, None))
-        return aggs
+    def l2_topics(self, coin: str) -> dict[bytes, L2Spec]:
+        """The coin's L2 topics to publish and their specs."""
+        specs = self.l2.get(coin, {})
+        if self.prefixes:
+            full = topics.l2(coin, None, None, L2_DEPTH)
+            if any(full.startswith(p) for p in self.prefixes):
+                specs = {**specs, full: ((None, None), L2_DEPTH)}
+        return specs
 
 
 class Publisher:
@@ -93,8 +120,9 @@ class Publisher:
         self.shard = shard
         self.subs = Subscriptions()
         self.prev = wire.PrevTracker()
-        self.last_bbo: dict[str, Any] = {}
-        self.last_l2: dict[bytes, Any] = {}
+        self.last_bbo: dict[str, tuple[bytes | None, bytes | None]] = {}
+        self.shown: dict[bytes, l2.Top] = {}  # L2 topic -> the levels it last published
+        self.coin_json: dict[str, bytes] = {}
         self.shard_topic = topics.shard_block(shard)
         self.heartbeat_topic = topics.heartbeat(shard)
         self.held: list[tuple[bytes, bytes]] | None = None  # messages of the coin being published
@@ -109,9 +137,15 @@ class Publisher:
             self.sock.send_multipart((topic, payload), copy=False)
         metrics.PUBLISHED.labels(kind).inc()
 
+    def _coin_json(self, coin: str) -> bytes:
+        text = self.coin_json.get(coin)
+        if text is None:
+            text = self.coin_json[coin] = msgspec.json.encode(coin)
+        return text
+
     def coin_block(self, book: Book, height: int, time: int, statuses: list, diffs: list) -> None:
-        """After a block changed ``book``: L4 updates, BBO if changed, subscribed L2, sent
-        back to back once all are built (a gateway then gets them in one read, and writes
+        """After a block changed ``book``: L4 updates, BBO if changed, subscribed L2 if changed,
+        sent back to back once all are built (a gateway then gets them in one read, and writes
         them to each client at once)."""
         coin = book.coin
         topic = topics.l4(coin)
@@ -122,15 +156,20 @@ class Publisher:
             else:  # the chain advances unsent: ``prev`` is the coin's previous changed block
                 self.prev.next(topic, height)
             self.bbo(book, height, time)
-            aggs = self.subs.aggregations(coin)
-            if aggs or book.views:
-                l2.sync_views(book, aggs)
-            for agg in aggs:
-                self.l2(book, agg, height, time)
+            specs = self.views(book)
+            if specs:
+                self.l2(book, specs, height, time, touched(diffs))
         finally:
             held, self.held = self.held, None
             for frames in held:
                 self.sock.send_multipart(frames, copy=False)
+
+    def views(self, book: Book) -> dict[bytes, L2Spec]:
+        """The book's subscribed L2 topics, with the aggregated views they read attached (and no other)."""
+        specs = self.subs.l2_topics(book.coin)
+        if specs or book.views:
+            l2.sync_views(book, {agg for agg, _ in specs.values()})
+        return specs
 
     def l4_sync(self, coin: str, height: int) -> None:
         """Someone just subscribed ``L4|<coin>|``: tell where the coin's chain stands (``wire.L4Sync``)."""
@@ -143,17 +182,31 @@ class Publisher:
         if not self.subs.wanted(topic):
             self.last_bbo.pop(book.coin, None)
             return
-        bbo = l2.bbo(book)
+        bid, ask = book.bbo()
+        bbo = (bid.fragment() if bid else None, ask.fragment() if ask else None)
         if force or self.last_bbo.get(book.coin) != bbo:
             self.last_bbo[book.coin] = bbo
-            self.send("bbo", topic, wire.Bbo(height, None, time, book.coin, bbo))
+            self.send("bbo", topic, wire.Bbo(height, None, time, book.coin, l2.render_bbo(self._coin_json(book.coin), time, *bbo)))
 
-    def l2(self, book: Book, agg: l2.Agg, height: int, time: int, force: bool = False) -> None:
-        topic = topics.l2(book.coin, *agg)
-        levels = l2.levels(book, L2_DEPTH, *agg)
-        if force or self.last_l2.get(topic) != levels:
-            self.last_l2[topic] = levels
-            self.send("l2", topic, wire.L2Levels(height, None, time, book.coin, agg[0], agg[1], levels))
+    def l2(self, book: Book, specs: dict[bytes, L2Spec], height: int, time: int,
+           touched: tuple[int | None, int | None] | None = None) -> None:
+        """Publish the topics of ``specs`` whose levels changed (``touched``: the best prices the
+        block's diffs touched, to skip topics they cannot have changed; None: compute them all)."""
+        shown = self.shown
+        if touched is not None:
+            specs = {t: spec for t, spec in specs.items() if t not in shown or shown[t].may_change(spec[1], *touched)}
+            if not specs:
+                return
+        depth: dict[l2.Agg, int] = {}
+        for agg, n in specs.values():
+            depth[agg] = max(depth.get(agg, 0), n)
+        tops = {agg: l2.top(book, n, *agg) for agg, n in depth.items()}
+        for topic, (agg, n) in specs.items():
+            levels = tops[agg].first(n) if n < depth[agg] else tops[agg]
+            last = shown.get(topic)
+            shown[topic] = levels
+            if touched is None or last is None or last.bids != levels.bids or last.asks != levels.asks:
+                self.send("l2", topic, wire.L2Book(height, None, time, book.coin, l2.render_l2(self._coin_json(book.coin), time, levels)))
 
     def initial(self, topic: bytes, books: dict[str, Book], height: int, time: int) -> None:
         """A subscriber just subscribed to ``topic``: send the current value of an exact L2/BBO topic."""
@@ -161,7 +214,8 @@ class Publisher:
             parsed = parse_l2_topic(topic)
             if parsed and parsed[0] in books:
                 book = books[parsed[0]]
-                self.l2(book, parsed[1], max(height, book.height), max(time, book.time), force=True)
+                self.views(book)
+                self.l2(book, {topic: parsed[1]}, max(height, book.height), max(time, book.time))
         elif topic.startswith(topics.BBO_PREFIX) and is_exact(topic):
             found = books.get(topics.coin_of(topic))
             if found is not None:
@@ -170,14 +224,15 @@ class Publisher:
     def refresh(self, book: Book, height: int, time: int) -> None:
         """Send the current BBO and subscribed L2 of ``book`` (after it was rebuilt)."""
         self.bbo(book, height, time, force=True)
-        for agg in self.subs.aggregations(book.coin):
-            self.l2(book, agg, height, time, force=True)
+        specs = self.views(book)
+        if specs:
+            self.l2(book, specs, height, time)
 
     def forget(self, coin: str) -> None:
         """Drop what was last sent for ``coin`` (its book was replaced)."""
         self.last_bbo.pop(coin, None)
-        for topic in [t for t in self.last_l2 if topics.coin_of(t) == coin]:
-            del self.last_l2[topic]
+        for topic in [t for t in self.shown if topics.coin_of(t) == coin]:
+            del self.shown[topic]
 
     def heartbeat(self, status: wire.ShardStatus) -> None:
         self.sock.send_multipart((self.heartbeat_topic, wire.encode(status)))

@@ -19,7 +19,7 @@ from hlbook.common.metrics import BAD_INPUT
 from hlbook.common.wire import CoinState
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway.feeds import Feed, L4Feed
-from hlbook.services.gateway.kinds import KINDS, level_dict, level_dicts  # noqa: F401  (level_*: bench/gateway.py)
+from hlbook.services.gateway.kinds import KINDS
 from hlbook.services.gateway.protocol import CoinKey, FeedKey, RequestError, UserKey
 from hlbook.services.gateway.session import Session
 from hlbook.services.gateway.upstream import QueryError, Upstream
@@ -64,7 +64,6 @@ class Hub:
         self.shards = [ShardView() for _ in range(upstream.shards)]
         self.feeds: dict[FeedKey, Feed] = {}
         self.by_topic: dict[bytes, list[Feed]] = {}
-        self.last: dict[bytes, Any] = {}  # topics of keep_last kinds (l2Book): newest message (new feeds start from it)
         self.trades: dict[str, deque[wire.Trade]] = {}
         self.chains = Chains(dense_prefixes=(topics.SHARD_PREFIX,))  # every upstream topic but L4| (its feed keeps that)
         self.repairing: dict[bytes, list[Any]] = {}  # topic -> messages held while its lost ones are replayed
@@ -162,7 +161,6 @@ class Hub:
             siblings.remove(feed)
             if not siblings:
                 del self.by_topic[feed.topic]
-                self.last.pop(feed.topic, None)
                 if kind.subscribe:
                     self.chains.pop(feed.topic)
             if kind.subscribe:
@@ -324,15 +322,6 @@ class Hub:
         for feed in self.by_topic.get(topic, ()):
             feed.on_upstream(m)
 
-    def on_feeds_kept(self, topic: bytes, m: Any) -> None:
-        """``on_feeds``, keeping the message for the topic's next new feed (kinds with ``keep_last``)."""
-        feeds = self.by_topic.get(topic)
-        if not feeds:
-            return
-        self.last[topic] = m
-        for feed in feeds:
-            feed.on_upstream(m)
-
     _handlers: ClassVar[dict[bytes, Handler]] = {
         topics.SHARD_PREFIX: ("shard", wire.ShardBlock, on_shard_block),
         topics.HEARTBEAT_PREFIX: ("heartbeat", wire.ShardStatus, on_heartbeat),
@@ -340,5 +329,5 @@ class Hub:
         topics.TRADES_PREFIX: ("trades", wire.Trades, on_trades),  # held for the owner shard's block, then on_feeds
     }
     for _kind in KINDS.values():  # every other upstream message of a feed kind goes to the feeds of its topic
-        _handlers.setdefault(_kind.source.prefix, (_kind.source.label, _kind.source.type, on_feeds_kept if _kind.keep_last else on_feeds))
+        _handlers.setdefault(_kind.source.prefix, (_kind.source.label, _kind.source.type, on_feeds))
     del _kind

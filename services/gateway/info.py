@@ -47,7 +47,7 @@ from hlbook.common.candles import INTERVALS
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway.ctx import is_spot, perp_ctx, spot_ctx
 from hlbook.services.gateway.hub import RECENT_TRADES, Hub, dex_of
-from hlbook.services.gateway.kinds import L2BookKey, feed_key, level_dicts, normalise
+from hlbook.services.gateway.kinds import L2BookKey, feed_key, normalise
 from hlbook.services.gateway.protocol import USER, RequestError
 from hlbook.services.gateway.upstream import QueryError
 
@@ -55,6 +55,10 @@ SPOT_PAIR = re.compile(r"^@(\d+)$")
 META_TTL = 10.0  # seconds a built meta is reused
 CLOID_OR_OID = "oid must be a non-negative 64-bit integer or a cloid (0x and 32 hex digits)"
 USDC = {"name": "USDC", "szDecimals": 8, "weiDecimals": 8, "index": 0, "tokenId": "0x" + "0" * 32, "isCanonical": True}
+
+
+def _level_dicts(side: list[wire.Level]) -> list[dict[str, Any]]:
+    return [{"px": px, "sz": sz, "n": count} for px, sz, count in side]
 
 
 class InfoError(Exception):
@@ -102,7 +106,7 @@ class Info:
         reply = await self.hub.upstream.query(self.hub.owner(coin), query)
         bids, asks = reply["levels"]
         self._note_sizes(coin, bids + asks)
-        return {"coin": coin, "time": reply["time"], "levels": [level_dicts(bids), level_dicts(asks)]}
+        return {"coin": coin, "time": reply["time"], "levels": [_level_dicts(bids), _level_dicts(asks)]}
 
     async def all_mids(self, payload: dict[str, Any]) -> dict[str, str]:
         return self.hub.all_mids(payload.get("dex") or "")

@@ -17,8 +17,8 @@ A kind says, declaratively, everything the gateway does for its subscription typ
   subscriber; ``channel(key)``: the client channel; ``conflate``: a slow
   client gets the latest only.
 - ``prime(hub, feed)``: what a new feed starts from (the snapshot every
-  subscriber gets at once, later updates replace it); ``keep_last``: the hub
-  keeps the topic's newest message for it. Kinds whose every subscriber needs
+  subscriber gets at once, later updates replace it; l2Book and bbo need none:
+  the shard sends a new subscriber of their topic the current value). Kinds whose every subscriber needs
   a snapshot of its own (userFills, l4Book) have a feed class that does it
   (``new_feed``).
 - ``on_block(hub, feed, block)`` with ``block``: ``"owner"`` (each block of
@@ -71,7 +71,7 @@ class Source(NamedTuple):
     type: Any  # the wire Struct (or union) they decode to
 
 
-L2 = Source(topics.L2_PREFIX, "l2", wire.L2Levels)
+L2 = Source(topics.L2_PREFIX, "l2", wire.L2Book)
 BBO = Source(topics.BBO_PREFIX, "bbo", wire.Bbo)
 L4 = Source(topics.L4_PREFIX, "l4", wire.L4Message)
 TRADES = Source(topics.TRADES_PREFIX, "trades", wire.Trades)  # the hub holds them for the owner shard's block first
@@ -155,7 +155,6 @@ class Kind:
     channel: Callable[[Any], str] | None = None  # None: the name
     conflate: bool = False
     prime: Callable[[Hub, Any], None] | None = None
-    keep_last: bool = False
     block: Literal["owner", "every"] | None = None
     on_block: Callable[[Hub, Any, wire.ShardBlock], None] | None = None
     history: bool = False  # needs the history service (refused without one)
@@ -174,21 +173,12 @@ class Kind:
 # ------------------------------------------------------------------ rendering
 
 
-def level_dicts(side: list[wire.Level], n: int | None = None) -> list[dict[str, Any]]:
-    return [{"px": px, "sz": sz, "n": count} for px, sz, count in side[:n]]
+def render_l2(key: L2BookKey, m: wire.L2Book) -> msgspec.Raw:
+    return msgspec.Raw(m.data)  # the shard rendered it for this topic's depth
 
 
-def level_dict(level: wire.Level | None) -> dict[str, Any] | None:
-    return None if level is None else {"px": level[0], "sz": level[1], "n": level[2]}
-
-
-def render_l2(key: L2BookKey, m: wire.L2Levels) -> dict[str, Any]:
-    n = key.n_levels
-    return {"coin": m.coin, "time": m.time, "levels": [level_dicts(m.levels[0], n), level_dicts(m.levels[1], n)]}
-
-
-def render_bbo(key: BboKey, m: wire.Bbo) -> dict[str, Any]:
-    return {"coin": m.coin, "time": m.time, "bbo": [level_dict(m.bbo[0]), level_dict(m.bbo[1])]}
+def render_bbo(key: BboKey, m: wire.Bbo) -> msgspec.Raw:
+    return msgspec.Raw(m.data)
 
 
 def render_trades(key: TradesKey, m: wire.Trades) -> list[wire.Trade]:
@@ -226,14 +216,6 @@ def render_user_events(key: UserEventsKey, m: wire.UserEvents) -> Several | None
 
 
 # ------------------------------------------------------------------ snapshots and blocks
-
-
-def prime_from_last(hub: Hub, feed: Feed) -> None:
-    """l2Book: a new feed starts from the topic's newest levels (another nLevels feed of it took them)."""
-    if feed.topic is not None:
-        last = hub.last.get(feed.topic)
-        if last is not None:
-            feed.on_upstream(last)
 
 
 def publish_mids(hub: Hub, feed: Feed, block: wire.ShardBlock | None = None) -> None:
@@ -353,9 +335,9 @@ def _user_topic(key: UserKey) -> bytes:
 
 
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (
-    Kind(name="l2Book", key=L2BookKey, parse=parse_l2, source=L2, conflate=True, keep_last=True, prime=prime_from_last,
+    Kind(name="l2Book", key=L2BookKey, parse=parse_l2, source=L2, conflate=True,
          key_of=lambda s: L2BookKey(s["coin"], s["nSigFigs"], s["mantissa"], s.get("nLevels", DEFAULT_LEVELS)),
-         topic=lambda k: topics.l2(k.coin, k.n_sig_figs, k.mantissa), render=render_l2),
+         topic=lambda k: topics.l2(k.coin, k.n_sig_figs, k.mantissa, k.n_levels), render=render_l2),
     Kind(name="trades", key=TradesKey, parse=parse_coin, key_of=lambda s: TradesKey(s["coin"]), source=TRADES,
          topic=lambda k: topics.trades(k.coin), subscribe=False, render=render_trades),
     Kind(name="bbo", key=BboKey, parse=parse_coin, key_of=lambda s: BboKey(s["coin"]), source=BBO, conflate=True,
