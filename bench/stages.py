@@ -8,9 +8,10 @@ stage moved and by how much):
 1. **Node files**: ``--blocks`` blocks of the simulator's full profile (every market of
    mainnet, ~8,000 statuses, ~700 diffs, ~70 fills a block) written once into
    ``--stage`` with a snapshot (kept there for the next run: ``--stage DIR``).
-2. **ingest**: the real ``Ingest`` reads those files from the first block and publishes on
-   XPUB; a SUB takes every message the shards, the gateway and the history service
-   would (``H|``, ``B|``, ``T|``, ``HIST|``). CPU of ``Ingest.step`` per block.
+2. **ingest**: the real ``Ingest`` follows node files to which the staged blocks are
+   appended one at a time, as a node writes them, and publishes on XPUB; a SUB takes every
+   message the shards, the gateway and the history service would (``H|``, ``B|``, ``T|``,
+   ``HIST|``). CPU of ``Ingest.step`` per block.
 3. **shard**: for each shard of ``--shards``, the real ``Stream`` (books from the
    snapshot) applies ingest's messages and publishes on an XPUB to a SUB subscribed as
    the bench's clients are (bbo and l2Book of ``--subscribed`` coins). CPU per block.
@@ -58,12 +59,49 @@ def cpu() -> float:
     return time.process_time()
 
 
+def node_lines(node: Path) -> tuple[list[Path], dict[int, list[tuple[int, int, int]]]]:
+    """The staged files and, per height, its lines as (file index, offset, length) in stream order."""
+    from hlbook.common.models import STREAMS
+    from hlbook.common.nodefiles import hour_files, line_height
+
+    files: list[Path] = []
+    where: dict[int, list[tuple[int, int, int]]] = {}
+    for stream in STREAMS:
+        for path in hour_files(node, stream, "by-block"):
+            files.append(path)
+            offset = 0
+            with open(path, "rb") as fh:
+                for line in fh:
+                    height = line_height(line)
+                    assert height is not None
+                    where.setdefault(height, []).append((len(files) - 1, offset, len(line)))
+                    offset += len(line)
+    return files, where
+
+
 def run_ingest(stage: Path, sockets: Path, first: int, n_blocks: int) -> tuple[list[tuple[bytes, bytes]], float]:
+    """Ingest as it runs live: each block's three lines appended to the node files (as a node
+    writes them), then ingest's loop until it published that block."""
     from hlbook.common import topics
     from hlbook.services.ingest.service import Ingest, IngestConfig
 
-    cfg = IngestConfig(data_dir=str(stage / "node"), from_height=first, pub=f"ipc://{sockets}/pub",
-                       replay=f"ipc://{sockets}/replay", watch=False, block_timeout=3600)
+    files, where = node_lines(stage / "node")
+    live = sockets.parent / "live"
+    outs = {}
+    for index, path in enumerate(files):
+        target = live / path.relative_to(stage / "node")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        outs[index] = open(target, "ab", buffering=0)
+    sources = {index: open(path, "rb") for index, path in enumerate(files)}
+
+    def append(height: int) -> None:
+        for index, offset, length in where[height]:
+            sources[index].seek(offset)
+            outs[index].write(sources[index].read(length))
+
+    append(first)
+    cfg = IngestConfig(data_dir=str(live), from_height=first, pub=f"ipc://{sockets}/pub", replay=f"ipc://{sockets}/replay",
+                       watch=False, block_timeout=3600)
     ctx = zmq.Context.instance()
     ingest = Ingest(cfg, ctx)
     sub = ctx.socket(zmq.SUB)
@@ -72,21 +110,26 @@ def run_ingest(stage: Path, sockets: Path, first: int, n_blocks: int) -> tuple[l
     for prefix in (topics.HEADER, topics.BOOK_PREFIX, topics.TRADES_PREFIX, topics.HISTORY):
         sub.setsockopt(zmq.SUBSCRIBE, prefix)
     deadline = time.monotonic() + 5
-    while ingest.subs.history <= 0 and time.monotonic() < deadline:  # the XPUB events of the SUB
-        ingest.step()
+    while ingest.subs.history <= 0 and time.monotonic() < deadline:  # the SUB's subscriptions, before any block
+        if ingest.pub.poll(100):
+            ingest.subs.handle(ingest.pub.recv())
     messages: list[tuple[bytes, bytes]] = []
     spent = 0.0
-    last = first + n_blocks - 1
-    while (ingest.published or 0) < last:
-        t = cpu()
-        ingest.step()
-        spent += cpu() - t
+    for height in range(first, first + n_blocks):
+        if height > first:
+            append(height)
+        while (ingest.published or 0) < height:
+            t = cpu()
+            ingest.step()
+            spent += cpu() - t
         while sub.poll(0):
             messages.append(tuple(sub.recv_multipart()))  # type: ignore[arg-type]
     while sub.poll(100):
         messages.append(tuple(sub.recv_multipart()))  # type: ignore[arg-type]
     ingest.close()
     sub.close(0)
+    for fh in [*outs.values(), *sources.values()]:
+        fh.close()
     return messages, spent
 
 

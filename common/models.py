@@ -169,11 +169,13 @@ class StatusHeadLine(msgspec.Struct):
 
     def resolve(self, wanted: Callable[[str], bool] | None = None) -> tuple[StatusLine, int]:
         """The line with the statuses that matter fully decoded: every one that is not a
-        rejection, and the rejections of users ``wanted`` accepts. Also: how many were left out."""
+        rejection, and the rejections of users ``wanted`` accepts. Also: how many were left out.
+        (The rejection test is spelled out, not ``is_rejection``: a call per status costs
+        ~1 ms a whole-market line.)"""
         if wanted is None:
-            kept = [e.full() for e in self.events if not e.rejected]
+            kept = [e.full() for e in self.events if not e.status.endswith("Rejected")]
         else:
-            kept = [e.full() for e in self.events if not e.rejected or wanted(e.user)]
+            kept = [e.full() for e in self.events if not e.status.endswith("Rejected") or wanted(e.user)]
         return StatusLine(self.local_time, self.block_time, self.block_number, kept), len(self.events) - len(kept)
 
 STREAMS = ("order_statuses", "raw_book_diffs", "fills")

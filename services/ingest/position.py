@@ -11,13 +11,16 @@ while ingest was down is published, in order; the few it may publish twice
 consumers see them as already held (``common.chain``: ``SEEN``).
 
 The file is per data directory and mode (its name holds a hash of both), in
-``--state-dir``.
+``--state-dir``. A writer thread writes it: a write and a rename can wait on the
+disk for milliseconds (ext4 flushes a file renamed over another), and ingest's
+loop must not.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -35,11 +38,16 @@ class Position(msgspec.Struct):
 
 
 class PositionFile:
-    """Reads and writes one ingest's position."""
+    """Reads and writes one ingest's position (writes in a thread: the newest wins)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.saved_at = 0.0
+        self._pending: bytes | None = None  # the newest position not written yet
+        self._wake = threading.Condition()
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="position-writer", daemon=True)
+        self._writer.start()
 
     def load(self) -> Position | None:
         try:
@@ -59,11 +67,36 @@ class PositionFile:
         return time.monotonic() - self.saved_at >= SAVE_EVERY
 
     def save(self, position: Position) -> None:
+        """Hand the position to the writer (a newer one replaces one it has not written yet)."""
         self.saved_at = time.monotonic()
+        with self._wake:
+            self._pending = msgspec.json.encode(position)
+            self._wake.notify()
+
+    def close(self) -> None:
+        """Write what is pending, then stop the writer."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._writer.join()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._wake:
+                while self._pending is None and not self._closed:
+                    self._wake.wait()
+                data, self._pending = self._pending, None
+                closed = self._closed
+            if data is not None:
+                self._write(data)
+            if closed and data is None:
+                return
+
+    def _write(self, data: bytes) -> None:
         tmp = self.path.with_suffix(".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(msgspec.json.encode(position))
+            tmp.write_bytes(data)
             os.replace(tmp, self.path)
         except OSError as exc:  # a full disk must not stop publishing; the next save tries again
             log.error("cannot save the position to %s: %s", self.path, exc)

@@ -260,6 +260,8 @@ class Ingest:
 
     def close(self) -> None:
         self.save_position(force=True)
+        if self.position is not None:
+            self.position.close()
         if self._lock is not None:
             self._lock.close()
         for tailer in self.tailers.values():
