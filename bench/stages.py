@@ -16,7 +16,7 @@ stage moved and by how much):
    snapshot) applies ingest's messages and publishes on an XPUB to a SUB subscribed as
    the bench's clients are (bbo and l2Book of ``--subscribed`` coins). CPU per block.
 4. **history**: the real ``Store`` stores every ``HIST|`` block, committing as the
-   service does (every 0.2 s of the blocks' time). CPU per block.
+   service does (every COMMIT_EVERY s of the blocks' time). CPU per block.
 
     .venv/bin/python bench/stages.py [--blocks 120] [--stage DIR] [--shards 2] [--subscribed 200]
 """
@@ -187,6 +187,7 @@ def run_shard(k: int, shards: int, stage: Path, sockets: Path, messages: list[tu
 
 def run_history(tmp: Path, messages: list[tuple[bytes, bytes]]) -> float:
     from hlbook.common import topics, wire
+    from hlbook.services.history.service import COMMIT_EVERY
     from hlbook.services.history.store import Store
 
     store = Store(tmp / "history.sqlite")
@@ -198,7 +199,7 @@ def run_history(tmp: Path, messages: list[tuple[bytes, bytes]]) -> float:
         t = cpu()
         block = wire.decode(payload, wire.HistoryBlock)
         store.add_block(block.height, block.time, block.statuses, block.fills)
-        if last_commit_ms is None or block.time - last_commit_ms >= 200:
+        if last_commit_ms is None or block.time - last_commit_ms >= COMMIT_EVERY * 1000:
             store.commit()
             last_commit_ms = block.time
         spent += cpu() - t

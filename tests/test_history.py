@@ -93,7 +93,7 @@ def expected(blocks: dict[int, dict[str, Any]]) -> dict[str, Any]:
                            "time": taker["time"], "tid": taker["tid"],
                            "users": [next(u for u, f in pair if f["side"] == "B"), next(u for u, f in pair if f["side"] == "A")]})
         for place, status in enumerate(block["statuses"]):
-            order = {k: v for k, v in status["order"].items() if v is not None}
+            order = dict(status["order"])  # every key, nulls included (tif, cloid), as the public API sends them
             entry = {"order": order, "status": status["status"], "statusTimestamp": ms_of(status["time"])}
             orders[order["oid"]] = ((height, place), status["user"], entry)
     candles: dict[tuple[str, str, int], dict[str, Any]] = {}
@@ -193,7 +193,7 @@ def test_answers_from_node_files_written_before_start(btc_data: Path, tmp_path: 
             assert post_info(base, {"type": "historicalOrders", "user": user})[1] == entries
         canceled = next((oid, u, e) for oid, (_, u, e) in want["orders"].items() if e["status"] == "canceled")
         assert post_info(base, {"type": "orderStatus", "user": canceled[1], "oid": canceled[0]})[1] == {"status": "order", "order": canceled[2]}
-        with_cloid = next(((u, e) for _, u, e in want["orders"].values() if "cloid" in e["order"]), None)
+        with_cloid = next(((u, e) for _, u, e in want["orders"].values() if e["order"]["cloid"] is not None), None)
         if with_cloid is not None:
             user, entry = with_cloid
             latest = max((at for at, u, e in want["orders"].values() if u == user and e["order"].get("cloid") == entry["order"]["cloid"]))

@@ -29,6 +29,7 @@ from hlbook.common import config, fixed
 from hlbook.common.candles import INTERVALS, Candle, bounds, oldest_kept, seq
 from hlbook.common.fills import aggregate_by_time, trades_of
 from hlbook.common.models import Fill, OrderStatus, UserFill, block_time_ms
+from hlbook.common.wire import Trade
 from hlbook.services.history import metrics
 from hlbook.services.history.spans import Spans
 
@@ -66,10 +67,25 @@ CandleKey = tuple[str, str, int]  # (coin, interval, start)
 
 
 def order_body(status: OrderStatus) -> bytes:
-    """historicalOrders / orderStatus entry: ``{"order": {frontend order}, "status", "statusTimestamp"}``."""
-    order = status.order
-    fields = {f: getattr(order, f) for f in order.__struct_fields__ if getattr(order, f) is not None}
-    return _json.encode({"order": fields, "status": status.status, "statusTimestamp": block_time_ms(status.time)})
+    """historicalOrders / orderStatus entry: ``{"order": {frontend order}, "status", "statusTimestamp"}``;
+    the order with every key the node writes, in its order, nulls included (``tif``, ``cloid``),
+    as the public API sends it."""
+    return b'{"order":%s,"status":%s,"statusTimestamp":%d}' % (_json.encode(status.order), _json.encode(status.status),
+                                                             block_time_ms(status.time))
+
+
+def _block_candles(height: int, trades: list[tuple[int, Trade]]) -> dict[tuple[str, int], Candle]:
+    """The block's trades folded per coin and time (a block's trades share its time): one
+    candle each, which every interval's candle then takes in at once."""
+    out: dict[tuple[str, int], Candle] = {}
+    for place, t in trades:
+        px, sz, at = fixed.parse(t.px), fixed.parse(t.sz), seq(height, place)
+        candle = out.get((t.coin, t.time))
+        if candle is None:
+            out[(t.coin, t.time)] = Candle(t.time, t.time, px, px, px, px, sz, 1, at, at)
+        else:
+            candle.merge(Candle(t.time, t.time, px, px, px, px, sz, 1, at, at))
+    return out
 
 
 def json_list(bodies: Iterable[bytes]) -> bytes:
@@ -163,15 +179,16 @@ class Store:
                             [(t.coin, t.time, t.tid, _json.encode(t)) for _, t in trades])
         metrics.ROWS.labels("trades").inc(len(trades))
         parts: dict[CandleKey, Candle] = {}
-        for place, t in trades:
-            px, sz, at = fixed.parse(t.px), fixed.parse(t.sz), seq(height, place)
+        for (coin, time_ms), candle in _block_candles(height, trades).items():
             for interval in INTERVALS:
-                candle = Candle.of_trade(interval, t.time, px, sz, at)
-                key = (t.coin, interval, candle.start)
+                start, end = bounds(interval, time_ms)
+                part = Candle(start, end, candle.open, candle.close, candle.high, candle.low, candle.volume, candle.trades,
+                              candle.first, candle.last)
+                key = (coin, interval, start)
                 if key in parts:
-                    parts[key].merge(candle)
+                    parts[key].merge(part)
                 else:
-                    parts[key] = candle
+                    parts[key] = part
         return self._fold_candles(parts)
 
     def _fold_candles(self, parts: dict[CandleKey, Candle]) -> set[tuple[str, str]]:
