@@ -40,6 +40,20 @@ def test_start_at_end_keeps_a_partial_last_line(tmp_path: Path) -> None:
     assert heights(tailer.poll()) == [3]
 
 
+def test_a_line_read_in_pieces_comes_once_whole(tmp_path: Path) -> None:
+    append(tmp_path, HOUR, node_line(1))
+    tailer = Tailer(tmp_path, "fills", "by-block")
+    assert tailer.start_at_end() == 1
+    big = node_line(2, pad=300_000)
+    for start in range(0, len(big) - 1000, len(big) // 7):  # the node is still writing it: nothing yet
+        append(tmp_path, HOUR, big[start : start + len(big) // 7])
+        assert tailer.poll() == []
+    append(tmp_path, HOUR, big[(len(big) // 7) * 7 :] + node_line(3) + node_line(4)[:10])
+    assert tailer.poll() == [big[:-1], node_line(3)[:-1]]
+    append(tmp_path, HOUR, node_line(4)[10:])
+    assert tailer.poll() == [node_line(4)]  # one whole line: as read, its newline kept
+
+
 def test_start_from_scans_back_to_the_file_holding_the_height(tmp_path: Path) -> None:
     append(tmp_path, datetime(2026, 11, 22, 22), node_line(1) + node_line(2))
     append(tmp_path, HOUR, node_line(3) + node_line(4))

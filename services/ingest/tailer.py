@@ -34,7 +34,7 @@ class Tailer:
         self.mode = mode
         self.path: Path | None = None
         self._fh: BinaryIO | None = None
-        self._partial = b""
+        self._partial: list[bytes] = []  # the pieces read of a line whose newline has not come yet
         self._next_rotation_check = 0.0
         self.at_eof = False
 
@@ -79,7 +79,7 @@ class Tailer:
             self._fh.close()
         self._fh = open(path, "rb")
         self.path = path
-        self._partial = b""
+        self._partial = []
 
     # -------------------------------------------------------------- reading
 
@@ -102,18 +102,32 @@ class Tailer:
         return self._split(data)
 
     def _split(self, data: bytes) -> list[bytes]:
-        if self._partial:
-            data, self._partial = self._partial + data, b""
+        """Complete lines: a line read in pieces (the node was writing it) is joined once, when
+        its newline came; one whole line, as a node appends them, is not copied (decoders skip
+        the newline)."""
         last = data.rfind(b"\n")
+        if last < 0:
+            self._keep(data)
+            return []
+        if self._partial:
+            last += sum(map(len, self._partial))
+            data, self._partial = b"".join([*self._partial, data]), []
         if last == len(data) - 1 and data.find(b"\n", 0, last) < 0:
-            return [data] if last else []  # one whole line, as a node appends them: not copied (decoders skip the newline)
+            return [data] if last else []
         lines = data.split(b"\n")
-        self._partial = lines.pop()
-        if len(self._partial) > MAX_PARTIAL:
-            metrics.BAD_LINES.labels(self.stream, "oversize").inc()
-            log.error("%s: dropping %d bytes without a newline in %s", self.stream, len(self._partial), self.path)
-            self._partial = b""
+        self._keep(lines.pop())
         return [line for line in lines if line]
+
+    def _keep(self, piece: bytes) -> None:
+        """A piece of a line still being written (dropped past ``MAX_PARTIAL``: not a line)."""
+        if not piece:
+            return
+        self._partial.append(piece)
+        size = sum(len(p) for p in self._partial)
+        if size > MAX_PARTIAL:
+            metrics.BAD_LINES.labels(self.stream, "oversize").inc()
+            log.error("%s: dropping %d bytes without a newline in %s", self.stream, size, self.path)
+            self._partial = []
 
     def _check_truncated(self) -> int:
         """Bytes to read from the current position (the file is reread from its start if it shrank)."""
@@ -127,7 +141,7 @@ class Tailer:
             metrics.FILE_EVENTS.labels(self.stream, "truncated").inc()
             log.error("%s: %s shrank from %d to %d bytes; rereading it from the start", self.stream, self.path, pos, size)
             self._fh.seek(0)
-            self._partial = b""
+            self._partial = []
             return size
         return size - pos
 
@@ -146,7 +160,7 @@ class Tailer:
             return
         if self._partial:
             metrics.BAD_LINES.labels(self.stream, "unterminated").inc()
-            log.error("%s: %s ended with %d bytes without a newline; dropped", self.stream, self.path, len(self._partial))
+            log.error("%s: %s ended with %d bytes without a newline; dropped", self.stream, self.path, sum(map(len, self._partial)))
         metrics.FILE_EVENTS.labels(self.stream, "rotated").inc()
         log.info("%s: rotating %s -> %s", self.stream, self.path, newer)
         self._open(newer)
