@@ -8,9 +8,11 @@ import zlib
 
 SEP = b"|"
 
-# ingest -> shards / gateways
+# ingest -> shards / gateways: a block's books phase (H|, B|, T|), then its details phase (D|, E|, U|, HIST|)
 HEADER = b"H|"  # one BlockHeader per block
 BOOK_PREFIX = b"B|"  # B|<coin>| BookSlice
+DETAILS_PREFIX = b"D|"  # D|<coin>| BookDetails
+BLOCK_END = b"E|"  # one BlockEnd per block
 TRADES_PREFIX = b"T|"  # T|<coin>| Trades
 USER_PREFIX = b"U|"  # U|<user>| UserEvents (only published while subscribed)
 HISTORY = b"HIST|"  # HistoryBlock, every block while subscribed (the history service)
@@ -33,6 +35,10 @@ def _t(prefix: bytes, *parts: str) -> bytes:
 
 def book(coin: str) -> bytes:
     return _t(BOOK_PREFIX, coin)
+
+
+def details(coin: str) -> bytes:
+    return _t(DETAILS_PREFIX, coin)
 
 
 def trades(coin: str) -> bytes:

@@ -21,31 +21,54 @@ from hlbook.common.models import BookDiff, Fill, OrderStatus, UserFill
 
 
 class BlockHeader(msgspec.Struct):
-    """``H|``: one per block, also for empty blocks."""
+    """``H|``: a block's books phase, one per block (empty ones too), published as soon
+    as its diffs and fills were read: its ``B|`` and ``T|`` messages follow it."""
 
     height: int
     prev: int | None
     time: int  # block_time, epoch ms
     block_time: str
     local_time: str
-    n_statuses: int
     n_diffs: int
     n_fills: int
     book_coins: list[str]  # coins with a BookSlice in this block
-    incomplete: list[str] = []  # streams whose line of this block never came (a damaged or truncated file)
+    incomplete: list[str] = []  # book streams whose line of this block never came (a damaged or truncated file)
 
 
 class BookSlice(msgspec.Struct):
-    """``B|<coin>|``: what a book needs from one block, published only for blocks
-    with diffs for the coin. ``statuses`` holds the statuses of this block whose
-    oid has a diff here (the order details of ``new`` diffs), in node order."""
+    """``B|<coin>|``: the coin's diffs of one block, published only for blocks with diffs
+    for the coin (the books phase; the details of its new orders follow in ``D|<coin>|``)."""
 
     height: int
     prev: int | None
     time: int
     coin: str
     diffs: list[BookDiff]
+
+
+class BookDetails(msgspec.Struct):
+    """``D|<coin>|``: the statuses of one block whose oid has a diff of the coin in it (the
+    details of its ``new`` orders: user's tif, cloid, timestamp, trigger fields…), node
+    order; published in the block's details phase, for coins with such statuses."""
+
+    height: int
+    prev: int | None
+    time: int
+    coin: str
     statuses: list[OrderStatus]
+
+
+class BlockEnd(msgspec.Struct):
+    """``E|``: a block's details phase is over, one per block after its ``D|`` messages:
+    ``detail_coins`` are the coins that got one. ``incomplete``: ``["order_statuses"]``
+    when the block's status line never came (its new orders have no details)."""
+
+    height: int
+    prev: int | None
+    time: int
+    n_statuses: int
+    detail_coins: list[str]
+    incomplete: list[str] = []
 
 
 class Trade(msgspec.Struct):

@@ -343,7 +343,7 @@ def test_a_depth_is_published_when_a_block_changed_its_levels_and_only_then() ->
 
     def block(height: int, diffs: list[BookDiff]) -> dict[bytes, dict]:
         book.apply(height, height * 10, diffs, [])
-        publisher.coin_block(book, height, height * 10, [], diffs)
+        publisher.coin_books(book, height, height * 10, diffs)
         published = sent.take()
         for topic, (nsf, man, n) in ((shallow, (None, None, 3)), (deep, (None, None, 100)), (topics.l2("X", 3, None, 2), (3, None, 2))):
             if topic in published:  # what the shard rendered is what the book holds, as clients get it

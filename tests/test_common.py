@@ -46,9 +46,11 @@ def test_topic_prefixes_are_exact() -> None:
 
 
 def test_wire_roundtrip() -> None:
-    header = wire.BlockHeader(7, 6, 1, "t", "l", 1, 2, 3, ["BTC"])
+    header = wire.BlockHeader(7, 6, 1, "t", "l", 2, 3, ["BTC"])
     assert wire.decode(wire.encode(header), wire.BlockHeader) == header
     assert wire.decode(wire.encode(header))["book_coins"] == ["BTC"]
+    end = wire.BlockEnd(7, 6, 1, 900, ["BTC"], ["order_statuses"])
+    assert wire.decode(wire.encode(end), wire.BlockEnd) == end
     sync = wire.L4Sync(9, 7, "BTC")
     assert wire.decode(wire.encode(sync), wire.L4Message) == sync  # L4| carries a tagged union
     assert wire.decode(wire.encode(wire.L4Updates(9, 7, 1, "BTC", [], [])), wire.L4Message).height == 9

@@ -91,27 +91,32 @@ def test_joined_diffs_apply_to_the_snapshot_without_unknown_oids(btc_data: Path)
     assert applied > 500
 
 
-def test_book_slices_carry_the_status_of_every_new_order(btc_nosnapshot_data: Path, btc_data: Path) -> None:
+def test_book_details_carry_the_status_of_every_new_order(btc_nosnapshot_data: Path, btc_data: Path) -> None:
+    """A block's books phase (H|, B| with its diffs), then its details phase (D| with the
+    statuses of the oids its diffs touched, E| naming the coins that got details)."""
     news = 0
     for data_dir in (btc_data, btc_nosnapshot_data):
         builder = MessageBuilder(Subscriptions())
         for block in read_blocks(data_dir, "by-block"):
-            stored, per_user = builder.build(block)
-            assert per_user == []
-            for topic, payload in stored:
-                if not topic.startswith(b"B|"):
-                    continue
-                slice_ = wire.decode(payload, wire.BookSlice)
-                assert topic == b"B|BTC|" and slice_.height == block.height
-                by_oid: dict[int, list[str]] = {}
-                for status in slice_.statuses:
+            books = dict(builder.books(block))
+            details, per_user = builder.details(block)
+            assert per_user == [] and details[-1][0] == b"E|"
+            end = wire.decode(details[-1][1], wire.BlockEnd)
+            assert end.height == block.height and end.n_statuses == len(block.statuses) and not end.incomplete
+            slice_ = wire.decode(books[b"B|BTC|"], wire.BookSlice) if b"B|BTC|" in books else None
+            by_oid: dict[int, list[str]] = {}
+            for topic, payload in details[:-1]:
+                detail = wire.decode(payload, wire.BookDetails)
+                assert topic == b"D|BTC|" and detail.height == block.height and end.detail_coins == ["BTC"]
+                for status in detail.statuses:
                     by_oid.setdefault(status.order.oid, []).append(status.status)
                     assert status.order.coin == "BTC"
-                for diff in slice_.diffs:
-                    if diff_kind(diff) == "new" and diff.user not in (HIP2_USER, ASSISTANCE_FUND_USER):
-                        kinds = by_oid[diff.oid]
-                        assert "open" in kinds or "triggered" in kinds, (diff, kinds)
-                        news += 1
+            for diff in slice_.diffs if slice_ is not None else ():
+                if diff_kind(diff) == "new" and diff.user not in (HIP2_USER, ASSISTANCE_FUND_USER):
+                    kinds = by_oid[diff.oid]
+                    assert "open" in kinds or "triggered" in kinds, (diff, kinds)
+                    news += 1
+            assert {s.order.oid for s in block.statuses if slice_ and s.order.oid in {d.oid for d in slice_.diffs}} == set(by_oid)
     assert news > 400
 
 
@@ -121,7 +126,7 @@ def test_trades_pair_fills_by_tid_with_the_taker_side(btc_data: Path) -> None:
     fills = 0
     for block in read_blocks(btc_data, "by-block"):
         fills += len(block.fills)
-        for topic, payload in builder.build(block)[0]:
+        for topic, payload in builder.books(block):
             if topic == b"T|BTC|":
                 trades += wire.decode(payload, wire.Trades).trades
     assert fills == 2 * len(trades) > 0
@@ -139,7 +144,8 @@ def test_user_topics_only_for_wanted_users(btc_data: Path) -> None:
     for block in read_blocks(btc_data, "by-block"):
         expected_statuses += sum(s.user == user for s in block.statuses)
         expected_fills += sum(u == user for u, _ in block.fills)
-        for topic, payload in builder.build(block)[1]:
+        builder.books(block)
+        for topic, payload in builder.details(block)[1]:
             assert topic == f"U|{user}|".encode()
             events = wire.decode(payload, wire.UserEvents)
             statuses += len(events.statuses)
@@ -150,10 +156,10 @@ def test_user_topics_only_for_wanted_users(btc_data: Path) -> None:
 
 def test_header_chain_and_prev_per_topic(btc_data: Path) -> None:
     builder = MessageBuilder(Subscriptions())
-    chains = Chains(dense_prefixes=(b"H|",))
+    chains = Chains(dense_prefixes=(b"H|", b"E|"))
     headers = []
     for block in read_blocks(btc_data, "by-block"):
-        for topic, payload in builder.build(block)[0]:
+        for topic, payload in [*builder.books(block), *builder.details(block)[0]]:
             message = wire.decode(payload)
             assert chains[topic].check(message["height"], message["prev"]) is Step.NEXT
             if topic == b"H|":

@@ -1,62 +1,112 @@
-"""Block joining rules: completion per mode, timeout, duplicates, out-of-order, gaps."""
+"""Block joining rules: each block's books phase (diffs and fills) and details phase
+(statuses) close per mode, on timeout; duplicates, out-of-order lines and gaps are counted."""
 
 from __future__ import annotations
 
 from prometheus_client import REGISTRY
 
-from hlbook.common.models import DiffLine, FillLine, StatusLine
-from hlbook.services.ingest.joiner import Joiner
+from hlbook.common.models import DiffLine, FillLine
+from hlbook.services.ingest.joiner import Joiner, LineHead, Phase, line_head
 
-LINE = {"order_statuses": StatusLine, "raw_book_diffs": DiffLine, "fills": FillLine}
+BOOK_LINES = {"raw_book_diffs": DiffLine, "fills": FillLine}
+STREAMS = ("order_statuses", *BOOK_LINES)
 
 
-def line(stream: str, height: int) -> StatusLine | DiffLine | FillLine:
-    return LINE[stream]("2026-11-22T00:00:00.1", "2026-11-22T00:00:00.0", height, [])
+def status_line(height: int) -> bytes:
+    return b'{"local_time":"2026-11-22T00:00:00.1","block_time":"2026-11-22T00:00:00.0","block_number":%d,"events":[]}\n' % height
 
 
 def anomalies(kind: str) -> float:
     return REGISTRY.get_sample_value("hlbook_ingest_block_anomalies_total", {"kind": kind}) or 0.0
 
 
-def add_block(joiner: Joiner, height: int, streams: tuple[str, ...] = tuple(LINE)) -> None:
+def add_block(joiner: Joiner, height: int, streams: tuple[str, ...] = STREAMS) -> None:
     for stream in streams:
-        joiner.add(stream, line(stream, height))
+        if stream == "order_statuses":
+            line = status_line(height)
+            head = line_head(line)
+            assert head is not None
+            joiner.add_statuses(head, line)
+        else:
+            joiner.add(stream, BOOK_LINES[stream]("2026-11-22T00:00:00.1", "2026-11-22T00:00:00.0", height, []))
 
 
-def test_by_block_closes_when_every_stream_reached_it() -> None:
+def closed(joiner: Joiner, now: float) -> list[tuple[str, int]]:
+    return [(phase.value, block.height) for phase, block in joiner.ready(now=now)]
+
+
+def test_line_head_is_read_without_decoding_the_events() -> None:
+    assert line_head(status_line(7)) == LineHead("2026-11-22T00:00:00.1", "2026-11-22T00:00:00.0", 7)
+    assert line_head(b'{"events":[],"block_number":7}') is None
+
+
+def test_books_close_without_waiting_for_the_statuses() -> None:
+    joiner = Joiner("by-block", timeout=10)
+    add_block(joiner, 5, ("raw_book_diffs",))
+    assert closed(joiner, 0) == []
+    add_block(joiner, 5, ("fills",))
+    assert closed(joiner, 0) == [("books", 5)]  # the status line has not come: its details wait for it
+    add_block(joiner, 6, ("raw_book_diffs", "fills"))
+    assert closed(joiner, 0) == [("books", 6)]
+    add_block(joiner, 5, ("order_statuses",))
+    add_block(joiner, 6, ("order_statuses",))
+    events = joiner.ready(now=0)
+    assert [(p.value, b.height) for p, b in events] == [("details", 5), ("details", 6)]
+    assert events[0][1].status_lines == [status_line(5)] and events[0][1].decode_statuses(None) == []
+
+
+def test_a_status_line_first_closes_both_phases_at_once() -> None:
     joiner = Joiner("by-block", timeout=10)
     add_block(joiner, 5, ("order_statuses", "raw_book_diffs"))
-    assert joiner.ready(now=0) == []
+    assert closed(joiner, 0) == []
     add_block(joiner, 5, ("fills",))
-    assert [b.height for b in joiner.ready(now=0)] == [5]
+    assert closed(joiner, 0) == [("books", 5), ("details", 5)]
+
+
+def test_a_status_line_that_never_comes_closes_the_details_after_the_timeout() -> None:
+    joiner = Joiner("by-block", timeout=0.5)
+    add_block(joiner, 5, ("raw_book_diffs", "fills"))
+    add_block(joiner, 6, ("raw_book_diffs", "fills"))
+    assert closed(joiner, 0) == [("books", 5), ("books", 6)]
+    assert closed(joiner, 0.1) == []  # 5's status line is late: its timeout starts
+    events = joiner.ready(now=0.7)
+    assert [(p.value, b.height, b.statuses_missing) for p, b in events] == [("details", 5, True)]
+    add_block(joiner, 6, ("order_statuses",))
+    assert closed(joiner, 0.7) == [("details", 6)]
+    add_block(joiner, 8, ("order_statuses",))  # 7's never came: the status stream is past it (by-block: in order)
+    add_block(joiner, 7, ("raw_book_diffs", "fills"))
+    events = joiner.ready(now=0.7)
+    assert [(p.value, b.height) for p, b in events] == [("books", 7), ("details", 7)] and events[1][1].statuses_missing
 
 
 def test_streaming_closes_when_every_stream_moved_past_or_after_timeout() -> None:
     joiner = Joiner("streaming", timeout=0.5)
     add_block(joiner, 5)
     add_block(joiner, 5, ("order_statuses",))  # more rows of block 5
-    assert joiner.ready(now=0) == []
+    assert closed(joiner, 0) == []
     add_block(joiner, 6, ("order_statuses", "raw_book_diffs"))
-    assert joiner.ready(now=1.0) == []  # fills has not moved past 5; its timeout starts now
+    assert closed(joiner, 1.0) == []  # fills has not moved past 5; its timeout starts now
     before = anomalies("timeout")
-    blocks = joiner.ready(now=1.6)
-    assert [b.height for b in blocks] == [5] and anomalies("timeout") == before + 1
+    events = joiner.ready(now=1.6)
+    assert [(p.value, b.height) for p, b in events] == [("books", 5), ("details", 5)] and anomalies("timeout") == before + 1
+    assert len(events[1][1].status_lines) == 2
     add_block(joiner, 8)
-    assert [b.height for b in joiner.ready(now=1.7)] == [6]
+    assert closed(joiner, 1.7) == [("books", 6), ("details", 6)]
     add_block(joiner, 9)
-    assert [b.height for b in joiner.ready(now=1.8)] == [7, 8]  # 7 had no rows: an empty block
+    assert closed(joiner, 1.8) == [("books", 7), ("books", 8), ("details", 7), ("details", 8)]  # 7 had no rows: an empty block
 
 
 def test_duplicates_out_of_order_and_gaps_are_counted() -> None:
     joiner = Joiner("by-block", timeout=10)
     add_block(joiner, 1)
-    assert [b.height for b in joiner.ready(now=0)] == [1]
+    assert closed(joiner, 0) == [("books", 1), ("details", 1)]
     dup, ooo, gap = anomalies("duplicate"), anomalies("out_of_order"), anomalies("gap")
     add_block(joiner, 1)  # the whole block again
     add_block(joiner, 4)
     add_block(joiner, 3)  # after 4
     add_block(joiner, 4, ("fills",))  # a second line for 4 in one stream
-    assert [b.height for b in joiner.ready(now=0)] == [3, 4]
-    assert anomalies("duplicate") == dup + 4
+    assert closed(joiner, 0) == [("books", 3), ("books", 4), ("details", 3), ("details", 4)]
+    add_block(joiner, 2, ("order_statuses",))  # the status line of a block that closed missing
+    assert anomalies("duplicate") == dup + 5
     assert anomalies("out_of_order") == ooo + 3
     assert anomalies("gap") == gap + 1  # block 2

@@ -95,10 +95,8 @@ class IngestProcess:
         self.ctx = zmq.Context()
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.connect(self.pub)
-        self.sub.subscribe(b"H|")
-        self.sub.subscribe(b"B|")
-        self.sub.subscribe(b"T|")
-        self.sub.subscribe(f"U|{USER}|".encode())
+        for prefix in (b"H|", b"B|", b"T|", b"D|", b"E|", f"U|{USER}|".encode()):
+            self.sub.subscribe(prefix)
         self.replay_request(0)  # returns once the process serves its sockets
         time.sleep(0.3)  # subscriptions reach the XPUB
 
@@ -133,6 +131,12 @@ class IngestProcess:
 
     def headers(self, until: int) -> list[dict]:
         return [m for t, m in self.messages(until) if t == b"H|"]
+
+    def blocks(self, until: int) -> list[dict]:
+        """Each block's header (books phase) and end (details phase) in one dict: n_statuses from the end."""
+        messages = list(self.messages(until))
+        ends = {m["height"]: m for t, m in messages if t == b"E|"}
+        return [{**m, "n_statuses": ends[m["height"]]["n_statuses"]} for t, m in messages if t == b"H|"]
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of ``name``'s samples with these labels (and any others); 0 when none."""
@@ -184,12 +188,14 @@ def test_partial_line_waits_for_its_newline(node: NodeWriter, ingest: IngestProc
         node.append(stream, when, line[150:])
     messages = list(ingest.messages(until=103))
     topics = [t for t, _ in messages]
-    assert topics == [b"H|", b"B|BTC|", b"T|BTC|", f"U|{USER}|".encode()]
+    assert topics == [b"H|", b"B|BTC|", b"T|BTC|", b"D|BTC|", b"E|", f"U|{USER}|".encode()]  # books, then details
     book = wire.decode(wire.encode(messages[1][1]), wire.BookSlice)
-    assert book.diffs[0].oid == 103 and book.statuses[0].status == "open"
+    details = wire.decode(wire.encode(messages[3][1]), wire.BookDetails)
+    assert book.diffs[0].oid == 103 and details.statuses[0].status == "open" and details.statuses[0].order.oid == 103
+    assert messages[4][1]["detail_coins"] == ["BTC"] and messages[4][1]["n_statuses"] == 1
     trade = messages[2][1]["trades"][0]
     assert trade["users"] == [OTHER, USER] and trade["side"] == "B" and trade["px"] == "81308.0"
-    user_events = messages[3][1]
+    user_events = messages[5][1]
     assert len(user_events["statuses"]) == 1 and len(user_events["fills"]) == 1
 
 
@@ -210,7 +216,7 @@ def test_missing_block_is_detected_and_the_rest_goes_on(node: NodeWriter, ingest
     node.write(106, START)
     node.write(107, START, streams=("order_statuses", "fills"))  # diffs line of 107 lost
     node.write(108, START)
-    headers = ingest.headers(until=108)
+    headers = ingest.blocks(until=108)
     assert [(h["height"], h["prev"]) for h in headers] == [(103, None), (105, 103), (106, 105), (107, 106), (108, 107)]
     assert headers[3]["n_diffs"] == 0 and headers[3]["n_statuses"] == 1
     assert ingest.metric("hlbook_ingest_block_anomalies_total", kind="gap") == 1
@@ -227,7 +233,7 @@ def test_restart_from_height_and_replay(node: NodeWriter, ingest: IngestProcess,
     replayed = list(zip(frames[1::2], frames[2::2]))
     assert [wire.decode(p)["height"] for t, p in replayed if t == b"H|"] == [104, 105]
     # the followed user's messages are kept too: a gateway that lost one gets it again
-    assert {t for t, _ in replayed} == {b"H|", b"B|BTC|", b"T|BTC|", topics.user(USER)}
+    assert {t for t, _ in replayed} == {b"H|", b"B|BTC|", b"T|BTC|", b"D|BTC|", b"E|", topics.user(USER)}
     too_old = wire.decode(ingest.replay_request(50)[0], wire.ReplayReply)
     assert not too_old.ok and "no longer held" in (too_old.error or "")
     ingest.stop()
@@ -255,7 +261,7 @@ def test_streaming_mode_closes_blocks_when_streams_move_on(tmp_path: Path) -> No
         # 102 writes no row at all (an empty block); 103 has no fills: the fills stream never moves past it
         node.write_streaming(103, START, ("order_statuses", "raw_book_diffs"))
         node.write_streaming(104, START, ("order_statuses", "raw_book_diffs"))
-        headers = ingest.headers(until=103)
+        headers = ingest.blocks(until=103)
         assert [(h["height"], h["n_statuses"], h["n_diffs"], h["n_fills"]) for h in headers] == [
             (101, 1, 1, 2), (102, 0, 0, 0), (103, 1, 1, 0)
         ]
@@ -299,9 +305,16 @@ def test_killed_ingest_resumes_where_it_stopped(node: NodeWriter, ingest: Ingest
         assert wire.decode(rebuilt[0], wire.ReplayReply).oldest == 100  # the files hold 100 on
         pairs = list(zip(rebuilt[1::2], rebuilt[2::2]))
         kept = list(zip(before[0::2], before[1::2]))
-        assert len(kept) == 12 and pairs[4:12] == kept[4:]  # 104 and 105 byte for byte as first sent
+
+        def by_block(messages: list[tuple[bytes, bytes]], height: int) -> dict[bytes, bytes]:
+            return {t: p for t, p in messages if wire.decode(p)["height"] == height}
+
+        assert len(kept) == 3 * 6  # 103..105: H|, B|, T| (books), D|, E|, U| (details)
+        for height in (104, 105):  # byte for byte as first sent
+            assert by_block(pairs, height) == by_block(kept, height)
         # 103 too, but for its prev: the first ingest started there (None), the files go further back
-        assert [(t, {**wire.decode(p), "prev": None}) for t, p in pairs[:4]] == [(t, wire.decode(p)) for t, p in kept[:4]]
+        assert {t: {**wire.decode(p), "prev": None} for t, p in by_block(pairs, 103).items()} == \
+               {t: wire.decode(p) for t, p in by_block(kept, 103).items()}
     finally:
         restarted.stop()
 

@@ -23,7 +23,7 @@ with the order, or a price/size that is not positive and plausible raises
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -402,17 +402,33 @@ class Book:
             view.change(order.px, -order.sz, -1)
         return order
 
-    def apply(self, height: int, time: int, diffs: list[BookDiff], statuses: list[OrderStatus]) -> None:
-        """Apply one block's diffs (with the statuses of the same block); OutOfSync when they do not fit."""
+    def apply(self, height: int, time: int, diffs: list[BookDiff], statuses: Sequence[OrderStatus] = ()) -> list[Order]:
+        """Apply one block's diffs (with the statuses of the same block, or without: see
+        :meth:`detail`); OutOfSync when they do not fit. Returns the orders ``new`` diffs created."""
         try:
-            self._apply(time, diffs, statuses)
+            created = self._apply(time, diffs, statuses)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # malformed numbers or shapes
             raise OutOfSync(self.coin, "bad_diff", -1) from exc
         self.height = height
         self.time = time
+        return created
 
-    def _apply(self, time: int, diffs: list[BookDiff], statuses: list[OrderStatus]) -> None:
+    def detail(self, orders: list[Order], statuses: list[OrderStatus]) -> None:
+        """Give orders created without their block's statuses the details those statuses hold
+        (as :func:`new_order` would have): the block's diffs are applied as soon as they come,
+        its statuses follow. Orders already gone are skipped."""
+        details = details_of(statuses)
+        for order in orders:
+            status = details.get(order.oid)
+            if status is not None and self.orders.get(order.oid) is order:
+                o = status.order
+                order.ts, order.orig_sz = o.timestamp, parse_sz(o.origSz)
+                order.cloid = None if o.cloid is None else int(o.cloid, 16)
+                order.kind = kind_of(o, order.kind[K_SIDE])
+
+    def _apply(self, time: int, diffs: list[BookDiff], statuses: Sequence[OrderStatus]) -> list[Order]:
         details: dict[int, OrderStatus] | None = None
+        created: list[Order] = []
         for diff in diffs:
             body = diff.raw_book_diff
             if isinstance(body, str):
@@ -426,6 +442,7 @@ class Book:
                 if not (0 < order.px < MAX_PX and 0 < order.sz < MAX_SZ):
                     raise OutOfSync(self.coin, "bad_value", diff.oid)
                 self.insert(diff.oid, order)
+                created.append(order)
             elif (upd := body.update) is not None:
                 size = parse_sz(upd.newSz)
                 if not 0 <= size < MAX_SZ:
@@ -433,6 +450,7 @@ class Book:
                 self.update(self._checked(diff).oid, size)
             else:
                 raise OutOfSync(self.coin, "bad_diff", diff.oid)
+        return created
 
     def _checked(self, diff: BookDiff) -> Order:
         """The order a remove/update diff refers to, if its px and side agree."""

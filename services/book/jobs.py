@@ -59,9 +59,12 @@ class Job:
 class Jobs:
     """Forked children and their result pipes (register :meth:`fds` in the poller)."""
 
-    def __init__(self, max_children: int = MAX_CHILDREN, max_queued: int = MAX_QUEUED) -> None:
+    def __init__(self, max_children: int = MAX_CHILDREN, max_queued: int = MAX_QUEUED,
+                 ready: Callable[[], bool] = lambda: True) -> None:
+        """``ready``: whether a child may be forked now (queued jobs wait until it is)."""
         self.max_children = max_children
         self.max_queued = max_queued
+        self.ready = ready
         self.running: dict[int, Job] = {}  # by pipe fd
         self.queued: deque[tuple[str, Prepare]] = deque()
 
@@ -81,7 +84,7 @@ class Jobs:
         self.start_queued()
 
     def start_queued(self) -> None:
-        while self.queued and self.free():
+        while self.queued and self.free() and self.ready():
             name, prepare = self.queued.popleft()
             prepared = prepare()
             if prepared is None:

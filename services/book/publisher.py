@@ -23,7 +23,7 @@ import msgspec
 import zmq
 
 from hlbook.common import l2rules, topics, wire
-from hlbook.common.models import BookDiff
+from hlbook.common.models import BookDiff, OrderStatus
 from hlbook.services.book import l2, metrics
 from hlbook.services.book.book import BID, Book, parse_px
 
@@ -143,18 +143,12 @@ class Publisher:
             text = self.coin_json[coin] = msgspec.json.encode(coin)
         return text
 
-    def coin_block(self, book: Book, height: int, time: int, statuses: list, diffs: list) -> None:
-        """After a block changed ``book``: L4 updates, BBO if changed, subscribed L2 if changed,
-        sent back to back once all are built (a gateway then gets them in one read, and writes
-        them to each client at once)."""
-        coin = book.coin
-        topic = topics.l4(coin)
+    def coin_books(self, book: Book, height: int, time: int, diffs: list[BookDiff]) -> None:
+        """After a block's diffs changed ``book``: BBO if changed, subscribed L2 if changed, sent
+        back to back once all are built (a gateway then gets them in one read, and writes them
+        to each client at once)."""
         self.held = []
         try:
-            if self.subs.wanted(topic):
-                self.send("l4", topic, wire.L4Updates(height, None, time, coin, statuses, diffs))
-            else:  # the chain advances unsent: ``prev`` is the coin's previous changed block
-                self.prev.next(topic, height)
             self.bbo(book, height, time)
             specs = self.views(book)
             if specs:
@@ -163,6 +157,14 @@ class Publisher:
             held, self.held = self.held, None
             for frames in held:
                 self.sock.send_multipart(frames, copy=False)
+
+    def coin_details(self, coin: str, height: int, time: int, statuses: list[OrderStatus], diffs: list[BookDiff]) -> None:
+        """Once a block's details came: the coin's L4 update (statuses and diffs of the block)."""
+        topic = topics.l4(coin)
+        if self.subs.wanted(topic):
+            self.send("l4", topic, wire.L4Updates(height, None, time, coin, statuses, diffs))
+        else:  # the chain advances unsent: ``prev`` is the coin's previous changed block
+            self.prev.next(topic, height)
 
     def views(self, book: Book) -> dict[bytes, L2Spec]:
         """The book's subscribed L2 topics, with the aggregated views they read attached (and no other)."""

@@ -69,6 +69,11 @@ class Replayer:
         self.req.close(linger=0)
 
 
+def coin_prefixes(coins: Iterable[str]) -> list[bytes]:
+    """The topics of ``coins``' blocks: slices and details."""
+    return [topic for coin in coins for topic in (topics.book(coin), topics.details(coin))]
+
+
 class Recovery:
     """Replays, resyncs and repairs of one shard's coins."""
 
@@ -98,7 +103,7 @@ class Recovery:
         return True
 
     def recover(self, coins: list[str]) -> None:
-        """Lost slices of ``coins``: replay them from ingest, else resync from a snapshot."""
+        """Lost slices of ``coins``: replay them (and their details) from ingest, else resync from a snapshot."""
         all_coins = self.state.coins
         coins = [c for c in coins if all_coins[c].state == CoinState.LIVE]
         if not coins:
@@ -106,9 +111,19 @@ class Recovery:
         if not self.replaying:
             start = min(all_coins[c].book.height for c in coins) + 1
             # a coin's slices are sparse: ingest may no longer hold ``start`` and still hold all that is missing
-            if self.replay(start, [topics.book(c) for c in coins], partial=True):
+            if self.replay(start, coin_prefixes(coins), partial=True):
+                self.stream.settle(coins)
                 return
         self.resync(coins, "gap")
+
+    def recover_details(self, coins: list[str], height: int) -> None:
+        """Lost details of ``coins`` in block ``height``: replay them, else resync the coins (their
+        new orders would keep default details)."""
+        if not self.replaying:
+            self.replay(height, [topics.details(c) for c in coins], partial=True)
+        missing = [coin for coin in coins if height in self.state.coins[coin].awaiting]
+        if missing:
+            self.resync(missing, "gap")
 
     def resync(self, coins: Iterable[str], reason: str) -> None:
         """Stop serving ``coins``; they are rebuilt from the next node snapshot."""
@@ -147,13 +162,16 @@ class Recovery:
         for coin in coins:
             self.revive(self.install(coin, fetched.books.get(coin) or Book(coin, fetched.height)), "resync")
         self.resync_after = None
-        if not self.replay(fetched.height + 1, [topics.book(c) for c in coins]):
+        if not self.replay(fetched.height + 1, coin_prefixes(coins)):
             self.resync(coins, "replay_failed")
             self.resync_after = time.monotonic() + self.retry_every
+            return
+        self.stream.settle(coins)
 
     def install(self, coin: str, book: Book, state: CoinState = CoinState.LIVE) -> Coin:
         """Replace ``coin``'s book."""
         c = self.state.coins[coin] = Coin(book, state)
+        self.state.awaiting.discard(coin)
         self.publisher.forget(coin)
         return c
 

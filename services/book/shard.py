@@ -40,7 +40,7 @@ from hlbook.services.book.publisher import Publisher, is_exact
 from hlbook.services.book.queries import Queries
 from hlbook.services.book.recovery import Recovery, Replayer
 from hlbook.services.book.state import Coin, ShardState
-from hlbook.services.book.stream import Stream
+from hlbook.services.book.stream import STREAM_PREFIXES, Stream
 from hlbook.services.book.validation import Validation
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ HEARTBEAT_S = 1.0  # seconds between ShardStatus messages
 SNDHWM = 50_000  # messages queued per gateway before the XPUB drops (gateways detect the loss and recover)
 REPLIES_QUEUED = 8  # query replies (an l4 snapshot: ~19 MB) queued for a peer that does not read them
 INIT_BACKOFF_MAX = 30.0  # seconds between snapshot attempts at most while initialising
+MAX_PARKED = 10_000  # queries waiting for a block's order details (then refused: retry)
+DETAIL_QUERIES = (wire.L4Query, wire.OpenOrdersQuery, wire.OrderQuery)  # what reads order details
 
 
 @dataclass
@@ -86,8 +88,8 @@ class Shard:
         pub, query = config.book_endpoints(cfg.shard)
         self.sub = self._socket(zmq.SUB, cfg.ingest_pub, bind=False)
         self.sub.setsockopt(zmq.RCVHWM, RCVHWM)
-        self.sub.setsockopt(zmq.SUBSCRIBE, topics.HEADER)
-        self.sub.setsockopt(zmq.SUBSCRIBE, topics.BOOK_PREFIX)
+        for prefix in STREAM_PREFIXES:
+            self.sub.setsockopt(zmq.SUBSCRIBE, prefix)
         xpub = self._socket(zmq.XPUB, cfg.pub or pub, bind=True, verbose=True)
         self.publisher = Publisher(xpub, cfg.shard)
         self.router = self._socket(zmq.ROUTER, cfg.query or query, bind=True)
@@ -96,12 +98,14 @@ class Shard:
         for sock in (xpub, self.router):
             self.poller.register(sock, zmq.POLLIN)
         self.job_fds: set[int] = set()
-        self.jobs = Jobs()
+        self.jobs = Jobs(ready=lambda: not state.awaiting_details())  # a child sees the books as forked: whole details
         self.fetcher = snapshot.Fetcher(cfg.info_url, state.owns, state.name) if cfg.info_url else None
         self.recovery = Recovery(state, self.publisher, Replayer(self.ctx, cfg.ingest_replay, cfg.replay_timeout, self.curve),
                                  self.fetcher, cfg.retry_every)
         self.stream = Stream(state, self.publisher, self.recovery)
         self.queries = Queries(state, self.jobs, self.send)
+        self.parked: list[tuple[list[bytes], wire.ShardQuery]] = []  # queries reading order details, until the block's come
+        self.stream.on_finished.append(lambda height: self.serve_parked())
         # the test ops decode only with the test hooks on: otherwise they are unknown ops like any other
         self.query_type: object = wire.ShardQuery | hooks.HookQuery if cfg.test_hooks else wire.ShardQuery
         self.query_ops = wire.SHARD_OPS + hooks.OPS if cfg.test_hooks else wire.SHARD_OPS
@@ -218,7 +222,7 @@ class Shard:
         state.height = state.base = height
         state.mids = {}
         self.stream.start_at(height)
-        if not self.recovery.replay(height + 1, [topics.HEADER, topics.BOOK_PREFIX]):
+        if not self.recovery.replay(height + 1, STREAM_PREFIXES):
             metrics.INIT_RESTARTS.inc()
             log.warning("replay from %d failed; starting initialisation over with a newer snapshot", height + 1)
             self.fresh_after = time.time()  # not the one another shard fetched before ingest lost these blocks
@@ -280,7 +284,7 @@ class Shard:
         if not self.state.owns(coin):
             return
         c = self.state.coins.get(coin)
-        height = self.state.coin_height(c.book) if c is not None else self.state.height
+        height = self.state.l4_height(c) if c is not None else self.state.height
         self.publisher.l4_sync(coin, height)
 
     def serve_queries(self) -> None:
@@ -303,11 +307,30 @@ class Shard:
             if isinstance(query, hooks.Hook) and self.cfg.test_hooks:
                 self.queries.reply(envelope, hooks.corrupt(self.state, query))
                 continue
-            try:
-                self.queries.answer(envelope, query)
-            except Exception as exc:  # a bug must not stop the shard
-                log.exception("query %r failed", query)
-                self.queries.reply(envelope, wire.error_reply(f"internal error: {type(exc).__name__}"))
+            self.serve(envelope, query)
+
+    def serve(self, envelope: list[bytes], query: wire.ShardQuery) -> None:
+        """Answer one query; one that reads order details waits while a block's have not come
+        (a few milliseconds after its diffs: ``stream``)."""
+        if isinstance(query, DETAIL_QUERIES) and self.state.awaiting_details():
+            if len(self.parked) < MAX_PARKED:
+                self.parked.append((envelope, query))
+                return
+            self.queries.reply(envelope, wire.error_reply("shard busy (queries waiting for order details); retry"))
+            return
+        try:
+            self.queries.answer(envelope, query)
+        except Exception as exc:  # a bug must not stop the shard
+            log.exception("query %r failed", query)
+            self.queries.reply(envelope, wire.error_reply(f"internal error: {type(exc).__name__}"))
+
+    def serve_parked(self) -> None:
+        """The details of the blocks applied have come: answer the queries that waited for them."""
+        if not self.parked or self.state.awaiting_details():
+            return
+        parked, self.parked = self.parked, []
+        for envelope, query in parked:
+            self.serve(envelope, query)
 
     def send(self, envelope: list[bytes], frames: list[bytes]) -> None:
         """Send reply ``frames`` to the peer of ``envelope`` (big frames without a copy)."""

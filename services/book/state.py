@@ -5,26 +5,40 @@ from __future__ import annotations
 
 import logging
 
+from typing import NamedTuple
+
 from hlbook.common import fixed, topics
 from hlbook.common.chain import Chain
+from hlbook.common.models import BookDiff
 from hlbook.common.wire import CoinState
 from hlbook.services.book import metrics
-from hlbook.services.book.book import Book
+from hlbook.services.book.book import Book, Order
 
 log = logging.getLogger(__name__)
 
 
-class Coin:
-    """A coin's book, its state, and where its ``B|<coin>|`` chain stands (a fresh
-    book from a snapshot at height H takes any slice whose ``prev`` is at most H)."""
+class Awaiting(NamedTuple):
+    """A block applied to a coin's book whose details (``D|``) have not come yet."""
 
-    __slots__ = ("book", "state", "chain")
+    diffs: list[BookDiff]  # what the block applied (its L4 update goes out with the details)
+    created: list[Order]  # the orders it created, still with default details
+
+
+class Coin:
+    """A coin's book, its state, where its ``B|<coin>|`` and ``D|<coin>|`` chains stand (a
+    fresh book from a snapshot at height H takes any message whose ``prev`` is at most H),
+    and the blocks applied to it whose details have not come yet."""
+
+    __slots__ = ("book", "state", "chain", "details_chain", "awaiting")
 
     def __init__(self, book: Book, state: CoinState = CoinState.LIVE) -> None:
         self.book = book
         self.state = state
         self.chain = Chain()
         self.chain.from_snapshot(book.height)
+        self.details_chain = Chain()
+        self.details_chain.from_snapshot(book.height)
+        self.awaiting: dict[int, Awaiting] = {}
 
 
 class ShardState:
@@ -42,6 +56,7 @@ class ShardState:
         self.height = 0  # last block finished
         self.time = 0  # its block time (ms)
         self.base = 0  # height of the last full snapshot (coins absent from it were empty)
+        self.awaiting: set[str] = set()  # coins with blocks applied whose details have not come yet
         self._owned: dict[bytes, str | None] = {}
 
     def owns(self, coin: str) -> bool:
@@ -84,6 +99,14 @@ class ShardState:
         """Height of the book's state: the shard's last block, or later when the open
         block's slice was already applied."""
         return max(self.height, book.height)
+
+    def awaiting_details(self) -> bool:
+        """Some book holds orders whose details have not come yet (what reads them waits)."""
+        return bool(self.awaiting)
+
+    def l4_height(self, c: Coin) -> int:
+        """Where the coin's l4 stream stands: its last block whose details were published."""
+        return self.height if c.awaiting else self.coin_height(c.book)
 
     def coin_time(self, book: Book) -> int:
         """Block time (ms) of the book's state (a snapshot book has none: the last block's)."""

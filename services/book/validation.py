@@ -59,13 +59,14 @@ def difference(ours: Book | None, theirs: Book | None) -> str | None:
 
 
 def roll_forward(books: dict[str, Book], slices: list[wire.BookSlice], target: int, owned: Callable[[str], bool]) -> None:
-    """Apply the slices above each book's height, up to ``target``; OutOfSync when one does not fit."""
+    """Apply the slices above each book's height, up to ``target``; OutOfSync when one does not fit
+    (what is compared needs no order details: their statuses are not read)."""
     for s in slices:
         if s.height > target or not owned(s.coin):
             continue
         book = books.get(s.coin)
         if book is not None and s.height > book.height:
-            book.apply(s.height, s.time, s.diffs, s.statuses)
+            book.apply(s.height, s.time, s.diffs)
     for book in books.values():
         book.height = max(book.height, target)
 

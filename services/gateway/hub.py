@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 
 RECENT_TRADES = 100  # per coin, for recentTrades
 REPLAYED = ("trades", "user")  # sources (labels) whose lost messages are recovered from ingest's replay
-TRADES_HOLD = 0.02  # seconds a block's trades wait at most for the owner shard to finish that block
+TRADES_HOLD = 0.02  # seconds a block's trades wait at most for their coin's book messages of that block
 SHARD_SILENT = 5.0  # seconds without a message (block or heartbeat) after which a shard counts as down
 STALE = 5.0  # seconds without a block after which the data is stale (the node stalled)
+BOOK_SOURCES = (topics.L2_PREFIX, topics.BBO_PREFIX)  # the shard's book messages, published as soon as a block's diffs are applied
 
 
 class ShardView:
@@ -69,7 +70,9 @@ class Hub:
         self.repairing: dict[bytes, list[Any]] = {}  # topic -> messages held while its lost ones are replayed
         self.block_feeds: list[dict[Feed, BlockHook]] = [{} for _ in self.shards]  # kinds with block="owner", by owner shard
         self.every_block_feeds: dict[Feed, BlockHook] = {}  # kinds with block="every" (allMids)
-        self.held_trades: list[deque[tuple[float, bytes, wire.Trades]]] = [deque() for _ in self.shards]  # by owner shard
+        self.held_trades: dict[str, deque[tuple[float, bytes, wire.Trades]]] = {}  # by coin
+        self.book_feeds: dict[str, int] = {}  # coin -> its feeds made of the shard's book messages (l2Book, bbo)
+        self.book_height: dict[str, int] = {}  # coin -> height of its last book message (while it has book feeds)
         self.release_scheduled = False
         self.every_height = 0
 
@@ -133,6 +136,9 @@ class Hub:
                 self.by_topic.setdefault(feed.topic, []).append(feed)
                 if kind.subscribe:
                     self.upstream.subscribe(feed.topic)
+            if kind.source.prefix in BOOK_SOURCES:
+                assert isinstance(key, CoinKey)
+                self.book_feeds[key.coin] = self.book_feeds.get(key.coin, 0) + 1
             if kind.prime is not None:
                 kind.prime(self, feed)
         stats = session.subs.get(ident)
@@ -154,6 +160,12 @@ class Hub:
         kind = KINDS[key.kind]
         if kind.on_block is not None:
             self._block_index(kind.block, key).pop(feed, None)
+        if kind.source.prefix in BOOK_SOURCES:
+            assert isinstance(key, CoinKey)
+            self.book_feeds[key.coin] -= 1
+            if not self.book_feeds[key.coin]:
+                del self.book_feeds[key.coin]
+                self.book_height.pop(key.coin, None)
         if isinstance(key, UserKey):
             self.users.unfollow(key.user)
         if feed.topic is not None:
@@ -247,7 +259,8 @@ class Hub:
         view = self.shards[m.shard]
         view.height, view.time, view.seen = m.height, m.time, time.monotonic()
         view.block_seen, view.phase, view.known = view.seen, CoinState.LIVE, True
-        self._release_trades(m.shard, m.height)
+        for coin in [coin for coin in self.held_trades if self.owner(coin) == m.shard]:  # coins whose book did not change
+            self._release_trades(coin, m.height)
         view.mids, view.states = m.mids, m.states
         metrics.SHARDS_LIVE.set(self.live_shards())
         for feed, on_block in self.block_feeds[m.shard].items():
@@ -283,37 +296,55 @@ class Hub:
                 feed.on_reset(m.height, m.reason)
 
     def on_trades(self, topic: bytes, m: wire.Trades) -> None:
-        """Trades come from ingest before the owner shard has the block's books: they wait
-        (at most ``TRADES_HOLD``) for its ``S|``, so each client gets a block's trades, bbo and
-        l2Book in one write, and this fan-out does not take the CPU the shard needs meanwhile."""
+        """Trades come from ingest before the owner shard has applied the block's diffs: when
+        the coin has l2Book or bbo feeds they wait (at most ``TRADES_HOLD``) for its book
+        messages of that block, so each client gets a block's trades, bbo and l2Book in one
+        write, and this fan-out does not take the CPU the shard needs meanwhile."""
         recent = self.trades.get(m.coin)
         if recent is None:
             recent = self.trades[m.coin] = deque(maxlen=RECENT_TRADES)
         recent.extend(m.trades)
-        shard = self.owner(m.coin)
-        held = self.held_trades[shard]
-        if not held and (self.shards[shard].height >= m.height or not self.live_shards()):
+        held = self.held_trades.get(m.coin)
+        if not held and not self._holds(m.coin, m.height):
             self.on_feeds(topic, m)
             return
+        if held is None:
+            held = self.held_trades[m.coin] = deque()
         held.append((time.monotonic(), topic, m))
         if not self.release_scheduled:
             self.release_scheduled = True
             asyncio.get_running_loop().call_later(TRADES_HOLD, self._release_late_trades)
 
-    def _release_trades(self, shard: int, height: int) -> None:
-        held = self.held_trades[shard]
+    def _holds(self, coin: str, height: int) -> bool:
+        """Whether the coin's trades of block ``height`` wait for its book messages of that block."""
+        if coin not in self.book_feeds or self.book_height.get(coin, 0) >= height:
+            return False
+        return self.shards[self.owner(coin)].height < height and self.live_shards() > 0
+
+    def on_book(self, topic: bytes, m: wire.L2Book | wire.Bbo) -> None:
+        """An l2Book or bbo message: to its feeds, then the coin's trades it was waited for."""
+        self.book_height[m.coin] = max(self.book_height.get(m.coin, 0), m.height)
+        self.on_feeds(topic, m)
+        self._release_trades(m.coin, m.height)
+
+    def _release_trades(self, coin: str, height: int) -> None:
+        held = self.held_trades.get(coin)
         while held and held[0][2].height <= height:
             _, topic, m = held.popleft()
             self.on_feeds(topic, m)
+        if held is not None and not held:
+            del self.held_trades[coin]
 
     def _release_late_trades(self) -> None:
         self.release_scheduled = False
         due = time.monotonic() - TRADES_HOLD
-        for held in self.held_trades:
+        for coin, held in list(self.held_trades.items()):
             while held and held[0][0] <= due:
                 _, topic, m = held.popleft()
                 self.on_feeds(topic, m)
-        if any(self.held_trades):
+            if not held:
+                del self.held_trades[coin]
+        if self.held_trades:
             self.release_scheduled = True
             asyncio.get_running_loop().call_later(TRADES_HOLD / 2, self._release_late_trades)
 
@@ -326,7 +357,9 @@ class Hub:
         topics.SHARD_PREFIX: ("shard", wire.ShardBlock, on_shard_block),
         topics.HEARTBEAT_PREFIX: ("heartbeat", wire.ShardStatus, on_heartbeat),
         topics.RESET_PREFIX: ("reset", wire.Reset, on_reset),
-        topics.TRADES_PREFIX: ("trades", wire.Trades, on_trades),  # held for the owner shard's block, then on_feeds
+        topics.TRADES_PREFIX: ("trades", wire.Trades, on_trades),  # held for the coin's book messages, then on_feeds
+        topics.L2_PREFIX: ("l2", wire.L2Book, on_book),
+        topics.BBO_PREFIX: ("bbo", wire.Bbo, on_book),
     }
     for _kind in KINDS.values():  # every other upstream message of a feed kind goes to the feeds of its topic
         _handlers.setdefault(_kind.source.prefix, (_kind.source.label, _kind.source.type, on_feeds))

@@ -1,97 +1,183 @@
-"""Join the three node streams into blocks.
+"""Join the three node streams into blocks, in two phases.
 
-A block closes when every stream has reached it (by-block mode: the stream's
-line for it is the whole block) or moved past it (streaming mode: one event per
-line, so only a later height ends it). A stream that stays behind does not
-stall the pipeline: once any stream is past a block for ``timeout`` seconds,
-the block closes with what arrived, counted as incomplete. Heights at or below
-the last closed block are duplicates (by-block) or late rows (streaming, after
-a timeout): counted, logged and dropped.
+A block's **books** phase needs its raw book diffs and fills: l2Book, bbo and
+trades are built from them alone, and they are a few percent of a block's
+bytes. Its **details** phase needs its order statuses (~95 % of the bytes, most
+of them rejections): the details of the orders its diffs created, per-user
+events, history. So the books of a block close as soon as the diff and fill
+streams have reached it, whatever the status stream does; its details close
+when the status stream has reached it too. Status lines are kept as read and
+decoded only when their block's details close (after its books went out).
+
+A phase closes when its streams have reached the block (by-block mode: the
+stream's line for it is the whole block) or moved past it (streaming mode: one
+event per line, so only a later height ends it). A stream that stays behind
+does not stall the pipeline: once any stream is past a block for ``timeout``
+seconds, the phase closes with what arrived, counted as incomplete. Lines of a
+phase already closed are duplicates (by-block) or late rows (streaming):
+counted, logged and dropped.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import msgspec
 
 from hlbook.common.metrics import BAD_INPUT
-from hlbook.common.models import STREAMS, BookDiff, NodeLine, OrderStatus, UserFill, block_time_ms
+from hlbook.common.models import STATUS_HEADS, STREAMS, BookDiff, NodeLine, OrderStatus, UserFill, block_time_ms
 from hlbook.services.ingest import metrics
 
 log = logging.getLogger(__name__)
 
 JUMP_FREE = 1000  # blocks a line may run ahead of the others without question
 MAX_BLOCK_RATE = 100  # blocks a second of block time can hold, at most (mainnet: ~15)
+STATUSES = "order_statuses"
+BOOK_STREAMS = ("raw_book_diffs", "fills")
+_HEAD = re.compile(rb'\{"local_time":"([^"]{1,64})","block_time":"([^"]{1,64})","block_number":(\d{1,19})[,}]')
+
+
+class Phase(enum.Enum):
+    BOOKS = "books"
+    DETAILS = "details"
+
+
+class LineHead(NamedTuple):
+    """What a line says before its events: enough to join it without decoding it."""
+
+    local_time: str
+    block_time: str
+    block_number: int
+
+
+def line_head(line: bytes) -> LineHead | None:
+    """The head of a node line, read from its first bytes (None: not a node line)."""
+    match = _HEAD.match(line, 0, 256)
+    if match is None:
+        return None
+    return LineHead(match.group(1).decode(), match.group(2).decode(), int(match.group(3)))
 
 
 @dataclass
 class Block:
-    """One block, the events of the three streams in node order."""
+    """One block: its diffs and fills (books), its status lines as read and, once its
+    details closed and they were decoded, its statuses, all in node order."""
 
     height: int
     block_time: str = ""
     local_time: str = ""
+    status_lines: list[bytes] = field(default_factory=list)
     statuses: list[OrderStatus] = field(default_factory=list)
     diffs: list[BookDiff] = field(default_factory=list)
     fills: list[UserFill] = field(default_factory=list)
     streams_seen: set[str] = field(default_factory=set)
     statuses_left_out: int = 0  # rejections nobody follows, not decoded (StatusHeadLine.resolve)
-    missing: list[str] = field(default_factory=list)  # by-block: streams whose line of this block never came
+    missing: list[str] = field(default_factory=list)  # by-block: book streams whose line of this block never came
+    statuses_missing: bool = False  # by-block: its status line never came (or did not decode)
 
     @property
     def n_statuses(self) -> int:
         return len(self.statuses) + self.statuses_left_out
 
-    def add(self, stream: str, line: NodeLine, left_out: int = 0) -> None:
+    def times(self, block_time: str, local_time: str) -> None:
         if not self.block_time:
-            self.block_time, self.local_time = line.block_time, line.local_time
-        self.streams_seen.add(stream)
-        getattr(self, _FIELD[stream]).extend(line.events)
-        self.statuses_left_out += left_out
+            self.block_time, self.local_time = block_time, local_time
 
-
-_FIELD = {"order_statuses": "statuses", "raw_book_diffs": "diffs", "fills": "fills"}
+    def decode_statuses(self, wanted: Callable[[str], bool] | None) -> list[tuple[bytes, Exception]]:
+        """Decode the status lines read: every status but the rejections of users ``wanted``
+        does not accept (``StatusHeadLine.resolve``). Returns the lines that did not decode."""
+        bad: list[tuple[bytes, Exception]] = []
+        for line in self.status_lines:
+            try:
+                statuses, left_out = STATUS_HEADS.decode(line).resolve(wanted)
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+                bad.append((line, exc))
+                continue
+            self.statuses.extend(statuses.events)
+            self.statuses_left_out += left_out
+        self.status_lines = []
+        return bad
 
 
 class Joiner:
     def __init__(self, mode: str, timeout: float, start_height: int | None = None) -> None:
         self.streaming = mode == "streaming"
         self.timeout = timeout
-        self.pending: dict[int, Block] = {}
+        self.pending: dict[int, Block] = {}  # books not closed yet
+        self.detailing: dict[int, Block] = {}  # books closed, details not yet
         self.reached: dict[str, int] = {s: -1 for s in STREAMS}  # highest height seen per stream
-        self.last_closed: int | None = None if start_height is None else start_height - 1
-        self._past_since: dict[int, float] = {}  # height -> when some stream first moved past it
+        self.last_closed: int | None = None if start_height is None else start_height - 1  # books
+        self.last_detailed: int | None = self.last_closed
+        self._past_since: dict[tuple[Phase, int], float] = {}  # when some stream first moved past a phase of a block
         self._last_times: tuple[str, str] | None = None  # (block_time, local_time) of the last closed block
         self.top: tuple[int, int] | None = None  # (height, block time ms) of the highest line believed
 
-    def add(self, stream: str, line: NodeLine, left_out: int = 0) -> None:
+    # ------------------------------------------------------------ lines
+
+    def add(self, stream: str, line: NodeLine) -> None:
+        """A decoded line of a book stream (diffs or fills)."""
         height = line.block_number
-        if not self._plausible(stream, line):
+        if not self._accept(stream, height, line.block_time, self.last_closed):
             return
-        if self.last_closed is not None and height <= self.last_closed:
+        block = self._block(height)
+        block.times(line.block_time, line.local_time)
+        block.streams_seen.add(stream)
+        if stream == "fills":
+            block.fills.extend(line.events)  # type: ignore[arg-type]
+        else:
+            block.diffs.extend(line.events)  # type: ignore[arg-type]
+
+    def add_statuses(self, head: LineHead, line: bytes) -> None:
+        """A status line (by-block) or row (streaming), kept as read until its block's details close."""
+        height = head.block_number
+        if not self._accept(STATUSES, height, head.block_time, self.last_detailed):
+            return
+        block = self.detailing.get(height)
+        if block is None:
+            if self.last_closed is not None and height <= self.last_closed:  # its block was missing when the books closed
+                metrics.BLOCK_ANOMALIES.labels("late_row" if self.streaming else "duplicate").inc()
+                log.warning("%s: line of block %d, which closed without one, dropped", STATUSES, height)
+                return
+            block = self._block(height)
+        block.times(head.block_time, head.local_time)
+        block.streams_seen.add(STATUSES)
+        block.status_lines.append(line)
+
+    def _block(self, height: int) -> Block:
+        block = self.pending.get(height)
+        if block is None:
+            block = self.pending[height] = Block(height)
+        return block
+
+    def _accept(self, stream: str, height: int, block_time: str, closed: int | None) -> bool:
+        if not self._plausible(stream, height, block_time):
+            return False
+        if closed is not None and height <= closed:
             # streaming: a row of a block closed by timeout; by-block: a repeated line
             kind = "late_row" if self.streaming else "duplicate"
             metrics.BLOCK_ANOMALIES.labels(kind).inc()
-            log.warning("%s: %s for block %d (last closed %d) dropped", stream, kind, height, self.last_closed)
-            return
+            log.warning("%s: %s for block %d (last closed %d) dropped", stream, kind, height, closed)
+            return False
         if height < self.reached[stream]:
             metrics.BLOCK_ANOMALIES.labels("out_of_order").inc()
             log.warning("%s: block %d after %d", stream, height, self.reached[stream])
         elif height == self.reached[stream] and not self.streaming:
             metrics.BLOCK_ANOMALIES.labels("duplicate").inc()
-            return
+            return False
         self.reached[stream] = max(self.reached[stream], height)
-        block = self.pending.get(height)
-        if block is None:
-            block = self.pending[height] = Block(height)
-        block.add(stream, line, left_out)
+        return True
 
-    def _plausible(self, stream: str, line: NodeLine) -> bool:
+    def _plausible(self, stream: str, height: int, block_time: str) -> bool:
         """A height far ahead of every block seen, with a block time that cannot have
         covered that many blocks, is a damaged line: believing it would let every later
         block close before its lines came (the stream "moved past" them)."""
-        height, ms = line.block_number, block_time_ms(line.block_time)
+        ms = block_time_ms(block_time)
         top = self.top
         if top is not None and height - top[0] > JUMP_FREE and height - top[0] > (ms - top[1]) / 1000 * MAX_BLOCK_RATE:
             metrics.BAD_LINES.labels(stream, "implausible_height").inc()
@@ -103,43 +189,62 @@ class Joiner:
             self.top = (height, ms)
         return True
 
-    def _done(self, height: int) -> bool:
-        if self.streaming:
-            return all(r > height for r in self.reached.values())
-        return all(r >= height for r in self.reached.values())
+    # ------------------------------------------------------------ closing
 
-    def ready(self, now: float | None = None, flush: bool = False) -> list[Block]:
-        """Blocks that can close now, in height order; ``flush`` closes all pending."""
-        if not self.pending:
-            return []
+    def _done(self, streams: tuple[str, ...], height: int) -> bool:
+        if self.streaming:
+            return all(self.reached[s] > height for s in streams)
+        return all(self.reached[s] >= height for s in streams)
+
+    def _due(self, phase: Phase, height: int, now: float) -> bool:
+        """Whether a block some stream has moved past waited ``timeout`` for the rest of a phase."""
+        if height >= max(self.reached.values()):
+            return False
+        since = self._past_since.setdefault((phase, height), now)
+        if now - since < self.timeout:
+            return False
+        metrics.BLOCK_ANOMALIES.labels("timeout").inc()
+        return True
+
+    def ready(self, now: float | None = None, flush: bool = False) -> list[tuple[Phase, Block]]:
+        """The phases that can close now: books in height order, then details in height order
+        (a block's details never before its books); ``flush`` closes all."""
+        out: list[tuple[Phase, Block]] = []
+        if not self.pending and not self.detailing:
+            return out
         now = time.monotonic() if now is None else now
-        top = max(self.reached.values())
-        out: list[Block] = []
         for height in sorted(self.pending):
-            if not (flush or self._done(height)):
-                if height >= top:
-                    break
-                since = self._past_since.setdefault(height, now)
-                if now - since < self.timeout:
-                    break
-                metrics.BLOCK_ANOMALIES.labels("timeout").inc()
-            self._close(height, out)
+            if not (flush or self._done(BOOK_STREAMS, height) or self._due(Phase.BOOKS, height, now)):
+                break
+            self._close_books(height, out)
+        for height in sorted(self.detailing):
+            if not (flush or self._done((STATUSES,), height) or self._due(Phase.DETAILS, height, now)):
+                break
+            block = self.detailing.pop(height)
+            self._past_since.pop((Phase.DETAILS, height), None)
+            if not self.streaming and not block.status_lines:
+                block.statuses_missing = True
+                metrics.BLOCK_ANOMALIES.labels("incomplete").inc()
+                log.warning("block %d closed without its order statuses", height)
+            self.last_detailed = height
+            out.append((Phase.DETAILS, block))
         return out
 
-    def _close(self, height: int, out: list[Block]) -> None:
+    def _close_books(self, height: int, out: list[tuple[Phase, Block]]) -> None:
         block = self.pending.pop(height)
-        self._past_since.pop(height, None)
-        if not self.streaming and len(block.streams_seen) < len(STREAMS):
-            block.missing = sorted(set(STREAMS) - block.streams_seen)
+        self._past_since.pop((Phase.BOOKS, height), None)
+        if not self.streaming and not block.streams_seen.issuperset(BOOK_STREAMS):
+            block.missing = sorted(set(BOOK_STREAMS) - block.streams_seen)
             metrics.BLOCK_ANOMALIES.labels("incomplete").inc()
             log.warning("block %d closed without %s", height, block.missing)
         if self.last_closed is not None and height > self.last_closed + 1:
             self._fill_gap(height, block, out)
         self.last_closed = height
         self._last_times = block.block_time, block.local_time
-        out.append(block)
+        self.detailing[height] = block
+        out.append((Phase.BOOKS, block))
 
-    def _fill_gap(self, height: int, block: Block, out: list[Block]) -> None:
+    def _fill_gap(self, height: int, block: Block, out: list[tuple[Phase, Block]]) -> None:
         """Heights skipped before ``height``: in streaming mode an empty block
         writes no row, so they are empty blocks (timed like the previous block);
         in by-block mode every block has a line, so they are missing."""
@@ -147,7 +252,9 @@ class Joiner:
         missing = range(self.last_closed + 1, height)
         if self.streaming:
             block_time, local_time = self._last_times if self._last_times else (block.block_time, block.local_time)
-            out.extend(Block(h, block_time, local_time) for h in missing)
+            for h in missing:
+                empty = self.detailing[h] = Block(h, block_time, local_time)
+                out.append((Phase.BOOKS, empty))
             return
         metrics.BLOCK_ANOMALIES.labels("gap").inc(len(missing))
         log.warning("blocks %d..%d missing", missing[0], missing[-1])

@@ -1,9 +1,11 @@
-"""Turn a joined block into wire messages (docs/ARCHITECTURE.md, ingest XPUB).
+"""Turn a joined block into wire messages (docs/ARCHITECTURE.md, ingest XPUB), phase by
+phase: its books (``H|``, ``B|``, ``T|``: diffs and fills only), then its details
+(``D|``, ``E|``, ``U|``, ``HIST|``: what needs its statuses).
 
 Work per status is a few attribute reads: statuses are routed to a coin's
-BookSlice only when their oid has a diff in the block, and to a user's topic
-only while that user is subscribed downstream. Rejections (~95 %) of users
-nobody follows are not even decoded past their status (``StatusHead``).
+BookDetails only when their oid has a diff of that coin in the block, and to a
+user's topic only while that user is subscribed downstream. Rejections (~95 %)
+of users nobody follows are not even decoded past their status (``StatusHead``).
 """
 
 from __future__ import annotations
@@ -83,25 +85,37 @@ class MessageBuilder:
         self.prev = wire.PrevTracker()
         self.subs = subs
 
-    def build(self, block: Block) -> tuple[list[Message], list[Message]]:
-        """(header, book slices and trades; per-user messages): the two lists are kept apart
-        because per-user messages exist only for users someone follows."""
+    def books(self, block: Block) -> list[Message]:
+        """The books phase: header, book slices and trades."""
         ms = block_time_ms(block.block_time)
         slices = self._book_slices(block, ms)
-        stored = [self._header(block, ms, [s.coin for s in slices])]
-        stored += [self._pack(topics.book(s.coin), s) for s in slices]
-        stored += [self._pack(topics.trades(t.coin), t) for t in self._trades(block, ms)]
-        return stored, self._user_events(block, ms)
+        out = [self._header(block, ms, [s.coin for s in slices])]
+        out += [self._pack(topics.book(s.coin), s) for s in slices]
+        out += [self._pack(topics.trades(t.coin), t) for t in self._trades(block, ms)]
+        return out
+
+    def details(self, block: Block) -> tuple[list[Message], list[Message]]:
+        """The details phase (its statuses decoded): (book details and the block's end; per-user
+        messages), kept apart because per-user messages exist only for users someone follows."""
+        ms = block_time_ms(block.block_time)
+        details = self._book_details(block, ms)
+        out = [self._pack(topics.details(d.coin), d) for d in details]
+        end = wire.BlockEnd(block.height, self.prev.next(topics.BLOCK_END, block.height), ms, block.n_statuses,
+                            [d.coin for d in details], ["order_statuses"] if block.statuses_missing else [])
+        out.append((topics.BLOCK_END, wire.encode(end)))
+        return out, self._user_events(block, ms)
 
     def history(self, block: Block) -> Message | None:
         """``HIST|``, while the history service subscribes (built after the live messages went out)."""
         if self.subs.history <= 0:
             return None
         statuses = [s for s in block.statuses if not s.rejected]
+        missing = block.missing + (["order_statuses"] if block.statuses_missing else [])
         return self._pack(topics.HISTORY, wire.HistoryBlock(block.height, None, block_time_ms(block.block_time), statuses,
-                                                            block.fills, block.missing))
+                                                            block.fills, missing))
 
-    def _pack(self, topic: bytes, message: wire.BookSlice | wire.Trades | wire.UserEvents | wire.HistoryBlock) -> Message:
+    def _pack(self, topic: bytes, message: wire.BookSlice | wire.BookDetails | wire.Trades | wire.UserEvents | wire.HistoryBlock
+              ) -> Message:
         message.prev = self.prev.next(topic, message.height)
         return topic, wire.encode(message)
 
@@ -112,7 +126,6 @@ class MessageBuilder:
             time=ms,
             block_time=block.block_time,
             local_time=block.local_time,
-            n_statuses=block.n_statuses,
             n_diffs=len(block.diffs),
             n_fills=len(block.fills),
             book_coins=coins,
@@ -122,23 +135,33 @@ class MessageBuilder:
 
     @staticmethod
     def _book_slices(block: Block, ms: int) -> list[wire.BookSlice]:
-        """Per coin: its diffs and the statuses of their oids. A ``new`` diff with no status
-        (other than HIP-2/assistance-fund orders) is counted: its details would be defaults."""
+        """Per coin: its diffs, in node order."""
         by_coin: dict[str, wire.BookSlice] = {}
-        oid_coin: dict[int, str] = {}
         for diff in block.diffs:
             s = by_coin.get(diff.coin)
             if s is None:
-                s = by_coin[diff.coin] = wire.BookSlice(block.height, None, ms, diff.coin, [], [])
+                s = by_coin[diff.coin] = wire.BookSlice(block.height, None, ms, diff.coin, [])
             s.diffs.append(diff)
-            oid_coin[diff.oid] = diff.coin
-        if oid_coin:
-            detailed = set()
-            for status in block.statuses:
-                coin = oid_coin.get(status.order.oid)
-                if coin is not None:
-                    by_coin[coin].statuses.append(status)
-                    detailed.add(status.order.oid)
+        return list(by_coin.values())
+
+    @staticmethod
+    def _book_details(block: Block, ms: int) -> list[wire.BookDetails]:
+        """Per coin: the statuses of the oids its diffs touched. A ``new`` diff with no status
+        (other than HIP-2/assistance-fund orders) is counted: its details would be defaults."""
+        oid_coin = {diff.oid: diff.coin for diff in block.diffs}
+        if not oid_coin:
+            return []
+        by_coin: dict[str, wire.BookDetails] = {}
+        detailed = set()
+        for status in block.statuses:
+            coin = oid_coin.get(status.order.oid)
+            if coin is not None:
+                d = by_coin.get(coin)
+                if d is None:
+                    d = by_coin[coin] = wire.BookDetails(block.height, None, ms, coin, [])
+                d.statuses.append(status)
+                detailed.add(status.order.oid)
+        if not block.statuses_missing:
             for diff in block.diffs:
                 if isinstance(diff.raw_book_diff, DiffBody) and diff.raw_book_diff.new is not None \
                         and diff.oid not in detailed and diff.user not in STATUSLESS_USERS:

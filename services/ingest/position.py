@@ -2,11 +2,13 @@
 
 After publishing blocks ingest writes (atomically: a temporary file renamed
 over the old one, at most every ``SAVE_EVERY`` seconds) the last height it
-published, the ``prev`` of every topic (so the messages it publishes after a
+published whole and the last whose books phase it published (a block's books go
+out before its details), the ``prev`` of every topic (so the messages it publishes after a
 restart continue each consumer's chain) and the users followed downstream (so
 their messages are built from the first block again, before the subscribers
 have reconnected). A restart resumes at the next height: every block written
-while ingest was down is published, in order; the few it may publish twice
+while ingest was down is published, in order (the books phases it had published
+already are not sent again, their details are); the few it may publish twice
 (those after the last save) carry the same heights and ``prev`` as before, so
 consumers see them as already held (``common.chain``: ``SEEN``).
 
@@ -32,9 +34,10 @@ SAVE_EVERY = 0.2  # seconds between saves (a restart publishes again at most the
 
 
 class Position(msgspec.Struct):
-    height: int  # the last block published
+    height: int  # the last block published whole (its details phase too)
     prev: dict[str, int] = {}  # topic (latin-1) -> its last height
     users: list[str] = []  # followed downstream
+    books_height: int | None = None  # the last block whose books phase was published (None: ``height``)
 
 
 class PositionFile:

@@ -6,27 +6,31 @@ from collections import deque
 
 import zmq
 
-from hlbook.common import wire
+from hlbook.common import topics, wire
 from hlbook.services.ingest import metrics
 from hlbook.services.ingest.messages import Message
 
 
 class ReplayStore:
-    """The published messages of the last ``capacity`` blocks, as sent (bytes)."""
+    """The published messages of the last ``capacity`` blocks, as sent (bytes), in the order
+    they were sent: a block's books phase, later its details phase (another block's books
+    may come between)."""
 
     def __init__(self, capacity: int) -> None:
-        self.blocks: deque[tuple[int, list[Message]]] = deque(maxlen=capacity)
+        self.blocks: deque[tuple[int, list[Message]]] = deque(maxlen=2 * capacity)  # two phases a block
+        self.head: int | None = None  # newest height held
 
     def add(self, height: int, messages: list[Message]) -> None:
         self.blocks.append((height, messages))
+        self.head = height if self.head is None else max(self.head, height)
 
     @property
     def oldest(self) -> int | None:
-        return self.blocks[0][0] if self.blocks else None
-
-    @property
-    def head(self) -> int | None:
-        return self.blocks[-1][0] if self.blocks else None
+        """The oldest height held whole (both phases)."""
+        if not self.blocks:
+            return None
+        height, messages = self.blocks[0]
+        return height if messages and messages[0][0] == topics.HEADER else height + 1
 
     def answer(self, request: wire.ReplayRequest) -> list[bytes]:
         """Reply frames: ReplayReply, then topic/payload pairs."""

@@ -1,5 +1,10 @@
 """The ingest process: tail -> decode -> join -> publish, plus replay and the
-downstream subscription set (XPUB), in one single-threaded poll loop."""
+downstream subscription set (XPUB), in one single-threaded poll loop.
+
+Each block goes out in two phases (``joiner``): its books (``H|``, ``B|``, ``T|``)
+as soon as its diffs and fills are read, then its details (``D|``, ``E|``,
+``U|``, ``HIST|``) once its status line is read and decoded: l2Book, bbo and
+trades never wait for the ~4 MB of statuses a whole-market block carries."""
 
 from __future__ import annotations
 
@@ -15,10 +20,10 @@ from hlbook.common import config, logs, nodefiles
 from hlbook.common.metrics import BAD_INPUT, serve
 from hlbook.common.nodefiles import line_height
 from hlbook.common.security import Curve
-from hlbook.common.models import DECODERS, STATUS_HEADS, STREAMS, block_time_ms
+from hlbook.common.models import DECODERS, STREAMS, block_time_ms
 from hlbook.common.signals import stop_on_signals
 from hlbook.services.ingest import metrics
-from hlbook.services.ingest.joiner import Block, Joiner
+from hlbook.services.ingest.joiner import STATUSES, Block, Joiner, Phase, line_head
 from hlbook.services.ingest.messages import MessageBuilder, Subscriptions
 from hlbook.services.ingest.position import Position, PositionFile
 from hlbook.services.ingest.replay import ReplayStore, serve_one
@@ -72,6 +77,7 @@ class Ingest:
             self.builder.prev.restore({topic.encode("latin-1"): height for topic, height in saved.prev.items()})
         self.store = ReplayStore(cfg.replay_blocks)
         self.skip_below = self._start_position(saved)
+        self.books_done = saved.books_height if saved is not None else None  # books published before a restart
         if saved is not None:
             self._warm_store(saved.height)
         self.joiner = Joiner(cfg.mode, cfg.block_timeout, self.skip_below)
@@ -95,7 +101,8 @@ class Ingest:
         if self.watcher is not None:
             self.poller.register(self.watcher.fd, zmq.POLLIN)
         self._bad_logged = 0
-        self.published: int | None = None  # last block published
+        self.published: int | None = None  # last block published whole (its details phase too)
+        self.books_published: int | None = None  # last block whose books phase was published
         self.stopped = False
 
     def _start_position(self, saved: Position | None) -> int | None:
@@ -131,14 +138,17 @@ class Ingest:
             for stream in STREAMS:
                 for line in nodefiles.lines_between(self.cfg.data_dir, stream, self.cfg.mode, low, high):
                     self._join(joiner, stream, line)
-            for block in joiner.ready(flush=True):
+            for phase, block in joiner.ready(flush=True):
                 try:
-                    stored, per_user = builder.build(block)
+                    if phase is Phase.BOOKS:
+                        self.store.add(block.height, builder.books(block))
+                    else:
+                        block.decode_statuses(self.subs.wants)
+                        stored, per_user = builder.details(block)
+                        self.store.add(block.height, stored + per_user)
                 except Exception:  # as in publish: that block cannot be replayed, the rest can
                     BAD_INPUT.labels("ingest", "error").inc()
                     log.exception("block %d could not be rebuilt for replay", block.height)
-                    continue
-                self.store.add(block.height, stored + per_user)
         log.info("replay store: %d blocks before the restart rebuilt from the node files (%s..%s) in %.2f s",
                  len(self.store.blocks), self.store.oldest, self.store.head, time.monotonic() - started)
 
@@ -154,8 +164,11 @@ class Ingest:
         (inotify: at most ``WATCHED_POLL`` s; else ``poll_interval``). Returns lines read."""
         self._watch()
         lines = self._read_streams()
-        for block in self.joiner.ready():
-            self.publish(block)
+        for phase, block in self.joiner.ready():
+            if phase is Phase.BOOKS:
+                self.publish_books(block)
+            else:
+                self.publish_details(block)
         self.save_position()
         self.subs.expire()
         wait = self.cfg.poll_interval if self.watcher is None else WATCHED_POLL
@@ -203,32 +216,56 @@ class Ingest:
 
     def _join(self, joiner: Joiner, stream: str, line: bytes) -> None:
         try:
-            if stream == "order_statuses":
-                statuses, left_out = STATUS_HEADS.decode(line).resolve(self.subs.wants)
-                joiner.add(stream, statuses, left_out)
+            if stream == STATUSES:  # kept as read: decoded when its block's details close (after its books went out)
+                head = line_head(line)
+                if head is None:
+                    raise ValueError("no block_number where a node line has it")
+                joiner.add_statuses(head, line)
             else:
                 joiner.add(stream, DECODERS[stream].decode(line))
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:  # ValueError: a bad block_time
-            metrics.BAD_LINES.labels(stream, "malformed").inc()
-            BAD_INPUT.labels("ingest", "malformed_line").inc()
-            self._log_bad(stream, line, exc)
+            self._bad_line(stream, line, exc)
+
+    def _bad_line(self, stream: str, line: bytes, exc: Exception) -> None:
+        metrics.BAD_LINES.labels(stream, "malformed").inc()
+        BAD_INPUT.labels("ingest", "malformed_line").inc()
+        self._log_bad(stream, line, exc)
 
     def _log_bad(self, stream: str, line: bytes, exc: Exception) -> None:
         self._bad_logged += 1
         if self._bad_logged <= 20 or self._bad_logged % 1000 == 0:
             log.error("%s: malformed line skipped (%s): %.200r [%d so far]", stream, exc, line, self._bad_logged)
 
-    def publish(self, block: Block) -> None:
+    def publish_books(self, block: Block) -> None:
+        """The books phase: header, book slices, trades (not again for a block whose books a
+        previous ingest published before it stopped: consumers hold them)."""
+        if self.books_done is not None and block.height <= self.books_done:
+            return
         try:
-            stored, per_user = self.builder.build(block)
+            messages = self.builder.books(block)
         except Exception:  # a bug or input the models let through: the block is lost, ingest is not
             BAD_INPUT.labels("ingest", "error").inc()
             log.exception("block %d could not be published; consumers will see its height missing", block.height)
             return
-        for topic, payload in stored:
-            self.pub.send_multipart((topic, payload), copy=False)
-        for topic, payload in per_user:
-            self.pub.send_multipart((topic, payload), copy=False)
+        self._send(messages)
+        self.store.add(block.height, messages)
+        metrics.MESSAGES.labels("stored").inc(len(messages))
+        self.books_published = block.height
+
+    def publish_details(self, block: Block) -> None:
+        """The details phase: the block's statuses decoded, book details, the block's end, per-user events, history."""
+        for line, exc in block.decode_statuses(self.subs.wants):
+            self._bad_line(STATUSES, line, exc)
+            if self.cfg.mode == "by-block":  # the block's one status line: its new orders have no details
+                block.statuses_missing = True
+        try:
+            stored, per_user = self.builder.details(block)
+        except Exception:
+            BAD_INPUT.labels("ingest", "error").inc()
+            log.exception("block %d: details could not be published; consumers will see its height missing", block.height)
+            return
+        self._send(stored)
+        self._send(per_user)
         self.store.add(block.height, stored + per_user)
         self._publish_history(block)
         metrics.BLOCKS.inc()
@@ -237,6 +274,10 @@ class Ingest:
         metrics.HEAD.set(block.height)
         metrics.LAG.set(time.time() - block_time_ms(block.block_time) / 1000)
         self.published = block.height
+
+    def _send(self, messages: list[tuple[bytes, bytes]]) -> None:
+        for topic, payload in messages:
+            self.pub.send_multipart((topic, payload), copy=False)
 
     def _publish_history(self, block: Block) -> None:
         """``HIST|`` after the live messages; not kept for replay (the history service reads
@@ -256,7 +297,8 @@ class Ingest:
         if self.position is None or self.published is None or not (force or self.position.due()):
             return
         prev = {topic.decode("latin-1"): height for topic, height in self.builder.prev.items()}
-        self.position.save(Position(self.published, prev, sorted(self.subs.users)))
+        books = max(self.books_published or 0, self.books_done or 0, self.published)
+        self.position.save(Position(self.published, prev, sorted(self.subs.users), books))
 
     def close(self) -> None:
         self.save_position(force=True)
