@@ -107,7 +107,7 @@ def run_ingest(stage: Path, sockets: Path, first: int, n_blocks: int) -> tuple[l
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 0)
     sub.connect(cfg.pub)
-    for prefix in (topics.HEADER, topics.BOOK_PREFIX, topics.TRADES_PREFIX, topics.HISTORY):
+    for prefix in (topics.HEADER, topics.BOOK_PREFIX, topics.TRADES_PREFIX, topics.DETAILS_PREFIX, topics.BLOCK_END, topics.HISTORY):
         sub.setsockopt(zmq.SUBSCRIBE, prefix)
     deadline = time.monotonic() + 5
     while ingest.subs.history <= 0 and time.monotonic() < deadline:  # the SUB's subscriptions, before any block
@@ -172,7 +172,7 @@ def run_shard(k: int, shards: int, stage: Path, sockets: Path, messages: list[tu
     received = 0
     spent = 0.0
     for topic, payload in messages:
-        if topic == topics.HEADER or topic.startswith(topics.BOOK_PREFIX):
+        if topic in (topics.HEADER, topics.BLOCK_END) or topic.startswith((topics.BOOK_PREFIX, topics.DETAILS_PREFIX)):
             t = cpu()
             stream.on_message(topic, payload)
             spent += cpu() - t
