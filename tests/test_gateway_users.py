@@ -178,6 +178,7 @@ def test_candles_follow_the_trades(up: Up) -> None:
     checked, last = asyncio.run(run())
     assert checked >= 5
     snap = post_info(up.http, {"type": "candleSnapshot", "req": {"coin": "BTC", "interval": "1m", "startTime": last["t"], "endTime": last["T"]}})[1]
+    assert post_info(up.http, {"type": "candleSnapshot", "req": {"coin": "BTC", "interval": "1m", "startTime": last["t"], "endTime": None}})[1]
     assert snap[-1]["t"] == last["t"] and snap[-1]["n"] >= last["n"]
     assert post_info(up.http, {"type": "candleSnapshot", "req": {"coin": "BTC", "interval": "7m", "startTime": 0}})[0] == 400
 
@@ -284,6 +285,8 @@ def test_aggregate_by_time_merges_a_crossing_orders_fills(up: Up) -> None:
         got = post_info(up.http, {"type": "userFillsByTime", "user": user, "startTime": at, "endTime": at, "aggregateByTime": True})[1]
         assert len(got) < len(want)
         same_fills(got, aggregated(want))
+        # the official SDK sends endTime null when it is not given: now
+        assert len(post_info(up.http, {"type": "userFillsByTime", "user": user, "startTime": at, "endTime": None})[1]) >= len(want)
 
     users = active_users(up.data, 8)
 

@@ -266,7 +266,10 @@ class Info:
 
 
 def _int(payload: dict[str, Any], field: str, default: int | None = None) -> int:
-    value = payload.get(field, default)
+    """An epoch-ms field; absent or null takes ``default`` (the official SDK sends ``endTime: null`` for "now")."""
+    value = payload.get(field)
+    if value is None:
+        value = default
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
         raise InfoError(f"{field} must be an integer (epoch ms)")
     return value
