@@ -390,6 +390,24 @@ def test_killed_shard_comes_back_live_and_equal(pipeline, btc_data: Path, tmp_pa
     assert again.ask(op="l4", coin="BTC")["levels"] == list(node["BTC"].l4_levels())
 
 
+def test_the_shared_snapshot_goes_when_its_shards_stop(pipeline, tmp_path: Path) -> None:
+    """Two shards of one host share one node snapshot in their temporary directory; it is
+    removed (with its lock) when they stop, so restarts leave nothing behind."""
+    p, scratch = pipeline, tmp_path / "scratch"
+    scratch.mkdir()
+    shards = [ShardProcess(tmp_path, f"t{k}", k, 2, p.ingest, "--info-url", p.info.url, env={"TMPDIR": str(scratch)},
+                           production=True) for k in range(2)]
+    p.shards.extend(shards)
+    p.write(FIRST, FIRST + 3)
+    for shard in shards:
+        shard.wait(lambda r: r["height"] == FIRST + 3 and r["phase"] == "live")
+    assert p.info.requests == 1  # the second shard read the first one's file
+    assert {f.suffix for f in scratch.iterdir()} == {".json", ".owner", ".lock"}
+    for shard in shards:
+        shard.stop()
+    assert list(scratch.iterdir()) == []
+
+
 def await_resets(sub: zmq.Socket, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
     """The next ``count`` RESET messages other than the initial ones (fewer after ``timeout``)."""
     resets: list[dict[str, Any]] = []

@@ -338,6 +338,8 @@ class Shard:
 
     def close(self) -> None:
         self.jobs.close()
+        if self.fetcher is not None:
+            self.fetcher.close()
         self.recovery.replayer.close()
         for sock in (self.sub, self.publisher.sock, self.router):
             sock.close(linger=0)

@@ -125,27 +125,63 @@ def _fill(book: Book, side: Side, entries: list[Entry], side_name: str) -> None:
         level.add(order)
 
 
+def shared_paths(info_url: str, directory: str | None = None) -> tuple[Path, Path, Path]:
+    """(the shared snapshot, who fetched it, the lock the shards take turns on) for one node."""
+    stem = Path(directory or tempfile.gettempdir()) / f"hlbook-snapshot-{hashlib.sha256(info_url.encode()).hexdigest()[:12]}"
+    return stem.with_suffix(".json"), stem.with_suffix(".owner"), stem.with_suffix(".lock")
+
+
 def fetch_shared(info_url: str, owner: str, not_before: float = 0.0, timeout: float = 60.0,
                  directory: str | None = None) -> tuple[bytes, bool]:
     """(a node snapshot, whether another shard fetched it). The shards of one host take turns
     on a lock file: one asks the node, the others read its file when it is at most
     ``SHARE_AGE`` old and written after ``not_before`` (epoch s) (a full mainnet snapshot costs
     the node seconds and hundreds of MB each time). ``owner`` (the shard) never reuses its own:
-    when it asks again it needs a newer one."""
-    folder = Path(directory or tempfile.gettempdir())
-    key = hashlib.sha256(info_url.encode()).hexdigest()[:12]
-    latest, by = folder / f"hlbook-snapshot-{key}.json", folder / f"hlbook-snapshot-{key}.owner"
-    with open(folder / f"hlbook-snapshot-{key}.lock", "a+") as lock:
+    when it asks again it needs a newer one. A shared file too old to serve is removed by
+    whoever takes the lock next (its fetcher may have been killed); its fetcher removes it
+    when it stops (:func:`remove_shared`)."""
+    latest, by, lock_path = shared_paths(info_url, directory)
+    with open(lock_path, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
         try:
             written = latest.stat().st_mtime
             if written >= not_before and time.time() - written <= SHARE_AGE and by.read_text() != owner:
                 return latest.read_bytes(), True
+            if time.time() - written > SHARE_AGE:
+                _unlink(latest, by)
         except FileNotFoundError:
             pass
         data = fetch(info_url, timeout, directory, keep=latest)
         by.write_text(owner)
         return data, False
+
+
+def remove_shared(info_url: str, owner: str, directory: str | None = None) -> None:
+    """``owner`` stops: remove the snapshot it shared, and the lock when no other shard holds it."""
+    latest, by, lock_path = shared_paths(info_url, directory)
+    try:
+        with open(lock_path, "r") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another shard is fetching: it owns what is there now
+            try:
+                if by.read_text() == owner:
+                    _unlink(latest, by)
+            except FileNotFoundError:
+                pass
+            if not latest.exists():
+                _unlink(lock_path)
+    except FileNotFoundError:
+        pass
+
+
+def _unlink(*paths: Path) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def fetch(info_url: str, timeout: float = 60.0, directory: str | None = None, keep: Path | None = None) -> bytes:
@@ -227,6 +263,11 @@ class Fetcher:
             result.error = f"{type(exc).__name__}: {exc}"
         result.seconds = time.monotonic() - started
         return result
+
+    def close(self) -> None:
+        """Stop: wait for a fetch in flight, then remove the snapshot this shard shared."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        remove_shared(self.info_url, self.owner)
 
     def result(self) -> Fetched | None:
         """The finished fetch, if any (non-blocking)."""

@@ -134,7 +134,8 @@ def run(pipeline: Pipeline) -> None:
     data_dir = pipeline.data_dir or tempfile.mkdtemp(prefix="hlbook-sim-")
     sockets = pipeline.sockets or tempfile.mkdtemp(prefix="hlbook-zmq-")
     os.makedirs(sockets, exist_ok=True)
-    supervisor = Supervisor(pipeline.specs(data_dir, sockets))
+    scratch = tempfile.mkdtemp(prefix="hlbook-tmp-")  # the children's temporary files (shared snapshots, locks): ours alone, removed at the end
+    supervisor = Supervisor(pipeline.specs(data_dir, sockets), env={"TMPDIR": scratch})
     status = Status(pipeline)
     base = f"http://{pipeline.host}:{pipeline.port}"
     urls = [f"ws://{pipeline.host}:{pipeline.port + i}/ws" for i in range(pipeline.gateways)]
@@ -158,6 +159,7 @@ def run(pipeline: Pipeline) -> None:
     try:
         supervisor.run(on_tick=tick)
     finally:
+        shutil.rmtree(scratch, ignore_errors=True)
         if not pipeline.sockets:
             shutil.rmtree(sockets, ignore_errors=True)
         if not pipeline.data_dir:  # the simulator's files in a directory of our own making
