@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from prometheus_client import REGISTRY
 
 from hlbook.common import nodefiles
 from hlbook.common.nodefiles import line_height, offset_of
-from hlbook.services.ingest.tailer import Tailer
+from hlbook.services.ingest.tailer import WRITE_WAIT, Tailer
 
 HOUR = datetime(2026, 11, 22, 23)
 NEXT = datetime(2026, 11, 23, 0)
@@ -40,18 +41,24 @@ def test_start_at_end_keeps_a_partial_last_line(tmp_path: Path) -> None:
     assert heights(tailer.poll()) == [3]
 
 
-def test_a_line_read_in_pieces_comes_once_whole(tmp_path: Path) -> None:
+def test_a_line_being_written_is_read_once_whole(tmp_path: Path) -> None:
     append(tmp_path, HOUR, node_line(1))
     tailer = Tailer(tmp_path, "fills", "by-block")
     assert tailer.start_at_end() == 1
     big = node_line(2, pad=300_000)
-    for start in range(0, len(big) - 1000, len(big) // 7):  # the node is still writing it: nothing yet
-        append(tmp_path, HOUR, big[start : start + len(big) // 7])
-        assert tailer.poll() == []
-    append(tmp_path, HOUR, big[(len(big) // 7) * 7 :] + node_line(3) + node_line(4)[:10])
+    step = len(big) // 7
+    for start in range(0, 7 * step, step):  # the node is still writing it: nothing is read
+        append(tmp_path, HOUR, big[start : start + step])
+        assert tailer.poll() == [] and tailer._fh is not None and tailer._fh.tell() == len(node_line(1))
+    append(tmp_path, HOUR, big[7 * step :] + node_line(3))
     assert tailer.poll() == [big[:-1], node_line(3)[:-1]]
+    # a node that stops mid-line: after WRITE_WAIT its start is read, and the line comes once whole
+    append(tmp_path, HOUR, node_line(4)[:10])
+    assert tailer.poll() == []
+    time.sleep(WRITE_WAIT + 0.05)
+    assert tailer.poll() == [] and tailer._fh.tell() > len(node_line(1)) + len(big) + len(node_line(3))
     append(tmp_path, HOUR, node_line(4)[10:])
-    assert tailer.poll() == [node_line(4)]  # one whole line: as read, its newline kept
+    assert tailer.poll() == [node_line(4)]
 
 
 def test_start_from_scans_back_to_the_file_holding_the_height(tmp_path: Path) -> None:
@@ -101,7 +108,9 @@ def test_truncated_file_is_reread_and_counted(tmp_path: Path) -> None:
 def test_unterminated_line_at_rotation_is_dropped_and_counted(tmp_path: Path) -> None:
     append(tmp_path, HOUR, node_line(1) + node_line(2)[:30])
     tailer = Tailer(tmp_path, "fills", "by-block")
-    assert heights(tailer.poll()) == [1]
+    assert tailer.poll() == []  # the node may still be writing line 2 ...
+    time.sleep(WRITE_WAIT + 0.05)
+    assert heights(tailer.poll()) == [1]  # ... but it stopped there
     append(tmp_path, NEXT, node_line(3))
     before = REGISTRY.get_sample_value("hlbook_ingest_bad_lines_total", {"stream": "fills", "reason": "unterminated"}) or 0
     assert tailer.poll() == []  # rotates

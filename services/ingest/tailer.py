@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 16 << 20  # bytes read per poll (a whole-market status line is ~4 MB, three times that at 3x the flow)
 MAX_PARTIAL = 64 << 20  # a "line" longer than this is garbage
+WRITE_WAIT = 0.2  # seconds a line being written is waited for before its start is read (a node that stopped mid-line)
 _ROTATION_CHECK_S = 0.05
 
 
@@ -35,6 +36,7 @@ class Tailer:
         self.path: Path | None = None
         self._fh: BinaryIO | None = None
         self._partial: list[bytes] = []  # the pieces read of a line whose newline has not come yet
+        self._writing_since: float | None = None  # since when the file has ended inside a line
         self._next_rotation_check = 0.0
         self.at_eof = False
 
@@ -93,6 +95,9 @@ class Tailer:
             self._open(files[0])
         assert self._fh is not None
         available = self._check_truncated()
+        if self.mode == "by-block" and 0 < available <= CHUNK and self._writing():
+            self.at_eof = True  # the node is writing a block's line: read it once it is whole
+            return []
         data = self._fh.read(min(available, CHUNK)) if available > 0 else b""
         if not data:
             self.at_eof = True
@@ -100,6 +105,24 @@ class Tailer:
             return []
         self.at_eof = len(data) < CHUNK
         return self._split(data)
+
+    def _writing(self) -> bool:
+        """Whether the file ends inside a line the node is still writing (its last byte is not a
+        newline, for less than ``WRITE_WAIT``): read in pieces, a 4 MB line would be copied twice.
+        By-block mode only: there a line is a block, and the next one starts a block later
+        (in streaming mode rows follow each other and a file often ends inside one)."""
+        assert self._fh is not None
+        try:
+            ends_line = os.pread(self._fh.fileno(), 1, os.fstat(self._fh.fileno()).st_size - 1) == b"\n"
+        except OSError:
+            ends_line = True
+        now = time.monotonic()
+        if ends_line:
+            self._writing_since = None
+            return False
+        if self._writing_since is None:
+            self._writing_since = now
+        return now - self._writing_since < WRITE_WAIT
 
     def _split(self, data: bytes) -> list[bytes]:
         """Complete lines: a line read in pieces (the node was writing it) is joined once, when
