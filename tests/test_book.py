@@ -8,6 +8,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import zmq
 
 from hlbook.common import l2rules, topics
 from hlbook.common.models import DECODERS, BookDiff, DiffBody, NewDiff, Order as NodeOrder, OrderStatus, UpdateDiff
@@ -324,9 +325,15 @@ class SentFrames:
 
     def __init__(self) -> None:
         self.frames: list[tuple[bytes, bytes]] = []
+        self.topic: bytes | None = None
 
-    def send_multipart(self, frames: tuple[bytes, bytes], copy: bool = True) -> None:
-        self.frames.append(frames)
+    def send(self, data: bytes, flags: int = 0, copy: bool = True) -> None:
+        if flags & zmq.SNDMORE:
+            self.topic = data
+        else:
+            assert self.topic is not None
+            self.frames.append((self.topic, data))
+            self.topic = None
 
     def take(self) -> dict[bytes, dict]:
         out = {topic: msgspec.msgpack.decode(payload) for topic, payload in self.frames}

@@ -181,7 +181,7 @@ class Shard:
     def read_ingest(self) -> None:
         for _ in range(BATCH):
             try:
-                topic, payload = self.sub.recv_multipart(zmq.NOBLOCK)
+                topic, payload = wire.recv(self.sub, zmq.NOBLOCK)
             except zmq.Again:
                 return
             except ValueError:  # not two frames

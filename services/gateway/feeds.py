@@ -56,6 +56,7 @@ class Feed:
         self.subscribers: dict[Session, str] = {}  # session -> its subscription identity
         self.last: str | None = None
         self.counted = Counted()  # what every subscriber got (their statistics follow it)
+        self.encoded, self.sent = metrics.ENCODED.labels(channel), metrics.SENT.labels(channel)  # labelled once: ~1 µs a message
 
     def add(self, session: Session, ident: str) -> None:
         self.subscribers[session] = ident
@@ -81,10 +82,10 @@ class Feed:
         """Hand an already encoded message to every subscriber."""
         if self.conflate:
             self.last = text
-        metrics.ENCODED.labels(self.channel).inc()
+        self.encoded.inc()
         if not self.subscribers:
             return
-        metrics.SENT.labels(self.channel).inc(len(self.subscribers))
+        self.sent.inc(len(self.subscribers))
         self.counted.add(time.time(), time.monotonic())
         conflate = self.key if self.conflate else None
         replaced = sum([session.push(text, conflate) for session in self.subscribers])

@@ -5,6 +5,7 @@ dispatch of every upstream message to the feeds that want it."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -51,6 +52,11 @@ class ShardView:
 
 BlockHook = Callable[["Hub", Any, wire.ShardBlock], None]
 Handler = tuple[str, Any, Callable[["Hub", bytes, Any], None]]  # (metrics label, wire type, method)
+
+
+@functools.cache
+def _upstream_counter(label: str) -> Any:
+    return metrics.UPSTREAM.labels(label)
 
 
 def dex_of(coin: str) -> str:
@@ -197,7 +203,7 @@ class Hub:
             BAD_INPUT.labels("gateway", "unknown_topic").inc()
             return
         label, message_type, handle = handler
-        metrics.UPSTREAM.labels(label).inc()
+        _upstream_counter(label).inc()
         try:
             message = wire.decode(payload, message_type)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:

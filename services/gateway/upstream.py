@@ -133,7 +133,7 @@ class Upstream:
                 else:
                     BAD_INPUT.labels("gateway", "bad_frame").inc()
                 try:
-                    frames = sub.recv_multipart(zmq.NOBLOCK)
+                    frames = wire.recv(sub, zmq.NOBLOCK)
                 except zmq.Again:
                     break
             await asyncio.sleep(0)

@@ -139,7 +139,7 @@ class History:
     def read_live(self) -> None:
         for _ in range(LIVE_BATCH):
             try:
-                frames = self.sub.recv_multipart(zmq.NOBLOCK)
+                frames = wire.recv(self.sub, zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -197,7 +197,7 @@ class History:
     def publish_candle(self, topic: bytes, coin: str, interval: str) -> None:
         candle = self.store.newest_candle(coin, interval)
         if candle is not None:
-            self.pub.send_multipart([topic, wire.encode(wire.CandleUpdate(**candle))])
+            wire.send(self.pub, topic, wire.encode(wire.CandleUpdate(**candle)))
 
     # ------------------------------------------------------------ queries (ROUTER)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from hlbook.common import config, logs, nodefiles
+from hlbook.common import config, logs, nodefiles, wire
 from hlbook.common.metrics import BAD_INPUT, serve
 from hlbook.common.nodefiles import line_height
 from hlbook.common.security import Curve
@@ -277,7 +277,7 @@ class Ingest:
 
     def _send(self, messages: list[tuple[bytes, bytes]]) -> None:
         for topic, payload in messages:
-            self.pub.send_multipart((topic, payload), copy=False)
+            wire.send(self.pub, topic, payload)
 
     def _publish_history(self, block: Block) -> None:
         """``HIST|`` after the live messages; not kept for replay (the history service reads
@@ -289,7 +289,7 @@ class Ingest:
             log.exception("block %d: no history message; the history service will read it from the files", block.height)
             return
         if history is not None:
-            self.pub.send_multipart(history, copy=False)
+            wire.send(self.pub, *history)
             metrics.MESSAGES.labels("history").inc()
 
     def save_position(self, force: bool = False) -> None:
