@@ -319,6 +319,33 @@ def test_killed_ingest_resumes_where_it_stopped(node: NodeWriter, ingest: Ingest
         restarted.stop()
 
 
+def test_a_restart_between_a_blocks_two_phases_sends_its_details_not_its_books_again(
+        node: NodeWriter, ingest: IngestProcess, tmp_path: Path) -> None:
+    """Killed after a block's books went out but before its status line came: the restarted
+    ingest publishes that block's details (chains unbroken), and not its books a second time."""
+    node.write(103, START)
+    node.write(104, START, streams=("raw_book_diffs", "fills"))  # its status line is late
+    books = [(t, m) for t, m in ingest.messages(until=104) if m["height"] == 104]
+    assert [t for t, _ in books] == [b"H|", b"B|BTC|", b"T|BTC|"]
+    time.sleep(0.5)  # the position is saved at most every 0.2 s
+    ingest.proc.kill()
+    ingest.proc.wait()
+    ingest.ctx.destroy(linger=0)
+    (tmp_path / "again").mkdir()
+    restarted = IngestProcess(node.data_dir, tmp_path / "again")
+    try:
+        node.write(104, START, streams=("order_statuses",))
+        node.write(105, START)
+        messages = list(restarted.messages(until=105))
+        assert [(t, m["height"]) for t, m in messages if m["height"] == 104] == \
+               [(b"D|BTC|", 104), (b"E|", 104), (topics.user(USER), 104)]  # its details; its books went out already
+        chains = {(t, m["height"]): m["prev"] for t, m in messages if t in (b"H|", b"B|BTC|", b"D|BTC|", b"E|")}
+        assert chains == {(b"D|BTC|", 104): 103, (b"E|", 104): 103,  # the chains go on across the restart
+                          (b"H|", 105): 104, (b"B|BTC|", 105): 104, (b"D|BTC|", 105): 104, (b"E|", 105): 104}
+    finally:
+        restarted.stop()
+
+
 def test_damaged_node_files_are_counted_and_the_rest_goes_on(node: NodeWriter, ingest: IngestProcess) -> None:
     """A next-hour file created early and empty, a line with a far-future height, an
     oid beyond int64, a block whose diffs line never came: each counted, none stops ingest,

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 class Awaiting(NamedTuple):
     """A block applied to a coin's book whose details (``D|``) have not come yet."""
 
+    time: int  # the block's time (ms)
     diffs: list[BookDiff]  # what the block applied (its L4 update goes out with the details)
     created: list[Order]  # the orders it created, still with default details
 

@@ -160,7 +160,7 @@ class Stream:
             self.recovery.resync([c.book.coin], exc.reason)
             return
         c.chain.advance(s.height)
-        c.awaiting[s.height] = Awaiting(s.diffs, created)
+        c.awaiting[s.height] = Awaiting(s.time, s.diffs, created)
         self.state.awaiting.add(c.book.coin)
         metrics.DIFFS.inc(len(s.diffs))
         self.state.update_mid(c.book)
@@ -276,7 +276,7 @@ class Stream:
             if c is None:
                 continue
             for height in sorted(h for h in c.awaiting if h <= self.state.height):
-                self._detail(c, height, c.book.time, [])
+                self._detail(c, height, c.awaiting[height].time, [])
 
     def finish_block(self, height: int, time: int) -> None:
         state = self.state

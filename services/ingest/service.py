@@ -79,7 +79,7 @@ class Ingest:
         self.skip_below = self._start_position(saved)
         self.books_done = saved.books_height if saved is not None else None  # books published before a restart
         if saved is not None:
-            self._warm_store(saved.height)
+            self._warm_store(saved.height, max(saved.height, saved.books_height or 0))
         self.joiner = Joiner(cfg.mode, cfg.block_timeout, self.skip_below)
         ctx = ctx or zmq.Context.instance()
         self.curve = Curve.from_dir(cfg.curve_dir)
@@ -124,11 +124,12 @@ class Ingest:
         log.info("starting live at block %s", start if start is not None else "(no files yet)")
         return start
 
-    def _warm_store(self, last: int) -> None:
-        """Rebuild the replay store's blocks up to ``last`` (the last one published before the
-        restart) from the node files, with their own ``prev`` chain: a consumer that lost
-        messages the previous ingest had queued when it died, or that the restart's
-        catch-up sent before its subscription arrived, finds them here."""
+    def _warm_store(self, details: int, last: int) -> None:
+        """Rebuild the replay store's blocks up to ``last`` (the last whose books were published
+        before the restart; their details up to ``details``: later ones are published again)
+        from the node files, with their own ``prev`` chain: a consumer that lost messages the
+        previous ingest had queued when it died, or that the restart's catch-up sent before
+        its subscription arrived, finds them here."""
         started = time.monotonic()
         first = max(0, last + 1 - min(self.cfg.replay_blocks, WARM_BLOCKS))
         builder = MessageBuilder(self.subs)
@@ -142,7 +143,7 @@ class Ingest:
                 try:
                     if phase is Phase.BOOKS:
                         self.store.add(block.height, builder.books(block))
-                    else:
+                    elif block.height <= details:
                         block.decode_statuses(self.subs.wants)
                         stored, per_user = builder.details(block)
                         self.store.add(block.height, stored + per_user)
