@@ -34,7 +34,7 @@ from hlbook.common import fixed
 from hlbook.common.fixed import fmt
 from hlbook.common.models import ASSISTANCE_FUND_USER, HIP2_USER, ZERO_HASH
 from hlbook.services.nodesim.block import Block, Event, node_time
-from hlbook.services.nodesim.market import SPECIAL_USERS, Market, Resting
+from hlbook.services.nodesim.market import SPECIAL_USERS, Market, Resting, quoted, text
 from hlbook.services.nodesim.rejects import REJECTIONS_PERP, REJECTIONS_SPOT, Senders, block_formats
 from hlbook.services.nodesim.universe import Coin, full_universe, universe
 
@@ -81,6 +81,8 @@ FULL = Activity(rejects=7600.0, places=200.0, takers=15.0, modifies=20.0, trigge
 PROFILES = {"default": (Activity(), 15.0), "full": (FULL, 12.0)}  # name -> (activity, blocks per second)
 
 _MICRO = fixed.ONE // 1_000_000
+_STATUS = b'{"time":"%s","user":"%s","hash":%s,"builder":%s,"status":"%s","order":%s}'
+_DIFF = b'{"user":"%s","oid":%d,"coin":"%s","side":"%s","px":"%s","raw_book_diff":%s}'
 
 
 def _round_to(value: int, unit: int) -> int:
@@ -343,6 +345,7 @@ class _BlockGen:
         self.statuses: list[bytes] = []
         self.diffs: list[bytes] = []
         self.fills: list[bytes] = []
+        self.time_b = self.time.encode()
         self.formats = block_formats(self.time, self.ms)
         self.cancel_cum: list[float] = []
 
@@ -351,24 +354,25 @@ class _BlockGen:
 
     # ------------------------------------------------------------ emitters
 
-    def status(self, user: str, status: str, order: Event, hash_: str | None = None, builder: Any = None) -> None:
-        if user in SPECIAL_USERS:
+    def status(self, o: Resting, status: str, sz: int | None = None, hash_: str | None = None,
+               builder: Any = None) -> None:
+        """``o``'s status (with size ``sz`` if given); none for the special users."""
+        if o.user in SPECIAL_USERS:
             return
-        self.statuses.append(orjson.dumps(
-            {"time": self.time, "user": user, "hash": hash_, "builder": builder, "status": status, "order": order}))
+        self.statuses.append(_STATUS % (self.time_b, o.user.encode(), quoted(hash_),
+                                        b"null" if builder is None else orjson.dumps(builder), status.encode(),
+                                        o.order_json(sz)))
 
-    def diff(self, o: Resting, body: Any, px: int | None = None) -> None:
-        self.diffs.append(orjson.dumps(
-            {"user": o.user, "oid": o.oid, "coin": o.coin, "side": o.side, "px": fmt(o.px if px is None else px),
-             "raw_book_diff": body}))
+    def diff(self, o: Resting, body: bytes) -> None:
+        self.diffs.append(_DIFF % (o.user.encode(), o.oid, o.coin.encode(), o.side.encode(), text(o.px), body))
 
     def new(self, o: Resting) -> None:
         self.sim._rest(o)
-        self.diff(o, {"new": {"sz": fmt(o.sz)}})
+        self.diff(o, b'{"new":{"sz":"%s"}}' % text(o.sz))
 
     def remove(self, o: Resting) -> None:
         self.sim._unrest(o)
-        self.diff(o, "remove")
+        self.diff(o, b'"remove"')
 
     # ------------------------------------------------------------- actions
 
@@ -388,7 +392,7 @@ class _BlockGen:
         o = Resting(sim._oid(), user, m.coin.name, side, sim._passive_px(m, side), sz, sz, self.ms,
                     sim._maker_cloid(user), sim._maker_tif(user), reduce_only=self.rng.random() < 0.05)
         builder = {"b": BUILDERS[int(self.rng.random() * 3)], "f": 10} if self.rng.random() < 0.05 else None
-        self.status(user, "open", o.order(), sim._hash(), builder)
+        self.status(o, "open", hash_=sim._hash(), builder=builder)
         self.new(o)
 
     def requote(self) -> None:
@@ -406,7 +410,7 @@ class _BlockGen:
         if not m.orders:
             return
         o = m.orders[int(self.rng.random() * len(m.orders))]
-        self.status(o.user, "canceled", o.order())
+        self.status(o, "canceled")
         self.remove(o)
 
     def modify(self) -> None:
@@ -418,12 +422,12 @@ class _BlockGen:
         old = m.orders[int(self.rng.random() * len(m.orders))]
         if old.cloid is None or old.order_type != "Limit":
             return
-        self.status(old.user, "canceled", old.order())
+        self.status(old, "canceled")
         self.remove(old)
         sz = sim._size(m)
         new = Resting(sim._oid(), old.user, old.coin, old.side, sim._passive_px(m, old.side), sz, sz, self.ms,
                       old.cloid, old.tif, reduce_only=old.reduce_only)
-        self.status(new.user, "open", new.order(), sim._hash())
+        self.status(new, "open", hash_=sim._hash())
         self.new(new)
 
     def take(self) -> None:
@@ -441,7 +445,7 @@ class _BlockGen:
         tif = "Ioc" if rng.random() < 0.8 else "Gtc"
         o = Resting(sim._oid(), sim._user(), coin.name, side, px, sz, sz, self.ms, sim._cloid(0.5), tif)
         hash_ = sim._hash()
-        self.status(o.user, "open", o.order(), hash_)
+        self.status(o, "open", hash_=hash_)
         self.execute(o, m, hash_, rest=tif == "Gtc")
 
     def execute(self, o: Resting, m: Market, hash_: str, rest: bool, twap_id: int | None = None) -> None:
@@ -450,14 +454,14 @@ class _BlockGen:
         if twap_id is not None:
             return
         if remaining == 0:
-            self.status(o.user, "filled", o.order(sz=0))
+            self.status(o, "filled", 0)
         elif rest:
             o.sz = remaining
             self.new(o)
         elif remaining == o.orig_sz:
-            self.status(o.user, "iocCancelRejected", o.order())
+            self.status(o, "iocCancelRejected")
         else:
-            self.status(o.user, "canceled", o.order(sz=remaining))
+            self.status(o, "canceled", remaining)
 
     def match(self, taker: Resting, m: Market, hash_: str, twap_id: int | None) -> int:
         """Fill ``taker`` against resting orders in price-time priority; returns the unfilled size."""
@@ -474,10 +478,10 @@ class _BlockGen:
                 self.trade(taker, maker, m.coin, px, qty, hash_, twap_id)
                 remaining -= qty
                 if qty == maker.sz:
-                    self.status(maker.user, "filled", maker.order(sz=0))
+                    self.status(maker, "filled", 0)
                     self.remove(maker)
                 else:
-                    self.diff(maker, {"update": {"origSz": fmt(maker.sz), "newSz": fmt(maker.sz - qty)}})
+                    self.diff(maker, b'{"update":{"origSz":"%s","newSz":"%s"}}' % (text(maker.sz), text(maker.sz - qty)))
                     maker.sz -= qty
                 if not remaining:
                     break
@@ -556,7 +560,7 @@ class _BlockGen:
                     order_type=kind, reduce_only=rng.random() < 0.6 and not coin.is_spot, is_trigger=True,
                     trigger_px=trigger_px, trigger_condition=f"Price {'above' if above else 'below'} {_trigger_text(trigger_px)}",
                     limit_px=limit)
-        self.status(o.user, "open", o.order(), sim._hash())
+        self.status(o, "open", hash_=sim._hash())
         sim.triggers.append(o)
 
     def fire_triggers(self) -> None:
@@ -574,12 +578,12 @@ class _BlockGen:
     def fire(self, o: Resting) -> None:
         """``triggered`` status, then the order executes; a limit remainder rests (its px may differ)."""
         m = self.sim.market_of[o.coin]
-        self.status(o.user, "triggered", o.order())
+        self.status(o, "triggered")
         remaining = self.match(o, m, self.sim._hash(), None)
         if remaining == 0:
-            self.status(o.user, "filled", o.order(sz=0))
+            self.status(o, "filled", 0)
         elif o.order_type.endswith("Market"):
-            self.status(o.user, "canceled", o.order(sz=remaining))
+            self.status(o, "canceled", remaining)
         else:
             self.rest_triggered(o, m, remaining)
 

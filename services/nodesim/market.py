@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from sortedcontainers import SortedDict
 
 from hlbook.common.fixed import fmt
@@ -13,6 +14,11 @@ from hlbook.services.nodesim.universe import Coin
 
 SPECIAL_USERS = (HIP2_USER, ASSISTANCE_FUND_USER)
 PX_CACHE = 4096  # formatted prices kept per coin (cleared when full)
+TEXT_CACHE = 65_536  # formatted decimals kept by ``text`` (cleared when full)
+_ORDER = (b'{"coin":"%s","side":"%s","limitPx":"%s","sz":"%s","oid":%d,"timestamp":%d,"triggerCondition":"%s",'
+          b'"isTrigger":%s,"triggerPx":"%s","children":[],"isPositionTpsl":false,"reduceOnly":%s,"orderType":"%s",'
+          b'"origSz":"%s","tif":%s,"cloid":%s}')
+_BOOL = {False: b"false", True: b"true"}
 ASK, BID, FAIR = range(3)  # indexes of Market.bases
 
 
@@ -64,6 +70,41 @@ class Resting:
             "cloid": self.cloid,
         }
 
+    def order_json(self, sz: int | None = None) -> bytes:
+        """``orjson.dumps(self.order(sz))``, from a template (the strings need no escaping: coin names are
+        checked by ``json_str``, the others are the engine's own)."""
+        return _ORDER % (
+            self.coin.encode(), self.side.encode(), text(self.px), text(self.sz if sz is None else sz), self.oid,
+            self.timestamp, self.trigger_condition.encode(), _BOOL[self.is_trigger], text(self.trigger_px),
+            _BOOL[self.reduce_only], self.order_type.encode(), text(self.orig_sz), quoted(self.tif), quoted(self.cloid),
+        )
+
+
+_texts: dict[int, bytes] = {}
+
+
+def text(value: int) -> bytes:
+    """``fmt(value)`` as bytes, cached."""
+    out = _texts.get(value)
+    if out is None:
+        if len(_texts) >= TEXT_CACHE:
+            _texts.clear()
+        out = _texts[value] = fmt(value).encode()
+    return out
+
+
+def quoted(value: str | None) -> bytes:
+    """A JSON string or null (for strings that need no escaping)."""
+    return b"null" if value is None else b'"' + value.encode() + b'"'
+
+
+def json_str(value: str) -> bytes:
+    """``value`` as it sits between JSON quotes; ValueError if it would need escaping."""
+    raw = value.encode()
+    if orjson.dumps(value) != b'"' + raw + b'"':
+        raise ValueError(f"{value!r} needs escaping in JSON")
+    return raw
+
 
 class Market:
     """A coin's book (price -> {oid: Resting} in time priority, bids keyed by -px) with its best
@@ -76,6 +117,7 @@ class Market:
                  "specials", "target", "special_target", "spread_ticks", "px_text")
 
     def __init__(self, coin: Coin) -> None:
+        json_str(coin.name)  # templates write coin names unescaped
         self.coin = coin
         self.min_px, self.max_px = coin.min_px, coin.max_px
         self.bids: SortedDict = SortedDict()

@@ -19,11 +19,9 @@ from bisect import bisect_right
 from collections.abc import Callable
 from typing import NamedTuple
 
-import orjson
-
 from hlbook.common import fixed
 from hlbook.common.fixed import fmt
-from hlbook.services.nodesim.market import ASK, BID, FAIR, Market
+from hlbook.services.nodesim.market import ASK, BID, FAIR, Market, json_str
 
 REJECTIONS_PERP = (
     ("badAloPxRejected", 60.0),
@@ -61,14 +59,6 @@ class Sender(NamedTuple):
     cloid: bool
 
 
-def _json_str(text: str) -> bytes:
-    """``text`` as it sits between JSON quotes (checked: nothing to escape)."""
-    raw = text.encode()
-    if orjson.dumps(text) != b'"' + raw + b'"':
-        raise ValueError(f"{text!r} needs escaping in JSON")
-    return raw
-
-
 def block_formats(time: str, ms: int) -> tuple[bytes, bytes]:
     """A block's status formats, with and without a cloid: head, px, size, oid, tail[, cloid hex]."""
     line = b'{"time":"' + time.encode() + b'","user":"%s%s","sz":"%s%d,"timestamp":' + str(ms).encode() + b"%s"
@@ -103,7 +93,7 @@ class Senders:
         user = self.users[int(rng.random() ** 2 * len(self.users))]
         side = b"B" if buy else b"A"
         return Sender(
-            user + _HEAD % (status.encode(), _json_str(coin.name), side),
+            user + _HEAD % (status.encode(), json_str(coin.name), side),
             sz + b'","oid":',
             _TAIL % (b"true" if reduce_only else b"false", sz, tif.encode()),
             m, base, coin.tick * ticks if buy else -coin.tick * ticks, rng.random() < CLOID_P,
