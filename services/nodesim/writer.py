@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from bisect import bisect_left
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -50,8 +51,8 @@ class NodeWriter:
     ``partial_p``: probability that a line is written in two parts with a flush
     (and ``pause(partial_pause)``) in between. ``pause`` is ``time.sleep`` in a
     live run and ``None`` in tests (no waiting). Streaming mode flushes a
-    block's lines in ``CHUNKS`` pieces, pausing ``stream_spread / CHUNKS``
-    between them. ``clock``: epoch nanoseconds now (``time.time_ns`` in a live
+    block's lines in ``CHUNKS`` pieces spread over ``stream_spread`` seconds
+    (the time spent making them included). ``clock``: epoch nanoseconds now (``time.time_ns`` in a live
     run), the ``local_time`` of each line; None: block time + ``LATENCY_NS``.
     """
 
@@ -131,7 +132,10 @@ class NodeWriter:
         handles = [self._file(stream, "streaming", block) for stream in STREAMS]
         size = max(1, total // CHUNKS)
         step = max(1, self._spread // total)
-        for start in range(0, total, size):
+        began = time.monotonic()
+        for piece, start in enumerate(range(0, total, size)):
+            if piece:
+                self._spread_out(began, piece)
             end = min(start + size, total)
             first = max(self.clock() if self.clock is not None else self._nominal + start * step, self._local + 1)
             cut = self._partial_stream(places, start, end)
@@ -147,8 +151,14 @@ class NodeWriter:
                         fh.write(b"".join(lines))
             for fh in handles:
                 fh.flush()
-            if end < total and self.pause and self.stream_spread:
-                self.pause(self.stream_spread / CHUNKS)
+
+    def _spread_out(self, began: float, piece: int) -> None:
+        """Pause until the ``piece``-th piece of a block is due: the pieces span ``stream_spread`` seconds
+        from ``began``, the time spent making them included."""
+        if self.pause and self.stream_spread:
+            wait = began + self.stream_spread * piece / CHUNKS - time.monotonic()
+            if wait > 0:
+                self.pause(wait)
 
     def _stamps(self, places: list[int], start: int, first: int, step: int) -> list[int]:
         """Local times of the lines at ``places`` of a piece starting at place ``start`` and time ``first``:
