@@ -32,6 +32,7 @@ from hlbook.common.models import (
 from hlbook.common.nodefiles import hour_files
 from hlbook.services.nodesim.block import node_time
 from hlbook.services.nodesim.engine import FULL, Block, Simulator
+from hlbook.services.nodesim.info_server import render
 from hlbook.services.nodesim.service import NodeSim, Pacer, SimConfig
 from hlbook.services.nodesim.writer import NodeWriter
 
@@ -421,6 +422,21 @@ def test_snapshot_equals_initial_plus_written_diffs(tmp_path: Path) -> None:
                         status.order.cloid, status.order.timestamp, status.order.orderType, status.order.origSz)
                     checked += 1
     assert checked > 100
+
+
+def test_captured_snapshot_encodes_as_the_dicts_do() -> None:
+    """The info server captures orders and sizes under the lock and encodes them after: the bytes are
+    render()'s of snapshot()'s dicts, with and without users and height, even once the books moved on."""
+    sim = Simulator(seed=15, coins=30, start_time=START)
+    for _ in range(200):
+        sim.step()
+    captured, (height, body) = sim.capture(), sim.snapshot()
+    expected = {(u, h): render(height, body, u, h) for u in (True, False) for h in (True, False)}
+    for _ in range(100):  # fills change resting sizes, cancels remove orders: the capture keeps its height's
+        sim.step()
+    for (users, with_height), data in expected.items():
+        assert captured.encode(users, with_height) == data
+    assert b'"0x' in expected[(True, True)] and expected[(True, True)].startswith(b"[%d," % height)
 
 
 def test_streaming_and_by_block_files_hold_the_same_events(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from hlbook.common import fixed
 from hlbook.common.fixed import fmt
 from hlbook.common.models import ASSISTANCE_FUND_USER, HIP2_USER, ZERO_HASH
 from hlbook.services.nodesim.block import Block, Event, node_time
+from hlbook.services.nodesim.info_server import Captured
 from hlbook.services.nodesim.market import SPECIAL_USERS, Market, Resting, quoted, text
 from hlbook.services.nodesim.rejects import REJECTIONS_PERP, REJECTIONS_SPOT, Senders, block_formats
 from hlbook.services.nodesim.universe import Coin, full_universe, universe
@@ -162,6 +163,10 @@ class Simulator:
         for m in self.markets:
             body.append([m.coin.name, [[[o.user, o.order()] for o in m.entries(s)] for s in ("B", "A")]])
         return self.height, body
+
+    def capture(self) -> Captured:
+        """The true state's orders with their sizes now, for ``Captured.encode`` later (cheap: under a lock)."""
+        return Captured(self.height, [(m.coin.name, Captured.side(m.bids), Captured.side(m.asks)) for m in self.markets])
 
     def resting_count(self) -> int:
         return sum(m.resting() for m in self.markets)
