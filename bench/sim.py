@@ -108,14 +108,16 @@ class Speed:
 
 
 def new_code(args: argparse.Namespace) -> tuple[Any, Callable[[Path], Any], float]:
-    """This tree's simulator and a writer factory, and the simulator's start-up CPU."""
+    """This tree's simulator and a writer factory (stamping lines with the clock, as hlbook sim does),
+    and the simulator's start-up CPU."""
     from hlbook.services.nodesim.engine import Simulator
     from hlbook.services.nodesim.writer import NodeWriter, parse_modes
 
     u0, s0 = cpu()
     sim = Simulator(seed=args.seed, profile=args.profile, depth=args.depth, start_time=START, blocks_per_sec=args.rate)
     u1, s1 = cpu()
-    return sim, lambda out: NodeWriter(out, parse_modes(args.mode), partial_p=0.01, seed=args.seed), (u1 - u0) + (s1 - s0)
+    return (sim, lambda out: NodeWriter(out, parse_modes(args.mode), partial_p=0.01, seed=args.seed, clock=time.time_ns),
+            (u1 - u0) + (s1 - s0))
 
 
 def old_code(rev: str, args: argparse.Namespace) -> tuple[Any, Callable[[Path], Any]] | None:

@@ -145,8 +145,9 @@ class NodeWriter:
                     stamps = self._stamps(places[k][lo:hi], start, first, step)
                     self._local = max(self._local, stamps[-1])
                     lines = _lines(head, stamps, encoded[k][lo:hi])
-                    if k == cut:
-                        self._write_parts(fh, lines)
+                    if k == cut:  # the piece ends inside its last line
+                        fh.write(b"".join(lines[:-1]))
+                        self._write_parts(fh, lines[-1:])
                     else:
                         fh.write(b"".join(lines))
             for fh in handles:
@@ -240,17 +241,14 @@ class NodeWriter:
 
 
 def _lines(head: bytes, stamps: list[int], events: list[bytes]) -> list[bytes]:
-    """Streaming lines: each event with its local time (epoch ns) and the block's info (``head``)."""
-    out = []
-    second, line = -1, b""
-    for ns, event in zip(stamps, events):
-        sec, frac = divmod(ns, 1_000_000_000)
-        if sec != second:
-            second = sec
-            day_time = node_time(sec * 1_000_000_000)[:-10].encode()
-            line = b'{"local_time":"' + day_time + b".%09d" + head + b',"events":[%s]}\n'
-        out.append(line % (frac, event))
-    return out
+    """Streaming lines: each event with its local time (epoch ns, rising) and the block's info (``head``)."""
+    second = stamps[0] // 1_000_000_000
+    if stamps[-1] // 1_000_000_000 != second:  # a second starts among them (rare): split there
+        cut = bisect_left(stamps, (second + 1) * 1_000_000_000)
+        return _lines(head, stamps[:cut], events[:cut]) + _lines(head, stamps[cut:], events[cut:])
+    line = b'{"local_time":"' + node_time(second * 1_000_000_000)[:-10].encode() + b".%09d" + head + b',"events":[%s]}\n'
+    base = second * 1_000_000_000
+    return list(map(line.__mod__, zip([ns - base for ns in stamps], events)))
 
 
 def _trim_partial(path: Path) -> None:
