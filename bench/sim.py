@@ -72,6 +72,7 @@ class Speed:
         self.engine = self.line_user = self.line_sys = 0.0
         self.blocks = 0
         self.bytes = 0
+        self.events = [0, 0, 0, 0]  # statuses, rejections, diffs, fills
 
     def run(self, n: int) -> Speed:
         done = 0
@@ -91,10 +92,23 @@ class Speed:
                 self.line_sys += s2 - s1
                 self.blocks += 1
                 done += 1
+                self.count(block)
             writer.close()
             self.bytes += sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
             shutil.rmtree(out)
         return self
+
+    def count(self, block: Any) -> None:
+        """Events of the block (statuses, rejections among them, diffs, fills)."""
+        if hasattr(block, "events"):
+            statuses, diffs, fills = block.events()
+            self.events[1] += sum(1 for e in statuses if b'Rejected","order"' in e)
+        else:  # the old code's dict blocks
+            statuses, diffs, fills = block.statuses, block.diffs, block.fills
+            self.events[1] += sum(1 for e in statuses if e["status"].endswith("Rejected"))
+        self.events[0] += len(statuses)
+        self.events[2] += len(diffs)
+        self.events[3] += len(fills)
 
     @property
     def total_ms(self) -> float:
@@ -105,6 +119,10 @@ class Speed:
               f" + line assembly {ms(self.line_user, self.blocks):.1f} + kernel writing {ms(self.line_sys, self.blocks):.1f}"
               f" -> {1000 / self.total_ms:.1f} blocks/s on one core ({self.blocks} blocks,"
               f" {self.bytes / max(self.blocks, 1) / 1e6:.2f} MB a block)")
+        n = max(self.blocks, 1)
+        statuses, rejections, diffs, fills = self.events
+        print(f"    a block: {statuses / n:,.0f} statuses ({rejections / max(statuses, 1) * 100:.1f} % rejections),"
+              f" {diffs / n:,.0f} diffs, {fills / n:,.0f} fills")
 
 
 def new_code(args: argparse.Namespace) -> tuple[Any, Callable[[Path], Any], float]:
@@ -178,10 +196,12 @@ def rejection_share(sim: Any, blocks: int) -> float:
     return ms((u1 - u0) + (s1 - s0), blocks)
 
 
-def speed(args: argparse.Namespace, scratch: Path) -> Any:
+def speed(args: argparse.Namespace, scratch: Path) -> tuple[Any, int]:
+    """The speed phase and the baselines; returns the simulator and its resting orders at start."""
     print(f"speed, --profile {args.profile}, mode {args.mode}:")
     sim, make_writer, startup = new_code(args)
-    print(f"  start-up: {startup:.1f} s CPU for {sim.resting_count():,} resting orders on {len(sim.coins)} coins")
+    initial = sim.resting_count()
+    print(f"  start-up: {startup:.1f} s CPU for {initial:,} resting orders on {len(sim.coins)} coins")
     new = Speed(sim.step, make_writer, scratch).run(args.speed_blocks)
     new.report("this tree")
     print(f"  of which rejections rendered (Senders.render replayed): {rejection_share(sim, 20):.1f} ms a block")
@@ -202,7 +222,7 @@ def speed(args: argparse.Namespace, scratch: Path) -> Any:
             print(f"  ratio: {old.total_ms / new.total_ms:.2f}x less CPU a block than {args.baseline_rev}")
             del old_sim
             gc.collect()
-    return sim
+    return sim, initial
 
 
 def live(args: argparse.Namespace, scratch: Path) -> None:
@@ -275,10 +295,11 @@ def _ns(node_time: str) -> int:
     return sec * 1_000_000_000 + int((frac + "000000000")[:9])
 
 
-def stability(sim: Any, blocks: int) -> None:
+def stability(sim: Any, blocks: int, initial: int) -> None:
     """Resting orders every 1,000 blocks (the engine alone: writing changes nothing in it)."""
     start = sim.resting_count()
-    print(f"stability, {blocks:,} blocks: resting orders (start {start:,})")
+    print(f"stability, {blocks:,} more blocks: resting orders (now {start:,}; {initial:,} before the speed phase's"
+          f" {sim.height - sim.start_height + 1} blocks)")
     worst = 0.0
     u0, s0 = cpu()
     for i in range(1, blocks + 1):
@@ -291,7 +312,9 @@ def stability(sim: Any, blocks: int) -> None:
             u1, s1 = cpu()
             print(f"  block {i:6,}: {now:9,} ({(now / start - 1) * 100:+.1f} %), step {ms((u1 - u0) + (s1 - s0), 1000 if i % 1000 == 0 else i % 1000):.1f} ms CPU a block")
             u0, s0 = u1, s1
-    print(f"  largest deviation from the start: {worst * 100:.1f} %")
+    now = sim.resting_count()
+    print(f"  largest deviation from the start: {worst * 100:.1f} %; from the initial books after"
+          f" {sim.height - sim.start_height + 1:,} blocks: {(now / initial - 1) * 100:+.1f} %")
 
 
 def main() -> None:
@@ -314,11 +337,11 @@ def main() -> None:
     args.rate = PROFILES[args.profile][1]
     scratch = Path(tempfile.mkdtemp(prefix="hlbook-bench-sim-"))
     try:
-        sim = speed(args, scratch)
+        sim, initial = speed(args, scratch)
         if args.live_seconds:
             live(args, scratch)
         if args.blocks:
-            stability(sim, args.blocks)
+            stability(sim, args.blocks, initial)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
