@@ -476,23 +476,21 @@ class _BlockGen:
         buy = taker.side == "B"
         levels = m.asks if buy else m.bids
         remaining = taker.orig_sz
-        while remaining and levels:
+        while remaining and levels:  # the best level's first order each time (a level is not copied)
             key, level = levels.peekitem(0)
             px = key if buy else -key
             if (buy and px > taker.px) or (not buy and px < taker.px):
                 break
-            for maker in list(level.values()):
-                qty = min(remaining, maker.sz)
-                self.trade(taker, maker, m.coin, px, qty, hash_, twap_id)
-                remaining -= qty
-                if qty == maker.sz:
-                    self.status(maker, "filled", 0)
-                    self.remove(maker)
-                else:
-                    self.diff(maker, b'{"update":{"origSz":"%s","newSz":"%s"}}' % (text(maker.sz), text(maker.sz - qty)))
-                    maker.sz -= qty
-                if not remaining:
-                    break
+            maker = next(iter(level.values()))
+            qty = min(remaining, maker.sz)
+            self.trade(taker, maker, m.coin, px, qty, hash_, twap_id)
+            remaining -= qty
+            if qty == maker.sz:
+                self.status(maker, "filled", 0)
+                self.remove(maker)
+            else:
+                self.diff(maker, b'{"update":{"origSz":"%s","newSz":"%s"}}' % (text(maker.sz), text(maker.sz - qty)))
+                maker.sz -= qty
         return remaining
 
     def trade(self, taker: Resting, maker: Resting, coin: Coin, px: int, qty: int, hash_: str,
