@@ -656,15 +656,15 @@ def test_live_lines_are_stamped_when_written(tmp_path: Path) -> None:
     for observed, line in seen:
         local, block = _ns(line["local_time"]), _ns(line["block_time"])
         assert started < local <= observed, "local_time is when the line was written"
-        assert observed - local < 1_000_000_000
-        assert 200_000_000 < local - block < 1_000_000_000
+        assert observed - local < 2_000_000_000  # seen within 5 ms when the machine is idle
+        assert 200_000_000 < local - block < 2_000_000_000  # ~350 ms when idle
 
 
 def test_block_times_follow_the_clock_when_the_loop_falls_behind(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Asked for more blocks a second than it can make, the simulator says so in its log, and its block
-    times stay with the clock (on a fixed schedule they would fall further behind with every block)."""
+    times stay with the clock (on a fixed schedule of 100,000 blocks a second they would trail it by about the time run)."""
     caplog.set_level(logging.WARNING, logger="hlbook.services.nodesim.service")
-    node = NodeSim(SimConfig(data_dir=str(tmp_path / "node"), info_port=None, blocks_per_sec=5000, coins=50, seed=14,
+    node = NodeSim(SimConfig(data_dir=str(tmp_path / "node"), info_port=None, blocks_per_sec=100_000, coins=50, seed=14,
                              partial_write_p=0.0))
     node.start()
     try:
@@ -672,7 +672,7 @@ def test_block_times_follow_the_clock_when_the_loop_falls_behind(tmp_path: Path,
         while not any("behind schedule" in r.getMessage() for r in caplog.records):
             assert time.monotonic() < deadline, "no 'behind schedule' in the log"
             time.sleep(0.05)
-        time.sleep(1.5)
+        time.sleep(3.0)  # on a fixed schedule the block times would now trail the clock by ~3 s
         with node.lock:
             last = node.sim.last_ns or 0
             height = node.sim.height
@@ -680,7 +680,7 @@ def test_block_times_follow_the_clock_when_the_loop_falls_behind(tmp_path: Path,
     finally:
         node.stop()
     assert height - node.start_height > 100
-    assert 0 < now - last < 1_000_000_000, "block times follow the clock"
+    assert 0 < now - last < 1_500_000_000, "block times follow the clock"  # ~0.33 s when idle
 
 
 def test_pacer_logs_falling_behind_and_restarts_the_schedule(caplog: pytest.LogCaptureFixture) -> None:
