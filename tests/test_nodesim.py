@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
+import threading
 import subprocess
 import sys
 import time
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from hlbook.common import fixed
@@ -26,8 +30,10 @@ from hlbook.common.models import (
     diff_kind,
 )
 from hlbook.common.nodefiles import hour_files
-from hlbook.services.nodesim.engine import Block, Simulator
-from hlbook.services.nodesim.service import NodeSim, SimConfig
+from hlbook.services.nodesim.block import node_time
+from hlbook.services.nodesim.engine import FULL, Block, Simulator
+from hlbook.services.nodesim.info_server import render
+from hlbook.services.nodesim.service import NodeSim, Pacer, SimConfig
 from hlbook.services.nodesim.writer import NodeWriter
 
 from conftest import free_port
@@ -305,6 +311,73 @@ def test_deterministic_with_seed() -> None:
     assert blocks_a != [other.step() for _ in range(150)]
 
 
+def test_resting_orders_stay_near_the_start() -> None:
+    """--profile full's flow is in equilibrium with its depth: over several turnovers of every book the
+    resting orders stay within 10 % of the start (the old flow added ~450 and canceled ~190 a block).
+    A smaller depth and half the volume keep it fast, and no rejections (they change no book); the
+    equilibrium depends on none of them."""
+    sim = Simulator(seed=5, profile="full", depth=1000, volume=0.5, start_time=START,
+                    activity=dataclasses.replace(FULL, rejects=0.0))
+    start = sim.resting_count()
+    btc = sim.market_of["BTC"]
+    btc_start = btc.resting()
+    placed, counts = 0, []
+    for i in range(1, 601):
+        placed += sum(1 for d in sim.step().events()[1] if b'"raw_book_diff":{"new"' in d)
+        if i % 100 == 0:
+            counts.append(sim.resting_count())
+    assert placed > 3 * start, "the books must turn over for the test to mean anything"
+    assert all(abs(n / start - 1) < 0.10 for n in counts), (start, counts)
+    assert abs(btc.resting() / btc_start - 1) < 0.25, (btc_start, btc.resting())
+
+
+def test_rejections_and_orders_are_encoded_as_orjson_would() -> None:
+    """The byte templates (rejections, orders, statuses, diffs) give orjson's bytes for the same values."""
+    sim = Simulator(seed=6, profile="full", depth=500, volume=0.05, start_time=START)
+    blocks = [sim.step() for _ in range(40)]
+    kinds: Counter[str] = Counter()
+    for b in blocks:
+        for stream, events in zip(STREAMS, b.events()):
+            for raw in events:
+                event = orjson.loads(raw)
+                assert orjson.dumps(event) == raw
+                if stream == "order_statuses":
+                    assert list(event) == ["time", "user", "hash", "builder", "status", "order"]
+                    assert list(event["order"]) == ORDER_KEYS and event["time"] == b.block_time
+                    kinds[event["status"]] += 1
+                    order = event["order"]
+                    assert order["origSz"] == order["sz"] or event["status"] in ("filled", "canceled")
+                    for key in ("limitPx", "sz", "origSz", "triggerPx"):
+                        assert fixed.canonical(order[key]) == order[key]
+    assert kinds["badAloPxRejected"] > 1000 and kinds["open"] > 20
+    for m in sim.markets:  # every resting order's template against its dict
+        for o in m.entries("B") + m.entries("A"):
+            assert o.order_json() == orjson.dumps(o.order()) and o.order_json(0) == orjson.dumps(o.order(sz=0))
+
+
+def test_rejected_alo_orders_cross_the_book() -> None:
+    """A badAloPxRejected order would have crossed: a buy at or above the best ask, a sell at or below
+    the best bid, of the book when it was sent (rejections change no book, so checked right after)."""
+    sim = Simulator(seed=8, profile="full", depth=500, volume=0.05, start_time=START)
+    sim.step()
+    from hlbook.services.nodesim.rejects import block_formats
+
+    out = sim.senders.render(3000, block_formats(node_time(sim.last_ns or 0), 0), 0)
+    checked = 0
+    for raw in out:
+        status = orjson.loads(raw)
+        if status["status"] != "badAloPxRejected":
+            continue
+        order, m = status["order"], sim.market_of[status["order"]["coin"]]
+        px = fixed.parse(order["limitPx"])
+        if order["side"] == "B" and m.best_ask is not None:
+            assert px >= m.best_ask and order["tif"] == "Alo"
+        elif order["side"] == "A" and m.best_bid is not None:
+            assert px <= m.best_bid and order["tif"] == "Alo"
+        checked += 1
+    assert checked > 1000
+
+
 # --------------------------------------------------------------------- files
 
 
@@ -351,6 +424,21 @@ def test_snapshot_equals_initial_plus_written_diffs(tmp_path: Path) -> None:
     assert checked > 100
 
 
+def test_captured_snapshot_encodes_as_the_dicts_do() -> None:
+    """The info server captures orders and sizes under the lock and encodes them after: the bytes are
+    render()'s of snapshot()'s dicts, with and without users and height, even once the books moved on."""
+    sim = Simulator(seed=15, coins=30, start_time=START)
+    for _ in range(200):
+        sim.step()
+    captured, (height, body) = sim.capture(), sim.snapshot()
+    expected = {(u, h): render(height, body, u, h) for u in (True, False) for h in (True, False)}
+    for _ in range(100):  # fills change resting sizes, cancels remove orders: the capture keeps its height's
+        sim.step()
+    for (users, with_height), data in expected.items():
+        assert captured.encode(users, with_height) == data
+    assert b'"0x' in expected[(True, True)] and expected[(True, True)].startswith(b"[%d," % height)
+
+
 def test_streaming_and_by_block_files_hold_the_same_events(tmp_path: Path) -> None:
     sim = Simulator(seed=9, coins=15, start_time=START)
     with NodeWriter(tmp_path, ("by-block", "streaming"), partial_p=0.2, seed=9) as writer:
@@ -392,6 +480,38 @@ def test_lines_match_the_node_format(tmp_path: Path) -> None:
                                    "oid", "crossed", "fee", "tid"]
         keys += ["cloid"] if "cloid" in fill else []
         assert list(fill) == keys + ["feeToken", "twapId"]
+
+
+def test_local_time_is_the_clock_when_the_line_is_written(tmp_path: Path) -> None:
+    """With a clock (a live run) each line's local_time is the clock's reading as it is written, in
+    both modes, strictly rising; block_time comes before it."""
+    readings: list[int] = []
+    base = int(START.timestamp() * 1e9) + 400_000_000
+
+    def clock() -> int:
+        readings.append(base + 7_919_000 * len(readings))
+        return readings[-1]
+
+    sim = Simulator(seed=12, coins=6, start_time=START)
+    with NodeWriter(tmp_path, ("by-block", "streaming"), partial_p=0.0, seed=12, clock=clock) as writer:
+        for _ in range(20):
+            writer.write_block(sim.step())
+    stamps = set(node_time(ns) for ns in readings)
+    for mode in ("by-block", "streaming"):
+        lines = [line for stream in STREAMS for line in raw_lines(tmp_path, stream, mode)]
+        assert lines
+        for line in lines:
+            assert line["block_time"] < line["local_time"]
+            if mode == "by-block":  # a line is one write: its stamp is a reading
+                assert line["local_time"] in stamps
+            else:  # a piece of lines is one write: the reading, then a nanosecond per line
+                assert any(0 <= _ns(line["local_time"]) - r < 10_000 for r in readings)
+    assert len(readings) >= 20 * 3
+
+
+def _ns(text: str) -> int:
+    whole, _, frac = text.partition(".")
+    return int(datetime.fromisoformat(whole).replace(tzinfo=timezone.utc).timestamp()) * 1_000_000_000 + int(frac)
 
 
 def test_partial_lines_are_visible_between_the_two_writes(tmp_path: Path) -> None:
@@ -510,6 +630,78 @@ def test_info_server_rejects_bad_requests_and_keeps_serving(live_sim: NodeSim, t
     assert httpx.post(url, json=_request(out), timeout=10).status_code == 200
     assert json.loads(out.read_bytes())[0] >= h0
     _wait_height(live_sim, h0 + 5)
+
+
+def test_live_lines_are_stamped_when_written(tmp_path: Path) -> None:
+    """A live run (no start time): a new line's local_time is close to the wall clock when the line
+    appears in the file, never after it, and its block_time a few hundred ms before it."""
+    node = NodeSim(SimConfig(data_dir=str(tmp_path / "node"), info_port=None, blocks_per_sec=25, coins=6, seed=13,
+                             partial_write_p=0.0))
+    started = time.time_ns()
+    node.start()
+    seen: list[tuple[int, dict[str, Any]]] = []
+    try:
+        size, deadline = 0, time.monotonic() + 20
+        while len(seen) < 30 and time.monotonic() < deadline:
+            files = hour_files(Path(node.cfg.data_dir), "order_statuses", "by-block")
+            data = files[-1].read_bytes() if files else b""
+            now = time.time_ns()
+            for raw in data[size: data.rfind(b"\n") + 1].splitlines():
+                seen.append((now, json.loads(raw)))
+            size = max(size, data.rfind(b"\n") + 1)
+            time.sleep(0.005)
+    finally:
+        node.stop()
+    assert len(seen) >= 30
+    for observed, line in seen:
+        local, block = _ns(line["local_time"]), _ns(line["block_time"])
+        assert started < local <= observed, "local_time is when the line was written"
+        assert observed - local < 2_000_000_000  # seen within 5 ms when the machine is idle
+        assert 200_000_000 < local - block < 2_000_000_000  # ~350 ms when idle
+
+
+def test_block_times_follow_the_clock_when_the_loop_falls_behind(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Asked for more blocks a second than it can make, the simulator says so in its log, and its block
+    times stay with the clock (on a fixed schedule of 100,000 blocks a second they would trail it by about the time run)."""
+    caplog.set_level(logging.WARNING, logger="hlbook.services.nodesim.service")
+    node = NodeSim(SimConfig(data_dir=str(tmp_path / "node"), info_port=None, blocks_per_sec=100_000, coins=50, seed=14,
+                             partial_write_p=0.0))
+    node.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not any("behind schedule" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "no 'behind schedule' in the log"
+            time.sleep(0.05)
+        time.sleep(3.0)  # on a fixed schedule the block times would now trail the clock by ~3 s
+        with node.lock:
+            last = node.sim.last_ns or 0
+            height = node.sim.height
+        now = time.time_ns()
+    finally:
+        node.stop()
+    assert height - node.start_height > 100
+    assert 0 < now - last < 1_500_000_000, "block times follow the clock"  # ~0.33 s when idle
+
+
+def test_pacer_logs_falling_behind_and_restarts_the_schedule(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="hlbook.services.nodesim.service")
+    now = [100.0]
+    pacer = Pacer(10.0, clock=lambda: now[0])
+    never = threading.Event()
+    waited: list[float] = []
+    never.wait = lambda timeout=None: waited.append(timeout) or False  # type: ignore[method-assign]
+    now[0] += 0.05  # on time: sleeps the rest of the interval
+    pacer.wait(never, 1)
+    assert waited and abs(waited[0] - 0.05) < 1e-9 and not caplog.records
+    now[0] += 0.5  # 0.4 s late
+    pacer.wait(never, 2)
+    assert "behind schedule at height 2" in caplog.records[-1].getMessage()
+    now[0] += 2.0  # far behind: the schedule restarts from now
+    pacer.wait(never, 3)
+    assert pacer.deadline == now[0]
+    now[0] += 0.01
+    pacer.wait(never, 4)
+    assert abs(waited[-1] - 0.09) < 1e-9
 
 
 def test_cli_process_serves_snapshots_and_stops_on_sigterm(tmp_path: Path) -> None:

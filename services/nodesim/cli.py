@@ -32,7 +32,7 @@ def sim(
     seed: Annotated[int, typer.Option(envvar=env("seed"), help="RNG seed: same seed and start time, same blocks")] = 0,
     blocks: Annotated[int | None, typer.Option(envvar=env("blocks"), help="Stop after this many blocks (default: run forever)")] = None,
     start_height: Annotated[int | None, typer.Option(envvar=env("start-height"), help="Height of the first block (the initial state is start-height - 1); default: after the last block already in --data-dir, else 1000000")] = None,
-    start_time: Annotated[str | None, typer.Option(envvar=env("start-time"), help="Block time of the first block, ISO 8601 (UTC if no offset); default: now")] = None,
+    start_time: Annotated[str | None, typer.Option(envvar=env("start-time"), help="Block time of the first block, ISO 8601 (UTC if no offset), then a fixed schedule (reproducible blocks); default: each block's time from the clock when it is made")] = None,
     volume: Annotated[float, typer.Option(envvar=env("volume"), help="Scale of per-block activity (1.0: ~300 statuses, ~50 diffs, a few fills)")] = 1.0,
     partial_write_p: Annotated[float, typer.Option(envvar=env("partial-write-p"), help="Probability a line is written in two flushed parts")] = 0.01,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",

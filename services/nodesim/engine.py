@@ -1,14 +1,20 @@
 """Matching engine and order flow of the node simulator.
 
 ``Simulator.step()`` produces one block: order statuses, raw book diffs and
-fills as dicts shaped exactly like the node's events, consistent with a
+fills shaped exactly like the node's events (encoded as the node writes
+them; ``Block.statuses`` etc. decode them), consistent with a
 price-time-priority book per coin (every ``new`` diff has its ``open`` or
 ``triggered`` status in the same block except for the HIP-2 and
 assistance-fund users; updates and removes touch live orders only; fills come
 in pairs sharing ``tid``; books are never crossed after a block).
 ``Simulator.snapshot()`` is the true state in the node's ``fileSnapshot`` shape.
-Everything is derived from one seeded RNG, so a seed and a start time fix the
-content of every block.
+Everything is derived from one seeded RNG, so a seed and the block times fix
+the content of every block.
+
+The flow is in equilibrium with the initial depth: each coin's cancels rise
+with its resting orders relative to the depth it started with (``churn``), and
+the special users requote (a new order replaces one of theirs once they hold
+their starting count), so the resting orders stay near the start for any run.
 """
 
 from __future__ import annotations
@@ -17,38 +23,30 @@ import dataclasses
 import math
 import random
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sortedcontainers import SortedDict
+import orjson
 
 from hlbook.common import fixed
 from hlbook.common.fixed import fmt
 from hlbook.common.models import ASSISTANCE_FUND_USER, HIP2_USER, ZERO_HASH
+from hlbook.services.nodesim.block import Block, Event, node_time
+from hlbook.services.nodesim.info_server import Captured
+from hlbook.services.nodesim.market import SPECIAL_USERS, Market, Resting, quoted, text
+from hlbook.services.nodesim.rejects import REJECTIONS_PERP, REJECTIONS_SPOT, Senders, block_formats
 from hlbook.services.nodesim.universe import Coin, full_universe, universe
 
-Event = dict[str, Any]
-REJECTIONS_PERP = (
-    ("badAloPxRejected", 60.0),
-    ("perpMarginRejected", 12.0),
-    ("iocCancelRejected", 8.0),
-    ("minTradeNtlRejected", 4.0),
-    ("reduceOnlyRejected", 3.0),
-    ("perpMaxPositionRejected", 0.5),
-)
-REJECTIONS_SPOT = (
-    ("badAloPxRejected", 60.0),
-    ("insufficientSpotBalanceRejected", 12.0),
-    ("iocCancelRejected", 8.0),
-    ("minTradeNtlRejected", 4.0),
-)
+__all__ = ["Activity", "Block", "Event", "Resting", "Simulator", "node_time", "PROFILES", "FULL",
+           "REJECTIONS_PERP", "REJECTIONS_SPOT", "SPECIAL_USERS"]
+
 TRIGGER_TYPES = ("Stop Market", "Stop Limit", "Take Profit Market", "Take Profit Limit")
-SPECIAL_USERS = (HIP2_USER, ASSISTANCE_FUND_USER)
 FIRST_OID = 400_000_000_000
 DEFAULT_START_HEIGHT = 1_000_000
 OIDS_PER_BLOCK = 10_000  # oid space per height: a run started later never reuses an earlier run's oids
+MIN_GAP_NS = 1_000_000  # block times rise by at least a millisecond
 BUILDERS = (
     "0x64c06812904d342367ad155d7a8f3b7c7fb27f5f",
     "0xb84168cf3be63c6b8dad05ff5d755e97432ff80b",
@@ -61,14 +59,15 @@ class Activity:
     """Mean events per block (all coins together), before scaling by ``volume``."""
 
     rejects: float = 240.0
-    places: float = 22.0
-    cancel_rate: float = 0.004  # per resting order per block
+    places: float = 22.0  # resting orders placed; as many are canceled (or filled) at the starting depth
+    churn: float = 4.0  # a coin's cancels: its share of ``places`` times (resting / starting depth) ** churn
     takers: float = 1.2
     modifies: float = 2.0
     trigger_places: float = 0.4
     trigger_fire_p: float = 0.03
     twaps: float = 0.3
-    special_places: float = 1.0  # HIP-2 (spot) and assistance fund (perps): diffs, no statuses
+    special_places: float = 1.0  # HIP-2 (spot) and assistance fund (perps) requotes: diffs, no statuses
+    special_share: float = 0.05  # of the starting orders
     empty_block_p: float = 0.02
     initial_orders: tuple[int, int] = (20, 200)
     major_depth: int = 0  # > 0: the coin of rank r starts with ~major_depth / (r + 1) ** depth_decay orders
@@ -76,120 +75,15 @@ class Activity:
 
 
 # The whole market, per block (see docs/BENCHMARKS.md, "Whole market"): ~8,000 statuses (~94 %
-# rejections), ~700 diffs (HIP-2 orders, which have no statuses, a third of them), ~60 fills;
-# ~620,000 resting orders, BTC's 50,000 like the real fixture's.
-FULL = Activity(rejects=7600.0, places=200.0, cancel_rate=0.0003, takers=15.0, modifies=20.0, trigger_places=3.0,
-                twaps=1.0, special_places=250.0, empty_block_p=0.0, initial_orders=(20, 40), major_depth=50_000)
+# rejections), ~700 diffs (HIP-2 requotes a third of them), ~70 fills; ~632,000 resting orders,
+# BTC's 50,000 like the real fixture's, kept there by the flow.
+FULL = Activity(rejects=7600.0, places=200.0, takers=15.0, modifies=20.0, trigger_places=3.0, twaps=1.0,
+                special_places=115.0, empty_block_p=0.0, initial_orders=(20, 40), major_depth=50_000)
 PROFILES = {"default": (Activity(), 15.0), "full": (FULL, 12.0)}  # name -> (activity, blocks per second)
 
-
-@dataclass(slots=True)
-class Resting:
-    """An order resting on a book (or a pending trigger order when ``is_trigger``)."""
-
-    oid: int
-    user: str
-    coin: str
-    side: str
-    px: int
-    sz: int
-    orig_sz: int
-    timestamp: int
-    cloid: str | None
-    tif: str | None
-    order_type: str = "Limit"
-    reduce_only: bool = False
-    trigger_condition: str = "N/A"
-    is_trigger: bool = False
-    trigger_px: int = 0
-    limit_px: int = 0  # status limitPx of a trigger order (the resting px may differ)
-
-    def order(self, sz: int | None = None, px: int | None = None) -> Event:
-        """The node's order object (status and snapshot shape)."""
-        return {
-            "coin": self.coin,
-            "side": self.side,
-            "limitPx": fmt(self.px if px is None else px),
-            "sz": fmt(self.sz if sz is None else sz),
-            "oid": self.oid,
-            "timestamp": self.timestamp,
-            "triggerCondition": self.trigger_condition,
-            "isTrigger": self.is_trigger,
-            "triggerPx": fmt(self.trigger_px),
-            "children": [],
-            "isPositionTpsl": False,
-            "reduceOnly": self.reduce_only,
-            "orderType": self.order_type,
-            "origSz": fmt(self.orig_sz),
-            "tif": self.tif,
-            "cloid": self.cloid,
-        }
-
-
-class Book:
-    """One coin's book: price -> {oid: Resting} in time priority; bids keyed by -px."""
-
-    __slots__ = ("bids", "asks")
-
-    def __init__(self) -> None:
-        self.bids: SortedDict = SortedDict()
-        self.asks: SortedDict = SortedDict()
-
-    def side(self, side: str) -> SortedDict:
-        return self.bids if side == "B" else self.asks
-
-    def best(self, side: str) -> int | None:
-        levels = self.side(side)
-        if not levels:
-            return None
-        key = levels.keys()[0]
-        return -key if side == "B" else key
-
-    def add(self, order: Resting) -> None:
-        key = -order.px if order.side == "B" else order.px
-        levels = self.side(order.side)
-        level = levels.get(key)
-        if level is None:
-            level = levels[key] = {}
-        level[order.oid] = order
-
-    def discard(self, order: Resting) -> None:
-        key = -order.px if order.side == "B" else order.px
-        levels = self.side(order.side)
-        level = levels[key]
-        del level[order.oid]
-        if not level:
-            del levels[key]
-
-    def entries(self, side: str) -> list[Resting]:
-        """Orders of a side, best price first, time priority within a level."""
-        return [o for level in self.side(side).values() for o in level.values()]
-
-
-@dataclass(slots=True)
-class Block:
-    """One generated block: node events as dicts, in node order."""
-
-    height: int
-    time_ns: int  # block_time, epoch nanoseconds
-    statuses: list[Event] = field(default_factory=list)
-    diffs: list[Event] = field(default_factory=list)
-    fills: list[list[Any]] = field(default_factory=list)
-
-    @property
-    def block_time(self) -> str:
-        return node_time(self.time_ns)
-
-
-_second_cache: list[Any] = [None, ""]
-
-
-def node_time(ns: int) -> str:
-    """Node timestamp with nanoseconds (``2026-05-05T17:39:13.024084407``), UTC."""
-    sec, frac = divmod(ns, 1_000_000_000)
-    if _second_cache[0] != sec:
-        _second_cache[:] = [sec, datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")]
-    return f"{_second_cache[1]}.{frac:09d}"
+_MICRO = fixed.ONE // 1_000_000
+_STATUS = b'{"time":"%s","user":"%s","hash":%s,"builder":%s,"status":"%s","order":%s}'
+_DIFF = b'{"user":"%s","oid":%d,"coin":"%s","side":"%s","px":"%s","raw_book_diff":%s}'
 
 
 def _round_to(value: int, unit: int) -> int:
@@ -200,7 +94,11 @@ def _round_to(value: int, unit: int) -> int:
     return q * unit if value >= 0 else -q * unit
 
 
-_MICRO = fixed.ONE // 1_000_000
+def _cumulative(weights: Iterable[float]) -> Iterator[float]:
+    total = 0.0
+    for w in weights:
+        total += w
+        yield total
 
 
 class Simulator:
@@ -228,9 +126,8 @@ class Simulator:
             raise ValueError(f"profile must be one of {list(PROFILES)}, not {profile!r}")
         self.rng = random.Random(seed)
         self.coins = full_universe(seed) if profile == "full" else universe(coins, seed)
-        self.coin_by_name = {c.name: c for c in self.coins}
-        self.books = {c.name: Book() for c in self.coins}
-        self.fair = {c.name: c.price for c in self.coins}
+        self.markets = [Market(c) for c in self.coins]
+        self.market_of = {m.coin.name: m for m in self.markets}
         self.activity = activity or PROFILES[profile][0]
         if depth is not None:  # resting orders of the most active coin at start (the others fall off with rank)
             self.activity = dataclasses.replace(self.activity, major_depth=depth)
@@ -242,17 +139,18 @@ class Simulator:
         self.start_ns = int(start.timestamp()) * 1_000_000_000 + start.microsecond * 1000
         self.interval_ns = int(1_000_000_000 / blocks_per_sec)
         self.start_height = start_height
+        self.last_ns: int | None = None  # block time of the last block
         self.first_oid = FIRST_OID + max(0, start_height - DEFAULT_START_HEIGHT) * OIDS_PER_BLOCK
         self.next_oid = self.first_oid
         self.users = [f"0x{self.rng.getrandbits(160):040x}" for _ in range(2000)]
-        self.live: list[Resting] = []  # every resting order (random picks)
-        self.live_pos: dict[int, int] = {}
+        self.users_b = [u.encode() for u in self.users]
         self.triggers: list[Resting] = []  # pending trigger orders (off book)
         self.positions: dict[tuple[str, str], tuple[int, int]] = {}  # (user, coin) -> (size, entry px)
         self.next_twap = 1_700_000
-        self._cum_weights = list(_cumulative(c.weight for c in self.coins))
-        self.spread_ticks = {c.name: max(2.0, 0.003 * c.price / c.tick) for c in self.coins}
+        self._weights = [c.weight for c in self.coins]
+        self._cum_weights = list(_cumulative(self._weights))
         self._populate()
+        self.senders = Senders(self.markets, self._cum_weights, self.users_b, self.rng)
 
     # ---------------------------------------------------------------- state
 
@@ -262,31 +160,28 @@ class Simulator:
     def snapshot(self) -> tuple[int, list[Any]]:
         """(height, ``[[coin, [[[user, order], …bids], [[user, order], …asks]]], …]``) of the true state."""
         body = []
-        for coin in self.coins:
-            book = self.books[coin.name]
-            body.append([coin.name, [[[o.user, o.order()] for o in book.entries(s)] for s in ("B", "A")]])
+        for m in self.markets:
+            body.append([m.coin.name, [[[o.user, o.order()] for o in m.entries(s)] for s in ("B", "A")]])
         return self.height, body
 
+    def capture(self) -> Captured:
+        """The true state's orders with their sizes now, for ``Captured.encode`` later (cheap: under a lock)."""
+        return Captured(self.height, [(m.coin.name, Captured.side(m.bids), Captured.side(m.asks)) for m in self.markets])
+
     def resting_count(self) -> int:
-        return len(self.live)
+        return sum(m.resting() for m in self.markets)
 
     def _rest(self, order: Resting) -> None:
-        self.books[order.coin].add(order)
-        self.live_pos[order.oid] = len(self.live)
-        self.live.append(order)
+        self.market_of[order.coin].add(order)
 
     def _unrest(self, order: Resting) -> None:
-        self.books[order.coin].discard(order)
-        pos = self.live_pos.pop(order.oid)
-        last = self.live.pop()
-        if last is not order:
-            self.live[pos] = last
-            self.live_pos[last.oid] = pos
+        self.market_of[order.coin].discard(order)
 
     # ---------------------------------------------------------- generation
 
-    def _coin(self) -> Coin:
-        return self.coins[bisect_right(self._cum_weights, self.rng.random() * self._cum_weights[-1])]
+    def _market(self) -> Market:
+        """A coin picked by its activity weight."""
+        return self.markets[bisect_right(self._cum_weights, self.rng.random() * self._cum_weights[-1])]
 
     def _user(self, coin: Coin | None = None, special_p: float = 0.0) -> str:
         if coin is not None and special_p and self.rng.random() < special_p:
@@ -303,41 +198,40 @@ class Simulator:
     def _cloid(self, p: float = 0.6) -> str | None:
         return f"0x{self.rng.getrandbits(128):032x}" if self.rng.random() < p else None
 
-    def _size(self, coin: Coin) -> int:
+    def _size(self, m: Market) -> int:
         notional = min(math.exp(self.rng.gauss(5.5, 1.6)), 300_000.0)
-        lots = max(1, int(notional * fixed.ONE / self.fair[coin.name] * fixed.ONE / coin.lot))
-        return lots * coin.lot
+        lots = max(1, int(notional * fixed.ONE / m.fair * fixed.ONE / m.coin.lot))
+        return lots * m.coin.lot
 
-    def _clamp(self, coin: Coin, px: int) -> int:
+    @staticmethod
+    def _clamp(coin: Coin, px: int) -> int:
         return min(max(px, coin.min_px), coin.max_px)
 
-    def _passive_px(self, coin: Coin, side: str) -> int:
+    def _passive_px(self, m: Market, side: str) -> int:
         """A price that rests without crossing: near the same-side best or deeper around fair."""
-        book = self.books[coin.name]
-        rng = self.rng
-        same, opp = book.best(side), book.best("A" if side == "B" else "B")
+        rng, coin = self.rng, m.coin
+        same, opp = (m.best_bid, m.best_ask) if side == "B" else (m.best_ask, m.best_bid)
         sign = -1 if side == "B" else 1
         if same is not None and rng.random() < 0.35:
             px = same + sign * coin.tick * int(rng.expovariate(0.5))
         else:
-            mean_ticks = max(2.0, 0.0015 * self.fair[coin.name] / coin.tick)
-            px = self.fair[coin.name] + sign * coin.tick * (1 + int(rng.expovariate(1.0 / mean_ticks)))
+            mean_ticks = max(2.0, 0.0015 * m.fair / coin.tick)
+            px = m.fair + sign * coin.tick * (1 + int(rng.expovariate(1.0 / mean_ticks)))
         if opp is not None:
             px = min(px, opp - coin.tick) if side == "B" else max(px, opp + coin.tick)
         return self._clamp(coin, px - px % coin.tick)
 
     def _walk(self) -> None:
         """Fair prices: small mean-reverting random walk inside each coin's valid range."""
-        rng = self.rng
-        for coin in self.coins:
-            if rng.random() < 0.3:
-                fair = self.fair[coin.name]
+        r = self.rng.random
+        for m in self.markets:
+            if r() < 0.3:
+                coin, fair = m.coin, m.fair
                 pull = (coin.price - fair) / coin.price
                 step = coin.tick * max(1, int(fair * 0.0003 / coin.tick))
-                up = rng.random() < 0.5 + pull * 5
-                fair += step if up else -step
+                fair += step if r() < 0.5 + pull * 5 else -step
                 lo, hi = coin.price * 9 // 10, min(coin.price * 11 // 10, coin.max_px)
-                self.fair[coin.name] = min(max(fair - fair % coin.tick, lo, coin.min_px), hi)
+                m.set_fair(min(max(fair - fair % coin.tick, lo, coin.min_px), hi))
 
     def _count(self, mean: float) -> int:
         """Poisson-distributed count (normal approximation above 30)."""
@@ -352,6 +246,27 @@ class Simulator:
             p *= self.rng.random()
         return k
 
+    def _runs(self, n: int, slots: int) -> list[int]:
+        """``n`` rejections and ``slots - 1`` actions in a uniformly random order: how many rejections
+        come before the first action, between each two, and after the last (the actions' places
+        among the ``n + slots - 1`` drawn at once: no shuffle of the ~8,000)."""
+        runs, prev = [], -1
+        for place in sorted(self.rng.sample(range(n + slots - 1), slots - 1)):
+            runs.append(place - prev - 1)
+            prev = place
+        runs.append(n + slots - 2 - prev)
+        return runs
+
+    def _cancel_weights(self) -> tuple[list[float], float]:
+        """Cumulative cancel weights per coin, and the mean cancels of a block (before ``volume``):
+        a coin's share of ``places`` times (its resting orders / its starting ones) ** ``churn``."""
+        churn, cum, total = self.activity.churn, [], 0.0
+        for m, w in zip(self.markets, self._weights):
+            if m.orders:
+                total += w * (len(m.orders) / m.target) ** churn
+            cum.append(total)
+        return cum, total / self._cum_weights[-1] * self.activity.places
+
     def _populate(self) -> None:
         """Initial books (height start-1): resting orders with timestamps in the past hour."""
         a = self.activity
@@ -364,17 +279,19 @@ class Simulator:
         total = sum(counts)
         self.next_oid = self.first_oid - total - 1
         made = 0
-        for coin, n in zip(self.coins, counts):
+        for m, n in zip(self.markets, counts):
+            coin = m.coin
             for i in range(n):
                 side = "B" if i % 2 == 0 else "A"
-                user = self._user(coin, 0.05)
-                px = self._passive_px(coin, side)
-                sz = self._size(coin)
+                user = self._user(coin, a.special_share)
+                px = self._passive_px(m, side)
+                sz = self._size(m)
                 orig = sz + coin.lot * self.rng.randint(1, 50) if self.rng.random() < 0.15 else sz
                 made += 1
                 ts = t0 + made * 3_600_000 // (total + 1)
-                self._rest(Resting(self._oid(), user, coin.name, side, px, sz, orig, ts, self._maker_cloid(user),
-                                   self._maker_tif(user), reduce_only=self.rng.random() < 0.1))
+                m.add(Resting(self._oid(), user, coin.name, side, px, sz, orig, ts, self._maker_cloid(user),
+                              self._maker_tif(user), reduce_only=self.rng.random() < 0.1))
+            m.target, m.special_target = max(1, len(m.orders)), len(m.specials)
         self.next_oid = self.first_oid
 
     def _maker_cloid(self, user: str) -> str | None:
@@ -383,214 +300,211 @@ class Simulator:
     def _maker_tif(self, user: str) -> str:
         return "Alo" if user in SPECIAL_USERS or self.rng.random() >= 0.4 else "Gtc"
 
-    def step(self) -> Block:
-        """Generate the next block, apply it to the books, and return it."""
+    def step(self, time_ns: int | None = None) -> Block:
+        """Generate the next block, apply it to the books, and return it.
+
+        ``time_ns``: its block time (a live run's, from the clock); default: the schedule from
+        ``start_time`` at ``blocks_per_sec`` with some jitter. Block times rise by at least 1 ms."""
         self.height += 1
         jitter = int(self.rng.random() * self.interval_ns * 0.3)
-        block = Block(self.height, self._time_ns(self.height) + jitter)
-        gen = _BlockGen(self, block)
-        if self.rng.random() < self.activity.empty_block_p:
-            return block
+        now = self._time_ns(self.height) + jitter if time_ns is None else time_ns
+        if self.last_ns is not None and now < self.last_ns + MIN_GAP_NS:
+            now = self.last_ns + MIN_GAP_NS
+        self.last_ns = now
+        gen = _BlockGen(self, now)
+        if self.rng.random() >= self.activity.empty_block_p:
+            self._fill(gen)
+        return gen.block()
+
+    def _fill(self, gen: _BlockGen) -> None:
+        """The block's actions in random order, the rejections spread between them."""
         self._walk()
         a = self.activity
-        actions = (
-            [gen.reject] * self._count(a.rejects)
-            + [gen.place] * self._count(a.places)
-            + [gen.special_place] * self._count(a.special_places)
-            + [gen.cancel] * self._count(a.cancel_rate * len(self.live) / max(self.volume, 1e-9))
+        gen.cancel_cum, cancels = self._cancel_weights()
+        actions: list[Callable[[], None]] = (
+            [gen.place] * self._count(a.places)
+            + [gen.requote] * self._count(a.special_places)
+            + [gen.cancel] * self._count(cancels)
             + [gen.take] * self._count(a.takers)
             + [gen.modify] * self._count(a.modifies)
             + [gen.place_trigger] * self._count(a.trigger_places)
             + [gen.twap] * self._count(a.twaps)
         )
         self.rng.shuffle(actions)
+        self.senders.turn_over()
+        runs = self._runs(self._count(a.rejects), len(actions) + 1)
         gen.fire_triggers()
-        for action in actions:
+        for action, run in zip(actions, runs):
+            gen.rejects(run)
             action()
-        return block
-
-
-def _cumulative(weights: Iterable[float]) -> Iterator[float]:
-    total = 0.0
-    for w in weights:
-        total += w
-        yield total
+        gen.rejects(runs[-1])
 
 
 class _BlockGen:
     """The actions that fill one block (each appends node events and updates the books)."""
 
-    def __init__(self, sim: Simulator, block: Block) -> None:
+    def __init__(self, sim: Simulator, time_ns: int) -> None:
         self.sim = sim
-        self.block = block
         self.rng = sim.rng
-        self.ms = block.time_ns // 1_000_000
-        self.time = block.block_time
+        self.height = sim.height
+        self.time_ns = time_ns
+        self.ms = time_ns // 1_000_000
+        self.time = node_time(time_ns)
+        self.statuses: list[bytes] = []
+        self.diffs: list[bytes] = []
+        self.fills: list[bytes] = []
+        self.time_b = self.time.encode()
+        self.formats = block_formats(self.time, self.ms)
+        self.cancel_cum: list[float] = []
+
+    def block(self) -> Block:
+        return Block.encoded(self.height, self.time_ns, self.statuses, self.diffs, self.fills)
 
     # ------------------------------------------------------------ emitters
 
-    def status(self, user: str, status: str, order: Event, hash_: str | None = None, builder: Any = None) -> None:
-        if user in SPECIAL_USERS:
+    def status(self, o: Resting, status: str, sz: int | None = None, hash_: str | None = None,
+               builder: Any = None) -> None:
+        """``o``'s status (with size ``sz`` if given); none for the special users."""
+        if o.user in SPECIAL_USERS:
             return
-        self.block.statuses.append(
-            {"time": self.time, "user": user, "hash": hash_, "builder": builder, "status": status, "order": order}
-        )
+        self.statuses.append(_STATUS % (self.time_b, o.user.encode(), quoted(hash_),
+                                        b"null" if builder is None else orjson.dumps(builder), status.encode(),
+                                        o.order_json(sz)))
 
-    def diff(self, o: Resting, body: Any, px: int | None = None) -> None:
-        self.block.diffs.append(
-            {"user": o.user, "oid": o.oid, "coin": o.coin, "side": o.side, "px": fmt(o.px if px is None else px),
-             "raw_book_diff": body}
-        )
+    def diff(self, o: Resting, body: bytes) -> None:
+        self.diffs.append(_DIFF % (o.user.encode(), o.oid, o.coin.encode(), o.side.encode(), text(o.px), body))
 
     def new(self, o: Resting) -> None:
         self.sim._rest(o)
-        self.diff(o, {"new": {"sz": fmt(o.sz)}})
+        self.diff(o, b'{"new":{"sz":"%s"}}' % text(o.sz))
 
     def remove(self, o: Resting) -> None:
         self.sim._unrest(o)
-        self.diff(o, "remove")
+        self.diff(o, b'"remove"')
 
     # ------------------------------------------------------------- actions
 
-    def reject(self) -> None:
-        """A rejected order: a status only, no book change (the hot path: built directly)."""
-        sim, rng = self.sim, self.rng
-        coin = sim._coin()
-        names, cum = _REJECT_SPOT if coin.is_spot else _REJECT_PERP
-        status = names[bisect_right(cum, rng.random() * cum[-1])]
-        side = "B" if rng.random() < 0.5 else "A"
-        sign = 1 if side == "B" else -1
-        if status == "badAloPxRejected":  # an ALO that would cross
-            opp = sim.books[coin.name].best("A" if side == "B" else "B")
-            tif, px = "Alo", (sim.fair[coin.name] if opp is None else opp) + sign * coin.tick * int(rng.random() * 4)
-        else:
-            tif = "Ioc" if status == "iocCancelRejected" or rng.random() < 0.4 else "Alo"
-            px = sim.fair[coin.name] - sign * coin.tick * (1 + int(rng.random() * sim.spread_ticks[coin.name]))
-        sz = fmt(sim._size(coin))
-        order = {
-            "coin": coin.name, "side": side, "limitPx": fmt(sim._clamp(coin, px)), "sz": sz, "oid": sim._oid(),
-            "timestamp": self.ms, "triggerCondition": "N/A", "isTrigger": False, "triggerPx": "0.0", "children": [],
-            "isPositionTpsl": False, "reduceOnly": status == "reduceOnlyRejected" or rng.random() < 0.05,
-            "orderType": "Limit", "origSz": sz, "tif": tif, "cloid": sim._cloid(0.8),
-        }
-        self.block.statuses.append(
-            {"time": self.time, "user": sim._user(), "hash": None, "builder": None, "status": status, "order": order}
-        )
+    def rejects(self, k: int) -> None:
+        """``k`` rejected orders: statuses only, no book change (rejects.Senders: the hot path)."""
+        if k:
+            self.statuses += self.sim.senders.render(k, self.formats, self.sim.next_oid)
+            self.sim.next_oid += k
 
-    def place(self, user: str | None = None) -> None:
+    def place(self, user: str | None = None, m: Market | None = None) -> None:
         """A resting Alo/Gtc order: ``open`` status and a ``new`` diff."""
         sim = self.sim
-        coin = sim._coin()
+        m = m or sim._market()
         user = user or sim._user()
         side = "B" if self.rng.random() < 0.5 else "A"
-        sz = sim._size(coin)
-        o = Resting(sim._oid(), user, coin.name, side, sim._passive_px(coin, side), sz, sz, self.ms,
+        sz = sim._size(m)
+        o = Resting(sim._oid(), user, m.coin.name, side, sim._passive_px(m, side), sz, sz, self.ms,
                     sim._maker_cloid(user), sim._maker_tif(user), reduce_only=self.rng.random() < 0.05)
         builder = {"b": BUILDERS[int(self.rng.random() * 3)], "f": 10} if self.rng.random() < 0.05 else None
-        self.status(user, "open", o.order(), sim._hash(), builder)
+        self.status(o, "open", hash_=sim._hash(), builder=builder)
         self.new(o)
 
-    def special_place(self) -> None:
-        """An order of the HIP-2 (spot) or assistance-fund (perp) address: a diff, never a status."""
-        coin = self.sim._coin()
-        self.place(HIP2_USER if coin.is_spot else ASSISTANCE_FUND_USER)
+    def requote(self) -> None:
+        """The HIP-2 (spot) or assistance-fund (perp) address moves an order: once it holds as many
+        as at start, one of its orders goes (a remove diff) and a new one rests (diffs, never statuses)."""
+        m = self.sim._market()
+        if m.specials and len(m.specials) >= max(1, m.special_target):
+            self.remove(m.specials[int(self.rng.random() * len(m.specials))])
+        self.place(HIP2_USER if m.coin.is_spot else ASSISTANCE_FUND_USER, m)
 
     def cancel(self) -> None:
-        sim = self.sim
-        if not sim.live:
+        """A resting order canceled by its user, on a coin picked by its cancel weight (``_cancel_weights``)."""
+        cum = self.cancel_cum
+        m = self.sim.markets[bisect_right(cum, self.rng.random() * cum[-1])]
+        if not m.orders:
             return
-        o = sim.live[int(self.rng.random() * len(sim.live))]
-        self.status(o.user, "canceled", o.order())
+        o = m.orders[int(self.rng.random() * len(m.orders))]
+        self.status(o, "canceled")
         self.remove(o)
 
     def modify(self) -> None:
         """Cancel a resting order with a cloid and reopen it (new oid, same cloid) at a new price."""
         sim = self.sim
-        if not sim.live:
+        m = sim._market()
+        if not m.orders:
             return
-        old = sim.live[int(self.rng.random() * len(sim.live))]
+        old = m.orders[int(self.rng.random() * len(m.orders))]
         if old.cloid is None or old.order_type != "Limit":
             return
-        self.status(old.user, "canceled", old.order())
+        self.status(old, "canceled")
         self.remove(old)
-        coin = self._coin_of(old.coin)
-        sz = sim._size(coin)
-        new = Resting(sim._oid(), old.user, old.coin, old.side, sim._passive_px(coin, old.side), sz, sz, self.ms,
+        sz = sim._size(m)
+        new = Resting(sim._oid(), old.user, old.coin, old.side, sim._passive_px(m, old.side), sz, sz, self.ms,
                       old.cloid, old.tif, reduce_only=old.reduce_only)
-        self.status(new.user, "open", new.order(), sim._hash())
+        self.status(new, "open", hash_=sim._hash())
         self.new(new)
-
-    def _coin_of(self, name: str) -> Coin:
-        return self.sim.coin_by_name[name]
 
     def take(self) -> None:
         """An aggressive order (IOC, or GTC resting its remainder) that sweeps the other side."""
         sim, rng = self.sim, self.rng
-        coin = sim._coin()
+        m = sim._market()
+        coin = m.coin
         side = "B" if rng.random() < 0.5 else "A"
-        book = sim.books[coin.name]
-        opp = book.best("A" if side == "B" else "B")
+        other = "A" if side == "B" else "B"
+        opp = m.best(other)
         if opp is None:
             return
         px = sim._clamp(coin, opp + (coin.tick if side == "B" else -coin.tick) * int(rng.expovariate(0.4)))
-        top = sum(o.sz for o in book.entries("A" if side == "B" else "B")[:2])
-        sz = max(coin.lot, (int(top * rng.uniform(0.05, 1.2)) // coin.lot) * coin.lot)
+        sz = max(coin.lot, (int(m.top_size(other, 2) * rng.uniform(0.05, 1.2)) // coin.lot) * coin.lot)
         tif = "Ioc" if rng.random() < 0.8 else "Gtc"
         o = Resting(sim._oid(), sim._user(), coin.name, side, px, sz, sz, self.ms, sim._cloid(0.5), tif)
         hash_ = sim._hash()
-        self.status(o.user, "open", o.order(), hash_)
-        self.execute(o, coin, hash_, rest=tif == "Gtc")
+        self.status(o, "open", hash_=hash_)
+        self.execute(o, m, hash_, rest=tif == "Gtc")
 
-    def execute(self, o: Resting, coin: Coin, hash_: str, rest: bool, twap_id: int | None = None,
-                status: str | None = None) -> None:
+    def execute(self, o: Resting, m: Market, hash_: str, rest: bool, twap_id: int | None = None) -> None:
         """Match ``o`` against the book, then finish it: filled, canceled remainder, or resting remainder."""
-        remaining = self.match(o, hash_, twap_id)
+        remaining = self.match(o, m, hash_, twap_id)
         if twap_id is not None:
             return
         if remaining == 0:
-            self.status(o.user, "filled", o.order(sz=0))
+            self.status(o, "filled", 0)
         elif rest:
             o.sz = remaining
             self.new(o)
         elif remaining == o.orig_sz:
-            self.status(o.user, "iocCancelRejected", o.order())
+            self.status(o, "iocCancelRejected")
         else:
-            self.status(o.user, "canceled", o.order(sz=remaining))
+            self.status(o, "canceled", remaining)
 
-    def match(self, taker: Resting, hash_: str, twap_id: int | None) -> int:
+    def match(self, taker: Resting, m: Market, hash_: str, twap_id: int | None) -> int:
         """Fill ``taker`` against resting orders in price-time priority; returns the unfilled size."""
-        sim = self.sim
-        levels = sim.books[taker.coin].side("A" if taker.side == "B" else "B")
+        buy = taker.side == "B"
+        levels = m.asks if buy else m.bids
         remaining = taker.orig_sz
-        while remaining and levels:
+        while remaining and levels:  # the best level's first order each time (a level is not copied)
             key, level = levels.peekitem(0)
-            px = key if taker.side == "B" else -key
-            if (taker.side == "B" and px > taker.px) or (taker.side == "A" and px < taker.px):
+            px = key if buy else -key
+            if (buy and px > taker.px) or (not buy and px < taker.px):
                 break
-            for maker in list(level.values()):
-                qty = min(remaining, maker.sz)
-                self.trade(taker, maker, px, qty, hash_, twap_id)
-                remaining -= qty
-                if qty == maker.sz:
-                    self.status(maker.user, "filled", maker.order(sz=0))
-                    self.remove(maker)
-                else:
-                    self.diff(maker, {"update": {"origSz": fmt(maker.sz), "newSz": fmt(maker.sz - qty)}})
-                    maker.sz -= qty
-                if not remaining:
-                    break
+            maker = next(iter(level.values()))
+            qty = min(remaining, maker.sz)
+            self.trade(taker, maker, m.coin, px, qty, hash_, twap_id)
+            remaining -= qty
+            if qty == maker.sz:
+                self.status(maker, "filled", 0)
+                self.remove(maker)
+            else:
+                self.diff(maker, b'{"update":{"origSz":"%s","newSz":"%s"}}' % (text(maker.sz), text(maker.sz - qty)))
+                maker.sz -= qty
         return remaining
 
-    def trade(self, taker: Resting, maker: Resting, px: int, qty: int, hash_: str, twap_id: int | None) -> None:
+    def trade(self, taker: Resting, maker: Resting, coin: Coin, px: int, qty: int, hash_: str,
+              twap_id: int | None) -> None:
         tid = self.rng.getrandbits(50)
-        pair = [self.fill(taker, px, qty, hash_, True, tid, twap_id), self.fill(maker, px, qty, hash_, False, tid, None)]
+        pair = [self.fill(taker, coin, px, qty, hash_, True, tid, twap_id),
+                self.fill(maker, coin, px, qty, hash_, False, tid, None)]
         if self.rng.random() < 0.5:
             pair.reverse()
-        self.block.fills.extend(pair)
+        self.fills += pair
 
-    def fill(self, o: Resting, px: int, qty: int, hash_: str, crossed: bool, tid: int, twap_id: int | None) -> list[Any]:
+    def fill(self, o: Resting, coin: Coin, px: int, qty: int, hash_: str, crossed: bool, tid: int,
+             twap_id: int | None) -> bytes:
         sim = self.sim
-        coin = self._coin_of(o.coin)
         start, entry = sim.positions.get((o.user, o.coin), (0, 0))
         signed = qty if o.side == "B" else -qty
         closing = min(qty, abs(start)) if start and (start > 0) != (signed > 0) else 0
@@ -615,44 +529,44 @@ class _BlockGen:
             event["cloid"] = o.cloid
         event["feeToken"] = "USDC" if not coin.is_spot or o.side == "A" else coin.base
         event["twapId"] = twap_id
-        return [o.user, event]
+        return orjson.dumps([o.user, event])
 
     def twap(self) -> None:
         """A TWAP slice: fills only (zero hash, ``twapId`` on the taker), no status."""
         sim, rng = self.sim, self.rng
-        coin = sim._coin()
+        m = sim._market()
         side = "B" if rng.random() < 0.5 else "A"
-        opp = sim.books[coin.name].best("A" if side == "B" else "B")
+        opp = m.best("A" if side == "B" else "B")
         if opp is None:
             return
-        px = sim._clamp(coin, opp + (coin.tick if side == "B" else -coin.tick) * 3)
-        sz = sim._size(coin)
+        px = sim._clamp(m.coin, opp + (m.coin.tick if side == "B" else -m.coin.tick) * 3)
+        sz = sim._size(m)
         sim.next_twap += rng.randint(1, 20)
-        o = Resting(sim._oid(), sim._user(), coin.name, side, px, sz, sz, self.ms, None, "Ioc")
-        self.execute(o, coin, ZERO_HASH, rest=False, twap_id=sim.next_twap)
+        o = Resting(sim._oid(), sim._user(), m.coin.name, side, px, sz, sz, self.ms, None, "Ioc")
+        self.execute(o, m, ZERO_HASH, rest=False, twap_id=sim.next_twap)
 
     def place_trigger(self) -> None:
         """A trigger order waiting off book (``open``, ``isTrigger``); it fires in a later block."""
         sim, rng = self.sim, self.rng
-        coin = sim._coin()
+        m = sim._market()
+        coin = m.coin
         side = "B" if rng.random() < 0.5 else "A"
         kind = rng.choice(TRIGGER_TYPES)
-        fair = sim.fair[coin.name]
-        trigger_px = sim._clamp(coin, fair + coin.tick * rng.randint(-200, 200))
+        trigger_px = sim._clamp(coin, m.fair + coin.tick * rng.randint(-200, 200))
         trigger_px -= trigger_px % coin.tick
         if kind.endswith("Market"):
-            slip = fair // 10 if side == "B" else -(fair // 10)
+            slip = m.fair // 10 if side == "B" else -(m.fair // 10)
             limit = sim._clamp(coin, trigger_px + slip)
         else:
             limit = sim._clamp(coin, trigger_px + coin.tick * rng.randint(-20, 20))
         limit -= limit % coin.tick
         above = (kind.startswith("Stop")) == (side == "B")
-        sz = sim._size(coin)
+        sz = sim._size(m)
         o = Resting(sim._oid(), sim._user(), coin.name, side, limit, sz, sz, self.ms, sim._cloid(0.3), None,
-                    order_type=kind, reduce_only=rng.random() < 0.6 and not coin.is_spot, is_trigger=True, trigger_px=trigger_px,
-                    trigger_condition=f"Price {'above' if above else 'below'} {_trigger_text(trigger_px)}",
+                    order_type=kind, reduce_only=rng.random() < 0.6 and not coin.is_spot, is_trigger=True,
+                    trigger_px=trigger_px, trigger_condition=f"Price {'above' if above else 'below'} {_trigger_text(trigger_px)}",
                     limit_px=limit)
-        self.status(o.user, "open", o.order(), sim._hash())
+        self.status(o, "open", hash_=sim._hash())
         sim.triggers.append(o)
 
     def fire_triggers(self) -> None:
@@ -669,32 +583,28 @@ class _BlockGen:
 
     def fire(self, o: Resting) -> None:
         """``triggered`` status, then the order executes; a limit remainder rests (its px may differ)."""
-        coin = self._coin_of(o.coin)
-        self.status(o.user, "triggered", o.order())
-        market = o.order_type.endswith("Market")
-        self.execute_triggered(o, coin, market)
-
-    def execute_triggered(self, o: Resting, coin: Coin, market: bool) -> None:
-        remaining = self.match(o, self.sim._hash(), None)
+        m = self.sim.market_of[o.coin]
+        self.status(o, "triggered")
+        remaining = self.match(o, m, self.sim._hash(), None)
         if remaining == 0:
-            self.status(o.user, "filled", o.order(sz=0))
-            return
-        if market:
-            self.status(o.user, "canceled", o.order(sz=remaining))
-            return
-        opp = self.sim.books[o.coin].best("A" if o.side == "B" else "B")
+            self.status(o, "filled", 0)
+        elif o.order_type.endswith("Market"):
+            self.status(o, "canceled", remaining)
+        else:
+            self.rest_triggered(o, m, remaining)
+
+    def rest_triggered(self, o: Resting, m: Market, remaining: int) -> None:
+        """The remainder of a triggered limit order rests, maybe one tick more passive than its limitPx."""
+        coin = m.coin
+        opp = m.best("A" if o.side == "B" else "B")
         px = o.px
-        if self.rng.random() < 0.5:  # rests one tick more passive than its status limitPx
+        if self.rng.random() < 0.5:
             px = px - coin.tick if o.side == "B" else px + coin.tick
         if opp is not None:
             px = min(px, opp - coin.tick) if o.side == "B" else max(px, opp + coin.tick)
         o.px, o.sz = self.sim._clamp(coin, px), remaining
         o.is_trigger, o.trigger_condition, o.trigger_px, o.tif = False, "Triggered", 0, "Gtc"
         self.new(o)
-
-
-_REJECT_PERP = ([s for s, _ in REJECTIONS_PERP], list(_cumulative(w for _, w in REJECTIONS_PERP)))
-_REJECT_SPOT = ([s for s, _ in REJECTIONS_SPOT], list(_cumulative(w for _, w in REJECTIONS_SPOT)))
 
 
 def _direction(coin: Coin, side: str, start: int, qty: int) -> str:

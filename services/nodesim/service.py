@@ -1,10 +1,22 @@
-"""The simulator process: block loop (generate, write, pace) plus the info server."""
+"""The simulator process: block loop (generate, write, pace) plus the info server.
+
+A live run (no ``start_time``) takes each block's time from the clock when it
+makes the block, less ``BLOCK_AGE_NS`` (consensus time is before the node
+writes), and the writer stamps each line's ``local_time`` with the clock as it
+writes it: ``local_time`` trails ``block_time`` by ~400 ms as on a node, and
+block times follow the clock even when the loop falls behind (which
+``Pacer`` logs). With ``start_time`` block times are a fixed schedule from it
+(reproducible blocks: a seed and a start time fix every event).
+"""
 
 from __future__ import annotations
 
+import gc
 import logging
+import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +28,14 @@ from hlbook.services.nodesim.info_server import InfoServer
 from hlbook.services.nodesim.writer import NodeWriter, last_height, parse_modes
 
 log = logging.getLogger(__name__)
+
+BLOCK_AGE_NS = 310_000_000  # a live block's time: the clock when it is made, less this and up to AGE_JITTER_NS
+AGE_JITTER_NS = 20_000_000
+LATE_S = 0.25  # a block started this late (or 3 intervals) is behind schedule: logged
+RESYNC_S = 1.0  # this late: the schedule restarts from now (no burst to catch up)
+WARN_EVERY_S = 10.0
+FREEZE_EVERY = 100  # blocks: the books' objects leave the collector's generations (gc.freeze), so it never
+# walks the ~600,000 resting orders of --profile full (a full collection stalled the loop ~0.4 s)
 
 
 @dataclass
@@ -29,7 +49,7 @@ class SimConfig:
     seed: int = 0
     blocks: int | None = None  # stop after this many blocks; None: forever
     start_height: int | None = None  # None: after the last block already in data_dir, else 1_000_000
-    start_time: datetime | None = None  # block time of start_height; default: now
+    start_time: datetime | None = None  # block time of start_height, then a fixed schedule; None: from the clock
     volume: float = 1.0
     partial_write_p: float = 0.01
     profile: str = "default"  # engine.PROFILES: "full" is every market of mainnet (coins ignored)
@@ -49,12 +69,13 @@ class NodeSim:
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         spread = min(0.035, 0.5 / cfg.blocks_per_sec)
         self.writer = NodeWriter(cfg.data_dir, parse_modes(cfg.mode), cfg.partial_write_p, cfg.seed,
-                                 pause=time.sleep, stream_spread=spread)
+                                 pause=time.sleep, stream_spread=spread, clock=time.time_ns)
+        self._age = random.Random(f"age-{cfg.seed}")
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.server: InfoServer | None = None
         if cfg.info_port is not None:
-            self.server = InfoServer(cfg.info_host, cfg.info_port, self.sim.snapshot, self.lock)
+            self.server = InfoServer(cfg.info_host, cfg.info_port, self.sim.capture, self.lock)
         self._thread: threading.Thread | None = None
 
     @property
@@ -72,9 +93,11 @@ class NodeSim:
         if self.server:
             self.server.start()
             log.info("info server on %s", self.info_url)
-        log.info("writing %s blocks from height %d at %.1f blocks/s (%d coins, mode %s) into %s",
-                 self.cfg.blocks if self.cfg.blocks is not None else "unlimited", self.start_height,
-                 self.cfg.blocks_per_sec, len(self.sim.coins), self.cfg.mode, self.cfg.data_dir)
+        log.info("writing %s blocks from height %d at %.1f blocks/s (%d coins, %d resting orders, mode %s) into %s; "
+                 "block times %s", self.cfg.blocks if self.cfg.blocks is not None else "unlimited", self.start_height,
+                 self.cfg.blocks_per_sec, len(self.sim.coins), self.sim.resting_count(), self.cfg.mode,
+                 self.cfg.data_dir, "from the clock" if self.cfg.start_time is None else
+                 f"on a schedule from {self.cfg.start_time.isoformat()}")
         try:
             self._loop()
         finally:
@@ -83,21 +106,23 @@ class NodeSim:
                 self.server.stop()
 
     def _loop(self) -> None:
-        interval = 1.0 / self.cfg.blocks_per_sec
-        deadline = time.monotonic()
+        pacer = Pacer(self.cfg.blocks_per_sec)
         written = 0
         while not self.stop_event.is_set() and (self.cfg.blocks is None or written < self.cfg.blocks):
+            if written % FREEZE_EVERY == 0:
+                gc.freeze()
             with self.lock:
-                self.writer.write_block(self.sim.step())
+                self.writer.write_block(self.sim.step(self._block_time()))
             written += 1
             if written % 1000 == 0:
-                log.info("height %d, %d resting orders", self.sim.height, self.sim.resting_count())
-            deadline += interval
-            delay = deadline - time.monotonic()
-            if delay > 0:
-                self.stop_event.wait(delay)
-            elif delay < -1.0:  # far behind: do not burst to catch up
-                deadline = time.monotonic()
+                log.info("height %d, %d resting orders, %s", self.sim.height, self.sim.resting_count(), pacer.summary(1000))
+            pacer.wait(self.stop_event, self.sim.height)
+
+    def _block_time(self) -> int | None:
+        """A live block's time (the clock less the node's latency); None: the schedule from ``start_time``."""
+        if self.cfg.start_time is not None:
+            return None
+        return time.time_ns() - BLOCK_AGE_NS - int(self._age.random() * AGE_JITTER_NS)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="nodesim", daemon=True)
@@ -107,6 +132,49 @@ class NodeSim:
         self.stop_event.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+
+class Pacer:
+    """Keeps a block loop at ``rate`` blocks a second and says in the log when it falls behind:
+    a block started ``LATE_S`` (or three intervals) late is logged (at most every ``WARN_EVERY_S``),
+    and from ``RESYNC_S`` late the schedule restarts from now instead of bursting to catch up."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = 1.0 / rate
+        self.clock = clock
+        self.deadline = clock()
+        self.late_after = max(LATE_S, 3 * self.interval)
+        self.behind = 0  # blocks that started late since the last warning
+        self.worst = 0.0
+        self._warned = -WARN_EVERY_S
+        self._mark = (self.deadline, time.process_time())  # (wall, cpu) at the last summary
+
+    def wait(self, stop: threading.Event, height: int) -> None:
+        """Sleep until the next block is due (or ``stop``)."""
+        self.deadline += self.interval
+        now = self.clock()
+        delay = self.deadline - now
+        if delay > 0:
+            stop.wait(delay)
+            return
+        if -delay >= self.late_after:
+            self.behind += 1
+            self.worst = max(self.worst, -delay)
+            if now - self._warned >= WARN_EVERY_S:
+                self._warned = now
+                log.warning("behind schedule at height %d: the next block starts %.2f s late (%d blocks late by "
+                            "%.2f s or more since the last warning, worst %.2f s); target %.1f blocks/s", height, -delay,
+                            self.behind, self.late_after, self.worst, 1 / self.interval)
+                self.behind, self.worst = 0, 0.0
+        if -delay >= RESYNC_S:
+            self.deadline = now
+
+    def summary(self, blocks: int) -> str:
+        """Blocks a second and CPU a block (the process's) over the last ``blocks``, since the last summary."""
+        wall, cpu = self.clock(), time.process_time()
+        (wall0, cpu0), self._mark = self._mark, (wall, cpu)
+        return (f"{blocks / max(wall - wall0, 1e-9):.1f} blocks/s and {(cpu - cpu0) / blocks * 1000:.1f} ms CPU a block "
+                f"over the last {blocks}")
 
 
 def resolve_start_height(cfg: SimConfig) -> int:
