@@ -111,6 +111,36 @@ class FifoSet:
         return len(self._keys)
 
 
+def _modifies(updates: list[Update]) -> dict[int, int]:
+    """The modifies of one block's updates, as (index of the old order's canceled -> index of the
+    new one's open): a canceled and an open of another oid with the same cloid, the first such open
+    after the cancel (an order placed and modified in one block: open X, canceled X, open Y), else
+    one before it whose order is not canceled in the block too."""
+    opens: dict[str, list[int]] = {}  # cloid -> indexes of its opens
+    canceled: set[int] = set()
+    for i, u in enumerate(updates):
+        cloid = u["order"].get("cloid")
+        if u["status"] == "open" and cloid:
+            opens.setdefault(cloid, []).append(i)
+        elif u["status"] == "canceled":
+            canceled.add(u["order"]["oid"])
+    folded: dict[int, int] = {}
+    taken: set[int] = set()
+    for i, u in enumerate(updates):
+        cloid = u["order"].get("cloid")
+        if u["status"] != "canceled" or not cloid:
+            continue
+        oid = u["order"]["oid"]
+        candidates = [j for j in opens.get(cloid, ()) if j not in taken and updates[j]["order"]["oid"] != oid]
+        after = [j for j in candidates if j > i]
+        before = [j for j in candidates if j < i and updates[j]["order"]["oid"] not in canceled]
+        j = after[0] if after else before[0] if before else None
+        if j is not None:
+            folded[i] = j
+            taken.add(j)
+    return folded
+
+
 class OrderTracker:
     """Folds status and fill messages into order events (callback ``on_event``).
 
@@ -242,17 +272,7 @@ class OrderTracker:
 
     def on_order_updates(self, updates: list[Update]) -> None:
         """One orderUpdates message (one block): pair modifies, emit in node order."""
-        opens: dict[str, int] = {}  # cloid -> index of its open
-        for i, u in enumerate(updates):
-            cloid = u["order"].get("cloid")
-            if u["status"] == "open" and cloid:
-                opens.setdefault(cloid, i)
-        folded: dict[int, int] = {}  # index of canceled -> index of its open
-        for i, u in enumerate(updates):
-            cloid = u["order"].get("cloid")
-            j = opens.get(cloid) if cloid else None
-            if u["status"] == "canceled" and j is not None and j not in folded.values() and updates[j]["order"]["oid"] != u["order"]["oid"]:
-                folded[i] = j
+        folded = _modifies(updates)  # index of canceled -> index of its replacement's open
         replaced = {j: i for i, j in folded.items()}
         for i, u in enumerate(updates):
             if i in folded:

@@ -179,8 +179,9 @@ def test_killed_shard_restarts_and_validation_repairs_one_coin(sim: Sim, tmp_pat
         for topic in (topics.RESET_PREFIX, topics.l4(other), topics.shard_block(1), topics.bbo(other)):
             sub.subscribe(topic)
         await_topic(sub, topics.bbo(other))  # exact BBO: its value comes at once, so the subscriptions arrived
-        deep = shards[1].ask(op="l4", coin=victim)["levels"][1][-1]["oid"]  # the worst ask: rarely touched
-        assert shards[1].ask(op="test_corrupt", coin=victim, oid=deep) == {"ok": True, "oid": deep}
+        bids, asks = shards[1].ask(op="l4", coin=victim)["levels"]
+        for order in bids[-5:] + asks[-5:]:  # the far ends: one of them at least still rests at the next validation
+            assert shards[1].ask(op="test_corrupt", coin=victim, oid=order["oid"]) == {"ok": True, "oid": order["oid"]}
         resets, other_heights, shard_blocks = [], [], 0
         start = time.monotonic()
         while (len(resets) < 2 or time.monotonic() < start + 1.5) and time.monotonic() < start + 20:

@@ -49,6 +49,18 @@ def test_modify_is_one_modified_event() -> None:
     assert events[3].prev_oid == 2 and set(t.open_orders) == {4, 6}
 
 
+def test_orders_placed_and_modified_in_one_block() -> None:
+    """One message: an order placed then modified (open X, canceled X, open Y), and a chain of two
+    modifies (canceled A, open B, canceled B, open C): each cancel goes with the open after it."""
+    t, events = tracker()
+    t.on_order_updates([status(1, "open", "0xc1"), status(1, "canceled", "0xc1"), status(2, "open", "0xc1")])
+    assert kinds(events) == [("open", 1), ("modified", 2)] and events[1].prev_oid == 1
+    t.on_order_updates([status(2, "canceled", "0xc1"), status(3, "open", "0xc1"), status(3, "canceled", "0xc1"),
+                        status(4, "open", "0xc1")])
+    assert kinds(events)[2:] == [("modified", 3), ("modified", 4)] and [e.prev_oid for e in events[2:]] == [2, 3]
+    assert set(t.open_orders) == {4}
+
+
 def test_fill_before_open_is_delivered_after_it() -> None:
     t, events = tracker()
     t.on_order_updates([status(1, "open", "0xc1")])

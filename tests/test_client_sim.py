@@ -77,10 +77,11 @@ def test_order_tracker_on_simulated_modifies_fills_and_replays() -> None:
     blocks = [sim.step() for _ in range(400)]
     modifies: Counter[str] = Counter()
     for b in blocks:
-        for s in b.statuses:
+        for i, s in enumerate(b.statuses):
             cloid = s["order"]["cloid"]
-            if s["status"] == "canceled" and cloid and any(
-                o["status"] == "open" and o["order"]["cloid"] == cloid and o["user"] == s["user"] and o["order"]["oid"] != s["order"]["oid"] for o in b.statuses
+            if s["status"] == "canceled" and cloid and any(  # a modify: the cancel, then the replacement's open
+                o["status"] == "open" and o["order"]["cloid"] == cloid and o["user"] == s["user"] and o["order"]["oid"] != s["order"]["oid"]
+                for o in b.statuses[i + 1 :]
             ):
                 modifies[s["user"]] += 1
     users = [u for u, _ in modifies.most_common(5)]
