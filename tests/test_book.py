@@ -369,6 +369,18 @@ def test_a_depth_is_published_when_a_block_changed_its_levels_and_only_then() ->
     assert set(block(6, [new(40, "A", "150.0", "1.0")])) == {deep}  # the book's 100 levels are not full: every change shows
 
 
+def test_watched_coins_slices_go_first_within_their_block() -> None:
+    from hlbook.services.book.shard import watched_first
+
+    batch = [(b"D|A|", b"1"), (b"E|", b"1"),  # the end of block 1
+             (b"H|", b"2"), (b"B|A|", b"2"), (b"B|W|", b"2"), (b"D|W|", b"1"), (b"B|X|", b"2"),
+             (b"H|", b"3"), (b"B|A|", b"3"), (b"B|W|", b"3")]
+    order = [m for m in watched_first(batch, lambda topic: topic == b"B|W|")]
+    assert order == [(b"D|A|", b"1"), (b"E|", b"1"),
+                     (b"H|", b"2"), (b"B|W|", b"2"), (b"B|A|", b"2"), (b"D|W|", b"1"), (b"B|X|", b"2"),
+                     (b"H|", b"3"), (b"B|W|", b"3"), (b"B|A|", b"3")]
+
+
 def test_validation_difference_reasons() -> None:
     def book(*orders: tuple[int, str, str]) -> Book:
         b = Book("X")

@@ -108,6 +108,11 @@ class Subscriptions:
             return True
         return any(topic.startswith(p) for p in self.prefixes)
 
+    def watches(self, book_topic: bytes) -> bool:
+        """Whether someone reads the l2Book or bbo of the coin of a ``B|<coin>|`` topic."""
+        coin_part = book_topic[len(topics.BOOK_PREFIX):]
+        return coin_part.decode() in self.l2 or (topics.BBO_PREFIX + coin_part) in self.exact or bool(self.prefixes)
+
     def l2_topics(self, coin: str) -> dict[bytes, L2Spec]:
         """The coin's L2 topics to publish and their specs."""
         specs = self.l2.get(coin, {})

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -75,6 +76,26 @@ class ShardConfig:
     curve_dir: str | None = None  # ZeroMQ CURVE keys (common.security)
     test_drop_every: int = 0  # test hooks (hooks.py): only the test entry point sets these
     test_hooks: bool = False
+
+
+def watched_first(batch: list[tuple[bytes, bytes]], watched: Callable[[bytes], bool]) -> list[tuple[bytes, bytes]]:
+    """The messages of ``batch`` in the order to apply them: within each block's stretch (from
+    its header to the next), the header, then the slices of coins someone watches (their l2Book
+    and bbo go out first), then the rest in the order they came. A coin's messages keep their
+    order; no block's end moves before its slices (only slices move, never past a header)."""
+    out: list[tuple[bytes, bytes]] = []
+    rest: list[tuple[bytes, bytes]] = []
+    for message in batch:
+        topic = message[0]
+        if topic == topics.HEADER:
+            out += rest
+            rest = []
+            out.append(message)
+        elif topic.startswith(topics.BOOK_PREFIX) and watched(topic):
+            out.append(message)
+        else:
+            rest.append(message)
+    return out + rest
 
 
 class Shard:
@@ -179,16 +200,20 @@ class Shard:
         self.job_fds = fds
 
     def read_ingest(self) -> None:
+        """What ingest sent: each block's slices of coins someone watches first (see ``watched_first``)."""
+        batch: list[tuple[bytes, bytes]] = []
         for _ in range(BATCH):
             try:
                 topic, payload = wire.recv(self.sub, zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             except ValueError:  # not two frames
                 BAD_INPUT.labels("book", "bad_frame").inc()
                 continue
             if not self.dropper.drop(topic):
-                self.stream.on_message(topic, payload)
+                batch.append((topic, payload))
+        for topic, payload in watched_first(batch, self.publisher.subs.watches):
+            self.stream.on_message(topic, payload)
 
     # ------------------------------------------------------------ initialisation
 
