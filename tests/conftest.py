@@ -7,6 +7,7 @@ import fcntl
 import os
 import socket
 import tarfile
+import shutil
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -15,8 +16,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-# ingest's position files (--state-dir) of the processes the tests start go to a scratch folder
-os.environ.setdefault("HLBOOK_STATE_DIR", tempfile.mkdtemp(prefix="hlbook-test-state-"))
+# ingest's position files (--state-dir) of the processes the tests start go to a scratch folder,
+# made by the first process of the run (pytest-xdist's workers inherit it) and removed by it at the end
+_STATE_DIR: str | None = None
+if "HLBOOK_STATE_DIR" not in os.environ:
+    _STATE_DIR = os.environ["HLBOOK_STATE_DIR"] = tempfile.mkdtemp(prefix="hlbook-test-state-")
 
 DATA = Path(__file__).resolve().parent / "data"
 BTC_FIXTURE = "mainnet_btc_985148181_985148206.tar.gz"
@@ -130,3 +134,5 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     other worker still knows the ports it was given."""
     if _PORTS:
         _PORTS.unlink(missing_ok=True)
+    if _STATE_DIR is not None:
+        shutil.rmtree(_STATE_DIR, ignore_errors=True)

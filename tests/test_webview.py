@@ -14,6 +14,7 @@ import os
 import shutil
 import struct
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -97,7 +98,9 @@ class Cdp:
         return [json.dumps(e["params"])[:500] for e in self.events if e["method"] == "Runtime.exceptionThrown"]
 
 
-def start_chromium(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_chromium(tmp: Path, scratch: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Chromium with its profile in ``tmp`` and its own temporary files (org.chromium.*, its
+    sockets: a short path) in ``scratch``."""
     profile = tmp / "chromium-profile"
     profile.mkdir()
     log = open(tmp / "chromium.log", "wb")
@@ -105,7 +108,8 @@ def start_chromium(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
                              "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--window-size={WIDTH},{HEIGHT}",
                              "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(scratch)})
     log.close()
     active = profile / "DevToolsActivePort"  # Chromium writes the port it chose here
     deadline = time.monotonic() + 20
@@ -223,13 +227,15 @@ def test_web_view_in_chromium(tmp_path: Path) -> None:
                     "(apt-get install -y --no-install-recommends chromium; .ci/run installs it)")
     up = Up(tmp_path, shards=1, coins=8, env={"HLBOOK_TOKEN": TOKEN})
     browser = None
+    scratch = Path(tempfile.mkdtemp(prefix="hlbook-chromium-"))
     try:
         up.wait_ready(60)
         assert post_info(up.http, {"type": "allMids"})[0] == 401, "the gateway should require the token"
-        browser, port = start_chromium(tmp_path)
+        browser, port = start_chromium(tmp_path, scratch)
         asyncio.run(drive(up, port, tmp_path))
     finally:
         if browser is not None:
             stop_group(browser)
         up.stop()
         shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
