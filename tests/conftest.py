@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import tarfile
-import shutil
 import tempfile
 import urllib.request
 from pathlib import Path
