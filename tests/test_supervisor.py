@@ -7,7 +7,9 @@ import signal
 import time
 from pathlib import Path
 
-from hlbook.services.supervisor.supervisor import ChildSpec, Supervisor
+import pytest
+
+from hlbook.services.supervisor.supervisor import ChildFailed, ChildSpec, Supervisor
 
 
 def ingest_spec(tmp_path: Path, name: str) -> ChildSpec:
@@ -50,3 +52,32 @@ def test_killed_child_is_restarted_with_backoff_and_stop_leaves_no_process(tmp_p
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
     assert other.proc.returncode == 0 and victim.proc.returncode == 0  # SIGTERM -> clean exit
+
+
+def test_an_optional_child_failing_at_start_never_stops_the_others(tmp_path: Path) -> None:
+    """A required child failing at start three times stops everything (ChildFailed); an optional
+    one (history) is retried with backoff while the rest goes on; a child killed by a signal did
+    not fail to start."""
+    bad = ["ingest", "--data-dir", str(tmp_path), "--mode", "sideways"]  # refused at once
+    supervisor = Supervisor([ChildSpec("history", bad, optional=True), ingest_spec(tmp_path, "a")])
+    supervisor.start_all()
+    try:
+        optional, required = supervisor.children
+        wait_until(lambda: (supervisor.check(), len(optional.exit_codes) >= 3)[1], 30)
+        assert optional.failed_starts == 3 and all(code > 0 for code in optional.exit_codes)
+        assert optional.restart_at is not None  # retried, with backoff
+        assert required.proc.poll() is None and required.restarts == 0  # never stopped
+        for _ in range(3):  # killed three times at once: no failed starts
+            pid = required.proc.pid
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: (supervisor.check(), required.proc.pid != pid and required.proc.poll() is None)[1], 30)
+        assert required.failed_starts == 0 and required.exit_codes == [-signal.SIGKILL] * 3
+    finally:
+        supervisor.stop()
+    failing = Supervisor([ChildSpec("ingest", bad)])
+    failing.start_all()
+    try:
+        with pytest.raises(ChildFailed, match="ingest failed 3 times in a row at start"):
+            wait_until(lambda: (failing.check(), False)[1], 30)
+    finally:
+        failing.stop()

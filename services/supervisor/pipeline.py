@@ -68,7 +68,7 @@ class Pipeline:
                                                "--history-days", str(self.history_days), *hours, "--ingest-pub", ingest[1],
                                                "--pub", history[1], "--query", history[3],
                                                "--metrics-port", str(self.metrics_base_port - 1 if self.metrics_base_port else 0),
-                                               *curve, *common]))
+                                               *curve, *common], optional=True))
         source = ["--info-url", info_url] if info_url else ["--snapshot-file", self.snapshot_file or ""]
         books: list[str] = []
         for k in range(self.shards):

@@ -4,7 +4,10 @@ everything on SIGTERM/SIGINT (children also get SIGTERM if the supervisor
 itself dies, via PR_SET_PDEATHSIG on Linux). A child that fails
 ``FAILED_STARTS`` times in a row within ``START_WINDOW_S`` of starting cannot
 work as configured: everything stops and ``ChildFailed`` carries its last error
-line (children's stderr passes through the supervisor, which keeps its tail)."""
+line (children's stderr passes through the supervisor, which keeps its tail).
+A child killed by a signal did not fail to start (someone killed it), and an
+*optional* child (the history service) never stops the others: it is restarted
+with backoff as long as it fails, the live feed going on without it."""
 
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ class ChildFailed(Exception):
 class ChildSpec:
     name: str
     args: list[str]  # arguments of the `hlbook` command
+    optional: bool = False  # the others work without it: its failures never stop them
 
     @property
     def argv(self) -> list[str]:
@@ -126,10 +130,14 @@ class Supervisor:
             child.exit_codes.append(code)
             if now - child.started_at >= STABLE_AFTER_S:
                 child.backoff = BACKOFF_START_S
-            child.failed_starts = child.failed_starts + 1 if now - child.started_at < START_WINDOW_S else 0
+            failed = code > 0 and now - child.started_at < START_WINDOW_S  # killed by a signal: not a failed start
+            child.failed_starts = child.failed_starts + 1 if failed else 0
             if child.failed_starts >= FAILED_STARTS and not self.stopping:
                 time.sleep(0.2)  # the rest of its stderr
-                raise ChildFailed(child.spec.name, code, child.last_error())
+                if not child.spec.optional:
+                    raise ChildFailed(child.spec.name, code, child.last_error())
+                log.error("%s failed %d times in a row at start (%s); the rest goes on without it, retrying it in %.0f s",
+                          child.spec.name, child.failed_starts, child.last_error(), child.backoff)
             log.error("%s exited with %s; restarting in %.1fs", child.spec.name, code, child.backoff)
             child.restart_at = now + child.backoff
             child.backoff = min(child.backoff * 2, BACKOFF_MAX_S)
