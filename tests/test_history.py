@@ -379,3 +379,41 @@ def test_weekly_candles_of_an_older_store_are_realigned_from_the_daily_ones(tmp_
         assert conn.execute("SELECT t % ? FROM candles WHERE interval = '1w'", (7 * day,)).fetchall() == [(4 * day,)]
     Store(old, days=100000).close()
     assert weekly(old) == want
+
+
+def test_a_full_disk_costs_the_uncommitted_blocks_not_the_service(tmp_path: Path) -> None:
+    """A commit the store refuses (SQLite's "database or disk is full", made here by a page
+    limit) is counted and rolled back, its blocks left to the backfill; the service goes on
+    and stores again once there is room (it crashed, and could not even roll back, before)."""
+    from hlbook.common.models import Fill
+    from hlbook.services.history import metrics
+    from hlbook.services.history.service import History, HistoryConfig
+
+    (tmp_path / "node").mkdir()
+    cfg = HistoryConfig(data_dir=str(tmp_path / "node"), db=str(tmp_path / "h.sqlite"), ingest_pub=f"ipc://{tmp_path}/in",
+                        pub=f"ipc://{tmp_path}/pub", query=f"ipc://{tmp_path}/query")
+    history = History(cfg)
+    try:
+        def block(height: int) -> wire.HistoryBlock:
+            fills = [(f"0x{u:040x}", Fill("BTC", "81308.0", "0.1", "B", 1_778_002_753_000 + height, "0.0", "Open Long", "0.0",
+                                         "0x" + "1" * 64, height * 100 + u, u % 2 == 0, "0.01", height * 100 + u // 2))
+                     for u in range(40)]
+            return wire.HistoryBlock(height, None, 1_778_002_753_000 + height, [], fills)
+
+        history.on_block(block(1))
+        history.commit()
+        pages = history.store.db.execute("PRAGMA page_count").fetchone()[0]
+        history.store.db.execute(f"PRAGMA max_page_count = {pages + 2}")
+        before = metrics.STORE_ERRORS._value.get()
+        for height in range(2, 40):
+            history.on_block(block(height))
+        history.commit()  # refused (as the blocks were, once the pages ran out): no exception
+        assert metrics.STORE_ERRORS._value.get() > before
+        assert history.backfill.busy  # what was refused is read again from the files
+        assert history.store.db.execute("SELECT max(last) FROM held").fetchone()[0] < 39
+        history.store.db.execute("PRAGMA max_page_count = 1073741823")  # room again
+        history.on_block(block(40))
+        history.commit()
+        assert 40 in history.store.held and history.store.db.execute("SELECT count(*) FROM fills").fetchone()[0] == 80
+    finally:
+        history.close()

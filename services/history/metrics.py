@@ -10,6 +10,7 @@ DELETED = Counter("hlbook_history_deleted_rows_total", "Rows removed by retentio
 BAD_LINES = Counter("hlbook_history_bad_lines_total", "Node lines the backfill skipped, by stream and reason", ["stream", "reason"])
 MISSING = Counter("hlbook_history_missing_blocks_total", "Heights in the files' range that no file holds (counted as held: nothing can fill them)")
 BACKFILL_BYTES = Counter("hlbook_history_backfill_bytes_total", "Bytes of node files read by the backfill")
+STORE_ERRORS = Counter("hlbook_history_store_errors_total", "Commits the store refused (a full disk): their blocks are read again from the node's files")
 HEIGHT = Gauge("hlbook_history_height", "Newest block held")
 LAG = Gauge("hlbook_history_lag_seconds", "Wall clock minus the block time of the newest block held")
 HOLES = Gauge("hlbook_history_holes", "Heights between the oldest and the newest held that are not held (the backfill's work)")

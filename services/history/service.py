@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,7 @@ class History:
         self.parked: list[tuple[float, list[bytes], wire.HistoryQuery]] = []  # (deadline, envelope, query) awaiting min_height
         self.last_commit = time.monotonic()
         self.last_upkeep = 0.0
+        self.store_failures = 0
         self.stopped = False
 
     # ------------------------------------------------------------ loop
@@ -122,8 +124,25 @@ class History:
             self.upkeep()
 
     def commit(self) -> None:
-        self.store.commit()
+        """Commit; a store that cannot be written (a full disk) loses what the transaction held,
+        which the backfill reads again from the node's files once it can write: the service
+        goes on, answering queries from what is committed."""
         self.last_commit = time.monotonic()
+        try:
+            self.store.commit()
+        except sqlite3.Error as exc:
+            self.store_failed(exc)
+
+    def store_failed(self, exc: sqlite3.Error) -> None:
+        """The store cannot be written (a full disk): the open transaction is dropped, its blocks
+        are left to the backfill (the node's files), which runs again once writes succeed."""
+        metrics.STORE_ERRORS.inc()
+        self.store_failures += 1
+        if self.store_failures <= 3 or self.store_failures % 100 == 0:
+            log.error("cannot write the history store %s (%s) [%d so far]: what was not committed is read again from "
+                      "the node's files", self.store.path, exc, self.store_failures)
+        self.store.rollback()
+        self.backfill.request()
 
     def run_backfill(self) -> None:
         try:
@@ -162,6 +181,9 @@ class History:
             self.backfill.request()  # a restart or a lost message: the files hold what is missing
         try:
             changed = self.store.add_block(block.height, block.time, block.statuses, block.fills)
+        except sqlite3.Error as exc:
+            self.store_failed(exc)
+            return
         except Exception:
             BAD_INPUT.labels("history", "error").inc()
             log.exception("block %d could not be stored; left to the backfill", block.height)

@@ -262,10 +262,11 @@ class Store:
             metrics.HEIGHT.set(self.held.last)
 
     def rollback(self) -> None:
-        """Drop what was stored since the last commit (the spans are reloaded to match)."""
-        if self.in_transaction:
+        """Drop what was stored since the last commit (the spans are reloaded to match). SQLite
+        may have rolled back already (a COMMIT that failed for a full disk does)."""
+        if self.db.in_transaction:
             self.db.execute("ROLLBACK")
-            self.in_transaction = False
+        self.in_transaction = False
         self.dirty.clear()
         self.current.clear()
         self.held = Spans(self.db.execute("SELECT first, last FROM held"))
@@ -315,7 +316,11 @@ class Store:
         return total
 
     def close(self) -> None:
-        self.commit()
+        try:
+            self.commit()
+        except sqlite3.Error as exc:  # a full disk: what the transaction held is read again at the next start
+            log.error("cannot write the history store %s at close (%s)", self.path, exc)
+            self.rollback()
         self.db.close()
         self._lock.close()
 
