@@ -42,8 +42,9 @@ class ScriptedShard:
         self.height = 100
         self.last_change: int | None = None
 
-    def block(self, change: bool = False) -> dict[str, Any] | None:
-        """Finish the next block (its L4 update first when it changed the coin); the update's client JSON."""
+    def block(self, change: bool = False, time_ms: int | None = None) -> dict[str, Any] | None:
+        """Finish the next block (its L4 update first when it changed the coin); the update's client JSON.
+        ``time_ms``: its block time (default: height x 1000)."""
         self.height += 1
         updates = None
         if change:
@@ -52,8 +53,8 @@ class ScriptedShard:
             self.xpub.send_multipart([topics.l4(COIN), wire.encode(message)])
             self.last_change = self.height
             updates = {"time": message.time, "height": self.height, "order_statuses": [], "book_diffs": [msgspec.to_builtins(diff)]}
-        block = wire.ShardBlock(self.height, self.prev.next(topics.shard_block(0), self.height), self.height * 1000, 0,
-                                {COIN: "100.5"}, {COIN: "live"})
+        block = wire.ShardBlock(self.height, self.prev.next(topics.shard_block(0), self.height),
+                                self.height * 1000 if time_ms is None else time_ms, 0, {COIN: "100.5"}, {COIN: "live"})
         self.xpub.send_multipart([topics.shard_block(0), wire.encode(block)])
         return updates
 

@@ -16,6 +16,7 @@ from typing import Any
 import websockets
 from websockets.exceptions import InvalidStatus
 
+from conftest import metric
 from pipeline import post_info
 from scripted import COIN, scripted_gateway
 
@@ -62,10 +63,15 @@ def test_a_silent_node_stalled_data_and_a_gone_shard(tmp_path: Path) -> None:
         asyncio.run(served())
         assert post_info(f"http://127.0.0.1:{port}", {"type": "meta"})[0] == 200
 
-        shard.block()  # blocks flow: fresh
+        shard.block(time_ms=int(time.time() * 1000) - 60_000)  # blocks flow, but a minute behind the node
         time.sleep(0.2)
         status, body = ready(port, "?fresh=1")
-        assert status == 200 and not body["stale"] and body["block_age_s"] < 1
+        assert status == 503 and body["stale"] and body["block_age_s"] < 1 and 59 < body["lag_s"] < 62
+        assert metric(port, "hlbook_gateway_lag_seconds") > 59
+        shard.block(time_ms=int(time.time() * 1000) - 400)  # caught up (the node writes a block ~0.4 s after its time)
+        time.sleep(0.2)
+        status, body = ready(port, "?fresh=1")
+        assert status == 200 and not body["stale"] and body["block_age_s"] < 1 and body["lag_s"] < 1
 
         time.sleep(5.5)  # no block and no heartbeat: the shard is gone
         status, body = ready(port)

@@ -28,7 +28,7 @@ from hlbook.common import config
 from hlbook.common.security import Curve
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway.frames import POLICY, FrameWriter
-from hlbook.services.gateway.hub import SHARD_SILENT, STALE, Hub
+from hlbook.services.gateway.hub import SHARD_SILENT, Hub
 from hlbook.services.gateway.info import Info, InfoError
 from hlbook.services.gateway.kinds import feed_key, normalise
 from hlbook.services.gateway.protocol import RequestError, dumps, identity, message, parse_request
@@ -65,6 +65,7 @@ class GatewayConfig:
     max_followed_users: int = 10_000
     history_pub: str | None = None  # the history service (candles, user history); None: served without it
     history_query: str | None = None
+    stale_after: float = 5.0  # seconds without a block, or behind the node's block time, after which /ready says stale
 
     def endpoints(self) -> tuple[list[str], list[str]]:
         pubs = self.book_pubs or [config.book_endpoints(k)[0] for k in range(self.shards)]
@@ -286,14 +287,17 @@ class Gateway:
 
     async def ready(self, request: Request) -> Response:
         """200 when this gateway works (every shard up and live, heard from within ``SHARD_SILENT``
-        seconds), also while the node is silent: ``stale`` says so (every gateway is as stale then,
-        a load balancer should keep them). ``?fresh=1``: 503 when stale too (for monitoring)."""
+        seconds), also while the node is silent or hlbook is behind it: ``stale`` says so (no block
+        for ``--stale-after`` seconds, or the newest one's block time that far behind the clock;
+        every gateway is as stale then, a load balancer should keep them). ``?fresh=1``: 503 when
+        stale too (for monitoring)."""
         now = time.monotonic()
         shards = [{"shard": k, "height": v.height, "phase": v.phase, "live": bool(v.seen) and now - v.seen < SHARD_SILENT,
                    "coins": dict(Counter(v.states.values()))} for k, v in enumerate(self.hub.shards)]
-        age = self.hub.block_age()
-        stale = age is None or age > STALE
-        body = {"ready": self.hub.ready(), "stale": stale, "block_age_s": None if age is None else round(age, 3), "shards": shards}
+        age, lag, limit = self.hub.block_age(), self.hub.lag(), self.cfg.stale_after
+        stale = age is None or age > limit or (lag is not None and lag > limit)
+        body = {"ready": self.hub.ready(), "stale": stale, "block_age_s": None if age is None else round(age, 3),
+                "lag_s": None if lag is None else round(lag, 3), "shards": shards}
         ok = body["ready"] and not (stale and request.query_params.get("fresh") in ("1", "true"))
         return Response(dumps(body), status_code=200 if ok else 503, media_type="application/json")
 

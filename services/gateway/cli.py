@@ -31,6 +31,7 @@ def gateway(
     max_followed_users: Annotated[int, typer.Option(envvar=env("max-followed-users"), help="Users followed at once (per-user feeds)")] = 10_000,
     history_pub: Annotated[str | None, typer.Option(envvar=env("history-pub"), help="The history service's XPUB endpoint (candles); without it and --history-query: no candles or user history")] = None,
     history_query: Annotated[str | None, typer.Option(envvar=env("history-query"), help="The history service's query endpoint (fills, orders, trades, candles of the past)")] = None,
+    stale_after: Annotated[float, typer.Option(envvar=env("stale-after"), help="/ready says stale (and ?fresh=1 answers 503) after this many seconds without a block, or this far behind the node's block time")] = 5.0,
     per_message_deflate: Annotated[bool, typer.Option(envvar=env("per-message-deflate"), help="Offer permessage-deflate compression (about 3x the CPU per frame: each client's stream is compressed separately)")] = False,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
@@ -56,6 +57,7 @@ def gateway(
         max_followed_users=max_followed_users,
         history_pub=history_pub,
         history_query=history_query,
+        stale_after=stale_after,
     )
     try:
         cfg.endpoints()

@@ -21,4 +21,5 @@ REPAIRS = Counter("hlbook_gateway_upstream_repairs_total", "Lost trades/user mes
 L4_SNAPSHOTS = Counter("hlbook_gateway_l4_snapshots_total", "l4Book snapshots fetched from shards, by result", ["result"])
 INFO = Counter("hlbook_gateway_info_requests_total", "Info requests (POST /info and WS post), by type and result", ["type", "result"])
 SHARDS_LIVE = Gauge("hlbook_gateway_shards_live", "Shards heard from in the last seconds")
+LAG = Gauge("hlbook_gateway_lag_seconds", "Wall clock minus the block time of the newest block every live shard finished (the node's own delay included)")
 USERS = Gauge("hlbook_gateway_followed_users", "Users followed by some client (each has a bounded store)")
