@@ -384,3 +384,28 @@ def test_an_early_empty_next_hour_file_is_not_taken_at_start(tmp_path: Path) -> 
         assert [h["height"] for h in ingest.headers(until=101)] == [101]
     finally:
         ingest.stop()
+
+
+def test_a_data_dir_without_node_files_is_said_and_a_missing_one_refused(tmp_path: Path) -> None:
+    """No node files where --data-dir and --mode say: after a few seconds ingest says where it
+    looked (once, and hlbook_ingest_waiting_for_files is 1) and takes the files when they come; a
+    data directory that does not exist is refused at once."""
+    home = tmp_path / "home"
+    home.mkdir()
+    ingest = IngestProcess(home, tmp_path)
+    try:
+        deadline = time.monotonic() + 15
+        while ingest.metric("hlbook_ingest_waiting_for_files") != 1:
+            assert time.monotonic() < deadline, "ingest did not say it waits for node files"
+            time.sleep(0.2)
+        node = NodeWriter(home)
+        node.write(100, START)
+        node.write(101, START)
+        assert [h["height"] for h in ingest.headers(until=101)][-1] == 101
+        assert ingest.metric("hlbook_ingest_waiting_for_files") == 0
+    finally:
+        ingest.stop()
+    refused = subprocess.run([sys.executable, "-m", "hlbook.cli", "ingest", "--data-dir", str(tmp_path / "nowhere"),
+                              "--pub", f"ipc://{tmp_path}/p2", "--replay", f"ipc://{tmp_path}/r2"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "no such directory" in refused.stderr

@@ -16,6 +16,7 @@ BLOCK_ANOMALIES = Counter(
 MESSAGES = Counter("hlbook_ingest_messages_total", "Messages published, by topic kind", ["kind"])
 UNPAIRED_FILLS = Counter("hlbook_ingest_unpaired_fills_total", "Fills whose tid had no counterpart in the block")
 HEAD = Gauge("hlbook_ingest_head_height", "Height of the last published block")
+WAITING = Gauge("hlbook_ingest_waiting_for_files", "1 while no node file was found where --data-dir and --mode say they are")
 LAG = Gauge("hlbook_ingest_lag_seconds", "Wall clock minus block time of the last published block")
 REPLAY_REQUESTS = Counter("hlbook_ingest_replay_requests_total", "Replay requests, by outcome", ["outcome"])
 USER_SUBSCRIPTIONS = Gauge("hlbook_ingest_user_subscriptions", "Per-user topics currently subscribed downstream")

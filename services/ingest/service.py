@@ -36,6 +36,7 @@ MAX_AHEAD = 200  # blocks a stream may read ahead of the slowest one still readi
 WATCHED_POLL = 0.05  # seconds between reads when inotify reports nothing (joiner timeouts, missed events)
 WARM_BLOCKS = 150  # blocks before a restart rebuilt into the replay store (10 s of mainnet; ~2 s of work on the whole market)
 WARM_CHUNK = 20  # blocks joined at a time while rebuilding them
+WAITING_NOTICE_S = 5.0  # seconds without any node file after which ingest says where it looked
 RESUBSCRIBE_S = 30.0  # after a restart, users followed before stay followed this long unless subscribed again
 SNDHWM = 20_000  # messages queued per subscriber before PUB drops (consumers detect drops and replay): ~1,000 blocks
 REPLIES_QUEUED = 8  # replay replies (up to megabytes each) queued for a peer that does not read them
@@ -101,6 +102,8 @@ class Ingest:
         if self.watcher is not None:
             self.poller.register(self.watcher.fd, zmq.POLLIN)
         self._bad_logged = 0
+        self.started = time.monotonic()
+        self.waiting_said = False  # "no node files" said once
         self.published: int | None = None  # last block published whole (its details phase too)
         self.books_published: int | None = None  # last block whose books phase was published
         self.stopped = False
@@ -172,6 +175,8 @@ class Ingest:
                 self.publish_details(block)
         self.save_position()
         self.subs.expire()
+        if not self.waiting_said and self.published is None and time.monotonic() - self.started > WAITING_NOTICE_S:
+            self._say_what_is_awaited()
         wait = self.cfg.poll_interval if self.watcher is None else WATCHED_POLL
         for sock, _ in self.poller.poll(0 if lines else int(wait * 1000) or 1):
             if sock is self.pub:
@@ -181,6 +186,17 @@ class Ingest:
             elif self.watcher is not None:
                 self.watcher.drain()
         return lines
+
+    def _say_what_is_awaited(self) -> None:
+        """Once: no block yet after a few seconds; when no stream has a file, where they were looked for."""
+        self.waiting_said = True
+        if any(t.path is not None for t in self.tailers.values()):
+            return  # files exist: the node is slow or silent, not misplaced
+        metrics.WAITING.set(1)
+        looked = ", ".join(str(nodefiles.stream_dir(self.cfg.data_dir, s, self.cfg.mode)) for s in STREAMS)
+        log.error("no node files after %.0f s: waiting for them in %s (is --data-dir the node's home, holding hl/data/, "
+                  "and is the node writing %s files%s?)", WAITING_NOTICE_S, looked, self.cfg.mode,
+                  " (--batch-by-block)" if self.cfg.mode == "by-block" else " (--stream-with-block-info)")
 
     def _watch(self) -> None:
         """Watch every stream's folder and the day folder of the file it reads (again after a change)."""
@@ -251,6 +267,8 @@ class Ingest:
         self._send(messages)
         self.store.add(block.height, messages)
         metrics.MESSAGES.labels("stored").inc(len(messages))
+        if self.books_published is None:
+            metrics.WAITING.set(0)
         self.books_published = block.height
 
     def publish_details(self, block: Block) -> None:
@@ -319,6 +337,9 @@ class Ingest:
 
 def run(cfg: IngestConfig) -> None:
     logs.setup("ingest", cfg.log_level)
+    if not Path(cfg.data_dir).is_dir():
+        log.error("--data-dir %s: no such directory (give the directory that holds the node's hl/data/, e.g. ~)", cfg.data_dir)
+        raise SystemExit(2)
     serve(cfg.metrics_port, cfg.metrics_host)
     try:
         ingest = Ingest(cfg)

@@ -104,6 +104,8 @@ class Status:
             _metrics(f"http://{self.pipeline.host}:{self.pipeline.port + i}/metrics").get("hlbook_gateway_connections", 0.0)
             for i in range(self.pipeline.gateways)
         )
+        if ingest.get("hlbook_ingest_waiting_for_files"):
+            return f"waiting for the node's files under {self.pipeline.data_dir}/hl/data/ (none yet: see ingest's error above)"
         return (f"height {head:.0f} | {rate:.1f} blocks/s | lag {ingest.get('hlbook_ingest_lag_seconds', 0.0) * 1000:.0f} ms"
                 f" | clients {clients:.0f}")
 
