@@ -321,3 +321,17 @@ def test_sigterm_to_hlbook_up_stops_every_process(up: Up) -> None:
     os.kill(up.proc.pid, signal.SIGTERM)  # the supervisor alone, not the group
     assert up.proc.wait(20) == 0
     assert_tree_gone(pids)
+
+
+def test_ctrl_c_in_the_first_second_is_quiet(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the terminal's foreground process group) while the children are still
+    importing: `up` stops them, and no child prints a KeyboardInterrupt traceback (they used to
+    share up's group and get the SIGINT too)."""
+    proc = subprocess.Popen([sys.executable, "-m", "hlbook.cli", "up", "--port", str(free_port()), "--info-port", str(free_port()),
+                             "--metrics-base-port", "0", "--sockets", str(tmp_path / "zmq")],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(0.7)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    assert proc.returncode == 0

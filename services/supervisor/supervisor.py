@@ -88,8 +88,11 @@ def _pass_through(stream: IO[bytes], tail: deque[str]) -> None:
     stream.close()
 
 
-def _die_with_parent() -> None:
-    """Child side: receive SIGTERM when the supervisor dies (Linux only)."""
+def _child_setup() -> None:
+    """Child side, before exec: a process group of its own (a terminal's Ctrl-C reaches the
+    supervisor alone, which stops the children: SIGINT in the middle of a child's imports printed
+    its KeyboardInterrupt traceback), and SIGTERM when the supervisor dies (Linux only)."""
+    os.setpgrp()
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
@@ -103,7 +106,7 @@ class Supervisor:
         self.stopping = False
 
     def start(self, child: Child) -> None:
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        preexec = _child_setup if sys.platform.startswith("linux") else None
         child.proc = subprocess.Popen(child.spec.argv, env=self.env, preexec_fn=preexec, stderr=subprocess.PIPE)
         threading.Thread(target=_pass_through, args=(child.proc.stderr, child.tail), daemon=True,
                          name=f"stderr-{child.spec.name}").start()
