@@ -489,3 +489,15 @@ def test_the_production_command_never_enables_the_test_hooks(pipeline, btc_data:
     shard.wait(lambda r: r["height"] == FIRST + 6 and r["coins"] == {"BTC": "live"})
     assert shard.ask(op="test_corrupt", coin="BTC")["error"].startswith("unknown op 'test_corrupt'")
     assert shard.metrics().get('hlbook_book_gaps_total{kind="slice"}', 0.0) == 0.0  # nothing dropped
+
+
+def test_a_node_info_server_still_starting_is_waited_for_without_errors(pipeline, tmp_path: Path) -> None:
+    """At start a shard whose node's info server does not answer yet (the node, or the simulator
+    beside it, is starting) says once that it waits, then loads the snapshot when it answers:
+    no ERROR line (six of them blamed the wrong thing at every `hlbook up --simulate`)."""
+    port = free_port()
+    shard = ShardProcess(tmp_path, "w", 0, 1, pipeline.ingest, "--info-url", f"http://127.0.0.1:{port}/info", production=True)
+    pipeline.shards.append(shard)
+    time.sleep(3.5)  # three attempts (1 s, 2 s backoff)
+    log_text = shard.log_text()
+    assert log_text.count("waiting for the node's info server") == 1 and " ERROR " not in log_text, log_text[-2000:]

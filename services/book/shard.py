@@ -53,6 +53,7 @@ HEARTBEAT_S = 1.0  # seconds between ShardStatus messages
 SNDHWM = 50_000  # messages queued per gateway before the XPUB drops (gateways detect the loss and recover)
 REPLIES_QUEUED = 8  # query replies (an l4 snapshot: ~19 MB) queued for a peer that does not read them
 INIT_BACKOFF_MAX = 30.0  # seconds between snapshot attempts at most while initialising
+INFO_STARTUP_S = 20.0  # seconds the node's info server may not answer at start before it is an error
 MAX_PARKED = 10_000  # queries waiting for a block's order details (then refused: retry)
 DETAIL_QUERIES = (wire.L4Query, wire.OpenOrdersQuery, wire.OrderQuery)  # what reads order details
 
@@ -135,6 +136,7 @@ class Shard:
             self.validation = Validation(state, self.jobs, cfg.info_url, cfg.ingest_replay, cfg.validate_every,
                                          cfg.replay_timeout, self.recovery.resync, cfg.curve_dir)
         self.dropper = hooks.Dropper(state, cfg.test_drop_every)
+        self.started = time.monotonic()
         self.retry_at = 0.0
         self.init_failures = 0  # snapshot failures in a row while initialising (backoff)
         self.fresh_after = 0.0  # epoch s: a snapshot to start from must be written after this
@@ -233,11 +235,17 @@ class Shard:
         metrics.SNAPSHOTS.labels("init", "ok").inc()
         self.finish_init(height, books)
 
-    def init_failed(self, why: str) -> None:
-        """Try the snapshot again later: 1 s, 2 s, 4 s … up to INIT_BACKOFF_MAX s."""
+    def init_failed(self, why: str, starting: bool = False) -> None:
+        """Try the snapshot again later: 1 s, 2 s, 4 s … up to INIT_BACKOFF_MAX s. ``starting``: the
+        node's info server does not answer yet, in the shard's first ``INFO_STARTUP_S`` (a node, or
+        the simulator beside it, starting too): said once, as information, not as an error."""
         delay = min(self.cfg.retry_every * 2 ** self.init_failures, INIT_BACKOFF_MAX)
         self.init_failures += 1
-        log.error("%s; trying again in %.0f s", why, delay)
+        if starting and time.monotonic() - self.started < INFO_STARTUP_S:
+            if self.init_failures == 1:
+                log.info("waiting for the node's info server at %s to answer", self.cfg.info_url)
+        else:
+            log.error("%s; trying again in %.0f s", why, delay)
         self.retry_at = time.monotonic() + delay
 
     def finish_init(self, height: int, books: dict[str, Book]) -> None:
@@ -271,7 +279,7 @@ class Shard:
             metrics.SNAPSHOTS.labels(fetched.purpose, "error").inc()
             if initialising:
                 self.init_failed(f"snapshot from {self.cfg.info_url} failed: {fetched.error} "
-                                 "(is the node running with --serve-info, and is --info-url its address?)")
+                                 "(is the node running with --serve-info, and is --info-url its address?)", fetched.unreachable)
             else:
                 log.error("snapshot (%s) failed: %s", fetched.purpose, fetched.error)
                 self.recovery.on_fetched(fetched)

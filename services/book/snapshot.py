@@ -64,7 +64,11 @@ SNAPSHOT_REQUEST: dict[str, Any] = {
 
 
 class SnapshotError(Exception):
-    """The snapshot could not be fetched or read."""
+    """The snapshot could not be fetched or read (``unreachable``: nothing answered at the URL)."""
+
+    def __init__(self, message: str, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 def load(data: bytes, want: Callable[[str], bool] = lambda coin: True) -> tuple[int, dict[str, Book]]:
@@ -196,7 +200,7 @@ def fetch(info_url: str, timeout: float = 60.0, directory: str | None = None, ke
         try:
             response = httpx.post(info_url, json=request, timeout=timeout)
         except httpx.HTTPError as exc:
-            raise SnapshotError(f"snapshot request to {info_url} failed: {exc}") from exc
+            raise SnapshotError(f"snapshot request to {info_url} failed: {exc}", isinstance(exc, httpx.ConnectError)) from exc
         if response.status_code != 200:
             raise SnapshotError(f"snapshot request to {info_url}: HTTP {response.status_code} {response.text[:200]}")
         with open(path, "rb") as fh:
@@ -221,6 +225,7 @@ class Fetched:
     height: int = 0
     books: dict[str, Book] = field(default_factory=dict)
     error: str | None = None
+    unreachable: bool = False  # the error: nothing answered at the URL
     seconds: float = 0.0
     shared: bool = False  # another shard of this host had fetched it
 
@@ -257,7 +262,7 @@ class Fetcher:
             data, result.shared = fetch_shared(self.info_url, self.owner, not_before)
             result.height, result.books = load(data, self.want)
         except SnapshotError as exc:
-            result.error = str(exc)
+            result.error, result.unreachable = str(exc), exc.unreachable
         except Exception as exc:  # never let the helper die silently
             log.exception("snapshot fetch failed")
             result.error = f"{type(exc).__name__}: {exc}"
