@@ -121,6 +121,57 @@ def test_slow_headers_and_too_many_connections_from_one_address(gateway: tuple[S
     assert get_from("127.0.0.3", f"http://127.0.0.1:{port}/health")[0] == 200  # the address has its budget back
 
 
+def send_head(port: int, parts: Iterator[bytes]) -> bytes:
+    """Send a request head piece by piece, as far as the gateway reads it; what it answered."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(5)
+    try:
+        for part in parts:
+            s.sendall(part)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused and closed before all was sent: the answer is still there to read
+    answer = b""
+    try:
+        while chunk := s.recv(65536):
+            answer += chunk
+    except ConnectionResetError:
+        pass
+    s.close()
+    return answer
+
+
+def test_request_heads_are_bounded(gateway: tuple[ScriptedShard, int]) -> None:
+    """A huge target is 414, a huge header or thousands of headers 431, refused as soon as the
+    bound is passed (the rest is never parsed), and the gateway serves others meanwhile."""
+    _, port = gateway
+
+    def long_url() -> Iterator[bytes]:
+        yield b"GET /"
+        for _ in range(1000):  # 64 MB if it were all read
+            yield b"a" * 65536
+
+    def big_header() -> Iterator[bytes]:
+        yield b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: "
+        for _ in range(1000):
+            yield b"b" * 65536
+
+    def many_headers() -> Iterator[bytes]:
+        yield b"GET /health HTTP/1.1\r\nHost: x\r\n"
+        for i in range(1000):
+            yield b"".join(b"X-%d-%d: 1\r\n" % (i, j) for j in range(100))
+
+    started = time.monotonic()
+    assert send_head(port, long_url()).startswith(b"HTTP/1.1 414 ")
+    assert send_head(port, big_header()).startswith(b"HTTP/1.1 431 ")
+    assert send_head(port, many_headers()).startswith(b"HTTP/1.1 431 ")
+    assert time.monotonic() - started < 5  # refused at the bound, not after reading it all
+    fine = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 500) for i in range(90))
+    assert send_head(port, iter([fine + b"Connection: close\r\n\r\n"])).startswith(b"HTTP/1.1 200 ")
+    assert metric(port, "hlbook_gateway_refused_total", reason="uri_too_long") == 1
+    assert metric(port, "hlbook_gateway_refused_total", reason="head_too_large") == 2
+    assert post_info(f"http://127.0.0.1:{port}", {"type": "allMids"})[0] == 200
+
+
 def test_every_bad_request_gets_a_4xx_and_every_post_an_answer(gateway: tuple[ScriptedShard, int]) -> None:
     _, port = gateway
     base = f"http://127.0.0.1:{port}"

@@ -8,6 +8,13 @@ its close (also after a WebSocket upgrade: ``frames.FrameProtocol`` releases
 it), answers ``429`` and closes past ``max_per_ip``, and drops a connection
 whose request headers are not complete ``header_timeout`` seconds after the
 request began.
+
+Request heads are bounded too, at a fixed cost whatever is sent: a target over
+``MAX_URL`` bytes is answered ``414``, more than ``MAX_HEADERS`` header fields or
+a head (request line and headers) over ``MAX_HEAD`` bytes ``431``, and the
+connection is closed. Without this uvicorn (and httptools beneath it) grows the
+URL and each header by concatenation, so one client sending a 100 MB URL held a
+core and gigabytes until the header deadline.
 """
 
 from __future__ import annotations
@@ -54,19 +61,38 @@ def release(transport: Any) -> None:
     limits.release(transport)
 
 
+MAX_URL = 8 * 1024  # bytes of request target (the public API's paths are a few bytes)
+MAX_HEADERS = 100  # header fields in one request
+MAX_HEAD = 64 * 1024  # bytes from a request's first byte to its blank line
+
+
+class HeadRefused(Exception):
+    """Raised from a parser callback to stop parsing a head already answered."""
+
+
+def _answer(status: bytes, text: bytes) -> bytes:
+    return (b"HTTP/1.1 %s\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+            % (status, len(text), text))
+
+
+URI_TOO_LONG = _answer(b"414 URI Too Long", b"Request target longer than %d bytes" % MAX_URL)
+HEAD_TOO_LARGE = _answer(b"431 Request Header Fields Too Large",
+                         b"Request head over %d bytes or %d header fields" % (MAX_HEAD, MAX_HEADERS))
 REFUSED_LINGER = 1.0  # seconds a refused connection may stay to read its 429
 TOO_MANY = b"Too many connections from this address"
-REFUSAL = (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\nconnection: close\r\n"
-           b"content-length: %d\r\n\r\n%s" % (len(TOO_MANY), TOO_MANY))
+REFUSAL = _answer(b"429 Too Many Requests", TOO_MANY)
 
 
 class GuardedHttp(HttpToolsProtocol):
-    """uvicorn's HTTP protocol with a per-address cap from the accept and a header deadline."""
+    """uvicorn's HTTP protocol with a per-address cap from the accept, a header deadline and
+    bounded request heads."""
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self.header_timer: Any = None
         self.refused = False
+        self.in_head = False  # a request has begun and its headers are not complete
+        self.head_bytes = 0  # bytes received since it began (whole reads: bounded by one read)
         ip = self.client[0] if self.client else "?"
         if not limits.admit(ip, transport):
             # answer at once and stop writing; what the client sends is discarded, so it reads
@@ -81,8 +107,39 @@ class GuardedHttp(HttpToolsProtocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        if not self.refused:
-            super().data_received(data)
+        if self.refused:
+            return
+        super().data_received(data)
+        if self.in_head and not self.refused:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD:
+                self._refuse_head(HEAD_TOO_LARGE, "head_too_large")
+
+    def send_400_response(self, msg: str) -> None:
+        if not self.refused:  # not for a head this class already answered (HeadRefused)
+            super().send_400_response(msg)
+
+    def on_url(self, url: bytes) -> None:
+        if len(self.url) + len(url) > MAX_URL:
+            self._refuse_head(URI_TOO_LONG, "uri_too_long")
+            raise HeadRefused
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) >= MAX_HEADERS:
+            self._refuse_head(HEAD_TOO_LARGE, "head_too_large")
+            raise HeadRefused
+        super().on_header(name, value)
+
+    def _refuse_head(self, answer: bytes, reason: str) -> None:
+        """Answer a head too large, discard the rest, close once written."""
+        self.refused = True
+        self.in_head = False
+        self._disarm()
+        metrics.REFUSED.labels(reason).inc()
+        log.info("%s: request refused (%s)", self.client, reason)
+        self.transport.write(answer)
+        self.transport.close()
 
     def eof_received(self) -> None:
         if self.refused:
@@ -95,9 +152,12 @@ class GuardedHttp(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.in_head = True
+        self.head_bytes = 0
         self._arm()  # also the next request of a kept-alive connection
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         self._disarm()
         super().on_headers_complete()
 

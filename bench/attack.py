@@ -1,0 +1,218 @@
+"""Attack benchmark: what huge request heads from one address cost everyone else.
+
+Starts ``hlbook up --simulate`` (1 shard, 12 coins, history off) and a polite
+client that, one request after another on a kept-alive connection, posts
+``/info {"type": "l2Book", "coin": ...}`` and gets ``/ready``, recording each
+latency. Rounds alternate a quiet phase (the polite client alone) with an
+attack phase: ``--attackers`` connections from one address (a separate
+process, so the client's timing does not share its interpreter), each sending
+one of these heads as fast as the gateway reads it, and starting again when
+refused:
+
+- ``url``: ``GET /aaaa…`` — a request target of up to 64 MB;
+- ``header``: one header whose value is up to 64 MB;
+- ``headers``: up to 1,000,000 small header fields.
+
+Printed per phase: the polite client's requests, p50/p99/max latency and
+failures (timeouts count as failures), the gateway's CPU (% of one core) and
+peak RSS, and the bytes the attackers sent (into their sockets: what the gateway read, discarded or refused). The quiet
+phases are the baseline, measured in the same run.
+
+    .venv/bin/python bench/attack.py [--attack url,header,headers] [--attackers 20] [--seconds 8]
+        [--rounds 1] [--python PY]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e import free_port, proc_cpu_s, proc_rss_mb  # noqa: E402
+
+CHUNK = 65536
+
+
+def heads(kind: str) -> Iterator[bytes]:
+    """The pieces of one hostile request head."""
+    if kind == "url":
+        yield b"GET /"
+        for _ in range(1000):
+            yield b"a" * CHUNK
+    elif kind == "header":
+        yield b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: "
+        for _ in range(1000):
+            yield b"b" * CHUNK
+    else:
+        yield b"GET /health HTTP/1.1\r\nHost: x\r\n"
+        for i in range(10_000):
+            yield b"".join(b"X-%d-%d: 1\r\n" % (i, j) for j in range(100))
+
+
+def attacker(port: int, kind: str, sent: Any, stop: Any) -> None:
+    """One connection after another, each sending a hostile head until refused or cut."""
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2, source_address=("127.0.0.9", 0)) as s:
+                for piece in heads(kind):
+                    if stop.is_set():
+                        break
+                    s.sendall(piece)
+                    with sent.get_lock():
+                        sent.value += len(piece)
+        except OSError:
+            time.sleep(0.01)  # refused or reset: start again
+
+
+def attack_main(port: int, kind: str, n: int, sent: Any, stop: Any) -> None:
+    threads = [threading.Thread(target=attacker, args=(port, kind, sent, stop), daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+class Polite:
+    """Sequential requests on one kept-alive connection; latencies in ms, failures counted."""
+
+    def __init__(self, port: int, coin: str) -> None:
+        self.port, self.coin = port, coin
+        self.conn: http.client.HTTPConnection | None = None
+
+    def one(self, method: str, path: str, body: bytes | None) -> float | None:
+        started = time.perf_counter()
+        try:
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            self.conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            response = self.conn.getresponse()
+            response.read()
+            ok = response.status == 200
+        except (OSError, http.client.HTTPException):
+            ok = False
+        if not ok and self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        return (time.perf_counter() - started) * 1000 if ok else None
+
+    def run(self, seconds: float) -> tuple[list[float], int]:
+        body = json.dumps({"type": "l2Book", "coin": self.coin}).encode()
+        latencies: list[float] = []
+        failures = 0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for method, path, data in (("POST", "/info", body), ("GET", "/ready", None)):
+                ms = self.one(method, path, data)
+                if ms is None:
+                    failures += 1
+                else:
+                    latencies.append(ms)
+            time.sleep(0.005)
+        return latencies, failures
+
+
+def gateway_pid(up_pid: int) -> int:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == up_pid and b"gateway" in cmd:
+            return int(pid)
+    raise RuntimeError("no gateway child of hlbook up")
+
+
+def pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def phase(name: str, port: int, gw: int, seconds: float, attack: str | None, attackers: int) -> None:
+    ctx = mp.get_context("fork")
+    stop, sent = ctx.Event(), ctx.Value("q", 0)
+    proc = None
+    if attack:
+        proc = ctx.Process(target=attack_main, args=(port, attack, attackers, sent, stop), daemon=True)
+        proc.start()
+        time.sleep(0.5)  # the attack is under way before the timing starts
+    cpu0, rss = proc_cpu_s(gw) or 0.0, 0.0
+    sampler_stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal rss
+        while not sampler_stop.wait(0.1):
+            rss = max(rss, proc_rss_mb(gw))
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    started = time.monotonic()
+    latencies, failures = Polite(port, "BTC").run(seconds)
+    elapsed = time.monotonic() - started
+    cpu = ((proc_cpu_s(gw) or 0.0) - cpu0) / elapsed * 100
+    sampler_stop.set()
+    t.join()
+    stop.set()
+    if proc:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+    print(f"{name:<16} requests {len(latencies):>6}  p50 {pct(latencies, 0.5):8.2f} ms  p99 {pct(latencies, 0.99):8.2f} ms  "
+          f"max {max(latencies, default=float('nan')):8.1f} ms  failed {failures:>4}  gateway CPU {cpu:5.1f} %  "
+          f"RSS peak {rss:7.1f} MB  attack sent {sent.value / 1e6:8.1f} MB", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--attack", default="url,header,headers")
+    parser.add_argument("--attackers", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--python", default=sys.executable, help="interpreter whose hlbook runs (a baseline checkout's)")
+    args = parser.parse_args()
+    port, info, mport = free_port(), free_port(), free_port(8)
+    with tempfile.TemporaryDirectory(prefix="hlbook-attack-") as tmp:
+        log = Path(tmp) / "up.log"
+        up = subprocess.Popen(
+            [args.python, "-m", "hlbook.cli", "up", "--simulate", "--shards", "1", "--coins", "12", "--port", str(port),
+             "--info-port", str(info), "--metrics-base-port", str(mport), "--no-history", "--state-dir", str(Path(tmp) / "state"),
+             "--log-level", "WARNING"],
+            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp)
+        try:
+            polite = Polite(port, "BTC")
+            deadline = time.monotonic() + 120
+            while polite.one("GET", "/ready", None) is None:
+                if up.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"hlbook up did not get ready:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+            gw = gateway_pid(up.pid)
+            print(f"hlbook up --simulate (1 shard, 12 coins) with {args.python}; {args.attackers} attacking connections "
+                  f"from one address; {args.seconds:.0f} s a phase", flush=True)
+            for r in range(args.rounds):
+                for kind in args.attack.split(","):
+                    phase("quiet", port, gw, args.seconds, None, 0)
+                    phase(f"attack {kind}", port, gw, args.seconds, kind, args.attackers)
+        finally:
+            os.killpg(up.pid, signal.SIGINT)
+            try:
+                up.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
+                up.wait()
+
+
+if __name__ == "__main__":
+    main()
