@@ -44,7 +44,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
 }
 
 INFO_TYPES = {"l2Book", "allMids", "meta", "spotMeta", "perpDexs", "metaAndAssetCtxs", "spotMetaAndAssetCtxs", "recentTrades",
-              "openOrders", "frontendOpenOrders", "orderStatus", "userFills", "userFillsByTime", "historicalOrders", "candleSnapshot"}
+              "openOrders", "frontendOpenOrders", "orderStatus", "userFills", "userFillsByTime", "historicalOrders", "candleSnapshot",
+              "userTwapSliceFills", "userTwapSliceFillsByTime"}
 
 
 # ---------------------------------------------------------------- the table
