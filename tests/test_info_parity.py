@@ -35,7 +35,7 @@ from hyperliquid.utils.types import Cloid
 
 from conftest import metric
 from hlbook.common import wire
-from hlbook.common.models import Fill
+from hlbook.common.models import ASSISTANCE_FUND_USER, HIP2_USER, Fill
 from hlbook.services.gateway import compat
 from hlbook.services.gateway.info import HANDLERS, open_order
 from hlbook.services.gateway.kinds import KINDS, AllMidsKey, feed_key, normalise, prime_l2, publish_mids
@@ -358,11 +358,12 @@ def post(base: str, payload: Any) -> Any:
 
 
 def traders(up: Up) -> list[str]:
-    """Users seen in the latest BTC and ETH trades (they hold positions, most of them)."""
+    """Users seen in the latest BTC and ETH trades (they hold positions, most of them); not the
+    simulator's special users (their orders rest without statuses: no per-user events)."""
     users: list[str] = []
     for coin in ("BTC", "ETH"):
         for trade in post(up.http, {"type": "recentTrades", "coin": coin}):
-            users += [u for u in trade["users"] if u not in users]
+            users += [u for u in trade["users"] if u not in users and u not in (ASSISTANCE_FUND_USER, HIP2_USER)]
     return users
 
 
