@@ -346,6 +346,16 @@ class UserFillsByTimeQuery(_HistoryQuery, tag="user_fills_by_time"):
     start: int = 0
     end: int | None = None
     aggregate: bool = False
+    reversed: bool = False  # newest first (the page: the window's newest fills)
+
+
+class TwapSliceFillsQuery(_HistoryQuery, tag="twap_slice_fills"):
+    """The user's TWAP slice fills as ``[{fill, twapId}]``: the newest, newest first, without
+    ``start``; with it, those with ``start <= time <= end`` oldest first."""
+
+    user: str | None = None
+    start: int | None = None
+    end: int | None = None
 
 
 class HistoricalOrdersQuery(_HistoryQuery, tag="historical_orders"):
@@ -376,7 +386,7 @@ class StatusQuery(_HistoryQuery, tag="status"):
 
 
 HistoryQuery = (UserFillsQuery | UserFillsByTimeQuery | HistoricalOrdersQuery | OrderStatusQuery | RecentTradesQuery
-                | CandlesQuery | StatusQuery)
+                | CandlesQuery | StatusQuery | TwapSliceFillsQuery)
 HISTORY_OPS: tuple[str, ...] = tuple(op_name(t) for t in typing.get_args(HistoryQuery))
 
 

@@ -41,10 +41,12 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "userFills": {"type": "userFills", "user": USER, "aggregateByTime": True},
     "userEvents": {"type": "userEvents", "user": USER},
     "userTwapSliceFills": {"type": "userTwapSliceFills", "user": USER},
+    "openOrders": {"type": "openOrders", "user": USER},
 }
 
 INFO_TYPES = {"l2Book", "allMids", "meta", "spotMeta", "perpDexs", "metaAndAssetCtxs", "spotMetaAndAssetCtxs", "recentTrades",
-              "openOrders", "frontendOpenOrders", "orderStatus", "userFills", "userFillsByTime", "historicalOrders", "candleSnapshot"}
+              "openOrders", "frontendOpenOrders", "orderStatus", "userFills", "userFillsByTime", "historicalOrders", "candleSnapshot",
+              "userTwapSliceFills", "userTwapSliceFillsByTime"}
 
 
 # ---------------------------------------------------------------- the table
@@ -116,6 +118,10 @@ class StubUpstream:
     async def query_parts(self, shard: int, query: Any) -> Any:
         await asyncio.Event().wait()
 
+    async def query(self, shard: int, query: Any) -> Any:
+        assert isinstance(query, wire.OpenOrdersQuery)
+        return {"height": 1, "orders": []}
+
 
 def _send_nothing(text: str) -> Any:
     raise AssertionError("no writes in this test")
@@ -147,10 +153,13 @@ def test_every_kind_through_a_hub() -> None:
         feeds = {name: hub.feeds[key] for name, key in keys.items()}
         assert isinstance(feeds["l4Book"], L4Feed) and isinstance(feeds["userFills"], JoinedFeed)
         assert set(upstream.counts) == {topics.l2("BTC", 5, None, 7), topics.bbo("BTC"), topics.l4("BTC"), topics.user(USER)}
-        assert upstream.counts[topics.user(USER)] == 4
+        assert upstream.counts[topics.user(USER)] == 5
         assert set(hub.block_feeds[owner]) == {feeds["l4Book"], feeds["activeAssetCtx"]}
-        assert set(hub.every_block_feeds) == {feeds["allMids"]}
-        assert hub.users.followers == {USER: 4}
+        assert set(hub.every_block_feeds) == {feeds["allMids"], feeds["openOrders"]}
+        assert hub.users.followers == {USER: 5}
+        for _ in range(10):  # openOrders asks the shards for the user's orders first
+            await asyncio.sleep(0)
+        assert json.loads(session.latest[keys["openOrders"]]) == {"channel": "openOrders", "data": {"dex": "", "user": USER, "orders": []}}
         # primed at once: allMids, activeAssetCtx (conflated: their keys are queued)
         assert keys["allMids"] in session.latest and keys["activeAssetCtx"] in session.latest
         assert json.loads(session.latest[keys["activeAssetCtx"]])["data"]["ctx"]["midPx"] == "100.5"
@@ -216,6 +225,8 @@ def _check_first(name: str, sample: dict[str, Any], message: dict[str, Any]) -> 
         assert data and all(u["order"]["oid"] > 0 and "status" in u for u in data)
     elif name == "userEvents":
         assert "fills" in data or "nonUserCancel" in data
+    elif name == "openOrders":
+        assert data["dex"] == "" and data["user"] == sample["user"] and all("orderType" in o for o in data["orders"])
     else:
         raise AssertionError(f"no check for {name}")
 

@@ -181,8 +181,9 @@ def test_every_bad_request_gets_a_4xx_and_every_post_an_answer(gateway: tuple[Sc
     with pytest.raises(urllib.error.HTTPError) as bad:
         urllib.request.urlopen(request, timeout=10)
     assert bad.value.code == 400
-    assert post_info(base, {"type": "orderStatus", "user": "0x" + "00" * 20, "oid": 2**64})[0] == 400
-    assert post_info(base, {"type": "nope"})[0] == 400
+    assert post_info(base, {"type": "orderStatus", "user": "0x" + "00" * 20, "oid": 2**64})[0] == 422
+    assert post_info(base, {"type": "nope"})[0] == 422  # as the public API: 422 for a body that fits no request type
+    assert post_info(base, {"type": "clearinghouseState", "user": "0x" + "00" * 20})[0] == 501  # needs a node; none configured
 
     async def run() -> None:
         async with websockets.connect(f"ws://127.0.0.1:{port}/ws", max_size=None) as ws:

@@ -180,7 +180,7 @@ def test_candles_follow_the_trades(up: Up) -> None:
     snap = post_info(up.http, {"type": "candleSnapshot", "req": {"coin": "BTC", "interval": "1m", "startTime": last["t"], "endTime": last["T"]}})[1]
     assert post_info(up.http, {"type": "candleSnapshot", "req": {"coin": "BTC", "interval": "1m", "startTime": last["t"], "endTime": None}})[1]
     assert snap[-1]["t"] == last["t"] and snap[-1]["n"] >= last["n"]
-    assert post_info(up.http, {"type": "candleSnapshot", "req": {"coin": "BTC", "interval": "7m", "startTime": 0}})[0] == 400
+    assert post_info(up.http, {"type": "candleSnapshot", "req": {"coin": "BTC", "interval": "7m", "startTime": 0}})[0] == 422
 
 
 def matched_steps(candles: list[dict[str, Any]], trades: list[dict[str, Any]]) -> int:

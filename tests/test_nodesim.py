@@ -612,10 +612,7 @@ def test_info_server_snapshot_is_a_written_height(live_sim: NodeSim, tmp_path: P
 
 def test_info_server_rejects_bad_requests_and_keeps_serving(live_sim: NodeSim, tmp_path: Path) -> None:
     url = live_sim.info_url
-    bad = [
-        b"{not json",
-        b"[1,2]",
-        json.dumps({"type": "meta"}).encode(),
+    bad = [  # fileSnapshot requests it cannot serve: 400 with {"error"}
         json.dumps({**_request(tmp_path / "x.json"), "outPath": "relative.json"}).encode(),
         json.dumps({**_request(tmp_path / "x.json"), "request": {"type": "l2Snapshots"}}).encode(),
         json.dumps(_request(tmp_path / "missing-dir" / "x.json")).encode(),
@@ -624,6 +621,10 @@ def test_info_server_rejects_bad_requests_and_keeps_serving(live_sim: NodeSim, t
         r = httpx.post(url, content=body, timeout=10)
         assert r.status_code == 400, body
         assert r.json()["error"]
+    # anything else is refused as the node refuses it (the node's other info types: tests/test_info_parity.py)
+    assert httpx.post(url, content=b"{not json", timeout=10).status_code == 400
+    assert httpx.post(url, content=b"[1,2]", timeout=10).status_code == 422
+    assert httpx.post(url, json={"type": "meta"}, timeout=10).json()["universe"][0]["name"] == "BTC"
     assert httpx.get(url, timeout=10).status_code == 405
     h0 = live_sim.height
     out = tmp_path / "ok.json"

@@ -30,10 +30,12 @@ from hlbook.services.gateway import metrics
 from hlbook.services.gateway.frames import POLICY, FrameWriter
 from hlbook.services.gateway.hub import SHARD_SILENT, Hub
 from hlbook.services.gateway.info import Info, InfoError
+from hlbook.services.gateway.info import label as info_label
 from hlbook.services.gateway.kinds import feed_key, normalise
 from hlbook.services.gateway.protocol import RequestError, dumps, identity, message, parse_request
 from hlbook.services.gateway.session import Outbound, Session, SubscriptionStats
 from hlbook.services.gateway.upstream import Upstream
+from hlbook.services.gateway.upstream_info import MAX_BYTES, MAX_IN_FLIGHT, TEXT, TIMEOUT, UpstreamInfo
 from hlbook.services.gateway.users import Users
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,10 @@ class GatewayConfig:
     history_pub: str | None = None  # the history service (candles, user history); None: served without it
     history_query: str | None = None
     stale_after: float = 5.0  # seconds without a block, or behind the node's block time, after which /ready says stale
+    info_upstream: str | None = None  # the node's info server (POST URL): what hlbook does not compute goes there
+    info_upstream_timeout: float = TIMEOUT
+    info_upstream_concurrency: int = MAX_IN_FLIGHT
+    info_upstream_max_bytes: int = MAX_BYTES
 
     def endpoints(self) -> tuple[list[str], list[str]]:
         pubs = self.book_pubs or [config.book_endpoints(k)[0] for k in range(self.shards)]
@@ -85,7 +91,9 @@ class Gateway:
         self.upstream = Upstream(cfg.ingest_pub, pubs, queries, cfg.query_timeout, cfg.ingest_replay,
                                  Curve.from_dir(cfg.curve_dir), history)
         self.hub = Hub(self.upstream, Users(cfg.max_followed_users))
-        self.info = Info(self.hub)
+        self.info_upstream = None if not cfg.info_upstream else UpstreamInfo(
+            cfg.info_upstream, cfg.info_upstream_timeout, cfg.info_upstream_concurrency, cfg.info_upstream_max_bytes, label=info_label)
+        self.info = Info(self.hub, self.info_upstream)
         self.sessions: dict[Session, asyncio.Task[None]] = {}  # session -> its writer task
         self.outbound = Outbound()
         self.tasks: list[asyncio.Task[None]] = []
@@ -98,6 +106,8 @@ class Gateway:
         for task in self.tasks:
             task.cancel()
         self.upstream.close()
+        if self.info_upstream is not None:
+            await self.info_upstream.close()
 
     def authorised(self, conn: HTTPConnection) -> bool:
         if not self.cfg.token:
@@ -254,7 +264,7 @@ class Gateway:
             data = await self.info.answer(payload)
             response = {"type": "info", "payload": {"type": payload["type"], "data": data}}
         except InfoError as exc:
-            response = {"type": "error", "payload": str(exc)}
+            response = {"type": "error", "payload": exc.text}
         except Exception:
             metrics.ERRORS.labels("internal").inc()
             log.exception("post %r failed", payload)
@@ -276,14 +286,15 @@ class Gateway:
             return Response(f"Request body larger than {MAX_INFO_BODY} bytes", status_code=413)
         try:
             payload = msgspec.json.decode(body)
-        except (msgspec.DecodeError, RecursionError) as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:  # as the public API (axum's Json) answers a body that is not JSON
             metrics.INFO.labels("unparsable", "error").inc()
-            return Response(f"Failed to parse the JSON body: {exc}", status_code=400)
+            return Response(f"Failed to parse the request body as JSON: {exc}", status_code=400, media_type=TEXT)
         try:
             data = await self.info.answer(payload)
         except InfoError as exc:
-            return Response(str(exc), status_code=400)
-        return Response(dumps(data), media_type="application/json")
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+            return Response(exc.text, status_code=exc.status, media_type=exc.content_type, headers=headers)
+        return Response(msgspec.json.encode(data), media_type="application/json")
 
     async def ready(self, request: Request) -> Response:
         """200 when this gateway works (every shard up and live, heard from within ``SHARD_SILENT``

@@ -32,6 +32,10 @@ def gateway(
     history_pub: Annotated[str | None, typer.Option(envvar=env("history-pub"), help="The history service's XPUB endpoint (candles); without it and --history-query: no candles or user history")] = None,
     history_query: Annotated[str | None, typer.Option(envvar=env("history-query"), help="The history service's query endpoint (fills, orders, trades, candles of the past)")] = None,
     stale_after: Annotated[float, typer.Option(envvar=env("stale-after"), help="/ready says stale (and ?fresh=1 answers 503) after this many seconds without a block, or this far behind the node's block time")] = 5.0,
+    info_upstream: Annotated[str | None, typer.Option(envvar=env("info-upstream"), help="The node's info server (e.g. http://localhost:3001/info): info types hlbook does not compute are forwarded to it, and meta, spotMeta, perpDexs and the asset contexts come from it (the chain's asset ids); without it those are built from the books and the rest refused")] = None,
+    info_upstream_timeout: Annotated[float, typer.Option(envvar=env("info-upstream-timeout"), help="Seconds a forwarded info request may take (then 504)")] = 5.0,
+    info_upstream_concurrency: Annotated[int, typer.Option(envvar=env("info-upstream-concurrency"), help="Forwarded info requests in flight at once; past it: 503 at once, nothing queued")] = 64,
+    info_upstream_max_bytes: Annotated[int, typer.Option(envvar=env("info-upstream-max-bytes"), help="Largest answer accepted from the info upstream (then 502)")] = 32 << 20,
     per_message_deflate: Annotated[bool, typer.Option(envvar=env("per-message-deflate"), help="Offer permessage-deflate compression (about 3x the CPU per frame: each client's stream is compressed separately)")] = False,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
@@ -58,7 +62,13 @@ def gateway(
         history_pub=history_pub,
         history_query=history_query,
         stale_after=stale_after,
+        info_upstream=info_upstream or None,
+        info_upstream_timeout=info_upstream_timeout,
+        info_upstream_concurrency=info_upstream_concurrency,
+        info_upstream_max_bytes=info_upstream_max_bytes,
     )
+    if info_upstream_timeout <= 0 or info_upstream_concurrency < 1 or info_upstream_max_bytes < 1:
+        raise typer.BadParameter("--info-upstream-timeout, --info-upstream-concurrency and --info-upstream-max-bytes must be positive")
     try:
         cfg.endpoints()
     except ValueError as exc:

@@ -1,6 +1,17 @@
 """Answers to info requests (``POST /info`` and WS ``post``), public API shapes.
 
-``meta``/``spotMeta`` are built from the coins the books hold. What node files
+What needs the books or the history is computed here (``HANDLERS``). With a
+node info server configured (``--info-upstream``), every other type of the
+public API (``compat.PUBLIC_INFO_TYPES``) is forwarded to it
+(``upstream_info``), and so are ``UPSTREAM_FIRST``: meta,
+spotMeta, perpDexs and the asset contexts come from the node, so asset ids
+are the chain's. When the node refuses ``metaAndAssetCtxs`` /
+``spotMetaAndAssetCtxs``, the node's meta gets hlbook's contexts (below).
+Types outside the public API's never reach the node (its ``fileSnapshot``
+writes files on its host): 422 like any unknown type.
+
+Without an upstream, ``meta``/``spotMeta`` are built from the coins the books
+hold (the fallback; asset ids are then *not* the chain's). What node files
 do not carry is stated, not invented: ``szDecimals`` is the most decimals seen
 in the coin's sizes (book and trades), ``maxLeverage`` is not known (reported
 as 1), funding, open interest, oracle price and volumes are not in the node
@@ -29,7 +40,13 @@ gateway without one (no ``--history-query``) answers these from what it has:
 resting orders from the books, trades seen since it started, and an error for
 the rest.
 
-Every info type and its handler are in one table, ``HANDLERS``, at the end.
+Malformed requests get the public API's answer: 422 ``Failed to deserialize
+the JSON body into the target type: …`` (unknown type, missing or mistyped
+field; ``malformed``). Types of the public API that need a node answer 501
+when no upstream is configured.
+
+Every info type and its handler are in one table, ``HANDLERS``, at the end;
+docs/COMPATIBILITY.md is generated from it (``compat.py``).
 """
 
 from __future__ import annotations
@@ -45,11 +62,13 @@ import msgspec
 from hlbook.common import wire
 from hlbook.common.candles import INTERVALS
 from hlbook.services.gateway import metrics
+from hlbook.services.gateway.compat import PUBLIC_INFO_TYPES
 from hlbook.services.gateway.ctx import is_spot, perp_ctx, spot_ctx
 from hlbook.services.gateway.hub import RECENT_TRADES, Hub, dex_of
 from hlbook.services.gateway.kinds import L2BookKey, feed_key, normalise
 from hlbook.services.gateway.protocol import USER, RequestError
 from hlbook.services.gateway.upstream import QueryError
+from hlbook.services.gateway.upstream_info import TEXT, Answer, UpstreamInfo
 
 SPOT_PAIR = re.compile(r"^@(\d+)$")
 META_TTL = 10.0  # seconds a built meta is reused
@@ -61,8 +80,32 @@ def _level_dicts(side: list[wire.Level]) -> list[dict[str, Any]]:
     return [{"px": px, "sz": sz, "n": count} for px, sz, count in side]
 
 
+DESERIALIZE = "Failed to deserialize the JSON body into the target type: "
+PUBLIC = frozenset(PUBLIC_INFO_TYPES)
+UPSTREAM_FIRST = ("meta", "spotMeta", "perpDexs", "metaAndAssetCtxs", "spotMetaAndAssetCtxs")  # the node's when one is configured
+REFUSALS = (400, 404, 405, 422, 501)  # a node that does not serve a type (AndAssetCtxs: composed instead)
+
+
 class InfoError(Exception):
-    """A request the API answers with HTTP 400 / a post error."""
+    """A request refused: HTTP ``status`` with ``text`` (plain text), or a post error with it."""
+
+    def __init__(self, text: str, status: int = 400, content_type: str = TEXT, retry_after: int | None = None) -> None:
+        super().__init__(text)
+        self.text, self.status, self.content_type, self.retry_after = text, status, content_type, retry_after
+
+    @classmethod
+    def of(cls, answer: Answer) -> InfoError:
+        return cls(answer.text, answer.status, answer.content_type, answer.retry_after)
+
+
+def malformed(detail: str) -> InfoError:
+    """422, as the public API answers a body that does not fit the request's type."""
+    return InfoError(DESERIALIZE + detail, 422)
+
+
+def label(kind: str) -> str:
+    """The metrics label of an info type (bounded: clients may send any string)."""
+    return kind if kind in PUBLIC or kind in HANDLERS else "other"
 
 
 def decimals(value: str) -> int:
@@ -70,25 +113,67 @@ def decimals(value: str) -> int:
 
 
 class Info:
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, upstream: UpstreamInfo | None = None) -> None:
         self.hub = hub
+        self.upstream = upstream
         self.sz_decimals: dict[str, int] = {}
         self._meta: tuple[float, dict[str, Any]] | None = None
 
     async def answer(self, payload: Any) -> Any:
-        """The response body of one info request; InfoError when it is refused."""
-        kind = payload.get("type") if isinstance(payload, dict) else None
-        handler = HANDLERS.get(kind) if isinstance(kind, str) else None
-        if handler is None:
-            metrics.INFO.labels("unknown", "error").inc()
-            raise InfoError(f"unknown info type {kind!r}; supported: {sorted(HANDLERS)}")
+        """The response body of one info request (``msgspec.Raw`` when it is the node's); InfoError when refused."""
+        if not isinstance(payload, dict):
+            metrics.INFO.labels("malformed", "error").inc()
+            raise malformed(f"invalid type: {type(payload).__name__}, expected an object with a `type` field")
+        kind = payload.get("type")
+        if not isinstance(kind, str):
+            metrics.INFO.labels("malformed", "error").inc()
+            raise malformed("missing field `type`" if kind is None else "invalid type for field `type`, expected a string")
+        handler = HANDLERS.get(kind)
+        if self.upstream is not None and (kind in UPSTREAM_FIRST or (handler is None and kind in PUBLIC)):
+            handler = Info.forward  # only the public API's types: never the node's own (fileSnapshot writes files)
+        elif handler is None:
+            metrics.INFO.labels(label(kind), "error").inc()
+            if kind in PUBLIC:
+                raise InfoError(f"{kind} needs the node's info server; this gateway runs without one (--info-upstream)", 501)
+            raise malformed(f"unknown variant `{kind}`")
         try:
             result = await handler(self, payload)
         except (InfoError, QueryError, RequestError) as exc:
-            metrics.INFO.labels(kind, "error").inc()
+            metrics.INFO.labels(label(kind), "error").inc()
+            if isinstance(exc, InfoError):
+                raise
             raise InfoError(getattr(exc, "text", str(exc))) from None
-        metrics.INFO.labels(kind, "ok").inc()
+        metrics.INFO.labels(label(kind), "ok").inc()
         return result
+
+    # ------------------------------------------------------------ the node's
+
+    async def forward(self, payload: dict[str, Any]) -> Any:
+        """The node's answer, passed on as it came (its errors too)."""
+        assert self.upstream is not None
+        kind = payload["type"]
+        answer = await self.upstream.ask(kind, payload)
+        if answer.status in REFUSALS and kind in ("metaAndAssetCtxs", "spotMetaAndAssetCtxs"):
+            return await self._with_our_ctxs(kind, payload)
+        if not answer.ok:
+            raise InfoError.of(answer)
+        return msgspec.Raw(answer.body)
+
+    async def _with_our_ctxs(self, kind: str, payload: dict[str, Any]) -> list[Any]:
+        """A node that does not serve the asset contexts: its meta (the chain's asset ids) with hlbook's contexts."""
+        assert self.upstream is not None
+        dex = payload.get("dex") or ""
+        if kind == "metaAndAssetCtxs":
+            answer = await self.upstream.ask("meta", {"type": "meta", "dex": dex} if dex else {"type": "meta"})
+        else:
+            answer = await self.upstream.ask("spotMeta", {"type": "spotMeta"})
+        if not answer.ok:
+            raise InfoError.of(answer)
+        meta = msgspec.json.decode(answer.body)
+        mids = self.hub.all_mids(dex)
+        if kind == "metaAndAssetCtxs":
+            return [meta, [perp_ctx(mids.get(entry["name"])) for entry in meta["universe"]]]
+        return [meta, [spot_ctx(pair["name"], mids.get(pair["name"])) for pair in meta["universe"]]]
 
     # ------------------------------------------------------------ books
 
@@ -178,30 +263,24 @@ class Info:
     # ------------------------------------------------------------ orders (from the L4 books)
 
     def user_of(self, payload: dict[str, Any]) -> str:
-        user = payload.get("user")
-        if not isinstance(user, str) or not USER.fullmatch(user):
-            raise InfoError(f"user must be a 0x address of 40 hex digits, not {user!r}")
-        return user.lower()
+        return user_param(payload)
 
-    async def _resting(self, user: str) -> list[dict[str, Any]]:
-        replies = await asyncio.gather(*(self.hub.upstream.query(k, wire.OpenOrdersQuery(user=user))
-                                         for k in range(len(self.hub.shards))))
-        orders = [o for reply in replies for o in reply["orders"]]
-        return sorted(orders, key=lambda o: (-o["timestamp"], -o["oid"]))
+    async def _resting(self, user: str, dex: str | None = None) -> list[dict[str, Any]]:
+        return await resting_orders(self.hub, user, dex)
 
     async def open_orders(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        keys = ("coin", "side", "limitPx", "sz", "oid", "timestamp", "origSz", "cloid")
-        return [{k: o[k] for k in keys if o.get(k) is not None} for o in await self._resting(self.user_of(payload))]
+        """The public API's short shape: ``cloid`` when set, ``reduceOnly`` only when true."""
+        return [open_order(o) for o in await self._resting(self.user_of(payload), dex_param(payload))]
 
     async def frontend_open_orders(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{k: v for k, v in o.items() if k != "user"} for o in await self._resting(self.user_of(payload))]
+        return [frontend_order(o) for o in await self._resting(self.user_of(payload), dex_param(payload))]
 
     async def resting_status(self, payload: dict[str, Any]) -> dict[str, Any]:
         """orderStatus of an order the books hold now (``unknownOid`` when none does)."""
         self.user_of(payload)
         oid = payload.get("oid")
         if not isinstance(oid, int) or isinstance(oid, bool) or not 0 <= oid < 2**63:
-            raise InfoError(CLOID_OR_OID)
+            raise malformed(CLOID_OR_OID)
         replies = await asyncio.gather(*(self.hub.upstream.query(k, wire.OrderQuery(oid=oid)) for k in range(len(self.hub.shards))))
         for reply in replies:
             order = reply.get("order")
@@ -219,12 +298,22 @@ class Info:
             raise InfoError(str(exc)) from None
 
     async def user_fills(self, payload: dict[str, Any]) -> msgspec.Raw:
-        return await self._ask(wire.UserFillsQuery(user=self.user_of(payload), aggregate=bool(payload.get("aggregateByTime"))))
+        return await self._ask(wire.UserFillsQuery(user=self.user_of(payload), aggregate=_bool(payload, "aggregateByTime")))
 
     async def user_fills_by_time(self, payload: dict[str, Any]) -> msgspec.Raw:
+        """``reversed: true``: the newest fills of the window first (and the page the newest 2,000)."""
         return await self._ask(wire.UserFillsByTimeQuery(user=self.user_of(payload), start=_int(payload, "startTime"),
                                                          end=_int(payload, "endTime", int(time.time() * 1000)),
-                                                         aggregate=bool(payload.get("aggregateByTime"))))
+                                                         aggregate=_bool(payload, "aggregateByTime"),
+                                                         reversed=_bool(payload, "reversed")))
+
+    async def user_twap_slice_fills(self, payload: dict[str, Any]) -> msgspec.Raw:
+        """The user's newest TWAP slice fills (2,000 at most), newest first: ``[{fill, twapId}]``."""
+        return await self._ask(wire.TwapSliceFillsQuery(user=self.user_of(payload)))
+
+    async def user_twap_slice_fills_by_time(self, payload: dict[str, Any]) -> msgspec.Raw:
+        return await self._ask(wire.TwapSliceFillsQuery(user=self.user_of(payload), start=_int(payload, "startTime"),
+                                                        end=_int(payload, "endTime", int(time.time() * 1000))))
 
     async def historical_orders(self, payload: dict[str, Any]) -> msgspec.Raw:
         return await self._ask(wire.HistoricalOrdersQuery(user=self.user_of(payload)))
@@ -239,7 +328,7 @@ class Info:
             return await self._ask(wire.OrderStatusQuery(user=user, oid=oid))
         if isinstance(oid, str) and len(oid) == 34 and oid.startswith("0x"):
             return await self._ask(wire.OrderStatusQuery(user=user, cloid=oid.lower()))
-        raise InfoError(CLOID_OR_OID)
+        raise malformed(CLOID_OR_OID)
 
     async def recent_trades(self, payload: dict[str, Any]) -> Any:
         """The history's newest trades with those this gateway saw since (the history may be a block behind)."""
@@ -255,12 +344,12 @@ class Info:
     async def candle_snapshot(self, payload: dict[str, Any]) -> msgspec.Raw:
         req = payload.get("req")
         if not isinstance(req, dict):
-            raise InfoError("candleSnapshot needs req: {coin, interval, startTime, endTime}")
+            raise malformed("missing field `req` ({coin, interval, startTime, endTime})")
         coin, interval = req.get("coin"), req.get("interval")
         if not isinstance(coin, str) or not self.hub.coin_exists(coin):
             raise InfoError(f"unknown coin {coin!r}")
         if interval not in INTERVALS:
-            raise InfoError(f"interval must be one of {list(INTERVALS)}")
+            raise malformed(f"req.interval: unknown variant {interval!r}, expected one of {list(INTERVALS)}")
         return await self._ask(wire.CandlesQuery(coin=coin, interval=interval, start=_int(req, "startTime"),
                                                   end=_int(req, "endTime", int(time.time() * 1000))))
 
@@ -271,13 +360,59 @@ def _int(payload: dict[str, Any], field: str, default: int | None = None) -> int
     if value is None:
         value = default
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
-        raise InfoError(f"{field} must be an integer (epoch ms)")
+        raise malformed(f"{field} must be an integer (epoch ms)" if value is not None else f"missing field `{field}`")
     return value
+
+
+def _bool(payload: dict[str, Any], field: str) -> bool:
+    """An optional flag (absent or null: false)."""
+    value = payload.get(field)
+    if value is not None and not isinstance(value, bool):
+        raise malformed(f"{field}: invalid type, expected a boolean")
+    return bool(value)
+
+
+def user_param(payload: dict[str, Any]) -> str:
+    user = payload.get("user")
+    if not isinstance(user, str) or not USER.fullmatch(user):
+        raise malformed(f"user must be a 0x address of 40 hex digits, not {user!r}" if user is not None else "missing field `user`")
+    return user.lower()
+
+
+def dex_param(payload: dict[str, Any]) -> str:
+    """The perp dex asked for: "" (the default, with spot) when absent or null."""
+    dex = payload.get("dex")
+    if dex is not None and not isinstance(dex, str):
+        raise malformed("dex: invalid type, expected a string")
+    return dex or ""
+
+
+async def resting_orders(hub: Hub, user: str, dex: str | None = None) -> list[dict[str, Any]]:
+    """The user's resting orders in every shard (of one dex unless None), newest first (frontendOpenOrders' order + user)."""
+    replies = await asyncio.gather(*(hub.upstream.query(k, wire.OpenOrdersQuery(user=user)) for k in range(len(hub.shards))))
+    orders = [o for reply in replies for o in reply["orders"] if dex is None or dex_of(o["coin"]) == dex]
+    return sorted(orders, key=lambda o: (-o["timestamp"], -o["oid"]))
+
+
+OPEN_ORDER_KEYS = ("coin", "side", "limitPx", "sz", "oid", "timestamp", "origSz", "cloid")
+
+
+def open_order(order: dict[str, Any]) -> dict[str, Any]:
+    """openOrders' entry: the short shape, ``cloid`` when set, ``reduceOnly: true`` only when true."""
+    out = {k: order[k] for k in OPEN_ORDER_KEYS if order.get(k) is not None}
+    if order.get("reduceOnly"):
+        out["reduceOnly"] = True
+    return out
+
+
+def frontend_order(order: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in order.items() if k != "user"}
 
 
 Handler = Callable[[Info, dict[str, Any]], Awaitable[Any]]
 
-# Every info type this gateway answers (POST /info and WebSocket post), and its handler.
+# Every info type this gateway computes (POST /info and WebSocket post), and its handler; with an upstream,
+# UPSTREAM_FIRST and every type not here go to the node instead.
 HANDLERS: dict[str, Handler] = {
     "l2Book": Info.l2_book,
     "allMids": Info.all_mids,
@@ -294,4 +429,6 @@ HANDLERS: dict[str, Handler] = {
     "userFillsByTime": Info.user_fills_by_time,
     "historicalOrders": Info.historical_orders,
     "candleSnapshot": Info.candle_snapshot,
+    "userTwapSliceFills": Info.user_twap_slice_fills,
+    "userTwapSliceFillsByTime": Info.user_twap_slice_fills_by_time,
 }

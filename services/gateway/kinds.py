@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_LEVELS = 20  # l2Book levels a side when nLevels is not given
+FAST_LEVELS = 5  # ... and with fast: true
 SUBSCRIBE_SETTLE = 0.05  # seconds for a new U| subscription to reach ingest (later blocks come live)
 
 CoinExists = Callable[[str], bool]
@@ -88,6 +89,7 @@ class L2BookKey(CoinKey, frozen=True):
     n_sig_figs: int | None
     mantissa: int | None
     n_levels: int
+    fast: bool = False  # ``fast: true``: 5 levels unless nLevels says otherwise, ``"fast": true`` in the data
 
 
 class TradesKey(CoinKey, frozen=True):
@@ -133,6 +135,11 @@ class UserTwapSliceFillsKey(UserKey, frozen=True):
     kind: ClassVar[str] = "userTwapSliceFills"
 
 
+class OpenOrdersKey(UserKey, frozen=True):
+    kind: ClassVar[str] = "openOrders"
+    dex: str
+
+
 # ------------------------------------------------------------------ the table
 
 
@@ -173,8 +180,12 @@ class Kind:
 # ------------------------------------------------------------------ rendering
 
 
+FAST = b',"fast":true}'
+
+
 def render_l2(key: L2BookKey, m: wire.L2Book) -> msgspec.Raw:
-    return msgspec.Raw(m.data)  # the shard rendered it for this topic's depth
+    """The shard rendered it for this topic's depth (a JSON object); ``fast`` feeds say so in it."""
+    return msgspec.Raw(m.data[:-1] + FAST if key.fast and m.data.endswith(b"}") else m.data)
 
 
 def render_bbo(key: BboKey, m: wire.Bbo) -> msgspec.Raw:
@@ -218,10 +229,25 @@ def render_user_events(key: UserEventsKey, m: wire.UserEvents) -> Several | None
 # ------------------------------------------------------------------ snapshots and blocks
 
 
+def prime_l2(hub: Hub, feed: Feed) -> None:
+    """A new l2Book feed on a topic another feed already reads (``fast: true`` and ``nLevels: 5``
+    share one): the shard sent that topic's current book when it was first subscribed, so the
+    new feed starts from its sibling's last one (the shard's next change follows)."""
+    key = feed.key
+    assert isinstance(key, L2BookKey)
+    for sibling in hub.by_topic.get(feed.topic or b"", ()):
+        if sibling is not feed and sibling.last is not None:
+            data = msgspec.json.decode(sibling.last.encode())["data"]
+            data.pop("fast", None)
+            feed.publish({**data, "fast": True} if key.fast else data)
+            return
+
+
 def publish_mids(hub: Hub, feed: Feed, block: wire.ShardBlock | None = None) -> None:
+    """``{"mids"}``, and ``"dex"`` for a HIP-3 dex's (as the public API: clients match the data by it)."""
     key = feed.key
     assert isinstance(key, AllMidsKey)
-    feed.publish({"mids": hub.all_mids(key.dex)})
+    feed.publish({"mids": hub.all_mids(key.dex), "dex": key.dex} if key.dex else {"mids": hub.all_mids(key.dex)})
 
 
 def publish_ctx(hub: Hub, feed: Feed, block: wire.ShardBlock | None = None) -> None:
@@ -271,6 +297,63 @@ async def fills_snapshot(hub: Hub, key: UserFillsKey | UserTwapSliceFillsKey) ->
     return height, message(kind, {"isSnapshot": True, "user": user, "twapSliceFills": twap})
 
 
+class OpenOrdersFeed(Feed):
+    """openOrders: ``{"dex", "user", "orders"}``, every resting order of the user (frontendOpenOrders'
+    shape), first at once, then again whenever a block changed them. A block of the user's
+    (``U|<user>|``: a status or a fill) marks the feed; once every shard has finished that block
+    (``block="every"``) the shards are asked for the user's orders, and the list goes out when it
+    differs from the last one sent (conflated: a slow client gets the latest). One query at a time;
+    a block marked meanwhile asks again after it."""
+
+    def __init__(self, hub: Hub, key: OpenOrdersKey) -> None:
+        super().__init__(key, "openOrders", True, topics.user(key.user))
+        self.hub = hub
+        self.due = 0  # the height whose orders are owed (0: none)
+        self.asking = False
+
+    def on_upstream(self, m: wire.UserEvents) -> None:
+        if m.statuses or m.fills:
+            self.due = max(self.due, m.height)
+
+    def on_block(self, height: int) -> None:
+        if self.due and height >= self.due and not self.asking:
+            self.ask()
+
+    def ask(self) -> None:
+        self.due, self.asking = 0, True
+        asyncio.create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        from hlbook.services.gateway.info import frontend_order, resting_orders  # info imports this module
+
+        key = self.key
+        assert isinstance(key, OpenOrdersKey)
+        try:
+            orders = await resting_orders(self.hub, key.user, key.dex)
+        except QueryError as exc:
+            log.warning("openOrders of %s: %s; asked again at the next block", key.user, exc)
+            self.due = self.due or 1
+            return
+        finally:
+            self.asking = False
+        text = message(self.channel, {"dex": key.dex, "user": key.user, "orders": [frontend_order(o) for o in orders]})
+        if text != self.last:
+            self.publish_text(text)
+
+
+def new_open_orders_feed(hub: Hub, key: OpenOrdersKey, kind: Kind) -> Feed:
+    return OpenOrdersFeed(hub, key)
+
+
+def prime_open_orders(hub: Hub, feed: Feed) -> None:
+    assert isinstance(feed, OpenOrdersFeed)
+    feed.ask()
+
+
+def open_orders_block(hub: Hub, feed: OpenOrdersFeed, block: wire.ShardBlock) -> None:
+    feed.on_block(block.height)
+
+
 # ------------------------------------------------------------------ subscriptions
 
 
@@ -282,9 +365,10 @@ def parse_coin(sub: dict[str, Any], coin_exists: CoinExists) -> dict[str, Any]:
 
 
 def parse_l2(sub: dict[str, Any], coin_exists: CoinExists) -> dict[str, Any]:
-    """``nSigFigs``/``mantissa`` null when absent; ``nLevels`` only when given."""
+    """``nSigFigs``/``mantissa`` null when absent; ``nLevels`` and ``fast`` only when given (the
+    ack echoes what the client sent, so a client matching acks to requests finds its own)."""
     out = parse_coin(sub, coin_exists)
-    nsf, man, n_levels = sub.get("nSigFigs"), sub.get("mantissa"), sub.get("nLevels")
+    nsf, man, n_levels, fast = sub.get("nSigFigs"), sub.get("mantissa"), sub.get("nLevels"), sub.get("fast")
     try:
         if (nsf is not None and not is_int(nsf)) or (man is not None and not is_int(man)):
             raise ValueError("not an integer")
@@ -296,7 +380,16 @@ def parse_l2(sub: dict[str, Any], coin_exists: CoinExists) -> dict[str, Any]:
         if not is_int(n_levels) or not 1 <= n_levels <= l2rules.MAX_LEVELS:
             raise invalid(sub)
         out["nLevels"] = n_levels
+    if fast is not None:
+        if not isinstance(fast, bool):
+            raise invalid(sub)
+        out["fast"] = fast
     return out
+
+
+def l2_key(s: dict[str, Any]) -> L2BookKey:
+    fast = bool(s.get("fast"))
+    return L2BookKey(s["coin"], s["nSigFigs"], s["mantissa"], s.get("nLevels", FAST_LEVELS if fast else DEFAULT_LEVELS), fast)
 
 
 def parse_candle(sub: dict[str, Any], coin_exists: CoinExists) -> dict[str, Any]:
@@ -321,6 +414,16 @@ def parse_user(sub: dict[str, Any], coin_exists: CoinExists) -> dict[str, Any]:
     return {"type": sub["type"], "user": user.lower()}
 
 
+def parse_open_orders(sub: dict[str, Any], coin_exists: CoinExists) -> dict[str, Any]:
+    """``dex`` always echoed ("" for the default dex), as the data carries it."""
+    out = parse_user(sub, coin_exists)
+    dex = sub.get("dex")
+    if dex is not None and not isinstance(dex, str):
+        raise invalid(sub)
+    out["dex"] = dex or ""
+    return out
+
+
 def parse_user_fills(sub: dict[str, Any], coin_exists: CoinExists) -> dict[str, Any]:
     out = parse_user(sub, coin_exists)
     if sub.get("aggregateByTime") is not None:
@@ -335,8 +438,7 @@ def _user_topic(key: UserKey) -> bytes:
 
 
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (
-    Kind(name="l2Book", key=L2BookKey, parse=parse_l2, source=L2, conflate=True,
-         key_of=lambda s: L2BookKey(s["coin"], s["nSigFigs"], s["mantissa"], s.get("nLevels", DEFAULT_LEVELS)),
+    Kind(name="l2Book", key=L2BookKey, parse=parse_l2, source=L2, conflate=True, key_of=l2_key, prime=prime_l2,
          topic=lambda k: topics.l2(k.coin, k.n_sig_figs, k.mantissa, k.n_levels), render=render_l2),
     Kind(name="trades", key=TradesKey, parse=parse_coin, key_of=lambda s: TradesKey(s["coin"]), source=TRADES,
          topic=lambda k: topics.trades(k.coin), subscribe=False, render=render_trades),
@@ -360,6 +462,9 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
          channel=lambda k: "user", render=render_user_events, source=USER_EVENTS, topic=_user_topic),
     Kind(name="userTwapSliceFills", key=UserTwapSliceFillsKey, parse=parse_user, new_feed=new_fills_feed,
          key_of=lambda s: UserTwapSliceFillsKey(s["user"]), render=render_twap_slice_fills, source=USER_EVENTS, topic=_user_topic),
+    Kind(name="openOrders", key=OpenOrdersKey, parse=parse_open_orders, key_of=lambda s: OpenOrdersKey(s["user"], s["dex"]),
+         source=USER_EVENTS, topic=_user_topic, new_feed=new_open_orders_feed, conflate=True, prime=prime_open_orders,
+         block="every", on_block=open_orders_block),
 )}
 
 

@@ -292,7 +292,10 @@ class History:
                 return s.user_fills(_needed(q.user, "user").lower(), q.aggregate)
             case wire.UserFillsByTimeQuery():
                 end = q.end if q.end is not None else int(time.time() * 1000)
-                return s.user_fills_by_time(_needed(q.user, "user").lower(), q.start, end, q.aggregate)
+                return s.user_fills_by_time(_needed(q.user, "user").lower(), q.start, end, q.aggregate, q.reversed)
+            case wire.TwapSliceFillsQuery():
+                end = q.end if q.end is not None else int(time.time() * 1000)
+                return s.twap_slice_fills(_needed(q.user, "user").lower(), q.start, end)
             case wire.HistoricalOrdersQuery():
                 return s.historical_orders(_needed(q.user, "user").lower())
             case wire.OrderStatusQuery():

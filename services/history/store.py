@@ -63,6 +63,14 @@ DAY_MS = 86_400_000
 
 _json = msgspec.json.Encoder()
 _fill = msgspec.json.Decoder(Fill)
+
+
+class _TwapOf(msgspec.Struct):
+    twapId: int | None = None
+
+
+_twap_of = msgspec.json.Decoder(_TwapOf)
+TWAP_KEY, NOT_TWAP = b'"twapId":', b'"twapId":null'  # how a stored fill body says whether it is a TWAP slice
 CandleKey = tuple[str, str, int]  # (coin, interval, start)
 
 
@@ -342,18 +350,36 @@ class Store:
                                (uid, FILLS_ANSWER)).fetchall()
         return self._fills_json([r[0] for r in rows], aggregate)
 
-    def user_fills_by_time(self, user: str, start: int, end: int, aggregate: bool = False) -> bytes:
+    def user_fills_by_time(self, user: str, start: int, end: int, aggregate: bool = False, reverse: bool = False) -> bytes:
         """Fills with ``start <= time <= end``, oldest first, at most ``FILLS_ANSWER`` (page on by
-        time), among the user's ``FILLS_REACH`` most recent."""
+        time), among the user's ``FILLS_REACH`` most recent; ``reverse``: newest first (the window's newest)."""
         uid = self._uid(user)
         if uid is None:
             return b"[]"
         reach = self.db.execute("SELECT time FROM fills WHERE user = ? ORDER BY time DESC LIMIT 1 OFFSET ?",
                                 (uid, FILLS_REACH - 1)).fetchone()
         start = max(start, reach[0]) if reach else start
-        rows = self.db.execute("SELECT body FROM fills WHERE user = ? AND time >= ? AND time <= ? ORDER BY time, tid, oid LIMIT ?",
+        order = "time DESC, tid DESC, oid DESC" if reverse else "time, tid, oid"
+        rows = self.db.execute(f"SELECT body FROM fills WHERE user = ? AND time >= ? AND time <= ? ORDER BY {order} LIMIT ?",
                                (uid, start, end, FILLS_ANSWER)).fetchall()
         return self._fills_json([r[0] for r in rows], aggregate)
+
+    def twap_slice_fills(self, user: str, start: int | None = None, end: int | None = None) -> bytes:
+        """userTwapSliceFills: the user's ``FILLS_ANSWER`` newest TWAP slice fills, newest first, as
+        ``[{"fill", "twapId"}]``; with ``start`` (userTwapSliceFillsByTime) those with
+        ``start <= time <= end``, oldest first. A stored fill is a slice when its body has a twapId
+        that is not null (the SQL looks at the bytes: no decoding of other fills)."""
+        uid = self._uid(user)
+        if uid is None:
+            return b"[]"
+        twap = "user = ? AND instr(body, ?) > 0 AND instr(body, ?) = 0"
+        if start is None:
+            rows = self.db.execute(f"SELECT body FROM fills WHERE {twap} ORDER BY time DESC, tid DESC, oid DESC LIMIT ?",
+                                   (uid, TWAP_KEY, NOT_TWAP, FILLS_ANSWER)).fetchall()
+        else:
+            rows = self.db.execute(f"SELECT body FROM fills WHERE {twap} AND time >= ? AND time <= ? ORDER BY time, tid, oid LIMIT ?",
+                                   (uid, TWAP_KEY, NOT_TWAP, start, end if end is not None else 2**63 - 1, FILLS_ANSWER)).fetchall()
+        return _json.encode([{"fill": msgspec.Raw(body), "twapId": _twap_of.decode(body).twapId} for (body,) in rows])
 
     @staticmethod
     def _fills_json(bodies: list[bytes], aggregate: bool) -> bytes:

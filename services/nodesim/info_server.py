@@ -1,11 +1,15 @@
-"""The simulator's info server: ``POST /info`` ``fileSnapshot`` (``l4Snapshots``), as the node's.
+"""The simulator's info server: ``POST /info`` ``fileSnapshot`` (``l4Snapshots``), as the node's,
+and the node's other info types from the simulated state (``node_info``: meta, spotMeta,
+perpDexs in mainnet's order, clearinghouse states from the simulated fills, …).
 
 The snapshot is taken under the lock the block loop holds while it generates
 and writes a block, so its height is always a block already written and
 flushed to every stream. Under the lock only the resting orders and their
 sizes are captured (``Captured``: ~0.3 s for the whole market's ~630,000);
 they are encoded after it is released (building the dicts under it stopped
-the block loop ~7 s). Bad requests get 400 with ``{"error": "..."}``.
+the block loop ~7 s). Bad fileSnapshot requests get 400 with ``{"error": "..."}``; other
+requests are refused as the node refuses them (``node_info``: 400 for a body that is not
+JSON, 422 text for a type or fields it does not know).
 """
 
 from __future__ import annotations
@@ -17,12 +21,16 @@ from collections.abc import Callable
 from itertools import chain
 from operator import attrgetter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from sortedcontainers import SortedDict
 
 from hlbook.services.nodesim.market import Resting, json_str
+from hlbook.services.nodesim.node_info import NodeInfo, Refused
+
+if TYPE_CHECKING:
+    from hlbook.services.nodesim.engine import Simulator
 
 log = logging.getLogger(__name__)
 _SIZE = attrgetter("sz")
@@ -120,7 +128,16 @@ class _Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_BODY:
                 raise RequestError("body too large")
-            req = parse_request(self.rfile.read(length))
+            body = self.rfile.read(length)
+            try:
+                decoded = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                self._text(400, f"Failed to parse the request body as JSON: {exc}")
+                return
+            if not (isinstance(decoded, dict) and decoded.get("type") == "fileSnapshot"):
+                self._node_info(decoded)
+                return
+            req = parse_request(body)
             height = write_snapshot(req, self.server.source, self.server.lock)
             log.info("fileSnapshot at height %d -> %s", height, req["outPath"])
             self._reply(200, None)
@@ -130,6 +147,28 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug must not kill the server
             log.exception("fileSnapshot failed")
             self._reply(500, {"error": f"internal error: {exc}"})
+
+    def _node_info(self, req: Any) -> None:
+        """Any other info type, as the node answers it (``node_info``)."""
+        if self.server.node_info is None:
+            self._text(422, f"Failed to deserialize the JSON body into the target type: unknown variant "
+                            f"`{req.get('type') if isinstance(req, dict) else req!r}`")
+            return
+        try:
+            answer = self.server.node_info.answer(req)
+        except Refused as exc:
+            self.server.errors += 1
+            self._text(exc.status, exc.text)
+            return
+        self._reply(200, answer)
+
+    def _text(self, code: int, text: str) -> None:
+        data = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def do_GET(self) -> None:  # noqa: N802
         self._reply(405, {"error": "use POST /info"})
@@ -147,14 +186,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class InfoServer(ThreadingHTTPServer):
-    """``ThreadingHTTPServer`` serving fileSnapshot from ``source`` (a capture: called under ``lock``)."""
+    """``ThreadingHTTPServer`` serving fileSnapshot from ``source`` (a capture: called under ``lock``)
+    and, given the simulator (``sim``), the node's other info types (``node_info``)."""
 
     daemon_threads = True
 
-    def __init__(self, host: str, port: int, source: SnapshotSource, lock: threading.Lock) -> None:
+    def __init__(self, host: str, port: int, source: SnapshotSource, lock: threading.Lock, sim: Simulator | None = None) -> None:
         super().__init__((host, port), _Handler)
         self.source = source
         self.lock = lock
+        self.node_info = NodeInfo(sim, lock) if sim is not None else None
         self.errors = 0
         self._thread: threading.Thread | None = None
 

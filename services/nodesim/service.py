@@ -75,7 +75,7 @@ class NodeSim:
         self.stop_event = threading.Event()
         self.server: InfoServer | None = None
         if cfg.info_port is not None:
-            self.server = InfoServer(cfg.info_host, cfg.info_port, self.sim.capture, self.lock)
+            self.server = InfoServer(cfg.info_host, cfg.info_port, self.sim.capture, self.lock, self.sim)
         self._thread: threading.Thread | None = None
 
     @property

@@ -142,3 +142,62 @@ def full_universe(seed: int = 0) -> list[Coin]:
     # the table's majors keep their weights; the rest fall off with rank (Zipf-like)
     return [make_coin(i, name, kind, px, sz, base, weight or 8.0 / (i + 1) ** 1.1)
             for i, (name, kind, px, sz, base, weight) in enumerate(rows)]
+
+
+# ------------------------------------------------------------------ the chain's listing
+
+# Mainnet's perps in asset-id order (``meta``'s universe: an entry's position is the asset id an order
+# for it is signed with), ids 0-194 as listed by mid-2025, delisted ones included (ids are never reused).
+MAINNET_PERPS: tuple[str, ...] = tuple("""
+BTC ETH ATOM MATIC DYDX SOL AVAX BNB APE OP LTC ARB DOGE INJ SUI kPEPE CRV LDO LINK STX RNDR CFX FTM GMX SNX XRP BCH
+APT AAVE COMP MKR WLD FXS HPOS RLB UNIBOT YGG TRX kSHIB UNI SEI RUNE OX FRIEND SHIA CYBER ZRO BLZ DOT BANANA TRB FTT
+LOOM OGN RDNT ARK BNT CANTO REQ BIGTIME KAS ORBS BLUR TIA BSV ADA TON MINA POLYX GAS PENDLE STG FET STRAX NEAR MEME
+ORDI BADGER NEO ZEN FIL PYTH SUSHI ILV IMX kBONK GMT SUPER USTC NFTI JUP kLUNC RSR GALA JTO NTRN ACE MAV WIF CAKE
+PEOPLE ENS ETC XAI MANTA UMA ONDO ALT ZETA DYM MAVIA W PANDORA STRK PIXEL AI TAO AR MYRO kFLOKI BOME ETHFI ENA MNT
+TNSR SAGA MERL HBAR POPCAT OMNI EIGEN REZ NOT TURBO BRETT IO ZK BLAST LISTA MEW RENDER kDOGS POL CATI CELO HMSTR SCR
+NEIROETH kNEIRO GOAT MOODENG GRASS PURR PNUT XLM CHILLGUY SAND IOTA ALGO HYPE ME MOVE VIRTUAL PENGU USUAL FARTCOIN
+AI16Z AIXBT ZEREBRO BIO GRIFFAIN SPX S MORPHO TRUMP MELANIA ANIME VINE VVV JELLY BERA TST LAYER IP OM KAITO NIL PAXG
+PROMPT BABY WCT HYPER ZORA INIT DOOD
+""".split())
+
+
+def sz_decimals(coin: Coin) -> int:
+    """The coin's ``szDecimals`` (its lot is 10^-szDecimals)."""
+    return round(-math.log10(coin.lot / fixed.ONE))
+
+
+def spot_index(name: str) -> int | None:
+    """A spot pair's index on the chain: ``@107`` is 107, ``PURR/USDC`` is 0 (the one canonical pair named so)."""
+    if name == "PURR/USDC":
+        return 0
+    if name.startswith("@") and name[1:].isdigit():
+        return int(name[1:])
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """The simulated coins where the chain lists them: ``perps`` the default dex's universe (a
+    position is an asset id; None: a coin of mainnet's list that is not simulated, shown
+    delisted), ``dexes`` the HIP-3 dexes in deployment order with their coins (asset ids
+    110000 + 10000 × (dex's place - 1) + position), ``spots`` every pair index up to the
+    highest simulated one (None: a pair not simulated)."""
+
+    perps: list[tuple[str, Coin | None]]
+    dexes: list[tuple[str, list[Coin]]]
+    spots: list[Coin | None]
+
+
+def listing(coins: list[Coin]) -> Listing:
+    """Mainnet's order: known perps at their mainnet ids (BTC 0, ETH 1, SOL 5, …), the list cut
+    after the highest one simulated; perps mainnet lacks (``P000``…) after it in universe order.
+    Spot pairs at their index; HIP-3 coins (``dex:NAME``) by dex in ``HIP3_DEXES`` order."""
+    by_name = {c.name: c for c in coins}
+    default = [c for c in coins if not c.is_spot and ":" not in c.name]
+    known = [MAINNET_PERPS.index(c.name) for c in default if c.name in MAINNET_PERPS]
+    perps: list[tuple[str, Coin | None]] = [(name, by_name.get(name)) for name in MAINNET_PERPS[:max(known, default=-1) + 1]]
+    perps += [(c.name, c) for c in default if c.name not in MAINNET_PERPS]
+    dexes = [(dex, [c for c in coins if c.name.startswith(dex + ":")]) for dex in HIP3_DEXES]
+    spot_coins = {index: c for c in coins if c.is_spot and (index := spot_index(c.name)) is not None}
+    spots = [spot_coins.get(i) for i in range(max(spot_coins, default=-1) + 1)]
+    return Listing(perps, [(dex, members) for dex, members in dexes if members], spots)

@@ -77,9 +77,11 @@ class Pipeline:
             specs.append(ChildSpec(f"book-{k}", ["book", "--shard", str(k), "--shards", str(self.shards), *source, *ingest,
                                                  "--pub", pub, "--query", query,
                                                  "--metrics-port", str(self.metrics_port(k)), *curve, *common]))
+        upstream = ["--info-upstream", info_url] if info_url else []  # what the gateways do not compute: the node's answers
         for i in range(self.gateways):
             specs.append(ChildSpec(f"gateway-{i}", ["gateway", "--host", self.host, "--port", str(self.port + i),
-                                                    "--shards", str(self.shards), *ingest, *books, *history, *curve, *common]))
+                                                    "--shards", str(self.shards), *ingest, *books, *history, *upstream,
+                                                    *curve, *common]))
         return specs
 
     def metrics_port(self, shard: int) -> int:
