@@ -34,6 +34,7 @@ class FullSim(Sim):
 
     def __init__(self, tmp: Path) -> None:  # noqa: super().__init__ would start the default profile
         self.data = tmp / "node"
+        self.data.mkdir()  # as a node's (mounted) data directory: there before ingest starts, which refuses a missing one
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/info"
         self.ingest_eps = (f"ipc://{tmp}/ingest-pub", f"ipc://{tmp}/ingest-replay")
