@@ -205,7 +205,8 @@ async def ccxt_checks(base: str) -> None:
                 break
         else:
             raise AssertionError(f"ccxt order book never matched POST /info l2Book: {ours} != {direct}")
-        assert len(ours[0]) == 20 and ours[0][0][0] < ours[1][0][0]
+        # the simulated book can be thinner than 20 levels a side for a block: equal to l2Book is the test
+        assert ours[0] and ours[1] and ours[0][0][0] < ours[1][0][0]
         assert book["symbol"] == "BTC/USDC:USDC" and isinstance(stamp, int)
 
         trades = await asyncio.wait_for(exchange.watch_trades("BTC/USDC:USDC"), WAIT)

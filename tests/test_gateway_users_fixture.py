@@ -221,8 +221,9 @@ def test_order_updates_and_user_fills_equal_the_fixture_files(btc_data: Path, tm
                         message = json.loads(raw)
                         {"orderUpdates": updates, "userFills": fills, "user": events}.get(message["channel"], others).append(message["data"])
 
-                # the three acks and the (empty) userFills snapshot, then the subscriptions reach ingest's XPUB
-                await collect(time.monotonic() + 10, lambda: len(others) >= 3 and fills)
+                # the three acks and the error saying userFills has no snapshot here (no history service: it
+                # knows no earlier fills, and says so rather than an empty snapshot), then the subscriptions reach ingest
+                await collect(time.monotonic() + 10, lambda: len(others) >= 4)
                 wait_for("ingest to see the three user subscriptions",
                          lambda: ingest_metric(metrics_port, "hlbook_ingest_user_subscriptions") == 3, procs)
 
@@ -235,7 +236,7 @@ def test_order_updates_and_user_fills_equal_the_fixture_files(btc_data: Path, tm
                          len(expected_user_events(files[statuses_file][followed_from:], files[fills_file][followed_from:], events_user)))
 
                 def complete() -> bool:
-                    return (sum(map(len, updates)), sum(len(m.get("fills", ())) for m in fills[1:]), len(events)) >= total
+                    return (sum(map(len, updates)), sum(len(m.get("fills", ())) for m in fills), len(events)) >= total
 
                 await collect(time.monotonic() + 15, complete)
                 await collect(time.monotonic() + 0.5, lambda: False)  # nothing doubled arrives late
@@ -258,11 +259,13 @@ def test_order_updates_and_user_fills_equal_the_fixture_files(btc_data: Path, tm
     want_events = expected_user_events(files[statuses_file][followed_from:], files[fills_file][followed_from:], events_user)
     assert sum(len(m.get("nonUserCancel", ())) for m in want_events) >= 5
     acks = [m for m in others if isinstance(m, dict) and m.get("method") == "subscribe"]
-    assert len(acks) == 3 and len(others) == 3, others
-    assert fills[0] == {"isSnapshot": True, "user": fills_user, "fills": []}
+    errors = [m for m in others if isinstance(m, str)]
+    assert len(acks) == 3 and len(others) == 4 and len(errors) == 1, others
+    assert errors[0].startswith(f"userFills of {fills_user}: no history service here") and "new fills follow" in errors[0]
+    assert all("isSnapshot" not in m for m in fills)
     got_entries, want_entries = [u for m in updates for u in m], [u for m in want_updates for u in m]
     assert len(got_entries) == len(want_entries)
     assert got_entries == want_entries  # every status, in node order, field by field
     assert updates == want_updates  # one message per block
-    assert fills[1:] == want_fills
+    assert fills == want_fills
     assert events == want_events  # fills and nonUserCancel of each block, in node order

@@ -417,3 +417,66 @@ def test_a_full_disk_costs_the_uncommitted_blocks_not_the_service(tmp_path: Path
         assert 40 in history.store.held and history.store.db.execute("SELECT count(*) FROM fills").fetchone()[0] == 80
     finally:
         history.close()
+
+
+def test_a_gateway_that_does_not_read_its_replies_is_counted_and_costs_no_one_else(tmp_path: Path) -> None:
+    """Replies an asker cannot take (it stopped reading, or it went away) are dropped at a
+    bounded queue, counted and logged (they vanished without a trace before); the service
+    keeps answering everyone else."""
+    from hlbook.common.models import Fill
+    from hlbook.services.history import metrics
+    from hlbook.services.history.service import History, HistoryConfig
+
+    (tmp_path / "node").mkdir()
+    cfg = HistoryConfig(data_dir=str(tmp_path / "node"), db=str(tmp_path / "h.sqlite"), ingest_pub=f"ipc://{tmp_path}/in",
+                        pub=f"ipc://{tmp_path}/pub", query=f"ipc://{tmp_path}/query")
+    history = History(cfg)
+    user = "0x" + "ab" * 20
+    ctx = zmq.Context.instance()
+    greedy, gone, polite = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER), ctx.socket(zmq.REQ)
+
+    def steps(seconds: float) -> None:
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            history.step()
+
+    def dropped() -> float:
+        return metrics.REPLIES_DROPPED._value.get()
+
+    try:
+        for height in range(1, 21):  # 2,000 fills of one user: each userFills answer is about half a megabyte
+            fills = [(user, Fill("BTC", "81308.0", "0.1", "B", 1_778_002_753_000 + height, "0.0", "Open Long", "0.0",
+                                 "0x" + "1" * 64, height * 1000 + n, True, "0.01", height * 1000 + n)) for n in range(100)]
+            history.on_block(wire.HistoryBlock(height, None, 1_778_002_753_000 + height, [], fills))
+        history.commit()
+        for sock in (greedy, gone, polite):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(cfg.query)
+        greedy.setsockopt(zmq.RCVHWM, 1)
+
+        before, sent = dropped(), 0  # the greedy asks and never reads: its queue fills, then its replies drop
+        while dropped() == before and sent < 3000:
+            for _ in range(100):
+                greedy.send(wire.encode(wire.UserFillsQuery(user=user)))
+            sent += 100
+            steps(0.3)
+        assert dropped() > before, f"{sent} replies never read, none dropped"
+
+        before = dropped()  # one asks for a block to come (parked), and is gone before the answer
+        gone.send(wire.encode(wire.UserFillsQuery(user=user, min_height=10**9)))
+        deadline = time.monotonic() + 5
+        while not history.parked and time.monotonic() < deadline:
+            history.step()
+        gone.close(0)
+        polite.send(wire.encode(wire.StatusQuery()))
+        deadline, answered = time.monotonic() + 10, None
+        while time.monotonic() < deadline and (answered is None or history.parked):
+            history.step()
+            if answered is None and polite.poll(0):
+                answered = wire.decode(polite.recv_multipart()[0], wire.HistoryReply)
+        assert answered is not None and answered.ok and answered.height == 20  # the others are answered all along
+        assert not history.parked and dropped() == before + 1
+    finally:
+        for sock in (greedy, gone, polite):
+            sock.close(0)
+        history.close()

@@ -275,9 +275,12 @@ def up(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_killed_shard_and_gateway_are_restarted_and_serve_again(up: Up) -> None:
-    status, mids = post_info(up.http, {"type": "allMids"})
-    assert status == 200
-    coin = next(c for c in sorted(mids) if shard_of(c, 2) == 0 and not c.startswith("@"))
+    def shard_0_perp() -> str | None:  # a coin has a mid once its simulated book has both sides
+        status, mids = post_info(up.http, {"type": "allMids"})
+        assert status == 200
+        return next((c for c in sorted(mids) if shard_of(c, 2) == 0 and not c.startswith("@")), None)
+
+    coin = wait_until(shard_0_perp, 30, "a perp of shard 0 has a mid")
     first = children(up.proc.pid)
     assert {"sim", "ingest", "book-0", "book-1", "gateway"} <= set(first), first
 

@@ -95,6 +95,16 @@ class Feed:
 
 Join = Callable[[], Awaitable[tuple[int | None, str]]]  # -> (newest block the snapshot holds, its text)
 MAX_HELD = 1000  # updates held for one joiner while its snapshot is fetched
+# (each try asks for every block heard so far, so only updates of one try's few seconds must fit)
+MAX_RETRY_DELAY = 5.0
+
+
+class NoSnapshot(Exception):
+    """A joiner's snapshot cannot be had now (``retry``) or at all (no history service)."""
+
+    def __init__(self, text: str, retry: bool) -> None:
+        super().__init__(text)
+        self.retry = retry
 
 
 class JoinedFeed(Feed):
@@ -118,12 +128,33 @@ class JoinedFeed(Feed):
         asyncio.create_task(self._join(session))
 
     async def _join(self, session: Session) -> None:
-        height, text = await self.snapshot()
+        """Snapshot, then the held updates it does not hold. A snapshot that cannot be had is
+        said to the client (an ``error`` message, once) and tried again until it comes, never
+        replaced by an empty one; without a history service there is none: updates follow."""
+        height: int | None = None
+        text: str | None = None
+        delay, told = RETRY_DELAY, False
+        while True:
+            try:
+                height, text = await self.snapshot()
+                break
+            except NoSnapshot as exc:
+                if session not in self.joining:
+                    return
+                if not told:
+                    metrics.ERRORS.labels("no_snapshot").inc()
+                    session.reply(message("error", str(exc)))
+                    told = True
+                if not exc.retry:
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
         joining = self.joining.pop(session, None)
         if joining is None:  # unsubscribed meanwhile
             return
         ident, held = joining
-        session.deliver(text, ident, None)
+        if text is not None:
+            session.deliver(text, ident, None)
         for update_height, update in held:
             if height is None or update_height > height:
                 session.deliver(update, ident, None)

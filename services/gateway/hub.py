@@ -80,6 +80,7 @@ class Hub:
         self.book_height: dict[str, int] = {}  # coin -> height of its last book message (while it has book feeds)
         self.release_scheduled = False
         self.every_height = 0
+        self.heard_height = 0  # newest block of any upstream message: history queries wait for it (read your feeds)
 
     # ------------------------------------------------------------ what the shards hold
 
@@ -196,10 +197,6 @@ class Hub:
             return self.block_feeds[self.owner(key.coin)]
         return self.every_block_feeds
 
-    def newest_height(self) -> int:
-        """The newest block some shard finished."""
-        return max(view.height for view in self.shards)
-
     # ------------------------------------------------------------ upstream messages
 
     def on_message(self, topic: bytes, payload: bytes) -> None:
@@ -234,6 +231,8 @@ class Hub:
                 return
             # L2, BBO, S: each message is the whole current state, so this one repairs the loss
         chain.advance(message.height)
+        if message.height > self.heard_height:
+            self.heard_height = message.height
         handle(self, topic, message)
 
     async def _repair(self, topic: bytes, label: str, handle: Any) -> None:

@@ -292,6 +292,9 @@ class Info:
     # ------------------------------------------------------------ the past (history service)
 
     async def _ask(self, query: wire.HistoryQuery) -> msgspec.Raw:
+        """The history's answer once it holds every block this gateway has heard of: an order
+        a client just saw in its feed is in ``orderStatus``, a fill in ``userFills``."""
+        query.min_height = self.hub.heard_height
         try:
             return msgspec.Raw((await self.hub.upstream.history(query))[1])
         except QueryError as exc:

@@ -47,7 +47,7 @@ from hlbook.common.models import Fill, twap_id
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway import users as user_streams
 from hlbook.services.gateway.ctx import active_asset_ctx, active_asset_ctx_channel
-from hlbook.services.gateway.feeds import Feed, JoinedFeed, L4Feed, Render, Several, no_render
+from hlbook.services.gateway.feeds import Feed, JoinedFeed, L4Feed, NoSnapshot, Render, Several, no_render
 from hlbook.services.gateway.protocol import USER, CoinKey, FeedKey, UserKey, invalid, is_int, message
 from hlbook.services.gateway.upstream import QueryError
 
@@ -278,23 +278,26 @@ def new_fills_feed(hub: Hub, key: UserFillsKey | UserTwapSliceFillsKey, kind: Ki
 
 async def fills_snapshot(hub: Hub, key: UserFillsKey | UserTwapSliceFillsKey) -> tuple[int | None, str]:
     """userFills / userTwapSliceFills start with ``isSnapshot: true`` and the user's fills
-    so far (the history service's, once it holds every block this gateway has seen)."""
+    so far (the history service's, once it holds every block this gateway has heard of)."""
     kind, user = key.kind, key.user
-    height, fills = None, b"[]"
-    if hub.upstream.has_history:
-        await asyncio.sleep(SUBSCRIBE_SETTLE)
-        query = wire.UserFillsQuery(user=user, aggregate=isinstance(key, UserFillsKey) and key.aggregate_by_time,
-                                    min_height=hub.newest_height())
-        try:
-            reply, fills = await hub.upstream.history(query)
-            height = reply.height
-        except QueryError as exc:
-            metrics.ERRORS.labels("no_history").inc()
-            log.warning("%s snapshot of %s: %s; sent empty", kind, user, exc)
+    if not hub.upstream.has_history:
+        raise NoSnapshot(f"{kind} of {user}: no history service here, so no snapshot of earlier fills; "
+                         "new fills follow", retry=False)
+    await asyncio.sleep(SUBSCRIBE_SETTLE)
+    query = wire.UserFillsQuery(user=user, aggregate=isinstance(key, UserFillsKey) and key.aggregate_by_time,
+                                min_height=hub.heard_height)
+    try:
+        reply, fills = await hub.upstream.history(query)
+        if query.min_height and (reply.height is None or reply.height < query.min_height):  # it would miss fills
+            raise QueryError(f"the history service holds blocks up to {reply.height}, not yet {query.min_height}")
+    except QueryError as exc:
+        log.warning("%s snapshot of %s: %s; retrying", kind, user, exc)
+        raise NoSnapshot(f"{kind} snapshot of {user} not available yet ({exc}); retrying, "
+                         "new fills are held until it comes", retry=True) from None
     if isinstance(key, UserFillsKey):
-        return height, message(kind, {"isSnapshot": True, "user": user, "fills": msgspec.Raw(fills)})
+        return reply.height, message(kind, {"isSnapshot": True, "user": user, "fills": msgspec.Raw(fills)})
     twap = _twap_fills(msgspec.json.decode(fills, type=list[Fill]))
-    return height, message(kind, {"isSnapshot": True, "user": user, "twapSliceFills": twap})
+    return reply.height, message(kind, {"isSnapshot": True, "user": user, "twapSliceFills": twap})
 
 
 class OpenOrdersFeed(Feed):
