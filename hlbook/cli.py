@@ -16,7 +16,8 @@ from hlbook.services.ingest.cli import ingest
 from hlbook.services.nodesim.cli import sim
 from hlbook.services.supervisor.cli import up
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,  # plain help reads well at 80 columns
+                  help="hlbook: one subcommand per service.")
 
 
 def _version(show: bool) -> None:
@@ -43,14 +44,15 @@ def keys(directory: str = typer.Argument(..., help="Folder to write the keys int
                f"copy other clients' public keys into {path / 'authorized'} to admit them")
 
 
-app.command()(ingest)
-app.command()(sim)
-app.command()(up)
-app.command()(book)
-app.command()(gateway)
-app.command()(history)
-app.command()(client)
-app.command()(keys)
+# one line each in `hlbook --help` (the commands' own first lines are longer)
+app.command(short_help="Tail the node's files; publish blocks over ZeroMQ")(ingest)
+app.command(short_help="Node simulator: node-format files and an info server")(sim)
+app.command(short_help="Run the whole system as supervised processes")(up)
+app.command(short_help="Keep one shard's L4 books; publish L2, BBO, L4")(book)
+app.command(short_help="Serve the public API: WebSocket and /info")(gateway)
+app.command(short_help="Keep fills, trades, orders and candles")(history)
+app.command(short_help="Watch a feed: a book table or JSON lines")(client)
+app.command(short_help="Write ZeroMQ CURVE keys for --curve-dir")(keys)
 
 if __name__ == "__main__":
     app()

@@ -36,7 +36,7 @@ def gateway(
     info_upstream_timeout: Annotated[float, typer.Option(envvar=env("info-upstream-timeout"), help="Seconds a forwarded info request may take (then 504)")] = 5.0,
     info_upstream_concurrency: Annotated[int, typer.Option(envvar=env("info-upstream-concurrency"), help="Forwarded info requests in flight at once; past it: 503 at once, nothing queued")] = 64,
     info_upstream_max_bytes: Annotated[int, typer.Option(envvar=env("info-upstream-max-bytes"), help="Largest answer accepted from the info upstream (then 502)")] = 32 << 20,
-    per_message_deflate: Annotated[bool, typer.Option(envvar=env("per-message-deflate"), help="Offer permessage-deflate compression (about 3x the CPU per frame: each client's stream is compressed separately)")] = False,
+    per_message_deflate: Annotated[bool, typer.Option("--per-message-deflate", envvar=env("per-message-deflate"), show_default=False, help="Offer permessage-deflate compression (about 3x the CPU per frame: each client's stream is compressed separately)")] = False,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """Serve the public Hyperliquid WebSocket and /info protocol from the book shards."""

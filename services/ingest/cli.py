@@ -20,7 +20,7 @@ def ingest(
     replay_blocks: Annotated[int, typer.Option(envvar=env("replay-blocks"), help="Blocks kept for replay")] = config.REPLAY_BLOCKS,
     block_timeout: Annotated[float, typer.Option(envvar=env("block-timeout"), help="Streaming mode: seconds after which a block closes although a stream has not moved past it")] = 0.5,
     poll_interval: Annotated[float, typer.Option(envvar=env("poll-interval"), help="Seconds between file polls when idle, without --watch")] = 0.002,
-    watch: Annotated[bool, typer.Option(envvar=env("watch"), help="Wake on writes to the node files (inotify; Linux); --no-watch polls every --poll-interval")] = True,
+    watch: Annotated[bool, typer.Option(envvar=env("watch"), show_default=False, help="Wake on writes to the node files (inotify; Linux; on by default); --no-watch polls every --poll-interval")] = True,
     curve_dir: Annotated[str | None, typer.Option(envvar=env("curve-dir"), help="ZeroMQ CURVE keys (hlbook keys DIR): authenticate and encrypt every socket")] = None,
     metrics_port: Annotated[int, typer.Option(envvar=env("ingest-metrics-port"), help="Prometheus port (0: off)")] = 0,
     metrics_host: Annotated[str, typer.Option(envvar=env("metrics-host"), help="Address for /metrics (0.0.0.0 to let Prometheus on other hosts scrape it)")] = config.DEFAULT_HOST,

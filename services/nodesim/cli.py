@@ -29,7 +29,7 @@ def sim(
     depth: Annotated[int | None, typer.Option(envvar=env("depth"), help="Resting orders of the most active coin at start, the others falling off with rank (default: the profile's; full: 50,000)")] = None,
     profile: Annotated[str, typer.Option(envvar=env("profile"), help="default (a few coins, light) or full (every market of mainnet: ~450 coins, ~620,000 resting orders, ~8,000 statuses a block)")] = "default",
     mode: Annotated[str, typer.Option(envvar=env("mode"), help="by-block, streaming or both")] = "by-block",
-    seed: Annotated[int, typer.Option(envvar=env("seed"), help="RNG seed: same seed and start time, same blocks")] = 0,
+    seed: Annotated[int, typer.Option(envvar=env("seed"), help="RNG seed: same seed and start time, same blocks")] = 1,
     blocks: Annotated[int | None, typer.Option(envvar=env("blocks"), help="Stop after this many blocks (default: run forever)")] = None,
     start_height: Annotated[int | None, typer.Option(envvar=env("start-height"), help="Height of the first block (the initial state is start-height - 1); default: after the last block already in --data-dir, else 1000000")] = None,
     start_time: Annotated[str | None, typer.Option(envvar=env("start-time"), help="Block time of the first block, ISO 8601 (UTC if no offset), then a fixed schedule (reproducible blocks); default: each block's time from the clock when it is made")] = None,

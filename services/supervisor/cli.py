@@ -30,7 +30,7 @@ def up(
     sockets: Annotated[str | None, typer.Option(envvar=env("sockets"), help="Directory for the ZeroMQ ipc:// endpoints (default: a new temporary one)")] = None,
     curve_dir: Annotated[str | None, typer.Option(envvar=env("curve-dir"), help="ZeroMQ CURVE keys (hlbook keys DIR) for every socket (the default ipc:// endpoints are private to this host without them)")] = None,
     state_dir: Annotated[str, typer.Option(envvar=env("state-dir"), help="Where ingest keeps its position across restarts (with the simulator's temporary data: inside it)")] = config.STATE_DIR,
-    history: Annotated[bool, typer.Option("--history/--no-history", envvar=env("history"), help="Run the history service (candles, userFills snapshots and history requests need it)")] = True,
+    history: Annotated[bool, typer.Option("--history/--no-history", envvar=env("history"), show_default=False, help="Run the history service (on by default; candles, userFills snapshots and history requests need it)")] = True,
     history_days: Annotated[float, typer.Option(envvar=env("history-days"), help="History kept (fills, trades, orders), in days")] = 7.0,
     history_hours: Annotated[float | None, typer.Option(envvar=env("history-hours"), help="Backfill history from the node files of the last N hours (default: all within --history-days)")] = None,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
