@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any, get_args
 
 from hlbook.client.connection import ClientConfig, Connection, RateLimiter
-from hlbook.client.events import Ack, EventBus, EventStream, publish
+from hlbook.client.events import Ack, EventBus, EventStream, check_size, publish
 from hlbook.client.registry import (
     SNAPSHOT_TYPES,
     Callback,
@@ -121,6 +121,7 @@ class HLClient:
         """
         sub = normalize(subscription)
         check_strategy(sub, strategy)
+        check_size("queue_size", queue_size, 0)
         server, new = self._server_for(sub, strategy)
         user = UserSubscription(next(self._ids), sub, server, callback, queue_size, self.bus)
         server.users[user.id] = user
