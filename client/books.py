@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from hlbook.client.handlers import Handlers
 from hlbook.common.chain import Chain, Step
 
 if TYPE_CHECKING:
@@ -164,6 +165,7 @@ class L4Book:
         self.coin = coin
         self.strict_heights = strict_heights
         self.on_update = on_update
+        self.handlers = Handlers(f"l4Book {coin}'s on_update")
         self.synced = False
         self.height: int | None = None
         self._chain = Chain(dense=strict_heights)  # where ``height`` stands
@@ -192,7 +194,7 @@ class L4Book:
             self._desync(str(exc))
             return False
         if applied and self.on_update is not None:
-            self.on_update(self)
+            self.handlers.call(self.on_update, self)
         return applied
 
     def _desync(self, reason: str) -> None:

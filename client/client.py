@@ -112,8 +112,9 @@ class HLClient:
     ) -> int:
         """Subscribe; returns the subscription id at once (see ``wait_active``).
 
-        ``callback``: a plain function is called inline (keep it short); a
-        coroutine function runs in a per-subscription task, in order. Without a
+        ``callback``: called inline (keep it short); an awaitable it returns is
+        awaited by a per-subscription task, in order (at most ``queue_size``
+        waiting); an exception is logged and counted (``callback_errors``). Without a
         callback, read the messages with ``messages(id)`` (bounded queue: the
         oldest is dropped and counted when full), or with ``events()``
         (``queue_size=0``: no queue). ``strategy``: see the class; an identical
@@ -207,7 +208,7 @@ class HLClient:
     async def messages(self, sub_id: int) -> AsyncIterator[Message]:
         """Iterate the messages of a subscription made without a callback."""
         user = self._users[sub_id]
-        if user.queue is None or user.worker is not None:
+        if user.queue is None:
             raise ValueError("messages() needs a subscription made without a callback and with a queue")
         while True:
             message = await user.queue.get()
@@ -247,7 +248,7 @@ class HLClient:
     def subscription_metrics(self, sub_id: int) -> dict[str, Any] | None:
         """One subscription's counters (messages, rates, reconnects, dropped), or None."""
         user = self._users.get(sub_id)
-        return user.metrics.as_dict() if user else None
+        return user.metrics_dict() if user else None
 
     def connection_info(self) -> list[dict[str, Any]]:
         """Every connection's state: strategy, user, state, subscriptions, last error."""

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hlbook.client.handlers import Handlers
 from hlbook.client.registry import SubscriptionError
 
 if TYPE_CHECKING:
@@ -169,6 +170,7 @@ class OrderTracker:
         self.load_open_orders = load_open_orders
         self.clock = clock
         self.counts = TrackerCounts()
+        self.handlers = Handlers("order tracker's on_event")
         self.seen_fills = FifoSet(dedup_size)
         self.open_orders: dict[int, dict[str, Any]] = {}  # resting: exact, as many as the user has
         self._by_cloid: dict[str, int] = {}  # cloid -> resting oid
@@ -207,6 +209,7 @@ class OrderTracker:
 
     async def close(self) -> None:
         """Stop the background tasks."""
+        self.handlers.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -231,7 +234,10 @@ class OrderTracker:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(max(0.05, self.hold_seconds / 4))
-            self.flush_expired()
+            try:
+                self.flush_expired()
+            except Exception:  # the timer outlives any bad message
+                log.exception("order tracker: expiring holds failed")
 
     def handle(self, message: dict[str, Any]) -> None:
         """Take an ``orderUpdates`` or ``userFills`` message."""
@@ -250,6 +256,7 @@ class OrderTracker:
             "held_cancels": len(self.held_cancels),
             "pending_modifies": len(self.pending_modify),
             "open_orders": len(self.open_orders),
+            "handler_errors": self.handlers.errors,
         }
 
     # -- statuses ------------------------------------------------------------------
@@ -418,5 +425,6 @@ class OrderTracker:
             del self.pending_modify[oid]
 
     def _emit(self, event: OrderEvent) -> None:
+        """Hand ``event`` to ``on_event`` (see ``Handlers``: never raises, awaitables awaited in order)."""
         if self.on_event is not None:
-            self.on_event(event)
+            self.handlers.call(self.on_event, event)

@@ -289,3 +289,80 @@ def test_tracker_without_info_support_says_so() -> None:
         await server.stop()
 
     run(main())
+
+
+def test_a_raising_handler_is_counted_and_loses_nothing() -> None:
+    """``on_event`` raising on the first of three opens left the other two unapplied, and
+    the hold timer died with the handler's exception (a held fill stayed held)."""
+    t, events = tracker()
+    calls: list[OrderEvent] = []
+
+    def flaky(event: OrderEvent) -> None:
+        calls.append(event)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the program")
+        events.append(event)
+
+    t.on_event = flaky
+    t.on_order_updates([status(1, "open"), status(2, "open"), status(3, "open")])
+    assert set(t.open_orders) == {1, 2, 3} and kinds(events) == [("open", 2), ("open", 3)]
+    assert t.metrics()["handler_errors"] == 1
+
+    async def main() -> None:
+        server = await FakeServer().start()
+        async with HLClient(server.url, **FAST) as client:
+            live = OrderTracker(lambda e: 1 / 0, hold_seconds=0.2, load_open_orders=False)
+            fills_sub = {"type": "userFills", "user": USER}
+            ids = await live.subscribe(client, USER)
+            await client.wait_active(ids[1], 5)
+            await server.publish(fills_sub, {"user": USER, "isSnapshot": True, "fills": []})
+            await server.publish(fills_sub, {"user": USER, "fills": [fill(70, 1), fill(71, 2)]})  # two unknown orders: held
+            await until(lambda: live.counts.held == 2, what="both fills held")
+            await until(lambda: live.counts.released_on_expiry == 2, what="both released by the timer")
+            assert live.metrics()["handler_errors"] == 2
+            got: list[Any] = []
+            bad = await client.subscribe({"type": "trades", "coin": "BTC"}, lambda m: got.append(m) or 1 / 0)
+            await client.wait_active(bad, 5)
+            for tid in range(2):
+                await server.publish({"type": "trades", "coin": "BTC"}, [{"coin": "BTC", "tid": tid}])
+            await until(lambda: len(got) == 2)
+            assert client.subscription_metrics(bad)["callback_errors"] == 2
+            await live.close()
+        await server.stop()
+
+    run(main())
+
+
+def test_any_awaitable_result_of_a_handler_is_awaited() -> None:
+    """A lambda returning a coroutine, or an object with an async ``__call__``, was never
+    awaited (7 messages delivered, the handler ran 0 times)."""
+    ran: list[Any] = []
+
+    async def record(item: Any) -> None:
+        await asyncio.sleep(0)
+        ran.append(item)
+
+    class AsyncCall:
+        async def __call__(self, message: dict[str, Any]) -> None:
+            await record(("call", message["data"][0]["tid"]))
+
+    async def main() -> None:
+        server = await FakeServer().start()
+        async with HLClient(server.url, **FAST) as client:
+            subs = [{"type": "trades", "coin": c} for c in ("BTC", "ETH")]
+            ids = [await client.subscribe(subs[0], lambda m: record(("lambda", m["data"][0]["tid"]))),
+                   await client.subscribe(subs[1], AsyncCall())]
+            for sid in ids:
+                await client.wait_active(sid, 5)
+            for tid in range(3):
+                for sub in subs:
+                    await server.publish(sub, [{"coin": sub["coin"], "tid": tid}])
+            t = OrderTracker(lambda e: record(("tracker", e.oid)))
+            t.on_order_updates([status(1, "open"), status(2, "open")])
+            await until(lambda: len(ran) == 8, what="every handler awaited")
+        await server.stop()
+        assert [x for x in ran if x[0] == "lambda"] == [("lambda", i) for i in range(3)]  # in order
+        assert [x for x in ran if x[0] == "call"] == [("call", i) for i in range(3)]
+        assert [x for x in ran if x[0] == "tracker"] == [("tracker", 1), ("tracker", 2)]
+
+    run(main())
