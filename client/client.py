@@ -14,6 +14,7 @@ from hlbook.client.registry import (
     SNAPSHOT_TYPES,
     Callback,
     Message,
+    ClientClosed,
     ServerSubscription,
     Strategy,
     SubscriptionError,
@@ -96,9 +97,12 @@ class HLClient:
         await self._shared_connection().wait_open(timeout if timeout is not None else self.config.open_timeout)
 
     async def close(self) -> None:
-        """Close every connection and end every iterator; the client can be used again after."""
+        """Close every connection, end every iterator and waiter (``ClientClosed``);
+        the client can be used again after."""
         for user in self._users.values():
             user.close()
+        for server in self._servers.values():
+            server.close("client closed")
         self.bus.end()
         connections, self._connections = self._connections, []
         self._servers.clear()
@@ -194,20 +198,29 @@ class HLClient:
 
     def resubscribe(self, sub_id: int) -> None:
         """Ask the server again (fresh snapshot); shared users get it too."""
-        server = self._users[sub_id].server
+        server = self._user(sub_id).server
         if server.connection is not None:
             server.connection.resubscribe(server)
 
     async def wait_active(self, sub_id: int, timeout: float | None = None) -> None:
-        """Wait until the server acknowledged it; ``SubscriptionError`` if refused."""
-        server = self._users[sub_id].server
+        """Wait until the server acknowledged it; ``SubscriptionError`` if refused or
+        gone, ``ClientClosed`` if the client closed meanwhile."""
+        server = self._user(sub_id).server
         await asyncio.wait_for(server.active.wait(), timeout)
+        if server.state == "closed":
+            raise ClientClosed(server.error)
         if server.state == "failed":
             raise SubscriptionError(server.error)
 
+    def _user(self, sub_id: int) -> UserSubscription:
+        user = self._users.get(sub_id)
+        if user is None:
+            raise SubscriptionError(f"no subscription {sub_id} (unsubscribed, or its client closed)")
+        return user
+
     async def messages(self, sub_id: int) -> AsyncIterator[Message]:
         """Iterate the messages of a subscription made without a callback."""
-        user = self._users[sub_id]
+        user = self._user(sub_id)
         if user.queue is None:
             raise ValueError("messages() needs a subscription made without a callback and with a queue")
         while True:

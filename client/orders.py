@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hlbook.client.handlers import Handlers
-from hlbook.client.registry import SubscriptionError
+from hlbook.client.registry import ClientClosed, SubscriptionError
 
 if TYPE_CHECKING:
     from hlbook.client.client import HLClient
@@ -182,6 +182,7 @@ class OrderTracker:
         self.replaced = FifoSet(dedup_size)  # old oids of reported modifies: a later canceled is stale
         self.ready = asyncio.Event()
         self.load_error: str | None = None
+        self.stopped: str | None = None  # why it stopped: the tracker or its client closed
         self.sub_ids: list[int] = []
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -204,11 +205,20 @@ class OrderTracker:
         return self.sub_ids
 
     async def wait_ready(self, timeout: float | None = None) -> None:
-        """Until the resting orders are loaded (or could not be: ``load_error``)."""
+        """Until the resting orders are loaded (or could not be: ``load_error``);
+        ``ClientClosed`` if the tracker or its client closed first."""
         await asyncio.wait_for(self.ready.wait(), timeout)
+        if self.stopped is not None and self.counts.open_orders_loaded is None:
+            raise ClientClosed(self.stopped)
+
+    def _stop(self, reason: str) -> None:
+        """Closed: waiters end."""
+        self.stopped = self.stopped or reason
+        self.ready.set()
 
     async def close(self) -> None:
-        """Stop the background tasks."""
+        """Stop the background tasks; ``wait_ready`` callers get ``ClientClosed``."""
+        self._stop("order tracker closed")
         self.handlers.close()
         for task in self._tasks:
             task.cancel()
@@ -216,20 +226,35 @@ class OrderTracker:
         self._tasks.clear()
 
     async def _load(self, client: HLClient, user: str) -> None:
+        """Load the resting orders (``wait_ready``): until done, failed or closed."""
+        try:
+            orders = await self._fetch_open_orders(client, user)
+        except ClientClosed as exc:
+            self._stop(str(exc))
+            return
+        except (SubscriptionError, RuntimeError, TimeoutError) as exc:
+            self.load_error = str(exc)
+            log.warning("order tracker of %s: resting orders not loaded: %s", user, exc)
+        else:
+            self.add_open_orders(orders)
+        self.ready.set()
+
+    async def _fetch_open_orders(self, client: HLClient, user: str) -> list[dict[str, Any]]:
+        """``frontendOpenOrders``, asked once ``orderUpdates`` is live (statuses from then on reach
+        the tracker), again when the connection drops meanwhile; ``ClientClosed`` if it closes."""
         while True:
             try:
-                await client.wait_active(self.sub_ids[0])  # statuses from here on reach the tracker
-                payload = await client.info({"type": "frontendOpenOrders", "user": user})
-                break
-            except ConnectionError:  # dropped meanwhile: again once resubscribed
-                await asyncio.sleep(0.05)
-            except (SubscriptionError, RuntimeError, TimeoutError) as exc:
-                self.load_error = str(exc)
-                log.warning("order tracker of %s: resting orders not loaded: %s", user, exc)
-                self.ready.set()
-                return
-        self.add_open_orders(payload["data"])
-        self.ready.set()
+                await client.wait_active(self.sub_ids[0])
+                return list((await client.info({"type": "frontendOpenOrders", "user": user}))["data"])
+            except ConnectionError:
+                pass  # dropped meanwhile: asked again once resubscribed
+            except SubscriptionError:
+                if client.get_subscription(self.sub_ids[0]) is None:
+                    raise ClientClosed("client closed") from None
+                raise
+            if client.get_subscription(self.sub_ids[0]) is None:
+                raise ClientClosed("client closed")
+            await asyncio.sleep(0.05)
 
     async def _flush_loop(self) -> None:
         while True:

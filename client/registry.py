@@ -49,7 +49,11 @@ Strategy = Literal["shared", "dedicated", "user_grouped"]
 
 
 class SubscriptionError(Exception):
-    """The server refused a subscription."""
+    """The server refused a subscription (or it is gone)."""
+
+
+class ClientClosed(SubscriptionError):
+    """The client (or order tracker) was closed while this was waited for."""
 
 
 def normalize(subscription: dict[str, Any]) -> dict[str, Any]:
@@ -198,7 +202,7 @@ class ServerSubscription:
     strategy: Strategy = "shared"
     users: dict[int, UserSubscription] = field(default_factory=dict)
     connection: Connection | None = None
-    state: str = "pending"  # pending | active | failed
+    state: str = "pending"  # pending | active | failed | closed
     error: str | None = None
     lost_at: float | None = None  # wall time its connection dropped; the next ack is a reconnect
     sent_at: float | None = None  # monotonic time of the last subscribe sent
@@ -239,6 +243,12 @@ class ServerSubscription:
         self.error = error
         for user in list(self.users.values()):
             user.fail(error)
+        self.active.set()
+
+    def close(self, reason: str) -> None:
+        """The client closed: waiters end (``ClientClosed``)."""
+        self.state = "closed"
+        self.error = reason
         self.active.set()
 
     def deliver(self, message: Message) -> None:
