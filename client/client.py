@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any, get_args
 
@@ -112,7 +112,8 @@ class HLClient:
     # -- registry --------------------------------------------------------------
 
     async def subscribe(
-        self, subscription: dict[str, Any], callback: Callback | None = None, *, queue_size: int = 1000, strategy: Strategy = "shared"
+        self, subscription: dict[str, Any], callback: Callback | None = None, *, queue_size: int = 1000, strategy: Strategy = "shared",
+        on_gap: Callable[[float, float], Any] | None = None,
     ) -> int:
         """Subscribe; returns the subscription id at once (see ``wait_active``).
 
@@ -122,13 +123,14 @@ class HLClient:
         callback, read the messages with ``messages(id)`` (bounded queue: the
         oldest is dropped and counted when full), or with ``events()``
         (``queue_size=0``: no queue). ``strategy``: see the class; an identical
-        subscription shares the existing one, wherever it lives.
+        subscription shares the existing one, wherever it lives. ``on_gap(since, until)``:
+        called (as a callback) when it is back after a lost connection, the ``Gap`` event.
         """
         sub = normalize(subscription)
         check_strategy(sub, strategy)
         check_size("queue_size", queue_size, 0)
         server, new = self._server_for(sub, strategy)
-        user = UserSubscription(next(self._ids), sub, server, callback, queue_size, self.bus)
+        user = UserSubscription(next(self._ids), sub, server, callback, queue_size, self.bus, on_gap=on_gap)
         server.users[user.id] = user
         self._users[user.id] = user
         if new:

@@ -45,7 +45,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("hlbook.client")
 
 #: Statuses after which an order rests no more (besides any ``…Rejected`` / ``…Canceled``).
-TERMINAL = {"filled", "canceled", "rejected", "scheduledCancel"}
+TERMINAL = {"filled", "canceled", "rejected", "scheduledCancel", "closed"}
+#: ``reason`` of the events a reconciliation after a gap emits (not seen: inferred from the resting orders).
+RECONCILED_CLOSED = "reconciled: no longer resting after a gap"
+RECONCILED_OPEN = "reconciled: resting after a gap"
 
 Update = dict[str, Any]  # one element of an orderUpdates message: {"order", "status", "statusTimestamp"}
 
@@ -57,7 +60,8 @@ def is_terminal(status: str) -> bool:
 @dataclass
 class OrderEvent:
     """``kind``: a status (``open``, ``canceled``, ``filled``, ``triggered``, ``*Rejected``…),
-    ``modified`` (``prev_oid`` -> ``oid``) or ``fill`` (``fill`` set)."""
+    ``modified`` (``prev_oid`` -> ``oid``), ``fill`` (``fill`` set), or after a gap
+    ``closed``/``open`` with ``reason`` set (``RECONCILED_CLOSED``/``RECONCILED_OPEN``)."""
 
     kind: str
     oid: int
@@ -68,6 +72,7 @@ class OrderEvent:
     fill: dict[str, Any] | None = None
     time: int | None = None
     raw: list[dict[str, Any]] = field(default_factory=list)
+    reason: str | None = None
 
 
 @dataclass
@@ -84,6 +89,8 @@ class TrackerCounts:
     modifies: int = 0  # modified events
     suppressed_cancels: int = 0  # canceled statuses of a modify's old leg, not reported
     open_orders_loaded: int | None = None  # resting orders from frontendOpenOrders; None until loaded
+    reconciles: int = 0  # reloads of the resting orders after a gap
+    reconciled: int = 0  # closed/open events those reloads emitted
 
 
 class FifoSet:
@@ -185,6 +192,8 @@ class OrderTracker:
         self.stopped: str | None = None  # why it stopped: the tracker or its client closed
         self.sub_ids: list[int] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._since_gap: set[int] | None = None  # oids with a status since the last gap, while a reload is due
+        self._reload: asyncio.Task[None] | None = None
 
     # -- wiring --------------------------------------------------------------------
 
@@ -192,8 +201,9 @@ class OrderTracker:
         """Subscribe orderUpdates and userFills of ``user`` on one connection
         (``user_grouped``: their relative order holds), load the resting orders
         in the background (``wait_ready``), expire holds on a timer."""
+        on_gap = lambda since, until: self._gap(client, user)  # noqa: E731
         self.sub_ids = [
-            await client.subscribe({"type": "orderUpdates", "user": user}, self.handle, strategy="user_grouped"),
+            await client.subscribe({"type": "orderUpdates", "user": user}, self.handle, strategy="user_grouped", on_gap=on_gap),
             await client.subscribe({"type": "userFills", "user": user}, self.handle, strategy="user_grouped"),
         ]
         loop = asyncio.get_running_loop()
@@ -220,6 +230,8 @@ class OrderTracker:
         """Stop the background tasks; ``wait_ready`` callers get ``ClientClosed``."""
         self._stop("order tracker closed")
         self.handlers.close()
+        if self._reload is not None:
+            self._tasks.append(self._reload)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -238,6 +250,23 @@ class OrderTracker:
         else:
             self.add_open_orders(orders)
         self.ready.set()
+
+    def _gap(self, client: HLClient, user: str) -> None:
+        """``orderUpdates`` is back after a lost connection: reload the resting orders and reconcile."""
+        if self._since_gap is None:
+            self._since_gap = set()
+        if self._reload is not None:
+            self._reload.cancel()
+        self._reload = asyncio.get_running_loop().create_task(self._reconcile_later(client, user))
+
+    async def _reconcile_later(self, client: HLClient, user: str) -> None:
+        try:
+            orders = await self._fetch_open_orders(client, user)
+        except (SubscriptionError, RuntimeError, TimeoutError) as exc:
+            log.warning("order tracker of %s: resting orders not reloaded after a gap: %s", user, exc)
+            self._since_gap = None
+            return
+        self.reconcile(orders)
 
     async def _fetch_open_orders(self, client: HLClient, user: str) -> list[dict[str, Any]]:
         """``frontendOpenOrders``, asked once ``orderUpdates`` is live (statuses from then on reach
@@ -296,6 +325,27 @@ class OrderTracker:
                 self._release(oid)
         self.counts.open_orders_loaded = len(orders)
 
+    def reconcile(self, orders: list[dict[str, Any]]) -> None:
+        """After a gap, ``orders`` (``frontendOpenOrders``) are what rests: an order held
+        as resting that rests no more is closed (``closed``), one not known is opened
+        (``open``), both with ``reason``; an order with a status since the gap is as that says."""
+        fresh = self._since_gap or set()
+        self._since_gap = None
+        resting = {order["oid"]: order for order in orders}
+        gone = [oid for oid in self.open_orders if oid not in resting and oid not in fresh and oid not in self.held_cancels]
+        for oid in gone:
+            order = self.open_orders[oid]
+            self._close(oid)
+            self._release(oid)
+            self._emit(OrderEvent("closed", oid, order.get("coin"), order.get("cloid"), order, reason=RECONCILED_CLOSED))
+        new = [o for oid, o in resting.items() if oid not in self.open_orders and oid not in fresh and oid not in self.closed]
+        for order in new:
+            self._rest(order)
+            self._emit(OrderEvent("open", order["oid"], order.get("coin"), order.get("cloid"), order, reason=RECONCILED_OPEN))
+            self._release(order["oid"])
+        self.counts.reconciles += 1
+        self.counts.reconciled += len(gone) + len(new)
+
     def expect_modify(self, oid: int) -> None:
         """Mark a resting order as being modified (call it when you send the modify):
         its ``canceled`` is held until the replacement's ``open`` (one ``modified``
@@ -304,6 +354,8 @@ class OrderTracker:
 
     def on_order_updates(self, updates: list[Update]) -> None:
         """One orderUpdates message (one block): pair modifies, emit in node order."""
+        if self._since_gap is not None:
+            self._since_gap.update(u["order"]["oid"] for u in updates)
         folded = _modifies(updates)  # index of canceled -> index of its replacement's open
         replaced = {j: i for i, j in folded.items()}
         for i, u in enumerate(updates):

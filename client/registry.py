@@ -123,6 +123,7 @@ class UserSubscription:
     metrics: SubscriptionMetrics = field(default_factory=SubscriptionMetrics)
     error: str | None = None
     activated: bool = False
+    on_gap: Callable[[float, float], Any] | None = None
     queue: asyncio.Queue[Message | None] | None = None
     handlers: Handlers = field(init=False)
 
@@ -157,7 +158,10 @@ class UserSubscription:
         connection = self.server.connection.id if self.server.connection else None
         publish(self.bus, Ack, self.id, connection, resumed)
         if resumed and lost_at is not None:
-            publish(self.bus, Gap, self.id, connection, lost_at, time.time())
+            now = time.time()
+            publish(self.bus, Gap, self.id, connection, lost_at, now)
+            if self.on_gap is not None:
+                self.handlers.call(self.on_gap, lost_at, now)
 
     def fail(self, error: str) -> None:
         """Record a refusal; an iterator ends with SubscriptionError."""

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from hlbook.client import HLClient, OrderEvent, OrderTracker
-from hlbook.client.orders import FifoSet
+from hlbook.client.orders import RECONCILED_CLOSED, RECONCILED_OPEN, FifoSet
 from hlbook.client.testing import FakeConnection, FakeServer
 from test_client import FAST, run, until
 
@@ -366,3 +366,16 @@ def test_any_awaitable_result_of_a_handler_is_awaited() -> None:
         assert [x for x in ran if x[0] == "tracker"] == [("tracker", 1), ("tracker", 2)]
 
     run(main())
+
+
+def test_reconcile_after_a_gap_closes_and_opens_what_changed_unseen() -> None:
+    """What rests after a gap (frontendOpenOrders) against what the tracker holds: closed and
+    opened orders are emitted with a reason; an order with a status since the gap is left as it says."""
+    t, events = tracker()
+    t.on_order_updates([status(1, "open"), status(2, "open"), status(3, "open")])
+    t._since_gap = set()  # as after a gap: statuses from here on are fresher than any reload
+    t.on_order_updates([status(4, "open"), status(3, "canceled")])
+    del events[:]
+    t.reconcile([status(2, "open")["order"], status(3, "open")["order"], status(5, "open")["order"]])
+    assert [(e.kind, e.oid, e.reason) for e in events] == [("closed", 1, RECONCILED_CLOSED), ("open", 5, RECONCILED_OPEN)]
+    assert set(t.open_orders) == {2, 4, 5} and t.counts.reconciles == 1 and t.counts.reconciled == 2
