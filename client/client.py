@@ -123,7 +123,7 @@ class HLClient:
         callback, read the messages with ``messages(id)`` (bounded queue: the
         oldest is dropped and counted when full), or with ``events()``
         (``queue_size=0``: no queue). ``strategy``: see the class; an identical
-        subscription shares the existing one, wherever it lives. ``on_gap(since, until)``:
+        subscription of the same strategy shares the existing one. ``on_gap(since, until)``:
         called (as a callback) when it is back after a lost connection, the ``Gap`` event.
         """
         sub = normalize(subscription)
@@ -140,8 +140,10 @@ class HLClient:
         return user.id
 
     def _server_for(self, sub: dict[str, Any], strategy: Strategy) -> tuple[ServerSubscription, bool]:
-        """The server subscription of ``sub``, and whether it is new (a refused or given-up one is asked for afresh)."""
-        key = identity(sub)
+        """The server subscription of ``sub`` with that strategy, and whether it is new (a refused or
+        given-up one is asked for afresh). An identical one of another strategy is not shared: it
+        lives elsewhere (a user_grouped feed must be on its user's connection)."""
+        key = f"{strategy} {identity(sub)}"
         server = self._servers.get(key)
         if server is not None and server.state != "failed":
             return server, False
