@@ -10,8 +10,8 @@ legs into one ``modified`` event:
   first can only be told from a plain cancel when the program marked the
   order when it sent the modify (``expect_modify(oid)``, nautilus_trader's
   pending-modify marker): that cancel is held until the replacement's
-  ``open`` (same cloid, else the oldest marked order of the same coin and
-  side, which also pairs modifies without a cloid), or emitted as a cancel
+  ``open`` (same cloid, else the replacement oid the program declared: never
+  by coin and side, which pairs unrelated orders), or emitted as a cancel
   after ``hold_seconds`` when none comes. A stale ``canceled`` of an order
   already reported as replaced is dropped.
 
@@ -184,7 +184,7 @@ class OrderTracker:
         self.closed = FifoSet(dedup_size)  # orders that reached a final status (or were replaced)
         self.expired = FifoSet(dedup_size)  # orders whose fills' hold expired: older than the tracker
         self.held: collections.OrderedDict[int, list[tuple[float, dict[str, Any]]]] = collections.OrderedDict()
-        self.pending_modify: dict[int, float] = {}  # oid -> when marked by expect_modify
+        self.pending_modify: dict[int, tuple[float, int | None]] = {}  # oid -> (when marked by expect_modify, new oid)
         self.held_cancels: dict[int, tuple[float, Update]] = {}  # marked oid -> (when, its canceled update)
         self.replaced = FifoSet(dedup_size)  # old oids of reported modifies: a later canceled is stale
         self.ready = asyncio.Event()
@@ -346,11 +346,17 @@ class OrderTracker:
         self.counts.reconciles += 1
         self.counts.reconciled += len(gone) + len(new)
 
-    def expect_modify(self, oid: int) -> None:
+    def expect_modify(self, oid: int, new_oid: int | None = None) -> None:
         """Mark a resting order as being modified (call it when you send the modify):
         its ``canceled`` is held until the replacement's ``open`` (one ``modified``
-        event), or emitted after ``hold_seconds`` if none comes."""
-        self.pending_modify[oid] = self.clock()
+        event), or emitted after ``hold_seconds`` if none comes. The replacement is
+        the open with the order's cloid, or ``new_oid`` (the oid the exchange answered
+        the modify with; call again once known): ``ValueError`` without either, since
+        pairing by coin and side pairs unrelated orders."""
+        order = self.open_orders.get(oid)
+        if new_oid is None and (order is None or not order.get("cloid")):
+            raise ValueError(f"expect_modify({oid}): no cloid known for the order; pass new_oid, the replacement's oid")
+        self.pending_modify[oid] = (self.clock(), new_oid)
 
     def on_order_updates(self, updates: list[Update]) -> None:
         """One orderUpdates message (one block): pair modifies, emit in node order."""
@@ -400,7 +406,7 @@ class OrderTracker:
 
     def _replaced_order(self, order: dict[str, Any]) -> int | None:
         """The oid a new ``open`` replaces: the resting or held-cancel order with its cloid,
-        else the oldest marked order of its coin and side."""
+        else the marked order whose declared replacement it is."""
         cloid = order.get("cloid")
         if cloid:
             for oid, (_, u) in self.held_cancels.items():
@@ -409,11 +415,7 @@ class OrderTracker:
             resting = self._by_cloid.get(cloid)
             if resting is not None and resting != order["oid"]:
                 return resting
-        for oid in self.pending_modify:
-            old = self.open_orders.get(oid) or (self.held_cancels[oid][1]["order"] if oid in self.held_cancels else None)
-            if old is not None and (old.get("coin"), old.get("side")) == (order.get("coin"), order.get("side")) and old.get("cloid") in (None, cloid):
-                return oid
-        return None
+        return next((oid for oid, (_, new_oid) in self.pending_modify.items() if new_oid == order["oid"]), None)
 
     def _modified(self, old_oid: int, opened: Update, canceled: Update | None = None) -> None:
         new = opened["order"]
@@ -498,7 +500,7 @@ class OrderTracker:
             _, u = self.held_cancels.pop(oid)
             self.pending_modify.pop(oid, None)
             self._status(u)
-        for oid in [oid for oid, at in self.pending_modify.items() if at <= limit and oid not in self.held_cancels]:
+        for oid in [oid for oid, (at, _) in self.pending_modify.items() if at <= limit and oid not in self.held_cancels]:
             del self.pending_modify[oid]
 
     def _emit(self, event: OrderEvent) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from hlbook.client import HLClient, OrderEvent, OrderTracker
 from hlbook.client.orders import RECONCILED_CLOSED, RECONCILED_OPEN, FifoSet
 from hlbook.client.testing import FakeConnection, FakeServer
@@ -183,11 +185,11 @@ def test_modify_legs_in_separate_messages() -> None:
     # open first, with a cloid: recognised without a marker; the late cancel is stale
     t.on_order_updates([status(2, "open", "0xa")])
     t.on_order_updates([status(1, "canceled", "0xa")])
-    # cancel first: only a marked order's cancel waits for its replacement (cloid, else coin and side)
-    t.expect_modify(10)
+    # cancel first: only a marked order's cancel waits for its replacement (cloid, else the declared oid)
+    t.expect_modify(10, new_oid=11)
     t.on_order_updates([status(10, "canceled")])
     t.on_order_updates([status(11, "open")])
-    t.expect_modify(20)
+    t.expect_modify(20, new_oid=21)
     t.on_order_updates([status(20, "canceled"), status(21, "open")])  # no cloid, one message
     assert kinds(events)[4:] == [("modified", 2), ("modified", 11), ("modified", 21)]
     assert [e.prev_oid for e in events[4:]] == [1, 10, 20] and sorted(t.open_orders) == [2, 11, 21, 30]
@@ -379,3 +381,19 @@ def test_reconcile_after_a_gap_closes_and_opens_what_changed_unseen() -> None:
     t.reconcile([status(2, "open")["order"], status(3, "open")["order"], status(5, "open")["order"]])
     assert [(e.kind, e.oid, e.reason) for e in events] == [("closed", 1, RECONCILED_CLOSED), ("open", 5, RECONCILED_OPEN)]
     assert set(t.open_orders) == {2, 4, 5} and t.counts.reconciles == 1 and t.counts.reconciled == 2
+
+
+def test_expect_modify_pairs_by_identity_never_by_coin_and_side() -> None:
+    """Without a cloid the oldest marked order of the coin and side was taken: a rejected modify
+    of 10 plus a new quote 11 gave ``modified 11<-10``; a modify 10->12 whose new quote 11
+    opened first reported 11 as the replacement and 12 as new."""
+    clock = [0.0]
+    t, events = tracker(clock)
+    t.on_order_updates([status(10, "open")])
+    with pytest.raises(ValueError, match="new_oid"):
+        t.expect_modify(10)  # no identity: refused rather than guessed
+    t.expect_modify(10, new_oid=12)
+    t.on_order_updates([status(10, "canceled")])
+    t.on_order_updates([status(11, "open")])  # another quote of the same coin and side
+    t.on_order_updates([status(12, "open")])
+    assert [(e.kind, e.oid, e.prev_oid) for e in events[1:]] == [("open", 11, None), ("modified", 12, 10)]
