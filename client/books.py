@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from hlbook.client.handlers import Handlers
 from hlbook.common.chain import Chain, Step
 
 if TYPE_CHECKING:
@@ -39,10 +41,41 @@ def _data(message: dict[str, Any]) -> Any:
     return message["data"] if "channel" in message else message
 
 
-class L2BookView:
-    """The latest l2Book message of one coin, as exact decimals."""
+class Freshness:
+    """How old a local book's data is: ``age`` (seconds since the last message applied,
+    None before any); ``fresh`` while its subscription is active (not after the
+    connection dropped) and ``age`` is under ``stale_after`` (None: never stale by age)."""
 
-    def __init__(self, coin: str | None = None) -> None:
+    def __init__(self, stale_after: float | None) -> None:
+        self.stale_after = stale_after
+        self.received_at: float | None = None  # monotonic
+        self._client: HLClient | None = None
+        self.sub_id: int | None = None
+
+    def touch(self) -> None:
+        self.received_at = time.monotonic()
+
+    @property
+    def age(self) -> float | None:
+        return None if self.received_at is None else time.monotonic() - self.received_at
+
+    @property
+    def fresh(self) -> bool:
+        age = self.age
+        if age is None or (self.stale_after is not None and age > self.stale_after):
+            return False
+        if self._client is None or self.sub_id is None:
+            return True
+        info = self._client.get_subscription(self.sub_id)
+        return info is not None and info["state"] == "active"
+
+
+class L2BookView(Freshness):
+    """The latest l2Book message of one coin, as exact decimals; ``synced`` while fresh
+    (see ``Freshness``: ``stale_after`` seconds without a message, or the connection lost)."""
+
+    def __init__(self, coin: str | None = None, *, stale_after: float | None = 10.0) -> None:
+        super().__init__(stale_after)
         self.coin = coin
         self.time: int | None = None
         self.bids: list[Level] = []
@@ -58,6 +91,12 @@ class L2BookView:
         self.bids = [(dec(lv["px"]), dec(lv["sz"]), int(lv["n"])) for lv in bids]
         self.asks = [(dec(lv["px"]), dec(lv["sz"]), int(lv["n"])) for lv in asks]
         self.updates += 1
+        self.touch()
+
+    @property
+    def synced(self) -> bool:
+        """Data received, and fresh."""
+        return self.fresh
 
     @property
     def best_bid(self) -> Level | None:
@@ -86,7 +125,9 @@ class L2BookView:
 
     async def subscribe(self, client: HLClient, **params: Any) -> int:
         """Subscribe l2Book for ``self.coin`` (extra params: nSigFigs, mantissa, nLevels)."""
-        return await client.subscribe({"type": "l2Book", "coin": self.coin, **params}, self.apply)
+        self._client = client
+        self.sub_id = await client.subscribe({"type": "l2Book", "coin": self.coin, **params}, self.apply)
+        return self.sub_id
 
 
 def render_levels(coin: str, time_ms: int | None, bids: list[Level], asks: list[Level]) -> str:
@@ -149,7 +190,7 @@ class _Side:
         return [-k for k in self._keys] if self.descending else list(self._keys)
 
 
-class L4Book:
+class L4Book(Freshness):
     """Every resting order of one coin, from an ``l4Book`` subscription.
 
     Checks each ``Updates`` height against the last one (``strict_heights``:
@@ -157,14 +198,20 @@ class L4Book:
     only blocks that changed the coin, so pass ``strict_heights=False`` there)
     and every oid; on any gap or inconsistency it drops its state and asks the
     server for a fresh snapshot, so it is never silently wrong: between the
-    problem and the new snapshot ``synced`` is False.
+    problem and the new snapshot ``synced`` is False, as it is while not fresh
+    (``Freshness``: hlbook sends a message per block, so ``stale_after`` seconds
+    without one, or a lost connection, means the book may be behind).
     """
 
-    def __init__(self, coin: str, *, strict_heights: bool = True, on_update: Callable[[L4Book], Any] | None = None) -> None:
+    def __init__(
+        self, coin: str, *, strict_heights: bool = True, on_update: Callable[[L4Book], Any] | None = None, stale_after: float | None = 10.0
+    ) -> None:
+        super().__init__(stale_after)
         self.coin = coin
         self.strict_heights = strict_heights
         self.on_update = on_update
-        self.synced = False
+        self.handlers = Handlers(f"l4Book {coin}'s on_update")
+        self._synced = False  # the state follows the feed (see ``synced``)
         self.height: int | None = None
         self._chain = Chain(dense=strict_heights)  # where ``height`` stands
         self.time: int | None = None
@@ -172,8 +219,6 @@ class L4Book:
         self.last_desync: str | None = None
         self.orders: dict[int, L4Order] = {}
         self._sides = {"B": _Side(descending=True), "A": _Side(descending=False)}
-        self._client: HLClient | None = None
-        self.sub_id: int | None = None
 
     # -- wiring to a client ------------------------------------------------------
 
@@ -192,7 +237,7 @@ class L4Book:
             self._desync(str(exc))
             return False
         if applied and self.on_update is not None:
-            self.on_update(self)
+            self.handlers.call(self.on_update, self)
         return applied
 
     def _desync(self, reason: str) -> None:
@@ -203,8 +248,13 @@ class L4Book:
         if self._client is not None and self.sub_id is not None:
             self._client.resubscribe(self.sub_id)
 
+    @property
+    def synced(self) -> bool:
+        """The state follows the feed (no gap or inconsistency since the snapshot), and is fresh."""
+        return self._synced and self.fresh
+
     def _reset(self) -> None:
-        self.synced = False
+        self._synced = False
         self.orders.clear()
         self._sides = {"B": _Side(descending=True), "A": _Side(descending=False)}
 
@@ -231,11 +281,12 @@ class L4Book:
         self.height = int(snap["height"])
         self._chain.from_snapshot(self.height)
         self.time = snap.get("time")
-        self.synced = True
+        self._synced = True
+        self.touch()
 
     def apply_updates(self, upd: dict[str, Any]) -> bool:
         """Apply one block of diffs; raises BookDesync on a gap or unknown oid."""
-        if not self.synced or self.height is None:
+        if not self._synced or self.height is None:
             return False
         height = int(upd["height"])
         # hlbook sends one Updates per block (a dense stream: each is the next height);
@@ -251,6 +302,7 @@ class L4Book:
         self.height = height
         self._chain.advance(height)
         self.time = upd.get("time", self.time)
+        self.touch()
         return True
 
     def _apply_diff(self, diff: dict[str, Any], details: dict[int, dict[str, Any]]) -> None:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any, get_args
 
 from hlbook.client.connection import ClientConfig, Connection, RateLimiter
-from hlbook.client.events import Ack, EventBus, EventStream, publish
+from hlbook.client.events import Ack, EventBus, EventStream, check_size, publish
 from hlbook.client.registry import (
     SNAPSHOT_TYPES,
     Callback,
     Message,
+    ClientClosed,
     ServerSubscription,
     Strategy,
     SubscriptionError,
@@ -96,9 +97,12 @@ class HLClient:
         await self._shared_connection().wait_open(timeout if timeout is not None else self.config.open_timeout)
 
     async def close(self) -> None:
-        """Close every connection and end every iterator; the client can be used again after."""
+        """Close every connection, end every iterator and waiter (``ClientClosed``);
+        the client can be used again after."""
         for user in self._users.values():
             user.close()
+        for server in self._servers.values():
+            server.close("client closed")
         self.bus.end()
         connections, self._connections = self._connections, []
         self._servers.clear()
@@ -108,21 +112,25 @@ class HLClient:
     # -- registry --------------------------------------------------------------
 
     async def subscribe(
-        self, subscription: dict[str, Any], callback: Callback | None = None, *, queue_size: int = 1000, strategy: Strategy = "shared"
+        self, subscription: dict[str, Any], callback: Callback | None = None, *, queue_size: int = 1000, strategy: Strategy = "shared",
+        on_gap: Callable[[float, float], Any] | None = None,
     ) -> int:
         """Subscribe; returns the subscription id at once (see ``wait_active``).
 
-        ``callback``: a plain function is called inline (keep it short); a
-        coroutine function runs in a per-subscription task, in order. Without a
+        ``callback``: called inline (keep it short); an awaitable it returns is
+        awaited by a per-subscription task, in order (at most ``queue_size``
+        waiting); an exception is logged and counted (``callback_errors``). Without a
         callback, read the messages with ``messages(id)`` (bounded queue: the
         oldest is dropped and counted when full), or with ``events()``
         (``queue_size=0``: no queue). ``strategy``: see the class; an identical
-        subscription shares the existing one, wherever it lives.
+        subscription of the same strategy shares the existing one. ``on_gap(since, until)``:
+        called (as a callback) when it is back after a lost connection, the ``Gap`` event.
         """
         sub = normalize(subscription)
         check_strategy(sub, strategy)
+        check_size("queue_size", queue_size, 0)
         server, new = self._server_for(sub, strategy)
-        user = UserSubscription(next(self._ids), sub, server, callback, queue_size, self.bus)
+        user = UserSubscription(next(self._ids), sub, server, callback, queue_size, self.bus, on_gap=on_gap)
         server.users[user.id] = user
         self._users[user.id] = user
         if new:
@@ -132,8 +140,10 @@ class HLClient:
         return user.id
 
     def _server_for(self, sub: dict[str, Any], strategy: Strategy) -> tuple[ServerSubscription, bool]:
-        """The server subscription of ``sub``, and whether it is new (a refused or given-up one is asked for afresh)."""
-        key = identity(sub)
+        """The server subscription of ``sub`` with that strategy, and whether it is new (a refused or
+        given-up one is asked for afresh). An identical one of another strategy is not shared: it
+        lives elsewhere (a user_grouped feed must be on its user's connection)."""
+        key = f"{strategy} {identity(sub)}"
         server = self._servers.get(key)
         if server is not None and server.state != "failed":
             return server, False
@@ -192,21 +202,30 @@ class HLClient:
 
     def resubscribe(self, sub_id: int) -> None:
         """Ask the server again (fresh snapshot); shared users get it too."""
-        server = self._users[sub_id].server
+        server = self._user(sub_id).server
         if server.connection is not None:
             server.connection.resubscribe(server)
 
     async def wait_active(self, sub_id: int, timeout: float | None = None) -> None:
-        """Wait until the server acknowledged it; ``SubscriptionError`` if refused."""
-        server = self._users[sub_id].server
+        """Wait until the server acknowledged it; ``SubscriptionError`` if refused or
+        gone, ``ClientClosed`` if the client closed meanwhile."""
+        server = self._user(sub_id).server
         await asyncio.wait_for(server.active.wait(), timeout)
+        if server.state == "closed":
+            raise ClientClosed(server.error)
         if server.state == "failed":
             raise SubscriptionError(server.error)
 
+    def _user(self, sub_id: int) -> UserSubscription:
+        user = self._users.get(sub_id)
+        if user is None:
+            raise SubscriptionError(f"no subscription {sub_id} (unsubscribed, or its client closed)")
+        return user
+
     async def messages(self, sub_id: int) -> AsyncIterator[Message]:
         """Iterate the messages of a subscription made without a callback."""
-        user = self._users[sub_id]
-        if user.queue is None or user.worker is not None:
+        user = self._user(sub_id)
+        if user.queue is None:
             raise ValueError("messages() needs a subscription made without a callback and with a queue")
         while True:
             message = await user.queue.get()
@@ -246,7 +265,7 @@ class HLClient:
     def subscription_metrics(self, sub_id: int) -> dict[str, Any] | None:
         """One subscription's counters (messages, rates, reconnects, dropped), or None."""
         user = self._users.get(sub_id)
-        return user.metrics.as_dict() if user else None
+        return user.metrics_dict() if user else None
 
     def connection_info(self) -> list[dict[str, Any]]:
         """Every connection's state: strategy, user, state, subscriptions, last error."""

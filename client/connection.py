@@ -113,6 +113,7 @@ class Connection:
         self.rtt: float | None = None
         self.received = 0
         self.unrouted = 0
+        self.handling_errors = 0
         self.errors: collections.deque[str] = collections.deque(maxlen=20)
         self._opened_at = 0.0  # monotonic time of the current session's upgrade
         self._outcome: asyncio.Future[str | None] | None = None  # the next attempt's error, None if it opened
@@ -356,7 +357,11 @@ class Connection:
                 if raw != "Websocket connection established.":
                     self.unrouted += 1
                 continue
-            self._handle(channel, message)
+            try:
+                self._handle(channel, message)
+            except Exception:  # a bug of ours must not end the session (nor the connection's task)
+                self.handling_errors += 1
+                log.exception("connection %d: message on %s not handled", self.id, channel)
 
     def _handle(self, channel: str, message: dict[str, Any]) -> None:
         data = message.get("data")
@@ -445,4 +450,5 @@ class Connection:
             "ping_rtt": self.rtt,
             "messages_received": self.received,
             "unrouted_messages": self.unrouted,
+            "handling_errors": self.handling_errors,
         }

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
+
+log = logging.getLogger("hlbook.client")
+
+
+def check_size(name: str, value: object, minimum: int) -> None:
+    """``ValueError`` unless ``value`` is an int of at least ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, not {value!r}")
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -84,6 +93,7 @@ class EventStream:
     when the client closes; ``close()`` (or leaving ``async with``) stops it."""
 
     def __init__(self, bus: EventBus, size: int) -> None:
+        check_size("size", size, 1)
         self._bus = bus
         self._events: collections.deque[Event | None] = collections.deque()
         self._size = size
@@ -150,8 +160,12 @@ class EventBus:
         self._streams.discard(stream)
 
     def publish(self, event: Event) -> None:
+        """Hand ``event`` to every stream; a failing stream is logged, never raised to the sender."""
         for stream in list(self._streams):
-            stream.put(event)
+            try:
+                stream.put(event)
+            except Exception:
+                log.exception("event stream failed to take %s", type(event).__name__)
 
     def end(self) -> None:
         """End every stream (the client closed)."""

@@ -61,6 +61,7 @@ class SubscriptionMetrics:
             "message_count": self.message_count,
             "subscribed_at": self.subscribed_at,
             "last_message_at": self.last_message_at,
+            "last_message_age": None if self.last_message_at is None else round(time.time() - self.last_message_at, 3),
             "messages_per_minute": round(self.messages_per_minute(), 3),
             "messages_last_minute": self.messages_last_minute(),
             "uptime_seconds": round(self.uptime_seconds(), 3),

@@ -10,8 +10,8 @@ legs into one ``modified`` event:
   first can only be told from a plain cancel when the program marked the
   order when it sent the modify (``expect_modify(oid)``, nautilus_trader's
   pending-modify marker): that cancel is held until the replacement's
-  ``open`` (same cloid, else the oldest marked order of the same coin and
-  side, which also pairs modifies without a cloid), or emitted as a cancel
+  ``open`` (same cloid, else the replacement oid the program declared: never
+  by coin and side, which pairs unrelated orders), or emitted as a cancel
   after ``hold_seconds`` when none comes. A stale ``canceled`` of an order
   already reported as replaced is dropped.
 
@@ -36,7 +36,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hlbook.client.registry import SubscriptionError
+from hlbook.client.handlers import Handlers
+from hlbook.client.registry import ClientClosed, SubscriptionError
 
 if TYPE_CHECKING:
     from hlbook.client.client import HLClient
@@ -44,7 +45,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("hlbook.client")
 
 #: Statuses after which an order rests no more (besides any ``…Rejected`` / ``…Canceled``).
-TERMINAL = {"filled", "canceled", "rejected", "scheduledCancel"}
+TERMINAL = {"filled", "canceled", "rejected", "scheduledCancel", "closed"}
+#: ``reason`` of the events a reconciliation after a gap emits (not seen: inferred from the resting orders).
+RECONCILED_CLOSED = "reconciled: no longer resting after a gap"
+RECONCILED_OPEN = "reconciled: resting after a gap"
 
 Update = dict[str, Any]  # one element of an orderUpdates message: {"order", "status", "statusTimestamp"}
 
@@ -56,7 +60,8 @@ def is_terminal(status: str) -> bool:
 @dataclass
 class OrderEvent:
     """``kind``: a status (``open``, ``canceled``, ``filled``, ``triggered``, ``*Rejected``…),
-    ``modified`` (``prev_oid`` -> ``oid``) or ``fill`` (``fill`` set)."""
+    ``modified`` (``prev_oid`` -> ``oid``), ``fill`` (``fill`` set), or after a gap
+    ``closed``/``open`` with ``reason`` set (``RECONCILED_CLOSED``/``RECONCILED_OPEN``)."""
 
     kind: str
     oid: int
@@ -67,6 +72,7 @@ class OrderEvent:
     fill: dict[str, Any] | None = None
     time: int | None = None
     raw: list[dict[str, Any]] = field(default_factory=list)
+    reason: str | None = None
 
 
 @dataclass
@@ -83,6 +89,8 @@ class TrackerCounts:
     modifies: int = 0  # modified events
     suppressed_cancels: int = 0  # canceled statuses of a modify's old leg, not reported
     open_orders_loaded: int | None = None  # resting orders from frontendOpenOrders; None until loaded
+    reconciles: int = 0  # reloads of the resting orders after a gap
+    reconciled: int = 0  # closed/open events those reloads emitted
 
 
 class FifoSet:
@@ -169,19 +177,23 @@ class OrderTracker:
         self.load_open_orders = load_open_orders
         self.clock = clock
         self.counts = TrackerCounts()
+        self.handlers = Handlers("order tracker's on_event")
         self.seen_fills = FifoSet(dedup_size)
         self.open_orders: dict[int, dict[str, Any]] = {}  # resting: exact, as many as the user has
         self._by_cloid: dict[str, int] = {}  # cloid -> resting oid
         self.closed = FifoSet(dedup_size)  # orders that reached a final status (or were replaced)
         self.expired = FifoSet(dedup_size)  # orders whose fills' hold expired: older than the tracker
         self.held: collections.OrderedDict[int, list[tuple[float, dict[str, Any]]]] = collections.OrderedDict()
-        self.pending_modify: dict[int, float] = {}  # oid -> when marked by expect_modify
+        self.pending_modify: dict[int, tuple[float, int | None]] = {}  # oid -> (when marked by expect_modify, new oid)
         self.held_cancels: dict[int, tuple[float, Update]] = {}  # marked oid -> (when, its canceled update)
         self.replaced = FifoSet(dedup_size)  # old oids of reported modifies: a later canceled is stale
         self.ready = asyncio.Event()
         self.load_error: str | None = None
+        self.stopped: str | None = None  # why it stopped: the tracker or its client closed
         self.sub_ids: list[int] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._since_gap: set[int] | None = None  # oids with a status since the last gap, while a reload is due
+        self._reload: asyncio.Task[None] | None = None
 
     # -- wiring --------------------------------------------------------------------
 
@@ -189,8 +201,9 @@ class OrderTracker:
         """Subscribe orderUpdates and userFills of ``user`` on one connection
         (``user_grouped``: their relative order holds), load the resting orders
         in the background (``wait_ready``), expire holds on a timer."""
+        on_gap = lambda since, until: self._gap(client, user)  # noqa: E731
         self.sub_ids = [
-            await client.subscribe({"type": "orderUpdates", "user": user}, self.handle, strategy="user_grouped"),
+            await client.subscribe({"type": "orderUpdates", "user": user}, self.handle, strategy="user_grouped", on_gap=on_gap),
             await client.subscribe({"type": "userFills", "user": user}, self.handle, strategy="user_grouped"),
         ]
         loop = asyncio.get_running_loop()
@@ -202,36 +215,83 @@ class OrderTracker:
         return self.sub_ids
 
     async def wait_ready(self, timeout: float | None = None) -> None:
-        """Until the resting orders are loaded (or could not be: ``load_error``)."""
+        """Until the resting orders are loaded (or could not be: ``load_error``);
+        ``ClientClosed`` if the tracker or its client closed first."""
         await asyncio.wait_for(self.ready.wait(), timeout)
+        if self.stopped is not None and self.counts.open_orders_loaded is None:
+            raise ClientClosed(self.stopped)
+
+    def _stop(self, reason: str) -> None:
+        """Closed: waiters end."""
+        self.stopped = self.stopped or reason
+        self.ready.set()
 
     async def close(self) -> None:
-        """Stop the background tasks."""
+        """Stop the background tasks; ``wait_ready`` callers get ``ClientClosed``."""
+        self._stop("order tracker closed")
+        self.handlers.close()
+        if self._reload is not None:
+            self._tasks.append(self._reload)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
 
     async def _load(self, client: HLClient, user: str) -> None:
+        """Load the resting orders (``wait_ready``): until done, failed or closed."""
+        try:
+            orders = await self._fetch_open_orders(client, user)
+        except ClientClosed as exc:
+            self._stop(str(exc))
+            return
+        except (SubscriptionError, RuntimeError, TimeoutError) as exc:
+            self.load_error = str(exc)
+            log.warning("order tracker of %s: resting orders not loaded: %s", user, exc)
+        else:
+            self.add_open_orders(orders)
+        self.ready.set()
+
+    def _gap(self, client: HLClient, user: str) -> None:
+        """``orderUpdates`` is back after a lost connection: reload the resting orders and reconcile."""
+        if self._since_gap is None:
+            self._since_gap = set()
+        if self._reload is not None:
+            self._reload.cancel()
+        self._reload = asyncio.get_running_loop().create_task(self._reconcile_later(client, user))
+
+    async def _reconcile_later(self, client: HLClient, user: str) -> None:
+        try:
+            orders = await self._fetch_open_orders(client, user)
+        except (SubscriptionError, RuntimeError, TimeoutError) as exc:
+            log.warning("order tracker of %s: resting orders not reloaded after a gap: %s", user, exc)
+            self._since_gap = None
+            return
+        self.reconcile(orders)
+
+    async def _fetch_open_orders(self, client: HLClient, user: str) -> list[dict[str, Any]]:
+        """``frontendOpenOrders``, asked once ``orderUpdates`` is live (statuses from then on reach
+        the tracker), again when the connection drops meanwhile; ``ClientClosed`` if it closes."""
         while True:
             try:
-                await client.wait_active(self.sub_ids[0])  # statuses from here on reach the tracker
-                payload = await client.info({"type": "frontendOpenOrders", "user": user})
-                break
-            except ConnectionError:  # dropped meanwhile: again once resubscribed
-                await asyncio.sleep(0.05)
-            except (SubscriptionError, RuntimeError, TimeoutError) as exc:
-                self.load_error = str(exc)
-                log.warning("order tracker of %s: resting orders not loaded: %s", user, exc)
-                self.ready.set()
-                return
-        self.add_open_orders(payload["data"])
-        self.ready.set()
+                await client.wait_active(self.sub_ids[0])
+                return list((await client.info({"type": "frontendOpenOrders", "user": user}))["data"])
+            except ConnectionError:
+                pass  # dropped meanwhile: asked again once resubscribed
+            except SubscriptionError:
+                if client.get_subscription(self.sub_ids[0]) is None:
+                    raise ClientClosed("client closed") from None
+                raise
+            if client.get_subscription(self.sub_ids[0]) is None:
+                raise ClientClosed("client closed")
+            await asyncio.sleep(0.05)
 
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(max(0.05, self.hold_seconds / 4))
-            self.flush_expired()
+            try:
+                self.flush_expired()
+            except Exception:  # the timer outlives any bad message
+                log.exception("order tracker: expiring holds failed")
 
     def handle(self, message: dict[str, Any]) -> None:
         """Take an ``orderUpdates`` or ``userFills`` message."""
@@ -250,6 +310,7 @@ class OrderTracker:
             "held_cancels": len(self.held_cancels),
             "pending_modifies": len(self.pending_modify),
             "open_orders": len(self.open_orders),
+            "handler_errors": self.handlers.errors,
         }
 
     # -- statuses ------------------------------------------------------------------
@@ -264,14 +325,43 @@ class OrderTracker:
                 self._release(oid)
         self.counts.open_orders_loaded = len(orders)
 
-    def expect_modify(self, oid: int) -> None:
+    def reconcile(self, orders: list[dict[str, Any]]) -> None:
+        """After a gap, ``orders`` (``frontendOpenOrders``) are what rests: an order held
+        as resting that rests no more is closed (``closed``), one not known is opened
+        (``open``), both with ``reason``; an order with a status since the gap is as that says."""
+        fresh = self._since_gap or set()
+        self._since_gap = None
+        resting = {order["oid"]: order for order in orders}
+        gone = [oid for oid in self.open_orders if oid not in resting and oid not in fresh and oid not in self.held_cancels]
+        for oid in gone:
+            order = self.open_orders[oid]
+            self._close(oid)
+            self._release(oid)
+            self._emit(OrderEvent("closed", oid, order.get("coin"), order.get("cloid"), order, reason=RECONCILED_CLOSED))
+        new = [o for oid, o in resting.items() if oid not in self.open_orders and oid not in fresh and oid not in self.closed]
+        for order in new:
+            self._rest(order)
+            self._emit(OrderEvent("open", order["oid"], order.get("coin"), order.get("cloid"), order, reason=RECONCILED_OPEN))
+            self._release(order["oid"])
+        self.counts.reconciles += 1
+        self.counts.reconciled += len(gone) + len(new)
+
+    def expect_modify(self, oid: int, new_oid: int | None = None) -> None:
         """Mark a resting order as being modified (call it when you send the modify):
         its ``canceled`` is held until the replacement's ``open`` (one ``modified``
-        event), or emitted after ``hold_seconds`` if none comes."""
-        self.pending_modify[oid] = self.clock()
+        event), or emitted after ``hold_seconds`` if none comes. The replacement is
+        the open with the order's cloid, or ``new_oid`` (the oid the exchange answered
+        the modify with; call again once known): ``ValueError`` without either, since
+        pairing by coin and side pairs unrelated orders."""
+        order = self.open_orders.get(oid)
+        if new_oid is None and (order is None or not order.get("cloid")):
+            raise ValueError(f"expect_modify({oid}): no cloid known for the order; pass new_oid, the replacement's oid")
+        self.pending_modify[oid] = (self.clock(), new_oid)
 
     def on_order_updates(self, updates: list[Update]) -> None:
         """One orderUpdates message (one block): pair modifies, emit in node order."""
+        if self._since_gap is not None:
+            self._since_gap.update(u["order"]["oid"] for u in updates)
         folded = _modifies(updates)  # index of canceled -> index of its replacement's open
         replaced = {j: i for i, j in folded.items()}
         for i, u in enumerate(updates):
@@ -316,7 +406,7 @@ class OrderTracker:
 
     def _replaced_order(self, order: dict[str, Any]) -> int | None:
         """The oid a new ``open`` replaces: the resting or held-cancel order with its cloid,
-        else the oldest marked order of its coin and side."""
+        else the marked order whose declared replacement it is."""
         cloid = order.get("cloid")
         if cloid:
             for oid, (_, u) in self.held_cancels.items():
@@ -325,11 +415,7 @@ class OrderTracker:
             resting = self._by_cloid.get(cloid)
             if resting is not None and resting != order["oid"]:
                 return resting
-        for oid in self.pending_modify:
-            old = self.open_orders.get(oid) or (self.held_cancels[oid][1]["order"] if oid in self.held_cancels else None)
-            if old is not None and (old.get("coin"), old.get("side")) == (order.get("coin"), order.get("side")) and old.get("cloid") in (None, cloid):
-                return oid
-        return None
+        return next((oid for oid, (_, new_oid) in self.pending_modify.items() if new_oid == order["oid"]), None)
 
     def _modified(self, old_oid: int, opened: Update, canceled: Update | None = None) -> None:
         new = opened["order"]
@@ -414,9 +500,10 @@ class OrderTracker:
             _, u = self.held_cancels.pop(oid)
             self.pending_modify.pop(oid, None)
             self._status(u)
-        for oid in [oid for oid, at in self.pending_modify.items() if at <= limit and oid not in self.held_cancels]:
+        for oid in [oid for oid, (at, _) in self.pending_modify.items() if at <= limit and oid not in self.held_cancels]:
             del self.pending_modify[oid]
 
     def _emit(self, event: OrderEvent) -> None:
+        """Hand ``event`` to ``on_event`` (see ``Handlers``: never raises, awaitables awaited in order)."""
         if self.on_event is not None:
-            self.on_event(event)
+            self.handlers.call(self.on_event, event)

@@ -17,8 +17,6 @@ A duplicate subscription (same identity) shares one server subscription.
 from __future__ import annotations
 
 import asyncio
-import inspect
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,13 +25,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 
 from hlbook.client.events import Ack, Data, Error, EventBus, Gap, publish
+from hlbook.client.handlers import Handlers
 from hlbook.client.metrics import SubscriptionMetrics
 from hlbook.client.models import typed
 
 if TYPE_CHECKING:
     from hlbook.client.connection import Connection
-
-log = logging.getLogger("hlbook.client")
 
 Message = dict[str, Any]
 Callback = Callable[[Message], Any] | Callable[[Message], Awaitable[Any]]
@@ -52,7 +49,11 @@ Strategy = Literal["shared", "dedicated", "user_grouped"]
 
 
 class SubscriptionError(Exception):
-    """The server refused a subscription."""
+    """The server refused a subscription (or it is gone)."""
+
+
+class ClientClosed(SubscriptionError):
+    """The client (or order tracker) was closed while this was waited for."""
 
 
 def normalize(subscription: dict[str, Any]) -> dict[str, Any]:
@@ -117,30 +118,26 @@ class UserSubscription:
     subscription: dict[str, Any]
     server: ServerSubscription
     callback: Callback | None = None
-    queue_size: int = 1000  # 0 without a callback: no queue (read it with ``events()``)
+    queue_size: int = 1000  # without a callback, 0: no queue (read it with ``events()``); with one: awaitables waiting at most
     bus: EventBus | None = None
     metrics: SubscriptionMetrics = field(default_factory=SubscriptionMetrics)
     error: str | None = None
     activated: bool = False
+    on_gap: Callable[[float, float], Any] | None = None
     queue: asyncio.Queue[Message | None] | None = None
-    worker: asyncio.Task[None] | None = None
+    handlers: Handlers = field(init=False)
 
     def __post_init__(self) -> None:
-        is_async = self.callback is not None and inspect.iscoroutinefunction(self.callback)
-        if (self.callback is None and self.queue_size > 0) or is_async:
-            self.queue = asyncio.Queue(max(self.queue_size, 1))
-        if is_async:
-            self.worker = asyncio.get_running_loop().create_task(self._work())
+        self.handlers = Handlers(f"callback of subscription {self.id}", self.queue_size)
+        if self.callback is None and self.queue_size > 0:
+            self.queue = asyncio.Queue(self.queue_size)
 
     def deliver(self, message: Message) -> None:
-        """Hand one message to the user: inline for a plain callback, queued otherwise."""
+        """Hand one message to the user: to its callback (see ``Handlers``), else to its queue."""
         self.metrics.record()
         publish(self.bus, self._data, message)
-        if self.callback is not None and self.worker is None:
-            try:
-                self.callback(message)
-            except Exception:
-                log.exception("callback of subscription %d failed", self.id)
+        if self.callback is not None:
+            self.handlers.call(self.callback, message)
         elif self.queue is not None:
             self._put(message)
 
@@ -161,34 +158,30 @@ class UserSubscription:
         connection = self.server.connection.id if self.server.connection else None
         publish(self.bus, Ack, self.id, connection, resumed)
         if resumed and lost_at is not None:
-            publish(self.bus, Gap, self.id, connection, lost_at, time.time())
+            now = time.time()
+            publish(self.bus, Gap, self.id, connection, lost_at, now)
+            if self.on_gap is not None:
+                self.handlers.call(self.on_gap, lost_at, now)
 
     def fail(self, error: str) -> None:
         """Record a refusal; an iterator ends with SubscriptionError."""
         self.error = error
         publish(self.bus, Error, error, self.server.connection.id if self.server.connection else None, self.id)
-        if self.queue is not None and self.worker is None:
+        if self.queue is not None:
             self._put(None)
 
     def close(self) -> None:
-        """Stop the worker and end iterators."""
-        if self.worker is not None:
-            self.worker.cancel()
-        elif self.queue is not None:
+        """Stop the callback's awaiting and end iterators."""
+        self.handlers.close()
+        if self.queue is not None:
             self._put(None)
 
-    async def _work(self) -> None:
-        assert self.queue is not None and self.callback is not None
-        while True:
-            message = await self.queue.get()
-            if message is None:
-                continue
-            try:
-                await self.callback(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("callback of subscription %d failed", self.id)
+    def metrics_dict(self) -> dict[str, Any]:
+        """Its metrics, with what its callback dropped and how often it raised."""
+        out = self.metrics.as_dict()
+        out["dropped"] += self.handlers.dropped
+        out["callback_errors"] = self.handlers.errors
+        return out
 
     def info(self) -> dict[str, Any]:
         """What it is and where it stands (metrics: ``metrics.as_dict()``)."""
@@ -213,7 +206,7 @@ class ServerSubscription:
     strategy: Strategy = "shared"
     users: dict[int, UserSubscription] = field(default_factory=dict)
     connection: Connection | None = None
-    state: str = "pending"  # pending | active | failed
+    state: str = "pending"  # pending | active | failed | closed
     error: str | None = None
     lost_at: float | None = None  # wall time its connection dropped; the next ack is a reconnect
     sent_at: float | None = None  # monotonic time of the last subscribe sent
@@ -254,6 +247,12 @@ class ServerSubscription:
         self.error = error
         for user in list(self.users.values()):
             user.fail(error)
+        self.active.set()
+
+    def close(self, reason: str) -> None:
+        """The client closed: waiters end (``ClientClosed``)."""
+        self.state = "closed"
+        self.error = reason
         self.active.set()
 
     def deliver(self, message: Message) -> None:

@@ -159,3 +159,42 @@ def test_l4_gap_over_websocket_is_repaired_by_a_fresh_snapshot() -> None:
         await server.stop()
 
     run(main())
+
+
+def test_books_and_subscriptions_say_when_their_data_is_stale() -> None:
+    """With the gateway stopped every sample read ``synced=True`` (the height frozen, the
+    connection open), and after a kill too (the connection in backoff)."""
+    async def main() -> None:
+        truth = TruthBook("BTC", seed=5)
+        sub = {"type": "l4Book", "coin": "BTC"}
+
+        async def on_subscribe(conn: FakeConnection, s: dict[str, Any]) -> None:
+            if s["type"] == "l4Book":
+                await conn.send({"channel": "l4Book", "data": truth.snapshot()})
+
+        server = await FakeServer(on_subscribe=on_subscribe).start()
+        async with HLClient(server.url, **{**FAST, "pong_timeout": 30.0}) as client:
+            book, view = L4Book("BTC", stale_after=0.3), L2BookView("BTC", stale_after=0.3)
+            await book.subscribe(client)
+            await view.subscribe(client)
+            await until(lambda: book.synced, what="snapshot")
+            await server.publish({"type": "l2Book", "coin": "BTC"}, l2_message())
+            await until(lambda: view.synced, what="an l2Book")
+            assert book.age is not None and book.age < 0.3
+            server.silence_current()  # a stopped gateway: the socket open, nothing arrives
+            await until(lambda: not book.synced and not view.synced, 2, "stale by age")
+            assert client.connection_info()[0]["state"] == "open" and book.age >= 0.3
+            assert client.subscription_metrics(book.sub_id)["last_message_age"] >= 0.3
+            book.stale_after = view.stale_after = None  # by age never: only the connection counts now
+            await server.stop(abort=True)
+            await until(lambda: client.get_subscription(book.sub_id)["state"] == "pending", 2, "the drop noticed")
+            assert not book.synced and not view.synced
+            await server.start()
+            await until(lambda: book.synced, 5, "a fresh snapshot after the reconnect")
+        await server.stop()
+
+    run(main())
+
+
+def l2_message() -> dict[str, Any]:
+    return {"coin": "BTC", "time": 1, "levels": [[{"px": "99.0", "sz": "1.0", "n": 1}], [{"px": "101.0", "sz": "1.0", "n": 1}]]}

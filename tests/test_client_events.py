@@ -116,3 +116,28 @@ def test_typed_models_of_each_feed() -> None:
     # no model, or a message that does not fit its model: as received
     assert typed("webData2", {"x": 1}) == {"x": 1}
     assert typed("l2Book", {"coin": "BTC"}) == {"coin": "BTC"}
+
+
+def test_invalid_sizes_are_refused_at_the_call_and_a_failing_stream_kills_nothing() -> None:
+    """``events(size=0)`` used to kill the connection's task for good (IndexError in the publish path)."""
+    async def main() -> None:
+        server = await FakeServer().start()
+        async with HLClient(server.url, **FAST) as client:
+            for size in (0, -1, 1.5):
+                with pytest.raises(ValueError, match="size"):
+                    client.events(size=size)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="queue_size"):
+                await client.subscribe(BOOK, queue_size=-1)
+            got: list[Any] = []
+            sid = await client.subscribe(BOOK, got.append)
+            await client.wait_active(sid, 5)
+            broken = client.events()
+            broken.put = lambda event: 1 / 0  # type: ignore[method-assignment]
+            for _ in range(2):
+                await server.publish(BOOK, l2("BTC"))
+            await until(lambda: len(got) == 2, what="both messages despite a failing stream")
+            assert client.connection_info()[0]["state"] == "open"
+            del broken.put  # mended, so that it ends with the client
+        await server.stop()
+
+    run(main())

@@ -37,7 +37,7 @@ from hlbook.client import (
 )
 from hlbook.client.books import canon
 from hlbook.client.models import L2Book, Trade
-from hlbook.client.orders import is_terminal
+from hlbook.client.orders import RECONCILED_CLOSED, RECONCILED_OPEN, is_terminal
 from hlbook.services.book import snapshot
 from pipeline import Up, http_get, post_info, running, stop_group
 from test_client import FAST, run, until
@@ -455,6 +455,61 @@ def test_a_second_tracker_of_a_user_misses_no_fill_of_an_outage(up: Up) -> None:
                 missed_total += len(truth - known[pair[1]])
             assert missed_total > 0  # there were fills to miss
             for tracker in events:
+                await tracker.close()
+        stop_group(restarted)
+
+    run(main(), timeout=60)
+
+
+def simulator_pid(up: Up) -> int:
+    """The simulator child of ``up``'s supervisor."""
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == up.proc.pid and b"sim" in args:
+            return int(entry)
+    raise AssertionError("no simulator process")
+
+
+def test_trackers_reconcile_what_changed_while_the_gateway_was_down(up: Up) -> None:
+    """After an outage the tracker held orders canceled or filled meanwhile and missed those
+    opened, without an event. Kill the gateway while orders open, cancel and fill, start it
+    again: each tracker reloads the resting orders and emits what changed (``closed`` and
+    ``open`` with a reason), then goes on; with the simulator paused (nothing changes any
+    more) every tracker's resting orders equal the server's ``frontendOpenOrders``."""
+    port = free_port()
+    gateway = up.start_gateway(port)
+    users = active_makers(up, 3)
+
+    async def main() -> None:
+        async with HLClient(f"ws://127.0.0.1:{port}/ws", **FAST) as client:
+            events: dict[str, list[OrderEvent]] = {u: [] for u in users}
+            trackers = {u: OrderTracker(events[u].append, hold_seconds=1.0) for u in users}
+            for user, tracker in trackers.items():
+                await tracker.subscribe(client, user)
+            for tracker in trackers.values():
+                await tracker.wait_ready(10)
+            os.kill(gateway.pid, signal.SIGKILL)
+            await asyncio.to_thread(gateway.wait, 5)
+            await asyncio.sleep(4.0)  # orders open, cancel and fill meanwhile
+            restarted = await asyncio.to_thread(up.start_gateway, port)
+            await until(lambda: all(t.counts.reconciles == 1 for t in trackers.values()), 20, "one reconciliation per tracker")
+            reconciled = [e for u in users for e in events[u] if e.reason is not None]
+            assert {(e.kind, e.reason) for e in reconciled} == {("closed", RECONCILED_CLOSED), ("open", RECONCILED_OPEN)}
+            assert sum(t.counts.reconciled for t in trackers.values()) == len(reconciled)
+            sim = simulator_pid(up)
+            os.kill(sim, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(1.5)  # what the simulator wrote reaches the shards, the gateway and the trackers
+                for user, tracker in trackers.items():
+                    resting = (await client.info({"type": "frontendOpenOrders", "user": user}))["data"]
+                    assert set(tracker.open_orders) == {o["oid"] for o in resting}, user
+            finally:
+                os.kill(sim, signal.SIGCONT)
+            for tracker in trackers.values():
                 await tracker.close()
         stop_group(restarted)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from hlbook.client import HLClient, OrderEvent, OrderTracker
-from hlbook.client.orders import FifoSet
+from hlbook.client.orders import RECONCILED_CLOSED, RECONCILED_OPEN, FifoSet
 from hlbook.client.testing import FakeConnection, FakeServer
 from test_client import FAST, run, until
 
@@ -183,11 +185,11 @@ def test_modify_legs_in_separate_messages() -> None:
     # open first, with a cloid: recognised without a marker; the late cancel is stale
     t.on_order_updates([status(2, "open", "0xa")])
     t.on_order_updates([status(1, "canceled", "0xa")])
-    # cancel first: only a marked order's cancel waits for its replacement (cloid, else coin and side)
-    t.expect_modify(10)
+    # cancel first: only a marked order's cancel waits for its replacement (cloid, else the declared oid)
+    t.expect_modify(10, new_oid=11)
     t.on_order_updates([status(10, "canceled")])
     t.on_order_updates([status(11, "open")])
-    t.expect_modify(20)
+    t.expect_modify(20, new_oid=21)
     t.on_order_updates([status(20, "canceled"), status(21, "open")])  # no cloid, one message
     assert kinds(events)[4:] == [("modified", 2), ("modified", 11), ("modified", 21)]
     assert [e.prev_oid for e in events[4:]] == [1, 10, 20] and sorted(t.open_orders) == [2, 11, 21, 30]
@@ -289,3 +291,109 @@ def test_tracker_without_info_support_says_so() -> None:
         await server.stop()
 
     run(main())
+
+
+def test_a_raising_handler_is_counted_and_loses_nothing() -> None:
+    """``on_event`` raising on the first of three opens left the other two unapplied, and
+    the hold timer died with the handler's exception (a held fill stayed held)."""
+    t, events = tracker()
+    calls: list[OrderEvent] = []
+
+    def flaky(event: OrderEvent) -> None:
+        calls.append(event)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the program")
+        events.append(event)
+
+    t.on_event = flaky
+    t.on_order_updates([status(1, "open"), status(2, "open"), status(3, "open")])
+    assert set(t.open_orders) == {1, 2, 3} and kinds(events) == [("open", 2), ("open", 3)]
+    assert t.metrics()["handler_errors"] == 1
+
+    async def main() -> None:
+        server = await FakeServer().start()
+        async with HLClient(server.url, **FAST) as client:
+            live = OrderTracker(lambda e: 1 / 0, hold_seconds=0.2, load_open_orders=False)
+            fills_sub = {"type": "userFills", "user": USER}
+            ids = await live.subscribe(client, USER)
+            await client.wait_active(ids[1], 5)
+            await server.publish(fills_sub, {"user": USER, "isSnapshot": True, "fills": []})
+            await server.publish(fills_sub, {"user": USER, "fills": [fill(70, 1), fill(71, 2)]})  # two unknown orders: held
+            await until(lambda: live.counts.held == 2, what="both fills held")
+            await until(lambda: live.counts.released_on_expiry == 2, what="both released by the timer")
+            assert live.metrics()["handler_errors"] == 2
+            got: list[Any] = []
+            bad = await client.subscribe({"type": "trades", "coin": "BTC"}, lambda m: got.append(m) or 1 / 0)
+            await client.wait_active(bad, 5)
+            for tid in range(2):
+                await server.publish({"type": "trades", "coin": "BTC"}, [{"coin": "BTC", "tid": tid}])
+            await until(lambda: len(got) == 2)
+            assert client.subscription_metrics(bad)["callback_errors"] == 2
+            await live.close()
+        await server.stop()
+
+    run(main())
+
+
+def test_any_awaitable_result_of_a_handler_is_awaited() -> None:
+    """A lambda returning a coroutine, or an object with an async ``__call__``, was never
+    awaited (7 messages delivered, the handler ran 0 times)."""
+    ran: list[Any] = []
+
+    async def record(item: Any) -> None:
+        await asyncio.sleep(0)
+        ran.append(item)
+
+    class AsyncCall:
+        async def __call__(self, message: dict[str, Any]) -> None:
+            await record(("call", message["data"][0]["tid"]))
+
+    async def main() -> None:
+        server = await FakeServer().start()
+        async with HLClient(server.url, **FAST) as client:
+            subs = [{"type": "trades", "coin": c} for c in ("BTC", "ETH")]
+            ids = [await client.subscribe(subs[0], lambda m: record(("lambda", m["data"][0]["tid"]))),
+                   await client.subscribe(subs[1], AsyncCall())]
+            for sid in ids:
+                await client.wait_active(sid, 5)
+            for tid in range(3):
+                for sub in subs:
+                    await server.publish(sub, [{"coin": sub["coin"], "tid": tid}])
+            t = OrderTracker(lambda e: record(("tracker", e.oid)))
+            t.on_order_updates([status(1, "open"), status(2, "open")])
+            await until(lambda: len(ran) == 8, what="every handler awaited")
+        await server.stop()
+        assert [x for x in ran if x[0] == "lambda"] == [("lambda", i) for i in range(3)]  # in order
+        assert [x for x in ran if x[0] == "call"] == [("call", i) for i in range(3)]
+        assert [x for x in ran if x[0] == "tracker"] == [("tracker", 1), ("tracker", 2)]
+
+    run(main())
+
+
+def test_reconcile_after_a_gap_closes_and_opens_what_changed_unseen() -> None:
+    """What rests after a gap (frontendOpenOrders) against what the tracker holds: closed and
+    opened orders are emitted with a reason; an order with a status since the gap is left as it says."""
+    t, events = tracker()
+    t.on_order_updates([status(1, "open"), status(2, "open"), status(3, "open")])
+    t._since_gap = set()  # as after a gap: statuses from here on are fresher than any reload
+    t.on_order_updates([status(4, "open"), status(3, "canceled")])
+    del events[:]
+    t.reconcile([status(2, "open")["order"], status(3, "open")["order"], status(5, "open")["order"]])
+    assert [(e.kind, e.oid, e.reason) for e in events] == [("closed", 1, RECONCILED_CLOSED), ("open", 5, RECONCILED_OPEN)]
+    assert set(t.open_orders) == {2, 4, 5} and t.counts.reconciles == 1 and t.counts.reconciled == 2
+
+
+def test_expect_modify_pairs_by_identity_never_by_coin_and_side() -> None:
+    """Without a cloid the oldest marked order of the coin and side was taken: a rejected modify
+    of 10 plus a new quote 11 gave ``modified 11<-10``; a modify 10->12 whose new quote 11
+    opened first reported 11 as the replacement and 12 as new."""
+    clock = [0.0]
+    t, events = tracker(clock)
+    t.on_order_updates([status(10, "open")])
+    with pytest.raises(ValueError, match="new_oid"):
+        t.expect_modify(10)  # no identity: refused rather than guessed
+    t.expect_modify(10, new_oid=12)
+    t.on_order_updates([status(10, "canceled")])
+    t.on_order_updates([status(11, "open")])  # another quote of the same coin and side
+    t.on_order_updates([status(12, "open")])
+    assert [(e.kind, e.oid, e.prev_oid) for e in events[1:]] == [("open", 11, None), ("modified", 12, 10)]

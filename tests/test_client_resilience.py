@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from hlbook.client import HLClient, SubscriptionError
+from hlbook.client import ClientClosed, HLClient, OrderTracker, SubscriptionError
 from hlbook.client.metrics import SubscriptionMetrics
 from hlbook.client.testing import FakeServer
 from test_client import FAST, run, until
@@ -167,6 +167,50 @@ def test_connection_metrics_each_field() -> None:
             info = client.connection_info()[0]
             assert info["strategy"] == "shared" and info["state"] == "open" and info["subscriptions"] == info["active_subscriptions"] == 1
             assert client.connection_metrics(999) is None
+        await server.stop()
+
+    run(main())
+
+
+def test_close_ends_every_waiter_with_a_clear_error() -> None:
+    """3 s after ``close()``, ``wait_active()`` and ``tracker.wait_ready()`` were still pending;
+    closing while ``frontendOpenOrders`` was in flight killed the load task with a KeyError."""
+    user = "0x" + "ef" * 20
+
+    async def main() -> None:
+        url, _ = await free_url()  # nobody listens: nothing is ever acknowledged
+        client = HLClient(url, **FAST)
+        sid = await client.subscribe(TRADES)
+        tracker = OrderTracker()
+        await tracker.subscribe(client, user)
+        waiters = [asyncio.create_task(client.wait_active(sid)), asyncio.create_task(tracker.wait_ready())]
+        await asyncio.sleep(0.2)
+        await client.close()
+        for waiter in waiters:
+            with pytest.raises(ClientClosed, match="client closed"):
+                await asyncio.wait_for(waiter, 1)
+        await tracker.close()
+
+        server = await FakeServer(on_info=lambda payload: []).start()
+        client = HLClient(server.url, **FAST)
+        tracker = OrderTracker()
+        await tracker.subscribe(client, user)
+        await client.wait_active(tracker.sub_ids[0], 5)
+        server.silence_current()  # the open-orders request stays in flight
+        await asyncio.sleep(0.3)
+        assert not tracker.ready.is_set()
+        waiter = asyncio.create_task(tracker.wait_ready())
+        await client.close()
+        with pytest.raises(ClientClosed):
+            await asyncio.wait_for(waiter, 1)
+        assert all(t.done() and t.exception() is None for t in tracker._tasks[1:])  # the load task ended cleanly
+        await tracker.close()
+        closing = OrderTracker()
+        waiting = asyncio.create_task(closing.wait_ready())
+        await asyncio.sleep(0)
+        await closing.close()
+        with pytest.raises(ClientClosed, match="order tracker closed"):
+            await asyncio.wait_for(waiting, 1)
         await server.stop()
 
     run(main())

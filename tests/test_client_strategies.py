@@ -89,13 +89,33 @@ def test_lookups_by_type_and_user_and_strategy_checks() -> None:
             assert ids(client.list_subscriptions(type="userFills", user=BOB)) == [c]
             assert ids(client.list_subscriptions()) == [a, b, c, d]
             assert client.get_subscription(a)["strategy"] == "user_grouped" and client.get_subscription(c)["strategy"] == "shared"
-            # an identical subscription shares the existing one, whatever strategy it asks for
+            # an identical subscription of another strategy lives where that strategy says
             e = await client.subscribe({"type": "trades", "coin": "BTC"}, lambda m: None, strategy="dedicated")
-            assert client.get_subscription(e)["connection"] == client.get_subscription(d)["connection"]
+            assert client.get_subscription(e)["connection"] != client.get_subscription(d)["connection"]
             with pytest.raises(ValueError, match="needs a subscription with a user"):
                 await client.subscribe({"type": "trades", "coin": "ETH"}, strategy="user_grouped")
             with pytest.raises(ValueError, match="strategy must be one of"):
                 await client.subscribe({"type": "trades", "coin": "ETH"}, strategy="own")  # type: ignore[arg-type]
+        await server.stop()
+
+    run(main())
+
+
+def test_an_identical_subscription_of_another_strategy_is_not_reused() -> None:
+    """A tracker's userFills (user_grouped) reused an existing shared one: the user's two
+    feeds ended up on two connections and their relative order no longer held."""
+    async def main() -> None:
+        server = await FakeServer().start()
+        async with HLClient(server.url, **FAST) as client:
+            shared = await client.subscribe({"type": "userFills", "user": ALICE}, lambda m: None)
+            grouped = [await client.subscribe({"type": kind, "user": ALICE}, lambda m: None, strategy="user_grouped")
+                       for kind in ("orderUpdates", "userFills")]
+            again = await client.subscribe({"type": "userFills", "user": ALICE}, lambda m: None)
+            for sid in (shared, *grouped, again):
+                await client.wait_active(sid, 5)
+            conn = {sid: client.get_subscription(sid)["connection"] for sid in (shared, *grouped, again)}
+            assert conn[grouped[0]] == conn[grouped[1]] != conn[shared] == conn[again]
+            assert client.get_subscription(again)["shared_with"] == [shared]  # same strategy: shared
         await server.stop()
 
     run(main())
