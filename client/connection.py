@@ -227,7 +227,7 @@ class Connection:
                 ws = await connect(
                     cfg.url, open_timeout=cfg.open_timeout, ping_interval=None, close_timeout=1, max_size=cfg.max_message_size
                 )
-            except websockets.InvalidURI as exc:
+            except (websockets.InvalidURI, ValueError) as exc:  # ValueError: e.g. a port that is no number
                 await self._backoff(f"invalid URL: {exc}", fatal=True)
                 return
             except (OSError, asyncio.TimeoutError, websockets.WebSocketException) as exc:

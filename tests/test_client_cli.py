@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hlbook.client.cli import parse_params, watch
+from hlbook.client.cli import parse_params, url_problem, watch
 from hlbook.client.testing import FakeServer
 from test_client import run, until
 
@@ -76,3 +76,24 @@ def test_cli_json_lines_survive_a_server_restart() -> None:
     lines = run(main(), timeout=30)
     assert [m["data"][0]["tid"] for m in lines] == [0, 1, 2, 3]
     assert all(m["channel"] == "trades" for m in lines)
+
+
+def test_wrong_urls_and_counts_are_refused_before_connecting() -> None:
+    assert url_problem("ws://127.0.0.1:8000/ws") is None and url_problem("wss://api.hyperliquid.xyz/ws") is None
+    assert "ws://127.0.0.1:8000/ws" in (url_problem("http://127.0.0.1:8000/") or "")
+    assert "wss://h/ws" in (url_problem("https://h") or "")
+    assert "/ws" in (url_problem("ws://127.0.0.1:8000") or "") and url_problem("127.0.0.1:8000")
+    assert "integer" in (url_problem("ws://127.0.0.1:notaport/ws") or "")
+    import subprocess
+
+    for flags, said in ((["--url", "ws://127.0.0.1:8000"], "no path"), (["--url", "http://127.0.0.1:8000/ws"], "HTTP URL"),
+                        (["--count", "0"], "--count")):
+        proc = subprocess.run([HLBOOK, "client", "trades", "BTC", *flags], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2 and said in proc.stderr, (flags, proc.stderr)
+
+
+def test_a_connection_that_gives_up_ends_the_watch() -> None:
+    from hlbook.client.cli import WatchError
+
+    with pytest.raises(WatchError, match="gave up"):  # the port is no number: the connection gives up at once
+        run(watch({"type": "trades", "coin": "BTC"}, "ws://127.0.0.1:notaport/ws", out=io.StringIO()), timeout=10)

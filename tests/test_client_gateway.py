@@ -514,3 +514,17 @@ def test_trackers_reconcile_what_changed_while_the_gateway_was_down(up: Up) -> N
         stop_group(restarted)
 
     run(main(), timeout=60)
+
+
+def test_the_client_command_exits_with_one_line_on_a_refusal(up: Up) -> None:
+    """``hlbook client`` against the real gateway: a refused subscription ends it (exit 1)
+    with the server's refusal and what was likely wrong, not a silent wait."""
+    hlbook = os.path.join(os.path.dirname(sys.executable), "hlbook")
+    cases = {("l2Book", "btc"): "did you mean BTC?", ("l2Book", "NOPE"): "unknown coin NOPE",
+             ("l2Book", "BTC", "nSigFigs=9"): "BTC exists: check the other parameters", ("candle", "BTC"): "BTC exists"}
+    for args, hint in cases.items():
+        proc = subprocess.run([hlbook, "client", *args, "--url", up.ws], capture_output=True, text=True, timeout=30)
+        lines = [line for line in proc.stderr.splitlines() if "refused" in line]
+        assert proc.returncode == 1 and len(lines) == 1, (args, proc.returncode, proc.stderr)
+        assert "Invalid subscription" in lines[0] and hint in lines[0], (args, lines[0])
+        assert "Traceback" not in proc.stderr and not proc.stdout
