@@ -281,6 +281,8 @@ def test_killed_shard_and_gateway_are_restarted_and_serve_again(up: Up) -> None:
         return next((c for c in sorted(mids) if shard_of(c, 2) == 0 and not c.startswith("@")), None)
 
     coin = wait_until(shard_0_perp, 30, "a perp of shard 0 has a mid")
+    started = (up.tmp / "up.log").read_text()
+    assert " ERROR " not in started and "exited" not in started, started[-3000:]  # a clean start: no child failed
     first = children(up.proc.pid)
     assert {"sim", "ingest", "book-0", "book-1", "gateway"} <= set(first), first
 

@@ -138,6 +138,8 @@ def run(pipeline: Pipeline) -> None:
     data_dir = pipeline.data_dir or tempfile.mkdtemp(prefix="hlbook-sim-")
     sockets = pipeline.sockets or tempfile.mkdtemp(prefix="hlbook-zmq-")
     os.makedirs(sockets, exist_ok=True)
+    if pipeline.simulate:  # the simulator makes its folders once it runs; ingest, started beside it, refuses a missing one
+        os.makedirs(data_dir, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix="hlbook-tmp-")  # the children's temporary files (shared snapshots, locks): ours alone, removed at the end
     supervisor = Supervisor(pipeline.specs(data_dir, sockets), env={"TMPDIR": scratch})
     status = Status(pipeline)
