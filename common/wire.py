@@ -23,7 +23,8 @@ from hlbook.common.models import BookDiff, Fill, OrderStatus, UserFill
 
 class BlockHeader(msgspec.Struct):
     """``H|``: a block's books phase, one per block (empty ones too), published as soon
-    as its diffs and fills were read: its ``B|`` and ``T|`` messages follow it."""
+    as its diffs and fills were read: its ``B|`` and ``T|`` messages follow it (``book_coins``
+    and ``trade_coins`` name them, so a lost one is known without waiting for its topic's next)."""
 
     height: int
     prev: int | None
@@ -34,6 +35,7 @@ class BlockHeader(msgspec.Struct):
     n_fills: int
     book_coins: list[str]  # coins with a BookSlice in this block
     incomplete: list[str] = []  # book streams whose line of this block never came (a damaged or truncated file)
+    trade_coins: list[str] = []  # coins with a Trades message in this block: a consumer that lacks one lost it
 
 
 class BookSlice(msgspec.Struct):
@@ -60,8 +62,9 @@ class BookDetails(msgspec.Struct):
 
 
 class BlockEnd(msgspec.Struct):
-    """``E|``: a block's details phase is over, one per block after its ``D|`` messages:
-    ``detail_coins`` are the coins that got one. ``incomplete``: ``["order_statuses"]``
+    """``E|``: a block's details phase is over, one per block after its ``D|`` messages and
+    before its ``U|`` ones: ``detail_coins`` are the coins that got a ``D|``, ``users`` the
+    users that get a ``U|``. ``incomplete``: ``["order_statuses"]``
     when the block's status line never came (its new orders have no details)."""
 
     height: int
@@ -70,6 +73,7 @@ class BlockEnd(msgspec.Struct):
     n_statuses: int
     detail_coins: list[str]
     incomplete: list[str] = []
+    users: list[str] = []  # users with a UserEvents message after this one (only followed users have them)
 
 
 class Trade(msgspec.Struct):

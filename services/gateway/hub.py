@@ -29,7 +29,8 @@ from hlbook.services.gateway.users import Users
 log = logging.getLogger(__name__)
 
 RECENT_TRADES = 100  # per coin, for recentTrades
-REPLAYED = ("trades", "user")  # sources (labels) whose lost messages are recovered from ingest's replay
+REPLAY_TRIES = 3  # a replay request that gets no answer is sent again this many times in all
+REPLAYED = ("trades", "user", "header", "end")  # sources (labels) whose lost messages are recovered from ingest's replay
 TRADES_HOLD = 0.02  # seconds a block's trades wait at most for their coin's book messages of that block
 SHARD_SILENT = 5.0  # seconds without a message (block or heartbeat) after which a shard counts as down
 BOOK_SOURCES = (topics.L2_PREFIX, topics.BBO_PREFIX)  # the shard's book messages, published as soon as a block's diffs are applied
@@ -71,8 +72,9 @@ class Hub:
         self.feeds: dict[FeedKey, Feed] = {}
         self.by_topic: dict[bytes, list[Feed]] = {}
         self.trades: dict[str, deque[wire.Trade]] = {}
-        self.chains = Chains(dense_prefixes=(topics.SHARD_PREFIX,))  # every upstream topic but L4| (its feed keeps that)
+        self.chains = Chains(dense_prefixes=(topics.SHARD_PREFIX, topics.HEADER, topics.BLOCK_END))  # every upstream topic but L4| (its feed keeps that)
         self.repairing: dict[bytes, list[Any]] = {}  # topic -> messages held while its lost ones are replayed
+        self.announced: deque[tuple[int, list[bytes]]] = deque()  # (height, T| and U| topics its H| or E| named)
         self.block_feeds: list[dict[Feed, BlockHook]] = [{} for _ in self.shards]  # kinds with block="owner", by owner shard
         self.every_block_feeds: dict[Feed, BlockHook] = {}  # kinds with block="every" (allMids)
         self.held_trades: dict[str, deque[tuple[float, bytes, wire.Trades]]] = {}  # by coin
@@ -235,16 +237,22 @@ class Hub:
             self.heard_height = message.height
         handle(self, topic, message)
 
-    async def _repair(self, topic: bytes, label: str, handle: Any) -> None:
+    async def _repair(self, topic: bytes, label: str, handle: Any, from_height: int | None = None) -> None:
         """Deliver the lost messages of ``topic`` from ingest's replay, then those held meanwhile."""
         chain = self.chains[topic]
-        from_height = (chain.last or 0) + 1
+        from_height = from_height or (chain.last or 0) + 1
         message_type = self._handlers[topic[: topic.find(topics.SEP) + 1]][1]
         replayed: list[Any] = []
         try:
-            replayed = [wire.decode(payload, message_type) for t, payload in await self.upstream.replay(from_height, topic) if t == topic]
-        except (QueryError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.error("%r: no replay from %d: %s", topic[:60], from_height, exc)
+            for attempt in range(1, REPLAY_TRIES + 1):  # an ingest that just restarted may be busy catching up
+                try:
+                    replayed = [wire.decode(payload, message_type) for t, payload in await self.upstream.replay(from_height, topic) if t == topic]
+                    break
+                except QueryError as exc:
+                    log.log(logging.ERROR if attempt == REPLAY_TRIES else logging.WARNING, "%r: no replay from %d (try %d of %d): %s",
+                            topic[:60], from_height, attempt, REPLAY_TRIES, exc)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("%r: undecodable replay from %d: %s", topic[:60], from_height, exc)
         finally:
             held = self.repairing.pop(topic, [])
         lost = False
@@ -300,6 +308,34 @@ class Hub:
         self.every_height = height
         for feed, on_block in self.every_block_feeds.items():
             on_block(self, feed, m)
+
+    def on_header(self, topic: bytes, m: wire.BlockHeader) -> None:
+        self._announce(m.height, [topics.trades(coin) for coin in m.trade_coins])
+
+    def on_block_end(self, topic: bytes, m: wire.BlockEnd) -> None:
+        self._announce(m.height, [t for t in map(topics.user, m.users) if t in self.by_topic])  # the users followed here
+
+    def _announce(self, height: int, expected: list[bytes]) -> None:
+        """A block's ``H|`` names its trades' topics, its ``E|`` its users' (both sent before
+        those messages, on the same socket): when a later block's comes, every message named
+        before must have come. One that did not was lost: it is replayed now, whether or not
+        its topic ever has another message (a quiet coin, a user who stopped trading)."""
+        lost: list[bytes] = []
+        while self.announced and self.announced[0][0] < height:
+            block, named = self.announced.popleft()
+            for topic in named:
+                last = self.chains[topic].last
+                if topic not in self.repairing and (last is None or last < block):
+                    label, _, handle = self._handlers[topic[: topic.find(topics.SEP) + 1]]
+                    metrics.GAPS.labels(label).inc()
+                    lost.append(topic)
+                    self.repairing[topic] = []
+                    asyncio.create_task(self._repair(topic, label, handle, block if last is None else None))
+        if lost:
+            log.warning("%d announced messages before block %d never came (%s); replaying them",
+                        len(lost), height, b" ".join(lost[:10]).decode(errors="replace"))
+        if expected:
+            self.announced.append((height, expected))
 
     def on_reset(self, topic: bytes, m: wire.Reset) -> None:
         for feed in self.by_topic.get(topics.l4(m.coin), ()):
@@ -368,6 +404,8 @@ class Hub:
         topics.SHARD_PREFIX: ("shard", wire.ShardBlock, on_shard_block),
         topics.HEARTBEAT_PREFIX: ("heartbeat", wire.ShardStatus, on_heartbeat),
         topics.RESET_PREFIX: ("reset", wire.Reset, on_reset),
+        topics.HEADER: ("header", wire.BlockHeader, on_header),  # which trades a block has: a lost one is replayed
+        topics.BLOCK_END: ("end", wire.BlockEnd, on_block_end),  # which users' events: likewise
         topics.TRADES_PREFIX: ("trades", wire.Trades, on_trades),  # held for the coin's book messages, then on_feeds
         topics.L2_PREFIX: ("l2", wire.L2Book, on_book),
         topics.BBO_PREFIX: ("bbo", wire.Bbo, on_book),

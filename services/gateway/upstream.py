@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 RCVHWM = 500_000
 BATCH = 2000  # messages handled per wake-up before yielding to the event loop
-ALWAYS = (topics.SHARD_PREFIX, topics.HEARTBEAT_PREFIX, topics.RESET_PREFIX, topics.TRADES_PREFIX)
+ALWAYS = (topics.SHARD_PREFIX, topics.HEARTBEAT_PREFIX, topics.RESET_PREFIX, topics.TRADES_PREFIX, topics.HEADER, topics.BLOCK_END)
 
 
 class QueryError(Exception):

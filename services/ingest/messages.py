@@ -89,9 +89,10 @@ class MessageBuilder:
         """The books phase: header, book slices and trades."""
         ms = block_time_ms(block.block_time)
         slices = self._book_slices(block, ms)
-        out = [self._header(block, ms, [s.coin for s in slices])]
+        trades = self._trades(block, ms)
+        out = [self._header(block, ms, [s.coin for s in slices], [t.coin for t in trades])]
         out += [self._pack(topics.book(s.coin), s) for s in slices]
-        out += [self._pack(topics.trades(t.coin), t) for t in self._trades(block, ms)]
+        out += [self._pack(topics.trades(t.coin), t) for t in trades]
         return out
 
     def details(self, block: Block) -> tuple[list[Message], list[Message]]:
@@ -100,10 +101,12 @@ class MessageBuilder:
         ms = block_time_ms(block.block_time)
         details = self._book_details(block, ms)
         out = [self._pack(topics.details(d.coin), d) for d in details]
+        per_user = self._user_events(block, ms)
         end = wire.BlockEnd(block.height, self.prev.next(topics.BLOCK_END, block.height), ms, block.n_statuses,
-                            [d.coin for d in details], ["order_statuses"] if block.statuses_missing else [])
+                            [d.coin for d in details], ["order_statuses"] if block.statuses_missing else [],
+                            [e.user for e in per_user])
         out.append((topics.BLOCK_END, wire.encode(end)))
-        return out, self._user_events(block, ms)
+        return out, [self._pack(topics.user(e.user), e) for e in per_user]
 
     def history(self, block: Block) -> Message | None:
         """``HIST|``, while the history service subscribes (built after the live messages went out)."""
@@ -119,7 +122,7 @@ class MessageBuilder:
         message.prev = self.prev.next(topic, message.height)
         return topic, wire.encode(message)
 
-    def _header(self, block: Block, ms: int, coins: list[str]) -> Message:
+    def _header(self, block: Block, ms: int, coins: list[str], trade_coins: list[str]) -> Message:
         header = wire.BlockHeader(
             height=block.height,
             prev=self.prev.next(topics.HEADER, block.height),
@@ -130,6 +133,7 @@ class MessageBuilder:
             n_fills=len(block.fills),
             book_coins=coins,
             incomplete=block.missing,
+            trade_coins=trade_coins,
         )
         return topics.HEADER, wire.encode(header)
 
@@ -181,7 +185,7 @@ class MessageBuilder:
             t.trades.append(trade)
         return list(by_coin.values())
 
-    def _user_events(self, block: Block, ms: int) -> list[Message]:
+    def _user_events(self, block: Block, ms: int) -> list[wire.UserEvents]:
         if not self.subs.active:
             return []
         events: dict[str, wire.UserEvents] = {}
@@ -200,4 +204,4 @@ class MessageBuilder:
         for user, fill in block.fills:
             if every or user in wanted:
                 slot(user).fills.append(fill)
-        return [self._pack(topics.user(e.user), e) for e in events.values()]
+        return list(events.values())

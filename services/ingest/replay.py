@@ -53,10 +53,22 @@ class ReplayStore:
         return frames
 
 
-def serve_one(router: zmq.Socket, store: ReplayStore) -> None:
+SERVED_AT_ONCE = 100  # requests answered per wake-up (after a restart every consumer asks at once)
+
+
+def serve_waiting(router: zmq.Socket, store: ReplayStore) -> None:
+    """Answer the requests waiting on ``router``, up to ``SERVED_AT_ONCE``."""
+    for _ in range(SERVED_AT_ONCE):
+        try:
+            serve_one(router, store, zmq.NOBLOCK)
+        except zmq.Again:
+            return
+
+
+def serve_one(router: zmq.Socket, store: ReplayStore, flags: int = 0) -> None:
     """Answer one request waiting on ``router`` (REQ or DEALER peers; every frame
     before the request comes back first, so a DEALER can match replies by id)."""
-    frames = router.recv_multipart()
+    frames = router.recv_multipart(flags)
     envelope, body = frames[:-1], frames[-1]  # identity, any request-id frames, delimiter: all come back
     if not envelope:  # a ROUTER always prepends the identity: not reached
         return

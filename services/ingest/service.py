@@ -26,7 +26,7 @@ from hlbook.services.ingest import metrics
 from hlbook.services.ingest.joiner import STATUSES, Block, Joiner, Phase, line_head
 from hlbook.services.ingest.messages import MessageBuilder, Subscriptions
 from hlbook.services.ingest.position import Position, PositionFile
-from hlbook.services.ingest.replay import ReplayStore, serve_one
+from hlbook.services.ingest.replay import ReplayStore, serve_waiting
 from hlbook.services.ingest.tailer import Tailer
 from hlbook.services.ingest.watch import Watcher
 
@@ -182,7 +182,7 @@ class Ingest:
             if sock is self.pub:
                 self.subs.handle(self.pub.recv())
             elif sock is self.router:
-                serve_one(self.router, self.store)
+                serve_waiting(self.router, self.store)
             elif self.watcher is not None:
                 self.watcher.drain()
         return lines
