@@ -38,6 +38,7 @@ LOG_EVERY_S = 1.0  # one log line a second per stream and reason, saying how man
 
 T = TypeVar("T")
 E = TypeVar("E")
+Elsewhere = Callable[[], "int | None"]  # the highest height the other streams claim, asked only for a jump
 
 
 class Reason(enum.StrEnum):
@@ -118,7 +119,7 @@ class Sequence(Generic[T]):
         """The highest height this stream claims (held lines included)."""
         return self.held[-1].height if self.held else self.last
 
-    def push(self, height: int, block_ms: int, line: bytes, item: T, elsewhere: int | None = None) -> list[T]:
+    def push(self, height: int, block_ms: int, line: bytes, item: T, elsewhere: Elsewhere | None = None) -> list[T]:
         """The lines that can be passed on once this one is read. ``elsewhere``: the highest height
         the other streams claim (None: unknown; a jump then waits for this stream's next line)."""
         if future(block_ms, self.last_ms):
@@ -129,11 +130,13 @@ class Sequence(Generic[T]):
                 self._drop_held()
             else:
                 self.held.append(_Held(height, block_ms, line, item))
-                return self.release(elsewhere)
+                return self.release(elsewhere() if elsewhere is not None else None)
         last = self.last
-        if last is not None and height > last + 1 and (elsewhere is None or height > elsewhere):
-            self.held.append(_Held(height, block_ms, line, item))
-            return []
+        if last is not None and height > last + 1:
+            other = elsewhere() if elsewhere is not None else None
+            if other is None or height > other:
+                self.held.append(_Held(height, block_ms, line, item))
+                return []
         return [item] if self._fits(height, block_ms, line) else []
 
     def release(self, elsewhere: int | None) -> list[T]:

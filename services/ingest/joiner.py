@@ -124,6 +124,7 @@ class Joiner:
         self.drops = drops or Drops("ingest", metrics.BAD_LINES, log)
         last = None if start_height is None else start_height - 1
         self.sequences: dict[str, Sequence[Item]] = {s: Sequence(s, self.streaming, self.drops, last) for s in STREAMS}
+        self._elsewheres = {s: functools.partial(self._elsewhere, s) for s in STREAMS}
         self.timeout = timeout
         self.pending: dict[int, Block] = {}  # books not closed yet
         self.detailing: dict[int, Block] = {}  # books closed, details not yet
@@ -145,7 +146,7 @@ class Joiner:
 
     def _push(self, stream: str, height: int, block_time: str, raw: bytes, item: Item) -> None:
         """Through the stream's sequence; a line may also confirm another stream's held jump."""
-        for passed in self.sequences[stream].push(height, _ms(block_time), raw, item, self._elsewhere(stream)):
+        for passed in self.sequences[stream].push(height, _ms(block_time), raw, item, self._elsewheres[stream]):
             self._take(stream, passed)
         for other, sequence in self.sequences.items():
             if sequence.held:
