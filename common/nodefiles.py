@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -13,6 +13,8 @@ from typing import BinaryIO
 MODES = ("by-block", "streaming")
 _HEIGHT = re.compile(rb'"block_number":(\d+)')
 BISECT_WINDOW = 1 << 20  # bytes below which offset_of scans instead of bisecting
+PROBE_LINES = 3  # lines whose median height a bisection step goes by (one damaged line cannot mislead it)
+STOP_AFTER = 2  # lines in a row past a range that end reading it (one damaged line does not)
 _MODE_SUFFIX = {"by-block": "by_block", "streaming": "streaming"}
 
 
@@ -116,13 +118,28 @@ def line_after(fh: BinaryIO, pos: int) -> tuple[int, int | None]:
     return start, line_height(prefix) if b"\n" in prefix or len(prefix) == 256 else None
 
 
+def _probe(fh: BinaryIO, pos: int) -> tuple[int, int | None]:
+    """(start of the first complete line at or after ``pos``, the median height of it and the
+    ``PROBE_LINES - 1`` lines after it): a line out of order (a damaged height) does not count."""
+    start, first = line_after(fh, pos)
+    heights, at = [first], start
+    while first is not None and len(heights) < PROBE_LINES:
+        at, found = line_after(fh, at + 1)
+        if found is None:
+            break
+        heights.append(found)
+    known = sorted(h for h in heights if h is not None)
+    return start, known[len(known) // 2] if known else None
+
+
 def offset_of(path: Path, height: int) -> int:
-    """Offset of the first line whose block is ``height`` or later (the end when none is)."""
+    """Offset of the first line whose block is ``height`` or later (the end when none is); a
+    damaged line may make it earlier, never later."""
     with open(path, "rb") as fh:
         lo, hi = 0, fh.seek(0, os.SEEK_END)  # the answer is in [lo, hi]; lo is a line start below ``height``
         while hi - lo > BISECT_WINDOW:
             mid = (lo + hi) // 2
-            start, found = line_after(fh, mid)
+            start, found = _probe(fh, mid)
             if found is not None and found < height:
                 lo = start
             else:
@@ -147,20 +164,52 @@ def holding(files: list[Path], height: int) -> Path | None:
     return None
 
 
-def lines_between(data_dir: str | Path, stream: str, mode: str, first: int, last: int) -> Iterator[bytes]:
-    """The complete lines of blocks ``first``..``last`` of one stream, in file order."""
-    files = hour_files(data_dir, stream, mode)
+Bad = Callable[[str, "int | None", bytes], None]  # (reason, height, line) of a line skipped as damaged
+
+
+def within(lines: Iterable[bytes], first: int, last: int, bad: Bad | None = None) -> Iterator[tuple[int, bytes]]:
+    """(height, line) of the complete ``lines`` of blocks ``first..last``; reading ends once
+    ``STOP_AFTER`` lines in a row are past ``last``: a line past it followed by one within is
+    a damaged height (told to ``bad``, as are lines without a height)."""
+    beyond: list[tuple[int, bytes]] = []
+    for line in lines:
+        if not line.endswith(b"\n"):
+            continue  # being written (a file's last line): read once it is whole
+        height = line_height(line)
+        if height is None:
+            if bad is not None:
+                bad("no_height", None, line)
+            continue
+        if height > last:
+            beyond.append((height, line))
+            if len(beyond) >= STOP_AFTER:
+                return
+            continue
+        if beyond and bad is not None:
+            bad("implausible_height", *beyond[0])
+        beyond = []
+        if height >= first:
+            yield height, line
+
+
+def lines_from(files: list[Path], first: int, last: int, bad: Bad | None = None) -> Iterator[tuple[int, bytes]]:
+    """(height, line) of the blocks ``first..last`` in ``files`` (hour order), in file order:
+    from the newest file starting at or before ``first``, bisected to it."""
     start = holding(files, first)
-    for path in files[files.index(start) if start is not None else 0 :]:
-        if path != start and (first_height(path) or 0) > last:
-            return
-        with open(path, "rb") as fh:
-            if path == start:
-                fh.seek(offset_of(path, first))
-            for line in fh:
-                height = line_height(line)
-                if not line.endswith(b"\n") or height is None or height < first:
-                    continue
-                if height > last:
-                    return
-                yield line
+
+    def read() -> Iterator[bytes]:
+        for path in files[files.index(start) if start is not None else 0 :]:
+            if path != start and (first_height(path) or 0) > last:
+                return
+            with open(path, "rb") as fh:
+                if path == start:
+                    fh.seek(offset_of(path, first))
+                yield from fh
+
+    return within(read(), first, last, bad)
+
+
+def lines_between(data_dir: str | Path, stream: str, mode: str, first: int, last: int,
+                  bad: Bad | None = None) -> Iterator[bytes]:
+    """The complete lines of blocks ``first``..``last`` of one stream, in file order."""
+    return (line for _, line in lines_from(hour_files(data_dir, stream, mode), first, last, bad))

@@ -12,18 +12,25 @@ BOOK_LINES = {"raw_book_diffs": DiffLine, "fills": FillLine}
 STREAMS = ("order_statuses", *BOOK_LINES)
 
 
-def status_line(height: int) -> bytes:
-    return b'{"local_time":"2026-11-22T00:00:00.1","block_time":"2026-11-22T00:00:00.0","block_number":%d,"events":[]}\n' % height
+def status_line(height: int, row: int = 1) -> bytes:
+    """``row``: which row of the block (streaming: rows of a block differ, one read twice is a duplicate)."""
+    return b'{"local_time":"2026-11-22T00:00:00.%d","block_time":"2026-11-22T00:00:00.0","block_number":%d,"events":[]}\n' % (
+        row, height)
 
 
 def anomalies(kind: str) -> float:
     return REGISTRY.get_sample_value("hlbook_ingest_block_anomalies_total", {"kind": kind}) or 0.0
 
 
-def add_block(joiner: Joiner, height: int, streams: tuple[str, ...] = STREAMS) -> None:
+def dropped(reason: str) -> float:
+    return sum(REGISTRY.get_sample_value("hlbook_ingest_bad_lines_total", {"stream": s, "reason": reason}) or 0.0
+               for s in STREAMS)
+
+
+def add_block(joiner: Joiner, height: int, streams: tuple[str, ...] = STREAMS, row: int = 1) -> None:
     for stream in streams:
         if stream == "order_statuses":
-            line = status_line(height)
+            line = status_line(height, row)
             head = line_head(line)
             assert head is not None
             joiner.add_statuses(head, line)
@@ -73,16 +80,20 @@ def test_a_status_line_that_never_comes_closes_the_details_after_the_timeout() -
     assert [(p.value, b.height, b.statuses_missing) for p, b in events] == [("details", 5, True)]
     add_block(joiner, 6, ("order_statuses",))
     assert closed(joiner, 0.7) == [("details", 6)]
-    add_block(joiner, 8, ("order_statuses",))  # 7's never came: the status stream is past it (by-block: in order)
+    add_block(joiner, 8, ("order_statuses",))  # 7's never came: a jump no other stream reached yet waits
     add_block(joiner, 7, ("raw_book_diffs", "fills"))
+    assert closed(joiner, 0.7) == [("books", 7)]
+    add_block(joiner, 8, ("raw_book_diffs", "fills"))  # they reach 8: the status stream is past 7 (by-block: in order)
     events = joiner.ready(now=0.7)
-    assert [(p.value, b.height) for p, b in events] == [("books", 7), ("details", 7)] and events[1][1].statuses_missing
+    assert [(p.value, b.height) for p, b in events] == [("books", 8), ("details", 7), ("details", 8)]
+    assert events[1][1].statuses_missing
 
 
 def test_streaming_closes_when_every_stream_moved_past_or_after_timeout() -> None:
     joiner = Joiner("streaming", timeout=0.5)
     add_block(joiner, 5)
-    add_block(joiner, 5, ("order_statuses",))  # more rows of block 5
+    add_block(joiner, 5, ("order_statuses",), row=2)  # more rows of block 5
+    add_block(joiner, 5, ("order_statuses",), row=2)  # one read twice: dropped
     assert closed(joiner, 0) == []
     add_block(joiner, 6, ("order_statuses", "raw_book_diffs"))
     assert closed(joiner, 1.0) == []  # fills has not moved past 5; its timeout starts now
@@ -96,17 +107,31 @@ def test_streaming_closes_when_every_stream_moved_past_or_after_timeout() -> Non
     assert closed(joiner, 1.8) == [("books", 7), ("books", 8), ("details", 7), ("details", 8)]  # 7 had no rows: an empty block
 
 
-def test_duplicates_out_of_order_and_gaps_are_counted() -> None:
+def test_duplicates_late_lines_and_gaps_are_dropped_and_counted() -> None:
     joiner = Joiner("by-block", timeout=10)
     add_block(joiner, 1)
     assert closed(joiner, 0) == [("books", 1), ("details", 1)]
-    dup, ooo, gap = anomalies("duplicate"), anomalies("out_of_order"), anomalies("gap")
+    dup, late, gap = dropped("duplicate"), dropped("late"), anomalies("gap")
     add_block(joiner, 1)  # the whole block again
     add_block(joiner, 4)
-    add_block(joiner, 3)  # after 4
+    add_block(joiner, 3)  # after 4: late, never merged
     add_block(joiner, 4, ("fills",))  # a second line for 4 in one stream
-    assert closed(joiner, 0) == [("books", 3), ("books", 4), ("details", 3), ("details", 4)]
-    add_block(joiner, 2, ("order_statuses",))  # the status line of a block that closed missing
-    assert anomalies("duplicate") == dup + 5
-    assert anomalies("out_of_order") == ooo + 3
-    assert anomalies("gap") == gap + 1  # block 2
+    assert closed(joiner, 0) == [("books", 4), ("details", 4)]
+    add_block(joiner, 2, ("order_statuses",))  # a status line of a block that closed missing
+    assert dropped("duplicate") == dup + 4
+    assert dropped("late") == late + 4
+    assert anomalies("gap") == gap + 2  # blocks 2 and 3
+
+
+def test_a_jump_no_other_stream_reaches_is_held_then_dropped() -> None:
+    """A fills line 500 blocks ahead does not close the blocks before it without their fills."""
+    joiner = Joiner("by-block", timeout=10)
+    add_block(joiner, 1)
+    assert closed(joiner, 0) == [("books", 1), ("details", 1)]
+    jumps = dropped("implausible_height")
+    add_block(joiner, 501, ("fills",))
+    add_block(joiner, 2, ("order_statuses", "raw_book_diffs"))
+    assert closed(joiner, 0) == []  # 2's fills line has not come: 501 did not move the fills stream past it
+    add_block(joiner, 2, ("fills",))
+    assert closed(joiner, 0) == [("books", 2), ("details", 2)]
+    assert dropped("implausible_height") == jumps + 1

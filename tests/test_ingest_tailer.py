@@ -95,6 +95,28 @@ def test_start_from_finds_the_line_in_a_big_file_by_bisection(tmp_path: Path) ->
     assert offset_of(path, 5000) == path.stat().st_size - 30  # not written yet: the partial line's start
 
 
+def test_a_damaged_height_where_the_bisection_looks_does_not_skip_blocks(tmp_path: Path) -> None:
+    """A late line (an old height again) and a height 500 blocks ahead, each the first line
+    after the middle of the file, where the bisection looks first: the position of every
+    height near them is never after the height's line, and the lines read from there hold
+    every block of the range, each once."""
+    width = 1000
+
+    def sized(height: int) -> bytes:
+        return node_line(height)[:-1].ljust(width - 1) + b"\n"
+
+    real = [sized(h) for h in range(1000, 4999)]  # 3,999 lines of one size
+    for damaged in (sized(1005), sized(3499)):
+        data = b"".join([*real[:2000], damaged, *real[2000:]])
+        path = append(tmp_path / str(line_height(damaged)), HOUR, data)
+        assert len(data) // 2 == 2000 * width  # the damaged line is the one the first step probes
+        for height in range(2990, 3010):
+            at = offset_of(path, height)
+            assert at <= data.index(real[height - 1000])
+            got = [h for h, _ in nodefiles.lines_from([path], height, height + 5)]
+            assert got == list(range(height, height + 6)), (damaged[:70], height)
+
+
 def test_truncated_file_is_reread_and_counted(tmp_path: Path) -> None:
     path = append(tmp_path, HOUR, node_line(1) + node_line(2))
     tailer = Tailer(tmp_path, "fills", "by-block")

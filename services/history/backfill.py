@@ -11,6 +11,10 @@ a live gap (a restart, a lost message), until no run is left.
 Heights no file holds are counted (``hlbook_history_missing_blocks_total``) and
 recorded as held: nothing could fill them later. In streaming mode a block
 without events has no line, so heights between lines are empty blocks.
+
+Lines pass the same judgement as ingest's (``nodelines``): duplicates, late lines,
+damaged heights and times are dropped and counted, as are fills and statuses timed
+away from their block.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from hlbook.common import nodefiles
-from hlbook.common.metrics import BAD_INPUT
 from hlbook.common.models import DECODERS, STATUS_HEADS, OrderStatus, UserFill, block_time_ms
+from hlbook.common.nodelines import Drops, Reason, fill_ms, passing, status_ms, timed
 from hlbook.services.history import metrics
 from hlbook.services.history.store import Store
 
@@ -104,8 +109,9 @@ class Backfill:
     def _fill(self, files: dict[str, list[tuple[Path, int]]], first: int, last: int) -> Iterator[int]:
         """Store the blocks of ``first..last`` from the files; mark the heights without lines."""
         store, at = self.store, first  # at: the first height not yet accounted for
-        statuses = _blocks("order_statuses", _lines("order_statuses", files["order_statuses"], first, last))
-        fills = _blocks("fills", _lines("fills", files["fills"], first, last))
+        streaming = self.mode == "streaming"
+        statuses = _blocks("order_statuses", _lines("order_statuses", files["order_statuses"], first, last), streaming, first)
+        fills = _blocks("fills", _lines("fills", files["fills"], first, last), streaming, first)
         for height, ms, block_statuses, block_fills in _merge(statuses, fills):
             self._skipped(at, height - 1)
             at = height + 1
@@ -130,48 +136,48 @@ class Backfill:
         self.store.mark_held(first, last)
 
 
+DROPS = Drops("history", metrics.BAD_LINES, log)
+
+
 def _lines(stream: str, files: list[tuple[Path, int]], first: int, last: int) -> Lines:
     """(height, line) of the complete lines with ``first <= height <= last``, in file order."""
-    for i, (path, start) in enumerate(files):
-        following = files[i + 1][1] if i + 1 < len(files) else None
-        if (following is not None and following <= first) or start > last:
-            continue
-        with open(path, "rb") as fh:
-            if start < first:
-                fh.seek(nodefiles.offset_of(path, first))
-            for line in fh:
-                if not line.endswith(b"\n"):
-                    break  # being written: the next pass reads it
-                metrics.BACKFILL_BYTES.inc(len(line))
-                height = nodefiles.line_height(line)
-                if height is None:
-                    _bad(stream, "no_height", line)
-                    continue
-                if height > last:
-                    return
-                if height >= first:
-                    yield height, line
+    for height, line in nodefiles.lines_from([path for path, _ in files], first, last, DROPS.of(stream)):
+        metrics.BACKFILL_BYTES.inc(len(line))
+        yield height, line
 
 
-def _blocks(stream: str, lines: Lines) -> Iterator[tuple[int, int, list]]:
-    """(height, time ms, events) per block; consecutive lines of one block (streaming) joined."""
-    current: tuple[int, int, list] | None = None
+def _decoded(stream: str, lines: Lines) -> Iterator[tuple[int, int, bytes, tuple[int, int, list]]]:
+    """(height, time ms, line, (height, time ms, events kept)) of the lines that decode."""
     for height, line in lines:
+        events: list[Any]
         try:
             if stream == "order_statuses":
-                decoded = STATUS_HEADS.decode(line).resolve(None)[0]  # rejections stay undecoded
+                statuses = STATUS_HEADS.decode(line).resolve(None)[0]  # rejections stay undecoded
+                block_time, ms = statuses.block_time, block_time_ms(statuses.block_time)
+                events, mistimed = timed(statuses.events, ms, status_ms(block_time))
             else:
-                decoded = DECODERS[stream].decode(line)
-            ms = block_time_ms(decoded.block_time)
+                fills = DECODERS[stream].decode(line)
+                block_time, ms = fills.block_time, block_time_ms(fills.block_time)
+                events, mistimed = timed(fills.events, ms, fill_ms)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-            _bad(stream, "malformed", line, exc)
+            DROPS(stream, Reason.MALFORMED, height, str(exc))
             continue
+        if mistimed:
+            DROPS(stream, Reason.EVENT_TIME, height, f"{mistimed} event(s) not timed {block_time}", mistimed)
+        yield height, ms, line, (height, ms, events)
+
+
+def _blocks(stream: str, lines: Lines, streaming: bool, first: int) -> Iterator[tuple[int, int, list]]:
+    """(height, time ms, events) per block, of the lines that pass the stream's judgement
+    (``nodelines``); consecutive lines of one block (streaming) joined."""
+    current: tuple[int, int, list] | None = None
+    for height, ms, events in passing(DROPS, stream, streaming, _decoded(stream, lines), first - 1):
         if current is not None and current[0] == height:
-            current[2].extend(decoded.events)
+            current[2].extend(events)
             continue
         if current is not None:
             yield current
-        current = (height, ms, list(decoded.events))
+        current = (height, ms, list(events))
     if current is not None:
         yield current
 
@@ -189,14 +195,3 @@ def _merge(statuses: Iterator[tuple[int, int, list]], fills: Iterator[tuple[int,
             s = next(statuses, None)
         if f is not None and f[0] == height:
             f = next(fills, None)
-
-
-_bad_logged = [0]
-
-
-def _bad(stream: str, reason: str, line: bytes, exc: Exception | None = None) -> None:
-    metrics.BAD_LINES.labels(stream, reason).inc()
-    BAD_INPUT.labels("history", reason).inc()
-    _bad_logged[0] += 1
-    if _bad_logged[0] <= 20 or _bad_logged[0] % 1000 == 0:
-        log.error("%s: line skipped (%s%s): %.200r [%d so far]", stream, reason, f": {exc}" if exc else "", line, _bad_logged[0])

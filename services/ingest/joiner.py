@@ -16,11 +16,16 @@ does not stall the pipeline: once any stream is past a block for ``timeout``
 seconds, the phase closes with what arrived, counted as incomplete. Lines of a
 phase already closed are duplicates (by-block) or late rows (streaming):
 counted, logged and dropped.
+
+Every line first passes its stream's ``nodelines.Sequence`` (duplicates, late lines,
+heights and times that do not fit are dropped; a jump no other stream reaches waits), and
+fills timed away from their block are dropped (``nodelines.timed``).
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import re
 import time
@@ -30,17 +35,18 @@ from typing import NamedTuple
 
 import msgspec
 
-from hlbook.common.metrics import BAD_INPUT
 from hlbook.common.models import STATUS_HEADS, STREAMS, BookDiff, NodeLine, OrderStatus, UserFill, block_time_ms
+from hlbook.common.nodelines import Drops, Reason, Sequence, fill_ms, status_ms, timed
 from hlbook.services.ingest import metrics
 
 log = logging.getLogger(__name__)
 
-JUMP_FREE = 1000  # blocks a line may run ahead of the others without question
-MAX_BLOCK_RATE = 100  # blocks a second of block time can hold, at most (mainnet: ~15)
 STATUSES = "order_statuses"
 BOOK_STREAMS = ("raw_book_diffs", "fills")
 _HEAD = re.compile(rb'\{"local_time":"([^"]{1,64})","block_time":"([^"]{1,64})","block_number":(\d{1,19})[,}]')
+
+
+_ms = functools.lru_cache(maxsize=256)(block_time_ms)  # the rows of a block share its time string
 
 
 class Phase(enum.Enum):
@@ -89,25 +95,36 @@ class Block:
         if not self.block_time:
             self.block_time, self.local_time = block_time, local_time
 
-    def decode_statuses(self, wanted: Callable[[str], bool] | None) -> list[tuple[bytes, Exception]]:
+    def decode_statuses(self, wanted: Callable[[str], bool] | None, drops: Drops | None = None) -> list[tuple[bytes, Exception]]:
         """Decode the status lines read: every status but the rejections of users ``wanted``
-        does not accept (``StatusHeadLine.resolve``). Returns the lines that did not decode."""
+        does not accept (``StatusHeadLine.resolve``), and none timed away from the block
+        (dropped, told to ``drops``). Returns the lines that did not decode."""
         bad: list[tuple[bytes, Exception]] = []
         for line in self.status_lines:
             try:
                 statuses, left_out = STATUS_HEADS.decode(line).resolve(wanted)
+                events, mistimed = timed(statuses.events, block_time_ms(statuses.block_time), status_ms(statuses.block_time))
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
                 bad.append((line, exc))
                 continue
-            self.statuses.extend(statuses.events)
+            if mistimed and drops is not None:
+                drops(STATUSES, Reason.EVENT_TIME, self.height, f"{mistimed} status(es) not timed {statuses.block_time}", mistimed)
+            self.statuses.extend(events)
             self.statuses_left_out += left_out
         self.status_lines = []
         return bad
 
 
+Item = NodeLine | tuple[LineHead, bytes]  # a book stream's line decoded, a status line as read
+
+
 class Joiner:
-    def __init__(self, mode: str, timeout: float, start_height: int | None = None) -> None:
+    def __init__(self, mode: str, timeout: float, start_height: int | None = None, drops: Drops | None = None) -> None:
         self.streaming = mode == "streaming"
+        self.drops = drops or Drops("ingest", metrics.BAD_LINES, log)
+        last = None if start_height is None else start_height - 1
+        self.sequences: dict[str, Sequence[Item]] = {s: Sequence(s, self.streaming, self.drops, last) for s in STREAMS}
+        self._elsewheres = {s: functools.partial(self._elsewhere, s) for s in STREAMS}
         self.timeout = timeout
         self.pending: dict[int, Block] = {}  # books not closed yet
         self.detailing: dict[int, Block] = {}  # books closed, details not yet
@@ -116,27 +133,52 @@ class Joiner:
         self.last_detailed: int | None = self.last_closed
         self._past_since: dict[tuple[Phase, int], float] = {}  # when some stream first moved past a phase of a block
         self._last_times: tuple[str, str] | None = None  # (block_time, local_time) of the last closed block
-        self.top: tuple[int, int] | None = None  # (height, block time ms) of the highest line believed
 
     # ------------------------------------------------------------ lines
 
-    def add(self, stream: str, line: NodeLine) -> None:
-        """A decoded line of a book stream (diffs or fills)."""
-        height = line.block_number
-        if not self._accept(stream, height, line.block_time, self.last_closed):
-            return
-        block = self._block(height)
-        block.times(line.block_time, line.local_time)
-        block.streams_seen.add(stream)
-        if stream == "fills":
-            block.fills.extend(line.events)  # type: ignore[arg-type]
-        else:
-            block.diffs.extend(line.events)  # type: ignore[arg-type]
+    def add(self, stream: str, line: NodeLine, raw: bytes | None = None) -> None:
+        """A decoded line of a book stream (diffs or fills); ``raw``: as read (tells a row read twice)."""
+        self._push(stream, line.block_number, line.block_time, raw if raw is not None else msgspec.json.encode(line), line)
 
     def add_statuses(self, head: LineHead, line: bytes) -> None:
         """A status line (by-block) or row (streaming), kept as read until its block's details close."""
+        self._push(STATUSES, head.block_number, head.block_time, line, (head, line))
+
+    def _push(self, stream: str, height: int, block_time: str, raw: bytes, item: Item) -> None:
+        """Through the stream's sequence; a line may also confirm another stream's held jump."""
+        for passed in self.sequences[stream].push(height, _ms(block_time), raw, item, self._elsewheres[stream]):
+            self._take(stream, passed)
+        for other, sequence in self.sequences.items():
+            if sequence.held:
+                for passed in sequence.release(self._elsewhere(other)):
+                    self._take(other, passed)
+
+    def _elsewhere(self, stream: str) -> int | None:
+        """The highest height the other streams claim."""
+        return max((h for s, q in self.sequences.items() if s != stream and (h := q.top) is not None), default=None)
+
+    def _take(self, stream: str, item: Item) -> None:
+        if isinstance(item, tuple):
+            self._take_statuses(*item)
+            return
+        height = item.block_number
+        if not self._accept(stream, height, self.last_closed):
+            return
+        block = self._block(height)
+        block.times(item.block_time, item.local_time)
+        block.streams_seen.add(stream)
+        if stream == "fills":
+            events: list[UserFill] = item.events  # type: ignore[assignment]
+            fills, mistimed = timed(events, _ms(item.block_time), fill_ms)
+            if mistimed:
+                self.drops(stream, Reason.EVENT_TIME, height, f"{mistimed} fill(s) not timed {item.block_time}", mistimed)
+            block.fills.extend(fills)
+        else:
+            block.diffs.extend(item.events)  # type: ignore[arg-type]
+
+    def _take_statuses(self, head: LineHead, line: bytes) -> None:
         height = head.block_number
-        if not self._accept(STATUSES, height, head.block_time, self.last_detailed):
+        if not self._accept(STATUSES, height, self.last_detailed):
             return
         block = self.detailing.get(height)
         if block is None:
@@ -155,38 +197,14 @@ class Joiner:
             block = self.pending[height] = Block(height)
         return block
 
-    def _accept(self, stream: str, height: int, block_time: str, closed: int | None) -> bool:
-        if not self._plausible(stream, height, block_time):
-            return False
+    def _accept(self, stream: str, height: int, closed: int | None) -> bool:
         if closed is not None and height <= closed:
             # streaming: a row of a block closed by timeout; by-block: a repeated line
             kind = "late_row" if self.streaming else "duplicate"
             metrics.BLOCK_ANOMALIES.labels(kind).inc()
             log.warning("%s: %s for block %d (last closed %d) dropped", stream, kind, height, closed)
             return False
-        if height < self.reached[stream]:
-            metrics.BLOCK_ANOMALIES.labels("out_of_order").inc()
-            log.warning("%s: block %d after %d", stream, height, self.reached[stream])
-        elif height == self.reached[stream] and not self.streaming:
-            metrics.BLOCK_ANOMALIES.labels("duplicate").inc()
-            return False
         self.reached[stream] = max(self.reached[stream], height)
-        return True
-
-    def _plausible(self, stream: str, height: int, block_time: str) -> bool:
-        """A height far ahead of every block seen, with a block time that cannot have
-        covered that many blocks, is a damaged line: believing it would let every later
-        block close before its lines came (the stream "moved past" them)."""
-        ms = block_time_ms(block_time)
-        top = self.top
-        if top is not None and height - top[0] > JUMP_FREE and height - top[0] > (ms - top[1]) / 1000 * MAX_BLOCK_RATE:
-            metrics.BAD_LINES.labels(stream, "implausible_height").inc()
-            BAD_INPUT.labels("ingest", "implausible_height").inc()
-            log.error("%s: block %d is %d blocks after %d but only %d ms later: line dropped",
-                      stream, height, height - top[0], top[0], ms - top[1])
-            return False
-        if top is None or height > top[0]:
-            self.top = (height, ms)
         return True
 
     # ------------------------------------------------------------ closing
@@ -210,9 +228,13 @@ class Joiner:
         """The phases that can close now: books in height order, then details in height order
         (a block's details never before its books); ``flush`` closes all."""
         out: list[tuple[Phase, Block]] = []
-        if not self.pending and not self.detailing:
+        if not self.pending and not self.detailing and not flush:
             return out
         now = time.monotonic() if now is None else now
+        if flush:
+            for stream, sequence in self.sequences.items():
+                for passed in sequence.flush():
+                    self._take(stream, passed)
         for height in sorted(self.pending):
             if not (flush or self._done(BOOK_STREAMS, height) or self._due(Phase.BOOKS, height, now)):
                 break

@@ -10,7 +10,7 @@ FILE_EVENTS = Counter("hlbook_ingest_file_events_total", "Hourly file rotations 
 BLOCKS = Counter("hlbook_ingest_blocks_total", "Blocks published")
 BLOCK_ANOMALIES = Counter(
     "hlbook_ingest_block_anomalies_total",
-    "Blocks missing (gap), duplicated, out of order, closed incomplete, or rows arriving after their block closed",
+    "Blocks missing (gap), closed incomplete or by timeout, or lines arriving after their block closed (late_row, duplicate)",
     ["kind"],
 )
 MESSAGES = Counter("hlbook_ingest_messages_total", "Messages published, by topic kind", ["kind"])

@@ -26,7 +26,7 @@ def read_blocks(data_dir: str | Path, mode: str = "by-block") -> Iterator[Block]
                         assert head is not None, line[:100]
                         joiner.add_statuses(head, line)
                     else:
-                        joiner.add(stream, decoder.decode(line))
+                        joiner.add(stream, decoder.decode(line), line)
     for phase, block in joiner.ready(flush=True):
         if phase is Phase.DETAILS:
             block.decode_statuses(lambda user: True)

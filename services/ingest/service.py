@@ -140,14 +140,14 @@ class Ingest:
             high = min(low + WARM_CHUNK - 1, last)
             joiner = Joiner(self.cfg.mode, float("inf"), low)
             for stream in STREAMS:
-                for line in nodefiles.lines_between(self.cfg.data_dir, stream, self.cfg.mode, low, high):
+                for line in nodefiles.lines_between(self.cfg.data_dir, stream, self.cfg.mode, low, high, joiner.drops.of(stream)):
                     self._join(joiner, stream, line)
             for phase, block in joiner.ready(flush=True):
                 try:
                     if phase is Phase.BOOKS:
                         self.store.add(block.height, builder.books(block))
                     elif block.height <= details:
-                        block.decode_statuses(self.subs.wants)
+                        block.decode_statuses(self.subs.wants, joiner.drops)
                         stored, per_user = builder.details(block)
                         self.store.add(block.height, stored + per_user)
                 except Exception:  # as in publish: that block cannot be replayed, the rest can
@@ -239,7 +239,7 @@ class Ingest:
                     raise ValueError("no block_number where a node line has it")
                 joiner.add_statuses(head, line)
             else:
-                joiner.add(stream, DECODERS[stream].decode(line))
+                joiner.add(stream, DECODERS[stream].decode(line), line)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:  # ValueError: a bad block_time
             self._bad_line(stream, line, exc)
 
@@ -273,7 +273,7 @@ class Ingest:
 
     def publish_details(self, block: Block) -> None:
         """The details phase: the block's statuses decoded, book details, the block's end, per-user events, history."""
-        for line, exc in block.decode_statuses(self.subs.wants):
+        for line, exc in block.decode_statuses(self.subs.wants, self.joiner.drops):
             self._bad_line(STATUSES, line, exc)
             if self.cfg.mode == "by-block":  # the block's one status line: its new orders have no details
                 block.statuses_missing = True
