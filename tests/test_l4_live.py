@@ -42,7 +42,7 @@ from hlbook.common.models import BookDiff, OrderStatus
 from hlbook.services.book import snapshot
 from hlbook.services.book.book import Book
 from hlbook.services.nodesim.engine import Block
-from hlbook.services.nodesim.replay import Replay, load
+from hlbook.services.nodesim.replay import Replay, at_time, load
 from hlbook.services.nodesim.writer import NodeWriter
 from pipeline import http_get, stop_group
 
@@ -101,7 +101,7 @@ def test_l4book_clients_joining_while_real_blocks_flow(btc_data: Path, tmp_path:
             with NodeWriter(live, ("by-block",), partial_p=0.0) as writer:
                 for i, block in enumerate(blocks):
                     time.sleep(max(0.0, start + i * BLOCK_GAP - time.monotonic()))
-                    writer.write_block(_at_time(block, time.time_ns()))
+                    writer.write_block(at_time(block, time.time_ns()))
                     written[0] = i + 1
 
         writer = threading.Thread(target=write, daemon=True)
@@ -188,10 +188,6 @@ def _books_at(snap: Path, blocks: list[Block], heights: set[int]) -> dict[int, l
             out[book.height] = [list(side) for side in book.l4_levels()]
     return out
 
-
-def _at_time(block: Block, ns: int) -> Block:
-    """``block`` with its block time now (the writer's pace)."""
-    return Block(block.height, ns, block.statuses, block.diffs, block.fills)
 
 
 def _metric(port: int, name: str) -> float | None:

@@ -24,6 +24,7 @@ import orjson
 
 from hlbook.common import nodefiles
 from hlbook.common.models import STREAMS, block_time_ms
+from hlbook.services.nodesim.block import node_time
 from hlbook.services.nodesim.engine import Block
 
 Event = dict[str, Any]
@@ -110,6 +111,13 @@ class Replay:
 
     @staticmethod
     def _block(rec: Recorded, height: int, time_ns: int, forward: bool, k: int) -> Block:
-        ms = time_ns // 1_000_000
-        fills = [[user, dict(fill, time=ms, tid=fill["tid"] + k * TID_STEP)] for user, fill in rec.fills]
-        return Block(height, time_ns, rec.statuses, rec.diffs if forward else rec.inverse, fills)
+        fills = [[user, dict(fill, tid=fill["tid"] + k * TID_STEP)] for user, fill in rec.fills]
+        return at_time(Block(height, time_ns, rec.statuses, rec.diffs if forward else rec.inverse, fills), time_ns)
+
+
+def at_time(block: Block, time_ns: int) -> Block:
+    """``block`` timed ``time_ns``, its statuses and fills too (the node times every event as its block)."""
+    stamp, ms = node_time(time_ns), time_ns // 1_000_000
+    statuses = [dict(status, time=stamp) for status in block.statuses]
+    fills = [[user, dict(fill, time=ms)] for user, fill in block.fills]
+    return Block(block.height, time_ns, statuses, block.diffs, fills)
