@@ -391,8 +391,9 @@ def test_killed_shard_comes_back_live_and_equal(pipeline, btc_data: Path, tmp_pa
 
 
 def test_the_shared_snapshot_goes_when_its_shards_stop(pipeline, tmp_path: Path) -> None:
-    """Two shards of one host share one node snapshot in their temporary directory; it is
-    removed (with its lock) when they stop, so restarts leave nothing behind."""
+    """Two shards of one host share one node snapshot in their private folder of the temporary
+    directory; it is removed (with its lock, and the folder) when they stop, so restarts leave
+    nothing behind."""
     p, scratch = pipeline, tmp_path / "scratch"
     scratch.mkdir()
     shards = [ShardProcess(tmp_path, f"t{k}", k, 2, p.ingest, "--info-url", p.info.url, env={"TMPDIR": str(scratch)},
@@ -402,7 +403,9 @@ def test_the_shared_snapshot_goes_when_its_shards_stop(pipeline, tmp_path: Path)
     for shard in shards:
         shard.wait(lambda r: r["height"] == FIRST + 3 and r["phase"] == "live")
     assert p.info.requests == 1  # the second shard read the first one's file
-    assert {f.suffix for f in scratch.iterdir()} == {".json", ".owner", ".lock"}
+    private = scratch / f"hlbook-{os.getuid()}"
+    assert list(scratch.iterdir()) == [private] and private.stat().st_mode & 0o777 == 0o700
+    assert {f.suffix for f in private.iterdir()} == {".json", ".owner", ".lock"}
     for shard in shards:
         shard.stop()
     assert list(scratch.iterdir()) == []

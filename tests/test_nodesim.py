@@ -616,11 +616,17 @@ def test_info_server_rejects_bad_requests_and_keeps_serving(live_sim: NodeSim, t
         json.dumps({**_request(tmp_path / "x.json"), "outPath": "relative.json"}).encode(),
         json.dumps({**_request(tmp_path / "x.json"), "request": {"type": "l2Snapshots"}}).encode(),
         json.dumps(_request(tmp_path / "missing-dir" / "x.json")).encode(),
+        json.dumps(_request(Path("/etc/hlbook-planted.json"))).encode(),  # a folder others can use: no file written there
     ]
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    bad.append(json.dumps(_request(shared / "x.json")).encode())
     for body in bad:
         r = httpx.post(url, content=body, timeout=10)
         assert r.status_code == 400, body
         assert r.json()["error"]
+    assert not (shared / "x.json").exists() and not Path("/etc/hlbook-planted.json").exists()
     # anything else is refused as the node refuses it (the node's other info types: tests/test_info_parity.py)
     assert httpx.post(url, content=b"{not json", timeout=10).status_code == 400
     assert httpx.post(url, content=b"[1,2]", timeout=10).status_code == 422

@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from hlbook.common import fixed
+from hlbook.common.private import private_dir, remove_if_empty
 from hlbook.services.book.book import ASK, BID, Book, Level, Order, Side, children_bytes, intern_kind, parse_cloid
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def _fill(book: Book, side: Side, entries: list[Entry], side_name: str) -> None:
 
 def shared_paths(info_url: str, directory: str | None = None) -> tuple[Path, Path, Path]:
     """(the shared snapshot, who fetched it, the lock the shards take turns on) for one node."""
-    stem = Path(directory or tempfile.gettempdir()) / f"hlbook-snapshot-{hashlib.sha256(info_url.encode()).hexdigest()[:12]}"
+    stem = Path(directory or private_dir()) / f"hlbook-snapshot-{hashlib.sha256(info_url.encode()).hexdigest()[:12]}"
     return stem.with_suffix(".json"), stem.with_suffix(".owner"), stem.with_suffix(".lock")
 
 
@@ -145,7 +146,12 @@ def fetch_shared(info_url: str, owner: str, not_before: float = 0.0, timeout: fl
     whoever takes the lock next (its fetcher may have been killed); its fetcher removes it
     when it stops (:func:`remove_shared`)."""
     latest, by, lock_path = shared_paths(info_url, directory)
-    with open(lock_path, "a+") as lock:
+    try:
+        lock = open(lock_path, "a+")
+    except FileNotFoundError:  # the private folder, removed by the last shard that stopped: made again
+        latest, by, lock_path = shared_paths(info_url, directory)
+        lock = open(lock_path, "a+")
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
         try:
             written = latest.stat().st_mtime
@@ -176,6 +182,8 @@ def remove_shared(info_url: str, owner: str, directory: str | None = None) -> No
                 pass
             if not latest.exists():
                 _unlink(lock_path)
+                if directory is None:
+                    remove_if_empty(lock_path.parent)
     except FileNotFoundError:
         pass
 
@@ -193,7 +201,10 @@ def fetch(info_url: str, timeout: float = 60.0, directory: str | None = None, ke
     (the file is then removed, or renamed to ``keep``)."""
     import httpx
 
-    fd, path = tempfile.mkstemp(prefix="hlbook-snapshot-", suffix=".json", dir=directory)
+    try:
+        fd, path = tempfile.mkstemp(prefix="hlbook-snapshot-", suffix=".json", dir=directory or private_dir())
+    except FileNotFoundError:  # the private folder, removed by a shard that stopped just then: made again
+        fd, path = tempfile.mkstemp(prefix="hlbook-snapshot-", suffix=".json", dir=directory or private_dir())
     os.close(fd)
     try:
         request = dict(SNAPSHOT_REQUEST, outPath=os.path.abspath(path))
@@ -215,6 +226,8 @@ def fetch(info_url: str, timeout: float = 60.0, directory: str | None = None, ke
             os.unlink(path)
         except OSError:
             pass
+        if directory is None:
+            remove_if_empty(Path(path).parent)
 
 
 @dataclass

@@ -20,12 +20,14 @@ import threading
 from collections.abc import Callable
 from itertools import chain
 from operator import attrgetter
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from sortedcontainers import SortedDict
 
+from hlbook.common.private import is_private
 from hlbook.services.nodesim.market import Resting, json_str
 from hlbook.services.nodesim.node_info import NodeInfo, Refused
 
@@ -90,6 +92,8 @@ def parse_request(body: bytes) -> dict[str, Any]:
     out = req.get("outPath")
     if not isinstance(out, str) or not os.path.isabs(out):
         raise RequestError("outPath must be an absolute path")
+    if not is_private(Path(out).parent):  # no request may have a file written where others can reach
+        raise RequestError("outPath must be in a folder of the simulator's user that no one else can use")
     return req
 
 
