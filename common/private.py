@@ -19,9 +19,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def private_path() -> Path:
+    """Where this user's private folder is (made or not)."""
+    return Path(tempfile.gettempdir()) / f"hlbook-{os.getuid()}"
+
+
 def private_dir() -> Path:
     """This user's private folder under the temporary directory (made if missing)."""
-    path = Path(tempfile.gettempdir()) / f"hlbook-{os.getuid()}"
+    path = private_path()
     try:
         path.mkdir(mode=0o700)
     except FileExistsError:

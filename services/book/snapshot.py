@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from hlbook.common import fixed
-from hlbook.common.private import private_dir, remove_if_empty
+from hlbook.common.private import private_dir, private_path, remove_if_empty
 from hlbook.services.book.book import ASK, BID, Book, Level, Order, Side, children_bytes, intern_kind, parse_cloid
 
 log = logging.getLogger(__name__)
@@ -130,9 +130,10 @@ def _fill(book: Book, side: Side, entries: list[Entry], side_name: str) -> None:
         level.add(order)
 
 
-def shared_paths(info_url: str, directory: str | None = None) -> tuple[Path, Path, Path]:
-    """(the shared snapshot, who fetched it, the lock the shards take turns on) for one node."""
-    stem = Path(directory or private_dir()) / f"hlbook-snapshot-{hashlib.sha256(info_url.encode()).hexdigest()[:12]}"
+def shared_paths(info_url: str, directory: str | None = None, make: bool = True) -> tuple[Path, Path, Path]:
+    """(the shared snapshot, who fetched it, the lock the shards take turns on) for one node;
+    ``make``: the private folder is made if missing."""
+    stem = Path(directory or (private_dir() if make else private_path())) / f"hlbook-snapshot-{hashlib.sha256(info_url.encode()).hexdigest()[:12]}"
     return stem.with_suffix(".json"), stem.with_suffix(".owner"), stem.with_suffix(".lock")
 
 
@@ -168,7 +169,7 @@ def fetch_shared(info_url: str, owner: str, not_before: float = 0.0, timeout: fl
 
 def remove_shared(info_url: str, owner: str, directory: str | None = None) -> None:
     """``owner`` stops: remove the snapshot it shared, and the lock when no other shard holds it."""
-    latest, by, lock_path = shared_paths(info_url, directory)
+    latest, by, lock_path = shared_paths(info_url, directory, make=False)
     try:
         with open(lock_path, "r") as lock:
             try:
