@@ -81,3 +81,36 @@ def test_an_optional_child_failing_at_start_never_stops_the_others(tmp_path: Pat
             wait_until(lambda: (failing.check(), False)[1], 30)
     finally:
         failing.stop()
+
+
+def test_a_reader_that_stops_reading_our_stderr_blocks_no_child(tmp_path: Path) -> None:
+    """`up`'s stderr (its lines and its children's) is written by one thread from a bounded
+    queue: a child printing 8 MB while nobody reads finishes at once; the lines that did not fit
+    are counted and said when the reader reads again."""
+    import subprocess
+    import sys
+    import threading
+    from collections import deque
+
+    from hlbook.services.supervisor import supervisor as module
+
+    read_end, write_end = os.pipe()  # nobody reads it until the end
+    output = module.Output(os.fdopen(write_end, "w"))
+    saved, sys.stderr = sys.stderr, output  # type: ignore[assignment]
+    try:
+        chatty = subprocess.Popen([sys.executable, "-c", "import sys\nfor i in range(100_000): print('x' * 80, file=sys.stderr)"],
+                                  stderr=subprocess.PIPE)
+        tail: deque[str] = deque(maxlen=5)
+        relay = threading.Thread(target=module._pass_through, args=(chatty.stderr, tail), daemon=True)
+        relay.start()
+        assert chatty.wait(20) == 0  # blocked for good before: the pipe to us, then ours, full
+        relay.join(10)
+        assert not relay.is_alive() and output.dropped > 0 and tail[-1] == "x" * 80 + "\n"
+    finally:
+        sys.stderr = saved
+    deadline = time.monotonic() + 10
+    with os.fdopen(read_end, "rb") as reader:  # reading again: what was queued, and the drop said
+        seen = b""
+        while b"lines of output dropped: stderr was not being read" not in seen:
+            assert time.monotonic() < deadline, "the dropped lines were never said"
+            seen += os.read(reader.fileno(), 1 << 20)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from hlbook.common import logs
 from hlbook.common.config import ipc_endpoint
-from hlbook.services.supervisor.supervisor import ChildSpec, Supervisor
+from hlbook.services.supervisor.supervisor import ChildSpec, Output, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,15 @@ def _metrics(url: str) -> dict[str, float]:
 
 
 def run(pipeline: Pipeline) -> None:
+    output = sys.stderr = Output(sys.stderr)  # ours and the children's lines: a paused reader blocks none of them
+    try:
+        _run(pipeline)
+    finally:
+        output.drain()
+        sys.stderr = output.stream
+
+
+def _run(pipeline: Pipeline) -> None:
     logs.setup("up", pipeline.log_level)
     data_dir = pipeline.data_dir or tempfile.mkdtemp(prefix="hlbook-sim-")
     sockets = pipeline.sockets or tempfile.mkdtemp(prefix="hlbook-zmq-")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, TextIO
 
 from hlbook.common.signals import stop_on_signals
 
@@ -76,6 +77,57 @@ class Child:
             top = max((i for i, line in enumerate(tail) if line.startswith("╭")), default=0)
             return " ".join(text for text in (line.strip(PANEL) for line in tail[top:]) if text)
         return tail[-1] if tail else "(it printed nothing)"
+
+
+class Output:
+    """Our stderr for `up` and its children's lines, never blocking a writer: lines wait in a
+    bounded queue for one writer thread; when whoever reads our stderr stops (a paused terminal,
+    a full pipe), lines past ``QUEUED_LINES`` are dropped and counted, and said once it reads
+    again. Before, a paused reader stopped every child at its next log line (ingest too)."""
+
+    QUEUED_LINES = 10_000
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.lines: queue.Queue[str] = queue.Queue(self.QUEUED_LINES)
+        self.dropped = 0
+        threading.Thread(target=self._write, daemon=True, name="stderr").start()
+
+    def write(self, text: str) -> int:
+        try:
+            self.lines.put_nowait(text)
+        except queue.Full:
+            self.dropped += 1
+        return len(text)
+
+    def flush(self) -> None:
+        """Lines are written by the writer thread (see :meth:`drain`)."""
+
+    def drain(self, timeout: float = 2.0) -> None:
+        """Wait (at most ``timeout``) until what is queued is written: at exit."""
+        deadline = time.monotonic() + timeout
+        while self.lines.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _write(self) -> None:
+        while True:
+            text = self.lines.get()
+            dropped, self.dropped = self.dropped, 0
+            try:
+                if dropped:
+                    self.stream.write(f"[hlbook up] {dropped} lines of output dropped: stderr was not being read\n")
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):  # closed: nothing more can be said
+                pass
+            finally:
+                self.lines.task_done()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def __getattr__(self, name: str) -> object:  # encoding, fileno…: the stream's
+        return getattr(self.stream, name)
 
 
 def _pass_through(stream: IO[bytes], tail: deque[str]) -> None:
