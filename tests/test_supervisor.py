@@ -114,3 +114,22 @@ def test_a_reader_that_stops_reading_our_stderr_blocks_no_child(tmp_path: Path) 
         while b"lines of output dropped: stderr was not being read" not in seen:
             assert time.monotonic() < deadline, "the dropped lines were never said"
             seen += os.read(reader.fileno(), 1 << 20)
+
+
+def test_folders_left_by_a_killed_up_are_removed_by_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from hlbook.services.supervisor.pipeline import OWNER_FILE, owned_tmpdir, sweep_dead_owners
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    left = tmp_path / "hlbook-sim-left"  # a killed `up`'s simulator files
+    (left / "hl" / "data").mkdir(parents=True)
+    (left / OWNER_FILE).write_text(dead)
+    mine = Path(owned_tmpdir("hlbook-zmq-"))  # a running one's (this process)
+    unmarked = tmp_path / "hlbook-tmp-unmarked"  # not ours to judge
+    unmarked.mkdir()
+    assert sweep_dead_owners() == [left]
+    assert not left.exists() and mine.exists() and unmarked.exists()

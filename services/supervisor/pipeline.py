@@ -10,6 +10,7 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 from hlbook.common import logs
 from hlbook.common.config import ipc_endpoint
@@ -133,6 +134,45 @@ def _metrics(url: str) -> dict[str, float]:
     return samples
 
 
+OWNED_PREFIXES = ("hlbook-sim-", "hlbook-zmq-", "hlbook-tmp-")  # the temporary folders `up` makes
+OWNER_FILE = ".hlbook-owner"  # in each: the pid of the `up` that made it
+
+
+def owned_tmpdir(prefix: str) -> str:
+    """A new temporary folder, marked with our pid (a killed `up` cannot remove it: the next one does)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    Path(path, OWNER_FILE).write_text(str(os.getpid()))
+    return path
+
+
+def sweep_dead_owners() -> list[Path]:
+    """Remove the temporary folders of ours whose `up` is gone (killed before it could)."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).iterdir():
+        if not path.name.startswith(OWNED_PREFIXES) or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            if path.stat().st_uid != os.getuid() or _alive(int((path / OWNER_FILE).read_text())):
+                continue
+        except (OSError, ValueError):  # no owner file: not ours to judge
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        log.info("removed %d folder(s) left by an hlbook up that was killed: %s", len(removed), " ".join(map(str, removed)))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process by that number
+        return True
+    return True
+
+
 def run(pipeline: Pipeline) -> None:
     output = sys.stderr = Output(sys.stderr)  # ours and the children's lines: a paused reader blocks none of them
     try:
@@ -144,12 +184,13 @@ def run(pipeline: Pipeline) -> None:
 
 def _run(pipeline: Pipeline) -> None:
     logs.setup("up", pipeline.log_level)
-    data_dir = pipeline.data_dir or tempfile.mkdtemp(prefix="hlbook-sim-")
-    sockets = pipeline.sockets or tempfile.mkdtemp(prefix="hlbook-zmq-")
+    sweep_dead_owners()
+    data_dir = pipeline.data_dir or owned_tmpdir("hlbook-sim-")
+    sockets = pipeline.sockets or owned_tmpdir("hlbook-zmq-")
     os.makedirs(sockets, exist_ok=True)
     if pipeline.simulate:  # the simulator makes its folders once it runs; ingest, started beside it, refuses a missing one
         os.makedirs(data_dir, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix="hlbook-tmp-")  # the children's temporary files (shared snapshots, locks): ours alone, removed at the end
+    scratch = owned_tmpdir("hlbook-tmp-")  # the children's temporary files (shared snapshots, locks): ours alone, removed at the end
     supervisor = Supervisor(pipeline.specs(data_dir, sockets), env={"TMPDIR": scratch})
     status = Status(pipeline)
     base = f"http://{pipeline.host}:{pipeline.port}"
