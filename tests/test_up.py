@@ -340,3 +340,45 @@ def test_ctrl_c_in_the_first_second_is_quiet(tmp_path: Path) -> None:
     _, stderr = proc.communicate(timeout=60)
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     assert proc.returncode == 0
+
+
+def test_a_stopped_shard_is_said_stale_for_its_coins_alone(up: Up) -> None:
+    """SIGSTOP of one shard: its coins' book subscribers are told once that the book may be
+    stale, /info l2Book of its coins answers 503 instead of an old book (also right after
+    SIGCONT, while the shard answers the queries it held), the other shard's coins go on."""
+    def perp_of(shard: int) -> str | None:
+        mids = post_info(up.http, {"type": "allMids"})[1]
+        return next((c for c in sorted(mids) if shard_of(c, 2) == shard and not c.startswith("@")), None)
+
+    stopped, other = wait_until(lambda: perp_of(0), 30, "a coin of shard 0"), wait_until(lambda: perp_of(1), 30, "a coin of shard 1")
+    shard = children(up.proc.pid)["book-0"]
+    with connect(up.ws, open_timeout=10) as ws:
+        for coin in (stopped, other):
+            ws.send(json.dumps({"method": "subscribe", "subscription": {"type": "l2Book", "coin": coin}}))
+        os.kill(shard, signal.SIGSTOP)
+        try:
+            said: list[str] = []
+            other_books = 0
+            deadline = time.monotonic() + 12
+            while time.monotonic() < deadline and not said:
+                message = json.loads(ws.recv(timeout=12))
+                if message["channel"] == "error":
+                    said.append(message["data"])
+                elif message["channel"] == "l2Book" and message["data"]["coin"] == other:
+                    other_books += 1
+            assert len(said) == 1 and said[0].startswith(f"l2Book {stopped}: no update for") and "stale" in said[0], said
+            assert other_books > 0
+            status, body = post_info(up.http, {"type": "l2Book", "coin": stopped})
+            assert status == 503 and "silent" in str(body), (status, body)
+            assert post_info(up.http, {"type": "l2Book", "coin": other})[0] == 200
+        finally:
+            os.kill(shard, signal.SIGCONT)
+        newest = time.time() * 1000
+        for _ in range(20):  # right after: an old book is never a 200
+            status, body = post_info(up.http, {"type": "l2Book", "coin": stopped})
+            if status == 200:
+                assert body["time"] > newest - 6000, "a book from before the stop passed off as current"
+                break
+            time.sleep(0.25)
+        else:
+            raise AssertionError("the shard's coin never answered again after SIGCONT")

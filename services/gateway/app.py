@@ -119,9 +119,11 @@ class Gateway:
         return hmac.compare_digest(given.encode(), self.cfg.token.encode())
 
     async def _sweep(self) -> None:
-        """Close idle clients and clients whose writer is stuck on a send."""
+        """Close idle clients and clients whose writer is stuck on a send; tell book subscribers
+        of a silent shard's coins (``Hub.say_silent_shards``)."""
         while True:
             await asyncio.sleep(SWEEP_EVERY)
+            self.hub.say_silent_shards()
             now = time.monotonic()
             for session, writer in list(self.sessions.items()):
                 if now - session.heard > self.cfg.idle_timeout:

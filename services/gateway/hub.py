@@ -21,7 +21,7 @@ from hlbook.common.wire import CoinState
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway.feeds import Feed, L4Feed
 from hlbook.services.gateway.kinds import KINDS
-from hlbook.services.gateway.protocol import CoinKey, FeedKey, RequestError, UserKey
+from hlbook.services.gateway.protocol import CoinKey, FeedKey, RequestError, UserKey, message
 from hlbook.services.gateway.session import Session
 from hlbook.services.gateway.upstream import QueryError, Upstream
 from hlbook.services.gateway.users import Users
@@ -33,6 +33,7 @@ REPLAY_TRIES = 3  # a replay request that gets no answer is sent again this many
 REPLAYED = ("trades", "user", "header", "end")  # sources (labels) whose lost messages are recovered from ingest's replay
 TRADES_HOLD = 0.02  # seconds a block's trades wait at most for their coin's book messages of that block
 SHARD_SILENT = 5.0  # seconds without a message (block or heartbeat) after which a shard counts as down
+BOOK_FEEDS = ("l2Book", "bbo", "l4Book")  # kinds that show a shard's book: said stale when it is silent
 BOOK_SOURCES = (topics.L2_PREFIX, topics.BBO_PREFIX)  # the shard's book messages, published as soon as a block's diffs are applied
 
 
@@ -46,6 +47,7 @@ class ShardView:
         self.block_seen = 0.0  # monotonic: its last block
         self.phase = CoinState.INITIALISING
         self.known = False  # it has been live (its coins are known) since this gateway started
+        self.silent = False  # said to its coins' book subscribers: nothing heard for SHARD_SILENT
         self.mids: dict[str, str] = {}
         self.states: dict[str, str] = {}
 
@@ -83,6 +85,7 @@ class Hub:
         self.release_scheduled = False
         self.every_height = 0
         self.heard_height = 0  # newest block of any upstream message: history queries wait for it (read your feeds)
+        self.header_time = 0  # block time (ms) of ingest's newest H|: how current a shard's answer is
 
     # ------------------------------------------------------------ what the shards hold
 
@@ -112,6 +115,33 @@ class Hub:
         """This gateway works: every shard is up, live and talking to it. True also while the
         node is silent (every gateway is as stale then: a load balancer should keep them)."""
         return self.live_shards() == len(self.shards)
+
+    def silent_for(self, coin: str) -> float | None:
+        """Seconds since the shard owning ``coin`` was last heard from, when that is over
+        ``SHARD_SILENT`` (its book cannot be called current); None while it talks."""
+        quiet = time.monotonic() - self.shards[self.owner(coin)].seen
+        return quiet if quiet > SHARD_SILENT else None
+
+    def say_silent_shards(self) -> None:
+        """Tell the book subscribers of a shard's coins, once, when it falls silent (stopped,
+        hung, cut off): their feed pauses, the book they hold may be stale. Called every second."""
+        now = time.monotonic()
+        for k, view in enumerate(self.shards):
+            silent = view.known and now - view.seen > SHARD_SILENT
+            if silent == view.silent:
+                continue
+            view.silent = silent
+            if not silent:
+                log.info("shard %d talks again", k)
+                continue
+            log.warning("shard %d silent for %.0f s: telling its coins' book subscribers", k, now - view.seen)
+            for key, feed in list(self.feeds.items()):
+                if key.kind in BOOK_FEEDS and isinstance(key, CoinKey) and self.owner(key.coin) == k:
+                    text = message("error", f"{key.kind} {key.coin}: no update for {now - view.seen:.0f} s, its book shard is "
+                                            "silent; what you hold may be stale; updates resume when it is back")
+                    for session in list(feed.subscribers):
+                        metrics.ERRORS.labels("stale_book").inc()
+                        session.reply(text)
 
     def lag(self) -> float | None:
         """Seconds from the block time of the newest block a shard finished to now (None: none
@@ -310,6 +340,7 @@ class Hub:
             on_block(self, feed, m)
 
     def on_header(self, topic: bytes, m: wire.BlockHeader) -> None:
+        self.header_time = max(self.header_time, m.time)
         self._announce(m.height, [topics.trades(coin) for coin in m.trade_coins])
 
     def on_block_end(self, topic: bytes, m: wire.BlockEnd) -> None:

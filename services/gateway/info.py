@@ -64,7 +64,7 @@ from hlbook.common.candles import INTERVALS
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway.compat import PUBLIC_INFO_TYPES
 from hlbook.services.gateway.ctx import is_spot, perp_ctx, spot_ctx
-from hlbook.services.gateway.hub import RECENT_TRADES, Hub, dex_of
+from hlbook.services.gateway.hub import RECENT_TRADES, SHARD_SILENT, Hub, dex_of
 from hlbook.services.gateway.kinds import L2BookKey, feed_key, normalise
 from hlbook.services.gateway.protocol import USER, RequestError
 from hlbook.services.gateway.upstream import QueryError
@@ -187,11 +187,24 @@ class Info:
         key = feed_key(normalise({**payload, "type": "l2Book"}, self.hub.coin_exists))
         assert isinstance(key, L2BookKey)
         coin = key.coin
+        self._current(coin)
         query = wire.L2Query(coin=coin, n_sig_figs=key.n_sig_figs, mantissa=key.mantissa, n_levels=key.n_levels)
         reply = await self.hub.upstream.query(self.hub.owner(coin), query)
+        self._current(coin, reply["time"])
         bids, asks = reply["levels"]
         self._note_sizes(coin, bids + asks)
         return {"coin": coin, "time": reply["time"], "levels": [_level_dicts(bids), _level_dicts(asks)]}
+
+    def _current(self, coin: str, book_time: int | None = None) -> None:
+        """503 rather than a book that may be stale: its shard silent, or the book (``book_time``,
+        ms) older than ingest's newest block by more than ``SHARD_SILENT`` (a shard that was
+        stopped answers the queries it held before it catches up)."""
+        silent = self.hub.silent_for(coin)
+        if silent is None and book_time is not None and self.hub.header_time - book_time > SHARD_SILENT * 1000:
+            silent = (self.hub.header_time - book_time) / 1000
+        if silent is not None:
+            raise InfoError(f"{coin}: its book shard is behind or silent ({silent:.0f} s); no current book to answer with",
+                            503, retry_after=1)
 
     async def all_mids(self, payload: dict[str, Any]) -> dict[str, str]:
         return self.hub.all_mids(payload.get("dex") or "")
