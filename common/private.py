@@ -52,3 +52,14 @@ def remove_if_empty(path: Path) -> None:
     """Remove the folder unless something is still in it (another process's file)."""
     with contextlib.suppress(OSError):
         path.rmdir()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of that number runs (another user's counts: not ours to judge)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

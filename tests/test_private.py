@@ -64,3 +64,16 @@ def test_the_folder_is_removed_by_whoever_leaves_it_empty(tmp_path: Path, monkey
         assert list(tmp_path.iterdir()) == []
     finally:
         server.shutdown()
+
+
+def test_a_fetch_whose_shard_was_killed_is_swept_by_the_next(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    left = tmp_path / f"{snapshot.FETCHING}{dead}-abc.json"  # the node was writing it when its shard was killed
+    left.write_bytes(b"[1,")
+    mine = tmp_path / f"{snapshot.FETCHING}{os.getpid()}-def.json"  # a fetch in flight
+    mine.write_bytes(b"")
+    snapshot.sweep_dead_fetches(str(tmp_path))
+    assert not left.exists() and mine.exists()

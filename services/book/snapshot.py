@@ -8,6 +8,7 @@ caller wants the coin (the rest is skipped as raw JSON), into typed Structs.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -24,7 +25,7 @@ from typing import Any
 import msgspec
 
 from hlbook.common import fixed
-from hlbook.common.private import private_dir, private_path, remove_if_empty
+from hlbook.common.private import pid_alive, private_dir, private_path, remove_if_empty
 from hlbook.services.book.book import ASK, BID, Book, Level, Order, Side, children_bytes, intern_kind, parse_cloid
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ def fetch_shared(info_url: str, owner: str, not_before: float = 0.0, timeout: fl
 def remove_shared(info_url: str, owner: str, directory: str | None = None) -> None:
     """``owner`` stops: remove the snapshot it shared, and the lock when no other shard holds it."""
     latest, by, lock_path = shared_paths(info_url, directory, make=False)
+    sweep_dead_fetches(str(lock_path.parent))
     try:
         with open(lock_path, "r") as lock:
             try:
@@ -202,10 +204,12 @@ def fetch(info_url: str, timeout: float = 60.0, directory: str | None = None, ke
     (the file is then removed, or renamed to ``keep``)."""
     import httpx
 
+    folder = directory or str(private_dir())
+    sweep_dead_fetches(folder)
     try:
-        fd, path = tempfile.mkstemp(prefix="hlbook-snapshot-", suffix=".json", dir=directory or private_dir())
+        fd, path = tempfile.mkstemp(prefix=f"{FETCHING}{os.getpid()}-", suffix=".json", dir=folder)
     except FileNotFoundError:  # the private folder, removed by a shard that stopped just then: made again
-        fd, path = tempfile.mkstemp(prefix="hlbook-snapshot-", suffix=".json", dir=directory or private_dir())
+        fd, path = tempfile.mkstemp(prefix=f"{FETCHING}{os.getpid()}-", suffix=".json", dir=directory or private_dir())
     os.close(fd)
     try:
         request = dict(SNAPSHOT_REQUEST, outPath=os.path.abspath(path))
@@ -229,6 +233,22 @@ def fetch(info_url: str, timeout: float = 60.0, directory: str | None = None, ke
             pass
         if directory is None:
             remove_if_empty(Path(path).parent)
+
+
+FETCHING = "hlbook-snapshot-fetch-"  # + the fetcher's pid: a file the node is writing for it
+
+
+def sweep_dead_fetches(folder: str) -> None:
+    """Remove the files of fetches whose process is gone (a shard killed while the node wrote)."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(FETCHING)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(FETCHING):].partition("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hlbook.common import logs
 from hlbook.common.config import ipc_endpoint
+from hlbook.common.private import pid_alive
 from hlbook.services.supervisor.supervisor import ChildSpec, Output, Supervisor
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def sweep_dead_owners() -> list[Path]:
         if not path.name.startswith(OWNED_PREFIXES) or path.is_symlink() or not path.is_dir():
             continue
         try:
-            if path.stat().st_uid != os.getuid() or _alive(int((path / OWNER_FILE).read_text())):
+            if path.stat().st_uid != os.getuid() or pid_alive(int((path / OWNER_FILE).read_text())):
                 continue
         except (OSError, ValueError):  # no owner file: not ours to judge
             continue
@@ -161,16 +162,6 @@ def sweep_dead_owners() -> list[Path]:
     if removed:
         log.info("removed %d folder(s) left by an hlbook up that was killed: %s", len(removed), " ".join(map(str, removed)))
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process by that number
-        return True
-    return True
 
 
 def run(pipeline: Pipeline) -> None:
