@@ -1,5 +1,5 @@
-"""A scripted book shard (the shard side of the wire, driven by the test) and a real
-gateway on it: every ordering of shard events can be reproduced deterministically."""
+"""A scripted book shard and a scripted ingest (their side of the wire, driven by the test)
+and a real gateway on them: every ordering of upstream events can be reproduced deterministically."""
 
 from __future__ import annotations
 
@@ -76,12 +76,7 @@ class ScriptedShard:
         self.xpub.send_multipart([topics.l4(COIN), wire.encode(wire.L4Sync(self.height, self.prev.peek(topics.l4(COIN)), COIN))])
 
     def await_subscription(self, topic: bytes, timeout: float = 5.0) -> None:
-        """Read subscription events until ``topic``'s (the gateway's standing ones come first)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.xpub.poll(max(1, int((deadline - time.monotonic()) * 1000))), f"{topic!r} never subscribed"
-            if self.xpub.recv() == b"\x01" + topic:
-                return
+        await_subscription(self.xpub, topic, timeout)
 
     def query(self, timeout: float = 5.0) -> tuple[list[bytes], wire.ShardQuery] | None:
         if not self.router.poll(int(timeout * 1000)):
@@ -97,6 +92,46 @@ class ScriptedShard:
     def close(self) -> None:
         self.ctx.destroy(linger=0)
 
+
+
+def await_subscription(xpub: zmq.Socket, topic: bytes, timeout: float) -> None:
+    """Read subscription events until ``topic``'s (the gateway's standing ones come first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert xpub.poll(max(1, int((deadline - time.monotonic()) * 1000))), f"{topic!r} never subscribed"
+        if xpub.recv() == b"\x01" + topic:
+            return
+
+
+class ScriptedIngest:
+    """Ingest's side of the wire: blocks' headers and trades on an XPUB, replays on a ROUTER."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.ctx = zmq.Context()
+        self.pub_ep, self.replay_ep = f"ipc://{tmp}/ingest-pub", f"ipc://{tmp}/ingest-replay"
+        self.xpub = self.ctx.socket(zmq.XPUB)
+        self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.xpub.bind(self.pub_ep)
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.bind(self.replay_ep)
+        self.prev = wire.PrevTracker()
+
+    def header(self, height: int, trade_coins: list[str]) -> None:
+        header = wire.BlockHeader(height, self.prev.next(topics.HEADER, height), height * 1000, "", "", 0, len(trade_coins),
+                                  [], trade_coins=trade_coins)
+        self.xpub.send_multipart([topics.HEADER, wire.encode(header)])
+
+    def trades(self, height: int, tid: int) -> tuple[bytes, bytes]:
+        """The block's trades of COIN as sent (the caller sends them, or loses them)."""
+        trade = wire.Trade(COIN, "B", "100.0", "0.5", "0x" + "0" * 64, height * 1000, tid, [USER, USER])
+        message = wire.Trades(height, self.prev.next(topics.trades(COIN), height), height * 1000, COIN, [trade])
+        return topics.trades(COIN), wire.encode(message)
+
+    def await_subscription(self, topic: bytes, timeout: float = 10.0) -> None:
+        await_subscription(self.xpub, topic, timeout)
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
 
 
 @contextlib.contextmanager

@@ -5,49 +5,11 @@ and a scripted shard; a real WebSocket client."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
-import zmq
-
 from hlbook.common import topics, wire
-from scripted import COIN, USER, scripted_gateway
+from scripted import COIN, ScriptedIngest, scripted_gateway
 from test_gateway import connect, receive, send, sub
-
-
-class ScriptedIngest:
-    """Ingest's side of the wire: blocks' headers and trades on an XPUB, replays on a ROUTER."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.ctx = zmq.Context()
-        self.pub_ep, self.replay_ep = f"ipc://{tmp}/ingest-pub", f"ipc://{tmp}/ingest-replay"
-        self.xpub = self.ctx.socket(zmq.XPUB)
-        self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
-        self.xpub.bind(self.pub_ep)
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.bind(self.replay_ep)
-        self.prev = wire.PrevTracker()
-
-    def header(self, height: int, trade_coins: list[str]) -> None:
-        header = wire.BlockHeader(height, self.prev.next(topics.HEADER, height), height * 1000, "", "", 0, len(trade_coins),
-                                  [], trade_coins=trade_coins)
-        self.xpub.send_multipart([topics.HEADER, wire.encode(header)])
-
-    def trades(self, height: int, tid: int) -> tuple[bytes, bytes]:
-        """The block's trades of COIN as sent (the caller sends them, or loses them)."""
-        trade = wire.Trade(COIN, "B", "100.0", "0.5", "0x" + "0" * 64, height * 1000, tid, [USER, USER])
-        message = wire.Trades(height, self.prev.next(topics.trades(COIN), height), height * 1000, COIN, [trade])
-        return topics.trades(COIN), wire.encode(message)
-
-    def await_subscription(self, topic: bytes, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.xpub.poll(max(1, int((deadline - time.monotonic()) * 1000))), f"{topic!r} never subscribed"
-            if self.xpub.recv() == b"\x01" + topic:
-                return
-
-    def close(self) -> None:
-        self.ctx.destroy(linger=0)
 
 
 def test_a_lost_trade_of_a_coin_that_never_trades_again_is_replayed(tmp_path: Path) -> None:
