@@ -480,3 +480,36 @@ def test_a_gateway_that_does_not_read_its_replies_is_counted_and_costs_no_one_el
         for sock in (greedy, gone, polite):
             sock.close(0)
         history.close()
+
+
+def test_blocks_written_before_the_first_live_one_are_backfilled_though_the_files_came_late(tmp_path: Path) -> None:
+    """The history service started before the node's files existed (its first backfill pass
+    found none) still reads the blocks written before the first one ingest sends it: they went
+    missing for good before (`hlbook up` started history beside the simulator)."""
+    from hlbook.services.history.service import History, HistoryConfig
+    from hlbook.services.nodesim.engine import Simulator
+    from hlbook.services.nodesim.writer import NodeWriter
+
+    node = tmp_path / "node"
+    node.mkdir()
+    cfg = HistoryConfig(data_dir=str(node), db=str(tmp_path / "h.sqlite"), ingest_pub=f"ipc://{tmp_path}/in",
+                        pub=f"ipc://{tmp_path}/pub", query=f"ipc://{tmp_path}/query", days=100000)
+    history = History(cfg)
+    try:
+        deadline = time.monotonic() + 5
+        while history.backfill.busy and time.monotonic() < deadline:  # a pass over no files: nothing
+            history.step()
+        assert not history.backfill.busy and not history.store.held.rows()
+        sim = Simulator(seed=3, coins=4)
+        with NodeWriter(node, ("by-block",), partial_p=0.0, seed=3) as writer:
+            blocks = [sim.step() for _ in range(8)]
+            for block in blocks:
+                writer.write_block(block)
+        live = blocks[-1]  # ingest's first message to it: the node's newest block
+        history.on_block(wire.HistoryBlock(live.height, None, live.time_ns // 1_000_000, [], []))
+        deadline = time.monotonic() + 10
+        while history.backfill.busy and time.monotonic() < deadline:
+            history.step()
+        assert history.store.held.rows() == [(blocks[0].height, live.height)]
+    finally:
+        history.close()

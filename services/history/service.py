@@ -179,8 +179,10 @@ class History:
             return
         if block.height in held:
             return
-        if held.spans and block.height - 1 not in held and block.height - 1 >= held.spans[0][0]:
-            self.backfill.request()  # a restart or a lost message: the files hold what is missing
+        if block.height - 1 not in held:
+            # a restart, a lost message, or the first live block: the files hold what is missing (a pass
+            # made before the node's files were all there found nothing, and none was asked for again)
+            self.backfill.request()
         try:
             changed = self.store.add_block(block.height, block.time, block.statuses, block.fills)
         except sqlite3.Error as exc:
