@@ -864,7 +864,8 @@ def run_profile(name: str, rate: float | None, volume: float | None, args: argpa
          "--log-level", "WARNING"],
         stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,  # no checkout's hlbook/ shadows
         env={**os.environ, "PYTHONUNBUFFERED": "1",
-             "HLBOOK_MAX_CONNECTIONS_PER_IP": str(args.clients + args.l4_subscribers + args.l4_storm + 100)})
+             "HLBOOK_MAX_CONNECTIONS_PER_IP": str(args.clients + args.l4_subscribers + args.l4_storm + 100),
+             "HLBOOK_MAX_SUBSCRIPTIONS_PER_IP": "10000000"})  # every bench client comes from 127.0.0.1
     base = f"http://127.0.0.1:{port}"
     stop = ctx.Event()
     n = len(index)

@@ -613,7 +613,8 @@ def run_target(kind: str, args: argparse.Namespace, tmp: Path, coins: list[str])
                "--book-query", endpoints["book_query"], "--max-connections-per-ip", "100000", "--log-level", "WARNING"]
     else:
         cmd = [sys.executable, __file__, "--serve-baseline", str(port), "--baseline-sub", endpoints["baseline_pub"]]
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "HLBOOK_MAX_SUBSCRIPTIONS_PER_IP": "10000000"}  # every bench client comes from 127.0.0.1 (older gateways ignore it)
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     clients: list[Any] = []
     try:
         deadline = time.time() + 60

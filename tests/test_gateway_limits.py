@@ -313,3 +313,43 @@ def test_the_debug_view_answers_this_host_only_without_a_token(tmp_path: Path) -
     with_token = create_app(GatewayConfig(**{**cfg.__dict__, "token": "secret"}))
     assert asyncio.run(get(with_token, "/debug/connections", b"token=secret")) == 200
     assert asyncio.run(get(with_token, "/debug/connections")) == 401
+
+
+def test_one_address_holds_its_share_of_subscriptions_and_followed_users(tmp_path: Path) -> None:
+    """Budgets per address across all its connections: one address cannot follow every user the
+    gateway can follow (locking others out of user feeds) nor pile up subscriptions over many
+    connections; another address is served as before; a budget freed is usable again."""
+    flags = ("--max-followed-users-per-ip", "5", "--max-subscriptions-per-ip", "8", "--max-followed-users", "8")
+    with scripted_gateway(tmp_path, *flags) as (_, port):
+        url = f"ws://127.0.0.1:{port}/ws"
+
+        def follow(user: int) -> dict[str, Any]:
+            return {"method": "subscribe", "subscription": {"type": "orderUpdates", "user": f"0x{user:040x}"}}
+
+        async def answer(ws: Any, request: dict[str, Any]) -> dict[str, Any]:
+            await ws.send(json.dumps(request))
+            return json.loads(await asyncio.wait_for(ws.recv(), 5))
+
+        async def run() -> None:
+            greedy = [await websockets.connect(url) for _ in range(3)]  # one address, three connections
+            for user in range(5):
+                assert (await answer(greedy[user % 3], follow(user)))["channel"] == "subscriptionResponse"
+            refused = await answer(greedy[2], follow(5))
+            assert refused == {"channel": "error", "data": "Cannot follow more than 5 users from one address."}
+            assert (await answer(greedy[1], follow(0)))["channel"] == "subscriptionResponse"  # a user it follows: no new one
+            for kind in ("trades", "bbo"):  # 8 subscriptions in all now
+                sub = {"method": "subscribe", "subscription": {"type": kind, "coin": COIN}}
+                assert (await answer(greedy[1], sub))["channel"] == "subscriptionResponse"
+            over = await answer(greedy[2], {"method": "subscribe", "subscription": {"type": "l2Book", "coin": COIN}})
+            assert over == {"channel": "error", "data": "Cannot subscribe to more than 8 channels from one address."}
+
+            other = await websockets.connect(url, local_addr=("127.0.0.2", 0))  # another address: its own budget
+            for user in range(5, 8):  # the gateway-wide cap (8) still has room: the greedy one did not take it
+                assert (await answer(other, follow(user)))["channel"] == "subscriptionResponse"
+            await greedy[0].close()  # closing frees what that connection held (users 0 and 3; 0 is still followed on another)
+            await asyncio.sleep(0.3)
+            assert (await answer(greedy[2], follow(3)))["channel"] == "subscriptionResponse"
+            for ws in [*greedy, other]:
+                await ws.close()
+
+        asyncio.run(run())

@@ -28,11 +28,12 @@ from hlbook.common import config
 from hlbook.common.security import Curve
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway.frames import POLICY, FrameWriter
+from hlbook.services.gateway.guard import AddressBudget
 from hlbook.services.gateway.hub import SHARD_SILENT, Hub
 from hlbook.services.gateway.info import Info, InfoError
 from hlbook.services.gateway.info import label as info_label
 from hlbook.services.gateway.kinds import feed_key, normalise
-from hlbook.services.gateway.protocol import RequestError, dumps, identity, message, parse_request
+from hlbook.services.gateway.protocol import FeedKey, RequestError, UserKey, dumps, identity, message, parse_request
 from hlbook.services.gateway.session import Outbound, Session, SubscriptionStats
 from hlbook.services.gateway.upstream import Upstream
 from hlbook.services.gateway.upstream_info import MAX_BYTES, MAX_IN_FLIGHT, TEXT, TIMEOUT, UpstreamInfo
@@ -65,6 +66,8 @@ class GatewayConfig:
     queue_size: int = 4096
     query_timeout: float = 3.0
     max_followed_users: int = 10_000
+    max_subscriptions_per_ip: int = 5000  # across one address's connections
+    max_followed_users_per_ip: int = 1000
     history_pub: str | None = None  # the history service (candles, user history); None: served without it
     history_query: str | None = None
     stale_after: float = 5.0  # seconds without a block, or behind the node's block time, after which /ready says stale
@@ -95,6 +98,7 @@ class Gateway:
             cfg.info_upstream, cfg.info_upstream_timeout, cfg.info_upstream_concurrency, cfg.info_upstream_max_bytes, label=info_label)
         self.info = Info(self.hub, self.info_upstream)
         self.sessions: dict[Session, asyncio.Task[None]] = {}  # session -> its writer task
+        self.budgets: dict[str, AddressBudget] = {}  # address -> what its connections hold
         self.outbound = Outbound()
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -172,6 +176,7 @@ class Gateway:
             metrics.CONNECTIONS.dec()
             metrics.CLOSED.labels(session.closing or "client_closed").inc()
             for stats in session.subs.values():
+                self._release(session, stats.feed)
                 self.hub.detach(session, stats.feed)
             session.subs.clear()
             del self.sessions[session]
@@ -236,17 +241,40 @@ class Gateway:
             if len(session.subs) >= self.cfg.max_subscriptions:
                 raise RequestError(f"Cannot subscribe to more than {self.cfg.max_subscriptions} channels.", "too_many_subscriptions")
             key = feed_key(norm)
+            self._within_budget(session, key)
             self.hub.check(key)
             session.subs[ident] = SubscriptionStats(norm, key)
             session.reply(message("subscriptionResponse", {"method": method, "subscription": norm}))
             self.hub.attach(session, ident, key)
+            self.budgets.setdefault(session.ip, AddressBudget()).add(_user_of(key))
             return
         stats = session.subs.pop(ident, None)
         if stats is None:
             raise RequestError(f"Already unsubscribed: {dumps(norm)}", "not_subscribed")
+        self._release(session, stats.feed)
         self.hub.detach(session, stats.feed)
         session.forget(stats.feed)
         session.reply(message("subscriptionResponse", {"method": method, "subscription": norm}))
+
+    def _within_budget(self, session: Session, key: FeedKey) -> None:
+        """RequestError when the session's address holds its share already (all its connections)."""
+        budget = self.budgets.get(session.ip)
+        if budget is None:
+            return
+        if budget.subscriptions >= self.cfg.max_subscriptions_per_ip:
+            raise RequestError(f"Cannot subscribe to more than {self.cfg.max_subscriptions_per_ip} channels from one address.",
+                               "too_many_subscriptions_per_ip")
+        user = _user_of(key)
+        if user is not None and user not in budget.users and len(budget.users) >= self.cfg.max_followed_users_per_ip:
+            raise RequestError(f"Cannot follow more than {self.cfg.max_followed_users_per_ip} users from one address.",
+                               "too_many_users_per_ip")
+
+    def _release(self, session: Session, key: FeedKey) -> None:
+        budget = self.budgets.get(session.ip)
+        if budget is not None:
+            budget.remove(_user_of(key))
+            if not budget:
+                del self.budgets[session.ip]
 
     def post(self, session: Session, request: dict[str, Any]) -> None:
         post_id = request.get("id")
@@ -389,3 +417,7 @@ def create_app(cfg: GatewayConfig) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.gateway = gateway
     return app
+
+
+def _user_of(key: FeedKey) -> str | None:
+    return key.user if isinstance(key, UserKey) else None

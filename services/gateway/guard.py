@@ -175,3 +175,28 @@ class GuardedHttp(HttpToolsProtocol):
         metrics.REFUSED.labels("header_timeout").inc()
         log.info("%s: request headers not complete after %.0f s: connection dropped", self.client, limits.header_timeout)
         self.transport.abort()
+
+
+class AddressBudget:
+    """What one address holds across all its connections: subscriptions, and the users its
+    user feeds follow (so that one address cannot fill the gateway-wide cap of followed users,
+    or multiply its cost over many connections, locking others out)."""
+
+    def __init__(self) -> None:
+        self.subscriptions = 0
+        self.users: dict[str, int] = {}  # user -> subscriptions of this address following them
+
+    def add(self, user: str | None) -> None:
+        self.subscriptions += 1
+        if user is not None:
+            self.users[user] = self.users.get(user, 0) + 1
+
+    def remove(self, user: str | None) -> None:
+        self.subscriptions -= 1
+        if user is not None:
+            left = self.users.pop(user, 1) - 1
+            if left:
+                self.users[user] = left
+
+    def __bool__(self) -> bool:
+        return self.subscriptions > 0

@@ -142,6 +142,7 @@ class Session:
                  frames: FrameWriter | None = None, outbound: Outbound | None = None) -> None:
         self.id = next(_ids)
         self.peer = peer
+        self.ip = peer.rpartition(":")[0]  # whose budget it counts against (guard.AddressBudget)
         self._send = send
         self.frames = frames  # direct frame writes (no compression negotiated); else ASGI sends
         self.outbound = outbound or Outbound()
