@@ -135,3 +135,32 @@ def test_a_jump_no_other_stream_reaches_is_held_then_dropped() -> None:
     add_block(joiner, 2, ("fills",))
     assert closed(joiner, 0) == [("books", 2), ("details", 2)]
     assert dropped("implausible_height") == jumps + 1
+
+
+def test_a_stream_that_stops_is_said_and_not_waited_for_until_it_comes_back() -> None:
+    """The fills file deleted under a running node: every block waited the timeout for its fills
+    line, so the lag grew by the timeout a block without end; after a few such blocks the stream
+    is stalled (said, a metric), blocks close at once without it, and it is waited for again
+    as soon as a line of it comes."""
+    from hlbook.services.ingest.joiner import STALL_AFTER
+
+    joiner = Joiner("by-block", timeout=0.5)
+    stalled = lambda: REGISTRY.get_sample_value("hlbook_ingest_stream_stalled", {"stream": "fills"})  # noqa: E731
+    now = 0.0
+    for height in range(10, 10 + STALL_AFTER):  # no fills line: each block's books wait the timeout
+        add_block(joiner, height, ("order_statuses", "raw_book_diffs"))
+        add_block(joiner, height + 1, ("raw_book_diffs",))  # the diffs stream moved past it
+        assert closed(joiner, now) == []
+        now += 0.6
+        assert ("books", height) in closed(joiner, now)
+    assert "fills" in joiner.stalled and stalled() == 1
+    height += 1
+    add_block(joiner, height, ("order_statuses",))
+    add_block(joiner, height + 1, ("raw_book_diffs",))
+    assert [p for p, h in closed(joiner, now) if h == height] == ["books", "details"]  # at once, no wait
+    add_block(joiner, height + 1, ("fills", "order_statuses"))  # fills again
+    assert "fills" not in joiner.stalled and stalled() == 0
+    assert closed(joiner, now) == [("books", height + 1), ("details", height + 1)]
+    add_block(joiner, height + 2, ("raw_book_diffs", "order_statuses"))
+    add_block(joiner, height + 3, ("raw_book_diffs",))
+    assert closed(joiner, now) == []  # waited for once more

@@ -13,7 +13,11 @@ A phase closes when its streams have reached the block (by-block mode: the
 stream's line for it is the whole block) or moved past it (streaming mode: one
 event per line, so only a later height ends it). A stream that stays behind
 does not stall the pipeline: once any stream is past a block for ``timeout``
-seconds, the phase closes with what arrived, counted as incomplete. Lines of a
+seconds, the phase closes with what arrived, counted as incomplete. A stream
+that missed ``STALL_AFTER`` blocks in a row that way in by-block mode (its file
+deleted, its writer stuck) is *stalled*: said once, and blocks close without waiting for it
+until its next line comes (else each block would wait ``timeout`` and the lag
+grow without end). Lines of a
 phase already closed are duplicates (by-block) or late rows (streaming):
 counted, logged and dropped.
 
@@ -43,6 +47,8 @@ log = logging.getLogger(__name__)
 
 STATUSES = "order_statuses"
 BOOK_STREAMS = ("raw_book_diffs", "fills")
+PHASE_STREAMS = {"books": BOOK_STREAMS, "details": (STATUSES,)}
+STALL_AFTER = 3  # blocks in a row closed by timeout without a stream, after which it is not waited for
 _HEAD = re.compile(rb'\{"local_time":"([^"]{1,64})","block_time":"([^"]{1,64})","block_number":(\d{1,19})[,}]')
 
 
@@ -132,6 +138,8 @@ class Joiner:
         self.last_closed: int | None = None if start_height is None else start_height - 1  # books
         self.last_detailed: int | None = self.last_closed
         self._past_since: dict[tuple[Phase, int], float] = {}  # when some stream first moved past a phase of a block
+        self.missed: dict[str, int] = {s: 0 for s in STREAMS}  # blocks in a row closed by timeout without it
+        self.stalled: set[str] = set()  # streams not waited for (see the module)
         self._last_times: tuple[str, str] | None = None  # (block_time, local_time) of the last closed block
 
     # ------------------------------------------------------------ lines
@@ -205,6 +213,11 @@ class Joiner:
             log.warning("%s: %s for block %d (last closed %d) dropped", stream, kind, height, closed)
             return False
         self.reached[stream] = max(self.reached[stream], height)
+        self.missed[stream] = 0
+        if stream in self.stalled:
+            self.stalled.discard(stream)
+            metrics.STALLED.labels(stream).set(0)
+            log.warning("%s: lines again (block %d): waited for again", stream, height)
         return True
 
     # ------------------------------------------------------------ closing
@@ -218,11 +231,27 @@ class Joiner:
         """Whether a block some stream has moved past waited ``timeout`` for the rest of a phase."""
         if height >= max(self.reached.values()):
             return False
+        # by-block mode only: every stream has a line for every block there, so one that never came is missing
+        # (in streaming mode a stream without rows for a block is normal, fills most of all)
+        behind = [] if self.streaming else [s for s in PHASE_STREAMS[phase.value] if self.reached[s] < height]
+        if behind and self.stalled.issuperset(behind):
+            return True  # not waited for: closes at once, still counted incomplete
         since = self._past_since.setdefault((phase, height), now)
         if now - since < self.timeout:
             return False
         metrics.BLOCK_ANOMALIES.labels("timeout").inc()
+        for stream in behind:
+            self._missed(stream, height)
         return True
+
+    def _missed(self, stream: str, height: int) -> None:
+        self.missed[stream] += 1
+        if self.missed[stream] >= STALL_AFTER and stream not in self.stalled:
+            self.stalled.add(stream)
+            metrics.STALLED.labels(stream).set(1)
+            log.error("%s: no line for %d blocks in a row (up to block %d) while the other streams go on (its file deleted, "
+                      "or its writer stuck?): blocks close without waiting for it until it comes back", stream,
+                      self.missed[stream], height)
 
     def ready(self, now: float | None = None, flush: bool = False) -> list[tuple[Phase, Block]]:
         """The phases that can close now: books in height order, then details in height order
