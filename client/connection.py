@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 import websockets
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from hlbook.client.events import Connected, Disconnected, Error, EventBus, publish
 from hlbook.client.registry import RouteKey, ServerSubscription, Strategy, message_route_key, route_key
@@ -30,6 +30,17 @@ from hlbook.client.registry import RouteKey, ServerSubscription, Strategy, messa
 log = logging.getLogger("hlbook.client")
 
 _PING = {"method": "ping"}
+
+
+class _Counting(ClientConnection):
+    """Notes when bytes arrive, also in the middle of a message: a pong queued behind a big
+    l4Book snapshot on a slow link arrives late, and the bytes before it say the link lives."""
+
+    bytes_at = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_at = time.monotonic()
+        super().data_received(data)
 
 
 @dataclass
@@ -225,7 +236,8 @@ class Connection:
             self.state = "connecting"
             try:
                 ws = await connect(
-                    cfg.url, open_timeout=cfg.open_timeout, ping_interval=None, close_timeout=1, max_size=cfg.max_message_size
+                    cfg.url, open_timeout=cfg.open_timeout, ping_interval=None, close_timeout=1, max_size=cfg.max_message_size,
+                    create_connection=_Counting
                 )
             except (websockets.InvalidURI, ValueError) as exc:  # ValueError: e.g. a port that is no number
                 await self._backoff(f"invalid URL: {exc}", fatal=True)
@@ -328,10 +340,11 @@ class Connection:
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            if now - self.last_rx > cfg.silence_timeout:
-                raise DeadConnection(f"silent for {now - self.last_rx:.1f}s")
-            if self._ping_sent is not None and now - self._ping_sent > cfg.pong_timeout:
-                raise DeadConnection(f"no pong in {cfg.pong_timeout}s")
+            heard = max(self.last_rx, getattr(ws, "bytes_at", 0.0))  # a message still arriving is traffic
+            if now - heard > cfg.silence_timeout:
+                raise DeadConnection(f"silent for {now - heard:.1f}s")
+            if self._ping_sent is not None and now - self._ping_sent > cfg.pong_timeout and now - heard > cfg.pong_timeout:
+                raise DeadConnection(f"no pong in {cfg.pong_timeout}s")  # and nothing else arriving either
             if self._ping_sent is None and now - last_ping >= cfg.ping_interval:
                 await self._send(ws, _PING)  # may wait for the rate limiter: time the pong from here
                 last_ping = self._ping_sent = time.monotonic()

@@ -47,7 +47,8 @@ Fingerprint = tuple[list[tuple[int, str, str, str]], ...]
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with running(tmp_path_factory.mktemp("client_gateway"), shards=2, coins=16) as up:
+    with running(tmp_path_factory.mktemp("client_gateway"), shards=2, coins=16,  # 1,300 users from 127.0.0.1 below
+                 env={"HLBOOK_MAX_FOLLOWED_USERS_PER_IP": "10000"}) as up:
         yield up
 
 

@@ -4,7 +4,10 @@ storm, reuse after close, and every per-subscription and per-connection metric."
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
+from typing import Any
 
 import pytest
 
@@ -214,3 +217,44 @@ def test_close_ends_every_waiter_with_a_clear_error() -> None:
         await server.stop()
 
     run(main())
+
+
+def test_a_big_message_on_a_slow_link_is_traffic_not_a_dead_connection() -> None:
+    """A 2 MB message through a link of ~250 kB/s takes ~8 s; the pong queued behind it comes
+    late. The bytes arriving meanwhile say the link lives: one connection throughout (before,
+    the pong timeout cut it again and again and the message never arrived)."""
+
+    async def main() -> None:
+        server = await FakeServer().start()
+        port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slow: bool) -> None:
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                while data := await reader.read(25_000 if slow else 65_536):
+                    writer.write(data)
+                    await writer.drain()
+                    if slow:
+                        await asyncio.sleep(0.1)  # ~250 kB/s towards the client
+            writer.close()
+
+        async def link(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", port)
+            await asyncio.gather(pipe(client_r, server_w, False), pipe(server_r, client_w, True))
+
+        proxy = await asyncio.start_server(link, "127.0.0.1", 0)
+        url = f"ws://127.0.0.1:{proxy.sockets[0].getsockname()[1]}/ws"
+        sub = {"type": "trades", "coin": "ETH"}
+        got: list[Any] = []
+        async with HLClient(url, **{**FAST, "ping_interval": 0.3, "pong_timeout": 1.0}) as client:
+            sid = await client.subscribe(sub, lambda m: got.append(m))
+            await client.wait_active(sid, 5)
+            big = [{"coin": "ETH", "side": "B", "px": "1.0", "sz": "1.0", "hash": "0x" + os.urandom(32).hex(), "time": i, "tid": i,
+                    "users": ["0x" + os.urandom(20).hex(), "0x" + os.urandom(20).hex()]} for i in range(12_000)]  # ~2 MB, ~1 MB deflated
+            await server.publish(sub, big)
+            await until(lambda: bool(got), 20, "the big message")
+            conn = client.connection_info()[0]
+            assert client.connection_metrics(conn["id"])["connects"] == 1, "the connection was declared dead"
+        proxy.close()
+        await server.stop()
+
+    run(main(), timeout=40)
