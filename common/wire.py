@@ -10,13 +10,17 @@ instead of serving a wrong book. docs/ARCHITECTURE.md lists them all.
 from __future__ import annotations
 
 import enum
+import logging
 import typing
 from typing import Any
 
 import msgspec
 import zmq
 
+from hlbook.common.metrics import REPLIES_DROPPED
 from hlbook.common.models import BookDiff, Fill, OrderStatus, UserFill
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- ingest PUB
 
@@ -482,3 +486,28 @@ def recv(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
         frame = sock.recv(flags, copy=False)
         frames.append(frame.bytes)
     return frames
+
+
+def router_replies(sock: zmq.Socket, queued: int) -> None:
+    """A ROUTER holds at most ``queued`` replies per peer, and refuses (``ROUTER_MANDATORY``)
+    rather than silently drops one past that or one to a peer that is gone: :func:`reply`."""
+    sock.setsockopt(zmq.SNDHWM, queued)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+
+
+_dropped: dict[str, int] = {}  # service -> replies dropped so far (for the log's pace)
+
+
+def reply(sock: zmq.Socket, frames: list[bytes], service: str, copy: bool = True) -> bool:
+    """Queue a ROUTER's reply without blocking the loop. One its peer cannot take now (its
+    queue full) or at all (gone) is dropped, counted and logged (the first three, then every
+    hundredth), never vanishes: the peer's request times out. False when dropped."""
+    try:
+        sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+        return True
+    except zmq.ZMQError as exc:  # EAGAIN: the peer's queue is full; EHOSTUNREACH: the peer is gone
+        REPLIES_DROPPED.labels(service).inc()
+        dropped = _dropped[service] = _dropped.get(service, 0) + 1
+        if dropped <= 3 or dropped % 100 == 0:
+            log.warning("%s: a reply dropped (%s) [%d so far]: its asker's request times out", service, exc, dropped)
+        return False

@@ -423,8 +423,8 @@ def test_a_gateway_that_does_not_read_its_replies_is_counted_and_costs_no_one_el
     """Replies an asker cannot take (it stopped reading, or it went away) are dropped at a
     bounded queue, counted and logged (they vanished without a trace before); the service
     keeps answering everyone else."""
+    from hlbook.common.metrics import REPLIES_DROPPED
     from hlbook.common.models import Fill
-    from hlbook.services.history import metrics
     from hlbook.services.history.service import History, HistoryConfig
 
     (tmp_path / "node").mkdir()
@@ -441,7 +441,7 @@ def test_a_gateway_that_does_not_read_its_replies_is_counted_and_costs_no_one_el
             history.step()
 
     def dropped() -> float:
-        return metrics.REPLIES_DROPPED._value.get()
+        return REPLIES_DROPPED.labels("history")._value.get()
 
     try:
         for height in range(1, 21):  # 2,000 fills of one user: each userFills answer is about half a megabyte

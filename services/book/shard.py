@@ -115,7 +115,7 @@ class Shard:
         xpub = self._socket(zmq.XPUB, cfg.pub or pub, bind=True, verbose=True)
         self.publisher = Publisher(xpub, cfg.shard)
         self.router = self._socket(zmq.ROUTER, cfg.query or query, bind=True)
-        self.router.setsockopt(zmq.SNDHWM, REPLIES_QUEUED)
+        wire.router_replies(self.router, REPLIES_QUEUED)
         self.poller = zmq.Poller()
         for sock in (xpub, self.router):
             self.poller.register(sock, zmq.POLLIN)
@@ -367,7 +367,7 @@ class Shard:
 
     def send(self, envelope: list[bytes], frames: list[bytes]) -> None:
         """Send reply ``frames`` to the peer of ``envelope`` (big frames without a copy)."""
-        self.router.send_multipart(envelope + frames, copy=False)
+        wire.reply(self.router, envelope + frames, "book", copy=False)
 
     def close(self) -> None:
         self.jobs.close()

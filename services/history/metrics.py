@@ -16,6 +16,5 @@ LAG = Gauge("hlbook_history_lag_seconds", "Wall clock minus the block time of th
 HOLES = Gauge("hlbook_history_holes", "Heights between the oldest and the newest held that are not held (the backfill's work)")
 DB_BYTES = Gauge("hlbook_history_db_bytes", "Size of the store on disk (database and write-ahead log)")
 QUERIES = Counter("hlbook_history_queries_total", "Queries, by op and result", ["op", "result"])
-REPLIES_DROPPED = Counter("hlbook_history_replies_dropped_total", "Replies a gateway could not take (its queue full, or gone): its query times out")
 QUERY_SECONDS = Histogram("hlbook_history_query_seconds", "Time to answer a query", ["op"],
                           buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))

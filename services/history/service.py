@@ -36,7 +36,7 @@ BACKFILL_SLICE = 0.02  # seconds of backfill between looks at the sockets
 LIVE_BATCH = 100  # live blocks applied per turn
 UPKEEP_EVERY = 60.0  # seconds between retention runs and gauge updates
 IDLE_WAIT_MS = 100
-REPLIES_QUEUED = 64  # replies queued for one gateway; past it a reply is dropped, counted, and the gateway's query times out
+REPLIES_QUEUED = 64  # replies queued for one gateway; past it a reply is dropped and counted (wire.reply)
 WAIT_FOR_HEIGHT = 1.0  # seconds a query with min_height waits for that block at most
 
 
@@ -81,8 +81,7 @@ class History:
         self.pub = ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscribe: each new subscriber gets the candle at once
         self.router = ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.SNDHWM, REPLIES_QUEUED)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply that cannot be queued raises, never vanishes
+        wire.router_replies(self.router, REPLIES_QUEUED)
         for sock, endpoint in ((self.pub, cfg.pub), (self.router, cfg.query)):
             sock.setsockopt(zmq.LINGER, 0)
             if self.curve is not None:
@@ -96,7 +95,6 @@ class History:
         self.last_commit = time.monotonic()
         self.last_upkeep = 0.0
         self.store_failures = 0
-        self.replies_dropped = 0
         self.stopped = False
 
     # ------------------------------------------------------------ loop
@@ -241,11 +239,11 @@ class History:
                 if op is not None and op not in wire.HISTORY_OPS:
                     BAD_INPUT.labels("history", "bad_query").inc()
                     metrics.QUERIES.labels("unknown", "error").inc()
-                    self.send_reply(envelope, [wire.encode(wire.HistoryReply(False, self.store.held.last, f"bad query: unknown op {op!r}"))])
+                    wire.reply(self.router, envelope + [wire.encode(wire.HistoryReply(False, self.store.held.last, f"bad query: unknown op {op!r}"))], "history")
                     continue
                 BAD_INPUT.labels("history", "bad_query").inc()
                 metrics.QUERIES.labels("bad", "error").inc()
-                self.send_reply(envelope, [wire.encode(wire.HistoryReply(False, self.store.held.last, f"bad query: {exc}"))])
+                wire.reply(self.router, envelope + [wire.encode(wire.HistoryReply(False, self.store.held.last, f"bad query: {exc}"))], "history")
                 continue
             if query.min_height > (self.store.held.last or 0):
                 self.parked.append((time.monotonic() + WAIT_FOR_HEIGHT, envelope, query))
@@ -276,18 +274,7 @@ class History:
             log.exception("query %r failed", query)
             metrics.QUERIES.labels(op, "error").inc()
             reply = [wire.encode(wire.HistoryReply(False, self.store.held.last, f"internal error: {type(exc).__name__}"))]
-        self.send_reply(envelope, reply)
-
-    def send_reply(self, envelope: list[bytes], frames: list[bytes]) -> None:
-        """Queue a reply without blocking the loop; one the asker cannot take now (its queue
-        full, or it went away) is dropped, counted and logged: the asker's query times out."""
-        try:
-            self.router.send_multipart(envelope + frames, zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # EAGAIN: queue full; EHOSTUNREACH: the asker is gone
-            metrics.REPLIES_DROPPED.inc()
-            self.replies_dropped += 1
-            if self.replies_dropped <= 3 or self.replies_dropped % 100 == 0:
-                log.warning("a reply dropped (%s) [%d so far]: its asker's query times out", exc, self.replies_dropped)
+        wire.reply(self.router, envelope + reply, "history")
 
     def answer(self, q: wire.HistoryQuery) -> bytes:
         """The answer's JSON; ValueError for a request missing what it needs."""

@@ -79,4 +79,4 @@ def serve_one(router: zmq.Socket, store: ReplayStore, flags: int = 0) -> None:
         reply = [wire.encode(wire.ReplayReply(False, store.oldest, store.head, f"bad request: {exc}"))]
     else:
         reply = store.answer(request)
-    router.send_multipart(envelope + reply)
+    wire.reply(router, envelope + reply, "ingest")

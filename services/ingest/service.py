@@ -89,7 +89,7 @@ class Ingest:
         self.pub.setsockopt(zmq.LINGER, 0)
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.SNDHWM, REPLIES_QUEUED)
+        wire.router_replies(self.router, REPLIES_QUEUED)
         for sock, endpoint in ((self.pub, cfg.pub), (self.router, cfg.replay)):
             if self.curve is not None:
                 self.curve.serve(sock, ctx)
