@@ -5,7 +5,7 @@ temporary directory another local user could hold that lock, or plant the file. 
 ``$TMPDIR/hlbook-<uid>``, made with mode 0700, and used only while it is a real directory
 of this user that no one else can write into or read (else a fresh private one is made).
 Whoever leaves it empty removes it (:func:`remove_if_empty`); one who finds it gone between
-making it and using it makes it again."""
+making it and using it makes it again (:func:`in_private_dir`)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,13 @@ import logging
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def private_path() -> Path:
@@ -37,6 +41,15 @@ def private_dir() -> Path:
     log.error("%s is not a private folder of this user (a link, another owner, or open to others): using %s, "
               "so shards do not share snapshots", path, fallback)
     return fallback
+
+
+def in_private_dir(use: Callable[[Path], T]) -> T:
+    """``use(private_dir())``, once more if the folder went in between (removed by whoever
+    left it empty just then: ``FileNotFoundError``)."""
+    try:
+        return use(private_dir())
+    except FileNotFoundError:
+        return use(private_dir())
 
 
 def is_private(path: Path) -> bool:

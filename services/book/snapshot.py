@@ -20,12 +20,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import msgspec
 
 from hlbook.common import fixed
-from hlbook.common.private import pid_alive, private_dir, private_path, remove_if_empty
+from hlbook.common.private import in_private_dir, pid_alive, private_path, remove_if_empty
 from hlbook.services.book.book import ASK, BID, Book, Level, Order, Side, children_bytes, intern_kind, parse_cloid
 
 log = logging.getLogger(__name__)
@@ -131,10 +131,10 @@ def _fill(book: Book, side: Side, entries: list[Entry], side_name: str) -> None:
         level.add(order)
 
 
-def shared_paths(info_url: str, directory: str | None = None, make: bool = True) -> tuple[Path, Path, Path]:
-    """(the shared snapshot, who fetched it, the lock the shards take turns on) for one node;
-    ``make``: the private folder is made if missing."""
-    stem = Path(directory or (private_dir() if make else private_path())) / f"hlbook-snapshot-{hashlib.sha256(info_url.encode()).hexdigest()[:12]}"
+def shared_paths(info_url: str, directory: str | None = None) -> tuple[Path, Path, Path]:
+    """(the shared snapshot, who fetched it, the lock the shards take turns on) for one node
+    (in ``directory``, or the private folder, made or not)."""
+    stem = Path(directory or private_path()) / f"hlbook-snapshot-{hashlib.sha256(info_url.encode()).hexdigest()[:12]}"
     return stem.with_suffix(".json"), stem.with_suffix(".owner"), stem.with_suffix(".lock")
 
 
@@ -147,12 +147,11 @@ def fetch_shared(info_url: str, owner: str, not_before: float = 0.0, timeout: fl
     when it asks again it needs a newer one. A shared file too old to serve is removed by
     whoever takes the lock next (its fetcher may have been killed); its fetcher removes it
     when it stops (:func:`remove_shared`)."""
-    latest, by, lock_path = shared_paths(info_url, directory)
-    try:
-        lock = open(lock_path, "a+")
-    except FileNotFoundError:  # the private folder, removed by the last shard that stopped: made again
-        latest, by, lock_path = shared_paths(info_url, directory)
-        lock = open(lock_path, "a+")
+    def open_lock(folder: Path) -> tuple[Path, Path, Path, IO[str]]:
+        latest, by, lock_path = shared_paths(info_url, str(folder))
+        return latest, by, lock_path, open(lock_path, "a+")
+
+    latest, by, lock_path, lock = open_lock(Path(directory)) if directory else in_private_dir(open_lock)
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
         try:
@@ -170,7 +169,7 @@ def fetch_shared(info_url: str, owner: str, not_before: float = 0.0, timeout: fl
 
 def remove_shared(info_url: str, owner: str, directory: str | None = None) -> None:
     """``owner`` stops: remove the snapshot it shared, and the lock when no other shard holds it."""
-    latest, by, lock_path = shared_paths(info_url, directory, make=False)
+    latest, by, lock_path = shared_paths(info_url, directory)
     sweep_dead_fetches(str(lock_path.parent))
     try:
         with open(lock_path, "r") as lock:
@@ -204,13 +203,12 @@ def fetch(info_url: str, timeout: float = 60.0, directory: str | None = None, ke
     (the file is then removed, or renamed to ``keep``)."""
     import httpx
 
-    folder = directory or str(private_dir())
-    sweep_dead_fetches(folder)
-    try:
-        fd, path = tempfile.mkstemp(prefix=f"{FETCHING}{os.getpid()}-", suffix=".json", dir=folder)
-    except FileNotFoundError:  # the private folder, removed by a shard that stopped just then: made again
-        fd, path = tempfile.mkstemp(prefix=f"{FETCHING}{os.getpid()}-", suffix=".json", dir=directory or private_dir())
+    def new_file(folder: Path) -> tuple[int, str]:
+        return tempfile.mkstemp(prefix=f"{FETCHING}{os.getpid()}-", suffix=".json", dir=folder)
+
+    fd, path = new_file(Path(directory)) if directory else in_private_dir(new_file)
     os.close(fd)
+    sweep_dead_fetches(os.path.dirname(path))
     try:
         request = dict(SNAPSHOT_REQUEST, outPath=os.path.abspath(path))
         try:
