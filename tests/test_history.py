@@ -209,7 +209,7 @@ def test_answers_from_node_files_written_before_start(btc_data: Path, tmp_path: 
 def start_history(data: Path, db: Path, sockets: Path, log: Any) -> tuple[subprocess.Popen[bytes], str]:
     query = f"ipc://{sockets}/query"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hlbook.cli", "history", "--data-dir", str(data), "--db", str(db), "--niceness", "0",
+        [sys.executable, "-m", "hlbook.cli", "history", "--data-dir", str(data), "--db", str(db), "--niceness", "0", "--commit-every", "0.5",
          "--ingest-pub", f"ipc://{sockets}/no-ingest", "--pub", f"ipc://{sockets}/pub", "--query", query],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, query

@@ -21,6 +21,7 @@ def history(
     pub: Annotated[str, typer.Option(envvar=env("history-pub"), help="XPUB endpoint for candle updates")] = config.HISTORY_PUB,
     query: Annotated[str, typer.Option(envvar=env("history-query"), help="ROUTER endpoint for queries")] = config.HISTORY_QUERY,
     niceness: Annotated[int, typer.Option(envvar=env("niceness"), help="CPU priority below the live path (os.nice increment; 0: same)")] = 10,
+    commit_every: Annotated[float, typer.Option(envvar=env("history-commit-every"), help="Seconds between commits: what a crash loses (read again from the node's files); shorter costs more CPU")] = 5.0,
     curve_dir: Annotated[str | None, typer.Option(envvar=env("curve-dir"), help="ZeroMQ CURVE keys (hlbook keys DIR): authenticate and encrypt every socket")] = None,
     metrics_port: Annotated[int, typer.Option(envvar=env("history-metrics-port"), help="Prometheus port (0: off)")] = 0,
     metrics_host: Annotated[str, typer.Option(envvar=env("metrics-host"), help="Address for /metrics")] = config.DEFAULT_HOST,
@@ -30,5 +31,5 @@ def history(
     from hlbook.services.history.service import HistoryConfig, run
 
     run(HistoryConfig(data_dir=data_dir, mode=mode, db=db, state_dir=state_dir, hours=history_hours, days=history_days,
-                      ingest_pub=ingest_pub, pub=pub, query=query, niceness=niceness, curve_dir=curve_dir,
+                      ingest_pub=ingest_pub, pub=pub, query=query, niceness=niceness, commit_every=commit_every, curve_dir=curve_dir,
                       metrics_port=metrics_port, metrics_host=metrics_host, log_level=log_level))
