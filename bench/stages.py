@@ -18,7 +18,7 @@ stage moved and by how much):
 4. **history**: the real ``Store`` stores every ``HIST|`` block, committing as the
    service does (every COMMIT_EVERY s of the blocks' time). CPU per block.
 
-    .venv/bin/python bench/stages.py [--blocks 120] [--stage DIR] [--shards 2] [--subscribed 200]
+    .venv/bin/python bench/stages.py [--blocks 120] [--stage DIR] [--shards 2] [--subscribed 200] [--followed 1000]
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def run_ingest(stage: Path, sockets: Path, first: int, n_blocks: int) -> tuple[l
 
 
 def run_shard(k: int, shards: int, stage: Path, sockets: Path, messages: list[tuple[bytes, bytes]],
-              subscribed: list[str]) -> tuple[float, int]:
+              subscribed: list[str], followed: int = 0) -> tuple[float, int]:
     from hlbook.common import topics
     from hlbook.common.wire import CoinState
     from hlbook.services.book import snapshot
@@ -152,13 +152,13 @@ def run_shard(k: int, shards: int, stage: Path, sockets: Path, messages: list[tu
     xpub = ctx.socket(zmq.XPUB)
     xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
     xpub.setsockopt(zmq.SNDHWM, 0)
-    xpub.bind(f"ipc://{sockets}/book-{k}")
+    xpub.bind(f"ipc://{sockets}/book-{k}-{followed}")
     publisher = Publisher(xpub, k)
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 0)
-    sub.connect(f"ipc://{sockets}/book-{k}")
+    sub.connect(f"ipc://{sockets}/book-{k}-{followed}")
     wanted = [topics.shard_block(k)] + [t for coin in subscribed if state.owns(coin) for t in (topics.bbo(coin), topics.l2(coin, None, None, 20))]
-    for t in wanted:
+    for t in wanted + [topics.user("0x%040x" % n) for n in range(followed)]:  # a gateway's SUB subscribes every publisher
         sub.setsockopt(zmq.SUBSCRIBE, t)
     deadline = time.monotonic() + 5
     while len(publisher.subs.exact) < len(wanted) and time.monotonic() < deadline:
@@ -214,6 +214,8 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--subscribed", type=int, default=200, help="coins whose bbo and l2Book a client subscribes to")
     parser.add_argument("--only", default="ingest,shard,history")
+    parser.add_argument("--followed", type=int, default=0,
+                        help="also run shard 0 with this many users followed through the gateway (their U| topics reach every shard)")
     args = parser.parse_args()
     only = args.only.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="hlstages-"))
@@ -237,6 +239,11 @@ def main() -> None:
             for k in range(args.shards):
                 spent, received = run_shard(k, args.shards, stage, sockets, messages, coins)
                 print(f"shard {k}/{args.shards}: {spent * 1000 / n:6.2f} ms CPU a block ({received:,} messages to subscribers)", flush=True)
+            if args.followed:
+                base = spent if args.shards == 1 else run_shard(0, args.shards, stage, sockets, messages, coins)[0]
+                more, _ = run_shard(0, args.shards, stage, sockets, messages, coins, args.followed)
+                print(f"shard 0/{args.shards} with {args.followed:,} users followed: {more * 1000 / n:6.2f} ms CPU a block "
+                      f"(x{more / base:.2f} the same shard with none, same run)", flush=True)
         if "history" in only:
             spent = run_history(tmp, messages)
             print(f"history: {spent * 1000 / n:6.2f} ms CPU a block", flush=True)

@@ -314,6 +314,10 @@ def test_subscriptions_turn_on_aggregations() -> None:
     assert subs.wanted(topics.bbo("ETH")) and not subs.wanted(topics.bbo("ET"))
     assert subs.handle(b"\x00L2|BTC|5|2|20|") is None
     assert subs.l2_topics("BTC") == {b"L2|BTC|-|-|7|": ((None, None), 7)}
+    for k in range(1000):  # a gateway's SUB subscribes every publisher to its users' and trades' topics
+        assert subs.handle(b"\x01U|0x%040x|" % k) is None
+    subs.handle(b"\x01T|")
+    assert not subs.prefixes and not subs.watches(topics.book("SOL")) and not subs.wanted(b"L4|SOL|")
     subs.handle(b"\x01L2|")  # a prefix: full precision at full depth for every coin
     assert subs.l2_topics("SOL") == {b"L2|SOL|-|-|100|": ((None, None), 100)} and subs.wanted(b"L2|SOL|3|-|20|")
     subs.handle(b"\x01")  # everything

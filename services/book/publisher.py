@@ -31,6 +31,7 @@ from hlbook.services.book.book import BID, Book, parse_px
 log = logging.getLogger(__name__)
 
 _PARTS = {topics.L2_PREFIX: 5, topics.BBO_PREFIX: 2, topics.L4_PREFIX: 2, topics.RESET_PREFIX: 2, topics.SHARD_PREFIX: 2}
+_SHARD_KINDS = (*_PARTS, topics.HEARTBEAT_PREFIX)  # every kind of topic a shard publishes
 L2_DEPTH = l2rules.MAX_LEVELS  # levels a side for prefix subscribers
 L2Spec = tuple[l2.Agg, int]  # an L2 topic's aggregation and depth
 
@@ -50,6 +51,11 @@ def parse_l2_topic(topic: bytes) -> tuple[str, L2Spec] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return (coin, (agg, n)) if kind == "L2" and 1 <= n <= L2_DEPTH else None
+
+
+def shard_may_publish(topic: bytes) -> bool:
+    """Whether a subscription to ``topic`` can match something a shard sends."""
+    return any(topic.startswith(kind) or kind.startswith(topic) for kind in _SHARD_KINDS)
 
 
 def is_exact(topic: bytes) -> bool:
@@ -82,10 +88,15 @@ class Subscriptions:
         self.l2: dict[str, dict[bytes, L2Spec]] = {}  # coin -> its exact L2 topics
 
     def handle(self, event: bytes) -> bytes | None:
-        """Apply one XPUB event; returns the topic when it is a subscription."""
+        """Apply one XPUB event; returns the topic when it is a subscription. Topics no shard
+        publishes are ignored: a gateway's one SUB socket subscribes every publisher to every
+        topic (a user's ``U|``, a coin's trades), and each prefix kept would be tried on every
+        message the shard sends."""
         if not event:
             return None
         subscribe, topic = event[0] == 1, event[1:]
+        if not shard_may_publish(topic):
+            return None
         target = self.exact if is_exact(topic) else self.prefixes
         if subscribe:
             target.add(topic)
