@@ -142,15 +142,14 @@ NodeLine = Union[StatusLine, DiffLine, FillLine]
 
 
 class StatusHead(msgspec.Struct, gc=False):
-    """An order status with its ``order``, ``hash`` and ``builder`` left as raw JSON:
-    over 95 % of statuses are rejections that never touch a book, and skipping
-    their orders saves ~30 % of decoding a status line, their hashes and
-    builders ~20 % more (docs/BENCHMARKS.md, "Ingest")."""
+    """An order status with its ``order`` left as raw JSON: over 95 % of statuses
+    are rejections that never touch a book, and skipping their orders saves
+    ~30 % of decoding a status line (docs/BENCHMARKS.md, "Ingest")."""
 
     time: str
     user: str
-    hash: msgspec.Raw
-    builder: msgspec.Raw
+    hash: str | None
+    builder: Any
     status: str
     order: msgspec.Raw
 
@@ -159,8 +158,7 @@ class StatusHead(msgspec.Struct, gc=False):
         return is_rejection(self.status)
 
     def full(self) -> OrderStatus:
-        return OrderStatus(self.time, self.user, _hash.decode(self.hash), _any.decode(self.builder), self.status,
-                           _order.decode(self.order))
+        return OrderStatus(self.time, self.user, self.hash, self.builder, self.status, _order.decode(self.order))
 
 
 class StatusHeadLine(msgspec.Struct):
@@ -189,8 +187,6 @@ LINE_TYPES: dict[str, type] = {
 DECODERS: dict[str, msgspec.json.Decoder[Any]] = {stream: msgspec.json.Decoder(t) for stream, t in LINE_TYPES.items()}
 STATUS_HEADS = msgspec.json.Decoder(StatusHeadLine)
 _order = msgspec.json.Decoder(Order)
-_hash = msgspec.json.Decoder(str | None)
-_any = msgspec.json.Decoder()
 
 
 def diff_kind(diff: BookDiff) -> str:
