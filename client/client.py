@@ -90,6 +90,10 @@ class HLClient:
                 return conn
         return self._new_connection()
 
+    def _user_connection(self, user: str) -> Connection | None:
+        """The live user_grouped connection holding ``user``'s feeds, if any."""
+        return next((c for c in self._connections if c.strategy == "user_grouped" and c.state != "failed" and c.user == user), None)
+
     async def connect(self, timeout: float | None = None) -> None:
         """Open a shared connection now; ``ConnectionError`` when the attempt fails
         (refused, not a WebSocket, 503…) or takes over ``timeout`` (``open_timeout``).
@@ -240,10 +244,13 @@ class HLClient:
         ``Data``, ``Ack``, ``Gap``, ``Error``, ``Connected``, ``Disconnected``, ``Dropped``."""
         return EventStream(self.bus, size)
 
-    async def info(self, payload: dict[str, Any], timeout: float = 10.0) -> Any:
-        """An ``/info`` request over the WebSocket (``post``) on an open connection (a
-        shared one opened if none); returns the response payload."""
-        conn = next((c for c in self._connections if c.state == "open"), None) or self._shared_connection()
+    async def info(self, payload: dict[str, Any], timeout: float = 10.0, *, user: str | None = None) -> Any:
+        """An ``/info`` request over the WebSocket (``post``); returns the response payload.
+
+        It goes over the shared connection (opened if none), never a dedicated one or a
+        user's group; with ``user``, over that user's ``user_grouped`` connection if the
+        client has one (an order tracker's loads: no extra connection)."""
+        conn = (self._user_connection(user.lower()) if user else None) or self._shared_connection()
         await conn.wait_open(timeout)
         return await conn.post(next(self._post_ids), {"type": "info", "payload": payload}, timeout)
 

@@ -32,6 +32,7 @@ class FakeConnection:
     silent: bool = False
     subscriptions: dict[str, dict[str, Any]] = field(default_factory=dict)
     received: int = 0
+    posts: int = 0  # info requests (``post``) it answered
     received_at: list[float] = field(default_factory=list)  # monotonic time of each request
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -146,6 +147,7 @@ class FakeServer:
             await conn.send({"channel": "error", "data": f"Error parsing JSON into valid websocket request: {raw!r}"})
 
     async def _post(self, conn: FakeConnection, request: dict[str, Any]) -> None:
+        conn.posts += 1
         try:
             if self.on_info is None:
                 raise ValueError("this FakeServer answers no info requests (on_info)")

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from hlbook.client import HLClient
+from hlbook.client import HLClient, OrderTracker
 from hlbook.client.testing import FakeServer
 from test_client import FAST, run, until
 
@@ -116,6 +116,36 @@ def test_an_identical_subscription_of_another_strategy_is_not_reused() -> None:
             conn = {sid: client.get_subscription(sid)["connection"] for sid in (shared, *grouped, again)}
             assert conn[grouped[0]] == conn[grouped[1]] != conn[shared] == conn[again]
             assert client.get_subscription(again)["shared_with"] == [shared]  # same strategy: shared
+        await server.stop()
+
+    run(main())
+
+
+def test_info_goes_over_the_shared_connection_or_the_users_own() -> None:
+    """``info()`` used any open connection: a dedicated l4Book's, or another user's group.
+    Now the shared connection (opened if none) takes it, or with ``user`` that user's
+    connection (an order tracker's loads: no extra connection)."""
+    async def main() -> None:
+        server = await FakeServer(on_info=lambda payload: []).start()
+        async with HLClient(server.url, **FAST) as client:
+            book = await client.subscribe({"type": "l4Book", "coin": "BTC"}, lambda m: None, strategy="dedicated")
+            await client.wait_active(book, 5)
+            bob = await client.subscribe({"type": "orderUpdates", "user": BOB}, lambda m: None, strategy="user_grouped")
+            await client.wait_active(bob, 5)
+            for _ in range(3):
+                await client.info({"type": "openOrders", "user": ALICE})
+            assert [c["strategy"] for c in client.connection_info()] == ["dedicated", "user_grouped", "shared"]
+            assert [c.posts for c in server.connections] == [0, 0, 3]
+            await client.info({"type": "openOrders", "user": BOB}, user=BOB.upper().replace("0X", "0x"))
+            tracker = OrderTracker()
+            await tracker.subscribe(client, ALICE)
+            await tracker.wait_ready(5)
+            assert tracker.load_error is None
+            assert [c["strategy"] for c in client.connection_info()] == ["dedicated", "user_grouped", "shared", "user_grouped"]
+            assert [c.posts for c in server.connections] == [0, 1, 3, 1]
+            await client.info({"type": "meta"}, user="0x" + "c3" * 20)  # no connection of that user: the shared one
+            assert [c.posts for c in server.connections] == [0, 1, 4, 1]
+            await tracker.close()
         await server.stop()
 
     run(main())
