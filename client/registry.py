@@ -52,6 +52,10 @@ class SubscriptionError(Exception):
     """The server refused a subscription (or it is gone)."""
 
 
+class TooManyConnections(SubscriptionError):
+    """A subscription would need a connection past the client's ``max_connections``."""
+
+
 class ClientClosed(SubscriptionError):
     """The client (or order tracker) was closed while this was waited for."""
 

@@ -258,3 +258,32 @@ def test_a_big_message_on_a_slow_link_is_traffic_not_a_dead_connection() -> None
         await server.stop()
 
     run(main(), timeout=40)
+
+
+def test_a_connect_answered_429_is_said_counted_and_given_up(caplog: pytest.LogCaptureFixture) -> None:
+    """Following more users than the server's per-address cap: those past it stayed pending
+    forever on HTTP 429. Now each 429 is logged and counted, and after ``limited_retries``
+    the connection gives up: its subscriptions fail with the reason, ``connect()`` says it."""
+    users = [f"0x{n:040x}" for n in range(1, 5)]
+
+    async def main() -> None:
+        server = await FakeServer().start()
+        server.max_connections = 2
+        async with HLClient(server.url, **{**FAST, "limited_retries": 1}) as client:
+            ids = [await client.subscribe({"type": "orderUpdates", "user": u}, strategy="user_grouped") for u in users]
+            results = await asyncio.gather(*(client.wait_active(s, 5) for s in ids), return_exceptions=True)
+            failed = [r for r in results if r is not None]
+            assert len(failed) == 2 and all(isinstance(r, SubscriptionError) and "HTTP 429" in str(r) for r in failed)
+            states = sorted(c["state"] for c in client.connection_info())
+            assert states == ["failed", "failed", "open", "open"]
+            limited = [client.connection_metrics(c["id"])["limited"] for c in client.connection_info() if c["state"] == "failed"]
+            assert limited == [2, 2] and client.stats["connections_limited"] == 4 == server.limited
+            async with HLClient(server.url, **FAST) as other:
+                with pytest.raises(ConnectionError, match="HTTP 429"):
+                    await other.connect(timeout=5)
+        await server.stop()
+
+    with caplog.at_level("WARNING", logger="hlbook.client"):
+        run(main())
+    said = [r.getMessage() for r in caplog.records if "HTTP 429" in r.getMessage()]
+    assert len([m for m in said if "per-address cap" in m]) >= 4
