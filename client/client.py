@@ -17,6 +17,7 @@ from hlbook.client.registry import (
     Callback,
     Message,
     ClientClosed,
+    ConnectionLost,
     ServerSubscription,
     Strategy,
     SubscriptionError,
@@ -213,7 +214,7 @@ class HLClient:
         user = self._users.pop(sub_id, None)
         if user is None:
             return False
-        user.close()
+        user.close(SubscriptionError(f"subscription {sub_id} unsubscribed"))
         server = user.server
         server.users.pop(sub_id, None)
         if not server.users:
@@ -268,6 +269,23 @@ class HLClient:
                     raise SubscriptionError(user.error)
                 return
             yield message
+
+    async def next_message(self, sub_id: int, timeout: float | None = None, *, fail_on_disconnect: bool = False) -> Message:
+        """The next message of a subscription (any: with a callback or a queue, which it leaves as
+        is). ``fail_on_disconnect``: ``ConnectionLost`` when its connection drops first, or has
+        dropped and is not back (as ccxt.pro's ``watch*``); else it waits across the reconnect.
+        ``SubscriptionError`` if refused or unsubscribed, ``ClientClosed``, ``TimeoutError``."""
+        user = self._user(sub_id)
+        server = user.server
+        if server.state == "failed":
+            raise SubscriptionError(server.error)
+        if fail_on_disconnect and server.lost:
+            raise ConnectionLost(f"subscription {sub_id}: its connection dropped and is not back yet")
+        future = user.wait_next(fail_on_disconnect)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            user.forget(future)
 
     def events(self, size: int = 10_000) -> EventStream:
         """Every event from now on, in one async iterator (see ``hlbook.client.events``):

@@ -338,8 +338,8 @@ class Connection:
             if not self._closing:
                 self.state = "backoff"
                 log.warning("connection %d lost: %s", self.id, self.last_error)
-            for server in self.routes.values():
-                server.on_lost()
+            for server in list(self.routes.values()):
+                server.on_lost(f"connection {self.id} lost: {self.last_error}")
             for future in self._posts.values():
                 if not future.done():
                     future.set_exception(ConnectionError(f"connection {self.id} lost"))

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from hlbook.client import ClientClosed, HLClient, OrderTracker, SubscriptionError
+from hlbook.client import ClientClosed, ConnectionLost, HLClient, OrderTracker, SubscriptionError
 from hlbook.client.metrics import SubscriptionMetrics
 from hlbook.client.testing import FakeServer
 from test_client import FAST, run, until
@@ -287,3 +287,51 @@ def test_a_connect_answered_429_is_said_counted_and_given_up(caplog: pytest.LogC
         run(main())
     said = [r.getMessage() for r in caplog.records if "HTTP 429" in r.getMessage()]
     assert len([m for m in said if "per-address cap" in m]) >= 4
+
+
+def test_next_message_fails_on_disconnect_when_asked() -> None:
+    """A waiter for a subscription's next message waited across the reconnect. With
+    ``fail_on_disconnect=True`` it gets ``ConnectionLost`` at the drop (and at once while the
+    connection is down), as ccxt.pro's ``watch*`` calls do; without, it gets the next message
+    after the reconnect. Unsubscribe and close end waiters too."""
+    trade = lambda tid: [{"coin": "BTC", "tid": tid}]  # noqa: E731
+
+    async def main() -> None:
+        server = await FakeServer().start()
+        async with HLClient(server.url, **FAST) as client:
+            sid = await client.subscribe(TRADES, lambda m: None)  # with a callback too
+            await client.wait_active(sid, 5)
+            waiter = asyncio.create_task(client.next_message(sid, fail_on_disconnect=True))
+            await asyncio.sleep(0.05)
+            await server.publish(TRADES, trade(1))
+            assert (await asyncio.wait_for(waiter, 2))["data"] == trade(1)
+
+            failing = asyncio.create_task(client.next_message(sid, fail_on_disconnect=True))
+            patient = asyncio.create_task(client.next_message(sid))
+            await asyncio.sleep(0.05)
+            await server.stop(abort=True)
+            with pytest.raises(ConnectionLost, match="connection 1 lost"):
+                await asyncio.wait_for(failing, 3)
+            with pytest.raises(ConnectionLost, match="not back yet"):
+                await client.next_message(sid, fail_on_disconnect=True)
+            assert not patient.done()
+            await server.start()
+            await client.wait_active(sid, 5)
+            await server.publish(TRADES, trade(2))
+            assert (await asyncio.wait_for(patient, 3))["data"] == trade(2)
+            with pytest.raises(TimeoutError):
+                await client.next_message(sid, timeout=0.1)
+
+            gone = asyncio.create_task(client.next_message(sid))
+            await asyncio.sleep(0.05)
+            await client.unsubscribe(sid)
+            with pytest.raises(SubscriptionError, match="unsubscribed"):
+                await asyncio.wait_for(gone, 1)
+            other = await client.subscribe({"type": "trades", "coin": "ETH"})
+            last = asyncio.create_task(client.next_message(other))
+            await asyncio.sleep(0.05)
+        with pytest.raises(ClientClosed):
+            await asyncio.wait_for(last, 1)
+        await server.stop()
+
+    run(main())
