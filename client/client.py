@@ -322,6 +322,21 @@ class HLClient:
         user = self._users.get(sub_id)
         return user.metrics_dict() if user else None
 
+    def metrics(self) -> dict[str, Any]:
+        """Everything in one call: ``subscriptions`` (each one's ``get_subscription`` and
+        ``subscription_metrics``), ``connections`` (each one's ``connection_info`` and
+        ``connection_metrics``) and the ``client``'s counters; plain data."""
+        return {
+            "subscriptions": [{**u.info(), **u.metrics_dict()} for u in self._users.values()],
+            "connections": [{**c.info(), **c.metrics()} for c in self._connections],
+            "client": {
+                "subscriptions": len(self._users),
+                "connections": len(self._live()),
+                "max_connections": self.config.max_connections,
+                **{k: self.stats[k] for k in ("connections_limited", "users_past_cap", "refused_past_cap")},
+            },
+        }
+
     def connection_info(self) -> list[dict[str, Any]]:
         """Every connection's state: strategy, user, state, subscriptions, last error."""
         return [c.info() for c in self._connections]

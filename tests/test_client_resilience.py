@@ -9,6 +9,7 @@ import os
 import time
 from typing import Any
 
+import orjson
 import pytest
 
 from hlbook.client import ClientClosed, ConnectionLost, HLClient, OrderTracker, SubscriptionError
@@ -332,6 +333,40 @@ def test_next_message_fails_on_disconnect_when_asked() -> None:
             await asyncio.sleep(0.05)
         with pytest.raises(ClientClosed):
             await asyncio.wait_for(last, 1)
+        await server.stop()
+
+    run(main())
+
+
+def test_metrics_lists_every_subscription_and_connection_in_one_call() -> None:
+    """One call for every subscription's metrics (with what it is) and every connection's,
+    plus the client's own counters; plain data (JSON as it is)."""
+    async def main() -> None:
+        server = await FakeServer().start()
+        async with HLClient(server.url, **FAST) as client:
+            assert client.metrics()["subscriptions"] == [] and client.metrics()["connections"] == []
+            a = await client.subscribe(TRADES, lambda m: None)
+            b = await client.subscribe({"type": "bbo", "coin": "ETH"})
+            d = await client.subscribe({"type": "l4Book", "coin": "BTC"}, lambda m: None, strategy="dedicated")
+            for sid in (a, b, d):
+                await client.wait_active(sid, 5)
+            for tid in range(3):
+                await server.publish(TRADES, [{"coin": "BTC", "tid": tid}])
+            await server.publish({"type": "bbo", "coin": "ETH"}, {"coin": "ETH", "time": 1, "bbo": [None, None]})
+            await until(lambda: client.subscription_metrics(b)["message_count"] == 1 and client.subscription_metrics(a)["message_count"] == 3)
+            metrics = client.metrics()
+            subs = {s["id"]: s for s in metrics["subscriptions"]}
+            assert [subs[s]["message_count"] for s in (a, b, d)] == [3, 1, 0]
+            assert (subs[d]["strategy"], subs[d]["subscription"], subs[a]["state"]) == ("dedicated", {"type": "l4Book", "coin": "BTC"}, "active")
+            assert set(subs[a]) == set(client.subscription_metrics(a)) | set(client.get_subscription(a))
+            conns = {c["id"]: c for c in metrics["connections"]}
+            shared, dedicated = conns[subs[a]["connection"]], conns[subs[d]["connection"]]
+            assert (shared["strategy"], shared["subscriptions"], dedicated["strategy"]) == ("shared", 2, "dedicated")
+            assert shared["messages_received"] >= 4 and dedicated["connects"] == 1
+            assert set(shared) == set(client.connection_metrics(shared["id"])) | set(client.connection_info()[0])
+            assert metrics["client"] == {"subscriptions": 3, "connections": 2, "max_connections": 90, "connections_limited": 0,
+                                         "users_past_cap": 0, "refused_past_cap": 0}
+            assert orjson.loads(orjson.dumps(metrics))["client"] == metrics["client"]
         await server.stop()
 
     run(main())
