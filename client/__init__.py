@@ -18,7 +18,7 @@ _HOMES = {
     "Ack": "events", "Connected": "events", "Data": "events", "Disconnected": "events", "Dropped": "events",
     "Error": "events", "Event": "events", "EventStream": "events", "Gap": "events",
     "OrderEvent": "orders", "OrderTracker": "orders",
-    "ClientClosed": "registry", "SubscriptionError": "registry",
+    "ClientClosed": "registry", "ConnectionLost": "registry", "SubscriptionError": "registry", "TooManyConnections": "registry",
 }
 __all__ = sorted(_HOMES)
 
@@ -38,4 +38,4 @@ if TYPE_CHECKING:
     from hlbook.client.connection import ClientConfig, backoff_delay
     from hlbook.client.events import Ack, Connected, Data, Disconnected, Dropped, Error, Event, EventStream, Gap
     from hlbook.client.orders import OrderEvent, OrderTracker
-    from hlbook.client.registry import ClientClosed, SubscriptionError
+    from hlbook.client.registry import ClientClosed, ConnectionLost, SubscriptionError, TooManyConnections

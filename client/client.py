@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any, get_args
@@ -15,14 +17,18 @@ from hlbook.client.registry import (
     Callback,
     Message,
     ClientClosed,
+    ConnectionLost,
     ServerSubscription,
     Strategy,
     SubscriptionError,
+    TooManyConnections,
     UserSubscription,
     identity,
     normalize,
     route_key,
 )
+
+log = logging.getLogger("hlbook.client")
 
 
 def check_strategy(sub: dict[str, Any], strategy: Strategy) -> None:
@@ -59,6 +65,7 @@ class HLClient:
         self._ids = itertools.count(1)
         self._conn_ids = itertools.count(1)
         self._post_ids = itertools.count(1)
+        self.stats: collections.Counter[str] = collections.Counter()  # connections_limited (HTTP 429), users_past_cap, refused_past_cap
 
     async def __aenter__(self) -> HLClient:
         return self
@@ -68,27 +75,49 @@ class HLClient:
 
     # -- connections ---------------------------------------------------------
 
-    def _new_connection(self, strategy: Strategy = "shared", user: str | None = None) -> Connection:
-        conn = Connection(next(self._conn_ids), self.config, self.limiter, self.bus, strategy, user)
+    def _live(self) -> list[Connection]:
+        return [c for c in self._connections if c.live]
+
+    def _new_connection(self, strategy: Strategy = "shared", user: str | None = None, what: str = "a subscription") -> Connection:
+        """A new connection; ``TooManyConnections`` past ``max_connections``."""
+        if len(self._live()) >= self.config.max_connections:
+            self.stats["refused_past_cap"] += 1
+            raise TooManyConnections(f"{what} needs a new {strategy} connection and the client holds max_connections "
+                                     f"{self.config.max_connections} (the server's per-address cap is above it)")
+        conn = Connection(next(self._conn_ids), self.config, self.limiter, self.bus, strategy, user, self.stats)
         self._connections.append(conn)
         conn.start()
         return conn
 
     def _connection_for(self, server: ServerSubscription) -> Connection:
-        """A live connection of the server subscription's strategy with room for it, or a new one."""
+        """A live connection of the server subscription's strategy with room for it, or a new one;
+        past ``max_connections`` a new user joins the user_grouped connection with the fewest users
+        (a user already placed stays where it is: its feeds' order holds)."""
         user = server.subscription.get("user") if server.strategy == "user_grouped" else None
         if server.strategy != "dedicated":
-            for conn in self._connections:
-                if conn.strategy == server.strategy and conn.user == user and conn.state != "failed" and conn.has_room(server.route):
+            for conn in self._live():
+                if conn.strategy == server.strategy and (user is None or user in conn.users) and conn.has_room(server.route):
                     return conn
-        return self._new_connection(server.strategy, user)
+        if user is not None and len(self._live()) >= self.config.max_connections and self._user_connection(user) is None:
+            grouped = [c for c in self._live() if c.strategy == "user_grouped" and c.has_room(server.route)]
+            if grouped:
+                conn = min(grouped, key=lambda c: len(c.users))
+                self.stats["users_past_cap"] += 1
+                log.info("max_connections %d reached: the feeds of %s join connection %d (users %s)",
+                         self.config.max_connections, user, conn.id, sorted(conn.users))
+                return conn
+        return self._new_connection(server.strategy, user, f"subscription {server.subscription}")
 
     def _shared_connection(self) -> Connection:
         """The first live shared connection, opened if none."""
-        for conn in self._connections:
-            if conn.strategy == "shared" and conn.state != "failed":
+        for conn in self._live():
+            if conn.strategy == "shared":
                 return conn
-        return self._new_connection()
+        return self._new_connection(what="the shared connection")
+
+    def _user_connection(self, user: str) -> Connection | None:
+        """The live user_grouped connection holding ``user``'s feeds, if any."""
+        return next((c for c in self._live() if c.strategy == "user_grouped" and user in c.users), None)
 
     async def connect(self, timeout: float | None = None) -> None:
         """Open a shared connection now; ``ConnectionError`` when the attempt fails
@@ -130,11 +159,17 @@ class HLClient:
         check_strategy(sub, strategy)
         check_size("queue_size", queue_size, 0)
         server, new = self._server_for(sub, strategy)
+        if new:
+            try:
+                conn = self._connection_for(server)
+            except TooManyConnections:
+                del self._servers[server.key]
+                raise
         user = UserSubscription(next(self._ids), sub, server, callback, queue_size, self.bus, on_gap=on_gap)
         server.users[user.id] = user
         self._users[user.id] = user
         if new:
-            self._connection_for(server).add(server)
+            conn.add(server)
         elif server.state == "active":
             self._join_active(server, user)
         return user.id
@@ -179,7 +214,7 @@ class HLClient:
         user = self._users.pop(sub_id, None)
         if user is None:
             return False
-        user.close()
+        user.close(SubscriptionError(f"subscription {sub_id} unsubscribed"))
         server = user.server
         server.users.pop(sub_id, None)
         if not server.users:
@@ -235,15 +270,35 @@ class HLClient:
                 return
             yield message
 
+    async def next_message(self, sub_id: int, timeout: float | None = None, *, fail_on_disconnect: bool = False) -> Message:
+        """The next message of a subscription (any: with a callback or a queue, which it leaves as
+        is). ``fail_on_disconnect``: ``ConnectionLost`` when its connection drops first, or has
+        dropped and is not back (as ccxt.pro's ``watch*``); else it waits across the reconnect.
+        ``SubscriptionError`` if refused or unsubscribed, ``ClientClosed``, ``TimeoutError``."""
+        user = self._user(sub_id)
+        server = user.server
+        if server.state == "failed":
+            raise SubscriptionError(server.error)
+        if fail_on_disconnect and server.lost:
+            raise ConnectionLost(f"subscription {sub_id}: its connection dropped and is not back yet")
+        future = user.wait_next(fail_on_disconnect)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            user.forget(future)
+
     def events(self, size: int = 10_000) -> EventStream:
         """Every event from now on, in one async iterator (see ``hlbook.client.events``):
         ``Data``, ``Ack``, ``Gap``, ``Error``, ``Connected``, ``Disconnected``, ``Dropped``."""
         return EventStream(self.bus, size)
 
-    async def info(self, payload: dict[str, Any], timeout: float = 10.0) -> Any:
-        """An ``/info`` request over the WebSocket (``post``) on an open connection (a
-        shared one opened if none); returns the response payload."""
-        conn = next((c for c in self._connections if c.state == "open"), None) or self._shared_connection()
+    async def info(self, payload: dict[str, Any], timeout: float = 10.0, *, user: str | None = None) -> Any:
+        """An ``/info`` request over the WebSocket (``post``); returns the response payload.
+
+        It goes over the shared connection (opened if none), never a dedicated one or a
+        user's group; with ``user``, over that user's ``user_grouped`` connection if the
+        client has one (an order tracker's loads: no extra connection)."""
+        conn = (self._user_connection(user.lower()) if user else None) or self._shared_connection()
         await conn.wait_open(timeout)
         return await conn.post(next(self._post_ids), {"type": "info", "payload": payload}, timeout)
 
@@ -266,6 +321,21 @@ class HLClient:
         """One subscription's counters (messages, rates, reconnects, dropped), or None."""
         user = self._users.get(sub_id)
         return user.metrics_dict() if user else None
+
+    def metrics(self) -> dict[str, Any]:
+        """Everything in one call: ``subscriptions`` (each one's ``get_subscription`` and
+        ``subscription_metrics``), ``connections`` (each one's ``connection_info`` and
+        ``connection_metrics``) and the ``client``'s counters; plain data."""
+        return {
+            "subscriptions": [{**u.info(), **u.metrics_dict()} for u in self._users.values()],
+            "connections": [{**c.info(), **c.metrics()} for c in self._connections],
+            "client": {
+                "subscriptions": len(self._users),
+                "connections": len(self._live()),
+                "max_connections": self.config.max_connections,
+                **{k: self.stats[k] for k in ("connections_limited", "users_past_cap", "refused_past_cap")},
+            },
+        }
 
     def connection_info(self) -> list[dict[str, Any]]:
         """Every connection's state: strategy, user, state, subscriptions, last error."""

@@ -62,6 +62,8 @@ class ClientConfig:
     max_message_size: int | None = 256 * 2**20
     ack_timeout: float = 10.0  # a subscribe without ack is sent again after this
     refused_retries: int = 3  # a subscription refused right after a reconnect, though taken before: re-sent this often first
+    max_connections: int = 90  # opened at most (the gateway and the public API take 100 an address); past it users share
+    limited_retries: int = 3  # connects answered HTTP 429 (the server's per-address cap) in a row before giving up
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
@@ -105,14 +107,15 @@ class Connection:
 
     def __init__(
         self, conn_id: int, config: ClientConfig, limiter: RateLimiter, bus: EventBus | None = None,
-        strategy: Strategy = "shared", user: str | None = None,
+        strategy: Strategy = "shared", user: str | None = None, stats: collections.Counter[str] | None = None,
     ) -> None:
         self.id = conn_id
         self.config = config
         self.limiter = limiter
         self.bus = bus
         self.strategy = strategy
-        self.user = user
+        self.user = user  # the user it was opened for (user_grouped); past max_connections others join
+        self.stats = stats if stats is not None else collections.Counter()  # the client's counters
         self.routes: dict[RouteKey, ServerSubscription] = {}
         self.state = "idle"  # idle | connecting | open | backoff | failed | closed
         self.connects = 0
@@ -125,6 +128,8 @@ class Connection:
         self.received = 0
         self.unrouted = 0
         self.handling_errors = 0
+        self.limited = 0  # connects answered HTTP 429
+        self._limited_run = 0  # ... in a row
         self.errors: collections.deque[str] = collections.deque(maxlen=20)
         self._opened_at = 0.0  # monotonic time of the current session's upgrade
         self._outcome: asyncio.Future[str | None] | None = None  # the next attempt's error, None if it opened
@@ -136,6 +141,16 @@ class Connection:
         self._posts: dict[int, asyncio.Future[Any]] = {}
 
     # -- desired state -------------------------------------------------
+
+    @property
+    def live(self) -> bool:
+        """Neither given up nor closed."""
+        return self.state not in ("failed", "closed")
+
+    @property
+    def users(self) -> set[str]:
+        """The users whose feeds it holds (user_grouped)."""
+        return {s.subscription["user"] for s in self.routes.values() if isinstance(s.subscription.get("user"), str)}
 
     def has_room(self, route: RouteKey) -> bool:
         """Whether a server subscription with this route key fits here."""
@@ -243,9 +258,10 @@ class Connection:
                 await self._backoff(f"invalid URL: {exc}", fatal=True)
                 return
             except (OSError, asyncio.TimeoutError, websockets.WebSocketException) as exc:
-                if not await self._backoff(f"connect failed: {exc!r}"):
+                if not await self._backoff(*self._connect_failed(exc)):
                     return
                 continue
+            self._limited_run = 0
             self._attempted(None)
             await self._session(ws)
             if self._closing:
@@ -258,6 +274,20 @@ class Connection:
                 await asyncio.sleep(backoff_delay(0, cfg.backoff_base, cfg.backoff_cap))
             elif not await self._backoff(f"closed after {lasted:.2f}s: {self.last_error}"):
                 return
+
+    def _connect_failed(self, exc: Exception) -> tuple[str, bool]:
+        """The error of a failed connect, and whether to give up: HTTP 429 (the server's
+        per-address connection cap) is said, counted, and given up on after ``limited_retries``."""
+        if not (isinstance(exc, websockets.InvalidStatus) and exc.response.status_code == 429):
+            self._limited_run = 0
+            return f"connect failed: {exc!r}", False
+        self.limited += 1
+        self._limited_run += 1
+        self.stats["connections_limited"] += 1
+        error = (f"HTTP 429: the server refuses more connections from this address (its per-address cap); "
+                 f"lower max_connections ({self.config.max_connections}) or close other connections from this address")
+        log.warning("connection %d to %s: %s (%d in a row)", self.id, self.config.url, error, self._limited_run)
+        return error, self._limited_run > self.config.limited_retries
 
     async def _backoff(self, error: str, fatal: bool = False) -> bool:
         """Count a failed attempt; wait before the next (True) or give up (False)."""
@@ -308,8 +338,8 @@ class Connection:
             if not self._closing:
                 self.state = "backoff"
                 log.warning("connection %d lost: %s", self.id, self.last_error)
-            for server in self.routes.values():
-                server.on_lost()
+            for server in list(self.routes.values()):
+                server.on_lost(f"connection {self.id} lost: {self.last_error}")
             for future in self._posts.values():
                 if not future.done():
                     future.set_exception(ConnectionError(f"connection {self.id} lost"))
@@ -444,6 +474,7 @@ class Connection:
             "url": self.config.url,
             "strategy": self.strategy,
             "user": self.user,
+            "users": sorted(self.users) if self.strategy == "user_grouped" else [],
             "state": self.state,
             "subscriptions": len(self.routes),
             "active_subscriptions": sum(1 for s in self.routes.values() if s.state == "active"),
@@ -464,4 +495,5 @@ class Connection:
             "messages_received": self.received,
             "unrouted_messages": self.unrouted,
             "handling_errors": self.handling_errors,
+            "limited": self.limited,
         }

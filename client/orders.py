@@ -274,7 +274,7 @@ class OrderTracker:
         while True:
             try:
                 await client.wait_active(self.sub_ids[0])
-                return list((await client.info({"type": "frontendOpenOrders", "user": user}))["data"])
+                return list((await client.info({"type": "frontendOpenOrders", "user": user}, user=user))["data"])
             except ConnectionError:
                 pass  # dropped meanwhile: asked again once resubscribed
             except SubscriptionError:

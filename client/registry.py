@@ -52,8 +52,16 @@ class SubscriptionError(Exception):
     """The server refused a subscription (or it is gone)."""
 
 
+class TooManyConnections(SubscriptionError):
+    """A subscription would need a connection past the client's ``max_connections``."""
+
+
 class ClientClosed(SubscriptionError):
     """The client (or order tracker) was closed while this was waited for."""
+
+
+class ConnectionLost(ConnectionError):
+    """A subscription's connection dropped while ``next_message(fail_on_disconnect=True)`` waited."""
 
 
 def normalize(subscription: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +133,7 @@ class UserSubscription:
     activated: bool = False
     on_gap: Callable[[float, float], Any] | None = None
     queue: asyncio.Queue[Message | None] | None = None
+    waiters: list[tuple[asyncio.Future[Message], bool]] = field(default_factory=list)  # next_message: (future, fail on disconnect)
     handlers: Handlers = field(init=False)
 
     def __post_init__(self) -> None:
@@ -136,10 +145,37 @@ class UserSubscription:
         """Hand one message to the user: to its callback (see ``Handlers``), else to its queue."""
         self.metrics.record()
         publish(self.bus, self._data, message)
+        if self.waiters:
+            self._settle(message)
         if self.callback is not None:
             self.handlers.call(self.callback, message)
         elif self.queue is not None:
             self._put(message)
+
+    def wait_next(self, fail_on_disconnect: bool) -> asyncio.Future[Message]:
+        """A future of the next message (see ``HLClient.next_message``)."""
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self.waiters.append((future, fail_on_disconnect))
+        return future
+
+    def forget(self, future: asyncio.Future[Message]) -> None:
+        self.waiters = [w for w in self.waiters if w[0] is not future]
+
+    def _settle(self, result: Message | Exception, disconnect: bool = False) -> None:
+        """Hand ``result`` to the ``next_message`` waiters (a disconnect: to those that fail on one)."""
+        waiting, self.waiters = self.waiters, [w for w in self.waiters if disconnect and not w[1]]
+        for future, fail in waiting:
+            if future.done() or (disconnect and not fail):
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    def lost(self, reason: str) -> None:
+        """Its connection dropped: waiters that asked to fail on a disconnect do."""
+        if self.waiters:
+            self._settle(ConnectionLost(reason), disconnect=True)
 
     def _data(self, message: Message) -> Data:
         channel = message["channel"]
@@ -167,12 +203,14 @@ class UserSubscription:
         """Record a refusal; an iterator ends with SubscriptionError."""
         self.error = error
         publish(self.bus, Error, error, self.server.connection.id if self.server.connection else None, self.id)
+        self._settle(SubscriptionError(error))
         if self.queue is not None:
             self._put(None)
 
-    def close(self) -> None:
-        """Stop the callback's awaiting and end iterators."""
+    def close(self, error: SubscriptionError | None = None) -> None:
+        """Stop the callback's awaiting, end iterators and waiters (``error``, else ``ClientClosed``)."""
         self.handlers.close()
+        self._settle(error or ClientClosed("client closed"))
         if self.queue is not None:
             self._put(None)
 
@@ -233,13 +271,15 @@ class ServerSubscription:
         self.lost_at = None
         self.active.set()
 
-    def on_lost(self) -> None:
+    def on_lost(self, reason: str = "connection lost") -> None:
         """Its connection dropped: pending until re-acknowledged."""
         if self.state == "active":
             self.lost_at = time.time()
         if self.state != "failed":
             self.state = "pending"
         self.active.clear()
+        for user in list(self.users.values()):
+            user.lost(reason)
 
     def on_error(self, error: str) -> None:
         """The server refused it, or its connection gave up."""

@@ -4,20 +4,24 @@ For testing code built on the client (and the client itself): acks with the
 normalised subscription, pong, the public error texts, the 1000-subscription
 limit, and feeds you publish by hand. It can be stopped, restarted on the same
 port, killed abruptly, silenced (stops answering, pings included), made to
-close every new connection right after the upgrade (``drop_new``) or to refuse
-subscriptions of some coins (``refused_coins``).
+close every new connection right after the upgrade (``drop_new``), to refuse
+subscriptions of some coins (``refused_coins``) or to answer HTTP 429 past
+``max_connections`` open connections (the gateway's per-address cap).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from http import HTTPStatus
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from hlbook.client.registry import channel_of, identity, normalize
 
@@ -32,6 +36,7 @@ class FakeConnection:
     silent: bool = False
     subscriptions: dict[str, dict[str, Any]] = field(default_factory=dict)
     received: int = 0
+    posts: int = 0  # info requests (``post``) it answered
     received_at: list[float] = field(default_factory=list)  # monotonic time of each request
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -63,6 +68,9 @@ class FakeServer:
         self.silent = False
         self.drop_new = False  # close each new connection right after the upgrade
         self.refused_coins = {"INVALID"}  # subscriptions of these coins: Invalid subscription
+        self.max_connections: int | None = None  # past it, a connect is answered HTTP 429
+        self.limited = 0  # connects answered 429
+        self._open: set[ServerConnection] = set()  # upgrades admitted, not closed yet
         self.connections: list[FakeConnection] = []
         self.subscribe_requests = 0
         self.total_connections = 0
@@ -73,7 +81,8 @@ class FakeServer:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     async def start(self) -> FakeServer:
-        self._server = await serve(self._handler, "127.0.0.1", self.port, ping_interval=None, max_size=None)
+        self._server = await serve(self._handler, "127.0.0.1", self.port, ping_interval=None, max_size=None,
+                                   process_request=self._admit)
         self.port = self._server.sockets[0].getsockname()[1] if self.port == 0 else self.port
         return self
 
@@ -109,6 +118,15 @@ class FakeServer:
         for conn in targets:
             await conn.send(message)
         return len(targets)
+
+    def _admit(self, ws: ServerConnection, request: Request) -> Response | None:
+        """429 past ``max_connections``, as the gateway answers past its per-address cap."""
+        self._open = {c for c in self._open if c.state is not State.CLOSED}
+        if self.max_connections is not None and len(self._open) >= self.max_connections:
+            self.limited += 1
+            return ws.respond(HTTPStatus.TOO_MANY_REQUESTS, "Too many connections from this address")
+        self._open.add(ws)
+        return None
 
     async def _handler(self, ws: ServerConnection) -> None:
         conn = FakeConnection(ws)
@@ -146,6 +164,7 @@ class FakeServer:
             await conn.send({"channel": "error", "data": f"Error parsing JSON into valid websocket request: {raw!r}"})
 
     async def _post(self, conn: FakeConnection, request: dict[str, Any]) -> None:
+        conn.posts += 1
         try:
             if self.on_info is None:
                 raise ValueError("this FakeServer answers no info requests (on_info)")

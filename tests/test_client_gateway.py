@@ -343,6 +343,36 @@ def test_refused_connect_and_a_given_up_feed_against_a_gateway_not_ready(up: Up)
     run(main(), timeout=40)
 
 
+def test_past_the_gateways_connection_cap_the_client_says_429_and_stays_within_its_own(up: Up) -> None:
+    """A gateway taking 4 connections an address: following 6 users on a connection each,
+    2 stayed pending forever on HTTP 429. Now they fail with the reason once ``limited_retries``
+    429s came, counted; with ``max_connections`` 4 the 6 users share 4 connections, all active."""
+    port = free_port()
+    gateway = up.start_gateway(port, "--max-connections-per-ip", "4")
+    url = f"ws://127.0.0.1:{port}/ws"
+    users = [f"0x{n:040x}" for n in range(1, 7)]
+
+    async def main() -> None:
+        async with HLClient(url, **{**FAST, "limited_retries": 1}) as client:
+            ids = [await client.subscribe({"type": "userFills", "user": u}, strategy="user_grouped") for u in users]
+            results = await asyncio.gather(*(client.wait_active(s, 10) for s in ids), return_exceptions=True)
+            failed = [r for r in results if r is not None]
+            assert len(failed) == 2 and all(isinstance(r, SubscriptionError) and "HTTP 429" in str(r) for r in failed), results
+            assert client.stats["connections_limited"] == 4
+        async with HLClient(url, **{**FAST, "max_connections": 4}) as client:
+            ids = [await client.subscribe({"type": kind, "user": u}, strategy="user_grouped")
+                   for u in users for kind in ("userFills", "userTwapSliceFills")]
+            await asyncio.gather(*(client.wait_active(s, 10) for s in ids))
+            assert len(client.connection_info()) == 4 and client.stats["users_past_cap"] == 2
+            for i in range(0, len(ids), 2):  # a user's two feeds on one connection
+                assert client.get_subscription(ids[i])["connection"] == client.get_subscription(ids[i + 1])["connection"]
+
+    try:
+        run(main(), timeout=40)
+    finally:
+        stop_group(gateway)
+
+
 SPECIAL_USERS = ("0xffff", "0xfefe")  # the simulator's special accounts: fills, no order statuses
 
 

@@ -9,9 +9,10 @@ import os
 import time
 from typing import Any
 
+import orjson
 import pytest
 
-from hlbook.client import ClientClosed, HLClient, OrderTracker, SubscriptionError
+from hlbook.client import ClientClosed, ConnectionLost, HLClient, OrderTracker, SubscriptionError
 from hlbook.client.metrics import SubscriptionMetrics
 from hlbook.client.testing import FakeServer
 from test_client import FAST, run, until
@@ -258,3 +259,114 @@ def test_a_big_message_on_a_slow_link_is_traffic_not_a_dead_connection() -> None
         await server.stop()
 
     run(main(), timeout=40)
+
+
+def test_a_connect_answered_429_is_said_counted_and_given_up(caplog: pytest.LogCaptureFixture) -> None:
+    """Following more users than the server's per-address cap: those past it stayed pending
+    forever on HTTP 429. Now each 429 is logged and counted, and after ``limited_retries``
+    the connection gives up: its subscriptions fail with the reason, ``connect()`` says it."""
+    users = [f"0x{n:040x}" for n in range(1, 5)]
+
+    async def main() -> None:
+        server = await FakeServer().start()
+        server.max_connections = 2
+        async with HLClient(server.url, **{**FAST, "limited_retries": 1}) as client:
+            ids = [await client.subscribe({"type": "orderUpdates", "user": u}, strategy="user_grouped") for u in users]
+            results = await asyncio.gather(*(client.wait_active(s, 5) for s in ids), return_exceptions=True)
+            failed = [r for r in results if r is not None]
+            assert len(failed) == 2 and all(isinstance(r, SubscriptionError) and "HTTP 429" in str(r) for r in failed)
+            states = sorted(c["state"] for c in client.connection_info())
+            assert states == ["failed", "failed", "open", "open"]
+            limited = [client.connection_metrics(c["id"])["limited"] for c in client.connection_info() if c["state"] == "failed"]
+            assert limited == [2, 2] and client.stats["connections_limited"] == 4 == server.limited
+            async with HLClient(server.url, **FAST) as other:
+                with pytest.raises(ConnectionError, match="HTTP 429"):
+                    await other.connect(timeout=5)
+        await server.stop()
+
+    with caplog.at_level("WARNING", logger="hlbook.client"):
+        run(main())
+    said = [r.getMessage() for r in caplog.records if "HTTP 429" in r.getMessage()]
+    assert len([m for m in said if "per-address cap" in m]) >= 4
+
+
+def test_next_message_fails_on_disconnect_when_asked() -> None:
+    """A waiter for a subscription's next message waited across the reconnect. With
+    ``fail_on_disconnect=True`` it gets ``ConnectionLost`` at the drop (and at once while the
+    connection is down), as ccxt.pro's ``watch*`` calls do; without, it gets the next message
+    after the reconnect. Unsubscribe and close end waiters too."""
+    trade = lambda tid: [{"coin": "BTC", "tid": tid}]  # noqa: E731
+
+    async def main() -> None:
+        server = await FakeServer().start()
+        async with HLClient(server.url, **FAST) as client:
+            sid = await client.subscribe(TRADES, lambda m: None)  # with a callback too
+            await client.wait_active(sid, 5)
+            waiter = asyncio.create_task(client.next_message(sid, fail_on_disconnect=True))
+            await asyncio.sleep(0.05)
+            await server.publish(TRADES, trade(1))
+            assert (await asyncio.wait_for(waiter, 2))["data"] == trade(1)
+
+            failing = asyncio.create_task(client.next_message(sid, fail_on_disconnect=True))
+            patient = asyncio.create_task(client.next_message(sid))
+            await asyncio.sleep(0.05)
+            await server.stop(abort=True)
+            with pytest.raises(ConnectionLost, match="connection 1 lost"):
+                await asyncio.wait_for(failing, 3)
+            with pytest.raises(ConnectionLost, match="not back yet"):
+                await client.next_message(sid, fail_on_disconnect=True)
+            assert not patient.done()
+            await server.start()
+            await client.wait_active(sid, 5)
+            await server.publish(TRADES, trade(2))
+            assert (await asyncio.wait_for(patient, 3))["data"] == trade(2)
+            with pytest.raises(TimeoutError):
+                await client.next_message(sid, timeout=0.1)
+
+            gone = asyncio.create_task(client.next_message(sid))
+            await asyncio.sleep(0.05)
+            await client.unsubscribe(sid)
+            with pytest.raises(SubscriptionError, match="unsubscribed"):
+                await asyncio.wait_for(gone, 1)
+            other = await client.subscribe({"type": "trades", "coin": "ETH"})
+            last = asyncio.create_task(client.next_message(other))
+            await asyncio.sleep(0.05)
+        with pytest.raises(ClientClosed):
+            await asyncio.wait_for(last, 1)
+        await server.stop()
+
+    run(main())
+
+
+def test_metrics_lists_every_subscription_and_connection_in_one_call() -> None:
+    """One call for every subscription's metrics (with what it is) and every connection's,
+    plus the client's own counters; plain data (JSON as it is)."""
+    async def main() -> None:
+        server = await FakeServer().start()
+        async with HLClient(server.url, **FAST) as client:
+            assert client.metrics()["subscriptions"] == [] and client.metrics()["connections"] == []
+            a = await client.subscribe(TRADES, lambda m: None)
+            b = await client.subscribe({"type": "bbo", "coin": "ETH"})
+            d = await client.subscribe({"type": "l4Book", "coin": "BTC"}, lambda m: None, strategy="dedicated")
+            for sid in (a, b, d):
+                await client.wait_active(sid, 5)
+            for tid in range(3):
+                await server.publish(TRADES, [{"coin": "BTC", "tid": tid}])
+            await server.publish({"type": "bbo", "coin": "ETH"}, {"coin": "ETH", "time": 1, "bbo": [None, None]})
+            await until(lambda: client.subscription_metrics(b)["message_count"] == 1 and client.subscription_metrics(a)["message_count"] == 3)
+            metrics = client.metrics()
+            subs = {s["id"]: s for s in metrics["subscriptions"]}
+            assert [subs[s]["message_count"] for s in (a, b, d)] == [3, 1, 0]
+            assert (subs[d]["strategy"], subs[d]["subscription"], subs[a]["state"]) == ("dedicated", {"type": "l4Book", "coin": "BTC"}, "active")
+            assert set(subs[a]) == set(client.subscription_metrics(a)) | set(client.get_subscription(a))
+            conns = {c["id"]: c for c in metrics["connections"]}
+            shared, dedicated = conns[subs[a]["connection"]], conns[subs[d]["connection"]]
+            assert (shared["strategy"], shared["subscriptions"], dedicated["strategy"]) == ("shared", 2, "dedicated")
+            assert shared["messages_received"] >= 4 and dedicated["connects"] == 1
+            assert set(shared) == set(client.connection_metrics(shared["id"])) | set(client.connection_info()[0])
+            assert metrics["client"] == {"subscriptions": 3, "connections": 2, "max_connections": 90, "connections_limited": 0,
+                                         "users_past_cap": 0, "refused_past_cap": 0}
+            assert orjson.loads(orjson.dumps(metrics))["client"] == metrics["client"]
+        await server.stop()
+
+    run(main())
