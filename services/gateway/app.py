@@ -29,7 +29,7 @@ from hlbook.common.security import Curve
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway.frames import POLICY, FrameWriter
 from hlbook.services.gateway.guard import AddressBudget
-from hlbook.services.gateway.hub import SHARD_SILENT, Hub
+from hlbook.services.gateway.hub import Hub
 from hlbook.services.gateway.info import Info, InfoError
 from hlbook.services.gateway.info import label as info_label
 from hlbook.services.gateway.kinds import feed_key, normalise
@@ -333,7 +333,7 @@ class Gateway:
         every gateway is as stale then, a load balancer should keep them). ``?fresh=1``: 503 when
         stale too (for monitoring)."""
         now = time.monotonic()
-        shards = [{"shard": k, "height": v.height, "phase": v.phase, "live": bool(v.seen) and now - v.seen < SHARD_SILENT,
+        shards = [{"shard": k, "height": v.height, "phase": v.phase, "live": v.silence(now) is None,
                    "coins": dict(Counter(v.states.values()))} for k, v in enumerate(self.hub.shards)]
         age, lag, limit = self.hub.block_age(), self.hub.lag(), self.cfg.stale_after
         stale = age is None or age > limit or (lag is not None and lag > limit)
