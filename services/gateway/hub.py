@@ -122,9 +122,26 @@ class Hub:
         return all(view.known for view in self.shards)
 
     def ready(self) -> bool:
-        """This gateway works: every shard is up, live and talking to it. True also while the
-        node is silent (every gateway is as stale then: a load balancer should keep them)."""
+        """This gateway serves: every shard has said which coins it holds, and one at least is
+        live. A silent or restarting shard of several leaves it ready, its coins stale
+        (``stale_coins``): the others' are served. True also while the node is silent (every
+        gateway is as stale then: a load balancer should keep them)."""
+        return self.knows_coins() and self.live_shards() > 0
+
+    def whole(self) -> bool:
+        """Every shard is live and talking to this gateway."""
         return self.live_shards() == len(self.shards)
+
+    def coin_live(self, coin: str, now: float) -> bool:
+        """The coin's book is current here: its shard live and talking, the coin live in it."""
+        view = self.shards[self.owner(coin)]
+        return view.live(now) and view.states.get(coin) == CoinState.LIVE
+
+    def stale_coins(self) -> list[str]:
+        """Coins whose book is not current here: their shard silent or restarting, or the coin
+        itself initialising or resyncing."""
+        now = time.monotonic()
+        return sorted(coin for coin in self.coins() if not self.coin_live(coin, now))
 
     def silent_for(self, coin: str) -> float | None:
         """``ShardView.silence`` of the shard owning ``coin``."""
