@@ -418,3 +418,31 @@ def test_ready_stays_200_and_names_a_stopped_shards_coins_stale(up: Up) -> None:
     wait_until(lambda: http_get(f"{up.http}/ready?fresh=1")[0] == 200, 10, "every coin fresh again")
     assert http_get(f"{up.http}/ready")[1]["stale_coins"] == []
 
+
+
+def test_a_new_l4book_subscriber_of_a_stale_coin_is_told_at_once(up: Up) -> None:
+    """A new l4Book subscriber of a stopped shard's coin gets the stale-book error at once
+    (it waited silently until the shard came back), no snapshot while the shard is stopped,
+    then the snapshot once it is back."""
+    stopped, _ = perps(up)
+    shard = children(up.proc.pid)["book-0"]
+    os.kill(shard, signal.SIGSTOP)
+    try:
+        wait_silent(up, 0)
+        with connect(up.ws, open_timeout=10) as ws:
+            ws.send(json.dumps({"method": "subscribe", "subscription": {"type": "l4Book", "coin": stopped}}))
+            assert json.loads(ws.recv(timeout=5))["channel"] == "subscriptionResponse"
+            told = json.loads(ws.recv(timeout=3))
+            assert told["channel"] == "error" and told["data"].startswith(f"l4Book {stopped}: no update for"), told
+            assert "stale" in told["data"], told
+            try:
+                more = ws.recv(timeout=1)
+            except TimeoutError:
+                more = None
+            assert more is None, f"while the shard is stopped: {str(more)[:300]}"  # nothing passed off as the book
+            os.kill(shard, signal.SIGCONT)
+            message = json.loads(ws.recv(timeout=20))
+            assert message["channel"] == "l4Book" and message["data"]["Snapshot"]["coin"] == stopped, str(message)[:300]
+            assert any(message["data"]["Snapshot"]["levels"]), "an empty snapshot"
+    finally:
+        os.kill(shard, signal.SIGCONT)

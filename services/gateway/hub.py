@@ -71,6 +71,13 @@ def _upstream_counter(label: str) -> Any:
     return metrics.UPSTREAM.labels(label)
 
 
+def tell_stale(session: Session, key: CoinKey, quiet: float) -> None:
+    """One ``error`` message to a book subscriber of a silent shard's coin: its feed pauses."""
+    metrics.ERRORS.labels("stale_book").inc()
+    session.reply(message("error", f"{key.kind} {key.coin}: no update for {quiet:.0f} s, its book shard is silent; "
+                                   "what you hold may be stale; updates resume when it is back"))
+
+
 def dex_of(coin: str) -> str:
     """HIP-3 coins are ``dex:COIN``; the rest belong to the default dex ``""``."""
     return coin.split(":", 1)[0] if ":" in coin else ""
@@ -162,11 +169,8 @@ class Hub:
             log.warning("shard %d silent for %.0f s: telling its coins' book subscribers", k, quiet)
             for key, feed in list(self.feeds.items()):
                 if key.kind in BOOK_FEEDS and isinstance(key, CoinKey) and self.owner(key.coin) == k:
-                    text = message("error", f"{key.kind} {key.coin}: no update for {quiet:.0f} s, its book shard is "
-                                            "silent; what you hold may be stale; updates resume when it is back")
-                    for session in list(feed.subscribers):
-                        metrics.ERRORS.labels("stale_book").inc()
-                        session.reply(text)
+                    for session in feed.members():
+                        tell_stale(session, key, quiet)
 
     def lag(self) -> float | None:
         """Seconds from the block time of the newest block a shard finished to now (None: none
@@ -213,6 +217,8 @@ class Hub:
         stats = session.subs.get(ident)
         if stats is not None and feed.shared_count:
             stats.follow(feed.counted)
+        if key.kind in BOOK_FEEDS and isinstance(key, CoinKey):
+            self._tell_if_silent(session, key)  # before any book it may get
         feed.add(session, ident)
         metrics.SUBSCRIPTIONS.labels(key.kind).inc()
 
@@ -246,6 +252,14 @@ class Hub:
                     self.chains.pop(feed.topic)
             if kind.subscribe:
                 self.upstream.unsubscribe(feed.topic)
+
+    def _tell_if_silent(self, session: Session, key: CoinKey) -> None:
+        """A new book subscriber of a shard said silent is told at once, as the others were
+        (``say_silent_shards`` tells it with them when the shard falls silent later)."""
+        view = self.shards[self.owner(key.coin)]
+        quiet = view.silence(time.monotonic())
+        if view.silent and quiet is not None:
+            tell_stale(session, key, quiet)
 
     def _block_index(self, block: str | None, key: FeedKey) -> dict[Feed, BlockHook]:
         """Where the feeds driven by shard blocks are: by the coin's owner shard, or every block."""
