@@ -342,15 +342,26 @@ def test_ctrl_c_in_the_first_second_is_quiet(tmp_path: Path) -> None:
     assert proc.returncode == 0
 
 
-def test_a_stopped_shard_is_said_stale_for_its_coins_alone(up: Up) -> None:
-    """SIGSTOP of one shard: its coins' book subscribers are told once that the book may be
-    stale, /info l2Book of its coins answers 503 instead of an old book (also right after
-    SIGCONT, while the shard answers the queries it held), the other shard's coins go on."""
+def perps(up: Up) -> tuple[str, str]:
+    """A perp of shard 0 and one of shard 1 (of 2), once each has a mid."""
     def perp_of(shard: int) -> str | None:
         mids = post_info(up.http, {"type": "allMids"})[1]
         return next((c for c in sorted(mids) if shard_of(c, 2) == shard and not c.startswith("@")), None)
 
-    stopped, other = wait_until(lambda: perp_of(0), 30, "a coin of shard 0"), wait_until(lambda: perp_of(1), 30, "a coin of shard 1")
+    return wait_until(lambda: perp_of(0), 30, "a coin of shard 0"), wait_until(lambda: perp_of(1), 30, "a coin of shard 1")
+
+
+def wait_silent(up: Up, shard: int) -> dict[str, Any]:
+    """/ready's body once it says ``shard`` is not live (its 5 s without a message passed)."""
+    return wait_until(lambda: (body := http_get(f"{up.http}/ready")[1])["shards"][shard]["live"] is False and body,
+                      12, f"shard {shard} seen silent")
+
+
+def test_a_stopped_shard_is_said_stale_for_its_coins_alone(up: Up) -> None:
+    """SIGSTOP of one shard: its coins' book subscribers are told once that the book may be
+    stale, /info l2Book of its coins answers 503 instead of an old book (also right after
+    SIGCONT, while the shard answers the queries it held), the other shard's coins go on."""
+    stopped, other = perps(up)
     shard = children(up.proc.pid)["book-0"]
     with connect(up.ws, open_timeout=10) as ws:
         for coin in (stopped, other):
@@ -382,3 +393,56 @@ def test_a_stopped_shard_is_said_stale_for_its_coins_alone(up: Up) -> None:
             time.sleep(0.25)
         else:
             raise AssertionError("the shard's coin never answered again after SIGCONT")
+
+
+def test_ready_stays_200_and_names_a_stopped_shards_coins_stale(up: Up) -> None:
+    """SIGSTOP of one shard of two: /ready stays 200 for the server (the other shard's coins are
+    served), lists the stopped shard's coins in ``stale_coins`` and answers 503 for them alone
+    with ``?coin=``; ``?fresh=1`` (monitoring) answers 503 while a shard is not live."""
+    stopped, other = perps(up)
+    shard = children(up.proc.pid)["book-0"]
+    os.kill(shard, signal.SIGSTOP)
+    try:
+        wait_silent(up, 0)
+        status, body = http_get(f"{up.http}/ready")
+        assert status == 200 and body["ready"], (status, body)
+        assert stopped in body["stale_coins"] and all(shard_of(c, 2) == 0 for c in body["stale_coins"]), body
+        assert body["shards"][0]["silent_s"] > 5 and body["shards"][1]["live"] and body["shards"][1]["silent_s"] is None, body
+        assert http_get(f"{up.http}/ready?coin={stopped}")[0] == 503
+        assert http_get(f"{up.http}/ready?coin={other}")[0] == 200
+        assert http_get(f"{up.http}/ready?fresh=1")[0] == 503
+        assert http_get(f"{up.http}/ready?coin=NOSUCHCOIN")[0] == 404
+    finally:
+        os.kill(shard, signal.SIGCONT)
+    wait_until(lambda: http_get(f"{up.http}/ready?coin={stopped}")[0] == 200, 20, f"{stopped} ready again")
+    wait_until(lambda: http_get(f"{up.http}/ready?fresh=1")[0] == 200, 10, "every coin fresh again")
+    assert http_get(f"{up.http}/ready")[1]["stale_coins"] == []
+
+
+
+def test_a_new_l4book_subscriber_of_a_stale_coin_is_told_at_once(up: Up) -> None:
+    """A new l4Book subscriber of a stopped shard's coin gets the stale-book error at once
+    (it waited silently until the shard came back), no snapshot while the shard is stopped,
+    then the snapshot once it is back."""
+    stopped, _ = perps(up)
+    shard = children(up.proc.pid)["book-0"]
+    os.kill(shard, signal.SIGSTOP)
+    try:
+        wait_silent(up, 0)
+        with connect(up.ws, open_timeout=10) as ws:
+            ws.send(json.dumps({"method": "subscribe", "subscription": {"type": "l4Book", "coin": stopped}}))
+            assert json.loads(ws.recv(timeout=5))["channel"] == "subscriptionResponse"
+            told = json.loads(ws.recv(timeout=3))
+            assert told["channel"] == "error" and told["data"].startswith(f"l4Book {stopped}: no update for"), told
+            assert "stale" in told["data"], told
+            try:
+                more = ws.recv(timeout=1)
+            except TimeoutError:
+                more = None
+            assert more is None, f"while the shard is stopped: {str(more)[:300]}"  # nothing passed off as the book
+            os.kill(shard, signal.SIGCONT)
+            message = json.loads(ws.recv(timeout=20))
+            assert message["channel"] == "l4Book" and message["data"]["Snapshot"]["coin"] == stopped, str(message)[:300]
+            assert any(message["data"]["Snapshot"]["levels"]), "an empty snapshot"
+    finally:
+        os.kill(shard, signal.SIGCONT)

@@ -2,7 +2,8 @@
 gateway token, Debian's headless Chromium driven over the DevTools protocol.
 The page must connect (keeping ``?token=``), draw the chosen coin's book as
 POST /info sees it, the depth chart, trades, best bid/offer and /ready's shards,
-follow a change of coin, and come back after its socket drops."""
+follow a change of coin, come back after its socket drops, and mark the coin stale
+while its shard is stopped."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
@@ -24,6 +26,7 @@ import pytest
 import websockets
 
 from pipeline import Up, post_info, stop_group
+from test_up import children
 
 CHROMIUM = "/usr/bin/chromium"
 TOKEN = "webview-token"
@@ -49,7 +52,7 @@ SNAPSHOT_JS = """(() => {
     conn: $("conn").dataset.state, coin: $("coin").value, bookLabel: $("book-time").textContent,
     bids: rows("bids"), asks: rows("asks"), trades: document.querySelectorAll("#trades tbody tr").length,
     bbo: [$("bbo-bid-px").textContent, $("bbo-ask-px").textContent], drawn: Number(c.dataset.drawn || 0),
-    green, red, pixels: c.width * c.height, ready: $("ready").dataset.state,
+    green, red, pixels: c.width * c.height, ready: $("ready").dataset.state, stale: !!$("coin-stale") && !$("coin-stale").hidden,
     shards: [...document.querySelectorAll("#shards tbody tr")].map((r) => r.cells[1].textContent),
     error: $("error").hidden ? null : $("error").textContent, url: location.href,
     wsUrl: s && s.ws ? s.ws.url : null, bookTime: s && s.book ? s.book.time : 0, opened: s ? s.opened : 0,
@@ -218,6 +221,16 @@ async def drive(up: Up, port: int, tmp: Path) -> None:
         await check_book(cdp, up, "ETH")
 
         assert seen["error"] is None, f"the page showed an error: {seen['error']}"
+        assert not seen["stale"], seen
+
+        # the shard stops: the coin is marked stale (/ready's stale_coins), and no longer once it is back
+        shard = children(up.proc.pid)["book-0"]
+        os.kill(shard, signal.SIGSTOP)
+        try:
+            await wait_for(cdp, lambda s: s["stale"], "ETH marked stale while its shard is stopped", 15)
+        finally:
+            os.kill(shard, signal.SIGCONT)
+        await wait_for(cdp, lambda s: showing("ETH")(s) and not s["stale"], "ETH no longer stale", 30)
         assert not cdp.exceptions(), cdp.exceptions()
 
 

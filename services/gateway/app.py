@@ -29,7 +29,7 @@ from hlbook.common.security import Curve
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway.frames import POLICY, FrameWriter
 from hlbook.services.gateway.guard import AddressBudget
-from hlbook.services.gateway.hub import SHARD_SILENT, Hub
+from hlbook.services.gateway.hub import Hub
 from hlbook.services.gateway.info import Info, InfoError
 from hlbook.services.gateway.info import label as info_label
 from hlbook.services.gateway.kinds import feed_key, normalise
@@ -327,19 +327,25 @@ class Gateway:
         return Response(msgspec.json.encode(data), media_type="application/json")
 
     async def ready(self, request: Request) -> Response:
-        """200 when this gateway works (every shard up and live, heard from within ``SHARD_SILENT``
-        seconds), also while the node is silent or hlbook is behind it: ``stale`` says so (no block
-        for ``--stale-after`` seconds, or the newest one's block time that far behind the clock;
-        every gateway is as stale then, a load balancer should keep them). ``?fresh=1``: 503 when
-        stale too (for monitoring)."""
-        now = time.monotonic()
-        shards = [{"shard": k, "height": v.height, "phase": v.phase, "live": bool(v.seen) and now - v.seen < SHARD_SILENT,
-                   "coins": dict(Counter(v.states.values()))} for k, v in enumerate(self.hub.shards)]
-        age, lag, limit = self.hub.block_age(), self.hub.lag(), self.cfg.stale_after
+        """200 while this gateway serves (``Hub.ready``: every shard's coins known, one shard at
+        least live), also while the node is silent or hlbook is behind it: ``stale`` says so (no
+        block for ``--stale-after`` seconds, or the newest one's block time that far behind the
+        clock; every gateway is as stale then, a load balancer should keep them). ``stale_coins``
+        lists the coins not current here (``Hub.stale_coins``: a silent shard's). ``?coin=X``: 503
+        when X is one of them, 404 when there is no X. ``?fresh=1`` (monitoring): 503 also when
+        stale or a shard is not live."""
+        hub, now = self.hub, time.monotonic()
+        shards = [{"shard": k, "height": v.height, "phase": v.phase, "live": v.live(now), "silent_s": _seconds(v.silence(now)),
+                   "coins": dict(Counter(v.states.values()))} for k, v in enumerate(hub.shards)]
+        age, lag, limit = hub.block_age(), hub.lag(), self.cfg.stale_after
         stale = age is None or age > limit or (lag is not None and lag > limit)
-        body = {"ready": self.hub.ready(), "stale": stale, "block_age_s": None if age is None else round(age, 3),
-                "lag_s": None if lag is None else round(lag, 3), "shards": shards}
-        ok = body["ready"] and not (stale and request.query_params.get("fresh") in ("1", "true"))
+        ready, stale_coins = hub.ready(), hub.stale_coins()
+        body = {"ready": ready, "stale": stale, "block_age_s": _seconds(age), "lag_s": _seconds(lag),
+                "stale_coins": stale_coins, "shards": shards}
+        coin, fresh = request.query_params.get("coin"), request.query_params.get("fresh") in ("1", "true")
+        if coin is not None and hub.knows_coins() and not hub.coin_exists(coin):
+            return Response(dumps({**body, "error": f"unknown coin {coin!r}"}), status_code=404, media_type="application/json")
+        ok = ready and coin not in stale_coins and not (fresh and (stale or not hub.whole()))
         return Response(dumps(body), status_code=200 if ok else 503, media_type="application/json")
 
     async def debug(self, request: Request) -> Response:
@@ -351,6 +357,10 @@ class Gateway:
         body = {"connections": [s.info() for s in self.sessions], "feeds": len(self.hub.feeds),
                 "upstream_topics": sorted(t.decode() for t in self.upstream.counts)}
         return Response(dumps(body), media_type="application/json")
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def not_ready() -> Response:

@@ -66,6 +66,10 @@ class Feed:
     def remove(self, session: Session) -> None:
         self.subscribers.pop(session, None)
 
+    def members(self) -> list[Session]:
+        """Every subscriber, those still waiting for a snapshot too."""
+        return list(self.subscribers)
+
     def __len__(self) -> int:
         return len(self.subscribers)
 
@@ -234,6 +238,9 @@ class L4Feed(Feed):
 
     def __len__(self) -> int:
         return len(self.subscribers) + len(self.waiting)
+
+    def members(self) -> list[Session]:
+        return [*self.subscribers, *self.waiting]
 
     # ------------------------------------------------------------ subscribers
 

@@ -43,13 +43,23 @@ class ShardView:
     def __init__(self) -> None:
         self.height = 0
         self.time = 0
-        self.seen = 0.0  # monotonic: its last message (a block or a heartbeat)
+        self.seen = time.monotonic()  # its last message (a block or a heartbeat); never heard: silent since the gateway started
         self.block_seen = 0.0  # monotonic: its last block
         self.phase = CoinState.INITIALISING
         self.known = False  # it has been live (its coins are known) since this gateway started
         self.silent = False  # said to its coins' book subscribers: nothing heard for SHARD_SILENT
         self.mids: dict[str, str] = {}
         self.states: dict[str, str] = {}
+
+    def silence(self, now: float) -> float | None:
+        """Seconds since its last message when over ``SHARD_SILENT`` (stopped, hung, cut off: its
+        books cannot be called current); None while it talks. The one rule for a silent shard."""
+        quiet = now - self.seen
+        return quiet if quiet > SHARD_SILENT else None
+
+    def live(self, now: float) -> bool:
+        """It talks and its books are live."""
+        return self.phase == CoinState.LIVE and self.silence(now) is None
 
 
 BlockHook = Callable[["Hub", Any, wire.ShardBlock], None]
@@ -59,6 +69,13 @@ Handler = tuple[str, Any, Callable[["Hub", bytes, Any], None]]  # (metrics label
 @functools.cache
 def _upstream_counter(label: str) -> Any:
     return metrics.UPSTREAM.labels(label)
+
+
+def tell_stale(session: Session, key: CoinKey, quiet: float) -> None:
+    """One ``error`` message to a book subscriber of a silent shard's coin: its feed pauses."""
+    metrics.ERRORS.labels("stale_book").inc()
+    session.reply(message("error", f"{key.kind} {key.coin}: no update for {quiet:.0f} s, its book shard is silent; "
+                                   "what you hold may be stale; updates resume when it is back"))
 
 
 def dex_of(coin: str) -> str:
@@ -104,7 +121,7 @@ class Hub:
     def live_shards(self) -> int:
         """Shards heard from lately (blocks, or heartbeats while the node is silent) with their books live."""
         now = time.monotonic()
-        return sum(1 for v in self.shards if v.phase == CoinState.LIVE and now - v.seen < SHARD_SILENT)
+        return sum(1 for v in self.shards if v.live(now))
 
     def knows_coins(self) -> bool:
         """Every shard has said which coins it holds (once live since this gateway started;
@@ -112,36 +129,48 @@ class Hub:
         return all(view.known for view in self.shards)
 
     def ready(self) -> bool:
-        """This gateway works: every shard is up, live and talking to it. True also while the
-        node is silent (every gateway is as stale then: a load balancer should keep them)."""
+        """This gateway serves: every shard has said which coins it holds, and one at least is
+        live. A silent or restarting shard of several leaves it ready, its coins stale
+        (``stale_coins``): the others' are served. True also while the node is silent (every
+        gateway is as stale then: a load balancer should keep them)."""
+        return self.knows_coins() and self.live_shards() > 0
+
+    def whole(self) -> bool:
+        """Every shard is live and talking to this gateway."""
         return self.live_shards() == len(self.shards)
 
+    def coin_live(self, coin: str, now: float) -> bool:
+        """The coin's book is current here: its shard live and talking, the coin live in it."""
+        view = self.shards[self.owner(coin)]
+        return view.live(now) and view.states.get(coin) == CoinState.LIVE
+
+    def stale_coins(self) -> list[str]:
+        """Coins whose book is not current here: their shard silent or restarting, or the coin
+        itself initialising or resyncing."""
+        now = time.monotonic()
+        return sorted(coin for coin in self.coins() if not self.coin_live(coin, now))
+
     def silent_for(self, coin: str) -> float | None:
-        """Seconds since the shard owning ``coin`` was last heard from, when that is over
-        ``SHARD_SILENT`` (its book cannot be called current); None while it talks."""
-        quiet = time.monotonic() - self.shards[self.owner(coin)].seen
-        return quiet if quiet > SHARD_SILENT else None
+        """``ShardView.silence`` of the shard owning ``coin``."""
+        return self.shards[self.owner(coin)].silence(time.monotonic())
 
     def say_silent_shards(self) -> None:
         """Tell the book subscribers of a shard's coins, once, when it falls silent (stopped,
         hung, cut off): their feed pauses, the book they hold may be stale. Called every second."""
         now = time.monotonic()
         for k, view in enumerate(self.shards):
-            silent = view.known and now - view.seen > SHARD_SILENT
-            if silent == view.silent:
+            quiet = view.silence(now) if view.known else None
+            if (quiet is not None) == view.silent:
                 continue
-            view.silent = silent
-            if not silent:
+            view.silent = quiet is not None
+            if quiet is None:
                 log.info("shard %d talks again", k)
                 continue
-            log.warning("shard %d silent for %.0f s: telling its coins' book subscribers", k, now - view.seen)
+            log.warning("shard %d silent for %.0f s: telling its coins' book subscribers", k, quiet)
             for key, feed in list(self.feeds.items()):
                 if key.kind in BOOK_FEEDS and isinstance(key, CoinKey) and self.owner(key.coin) == k:
-                    text = message("error", f"{key.kind} {key.coin}: no update for {now - view.seen:.0f} s, its book shard is "
-                                            "silent; what you hold may be stale; updates resume when it is back")
-                    for session in list(feed.subscribers):
-                        metrics.ERRORS.labels("stale_book").inc()
-                        session.reply(text)
+                    for session in feed.members():
+                        tell_stale(session, key, quiet)
 
     def lag(self) -> float | None:
         """Seconds from the block time of the newest block a shard finished to now (None: none
@@ -188,6 +217,8 @@ class Hub:
         stats = session.subs.get(ident)
         if stats is not None and feed.shared_count:
             stats.follow(feed.counted)
+        if key.kind in BOOK_FEEDS and isinstance(key, CoinKey):
+            self._tell_if_silent(session, key)  # before any book it may get
         feed.add(session, ident)
         metrics.SUBSCRIPTIONS.labels(key.kind).inc()
 
@@ -221,6 +252,14 @@ class Hub:
                     self.chains.pop(feed.topic)
             if kind.subscribe:
                 self.upstream.unsubscribe(feed.topic)
+
+    def _tell_if_silent(self, session: Session, key: CoinKey) -> None:
+        """A new book subscriber of a shard said silent is told at once, as the others were
+        (``say_silent_shards`` tells it with them when the shard falls silent later)."""
+        view = self.shards[self.owner(key.coin)]
+        quiet = view.silence(time.monotonic())
+        if view.silent and quiet is not None:
+            tell_stale(session, key, quiet)
 
     def _block_index(self, block: str | None, key: FeedKey) -> dict[Feed, BlockHook]:
         """Where the feeds driven by shard blocks are: by the coin's owner shard, or every block."""
@@ -333,7 +372,7 @@ class Hub:
         """Feeds of every block (allMids): once per block, when every live shard has finished it."""
         now = time.monotonic()
         height = m.height
-        if height <= self.every_height or any(v.height < height for v in self.shards if now - v.seen < SHARD_SILENT):
+        if height <= self.every_height or any(v.height < height for v in self.shards if v.silence(now) is None):
             return
         self.every_height = height
         for feed, on_block in self.every_block_feeds.items():

@@ -11,7 +11,7 @@
   const state = {
     coin: null, ws: null, conn: "connecting", attempts: 0, opened: 0, pinger: null,
     book: null, bbo: null, trades: [], tradeKeys: new Set(),
-    received: 0, rate: 0, dirty: new Set(), frame: false, prevReady: null,
+    received: 0, rate: 0, dirty: new Set(), frame: false, prevReady: null, stale: new Set(),
   };
 
   // ------------------------------------------------------------ helpers
@@ -87,6 +87,15 @@
     subscriptions(coin).forEach((s) => send({ method: "subscribe", subscription: s }));
     loadRecentTrades(coin);
     ["book", "bbo", "trades"].forEach(mark);
+    renderStale();
+  }
+
+  function renderStale() {  // /ready's stale_coins: their shard is silent or not live, their book may be old
+    $("coin-stale").hidden = !state.stale.has(state.coin);
+    for (const option of $("coin").options) {
+      const label = state.stale.has(option.value) ? `${option.value} · stale` : option.value;
+      if (option.textContent !== label) option.textContent = label;
+    }
   }
 
   async function loadRecentTrades(coin) {
@@ -332,10 +341,13 @@
       const before = prev && prev.body.shards && prev.body.shards.find((p) => p.shard === s.shard);
       const rate = before ? ((s.height - before.height) / ((now - prev.at) / 1000)).toFixed(1) : "–";
       const coins = Object.entries(s.coins || {}).map(([k, n]) => `<span class="chip" data-state="${esc(k)}">${esc(k)} ${n}</span>`).join(" ");
-      return `<tr><td>${s.shard}</td><td>${s.height ?? "–"}</td><td>${rate}</td><td><span class="dot" data-live="${s.live}"></span>${s.live ? "yes" : "no"}</td><td>${coins}</td></tr>`;
+      const live = s.live ? "yes" : s.silent_s != null ? `silent ${Math.round(s.silent_s)} s` : `no (${esc(s.phase)})`;
+      return `<tr><td>${s.shard}</td><td>${s.height ?? "–"}</td><td>${rate}</td><td><span class="dot" data-live="${s.live}"></span>${live}</td><td>${coins}</td></tr>`;
     }).join("");
     $("ready-time").textContent = clock(now);
     state.prevReady = { body, at: now };
+    state.stale = new Set(body.stale_coins || []);
+    renderStale();
   }
 
   // ------------------------------------------------------------ start
