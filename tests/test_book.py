@@ -10,10 +10,10 @@ import msgspec
 import pytest
 import zmq
 
-from hlbook.common import l2rules, topics
+from hlbook.common import fixed, l2rules, topics
 from hlbook.common.models import DECODERS, BookDiff, DiffBody, NewDiff, Order as NodeOrder, OrderStatus, UpdateDiff
 from hlbook.services.book import l2, snapshot
-from hlbook.services.book.book import Book, OutOfSync
+from hlbook.services.book.book import DEEP, Book, Level, Order, OutOfSync
 from hlbook.services.book.publisher import Publisher, Subscriptions
 from hlbook.services.book.validation import difference
 
@@ -436,3 +436,20 @@ def test_malformed_diff_numbers_are_out_of_sync() -> None:
     assert err.value.reason == "bad_diff"
     with pytest.raises(OutOfSync):
         book.apply(1, 0, [new(2, "B", "abc", "1.0")], [])
+
+
+def test_a_deep_level_keeps_time_priority_through_removals() -> None:
+    """Past DEEP orders a level changes how it holds them (O(1) removal): the same orders,
+    in the same time priority, the same size, whichever end or middle they leave from."""
+    level = Level(px=1)
+    orders = [Order(oid, "0xu", 1, oid + 1, oid, oid + 1, None, ()) for oid in range(3 * DEEP)]
+    for order in orders:
+        level.add(order)
+    assert isinstance(level.orders, dict) and list(level.orders) == orders
+    for gone in (orders[0], orders[-1], orders[DEEP], orders[5]):
+        level.discard(gone)
+        orders.remove(gone)
+        assert list(level.orders) == orders and level.n == len(orders) and level.sz == sum(o.sz for o in orders)
+    late = Order(999, "0xu", 1, 7, 999, 7, None, ())
+    level.add(late)
+    assert list(level.orders)[-1] is late and level.wire() == (fixed.fmt(1), fixed.fmt(level.sz), len(orders) + 1)

@@ -77,7 +77,7 @@ def corrupt(state: ShardState, query: Hook) -> dict[str, Any]:
     if c is None:
         return wire.error_reply("no such coin")
     best = c.book.bids.best()
-    oid = query.oid if query.oid is not None else (best.orders[0].oid if best else None)
+    oid = query.oid if query.oid is not None else (next(iter(best.orders)).oid if best else None)
     order = c.book.orders.get(oid) if oid is not None else None
     if oid is None or order is None:
         return wire.error_reply("no such order")
