@@ -242,7 +242,9 @@ def test_shards_follow_live_blocks_and_repair_lost_messages(pipeline, btc_data: 
         assert l4["levels"] == list(want.l4_levels())
         agg = shard.ask(op="l2", coin="BTC", n_levels=7, n_sig_figs=3)
         assert [list(map(tuple, side)) for side in agg["levels"]] == list(l2.levels(want, 7, 3))
-    lossy_metrics = lossy.metrics()
+    deadline = time.monotonic() + 5  # the gauges are set with each heartbeat (every second)
+    while (lossy_metrics := lossy.metrics()).get('hlbook_book_orders') != len(want) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert lossy_metrics['hlbook_book_coins{state="live"}'] == 1.0 and lossy_metrics['hlbook_book_orders'] == len(want)
     assert lossy_metrics['hlbook_book_gaps_total{kind="slice"}'] >= 1
     assert lossy_metrics['hlbook_book_gaps_total{kind="header"}'] >= 1

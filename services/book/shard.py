@@ -190,6 +190,7 @@ class Shard:
         if now >= self.heartbeat_at:
             self.heartbeat_at = now + HEARTBEAT_S
             state = self.state
+            state.gauges()  # once a second, not every block: a loop over every coin
             self.publisher.heartbeat(wire.ShardStatus(state.shard, state.phase, state.height, state.time, state.states()))
 
     def _watch_jobs(self) -> None:

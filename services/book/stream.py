@@ -285,6 +285,5 @@ class Stream:
         self.publisher.shard_block(height, time, dict(state.mids), state.states())
         metrics.BLOCKS.inc()
         metrics.HEIGHT.set(state.height)
-        state.gauges()
         for callback in self.on_finished:
             callback(state.height)
