@@ -113,9 +113,9 @@ class IngestProcess:
         req.close()
         return frames
 
-    def messages(self, until: int, timeout: float = 10) -> Iterator[tuple[bytes, dict]]:
-        """Messages received until the block ``until`` and the ones after it in the
-        same burst (a header opens each block)."""
+    def messages(self, until: int, timeout: float = 10, last: bytes = b"H|") -> Iterator[tuple[bytes, dict]]:
+        """Messages received until the block ``until``'s ``last`` message (a header opens each
+        block, an end closes it) and the ones after it in the same burst."""
         deadline = time.monotonic() + timeout
         seen = False
         while time.monotonic() < deadline:
@@ -126,8 +126,8 @@ class IngestProcess:
             topic, payload = self.sub.recv_multipart()
             message = wire.decode(payload)
             yield topic, message
-            seen = seen or (topic == b"H|" and message["height"] >= until)
-        raise AssertionError(f"no header for block {until} within {timeout}s")
+            seen = seen or (topic == last and message["height"] >= until)
+        raise AssertionError(f"no {last!r} for block {until} within {timeout}s")
 
     def headers(self, until: int) -> list[dict]:
         return [m for t, m in self.messages(until) if t == b"H|"]
@@ -261,10 +261,17 @@ def test_streaming_mode_closes_blocks_when_streams_move_on(tmp_path: Path) -> No
         # 102 writes no row at all (an empty block); 103 has no fills: the fills stream never moves past it
         node.write_streaming(103, START, ("order_statuses", "raw_book_diffs"))
         node.write_streaming(104, START, ("order_statuses", "raw_book_diffs"))
-        headers = ingest.blocks(until=103)
-        assert [(h["height"], h["n_statuses"], h["n_diffs"], h["n_fills"]) for h in headers] == [
-            (101, 1, 1, 2), (102, 0, 0, 0), (103, 1, 1, 0)
+        messages = list(ingest.messages(until=103, last=b"E|"))
+        ends = {m["height"]: m for t, m in messages if t == b"E|"}
+        assert [(m["height"], ends[m["height"]]["n_statuses"], m["n_diffs"]) for t, m in messages if t == b"H|"] == [
+            (101, 1, 1), (102, 0, 0), (103, 1, 1)
         ]
+        # the books of a block go out once the diff stream moved past it; its trades after them, before its end
+        # (which names them): here on timeout, the fill stream never moving past 101
+        order = [(t, m["height"]) for t, m in messages if m["height"] == 101]
+        assert order.index((b"H|", 101)) < order.index((b"T|BTC|", 101)) < order.index((b"E|", 101))
+        assert [m["height"] for t, m in messages if t == b"T|BTC|"] == [101]
+        assert [ends[h]["trade_coins"] for h in (101, 102, 103)] == [["BTC"], [], []]
         assert ingest.metric("hlbook_ingest_block_anomalies_total", kind="timeout") >= 1
         assert ingest.metric("hlbook_ingest_block_anomalies_total", kind="gap") == 0
     finally:
