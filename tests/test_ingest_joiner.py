@@ -130,6 +130,17 @@ def test_streaming_rows_after_a_blocks_books_join_its_trades_and_details() -> No
     assert closed(joiner, 0.6) == [("books", 6), ("trades", 6), ("details", 5), ("details", 6)]
 
 
+def test_streaming_trades_time_out_together_not_one_timeout_after_another() -> None:
+    """Blocks without fills wait the timeout from when the next block came, each its own: the
+    trades (and so the details) of a quiet stretch do not fall further behind with every block."""
+    joiner = Joiner("streaming", timeout=0.5)
+    for height in (5, 6, 7):
+        add_block(joiner, height, ("order_statuses", "raw_book_diffs"))
+    add_block(joiner, 8, ("order_statuses", "raw_book_diffs"))
+    assert closed(joiner, 0) == [("books", 5), ("books", 6), ("books", 7)]
+    assert closed(joiner, 0.6) == [("trades", 5), ("trades", 6), ("trades", 7), ("details", 5), ("details", 6), ("details", 7)]
+
+
 def test_duplicates_late_lines_and_gaps_are_dropped_and_counted() -> None:
     joiner = Joiner("by-block", timeout=10)
     add_block(joiner, 1)

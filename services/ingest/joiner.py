@@ -258,6 +258,15 @@ class Joiner:
             self._missed(stream, height)
         return True
 
+    def _start_timers(self, phase: Phase, blocks: dict[int, Block], now: float) -> None:
+        """Start the timeout of every block of ``blocks`` some stream moved past, not only of the
+        first one waiting: blocks without fills (most, for a quiet coin) then close ``timeout``
+        after the next block came, instead of one ``timeout`` after another."""
+        top = max(self.reached.values())
+        for height in blocks:
+            if height < top:
+                self._past_since.setdefault((phase, height), now)
+
     def _missed(self, stream: str, height: int) -> None:
         self.missed[stream] += 1
         if self.missed[stream] >= STALL_AFTER and stream not in self.stalled:
@@ -283,6 +292,7 @@ class Joiner:
             if not (flush or self._done(self.book_streams, height) or self._due(Phase.BOOKS, height, now)):
                 break
             self._close_books(height, out)
+        self._start_timers(Phase.TRADES, self.trading, now)
         for height in sorted(self.trading):
             if not (flush or self._done((FILLS,), height) or self._due(Phase.TRADES, height, now)):
                 break
