@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 class BlockHeader(msgspec.Struct):
     """``H|``: a block's books phase, one per block (empty ones too), published as soon
     as its diffs and fills were read: its ``B|`` and ``T|`` messages follow it (``book_coins``
-    and ``trade_coins`` name them, so a lost one is known without waiting for its topic's next)."""
+    and ``trade_coins`` name them, so a lost one is known without waiting for its topic's next).
+    Streaming mode: as soon as its diffs were read; its trades follow later, named by its
+    ``E|`` (``n_fills`` 0 and ``trade_coins`` empty here)."""
 
     height: int
     prev: int | None
@@ -78,6 +80,7 @@ class BlockEnd(msgspec.Struct):
     detail_coins: list[str]
     incomplete: list[str] = []
     users: list[str] = []  # users with a UserEvents message after this one (only followed users have them)
+    trade_coins: list[str] = []  # streaming mode: coins whose Trades of this block came before it (by-block: in H|)
 
 
 class Trade(msgspec.Struct):

@@ -121,6 +121,11 @@ class ScriptedIngest:
                                   [], trade_coins=trade_coins)
         self.xpub.send_multipart([topics.HEADER, wire.encode(header)])
 
+    def end(self, height: int, trade_coins: list[str]) -> None:
+        """The block's ``E|`` (streaming mode: it names the block's trades, sent before it)."""
+        end = wire.BlockEnd(height, self.prev.next(topics.BLOCK_END, height), height * 1000, 0, [], trade_coins=trade_coins)
+        self.xpub.send_multipart([topics.BLOCK_END, wire.encode(end)])
+
     def trades(self, height: int, tid: int) -> tuple[bytes, bytes]:
         """The block's trades of COIN as sent (the caller sends them, or loses them)."""
         trade = wire.Trade(COIN, "B", "100.0", "0.5", "0x" + "0" * 64, height * 1000, tid, [USER, USER])

@@ -7,12 +7,17 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from hlbook.common import topics, wire
 from scripted import COIN, ScriptedIngest, scripted_gateway
 from test_gateway import connect, receive, send, sub
 
 
-def test_a_lost_trade_of_a_coin_that_never_trades_again_is_replayed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["by-block", "streaming"])
+def test_a_lost_trade_of_a_coin_that_never_trades_again_is_replayed(tmp_path: Path, mode: str) -> None:
+    """Also when a block's trades come after the next block's header (streaming mode): named by
+    its ``E|``, they are not taken for lost before that."""
     ingest = ScriptedIngest(tmp_path)
     try:
         with scripted_gateway(tmp_path, "--ingest-pub", ingest.pub_ep, "--ingest-replay", ingest.replay_ep) as (shard, port):
@@ -22,11 +27,21 @@ def test_a_lost_trade_of_a_coin_that_never_trades_again_is_replayed(tmp_path: Pa
                 ws = await connect(f"ws://127.0.0.1:{port}/ws")
                 await send(ws, sub("subscribe", {"type": "trades", "coin": COIN}))
                 await receive(ws, "subscriptionResponse")
-                ingest.header(201, [COIN])
-                ingest.xpub.send_multipart(list(ingest.trades(201, 1)))  # arrives
-                ingest.header(202, [COIN])
-                lost = ingest.trades(202, 2)  # never arrives; the coin trades no more
-                ingest.header(203, [])  # the next block: T|BTC| of 202 should have come by now
+                if mode == "by-block":
+                    ingest.header(201, [COIN])
+                    ingest.xpub.send_multipart(list(ingest.trades(201, 1)))  # arrives
+                    ingest.header(202, [COIN])
+                    lost = ingest.trades(202, 2)  # never arrives; the coin trades no more
+                    ingest.header(203, [])  # the next block: T|BTC| of 202 should have come by now
+                else:
+                    ingest.header(201, [])
+                    ingest.header(202, [])  # the next block's books before 201's trades
+                    ingest.xpub.send_multipart(list(ingest.trades(201, 1)))  # arrives
+                    ingest.end(201, [COIN])
+                    ingest.header(203, [])
+                    lost = ingest.trades(202, 2)  # never arrives; the coin trades no more
+                    ingest.end(202, [COIN])
+                    ingest.header(204, [])  # the next block: T|BTC| of 202 should have come by now
                 assert ingest.router.poll(5000), "the gateway never asked for the lost trade"
                 *envelope, body = ingest.router.recv_multipart()
                 request = wire.decode(body, wire.ReplayRequest)

@@ -35,7 +35,7 @@ def add_block(joiner: Joiner, height: int, streams: tuple[str, ...] = STREAMS, r
             assert head is not None
             joiner.add_statuses(head, line)
         else:
-            joiner.add(stream, BOOK_LINES[stream]("2026-11-22T00:00:00.1", "2026-11-22T00:00:00.0", height, []))
+            joiner.add(stream, BOOK_LINES[stream](f"2026-11-22T00:00:00.{row}", "2026-11-22T00:00:00.0", height, []))
 
 
 def closed(joiner: Joiner, now: float) -> list[tuple[str, int]]:
@@ -89,22 +89,56 @@ def test_a_status_line_that_never_comes_closes_the_details_after_the_timeout() -
     assert events[1][1].statuses_missing
 
 
-def test_streaming_closes_when_every_stream_moved_past_or_after_timeout() -> None:
+def test_streaming_closes_each_phase_when_its_stream_moved_past_or_after_timeout() -> None:
+    """Books once the diff stream moved past the block (fills are sparse: they do not hold
+    the books back), trades once the fill stream did, details once the status stream did
+    and its trades closed."""
     joiner = Joiner("streaming", timeout=0.5)
     add_block(joiner, 5)
     add_block(joiner, 5, ("order_statuses",), row=2)  # more rows of block 5
     add_block(joiner, 5, ("order_statuses",), row=2)  # one read twice: dropped
     assert closed(joiner, 0) == []
     add_block(joiner, 6, ("order_statuses", "raw_book_diffs"))
-    assert closed(joiner, 1.0) == []  # fills has not moved past 5; its timeout starts now
+    assert closed(joiner, 1.0) == [("books", 5)]  # fills has not moved past 5: its trades wait, timeout from now
     before = anomalies("timeout")
     events = joiner.ready(now=1.6)
-    assert [(p.value, b.height) for p, b in events] == [("books", 5), ("details", 5)] and anomalies("timeout") == before + 1
+    assert [(p.value, b.height) for p, b in events] == [("trades", 5), ("details", 5)] and anomalies("timeout") == before + 1
     assert len(events[1][1].status_lines) == 2
     add_block(joiner, 8)
-    assert closed(joiner, 1.7) == [("books", 6), ("details", 6)]
+    assert closed(joiner, 1.7) == [("books", 6), ("trades", 6), ("details", 6)]
     add_block(joiner, 9)
-    assert closed(joiner, 1.8) == [("books", 7), ("books", 8), ("details", 7), ("details", 8)]  # 7 had no rows: an empty block
+    assert closed(joiner, 1.8) == [("books", 7), ("books", 8), ("trades", 7), ("trades", 8),  # 7 had no rows: an empty block
+                                   ("details", 7), ("details", 8)]
+
+
+def test_streaming_rows_after_a_blocks_books_join_its_trades_and_details() -> None:
+    """A fill or status row of a block whose books are out still belongs to it; a fill row of a
+    block whose trades closed (on timeout) is late: dropped and counted, never merged elsewhere."""
+    joiner = Joiner("streaming", timeout=0.5)
+    add_block(joiner, 5, ("raw_book_diffs",))
+    add_block(joiner, 6, ("raw_book_diffs",))
+    assert closed(joiner, 0) == [("books", 5)]
+    add_block(joiner, 5, ("fills", "order_statuses"))
+    assert closed(joiner, 0) == []  # the fill stream has not moved past 5
+    events = joiner.ready(now=0.6)
+    assert [(p.value, b.height) for p, b in events] == [("trades", 5)]  # timed out; the statuses are not past 5
+    assert events[0][1].streams_seen == {"raw_book_diffs", "fills", "order_statuses"} and len(events[0][1].status_lines) == 1
+    late = anomalies("late_row")
+    add_block(joiner, 5, ("fills",), row=2)
+    assert anomalies("late_row") == late + 1
+    add_block(joiner, 7)
+    assert closed(joiner, 0.6) == [("books", 6), ("trades", 6), ("details", 5), ("details", 6)]
+
+
+def test_streaming_trades_time_out_together_not_one_timeout_after_another() -> None:
+    """Blocks without fills wait the timeout from when the next block came, each its own: the
+    trades (and so the details) of a quiet stretch do not fall further behind with every block."""
+    joiner = Joiner("streaming", timeout=0.5)
+    for height in (5, 6, 7):
+        add_block(joiner, height, ("order_statuses", "raw_book_diffs"))
+    add_block(joiner, 8, ("order_statuses", "raw_book_diffs"))
+    assert closed(joiner, 0) == [("books", 5), ("books", 6), ("books", 7)]
+    assert closed(joiner, 0.6) == [("trades", 5), ("trades", 6), ("trades", 7), ("details", 5), ("details", 6), ("details", 7)]
 
 
 def test_duplicates_late_lines_and_gaps_are_dropped_and_counted() -> None:

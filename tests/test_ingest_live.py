@@ -22,6 +22,7 @@ from hlbook.common import nodefiles, topics, wire
 USER = "0x00000000000000000000000000000000000000aa"
 OTHER = "0x00000000000000000000000000000000000000bb"
 START = datetime(2026, 11, 22, 22, 59, 59)
+STREAMS = ("order_statuses", "raw_book_diffs", "fills")
 
 
 def _ts(when: datetime) -> str:
@@ -113,9 +114,9 @@ class IngestProcess:
         req.close()
         return frames
 
-    def messages(self, until: int, timeout: float = 10) -> Iterator[tuple[bytes, dict]]:
-        """Messages received until the block ``until`` and the ones after it in the
-        same burst (a header opens each block)."""
+    def messages(self, until: int, timeout: float = 10, last: bytes = b"H|") -> Iterator[tuple[bytes, dict]]:
+        """Messages received until the block ``until``'s ``last`` message (a header opens each
+        block, an end closes it) and the ones after it in the same burst."""
         deadline = time.monotonic() + timeout
         seen = False
         while time.monotonic() < deadline:
@@ -126,8 +127,8 @@ class IngestProcess:
             topic, payload = self.sub.recv_multipart()
             message = wire.decode(payload)
             yield topic, message
-            seen = seen or (topic == b"H|" and message["height"] >= until)
-        raise AssertionError(f"no header for block {until} within {timeout}s")
+            seen = seen or (topic == last and message["height"] >= until)
+        raise AssertionError(f"no {last!r} for block {until} within {timeout}s")
 
     def headers(self, until: int) -> list[dict]:
         return [m for t, m in self.messages(until) if t == b"H|"]
@@ -261,10 +262,17 @@ def test_streaming_mode_closes_blocks_when_streams_move_on(tmp_path: Path) -> No
         # 102 writes no row at all (an empty block); 103 has no fills: the fills stream never moves past it
         node.write_streaming(103, START, ("order_statuses", "raw_book_diffs"))
         node.write_streaming(104, START, ("order_statuses", "raw_book_diffs"))
-        headers = ingest.blocks(until=103)
-        assert [(h["height"], h["n_statuses"], h["n_diffs"], h["n_fills"]) for h in headers] == [
-            (101, 1, 1, 2), (102, 0, 0, 0), (103, 1, 1, 0)
+        messages = list(ingest.messages(until=103, last=b"E|"))
+        ends = {m["height"]: m for t, m in messages if t == b"E|"}
+        assert [(m["height"], ends[m["height"]]["n_statuses"], m["n_diffs"]) for t, m in messages if t == b"H|"] == [
+            (101, 1, 1), (102, 0, 0), (103, 1, 1)
         ]
+        # the books of a block go out once the diff stream moved past it; its trades after them, before its end
+        # (which names them): here on timeout, the fill stream never moving past 101
+        order = [(t, m["height"]) for t, m in messages if m["height"] == 101]
+        assert order.index((b"H|", 101)) < order.index((b"T|BTC|", 101)) < order.index((b"E|", 101))
+        assert [m["height"] for t, m in messages if t == b"T|BTC|"] == [101]
+        assert [ends[h]["trade_coins"] for h in (101, 102, 103)] == [["BTC"], [], []]
         assert ingest.metric("hlbook_ingest_block_anomalies_total", kind="timeout") >= 1
         assert ingest.metric("hlbook_ingest_block_anomalies_total", kind="gap") == 0
     finally:
@@ -342,6 +350,39 @@ def test_a_restart_between_a_blocks_two_phases_sends_its_details_not_its_books_a
         chains = {(t, m["height"]): m["prev"] for t, m in messages if t in (b"H|", b"B|BTC|", b"D|BTC|", b"E|")}
         assert chains == {(b"D|BTC|", 104): 103, (b"E|", 104): 103,  # the chains go on across the restart
                           (b"H|", 105): 104, (b"B|BTC|", 105): 104, (b"D|BTC|", 105): 104, (b"E|", 105): 104}
+    finally:
+        restarted.stop()
+
+
+def test_a_streaming_restart_between_a_blocks_books_and_trades_sends_its_trades_not_its_books_again(tmp_path: Path) -> None:
+    """Streaming: killed after a block's books went out (the diff stream moved past it) but
+    before its trades (the fill stream had not): the restarted ingest publishes its trades and
+    details, chains unbroken, and not its books a second time."""
+    node = NodeWriter(tmp_path / "data")
+    node.write_streaming(100, START, STREAMS)
+    slow = ("--mode", "streaming", "--block-timeout", "30")  # no phase closes on timeout here
+    ingest = IngestProcess(node.data_dir, tmp_path, *slow)
+    try:
+        node.write_streaming(101, START, STREAMS)
+        node.write_streaming(102, START, STREAMS)
+        node.write_streaming(103, START, ("order_statuses", "raw_book_diffs"))  # 102's fills not known whole yet
+        assert [(t, m["height"]) for t, m in ingest.messages(until=102) if m["height"] == 102] == [(b"H|", 102), (b"B|BTC|", 102)]
+        time.sleep(0.5)  # the position is saved at most every 0.2 s
+        ingest.proc.kill()
+        ingest.proc.wait()
+    finally:
+        ingest.ctx.destroy(linger=0)
+    (tmp_path / "again").mkdir()
+    restarted = IngestProcess(node.data_dir, tmp_path / "again", *slow)
+    try:
+        node.write_streaming(103, START, ("fills",))
+        node.write_streaming(104, START, STREAMS)
+        messages = list(restarted.messages(until=103, last=b"E|"))
+        assert [(t, m["height"]) for t, m in messages if m["height"] == 102] == \
+               [(b"T|BTC|", 102), (b"D|BTC|", 102), (b"E|", 102), (topics.user(USER), 102)]  # not its books again
+        prev = {(t, m["height"]): m["prev"] for t, m in messages if t in (b"H|", b"T|BTC|", b"E|")}
+        assert prev == {(b"T|BTC|", 102): 101, (b"E|", 102): 101, (b"H|", 103): 102, (b"T|BTC|", 103): 102, (b"E|", 103): 102}
+        assert [m["trade_coins"] for t, m in messages if t == b"E|"] == [["BTC"], ["BTC"]]
     finally:
         restarted.stop()
 

@@ -383,13 +383,15 @@ class Hub:
         self._announce(m.height, [topics.trades(coin) for coin in m.trade_coins])
 
     def on_block_end(self, topic: bytes, m: wire.BlockEnd) -> None:
-        self._announce(m.height, [t for t in map(topics.user, m.users) if t in self.by_topic])  # the users followed here
+        users = [t for t in map(topics.user, m.users) if t in self.by_topic]  # the users followed here
+        self._announce(m.height, [*map(topics.trades, m.trade_coins), *users])
 
     def _announce(self, height: int, expected: list[bytes]) -> None:
-        """A block's ``H|`` names its trades' topics, its ``E|`` its users' (both sent before
-        those messages, on the same socket): when a later block's comes, every message named
-        before must have come. One that did not was lost: it is replayed now, whether or not
-        its topic ever has another message (a quiet coin, a user who stopped trading)."""
+        """A block's ``H|`` names its trades' topics (streaming mode: its ``E|``, sent after
+        them), its ``E|`` its users' (sent before those messages, on the same socket): when a
+        later block's comes, every message named before must have come. One that did not was
+        lost: it is replayed now, whether or not its topic ever has another message (a quiet
+        coin, a user who stopped trading)."""
         lost: list[bytes] = []
         while self.announced and self.announced[0][0] < height:
             block, named = self.announced.popleft()

@@ -9,6 +9,13 @@ streams have reached it, whatever the status stream does; its details close
 when the status stream has reached it too. Status lines are kept as read and
 decoded only when their block's details close (after its books went out).
 
+Streaming mode splits the books phase in two: a block's **books** (diffs) close
+as soon as the diff stream has moved past it, its **trades** (fills) when the
+fill stream has moved past it (or on timeout). Fills are sparse (a coin may trade
+once every few blocks), so waiting for them would hold most blocks' books back
+until a fill or the timeout, and blocks closing together would reach clients as
+their last state only. A block's details never close before its trades.
+
 A phase closes when its streams have reached the block (by-block mode: the
 stream's line for it is the whole block) or moved past it (streaming mode: one
 event per line, so only a later height ends it). A stream that stays behind
@@ -46,8 +53,9 @@ from hlbook.services.ingest import metrics
 log = logging.getLogger(__name__)
 
 STATUSES = "order_statuses"
-BOOK_STREAMS = ("raw_book_diffs", "fills")
-PHASE_STREAMS = {"books": BOOK_STREAMS, "details": (STATUSES,)}
+DIFFS, FILLS = "raw_book_diffs", "fills"
+BOOK_STREAMS = (DIFFS, FILLS)
+PHASE_STREAMS = {"books": BOOK_STREAMS, "trades": (FILLS,), "details": (STATUSES,)}
 STALL_AFTER = 3  # blocks in a row closed by timeout without a stream, after which it is not waited for
 _HEAD = re.compile(rb'\{"local_time":"([^"]{1,64})","block_time":"([^"]{1,64})","block_number":(\d{1,19})[,}]')
 
@@ -57,6 +65,7 @@ _ms = functools.lru_cache(maxsize=256)(block_time_ms)  # the rows of a block sha
 
 class Phase(enum.Enum):
     BOOKS = "books"
+    TRADES = "trades"  # streaming mode only (by-block: a block's trades go with its books)
     DETAILS = "details"
 
 
@@ -92,6 +101,7 @@ class Block:
     statuses_left_out: int = 0  # rejections nobody follows, not decoded (StatusHeadLine.resolve)
     missing: list[str] = field(default_factory=list)  # by-block: book streams whose line of this block never came
     statuses_missing: bool = False  # by-block: its status line never came (or did not decode)
+    trade_coins: list[str] = field(default_factory=list)  # streaming: coins whose trades went out in its trades phase
 
     @property
     def n_statuses(self) -> int:
@@ -132,10 +142,13 @@ class Joiner:
         self.sequences: dict[str, Sequence[Item]] = {s: Sequence(s, self.streaming, self.drops, last) for s in STREAMS}
         self._elsewheres = {s: functools.partial(self._elsewhere, s) for s in STREAMS}
         self.timeout = timeout
+        self.book_streams = (DIFFS,) if self.streaming else BOOK_STREAMS  # what a block's books wait for
         self.pending: dict[int, Block] = {}  # books not closed yet
-        self.detailing: dict[int, Block] = {}  # books closed, details not yet
+        self.trading: dict[int, Block] = {}  # streaming: books closed, trades not yet
+        self.detailing: dict[int, Block] = {}  # books (and trades) closed, details not yet
         self.reached: dict[str, int] = {s: -1 for s in STREAMS}  # highest height seen per stream
         self.last_closed: int | None = None if start_height is None else start_height - 1  # books
+        self.last_traded: int | None = self.last_closed  # trades (streaming; by-block: with the books)
         self.last_detailed: int | None = self.last_closed
         self._past_since: dict[tuple[Phase, int], float] = {}  # when some stream first moved past a phase of a block
         self.missed: dict[str, int] = {s: 0 for s in STREAMS}  # blocks in a row closed by timeout without it
@@ -170,9 +183,10 @@ class Joiner:
             self._take_statuses(*item)
             return
         height = item.block_number
-        if not self._accept(stream, height, self.last_closed):
+        trades_apart = self.streaming and stream == FILLS
+        if not self._accept(stream, height, self.last_traded if trades_apart else self.last_closed):
             return
-        block = self._block(height)
+        block = (trades_apart and self.trading.get(height)) or self._block(height)
         block.times(item.block_time, item.local_time)
         block.streams_seen.add(stream)
         if stream == "fills":
@@ -188,7 +202,7 @@ class Joiner:
         height = head.block_number
         if not self._accept(STATUSES, height, self.last_detailed):
             return
-        block = self.detailing.get(height)
+        block = self.detailing.get(height) or self.trading.get(height)
         if block is None:
             if self.last_closed is not None and height <= self.last_closed:  # its block was missing when the books closed
                 metrics.BLOCK_ANOMALIES.labels("late_row" if self.streaming else "duplicate").inc()
@@ -244,6 +258,15 @@ class Joiner:
             self._missed(stream, height)
         return True
 
+    def _start_timers(self, phase: Phase, blocks: dict[int, Block], now: float) -> None:
+        """Start the timeout of every block of ``blocks`` some stream moved past, not only of the
+        first one waiting: blocks without fills (most, for a quiet coin) then close ``timeout``
+        after the next block came, instead of one ``timeout`` after another."""
+        top = max(self.reached.values())
+        for height in blocks:
+            if height < top:
+                self._past_since.setdefault((phase, height), now)
+
     def _missed(self, stream: str, height: int) -> None:
         self.missed[stream] += 1
         if self.missed[stream] >= STALL_AFTER and stream not in self.stalled:
@@ -254,10 +277,11 @@ class Joiner:
                       self.missed[stream], height)
 
     def ready(self, now: float | None = None, flush: bool = False) -> list[tuple[Phase, Block]]:
-        """The phases that can close now: books in height order, then details in height order
-        (a block's details never before its books); ``flush`` closes all."""
+        """The phases that can close now: books in height order, then (streaming) trades, then
+        details, each in height order (a block's details never before its books and trades);
+        ``flush`` closes all."""
         out: list[tuple[Phase, Block]] = []
-        if not self.pending and not self.detailing and not flush:
+        if not self.pending and not self.trading and not self.detailing and not flush:
             return out
         now = time.monotonic() if now is None else now
         if flush:
@@ -265,9 +289,14 @@ class Joiner:
                 for passed in sequence.flush():
                     self._take(stream, passed)
         for height in sorted(self.pending):
-            if not (flush or self._done(BOOK_STREAMS, height) or self._due(Phase.BOOKS, height, now)):
+            if not (flush or self._done(self.book_streams, height) or self._due(Phase.BOOKS, height, now)):
                 break
             self._close_books(height, out)
+        self._start_timers(Phase.TRADES, self.trading, now)
+        for height in sorted(self.trading):
+            if not (flush or self._done((FILLS,), height) or self._due(Phase.TRADES, height, now)):
+                break
+            self._close_trades(height, out)
         for height in sorted(self.detailing):
             if not (flush or self._done((STATUSES,), height) or self._due(Phase.DETAILS, height, now)):
                 break
@@ -292,8 +321,22 @@ class Joiner:
             self._fill_gap(height, block, out)
         self.last_closed = height
         self._last_times = block.block_time, block.local_time
-        self.detailing[height] = block
+        self._closed_books(block, out)
+
+    def _closed_books(self, block: Block, out: list[tuple[Phase, Block]]) -> None:
+        """Its books are out: its details (streaming: its trades) are awaited next."""
+        if self.streaming:
+            self.trading[block.height] = block
+        else:
+            self.last_traded = block.height
+            self.detailing[block.height] = block
         out.append((Phase.BOOKS, block))
+
+    def _close_trades(self, height: int, out: list[tuple[Phase, Block]]) -> None:
+        self._past_since.pop((Phase.TRADES, height), None)
+        self.last_traded = height
+        self.detailing[height] = block = self.trading.pop(height)
+        out.append((Phase.TRADES, block))
 
     def _fill_gap(self, height: int, block: Block, out: list[tuple[Phase, Block]]) -> None:
         """Heights skipped before ``height``: in streaming mode an empty block
@@ -304,8 +347,7 @@ class Joiner:
         if self.streaming:
             block_time, local_time = self._last_times if self._last_times else (block.block_time, block.local_time)
             for h in missing:
-                empty = self.detailing[h] = Block(h, block_time, local_time)
-                out.append((Phase.BOOKS, empty))
+                self._closed_books(Block(h, block_time, local_time), out)
             return
         metrics.BLOCK_ANOMALIES.labels("gap").inc(len(missing))
         log.warning("blocks %d..%d missing", missing[0], missing[-1])

@@ -79,21 +79,31 @@ Message = tuple[bytes, bytes]
 
 
 class MessageBuilder:
-    """Builds the messages of each block, keeping the per-topic ``prev`` chain."""
+    """Builds the messages of each block, keeping the per-topic ``prev`` chain. With
+    ``trades_apart`` (streaming mode) a block's trades are a phase of their own after its
+    books (``trades``): its header names none, its ``E|`` names them."""
 
-    def __init__(self, subs: Subscriptions) -> None:
+    def __init__(self, subs: Subscriptions, trades_apart: bool = False) -> None:
         self.prev = wire.PrevTracker()
         self.subs = subs
+        self.trades_apart = trades_apart
 
     def books(self, block: Block) -> list[Message]:
-        """The books phase: header, book slices and trades."""
+        """The books phase: header, book slices and (unless ``trades_apart``) trades."""
         ms = block_time_ms(block.block_time)
         slices = self._book_slices(block, ms)
-        trades = self._trades(block, ms)
+        trades = [] if self.trades_apart else self._trades(block, ms)
         out = [self._header(block, ms, [s.coin for s in slices], [t.coin for t in trades])]
         out += [self._pack(topics.book(s.coin), s) for s in slices]
         out += [self._pack(topics.trades(t.coin), t) for t in trades]
         return out
+
+    def trades(self, block: Block) -> list[Message]:
+        """The trades phase (``trades_apart``): the block's trades, per coin; noted in
+        ``block.trade_coins`` for its ``E|``."""
+        trades = self._trades(block, block_time_ms(block.block_time))
+        block.trade_coins = [t.coin for t in trades]
+        return [self._pack(topics.trades(t.coin), t) for t in trades]
 
     def details(self, block: Block) -> tuple[list[Message], list[Message]]:
         """The details phase (its statuses decoded): (book details and the block's end; per-user
@@ -104,7 +114,7 @@ class MessageBuilder:
         per_user = self._user_events(block, ms)
         end = wire.BlockEnd(block.height, self.prev.next(topics.BLOCK_END, block.height), ms, block.n_statuses,
                             [d.coin for d in details], ["order_statuses"] if block.statuses_missing else [],
-                            [e.user for e in per_user])
+                            [e.user for e in per_user], block.trade_coins)
         out.append((topics.BLOCK_END, wire.encode(end)))
         return out, [self._pack(topics.user(e.user), e) for e in per_user]
 
@@ -130,7 +140,7 @@ class MessageBuilder:
             block_time=block.block_time,
             local_time=block.local_time,
             n_diffs=len(block.diffs),
-            n_fills=len(block.fills),
+            n_fills=0 if self.trades_apart else len(block.fills),
             book_coins=coins,
             incomplete=block.missing,
             trade_coins=trade_coins,

@@ -3,7 +3,7 @@
 After publishing blocks ingest writes (atomically: a temporary file renamed
 over the old one, at most every ``SAVE_EVERY`` seconds) the last height it
 published whole and the last whose books phase it published (a block's books go
-out before its details), the ``prev`` of every topic (so the messages it publishes after a
+out before its details; in streaming mode also the last whose trades went out), the ``prev`` of every topic (so the messages it publishes after a
 restart continue each consumer's chain) and the users followed downstream (so
 their messages are built from the first block again, before the subscribers
 have reconnected). A restart resumes at the next height: every block written
@@ -38,6 +38,7 @@ class Position(msgspec.Struct):
     prev: dict[str, int] = {}  # topic (latin-1) -> its last height
     users: list[str] = []  # followed downstream
     books_height: int | None = None  # the last block whose books phase was published (None: ``height``)
+    trades_height: int | None = None  # streaming: the last block whose trades phase was published (None: ``books_height``)
 
 
 class PositionFile:

@@ -13,11 +13,11 @@ from hlbook.services.ingest.messages import Message
 
 class ReplayStore:
     """The published messages of the last ``capacity`` blocks, as sent (bytes), in the order
-    they were sent: a block's books phase, later its details phase (another block's books
-    may come between)."""
+    they were sent: a block's books phase, (streaming) its trades, later its details phase
+    (another block's books may come between)."""
 
-    def __init__(self, capacity: int) -> None:
-        self.blocks: deque[tuple[int, list[Message]]] = deque(maxlen=2 * capacity)  # two phases a block
+    def __init__(self, capacity: int, phases: int = 2) -> None:
+        self.blocks: deque[tuple[int, list[Message]]] = deque(maxlen=phases * capacity)  # entries: a block's phases
         self.head: int | None = None  # newest height held
 
     def add(self, height: int, messages: list[Message]) -> None:

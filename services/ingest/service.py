@@ -4,7 +4,9 @@ downstream subscription set (XPUB), in one single-threaded poll loop.
 Each block goes out in two phases (``joiner``): its books (``H|``, ``B|``, ``T|``)
 as soon as its diffs and fills are read, then its details (``D|``, ``E|``,
 ``U|``, ``HIST|``) once its status line is read and decoded: l2Book, bbo and
-trades never wait for the ~4 MB of statuses a whole-market block carries."""
+trades never wait for the ~4 MB of statuses a whole-market block carries.
+In streaming mode its trades (``T|``) are a phase of their own between the two:
+its books go out once the diff stream moved past it, whatever the fills do."""
 
 from __future__ import annotations
 
@@ -73,14 +75,16 @@ class Ingest:
             self.position = PositionFile(path)
         saved = self.position.load() if self.position is not None and cfg.from_height is None else None
         self.subs = Subscriptions(saved.users if saved else (), keep_for=RESUBSCRIBE_S)
-        self.builder = MessageBuilder(self.subs)
+        self.streaming = cfg.mode == "streaming"
+        self.builder = MessageBuilder(self.subs, self.streaming)
         if saved is not None:
             self.builder.prev.restore({topic.encode("latin-1"): height for topic, height in saved.prev.items()})
-        self.store = ReplayStore(cfg.replay_blocks)
+        self.store = ReplayStore(cfg.replay_blocks, 3 if self.streaming else 2)
         self.skip_below = self._start_position(saved)
         self.books_done = saved.books_height if saved is not None else None  # books published before a restart
+        self.trades_done = saved.trades_height if saved is not None and saved.trades_height is not None else self.books_done
         if saved is not None:
-            self._warm_store(saved.height, max(saved.height, saved.books_height or 0))
+            self._warm_store(saved.height, max(saved.height, saved.books_height or 0), max(saved.height, self.trades_done or 0))
         self.joiner = Joiner(cfg.mode, cfg.block_timeout, self.skip_below)
         ctx = ctx or zmq.Context.instance()
         self.curve = Curve.from_dir(cfg.curve_dir)
@@ -106,6 +110,7 @@ class Ingest:
         self.waiting_said = False  # "no node files" said once
         self.published: int | None = None  # last block published whole (its details phase too)
         self.books_published: int | None = None  # last block whose books phase was published
+        self.trades_published: int | None = None  # streaming: last block whose trades phase was published
         self.stopped = False
 
     def _start_position(self, saved: Position | None) -> int | None:
@@ -127,15 +132,16 @@ class Ingest:
         log.info("starting live at block %s", start if start is not None else "(no files yet)")
         return start
 
-    def _warm_store(self, details: int, last: int) -> None:
+    def _warm_store(self, details: int, last: int, trades: int | None = None) -> None:
         """Rebuild the replay store's blocks up to ``last`` (the last whose books were published
-        before the restart; their details up to ``details``: later ones are published again)
-        from the node files, with their own ``prev`` chain: a consumer that lost messages the
-        previous ingest had queued when it died, or that the restart's catch-up sent before
-        its subscription arrived, finds them here."""
+        before the restart; their trades up to ``trades``, their details up to ``details``: later
+        ones are published again) from the node files, with their own ``prev`` chain: a consumer
+        that lost messages the previous ingest had queued when it died, or that the restart's
+        catch-up sent before its subscription arrived, finds them here."""
         started = time.monotonic()
+        trades = last if trades is None else trades
         first = max(0, last + 1 - min(self.cfg.replay_blocks, WARM_BLOCKS))
-        builder = MessageBuilder(self.subs)
+        builder = MessageBuilder(self.subs, self.streaming)
         for low in range(first, last + 1, WARM_CHUNK):
             high = min(low + WARM_CHUNK - 1, last)
             joiner = Joiner(self.cfg.mode, float("inf"), low)
@@ -146,6 +152,9 @@ class Ingest:
                 try:
                     if phase is Phase.BOOKS:
                         self.store.add(block.height, builder.books(block))
+                    elif phase is Phase.TRADES:
+                        if block.height <= trades and (messages := builder.trades(block)):
+                            self.store.add(block.height, messages)
                     elif block.height <= details:
                         block.decode_statuses(self.subs.wants, joiner.drops)
                         stored, per_user = builder.details(block)
@@ -171,6 +180,8 @@ class Ingest:
         for phase, block in self.joiner.ready():
             if phase is Phase.BOOKS:
                 self.publish_books(block)
+            elif phase is Phase.TRADES:
+                self.publish_trades(block)
             else:
                 self.publish_details(block)
         self.save_position()
@@ -271,6 +282,22 @@ class Ingest:
             metrics.WAITING.set(0)
         self.books_published = block.height
 
+    def publish_trades(self, block: Block) -> None:
+        """Streaming mode's trades phase (not again for a block whose trades a previous ingest published)."""
+        if self.trades_done is not None and block.height <= self.trades_done:
+            return
+        try:
+            messages = self.builder.trades(block)
+        except Exception:
+            BAD_INPUT.labels("ingest", "error").inc()
+            log.exception("block %d: trades could not be published; consumers will see them missing", block.height)
+            return
+        self._send(messages)
+        if messages:
+            self.store.add(block.height, messages)
+            metrics.MESSAGES.labels("stored").inc(len(messages))
+        self.trades_published = block.height
+
     def publish_details(self, block: Block) -> None:
         """The details phase: the block's statuses decoded, book details, the block's end, per-user events, history."""
         for line, exc in block.decode_statuses(self.subs.wants, self.joiner.drops):
@@ -317,7 +344,8 @@ class Ingest:
             return
         prev = {topic.decode("latin-1"): height for topic, height in self.builder.prev.items()}
         books = max(self.books_published or 0, self.books_done or 0, self.published)
-        self.position.save(Position(self.published, prev, sorted(self.subs.users), books))
+        trades = max(self.trades_published or 0, self.trades_done or 0, self.published) if self.streaming else books
+        self.position.save(Position(self.published, prev, sorted(self.subs.users), books, trades))
 
     def close(self) -> None:
         self.save_position(force=True)
