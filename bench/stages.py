@@ -16,7 +16,8 @@ stage moved and by how much):
    snapshot) applies ingest's messages and publishes on an XPUB to a SUB subscribed as
    the bench's clients are (bbo and l2Book of ``--subscribed`` coins). CPU per block.
 4. **history**: the real ``Store`` stores every ``HIST|`` block, committing as the
-   service does (every COMMIT_EVERY s of the blocks' time). CPU per block.
+   service does by default (every COMMIT_EVERY s of the blocks' time), and at each
+   ``--commit-every`` interval too. CPU per block.
 
     .venv/bin/python bench/stages.py [--blocks 120] [--stage DIR] [--shards 2] [--subscribed 200] [--followed 1000]
 """
@@ -185,12 +186,12 @@ def run_shard(k: int, shards: int, stage: Path, sockets: Path, messages: list[tu
     return spent, received
 
 
-def run_history(tmp: Path, messages: list[tuple[bytes, bytes]]) -> float:
+def run_history(tmp: Path, messages: list[tuple[bytes, bytes]], commit_every: float) -> float:
     from hlbook.common import topics, wire
-    from hlbook.services.history.service import COMMIT_EVERY
     from hlbook.services.history.store import Store
 
-    store = Store(tmp / "history.sqlite")
+    path = tmp / f"history-{commit_every}.sqlite"
+    store = Store(path)
     spent = 0.0
     last_commit_ms = None
     for topic, payload in messages:
@@ -199,7 +200,7 @@ def run_history(tmp: Path, messages: list[tuple[bytes, bytes]]) -> float:
         t = cpu()
         block = wire.decode(payload, wire.HistoryBlock)
         store.add_block(block.height, block.time, block.statuses, block.fills)
-        if last_commit_ms is None or block.time - last_commit_ms >= COMMIT_EVERY * 1000:
+        if last_commit_ms is None or block.time - last_commit_ms >= commit_every * 1000:
             store.commit()
             last_commit_ms = block.time
         spent += cpu() - t
@@ -214,6 +215,8 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--subscribed", type=int, default=200, help="coins whose bbo and l2Book a client subscribes to")
     parser.add_argument("--only", default="ingest,shard,history")
+    parser.add_argument("--commit-every", type=float, nargs="*", default=[1.0],
+                        help="also measure history committing every S seconds of block time (the default interval always runs)")
     parser.add_argument("--followed", type=int, default=0,
                         help="also run shard 0 with this many users followed through the gateway (their U| topics reach every shard)")
     args = parser.parse_args()
@@ -245,8 +248,11 @@ def main() -> None:
                 print(f"shard 0/{args.shards} with {args.followed:,} users followed: {more * 1000 / n:6.2f} ms CPU a block "
                       f"(x{more / base:.2f} the same shard with none, same run)", flush=True)
         if "history" in only:
-            spent = run_history(tmp, messages)
-            print(f"history: {spent * 1000 / n:6.2f} ms CPU a block", flush=True)
+            from hlbook.services.history.service import COMMIT_EVERY
+
+            for every in sorted({COMMIT_EVERY, *args.commit_every}):
+                spent = run_history(tmp, messages, every)
+                print(f"history, a commit every {every:g} s: {spent * 1000 / n:6.2f} ms CPU a block", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
