@@ -453,6 +453,8 @@ def test_malformed_requests_get_the_public_apis_errors(up: Up) -> None:
         return httpx.post(f"{up.http}/info", content=body, headers={"Content-Type": "application/json"}, timeout=10)
 
     assert raw(b"{nope").status_code == 400 and raw(b"{nope").text.startswith("Failed to parse the request body as JSON")
+    unknown = raw(b'{"type":"l2Book","coin":"NOPE"}')  # the public API: null for a market that does not exist
+    assert unknown.status_code == 200 and unknown.json() is None
     out = up.tmp / "written-by-the-node.json"  # the node's fileSnapshot is not the public API's: never forwarded
     snapshot = {"type": "fileSnapshot", "request": {"type": "l4Snapshots", "includeUsers": True, "includeTriggerOrders": False},
                 "outPath": str(out)}

@@ -183,7 +183,14 @@ class Info:
             raise InfoError(f"unknown coin {coin!r}")
         return coin
 
-    async def l2_book(self, payload: dict[str, Any]) -> dict[str, Any]:
+    async def l2_book(self, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """The book, as the public API answers it: ``null`` for a market that does not exist
+        (once every shard said which coins it holds: before, 503, never a false ``null``)."""
+        coin = payload.get("coin")
+        if isinstance(coin, str) and not self.hub.coin_exists(coin):
+            if not self.hub.knows_coins():
+                raise InfoError("the book shards have not all said which coins they hold yet", 503, retry_after=1)
+            return None
         key = feed_key(normalise({**payload, "type": "l2Book"}, self.hub.coin_exists))
         assert isinstance(key, L2BookKey)
         coin = key.coin
