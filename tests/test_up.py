@@ -359,25 +359,30 @@ def wait_silent(up: Up, shard: int) -> dict[str, Any]:
 
 def test_a_stopped_shard_is_said_stale_for_its_coins_alone(up: Up) -> None:
     """SIGSTOP of one shard: its coins' book subscribers are told once that the book may be
-    stale, /info l2Book of its coins answers 503 instead of an old book (also right after
-    SIGCONT, while the shard answers the queries it held), the other shard's coins go on."""
+    stale, and allMids subscribers that its coins' mids are not updated; /info l2Book of its
+    coins answers 503 instead of an old book (also right after SIGCONT, while the shard answers
+    the queries it held), the other shard's coins go on."""
     stopped, other = perps(up)
     shard = children(up.proc.pid)["book-0"]
     with connect(up.ws, open_timeout=10) as ws:
         for coin in (stopped, other):
             ws.send(json.dumps({"method": "subscribe", "subscription": {"type": "l2Book", "coin": coin}}))
+        ws.send(json.dumps({"method": "subscribe", "subscription": {"type": "allMids"}}))
         os.kill(shard, signal.SIGSTOP)
         try:
             said: list[str] = []
             other_books = 0
             deadline = time.monotonic() + 12
-            while time.monotonic() < deadline and not said:
+            while time.monotonic() < deadline and len(said) < 2:
                 message = json.loads(ws.recv(timeout=12))
                 if message["channel"] == "error":
                     said.append(message["data"])
                 elif message["channel"] == "l2Book" and message["data"]["coin"] == other:
                     other_books += 1
-            assert len(said) == 1 and said[0].startswith(f"l2Book {stopped}: no update for") and "stale" in said[0], said
+            said.sort()
+            assert len(said) == 2 and said[1].startswith(f"l2Book {stopped}: no update for") and "stale" in said[1], said
+            named = said[0].split("(", 1)[1].split(")", 1)[0].split(", ")  # 10 coins, 5 a shard: all named
+            assert said[0].startswith("allMids: the mids of") and stopped in named and other not in named, said
             assert other_books > 0
             status, body = post_info(up.http, {"type": "l2Book", "coin": stopped})
             assert status == 503 and "silent" in str(body), (status, body)

@@ -78,6 +78,15 @@ def tell_stale(session: Session, key: CoinKey, quiet: float) -> None:
                                    "what you hold may be stale; updates resume when it is back"))
 
 
+def tell_stale_mids(session: Session, coins: list[str], quiet: float) -> None:
+    """One ``error`` message to an allMids subscriber: the mids of a silent shard's coins stay
+    in its data (as the public API has no stale flag) but are not current."""
+    metrics.ERRORS.labels("stale_mids").inc()
+    named = ", ".join(coins[:10]) + (f" and {len(coins) - 10} more" if len(coins) > 10 else "")
+    session.reply(message("error", f"allMids: the mids of {len(coins)} coins ({named}) are not updated for {quiet:.0f} s, "
+                                   "their book shard is silent; they resume when it is back"))
+
+
 def dex_of(coin: str) -> str:
     """HIP-3 coins are ``dex:COIN``; the rest belong to the default dex ``""``."""
     return coin.split(":", 1)[0] if ":" in coin else ""
@@ -166,11 +175,14 @@ class Hub:
             if quiet is None:
                 log.info("shard %d talks again", k)
                 continue
-            log.warning("shard %d silent for %.0f s: telling its coins' book subscribers", k, quiet)
+            log.warning("shard %d silent for %.0f s: telling its coins' book and allMids subscribers", k, quiet)
             for key, feed in list(self.feeds.items()):
                 if key.kind in BOOK_FEEDS and isinstance(key, CoinKey) and self.owner(key.coin) == k:
                     for session in feed.members():
                         tell_stale(session, key, quiet)
+                elif key.kind == "allMids":
+                    for session in feed.members():
+                        tell_stale_mids(session, sorted(view.mids), quiet)
 
     def lag(self) -> float | None:
         """Seconds from the block time of the newest block a shard finished to now (None: none
