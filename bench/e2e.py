@@ -71,6 +71,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import json
 import multiprocessing as mp
 import os
 import re
@@ -651,12 +652,17 @@ def up_children(root: int) -> dict[str, int]:
     return named
 
 
-def metrics(port: int) -> dict[str, float]:
+def metrics(port: int, tries: int = 1) -> dict[str, float]:
+    """A process's /metrics ({} when it does not answer ``tries`` times in 2 s: busy)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    except OSError:
+    for _ in range(tries):
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            break
+        except OSError:
+            continue
+    else:
         return {}
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -673,6 +679,16 @@ def http_status(url: str) -> int:
         return exc.code
     except OSError:
         return 0
+
+
+def every_shard_live(base: str) -> bool:
+    """/ready is 200 with one shard live of several: start-up is over when every shard is."""
+    try:
+        with urllib.request.urlopen(f"{base}/ready", timeout=2) as r:
+            body = json.loads(r.read())
+    except (OSError, ValueError):
+        return False
+    return all(shard.get("live") for shard in body.get("shards", [])) and bool(body.get("shards"))
 
 
 def wait_for(what: str, condition: Any, timeout: float, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -894,9 +910,9 @@ def run_profile(name: str, rate: float | None, volume: float | None, args: argpa
         writer.start()
         procs.append(writer)
         with StartupWatch(up.pid) as startup:
-            wait_for("/ready", lambda: http_status(f"{base}/ready") == 200, 300, up, log)
+            wait_for("every shard live", lambda: every_shard_live(base), 300, up, log)
         ready_at = written.value
-        startup.report(up_started, snap, [metrics(mport + 1 + k) for k in range(args.shards)], print)
+        startup.report(up_started, snap, [metrics(mport + 1 + k, tries=5) for k in range(args.shards)], print)
 
         plan = [(i, [coin_names[(i * args.coins_per_client + j) % len(coin_names)] for j in range(args.coins_per_client)])
                 for i in range(args.clients)]

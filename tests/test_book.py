@@ -3,6 +3,7 @@ independent plain-dict computation, and hand-computed aggregation cases."""
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from pathlib import Path
 
@@ -92,6 +93,28 @@ def test_snapshot_loads_every_order_in_time_priority(fixture_blocks) -> None:
     got = book.l4_levels()
     assert got[0] == [dict(o, user=u) for u, o in bids]  # every field, node strings, node order
     assert got[1] == [dict(o, user=u) for u, o in asks]
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, snapshot.CHUNK])
+def test_a_snapshot_read_a_coin_at_a_time_equals_one_decoded_whole(fixture_blocks, monkeypatch, chunk: int) -> None:
+    """The by-coin reader (which never holds the whole file) gives the same books as one decode
+    of the whole file, whatever the read size: coins cut where they meet, an empty coin, a coin
+    without asks, the last coin; a file not cut that way (spaces) is decoded whole."""
+    data, _ = fixture_blocks
+    _, coins = msgspec.json.decode(data)
+    bids, asks = coins[0][1]
+    made = [["BTC", [bids[:400], asks[:300]]], ["EMPTY", [[], []]], ["@7", [bids[400:500], []]], ["LAST", [[], asks[300:350]]]]
+    compact = msgspec.json.encode([HEIGHT, made])
+    monkeypatch.setattr(snapshot, "CHUNK", chunk)
+    for text in (compact, json.dumps([HEIGHT, made], indent=1).encode()):
+        height, books = snapshot.load(text)
+        whole_height, whole = snapshot._load_whole(text, lambda coin: True)
+        assert height == whole_height == HEIGHT and list(books) == list(whole) == ["BTC", "EMPTY", "@7", "LAST"]
+        for coin, book in books.items():
+            assert book.l4_levels() == whole[coin].l4_levels() and len(book) == len(whole[coin])
+    assert len(books["BTC"]) == 700 and len(books["LAST"]) == 50
+    with pytest.raises(snapshot.SnapshotError):
+        snapshot.load(compact.replace(b'"sz"', b'"zz"', 1))
 
 
 def test_snapshot_skips_unwanted_coins(fixture_blocks) -> None:

@@ -56,10 +56,12 @@ def test_the_folder_is_removed_by_whoever_leaves_it_empty(tmp_path: Path, monkey
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/info"
-        assert snapshot.fetch(url) == b"[1,[]]\\n"
+        with snapshot.fetch(url) as fh:
+            assert fh.read() == b"[1,[]]\\n"
         assert list(tmp_path.iterdir()) == []
-        data, shared = snapshot.fetch_shared(url, "shard 0 of 1")
-        assert data == b"[1,[]]\\n" and not shared and list(tmp_path.iterdir()) == [private_dir()]
+        fh, shared = snapshot.fetch_shared(url, "shard 0 of 1")
+        with fh:
+            assert fh.read() == b"[1,[]]\\n" and not shared and list(tmp_path.iterdir()) == [private_dir()]
         snapshot.remove_shared(url, "shard 0 of 1")
         assert list(tmp_path.iterdir()) == []
     finally:

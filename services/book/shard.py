@@ -271,6 +271,7 @@ class Shard:
             self.publisher.reset(coin, state.coin_height(c.book), "init", CoinState.LIVE)
         for topic in sorted(self.publisher.subs.exact):  # subscribed while initialising
             self.publisher.initial(topic, state.live_books(), state.height, state.time)
+        state.gauges()
         log.info("live: %d coins, %d orders, snapshot %d, at block %d", len(state.coins),
                  sum(len(c.book) for c in state.coins.values()), height, state.height)
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -56,6 +58,10 @@ class SnapOrder(msgspec.Struct):
 
 Entry = tuple[str, SnapOrder]
 _outer = msgspec.json.Decoder(tuple[int, list[tuple[str, msgspec.Raw]]])
+_piece = msgspec.json.Decoder(tuple[str, msgspec.Raw])
+_HEAD = re.compile(rb"\s*\[\s*(\d+)\s*,\s*\[\s*")  # "[height,[" before the first coin
+COIN_END = b']]],["'  # where one coin's entry ends and the next one's begins
+CHUNK = 16 << 20  # bytes read at a time
 _coin = msgspec.json.Decoder(tuple[list[Entry], list[Entry]])
 
 SNAPSHOT_REQUEST: dict[str, Any] = {
@@ -73,23 +79,83 @@ class SnapshotError(Exception):
         self.unreachable = unreachable
 
 
-def load(data: bytes, want: Callable[[str], bool] = lambda coin: True) -> tuple[int, dict[str, Book]]:
-    """(height, books) of the coins ``want`` accepts."""
+def load(source: bytes | IO[bytes], want: Callable[[str], bool] = lambda coin: True) -> tuple[int, dict[str, Book]]:
+    """(height, books) of the coins ``want`` accepts, from a snapshot's bytes or its open file
+    (read a coin at a time, then closed: a whole-market file is ~220 MB, which would otherwise
+    be held beside the books being built, doubling a shard's memory at start)."""
+    fh = io.BytesIO(source) if isinstance(source, bytes) else source
+    with fh:
+        try:
+            return _load_by_coin(fh, want)
+        except _Unsplit:  # not cut where coins meet: decoded whole
+            fh.seek(0)
+            return _load_whole(fh.read(), want)
+
+
+def load_file(path: str, want: Callable[[str], bool] = lambda coin: True) -> tuple[int, dict[str, Book]]:
+    return load(open(path, "rb"), want)
+
+
+class _Unsplit(Exception):
+    """The file could not be cut into coins where they meet."""
+
+
+def _load_whole(data: bytes, want: Callable[[str], bool]) -> tuple[int, dict[str, Book]]:
     try:
         height, coins = _outer.decode(data)
         books: dict[str, Book] = {}
         for coin, body in coins:
             if want(coin):
-                bids, asks = _coin.decode(body)
-                books[coin] = build(coin, height, bids, asks)
+                books[coin] = _built(coin, height, body)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         raise SnapshotError(f"malformed snapshot: {exc}") from exc
     return height, books
 
 
-def load_file(path: str, want: Callable[[str], bool] = lambda coin: True) -> tuple[int, dict[str, Book]]:
-    with open(path, "rb") as fh:
-        return load(fh.read(), want)
+def _load_by_coin(fh: IO[bytes], want: Callable[[str], bool]) -> tuple[int, dict[str, Book]]:
+    """Read ``CHUNK`` at a time, cut where one coin's entry ends and the next begins
+    (``COIN_END``: its asks, its sides and itself close, the next opens with its name; no
+    string of a snapshot holds it), and decode each coin's entry alone. _Unsplit when the
+    file does not read as such pieces."""
+    buf = fh.read(CHUNK)
+    head = _HEAD.match(buf)
+    if head is None:
+        raise _Unsplit
+    height, start, searched = int(head.group(1)), head.end(), head.end()
+    books: dict[str, Book] = {}
+    while True:
+        end = buf.find(COIN_END, searched)
+        if end >= 0:
+            _take(buf[start:end + 3], height, want, books)
+            start = searched = end + len(COIN_END) - 2  # at the next entry's "["
+            continue
+        more = fh.read(CHUNK)
+        if not more:
+            break
+        buf, searched, start = buf[start:] + more, max(len(buf) - start - len(COIN_END), 0), 0
+    tail = buf[start:].rstrip()
+    if not tail.endswith(b"]]"):
+        raise _Unsplit
+    if tail[:-2].strip():
+        _take(tail[:-2], height, want, books)
+    return height, books
+
+
+def _take(piece: bytes, height: int, want: Callable[[str], bool], books: dict[str, Book]) -> None:
+    try:
+        coin, body = _piece.decode(piece)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise _Unsplit from exc
+    if want(coin):
+        try:
+            books[coin] = _built(coin, height, body)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            raise SnapshotError(f"malformed snapshot: {coin}: {exc}") from exc
+
+
+def _built(coin: str, height: int, body: msgspec.Raw | bytes) -> Book:
+    bids, asks = _coin.decode(body)
+    return build(coin, height, bids, asks)
 
 
 def build(coin: str, height: int, bids: list[Entry], asks: list[Entry]) -> Book:
@@ -139,8 +205,8 @@ def shared_paths(info_url: str, directory: str | None = None) -> tuple[Path, Pat
 
 
 def fetch_shared(info_url: str, owner: str, not_before: float = 0.0, timeout: float = 60.0,
-                 directory: str | None = None) -> tuple[bytes, bool]:
-    """(a node snapshot, whether another shard fetched it). The shards of one host take turns
+                 directory: str | None = None) -> tuple[IO[bytes], bool]:
+    """(a node snapshot's open file, whether another shard fetched it). The shards of one host take turns
     on a lock file: one asks the node, the others read its file when it is at most
     ``SHARE_AGE`` old and written after ``not_before`` (epoch s) (a full mainnet snapshot costs
     the node seconds and hundreds of MB each time). ``owner`` (the shard) never reuses its own:
@@ -157,7 +223,7 @@ def fetch_shared(info_url: str, owner: str, not_before: float = 0.0, timeout: fl
         try:
             written = latest.stat().st_mtime
             if written >= not_before and time.time() - written <= SHARE_AGE and by.read_text() != owner:
-                return latest.read_bytes(), True
+                return open(latest, "rb"), True
             if time.time() - written > SHARE_AGE:
                 _unlink(latest, by)
         except FileNotFoundError:
@@ -198,9 +264,9 @@ def _unlink(*paths: Path) -> None:
             pass
 
 
-def fetch(info_url: str, timeout: float = 60.0, directory: str | None = None, keep: Path | None = None) -> bytes:
-    """Ask the node's info server for a fresh fileSnapshot and return the file's bytes
-    (the file is then removed, or renamed to ``keep``)."""
+def fetch(info_url: str, timeout: float = 60.0, directory: str | None = None, keep: Path | None = None) -> IO[bytes]:
+    """Ask the node's info server for a fresh fileSnapshot and return the file, open for
+    reading (its name is then removed, or renamed to ``keep``; :func:`load` reads and closes it)."""
     import httpx
 
     def new_file(folder: Path) -> tuple[int, str]:
@@ -217,13 +283,13 @@ def fetch(info_url: str, timeout: float = 60.0, directory: str | None = None, ke
             raise SnapshotError(f"snapshot request to {info_url} failed: {exc}", isinstance(exc, httpx.ConnectError)) from exc
         if response.status_code != 200:
             raise SnapshotError(f"snapshot request to {info_url}: HTTP {response.status_code} {response.text[:200]}")
-        with open(path, "rb") as fh:
-            data = fh.read()
-        if not data:
+        fh = open(path, "rb")
+        if os.fstat(fh.fileno()).st_size == 0:
+            fh.close()
             raise SnapshotError(f"snapshot request to {info_url} wrote nothing to {path}")
         if keep is not None:
             os.replace(path, keep)
-        return data
+        return fh
     finally:
         try:
             os.unlink(path)
