@@ -186,6 +186,26 @@ def run_shard(k: int, shards: int, stage: Path, sockets: Path, messages: list[tu
     return spent, received
 
 
+def run_apply(stage: Path, messages: list[tuple[bytes, bytes]], deep: int) -> float:
+    """Book.apply alone over every coin's slices (one process, no publishing), levels kept
+    as lists up to ``deep`` orders (book.DEEP), dicts past it."""
+    from hlbook.common import topics, wire
+    from hlbook.services.book import book as book_module, snapshot
+
+    default, book_module.DEEP = book_module.DEEP, deep
+    try:
+        _, books = snapshot.load_file(str(stage / "snapshot.json"))  # levels built under this DEEP
+        slices = [(topics.coin_of(t), wire.decode(p, wire.BookSlice)) for t, p in messages if t.startswith(topics.BOOK_PREFIX)]
+        t = cpu()
+        for coin, s in slices:
+            book = books.get(coin)
+            if book is not None and s.height > book.height:
+                book.apply(s.height, s.time, s.diffs)
+        return cpu() - t
+    finally:
+        book_module.DEEP = default
+
+
 def run_history(tmp: Path, messages: list[tuple[bytes, bytes]], commit_every: float) -> float:
     from hlbook.common import topics, wire
     from hlbook.services.history.store import Store
@@ -214,7 +234,7 @@ def main() -> None:
     parser.add_argument("--stage", default=None, help="where the node files are kept between runs (default: a temporary directory)")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--subscribed", type=int, default=200, help="coins whose bbo and l2Book a client subscribes to")
-    parser.add_argument("--only", default="ingest,shard,history")
+    parser.add_argument("--only", default="ingest,shard,history", help="stages to run, of ingest,shard,apply,history")
     parser.add_argument("--commit-every", type=float, nargs="*", default=[1.0],
                         help="also measure history committing every S seconds of block time (the default interval always runs)")
     parser.add_argument("--followed", type=int, default=0,
@@ -247,6 +267,12 @@ def main() -> None:
                 more, _ = run_shard(0, args.shards, stage, sockets, messages, coins, args.followed)
                 print(f"shard 0/{args.shards} with {args.followed:,} users followed: {more * 1000 / n:6.2f} ms CPU a block "
                       f"(x{more / base:.2f} the same shard with none, same run)", flush=True)
+        if "apply" in only:
+            from hlbook.services.book.book import DEEP
+
+            for deep in (10**9, DEEP, 10**9, DEEP):  # alternated: every level a list, then the default
+                spent = run_apply(stage, messages, deep)
+                print(f"apply, levels {'as lists' if deep > DEEP else f'as dicts past {DEEP} orders'}: {spent * 1000 / n:6.2f} ms CPU a block (every coin)", flush=True)
         if "history" in only:
             from hlbook.services.history.service import COMMIT_EVERY
 
