@@ -11,14 +11,18 @@ refused:
 
 - ``url``: ``GET /aaaa…`` — a request target of up to 64 MB;
 - ``header``: one header whose value is up to 64 MB;
-- ``headers``: up to 1,000,000 small header fields.
+- ``headers``: up to 1,000,000 small header fields;
+- ``subscriptions``: each attacking connection a WebSocket holding every market feed
+  of every coin it may (7 l2Book aggregations, bbo, trades, l4Book, activeAssetCtx:
+  132 a connection with 12 coins), reading all it is sent, until the per-address
+  budgets refuse more (``--max-subscriptions-per-ip``, connections per address).
 
 Printed per phase: the polite client's requests, p50/p99/max latency and
 failures (timeouts count as failures), the gateway's CPU (% of one core) and
 peak RSS, and the bytes the attackers sent (into their sockets: what the gateway read, discarded or refused). The quiet
 phases are the baseline, measured in the same run.
 
-    .venv/bin/python bench/attack.py [--attack url,header,headers] [--attackers 20] [--seconds 8]
+    .venv/bin/python bench/attack.py [--attack url,header,headers,subscriptions] [--attackers 20] [--seconds 8]
         [--rounds 1] [--python PY]
 """
 
@@ -76,8 +80,45 @@ def attacker(port: int, kind: str, sent: Any, stop: Any) -> None:
             time.sleep(0.01)  # refused or reset: start again
 
 
-def attack_main(port: int, kind: str, n: int, sent: Any, stop: Any) -> None:
-    threads = [threading.Thread(target=attacker, args=(port, kind, sent, stop), daemon=True) for _ in range(n)]
+def feeds(coins: list[str]) -> list[dict[str, Any]]:
+    """Every market feed of every coin an attacker can hold on one connection (history is off)."""
+    books = [{"nSigFigs": None}, *({"nSigFigs": n} for n in (2, 3, 4, 5)), {"nSigFigs": 5, "mantissa": 2}, {"nSigFigs": 5, "mantissa": 5}]
+    out: list[dict[str, Any]] = []
+    for coin in coins:
+        out += [{"type": "l2Book", "coin": coin, **b} for b in books]
+        out += [{"type": kind, "coin": coin} for kind in ("bbo", "trades", "l4Book", "activeAssetCtx")]
+    return out
+
+
+def subscriber(port: int, coins: list[str], accepted: Any, stop: Any) -> None:
+    """One WebSocket connection holding every market feed it is allowed, reading all it is sent
+    (a client that keeps up: it costs the server the most); again when cut."""
+    from websockets.sync.client import connect
+
+    while not stop.is_set():
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.9", 0))
+            with connect(f"ws://127.0.0.1:{port}/ws", sock=sock, max_size=None, open_timeout=5) as ws:
+                for sub in feeds(coins):
+                    ws.send(json.dumps({"method": "subscribe", "subscription": sub}))
+                while not stop.is_set():
+                    try:
+                        text = ws.recv(timeout=0.5)
+                    except TimeoutError:
+                        continue
+                    if isinstance(text, str) and text.startswith('{"channel":"subscriptionResponse"'):
+                        with accepted.get_lock():
+                            accepted.value += 1
+        except Exception:
+            time.sleep(0.05)  # refused (429, budget) or cut: again
+
+
+def attack_main(port: int, kind: str, n: int, sent: Any, stop: Any, coins: list[str]) -> None:
+    if kind == "subscriptions":
+        target, args = subscriber, (port, coins, sent, stop)
+    else:
+        target, args = attacker, (port, kind, sent, stop)
+    threads = [threading.Thread(target=target, args=args, daemon=True) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
@@ -141,14 +182,14 @@ def pct(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def phase(name: str, port: int, gw: int, seconds: float, attack: str | None, attackers: int) -> None:
+def phase(name: str, port: int, gw: int, seconds: float, attack: str | None, attackers: int, coins: list[str]) -> None:
     ctx = mp.get_context("fork")
     stop, sent = ctx.Event(), ctx.Value("q", 0)
     proc = None
     if attack:
-        proc = ctx.Process(target=attack_main, args=(port, attack, attackers, sent, stop), daemon=True)
+        proc = ctx.Process(target=attack_main, args=(port, attack, attackers, sent, stop, coins), daemon=True)
         proc.start()
-        time.sleep(0.5)  # the attack is under way before the timing starts
+        time.sleep(3.0 if attack == "subscriptions" else 0.5)  # the attack is under way before the timing starts
     cpu0, rss = proc_cpu_s(gw) or 0.0, 0.0
     sampler_stop = threading.Event()
 
@@ -172,7 +213,8 @@ def phase(name: str, port: int, gw: int, seconds: float, attack: str | None, att
             proc.kill()
     print(f"{name:<16} requests {len(latencies):>6}  p50 {pct(latencies, 0.5):8.2f} ms  p99 {pct(latencies, 0.99):8.2f} ms  "
           f"max {max(latencies, default=float('nan')):8.1f} ms  failed {failures:>4}  gateway CPU {cpu:5.1f} %  "
-          f"RSS peak {rss:7.1f} MB  attack sent {sent.value / 1e6:8.1f} MB", flush=True)
+          f"RSS peak {rss:7.1f} MB  " + (f"subscriptions accepted {sent.value:,}" if attack == "subscriptions" else
+                                          f"attack sent {sent.value / 1e6:8.1f} MB"), flush=True)
 
 
 def main() -> None:
@@ -199,12 +241,16 @@ def main() -> None:
                     raise SystemExit(f"hlbook up did not get ready:\n{log.read_text()[-3000:]}")
                 time.sleep(0.5)
             gw = gateway_pid(up.pid)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("POST", "/info", body=b'{"type":"allMids"}', headers={"Content-Type": "application/json"})
+            coins = sorted(json.loads(conn.getresponse().read()))
+            conn.close()
             print(f"hlbook up --simulate (1 shard, 12 coins) with {args.python}; {args.attackers} attacking connections "
                   f"from one address; {args.seconds:.0f} s a phase", flush=True)
             for r in range(args.rounds):
                 for kind in args.attack.split(","):
-                    phase("quiet", port, gw, args.seconds, None, 0)
-                    phase(f"attack {kind}", port, gw, args.seconds, kind, args.attackers)
+                    phase("quiet", port, gw, args.seconds, None, 0, coins)
+                    phase(f"attack {kind}", port, gw, args.seconds, kind, args.attackers, coins)
         finally:
             os.killpg(up.pid, signal.SIGINT)
             try:
