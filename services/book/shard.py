@@ -75,6 +75,7 @@ class ShardConfig:
     replay_timeout: float = 5.0
     retry_every: float = 1.0
     curve_dir: str | None = None  # ZeroMQ CURVE keys (common.security)
+    coins: frozenset[str] | None = None  # these coins alone (None: every coin the shard owns)
     checkpoint_dir: str | None = None  # where L4 checkpoints go (checkpoint.py); None: none written
     checkpoint_every: float = 600.0  # seconds between checkpoints (0: off)
     checkpoint_keep: float = 7 * 86400.0  # seconds a checkpoint is kept (the history's days)
@@ -107,7 +108,7 @@ class Shard:
         if not cfg.info_url and not cfg.snapshot_file:
             raise ValueError("one of --info-url or --snapshot-file is required")
         self.cfg = cfg
-        self.state = state = ShardState(cfg.shard, cfg.shards)
+        self.state = state = ShardState(cfg.shard, cfg.shards, cfg.coins)
         self.ctx = ctx or zmq.Context.instance()
         self.curve = Curve.from_dir(cfg.curve_dir)
         pub, query = config.book_endpoints(cfg.shard)

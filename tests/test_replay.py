@@ -1,0 +1,176 @@
+"""`hlbook replay` over the real fixture (mainnet_btc_985148181_985148206): a checkpoint made
+from the node snapshot at 985148181, then blocks 182..206 from the node files, give a client
+the l2Book and trades frames a live client got for the same blocks, value for value."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import websockets
+
+from conftest import free_port
+from hlbook.common import nodefiles
+from hlbook.common.models import STREAMS, block_time_ms
+from hlbook.services.book import checkpoint, snapshot
+from hlbook.services.book.checkpoint import Header
+from hlbook.services.replay.plan import Point, ReplayError, choose, parse_point
+from pipeline import http_get, stop_group
+
+SNAPSHOT, FIRST, LAST = 985148181, 985148182, 985148206
+SUBSCRIPTIONS = ({"type": "l2Book", "coin": "BTC"}, {"type": "trades", "coin": "BTC"})
+LIVE_GAP = 0.14  # seconds between two blocks written live (twice the node's pace: one block per gateway turn)
+SPEED = 0.5  # the replay's pace: the same
+
+
+def block_lines(btc_data: Path) -> dict[Path, list[bytes]]:
+    """Relative path -> the by-block lines of each stream (one per block, FIRST..LAST)."""
+    out = {}
+    for stream in STREAMS:
+        (path,) = nodefiles.hour_files(btc_data, stream, "by-block")
+        out[path.relative_to(btc_data)] = path.read_bytes().splitlines(keepends=True)
+    assert all(len(lines) == LAST - FIRST + 1 for lines in out.values())
+    return out
+
+
+def block_times(lines: dict[Path, list[bytes]]) -> list[int]:
+    diffs = next(v for k, v in lines.items() if "raw_book_diffs" in str(k))
+    return [block_time_ms(orjson.loads(line)["block_time"]) for line in diffs]
+
+
+async def collect(url: str, subscribed: Callable[[], Any], last_time: int, timeout: float = 30) -> dict[str, list[Any]]:
+    """Connect (retrying while the gateway starts), subscribe, wait for the current book, call
+    ``subscribed`` (awaited), then keep every l2Book and trades data until the book of ``last_time``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ws = await websockets.connect(url, max_size=None, max_queue=None)
+            break
+        except (OSError, websockets.InvalidStatus):
+            assert time.monotonic() < deadline, "the gateway never took the connection"
+            await asyncio.sleep(0.1)
+    got: dict[str, list[Any]] = {"l2Book": [], "trades": []}
+    async with ws:
+        for sub in SUBSCRIPTIONS:
+            await ws.send(json.dumps({"method": "subscribe", "subscription": sub}))
+        while not got["l2Book"]:  # the book as the subscription found it: the shard has it
+            message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            if message["channel"] in got:
+                got[message["channel"]].append(message["data"])
+        started = asyncio.ensure_future(subscribed())
+        while time.monotonic() < deadline:
+            try:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 1))
+            except TimeoutError:
+                if got["l2Book"][-1]["time"] == last_time and started.done():
+                    break
+                continue
+            if message["channel"] in got:
+                got[message["channel"]].append(message["data"])
+        await started
+    return got
+
+
+def after(frames: dict[str, list[Any]], first_time: int) -> dict[str, list[Any]]:
+    """The frames of the blocks from ``first_time`` on (not the book the subscription found)."""
+    return {"l2Book": [d for d in frames["l2Book"] if d["time"] >= first_time],
+            "trades": [t for d in frames["trades"] for t in d]}
+
+
+def start(tmp_path: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
+    log = open(tmp_path / f"{name}.log", "wb")
+    return subprocess.Popen([sys.executable, "-m", "hlbook.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+
+
+def live_frames(btc_data: Path, tmp_path: Path, lines: dict[Path, list[bytes]], times: list[int]) -> dict[str, list[Any]]:
+    """What a live client gets while the node writes the fixture's blocks (hlbook up, from the snapshot)."""
+    data = tmp_path / "live"
+    data.mkdir()
+    port = free_port()
+    up = start(tmp_path, "up", "up", "--no-simulate", "--data-dir", str(data), "--snapshot-file",
+               str(btc_data / f"snapshot_{SNAPSHOT}.json"), "--shards", "1", "--no-history", "--port", str(port),
+               "--metrics-base-port", "0", "--sockets", str(tmp_path / "zmq"), "--state-dir", str(tmp_path / "state"),
+               "--checkpoint-every", "0")
+
+    async def write() -> None:
+        for i in range(LAST - FIRST + 1):
+            for rel, stream_lines in lines.items():
+                (data / rel).parent.mkdir(parents=True, exist_ok=True)
+                with open(data / rel, "ab") as fh:
+                    fh.write(stream_lines[i])
+            await asyncio.sleep(LIVE_GAP)
+
+    try:
+        return asyncio.run(collect(f"ws://127.0.0.1:{port}/ws", write, times[-1]))
+    finally:
+        stop_group(up)
+        assert "Traceback" not in (tmp_path / "up.log").read_text()
+
+
+def replay_frames(btc_data: Path, tmp_path: Path, times: list[int], *args: str) -> tuple[dict[str, list[Any]], str]:
+    """What a client of `hlbook replay` gets (it subscribes before the first block: --wait-clients)."""
+    port = free_port()
+    replay = start(tmp_path, "replay", "replay", "--from", str(FIRST), "--to", str(LAST), "--data-dir", str(btc_data),
+                   "--checkpoint-dir", str(tmp_path / "checkpoints"), "--port", str(port),
+                   "--wait-clients", str(len(SUBSCRIPTIONS)), "--log-level", "INFO", *args)
+
+    async def nothing() -> None:
+        return None
+
+    try:
+        frames = asyncio.run(collect(f"ws://127.0.0.1:{port}/ws", nothing, times[-1]))
+    finally:
+        stop_group(replay)
+    logged = (tmp_path / "replay.log").read_text()
+    assert "Traceback" not in logged and replay.returncode == 0, logged[-3000:]
+    left = [p for p in Path(tempfile.gettempdir()).glob("hlbook-*-*") if (p / ".hlbook-owner").is_file()
+            and (p / ".hlbook-owner").read_text() == str(replay.pid)]
+    assert left == []  # its sockets and scratch folders went with it
+    return frames, logged
+
+
+@pytest.fixture()
+def fixture_checkpoint(btc_data: Path, tmp_path: Path) -> Path:
+    height, books = snapshot.load_file(str(btc_data / f"snapshot_{SNAPSHOT}.json"))
+    first_time = block_times(block_lines(btc_data))[0]
+    return checkpoint.write(tmp_path / "checkpoints", Header(height, first_time - 70, 0, 1, 0, ""), books)
+
+
+def test_a_replay_from_the_checkpoint_gives_the_frames_a_live_client_got(btc_data: Path, tmp_path: Path,
+                                                                         fixture_checkpoint: Path) -> None:
+    lines = block_lines(btc_data)
+    times = block_times(lines)
+    live = after(live_frames(btc_data, tmp_path, lines, times), times[0])
+    replayed, logged = replay_frames(btc_data, tmp_path, times, "--speed", str(SPEED))
+    replayed = after(replayed, times[0])
+    assert len(live["l2Book"]) >= 20 and len(live["trades"]) == 6  # the fixture: 12 fills, 6 trades
+    assert [d["time"] for d in replayed["l2Book"]] == [d["time"] for d in live["l2Book"]]
+    assert replayed == live  # every level of every book, every trade, value for value
+    assert f"l4-{SNAPSHOT}-0of1.ckpt" in logged and "reached --to" in logged
+
+
+def test_choosing_checkpoints(tmp_path: Path) -> None:
+    for height, shard in ((100, 0), (100, 1), (200, 0), (300, 0), (300, 1), (250, 1)):
+        checkpoint.write(tmp_path, Header(height, height * 1000, shard, 2, 0, ""), {})
+    checkpoint.write(tmp_path, Header(280, 280_000, 0, 1, 0, ""), {})
+    start = choose(tmp_path, Point(height=270))
+    assert (start.shards, start.heights, start.height) == (2, [200, 250], 200)  # 280 (one shard) is after 270
+    assert choose(tmp_path, Point(time_ms=300_000)).heights == [300, 300]
+    assert choose(tmp_path, Point(height=290)).heights == [280]
+    with pytest.raises(ReplayError):
+        choose(tmp_path, Point(height=99))
+    assert parse_point("985148182") == Point(height=985148182)
+    assert parse_point("2026-05-05T17:39:13.024Z") == Point(time_ms=1_778_002_753_024)
+    with pytest.raises(ReplayError):
+        parse_point("yesterday")
