@@ -48,9 +48,11 @@ def block_times(lines: dict[Path, list[bytes]]) -> list[int]:
     return [block_time_ms(orjson.loads(line)["block_time"]) for line in diffs]
 
 
-async def collect(url: str, subscribed: Callable[[], Any], last_time: int, timeout: float = 30) -> dict[str, list[Any]]:
+async def collect(url: str, subscribed: Callable[[], Any], last_time: int, timeout: float = 30,
+                  read_every: float = 0.0) -> dict[str, list[Any]]:
     """Connect (retrying while the gateway starts), subscribe, wait for the current book, call
-    ``subscribed`` (awaited), then keep every l2Book and trades data until the book of ``last_time``."""
+    ``subscribed`` (awaited), then keep every l2Book and trades data until the book of ``last_time``
+    (``at``: when each l2Book came, monotonic; ``read_every``: a slow client, sleeping after each message)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -59,14 +61,15 @@ async def collect(url: str, subscribed: Callable[[], Any], last_time: int, timeo
         except (OSError, websockets.InvalidStatus):
             assert time.monotonic() < deadline, "the gateway never took the connection"
             await asyncio.sleep(0.1)
-    got: dict[str, list[Any]] = {"l2Book": [], "trades": []}
+    got: dict[str, list[Any]] = {"l2Book": [], "trades": [], "at": []}
     async with ws:
         for sub in SUBSCRIPTIONS:
             await ws.send(json.dumps({"method": "subscribe", "subscription": sub}))
         while not got["l2Book"]:  # the book as the subscription found it: the shard has it
             message = json.loads(await asyncio.wait_for(ws.recv(), 10))
-            if message["channel"] in got:
+            if message["channel"] in ("l2Book", "trades"):
                 got[message["channel"]].append(message["data"])
+                got["at"].append(time.monotonic())
         started = asyncio.ensure_future(subscribed())
         while time.monotonic() < deadline:
             try:
@@ -75,8 +78,11 @@ async def collect(url: str, subscribed: Callable[[], Any], last_time: int, timeo
                 if got["l2Book"][-1]["time"] == last_time and started.done():
                     break
                 continue
-            if message["channel"] in got:
+            if message["channel"] in ("l2Book", "trades"):
                 got[message["channel"]].append(message["data"])
+                if message["channel"] == "l2Book":
+                    got["at"].append(time.monotonic())
+            await asyncio.sleep(read_every)
         await started
     return got
 
@@ -87,10 +93,16 @@ def after(frames: dict[str, list[Any]], first_time: int) -> dict[str, list[Any]]
             "trades": [t for d in frames["trades"] for t in d]}
 
 
-def start(tmp_path: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
+def pace(frames: dict[str, list[Any]], first_time: int) -> tuple[float, float]:
+    """(seconds between the first and last block's book on the wall clock, in block time)."""
+    came = [(at, d["time"]) for at, d in zip(frames["at"], frames["l2Book"]) if d["time"] >= first_time]
+    return came[-1][0] - came[0][0], (came[-1][1] - came[0][1]) / 1000
+
+
+def start(tmp_path: Path, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     log = open(tmp_path / f"{name}.log", "wb")
     return subprocess.Popen([sys.executable, "-m", "hlbook.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
 
 
 def live_frames(btc_data: Path, tmp_path: Path, lines: dict[Path, list[bytes]], times: list[int]) -> dict[str, list[Any]]:
@@ -118,18 +130,19 @@ def live_frames(btc_data: Path, tmp_path: Path, lines: dict[Path, list[bytes]], 
         assert "Traceback" not in (tmp_path / "up.log").read_text()
 
 
-def replay_frames(btc_data: Path, tmp_path: Path, times: list[int], *args: str) -> tuple[dict[str, list[Any]], str]:
+def replay_frames(btc_data: Path, tmp_path: Path, times: list[int], *args: str, read_every: float = 0.0,
+                  env: dict[str, str] | None = None) -> tuple[dict[str, list[Any]], str]:
     """What a client of `hlbook replay` gets (it subscribes before the first block: --wait-clients)."""
     port = free_port()
     replay = start(tmp_path, "replay", "replay", "--from", str(FIRST), "--to", str(LAST), "--data-dir", str(btc_data),
                    "--checkpoint-dir", str(tmp_path / "checkpoints"), "--port", str(port),
-                   "--wait-clients", str(len(SUBSCRIPTIONS)), "--log-level", "INFO", *args)
+                   "--wait-clients", str(len(SUBSCRIPTIONS)), "--log-level", "INFO", *args, env=env)
 
     async def nothing() -> None:
         return None
 
     try:
-        frames = asyncio.run(collect(f"ws://127.0.0.1:{port}/ws", nothing, times[-1]))
+        frames = asyncio.run(collect(f"ws://127.0.0.1:{port}/ws", nothing, times[-1], read_every=read_every))
     finally:
         stop_group(replay)
     logged = (tmp_path / "replay.log").read_text()
@@ -152,12 +165,21 @@ def test_a_replay_from_the_checkpoint_gives_the_frames_a_live_client_got(btc_dat
     lines = block_lines(btc_data)
     times = block_times(lines)
     live = after(live_frames(btc_data, tmp_path, lines, times), times[0])
-    replayed, logged = replay_frames(btc_data, tmp_path, times, "--speed", str(SPEED))
-    replayed = after(replayed, times[0])
     assert len(live["l2Book"]) >= 20 and len(live["trades"]) == 6  # the fixture: 12 fills, 6 trades
+
+    frames, logged = replay_frames(btc_data, tmp_path, times, "--speed", str(SPEED))
+    replayed = after(frames, times[0])
     assert [d["time"] for d in replayed["l2Book"]] == [d["time"] for d in live["l2Book"]]
     assert replayed == live  # every level of every book, every trade, value for value
     assert f"l4-{SNAPSHOT}-0of1.ckpt" in logged and "reached --to" in logged
+    wall, block_time = pace(frames, times[0])
+    assert abs(wall - block_time / SPEED) <= 0.05 * block_time / SPEED, (wall, block_time / SPEED)  # --speed: within 5 %
+
+    # as fast as read, a client reading one message every 20 ms and 2 messages queued at most for it in the gateway:
+    # the replay waits for it (nothing conflated, nobody cut off), and it gets every frame
+    frames, logged = replay_frames(btc_data, tmp_path, times, "--as-fast-as-read", read_every=0.02,
+                                   env={"HLBOOK_QUEUE_SIZE": "2"})
+    assert after(frames, times[0]) == live and "as fast as read" in logged
 
 
 def test_choosing_checkpoints(tmp_path: Path) -> None:

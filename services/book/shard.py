@@ -75,6 +75,7 @@ class ShardConfig:
     replay_timeout: float = 5.0
     retry_every: float = 1.0
     curve_dir: str | None = None  # ZeroMQ CURVE keys (common.security)
+    lossless: bool = False  # replays: the XPUB never drops (XPUB_NODROP: sends wait for the slowest gateway)
     coins: frozenset[str] | None = None  # these coins alone (None: every coin the shard owns)
     checkpoint_dir: str | None = None  # where L4 checkpoints go (checkpoint.py); None: none written
     checkpoint_every: float = 600.0  # seconds between checkpoints (0: off)
@@ -117,6 +118,8 @@ class Shard:
         for prefix in STREAM_PREFIXES:
             self.sub.setsockopt(zmq.SUBSCRIBE, prefix)
         xpub = self._socket(zmq.XPUB, cfg.pub or pub, bind=True, verbose=True)
+        if cfg.lossless:
+            xpub.setsockopt(zmq.XPUB_NODROP, 1)
         self.publisher = Publisher(xpub, cfg.shard)
         self.router = self._socket(zmq.ROUTER, cfg.query or query, bind=True)
         wire.router_replies(self.router, REPLIES_QUEUED)

@@ -56,16 +56,17 @@ class Replay:
                                       "--metrics-port", str(metrics_port), *common])]
         books: list[str] = []
         coins = [arg for coin in self.coins for arg in ("--coins", coin)]
+        lossless = ["--lossless"] if self.speed == 0 else []  # as fast as read: nothing dropped anywhere
         for k, path in enumerate(self.start.files):
             book_pub, query = ipc_endpoint(sockets, f"book-{k}-pub"), ipc_endpoint(sockets, f"book-{k}-query")
             books += ["--book-pub", book_pub, "--book-query", query]
             specs.append(ChildSpec(f"book-{k}", ["book", "--shard", str(k), "--shards", str(self.start.shards),
-                                                 "--snapshot-file", str(path), "--checkpoint-every", "0", *coins,
+                                                 "--snapshot-file", str(path), "--checkpoint-every", "0", *coins, *lossless,
                                                  "--ingest-pub", pub, "--ingest-replay", replay,
                                                  "--pub", book_pub, "--query", query, *common]))
         specs.append(ChildSpec("gateway", ["gateway", "--host", self.host, "--port", str(self.port),
                                            "--shards", str(self.start.shards), "--ingest-pub", pub, "--ingest-replay", replay,
-                                           "--stale-after", "1e9", *books, *common]))
+                                           "--stale-after", "1e9", *lossless, *books, *common]))
         return specs
 
 
