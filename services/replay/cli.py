@@ -29,6 +29,7 @@ def replay(
     """Serve a past span of the node's files through the gateway's API, from the L4 checkpoints."""
     from hlbook.services.replay.plan import ReplayError, choose, parse_point
     from hlbook.services.replay.service import Replay, run
+    from hlbook.services.supervisor.supervisor import ChildFailed
 
     try:
         start_at, end = parse_point(from_), parse_point(to)
@@ -40,5 +41,9 @@ def replay(
     if not os.path.isdir(data_dir):
         typer.echo(f"hlbook replay: --data-dir {data_dir}: no such directory", err=True)
         raise typer.Exit(2)
-    run(Replay(data_dir=data_dir, mode=mode, start=start, to=end, speed=0.0 if as_fast_as_read else speed,
-               coins=coins or [], host=host, port=port, wait_clients=wait_clients, log_level=log_level, pace_from=start_at))
+    try:
+        run(Replay(data_dir=data_dir, mode=mode, start=start, to=end, speed=0.0 if as_fast_as_read else speed,
+                   coins=coins or [], host=host, port=port, wait_clients=wait_clients, log_level=log_level, pace_from=start_at))
+    except ChildFailed as exc:
+        typer.echo(f"hlbook replay: {exc}", err=True)
+        raise typer.Exit(1) from None

@@ -53,6 +53,9 @@ class Replay:
         specs = [ChildSpec("ingest", ["ingest", "--data-dir", self.data_dir, "--mode", self.mode, "--state-dir", "",
                                       "--from-height", str(self.start.height + 1), *until, "--speed", str(self.speed), *pace,
                                       "--hold-file", hold, "--pub", pub, "--replay", replay,
+                                      # the files are whole: a block waits for every stream (a time-out would close
+                                      # blocks without the lines a stream had not read yet while sends waited)
+                                      "--block-timeout", "1e9",
                                       "--metrics-port", str(metrics_port), *common])]
         books: list[str] = []
         coins = [arg for coin in self.coins for arg in ("--coins", coin)]
