@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"HLBOOK-L4-CHECKPOINT "
 HEADER_SIZE = 512
-PRESET = 0  # xz preset: on the BTC fixture (51k orders, 18.9 MB of JSON) 1.5 MB, ~0.4 s to write, 0.1 s to
-# decompress; zlib level 6: 2.1 MB, slower to read; level 1: 2.6 MB (docs/OPERATIONS.md)
+PRESET = 0  # xz preset: on the BTC fixture (51k orders, 18.9 MB of JSON) 1.54 MB, ~0.3 s to write and to load;
+# zlib level 6: 2.09 MB in about the same times, level 1: 2.59 MB (docs/OPERATIONS.md)
 RETRY_S = 1.0  # a checkpoint put off (a coin resyncing) is tried again this much later
 _NAME = re.compile(r"^l4-(\d+)-(\d+)of(\d+)\.ckpt$")
 
