@@ -80,3 +80,19 @@ def test_a_live_shards_checkpoint_equals_the_node_at_its_height(tmp_path: Path) 
         if shard is not None:
             shard.stop()
         sim.stop()
+
+
+def test_up_gives_each_shard_a_checkpoint_folder_per_node_in_its_state_dir(tmp_path: Path) -> None:
+    from hlbook.common import config
+    from hlbook.services.supervisor.pipeline import Pipeline
+
+    pipeline = Pipeline(simulate=False, data_dir=str(tmp_path / "node"), info_url=None, snapshot_file="snap.json",
+                        mode="by-block", shards=2, gateways=1, host="127.0.0.1", port=8000, info_port=3001,
+                        blocks_per_sec=None, coins=50, seed=1, metrics_base_port=0, log_level="INFO",
+                        state_dir=str(tmp_path / "state"), history_days=3.0, checkpoint_every=5.0)
+    folder = str(config.state_file(tmp_path / "state", "checkpoints", tmp_path / "node", "by-block", ""))
+    books = [spec.args for spec in pipeline.specs(str(tmp_path / "node"), str(tmp_path / "zmq")) if spec.name.startswith("book-")]
+    assert len(books) == 2
+    for args in books:
+        flags = dict(zip(args, args[1:]))
+        assert (flags["--checkpoint-dir"], flags["--checkpoint-every"], flags["--history-days"]) == (folder, "5.0", "3.0")

@@ -25,7 +25,9 @@ from hlbook.common.models import STREAMS, block_time_ms
 from hlbook.services.book import checkpoint, snapshot
 from hlbook.services.book.checkpoint import Header
 from hlbook.services.replay.plan import Point, ReplayError, choose, parse_point
-from pipeline import http_get, stop_group
+from pipeline import post_info, stop_group
+from test_book_shard import ShardProcess
+from test_book_sim import Sim, advance
 
 SNAPSHOT, FIRST, LAST = 985148181, 985148182, 985148206
 SUBSCRIPTIONS = ({"type": "l2Book", "coin": "BTC"}, {"type": "trades", "coin": "BTC"})
@@ -99,7 +101,7 @@ def pace(frames: dict[str, list[Any]], first_time: int) -> tuple[float, float]:
     return came[-1][0] - came[0][0], (came[-1][1] - came[0][1]) / 1000
 
 
-def start(tmp_path: Path, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_process(tmp_path: Path, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     log = open(tmp_path / f"{name}.log", "wb")
     return subprocess.Popen([sys.executable, "-m", "hlbook.cli", *args], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
@@ -110,7 +112,7 @@ def live_frames(btc_data: Path, tmp_path: Path, lines: dict[Path, list[bytes]], 
     data = tmp_path / "live"
     data.mkdir()
     port = free_port()
-    up = start(tmp_path, "up", "up", "--no-simulate", "--data-dir", str(data), "--snapshot-file",
+    up = start_process(tmp_path, "up", "up", "--no-simulate", "--data-dir", str(data), "--snapshot-file",
                str(btc_data / f"snapshot_{SNAPSHOT}.json"), "--shards", "1", "--no-history", "--port", str(port),
                "--metrics-base-port", "0", "--sockets", str(tmp_path / "zmq"), "--state-dir", str(tmp_path / "state"),
                "--checkpoint-every", "0")
@@ -134,7 +136,7 @@ def replay_frames(btc_data: Path, tmp_path: Path, times: list[int], *args: str, 
                   env: dict[str, str] | None = None) -> tuple[dict[str, list[Any]], str]:
     """What a client of `hlbook replay` gets (it subscribes before the first block: --wait-clients)."""
     port = free_port()
-    replay = start(tmp_path, "replay", "replay", "--from", str(FIRST), "--to", str(LAST), "--data-dir", str(btc_data),
+    replay = start_process(tmp_path, "replay", "replay", "--from", str(FIRST), "--to", str(LAST), "--data-dir", str(btc_data),
                    "--checkpoint-dir", str(tmp_path / "checkpoints"), "--port", str(port),
                    "--wait-clients", str(len(SUBSCRIPTIONS)), "--log-level", "INFO", *args, env=env)
 
@@ -196,3 +198,52 @@ def test_choosing_checkpoints(tmp_path: Path) -> None:
     assert parse_point("2026-05-05T17:39:13.024Z") == Point(time_ms=1_778_002_753_024)
     with pytest.raises(ReplayError):
         parse_point("yesterday")
+
+
+def test_a_two_shard_replay_from_checkpoints_at_different_heights_ends_at_the_nodes_books(tmp_path: Path) -> None:
+    """The simulator's market: two live shards write checkpoints (each at its own height); a replay as
+    fast as read from them to a later block serves, for every coin, the l2Book of the node's true book."""
+    sim = Sim(tmp_path)
+    shards: list[ShardProcess] = []
+    try:
+        base, truth = sim.snapshot()
+        directory = tmp_path / "checkpoints"
+        shards = [ShardProcess(tmp_path, f"s{k}", k, 2, sim.ingest_eps, "--info-url", sim.url, "--checkpoint-every",
+                               str(1 / 60), "--checkpoint-dir", str(directory), production=True) for k in range(2)]
+        deadline = time.monotonic() + 30
+        while {k for _, _, k, _ in checkpoint.listing(directory)} != {0, 1}:
+            assert time.monotonic() < deadline, [s.log_text()[-1000:] for s in shards]
+            time.sleep(0.1)
+        time.sleep(1.0)  # more blocks after them
+    finally:
+        for shard in shards:
+            shard.stop()
+        sim.stop()
+    found = checkpoint.listing(directory)
+    start = max(min(h for _, h, k, _ in found if k == shard) for shard in (0, 1))  # each shard has one at or before it
+    (diffs,) = nodefiles.hour_files(sim.data, "raw_book_diffs", "by-block")
+    last = nodefiles.tail(diffs)[1]
+    assert last is not None and last > start + 10
+    plan = choose(directory, Point(height=start))
+    assert plan.shards == 2 and plan.height > base
+
+    port = free_port()
+    replay = start_process(tmp_path, "replay", "replay", "--from", str(start), "--to", str(last), "--as-fast-as-read",
+                           "--data-dir", str(sim.data), "--checkpoint-dir", str(directory), "--port", str(port))
+    try:
+        deadline = time.monotonic() + 30
+        while "reached --to" not in (tmp_path / "replay.log").read_text():
+            assert replay.poll() is None and time.monotonic() < deadline, (tmp_path / "replay.log").read_text()[-3000:]
+            time.sleep(0.2)
+        coins = sorted(c for c in truth if truth[c].bids.levels or truth[c].asks.levels)
+        assert len(coins) >= 8
+        for coin in coins:
+            want = advance(sim.data, truth[coin], base, last)
+            status, got = post_info(f"http://127.0.0.1:{port}", {"type": "l2Book", "coin": coin})
+            assert status == 200, (coin, got)
+            levels = [[(lv["px"], lv["sz"], lv["n"]) for lv in side] for side in got["levels"]]
+            assert levels == [[lv.wire() for lv in side.top(20)] for side in (want.bids, want.asks)], coin
+    finally:
+        stop_group(replay)
+    logged = (tmp_path / "replay.log").read_text()
+    assert "Traceback" not in logged and "ERROR" not in logged, logged[-3000:]
