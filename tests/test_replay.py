@@ -24,7 +24,7 @@ from hlbook.common import nodefiles
 from hlbook.common.models import STREAMS, block_time_ms
 from hlbook.services.book import checkpoint, snapshot
 from hlbook.services.book.checkpoint import Header
-from hlbook.services.replay.plan import Point, ReplayError, choose, parse_point
+from hlbook.services.replay.plan import Point, ReplayError, Start, check, choose, parse_point
 from pipeline import post_info, stop_group
 from test_book_shard import ShardProcess
 from test_book_sim import Sim, advance
@@ -133,10 +133,10 @@ def live_frames(btc_data: Path, tmp_path: Path, lines: dict[Path, list[bytes]], 
 
 
 def replay_frames(btc_data: Path, tmp_path: Path, times: list[int], *args: str, read_every: float = 0.0,
-                  env: dict[str, str] | None = None) -> tuple[dict[str, list[Any]], str]:
+                  env: dict[str, str] | None = None, to: str = str(LAST)) -> tuple[dict[str, list[Any]], str]:
     """What a client of `hlbook replay` gets (it subscribes before the first block: --wait-clients)."""
     port = free_port()
-    replay = start_process(tmp_path, "replay", "replay", "--from", str(FIRST), "--to", str(LAST), "--data-dir", str(btc_data),
+    replay = start_process(tmp_path, "replay", "replay", "--from", str(FIRST), "--to", to, "--data-dir", str(btc_data),
                    "--checkpoint-dir", str(tmp_path / "checkpoints"), "--port", str(port),
                    "--wait-clients", str(len(SUBSCRIPTIONS)), "--log-level", "INFO", *args, env=env)
 
@@ -179,8 +179,9 @@ def test_a_replay_from_the_checkpoint_gives_the_frames_a_live_client_got(btc_dat
 
     # as fast as read, a client reading one message every 20 ms and 2 messages queued at most for it in the gateway:
     # the replay waits for it (nothing conflated, nobody cut off), and it gets every frame
+    last = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(times[-1] // 1000)) + f".{times[-1] % 1000:03d}"
     frames, logged = replay_frames(btc_data, tmp_path, times, "--as-fast-as-read", read_every=0.02,
-                                   env={"HLBOOK_QUEUE_SIZE": "2"})
+                                   env={"HLBOOK_QUEUE_SIZE": "2"}, to=last)  # --to as a time: the last block's
     assert after(frames, times[0]) == live and "as fast as read" in logged
 
 
@@ -198,6 +199,15 @@ def test_choosing_checkpoints(tmp_path: Path) -> None:
     assert parse_point("2026-05-05T17:39:13.024Z") == Point(time_ms=1_778_002_753_024)
     with pytest.raises(ReplayError):
         parse_point("yesterday")
+
+
+def test_a_replay_the_files_no_longer_hold_is_refused(btc_data: Path, tmp_path: Path) -> None:
+    fixture = Start(1, [tmp_path / "c"], [SNAPSHOT], [0])
+    check(btc_data, "by-block", fixture, Point(height=FIRST), Point(height=LAST))
+    for start, begin, end, why in ((Start(1, [tmp_path / "c"], [SNAPSHOT - 10], [0]), FIRST, LAST, "holds block"),
+                                   (fixture, SNAPSHOT, SNAPSHOT, "not after"), (fixture, FIRST, FIRST - 1, "before --from")):
+        with pytest.raises(ReplayError, match=why):
+            check(btc_data, "by-block", start, Point(height=begin), Point(height=end))
 
 
 def test_a_two_shard_replay_from_checkpoints_at_different_heights_ends_at_the_nodes_books(tmp_path: Path) -> None:

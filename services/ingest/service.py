@@ -106,6 +106,8 @@ class Ingest:
             self.pub.setsockopt(zmq.XPUB_NODROP, 1)
         self.pace = Pace(cfg.speed) if cfg.speed is not None else None
         self.end: int | None = cfg.until_height  # last block to publish
+        if self.end is not None:
+            metrics.REPLAY_END.set(self.end)
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         wire.router_replies(self.router, REPLIES_QUEUED)
@@ -224,6 +226,7 @@ class Ingest:
         """A replay: False for a block past its end; else True once the block's time has come (pace)."""
         if self.end is None and self.cfg.until_time is not None and block_time_ms(block.block_time) > self.cfg.until_time:
             self.end = block.height - 1
+            metrics.REPLAY_END.set(self.end)
             log.info("replay: the end (--to) is block %d", self.end)
         if self.end is not None and block.height > self.end:
             return False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 import typer
@@ -27,7 +26,7 @@ def replay(
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """Serve a past span of the node's files through the gateway's API, from the L4 checkpoints."""
-    from hlbook.services.replay.plan import ReplayError, choose, parse_point
+    from hlbook.services.replay.plan import ReplayError, check, choose, parse_point
     from hlbook.services.replay.service import Replay, run
     from hlbook.services.supervisor.supervisor import ChildFailed
 
@@ -35,12 +34,10 @@ def replay(
         start_at, end = parse_point(from_), parse_point(to)
         folder = checkpoint_dir or str(config.state_file(state_dir, "checkpoints", data_dir, mode, ""))
         start = choose(folder, start_at)
+        check(data_dir, mode, start, start_at, end)
     except ReplayError as exc:
         typer.echo(f"hlbook replay: {exc}", err=True)
         raise typer.Exit(2) from None
-    if not os.path.isdir(data_dir):
-        typer.echo(f"hlbook replay: --data-dir {data_dir}: no such directory", err=True)
-        raise typer.Exit(2)
     try:
         run(Replay(data_dir=data_dir, mode=mode, start=start, to=end, speed=0.0 if as_fast_as_read else speed,
                    coins=coins or [], host=host, port=port, wait_clients=wait_clients, log_level=log_level, pace_from=start_at))

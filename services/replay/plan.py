@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hlbook.common import nodefiles
+from hlbook.common.models import STREAMS
 from hlbook.services.book import checkpoint
 
 
@@ -54,6 +56,18 @@ class Start:
     def height(self) -> int:
         """The lowest: ingest publishes from the block after it (each shard skips what it holds)."""
         return min(self.heights)
+
+
+def check(data_dir: str | Path, mode: str, start: Start, start_at: Point, end: Point) -> None:
+    """The span makes sense and every stream's files still hold the block after the checkpoints."""
+    if (end.height is not None and start_at.height is not None and end.height < start_at.height) or \
+            (end.time_ms is not None and start_at.time_ms is not None and end.time_ms < start_at.time_ms):
+        raise ReplayError("--to is before --from")
+    if end.height is not None and end.height <= start.height:
+        raise ReplayError(f"--to {end.height} is not after the checkpoints' height {start.height}")
+    for stream in STREAMS:
+        if nodefiles.holding(nodefiles.hour_files(data_dir, stream, mode), start.height + 1) is None:
+            raise ReplayError(f"no {stream} file under {data_dir} holds block {start.height + 1} (pruned, or another --mode?)")
 
 
 def choose(directory: str | Path, point: Point) -> Start:

@@ -80,7 +80,7 @@ class Progress:
         self.replay, self.hold, self.metrics_port = replay, hold, metrics_port
         self.base = f"http://{replay.host}:{replay.port}"
         self.released_at: float | None = None
-        self.first: float | None = None
+        self.first: tuple[float, float] | None = None  # (wall clock, replay clock) at the first block seen
         self.done_said = False
 
     def tick(self) -> None:
@@ -92,11 +92,16 @@ class Progress:
         if not head:
             return
         blocks = head - self.replay.start.height
-        seconds = max(time.monotonic() - self.released_at, 1e-9)
-        clock = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - ingest.get("hlbook_ingest_lag_seconds", 0.0)))
-        line = f"replay: block {head:.0f} | clock {clock} UTC | {blocks:.0f} blocks, {blocks / seconds:.1f} blocks/s"
-        end = self.replay.to.height
-        if end is not None and head >= end and not self.done_said:
+        now = time.monotonic()
+        seconds = max(now - self.released_at, 1e-9)
+        replay_clock = time.time() - ingest.get("hlbook_ingest_lag_seconds", 0.0)
+        self.first = self.first or (now, replay_clock)
+        ratio = (replay_clock - self.first[1]) / max(now - self.first[0], 1e-9)
+        clock = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(replay_clock))
+        line = (f"replay: block {head:.0f} | clock {clock} UTC | {blocks:.0f} blocks, {blocks / seconds:.1f} blocks/s"
+                f" | {ratio:.2f}x real time")
+        end = ingest.get("hlbook_ingest_replay_end_height")
+        if end and head >= end and not self.done_said:
             self.done_said = True
             print(f"\n{line} | reached --to; serving until stopped (Ctrl-C)", file=sys.stderr, flush=True)
         elif not self.done_said:
