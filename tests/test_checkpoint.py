@@ -40,15 +40,15 @@ def test_a_checkpoint_of_the_real_snapshot_is_the_node_file_and_loads_back_equal
 
 
 def test_listing_and_retention(tmp_path: Path) -> None:
-    for height, shard in ((10, 0), (10, 1), (20, 0), (30, 0)):
-        checkpoint.write(tmp_path, Header(height, height * 1000, shard, 2, 0, ""), {"BTC": Book("BTC", height)})
+    for height, shard, shards in ((5, 0, 1), (8, 0, 1), (10, 0, 2), (10, 1, 2), (20, 0, 2), (30, 0, 2)):
+        checkpoint.write(tmp_path, Header(height, height * 1000, shard, shards, 0, ""), {"BTC": Book("BTC", height)})
     old = time.time() - 3600
-    for name in ("l4-10-0of2.ckpt", "l4-20-0of2.ckpt", "l4-30-0of2.ckpt"):
+    for name in ("l4-5-0of1.ckpt", "l4-10-0of2.ckpt", "l4-20-0of2.ckpt", "l4-30-0of2.ckpt"):
         os.utime(tmp_path / name, (old, old))
-    assert [(h, k) for _, h, k, _ in checkpoint.listing(tmp_path)] == [(10, 0), (10, 1), (20, 0), (30, 0)]
-    removed = checkpoint.prune(tmp_path, 0, 2, keep_s=60)
-    assert sorted(p.name for p in removed) == ["l4-10-0of2.ckpt", "l4-20-0of2.ckpt"]  # the newest stays, shard 1's too
-    assert [(h, k) for _, h, k, _ in checkpoint.listing(tmp_path)] == [(10, 1), (30, 0)]
+    assert [(h, k) for _, h, k, _ in checkpoint.listing(tmp_path)] == [(5, 0), (8, 0), (10, 0), (10, 1), (20, 0), (30, 0)]
+    removed = checkpoint.prune(tmp_path, keep_s=60)
+    assert sorted(p.name for p in removed) == ["l4-10-0of2.ckpt", "l4-20-0of2.ckpt", "l4-5-0of1.ckpt"]  # each newest stays
+    assert [(h, k, n) for _, h, k, n in checkpoint.listing(tmp_path)] == [(8, 0, 1), (10, 1, 2), (30, 0, 2)]
 
 
 def test_a_live_shards_checkpoint_equals_the_node_at_its_height(tmp_path: Path) -> None:

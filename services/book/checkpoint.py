@@ -157,12 +157,14 @@ def listing(directory: str | Path) -> list[tuple[Path, int, int, int]]:
     return sorted(found, key=lambda f: (f[1], f[2]))
 
 
-def prune(directory: str | Path, shard: int, shards: int, keep_s: float, now: float | None = None) -> list[Path]:
-    """Remove this shard's checkpoints written more than ``keep_s`` ago (never its newest)."""
+def prune(directory: str | Path, keep_s: float, now: float | None = None) -> list[Path]:
+    """Remove the checkpoints written more than ``keep_s`` ago, but never a shard's newest (of
+    any shard count: those of an earlier ``--shards`` go too)."""
     now = time.time() if now is None else now
-    mine = [f[0] for f in listing(directory) if f[2:] == (shard, shards)]
+    found = listing(directory)
+    newest = {(k, n): path for path, _, k, n in found}  # the listing is oldest first
     removed = []
-    for path in mine[:-1]:
+    for path in [f[0] for f in found if f[0] not in newest.values()]:
         try:
             if path.stat().st_mtime < now - keep_s:
                 path.unlink()
@@ -216,6 +218,6 @@ class Checkpointer:
             metrics.CHECKPOINT_BYTES.set(result["bytes"])
             log.info("checkpoint at %d: %s (%d bytes, %.2f s)", header.height, result["path"], result["bytes"],
                      time.monotonic() - started)
-            prune(self.directory, state.shard, state.shards, self.keep_s)
+            prune(self.directory, self.keep_s)
 
         return work, done
