@@ -132,9 +132,33 @@ def live_frames(btc_data: Path, tmp_path: Path, lines: dict[Path, list[bytes]], 
         assert "Traceback" not in (tmp_path / "up.log").read_text()
 
 
+def fills_of(lines: dict[Path, list[bytes]]) -> dict[str, list[tuple[int, str, str]]]:
+    """(tid, px, sz) of each user's fills in the fixture's blocks."""
+    fills: dict[str, list[tuple[int, str, str]]] = {}
+    for line in next(v for k, v in lines.items() if "fills" in str(k)):
+        for user, fill in orjson.loads(line)["events"]:
+            fills.setdefault(user, []).append((fill["tid"], fill["px"], fill["sz"]))
+    return fills
+
+
+def user_fills(port: int, user: str) -> list[tuple[int, str, str]]:
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            status, got = post_info(f"http://127.0.0.1:{port}", {"type": "userFills", "user": user})
+        except OSError:
+            status, got = 0, None
+        if status == 200:
+            return sorted((f["tid"], f["px"], f["sz"]) for f in got)
+        assert time.monotonic() < deadline, (status, got)
+        time.sleep(0.1)
+
+
 def replay_frames(btc_data: Path, tmp_path: Path, times: list[int], *args: str, read_every: float = 0.0,
-                  env: dict[str, str] | None = None, to: str = str(LAST)) -> tuple[dict[str, list[Any]], str]:
-    """What a client of `hlbook replay` gets (it subscribes before the first block: --wait-clients)."""
+                  env: dict[str, str] | None = None, to: str = str(LAST),
+                  user: str | None = None) -> tuple[dict[str, list[Any]], str]:
+    """What a client of `hlbook replay` gets (it subscribes before the first block: --wait-clients);
+    with ``user``: ``frames["fills"]`` holds the user's userFills before the first block and at the end."""
     port = free_port()
     replay = start_process(tmp_path, "replay", "replay", "--from", str(FIRST), "--to", to, "--data-dir", str(btc_data),
                    "--checkpoint-dir", str(tmp_path / "checkpoints"), "--port", str(port),
@@ -144,7 +168,9 @@ def replay_frames(btc_data: Path, tmp_path: Path, times: list[int], *args: str, 
         return None
 
     try:
+        before = user_fills(port, user) if user else []
         frames = asyncio.run(collect(f"ws://127.0.0.1:{port}/ws", nothing, times[-1], read_every=read_every))
+        frames["fills"] = [before, user_fills(port, user) if user else []]
     finally:
         stop_group(replay)
     logged = (tmp_path / "replay.log").read_text()
@@ -169,7 +195,10 @@ def test_a_replay_from_the_checkpoint_gives_the_frames_a_live_client_got(btc_dat
     live = after(live_frames(btc_data, tmp_path, lines, times), times[0])
     assert len(live["l2Book"]) >= 20 and len(live["trades"]) == 6  # the fixture: 12 fills, 6 trades
 
-    frames, logged = replay_frames(btc_data, tmp_path, times, "--speed", str(SPEED))
+    fills = fills_of(lines)
+    user = max(fills, key=lambda u: len(fills[u]))
+    frames, logged = replay_frames(btc_data, tmp_path, times, "--speed", str(SPEED), user=user)
+    assert frames["fills"] == [[], sorted(fills[user])]  # history as of the replay clock: none before the first block
     replayed = after(frames, times[0])
     assert [d["time"] for d in replayed["l2Book"]] == [d["time"] for d in live["l2Book"]]
     assert replayed == live  # every level of every book, every trade, value for value

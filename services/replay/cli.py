@@ -22,6 +22,7 @@ def replay(
     checkpoint_dir: Annotated[str | None, typer.Option(help="The checkpoints' folder (default: the one hlbook up uses in --state-dir for --data-dir and --mode)")] = None,
     host: Annotated[str, typer.Option(envvar=env("host"), help="Gateway bind address")] = config.DEFAULT_HOST,
     port: Annotated[int, typer.Option(help="The replay gateway's port")] = 8100,
+    history_hours: Annotated[float, typer.Option(help="History service (userFills, candles, … as of the replay clock): the hours of node files before --from it reads first (0: none)")] = 1.0,
     wait_clients: Annotated[int, typer.Option(help="Start the blocks once the gateway has this many client subscriptions")] = 0,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
@@ -40,7 +41,8 @@ def replay(
         raise typer.Exit(2) from None
     try:
         run(Replay(data_dir=data_dir, mode=mode, start=start, to=end, speed=0.0 if as_fast_as_read else speed,
-                   coins=coins or [], host=host, port=port, wait_clients=wait_clients, log_level=log_level, pace_from=start_at))
+                   coins=coins or [], host=host, port=port, wait_clients=wait_clients, log_level=log_level, pace_from=start_at,
+                   history_hours=history_hours))
     except ChildFailed as exc:
         typer.echo(f"hlbook replay: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -41,6 +41,7 @@ class Replay:
     wait_clients: int  # subscriptions to wait for before the first block
     log_level: str
     pace_from: Point | None = None  # blocks before it go out unpaced (from the checkpoint to --from)
+    history_hours: float = 1.0  # node files before the start the history service backfills (0: no history service)
 
     def specs(self, sockets: str, hold: str, metrics_port: int) -> list[ChildSpec]:
         common = ["--log-level", self.log_level]
@@ -67,8 +68,16 @@ class Replay:
                                                  "--snapshot-file", str(path), "--checkpoint-every", "0", *coins, *lossless,
                                                  "--ingest-pub", pub, "--ingest-replay", replay,
                                                  "--pub", book_pub, "--query", query, *common]))
+        history: list[str] = []
+        if self.history_hours > 0:  # answers as of the replay clock: the files before the start, then the replay's blocks
+            history = ["--history-pub", ipc_endpoint(sockets, "history-pub"), "--history-query", ipc_endpoint(sockets, "history-query")]
+            specs.append(ChildSpec("history", ["history", "--data-dir", self.data_dir, "--mode", self.mode,
+                                               "--db", str(Path(sockets, "history.sqlite")), "--history-hours", str(self.history_hours),
+                                               "--until-height", str(self.start.height), "--until-time", str(min(self.start.times)),
+                                               "--ingest-pub", pub, "--pub", history[1], "--query", history[3], *common],
+                                   optional=True))
         specs.append(ChildSpec("gateway", ["gateway", "--host", self.host, "--port", str(self.port),
-                                           "--shards", str(self.start.shards), "--ingest-pub", pub, "--ingest-replay", replay,
+                                           "--shards", str(self.start.shards), "--ingest-pub", pub, "--ingest-replay", replay, *history,
                                            "--stale-after", "1e9", *lossless, *books, *common]))
         return specs
 
