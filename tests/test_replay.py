@@ -197,6 +197,7 @@ def test_a_replay_from_the_checkpoint_gives_the_frames_a_live_client_got(btc_dat
 
     fills = fills_of(lines)
     user = max(fills, key=lambda u: len(fills[u]))
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").iterdir()}
     frames, logged = replay_frames(btc_data, tmp_path, times, "--speed", str(SPEED), user=user)
     assert frames["fills"] == [[], sorted(fills[user])]  # history as of the replay clock: none before the first block
     replayed = after(frames, times[0])
@@ -212,6 +213,7 @@ def test_a_replay_from_the_checkpoint_gives_the_frames_a_live_client_got(btc_dat
     frames, logged = replay_frames(btc_data, tmp_path, times, "--as-fast-as-read", read_every=0.02,
                                    env={"HLBOOK_QUEUE_SIZE": "2"}, to=last)  # --to as a time: the last block's
     assert after(frames, times[0]) == live and "as fast as read" in logged
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").iterdir()} == kept  # read, never written
 
 
 def test_choosing_checkpoints(tmp_path: Path) -> None:
