@@ -89,7 +89,6 @@ class Progress:
         self.replay, self.hold, self.metrics_port = replay, hold, metrics_port
         self.base = f"http://{replay.host}:{replay.port}"
         self.released_at: float | None = None
-        self.first: tuple[float, float] | None = None  # (wall clock, replay clock) at the first block seen
         self.done_said = False
 
     def tick(self) -> None:
@@ -104,8 +103,7 @@ class Progress:
         now = time.monotonic()
         seconds = max(now - self.released_at, 1e-9)
         replay_clock = time.time() - ingest.get("hlbook_ingest_lag_seconds", 0.0)
-        self.first = self.first or (now, replay_clock)
-        ratio = (replay_clock - self.first[1]) / max(now - self.first[0], 1e-9)
+        ratio = (replay_clock - min(self.replay.start.times) / 1000) / seconds  # block time gone by since the start
         clock = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(replay_clock))
         line = (f"replay: block {head:.0f} | clock {clock} UTC | {blocks:.0f} blocks, {blocks / seconds:.1f} blocks/s"
                 f" | {ratio:.2f}x real time")
