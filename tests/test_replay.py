@@ -268,16 +268,19 @@ def test_a_two_shard_replay_from_checkpoints_at_different_heights_ends_at_the_no
     plan = choose(directory, Point(height=start))
     assert plan.shards == 2 and plan.height > base
 
+    coins = sorted(c for c in truth if truth[c].bids.levels or truth[c].asks.levels)
+    assert len(coins) >= 8
+    left_out = coins.pop()  # --coins: all but this one
     port = free_port()
     replay = start_process(tmp_path, "replay", "replay", "--from", str(start), "--to", str(last), "--as-fast-as-read",
-                           "--data-dir", str(sim.data), "--checkpoint-dir", str(directory), "--port", str(port))
+                           "--data-dir", str(sim.data), "--checkpoint-dir", str(directory), "--port", str(port),
+                           *(arg for coin in coins for arg in ("--coins", coin)))
     try:
         deadline = time.monotonic() + 30
         while "reached --to" not in (tmp_path / "replay.log").read_text():
             assert replay.poll() is None and time.monotonic() < deadline, (tmp_path / "replay.log").read_text()[-3000:]
             time.sleep(0.2)
-        coins = sorted(c for c in truth if truth[c].bids.levels or truth[c].asks.levels)
-        assert len(coins) >= 8
+        assert post_info(f"http://127.0.0.1:{port}", {"type": "l2Book", "coin": left_out})[0] != 200
         for coin in coins:
             want = advance(sim.data, truth[coin], base, last)
             status, got = post_info(f"http://127.0.0.1:{port}", {"type": "l2Book", "coin": coin})
