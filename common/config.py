@@ -22,6 +22,7 @@ HISTORY_QUERY = "tcp://127.0.0.1:5561"
 BOOK_BASE_PORT = 5600  # shard k: PUB on base+2k, queries (ROUTER) on base+2k+1
 REPLAY_BLOCKS = 1000  # blocks ingest keeps for replay (~67 s at 15 blocks/s)
 STATE_DIR = os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "hlbook")
+CHECKPOINT_DIR = os.path.join(STATE_DIR, "checkpoints")
 
 
 def env(flag: str) -> str:

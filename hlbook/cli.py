@@ -14,6 +14,7 @@ from hlbook.services.gateway.cli import gateway
 from hlbook.services.history.cli import history
 from hlbook.services.ingest.cli import ingest
 from hlbook.services.nodesim.cli import sim
+from hlbook.services.replay.cli import replay
 from hlbook.services.supervisor.cli import up
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,  # plain help reads well at 80 columns
@@ -51,6 +52,7 @@ app.command(short_help="Run the whole system as supervised processes")(up)
 app.command(short_help="Keep one shard's L4 books; publish L2, BBO, L4")(book)
 app.command(short_help="Serve the public API: WebSocket and /info")(gateway)
 app.command(short_help="Keep fills, trades, orders and candles")(history)
+app.command(short_help="Serve a past span of the node's files from checkpoints")(replay)
 app.command(short_help="Watch a feed: a book table or JSON lines")(client)
 app.command(short_help="Write ZeroMQ CURVE keys for --curve-dir")(keys)
 

@@ -31,6 +31,7 @@ CHUNK_ORDERS = 4096  # orders per chunk written to the pipe / sent as one frame
 _json = msgspec.json.encode
 _ORDER = ('{"user":%s,"coin":%s,"side":"%s","limitPx":"%s","sz":"%s","oid":%d,"timestamp":%d%s,"origSz":"%s"%s,'
           '"cloid":%s}')
+NODE_ORDER = '[%s,{' + _ORDER[len('{"user":%s,'):] + ']'  # the node's fileSnapshot entry: [user, order]
 
 
 def _kind_parts(kind: Kind) -> tuple[str, str]:
@@ -42,9 +43,10 @@ def _kind_parts(kind: Kind) -> tuple[str, str]:
     return middle, f',"tif":{_json(kind[K_TIF]).decode()}'
 
 
-def render(book: Book) -> Iterator[bytes]:
+def render(book: Book, order_fmt: str = _ORDER) -> Iterator[bytes]:
     """The JSON of ``[[bids…], [asks…]]`` (best first, time priority), in chunks whose
-    concatenation is the document. Same content as :meth:`Book.l4_levels`."""
+    concatenation is the document. Same content as :meth:`Book.l4_levels`; with
+    ``NODE_ORDER``, entries are the node snapshot's ``[user, order]``."""
     coin = _json(book.coin).decode()
     kinds: dict[int, tuple[str, str]] = {}
     users: dict[str, str] = {}
@@ -53,16 +55,15 @@ def render(book: Book) -> Iterator[bytes]:
     for i, side in enumerate((book.bids, book.asks)):
         yield b"[" if i == 0 else b"],["
         first = True
-        for part in _side(side, coin, kinds, users, fmt):
+        for part in _side(side, coin, kinds, users, fmt, order_fmt):
             yield part if first else b"," + part
             first = False
     yield b"]]"
 
 
 def _side(side: Side, coin: str, kinds: dict[int, tuple[str, str]], users: dict[str, str],
-          fmt: Callable[[int], str]) -> Iterator[bytes]:
+          fmt: Callable[[int], str], order_fmt: str) -> Iterator[bytes]:
     out: list[str] = []
-    order_fmt = _ORDER
     for level in side.iter_levels():
         px = level.px_str or fmt(level.px)
         for o in level.orders:

@@ -25,3 +25,5 @@ JOB_SECONDS = Histogram("hlbook_book_job_seconds", "Time from fork to a child's 
 L4_SNAPSHOTS = Counter("hlbook_book_l4_snapshots_total", "l4 snapshot requests: rendered in the loop (inline), "
                        "by a new child (forked) or answered by a render already under way (shared)", ["how"])
 COINS_ADDED = Counter("hlbook_book_coins_added_total", "Coins that got orders without being in the snapshot (new listings, or a damaged coin name)")
+CHECKPOINTS = Counter("hlbook_book_checkpoints_total", "L4 checkpoints written, by result", ["result"])
+CHECKPOINT_BYTES = Gauge("hlbook_book_checkpoint_bytes", "Size of the last checkpoint written (compressed)")

@@ -34,7 +34,7 @@ from hlbook.common.metrics import BAD_INPUT, serve
 from hlbook.common.security import Curve
 from hlbook.common.signals import stop_on_signals
 from hlbook.common.wire import CoinState
-from hlbook.services.book import hooks, metrics, snapshot
+from hlbook.services.book import checkpoint, hooks, metrics, snapshot
 from hlbook.services.book.book import Book
 from hlbook.services.book.jobs import Jobs
 from hlbook.services.book.publisher import Publisher, is_exact
@@ -75,6 +75,11 @@ class ShardConfig:
     replay_timeout: float = 5.0
     retry_every: float = 1.0
     curve_dir: str | None = None  # ZeroMQ CURVE keys (common.security)
+    lossless: bool = False  # replays: the XPUB never drops (XPUB_NODROP: sends wait for the slowest gateway)
+    coins: frozenset[str] | None = None  # these coins alone (None: every coin the shard owns)
+    checkpoint_dir: str | None = None  # where L4 checkpoints go (checkpoint.py); None: none written
+    checkpoint_every: float = 600.0  # seconds between checkpoints (0: off)
+    checkpoint_keep: float = 7 * 86400.0  # seconds a checkpoint is kept (the history's days)
     test_drop_every: int = 0  # test hooks (hooks.py): only the test entry point sets these
     test_hooks: bool = False
 
@@ -104,7 +109,7 @@ class Shard:
         if not cfg.info_url and not cfg.snapshot_file:
             raise ValueError("one of --info-url or --snapshot-file is required")
         self.cfg = cfg
-        self.state = state = ShardState(cfg.shard, cfg.shards)
+        self.state = state = ShardState(cfg.shard, cfg.shards, cfg.coins)
         self.ctx = ctx or zmq.Context.instance()
         self.curve = Curve.from_dir(cfg.curve_dir)
         pub, query = config.book_endpoints(cfg.shard)
@@ -113,6 +118,8 @@ class Shard:
         for prefix in STREAM_PREFIXES:
             self.sub.setsockopt(zmq.SUBSCRIBE, prefix)
         xpub = self._socket(zmq.XPUB, cfg.pub or pub, bind=True, verbose=True)
+        if cfg.lossless:
+            xpub.setsockopt(zmq.XPUB_NODROP, 1)
         self.publisher = Publisher(xpub, cfg.shard)
         self.router = self._socket(zmq.ROUTER, cfg.query or query, bind=True)
         wire.router_replies(self.router, REPLIES_QUEUED)
@@ -135,6 +142,10 @@ class Shard:
         if cfg.info_url and cfg.validate_every > 0:
             self.validation = Validation(state, self.jobs, cfg.info_url, cfg.ingest_replay, cfg.validate_every,
                                          cfg.replay_timeout, self.recovery.resync, cfg.curve_dir)
+        self.checkpoints = None
+        if cfg.checkpoint_dir and cfg.checkpoint_every > 0:
+            self.checkpoints = checkpoint.Checkpointer(state, self.jobs, cfg.checkpoint_dir, cfg.checkpoint_every,
+                                                       cfg.checkpoint_keep)
         self.dropper = hooks.Dropper(state, cfg.test_drop_every)
         self.started = time.monotonic()
         self.retry_at = 0.0
@@ -186,6 +197,8 @@ class Shard:
         self.recovery.tick(now)
         if self.validation is not None:
             self.validation.tick(now)
+        if self.checkpoints is not None:
+            self.checkpoints.tick(now)
         self.jobs.start_queued()
         if now >= self.heartbeat_at:
             self.heartbeat_at = now + HEARTBEAT_S
@@ -228,13 +241,13 @@ class Shard:
             self.retry_at = time.monotonic() + 3600  # on_fetched decides what comes next
             return
         try:
-            height, books = snapshot.load_file(self.cfg.snapshot_file or "", self.state.owns)
+            height, time_ms, books = checkpoint.load_file(self.cfg.snapshot_file or "", self.state.owns)
         except (OSError, snapshot.SnapshotError) as exc:
             metrics.SNAPSHOTS.labels("init", "error").inc()
             self.init_failed(f"cannot read snapshot file {self.cfg.snapshot_file!r}: {exc}")
             return
         metrics.SNAPSHOTS.labels("init", "ok").inc()
-        self.finish_init(height, books)
+        self.finish_init(height, books, time_ms)
 
     def init_failed(self, why: str, starting: bool = False) -> None:
         """Try the snapshot again later: 1 s, 2 s, 4 s … up to INIT_BACKOFF_MAX s. ``starting``: the
@@ -249,11 +262,12 @@ class Shard:
             log.error("%s; trying again in %.0f s", why, delay)
         self.retry_at = time.monotonic() + delay
 
-    def finish_init(self, height: int, books: dict[str, Book]) -> None:
-        """Install the snapshot's books, replay from its height + 1, go live."""
+    def finish_init(self, height: int, books: dict[str, Book], time_ms: int = 0) -> None:
+        """Install the snapshot's (or checkpoint's) books, replay from its height + 1, go live."""
         state = self.state
         state.coins = {coin: Coin(book) for coin, book in books.items()}
         state.height = state.base = height
+        state.time = time_ms
         state.mids = {}
         self.stream.start_at(height)
         if not self.recovery.replay(height + 1, STREAM_PREFIXES):

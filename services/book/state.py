@@ -45,11 +45,12 @@ class Coin:
 class ShardState:
     """The coins of shard ``shard`` of ``shards`` and the shard's progress."""
 
-    def __init__(self, shard: int, shards: int) -> None:
+    def __init__(self, shard: int, shards: int, only: frozenset[str] | None = None) -> None:
         if not 0 <= shard < shards:
             raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
         self.shard = shard
         self.shards = shards
+        self.only = only  # these coins alone (a replay's --coins); None: every coin the shard owns
         self.name = f"shard {shard} of {shards}"
         self.coins: dict[str, Coin] = {}
         self.mids: dict[str, str] = {}
@@ -61,7 +62,7 @@ class ShardState:
         self._owned: dict[bytes, str | None] = {}
 
     def owns(self, coin: str) -> bool:
-        return topics.shard_of(coin, self.shards) == self.shard
+        return topics.shard_of(coin, self.shards) == self.shard and (self.only is None or coin in self.only)
 
     def owned(self, topic: bytes) -> str | None:
         """The coin of a ``B|<coin>|`` topic if this shard owns it (cached per topic)."""

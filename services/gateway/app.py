@@ -64,6 +64,7 @@ class GatewayConfig:
     max_messages_per_minute: int = 2000
     idle_timeout: float = 60.0
     queue_size: int = 4096
+    lossless: bool = False  # replays: nothing conflated or cut off; a client with queue_size messages waiting holds back upstream
     query_timeout: float = 3.0
     max_followed_users: int = 10_000
     max_subscriptions_per_ip: int = 5000  # across one address's connections
@@ -101,6 +102,14 @@ class Gateway:
         self.budgets: dict[str, AddressBudget] = {}  # address -> what its connections hold
         self.outbound = Outbound()
         self.tasks: list[asyncio.Task[None]] = []
+        if cfg.lossless:
+            self.upstream.room = self._room
+
+    async def _room(self) -> None:
+        """Lossless: wait while some client has ``queue_size`` messages waiting (ZeroMQ's queues then
+        fill, and the shards and ingest, sending with XPUB_NODROP, wait too)."""
+        while any(s.texts >= self.cfg.queue_size and not s.closing for s in self.sessions):
+            await asyncio.sleep(0.002)
 
     async def start(self) -> None:
         self.upstream.start(self.hub.on_message)
@@ -163,7 +172,7 @@ class Gateway:
 
     async def _session(self, ws: WebSocket, ip: str) -> None:
         session = Session(f"{ip}:{ws.client.port if ws.client else 0}", ws.send_text, self.cfg.queue_size,
-                          self.cfg.max_messages_per_minute, FrameWriter.of(ws.scope), self.outbound)
+                          self.cfg.max_messages_per_minute, FrameWriter.of(ws.scope), self.outbound, self.cfg.lossless)
         writer = asyncio.create_task(self._write(session, ws))
         reader = asyncio.create_task(self._read(session, ws))
         self.sessions[session] = writer

@@ -139,7 +139,7 @@ class Session:
     """State of one WebSocket client; ``send`` writes one text frame."""
 
     def __init__(self, peer: str, send: Callable[[str], Awaitable[None]], queue_size: int, max_per_minute: int,
-                 frames: FrameWriter | None = None, outbound: Outbound | None = None) -> None:
+                 frames: FrameWriter | None = None, outbound: Outbound | None = None, lossless: bool = False) -> None:
         self.id = next(_ids)
         self.peer = peer
         self.ip = peer.rpartition(":")[0]  # whose budget it counts against (guard.AddressBudget)
@@ -147,6 +147,7 @@ class Session:
         self.frames = frames  # direct frame writes (no compression negotiated); else ASGI sends
         self.outbound = outbound or Outbound()
         self.queue_size = queue_size
+        self.lossless = lossless  # nothing conflated, never cut off: the gateway stops reading upstream instead
         self.subs: dict[str, SubscriptionStats] = {}  # by subscription identity
         self.outbox: deque[Message | FeedKey] = deque()
         self.texts = 0  # messages (not conflated keys) in the outbox
@@ -194,7 +195,7 @@ class Session:
     def push(self, text: Message, conflate: FeedKey | None) -> bool:
         """Queue a feed message (counted by the feed); ``conflate``: the feed key when only
         the latest counts. True when it replaced a message the client had not received yet."""
-        if conflate is None:
+        if conflate is None or self.lossless:
             self._queue(text)
             return False
         replaced = conflate in self.latest
@@ -214,7 +215,7 @@ class Session:
         """Queue a message (counted against ``queue_size``)."""
         if self.closing:
             return
-        if self.texts >= self.queue_size:
+        if self.texts >= self.queue_size and not self.lossless:
             self.close("slow_client", f"Connection closed: client too slow, {self.texts} messages queued")
             return
         self.texts += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -52,6 +52,7 @@ class Upstream:
         self._ids = itertools.count(1)
         self._waiting: dict[bytes, asyncio.Future[Reply]] = {}
         self.tasks: list[asyncio.Task[None]] = []
+        self.room: Callable[[], Awaitable[None]] | None = None  # awaited before each read (backpressure)
 
     def _open(self) -> None:
         """Create the sockets (inside the running event loop: asyncio sockets bind to it)."""
@@ -122,6 +123,8 @@ class Upstream:
     async def _read(self, on_message: Callable[[bytes, bytes], None]) -> None:
         sub = self.sub_nowait
         while True:
+            if self.room is not None:
+                await self.room()
             frames = await self.sub.recv_multipart()
             for _ in range(BATCH):
                 if len(frames) == 2:

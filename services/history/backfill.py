@@ -43,8 +43,10 @@ MAX_HOURS = 1e6  # a window longer than this (114 years) is "everything"
 
 
 class Backfill:
-    def __init__(self, data_dir: str | Path, mode: str, store: Store, hours: float | None = None) -> None:
-        self.data_dir, self.mode, self.store = data_dir, mode, store
+    def __init__(self, data_dir: str | Path, mode: str, store: Store, hours: float | None = None,
+                 until: tuple[int, int] | None = None) -> None:
+        """``until``: (height, time ms) a replay starts after: no later block, a window ending then."""
+        self.data_dir, self.mode, self.store, self.until = data_dir, mode, store, until
         self.hours = hours if hours is not None else store.days * 24
         self.wanted = True  # a pass is due
         self.work: Iterator[int] | None = None
@@ -78,7 +80,8 @@ class Backfill:
 
     def _files(self) -> dict[str, list[tuple[Path, int]]]:
         """Per stream: (file, its first height) of the files in the window, oldest first."""
-        since = datetime.now(timezone.utc) - timedelta(hours=min(self.hours, MAX_HOURS))
+        end = datetime.fromtimestamp(self.until[1] / 1000, timezone.utc) if self.until else datetime.now(timezone.utc)
+        since = end - timedelta(hours=min(self.hours, MAX_HOURS))
         out = {}
         for stream in STREAMS:
             files = []
@@ -100,6 +103,8 @@ class Backfill:
         if any(t is None for t in tails):
             return
         hi = min(t for t in tails if t is not None) - (1 if self.mode == "streaming" else 0)  # a streaming block may go on
+        if self.until is not None:
+            hi = min(hi, self.until[0])
         holes = self.store.held.holes(lo, hi)
         if holes:
             log.info("backfill: %d heights in %d runs between %d and %d", sum(b - a + 1 for a, b in holes), len(holes), lo, hi)

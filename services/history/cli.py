@@ -25,6 +25,8 @@ def history(
     curve_dir: Annotated[str | None, typer.Option(envvar=env("curve-dir"), help="ZeroMQ CURVE keys (hlbook keys DIR): authenticate and encrypt every socket")] = None,
     metrics_port: Annotated[int, typer.Option(envvar=env("history-metrics-port"), help="Prometheus port (0: off)")] = 0,
     metrics_host: Annotated[str, typer.Option(envvar=env("metrics-host"), help="Address for /metrics")] = config.DEFAULT_HOST,
+    until_height: Annotated[int | None, typer.Option(hidden=True, help="Replay: backfill no later block; now is the newest block's time")] = None,
+    until_time: Annotated[int, typer.Option(hidden=True, help="Replay: the block time (ms) of --until-height")] = 0,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """Keep fills, trades, orders and candles of every user and coin, from the node's files and ingest's live blocks."""
@@ -32,4 +34,5 @@ def history(
 
     run(HistoryConfig(data_dir=data_dir, mode=mode, db=db, state_dir=state_dir, hours=history_hours, days=history_days,
                       ingest_pub=ingest_pub, pub=pub, query=query, niceness=niceness, commit_every=commit_every, curve_dir=curve_dir,
-                      metrics_port=metrics_port, metrics_host=metrics_host, log_level=log_level))
+                      metrics_port=metrics_port, metrics_host=metrics_host, log_level=log_level,
+                      until=(until_height, until_time) if until_height is not None else None))

@@ -58,6 +58,9 @@ class HistoryConfig:
     metrics_port: int = 0
     metrics_host: str = config.DEFAULT_HOST
     log_level: str = "INFO"
+    # a replay (hlbook replay): no block after ``until`` (height, block time in ms) is backfilled, and
+    # "now" (retention, open-ended queries) is the newest block's time: answers are as of the replay clock
+    until: tuple[int, int] | None = None
 
 
 def db_path(cfg: HistoryConfig) -> Path:
@@ -70,7 +73,8 @@ class History:
             raise ValueError(f"mode must be by-block or streaming, not {cfg.mode!r}")
         self.cfg = cfg
         self.store = Store(db_path(cfg), cfg.days)
-        self.backfill = Backfill(cfg.data_dir, cfg.mode, self.store, cfg.hours)
+        self.backfill = Backfill(cfg.data_dir, cfg.mode, self.store, cfg.hours, cfg.until)
+        self.clock_ms = cfg.until[1] if cfg.until else 0  # a replay's: its newest block's time
         ctx = ctx or zmq.Context.instance()
         self.curve = Curve.from_dir(cfg.curve_dir)
         self.sub = ctx.socket(zmq.SUB)
@@ -196,6 +200,7 @@ class History:
             return
         metrics.BLOCKS.labels("live").inc()
         metrics.LAG.set(time.time() - block.time / 1000)
+        self.clock_ms = max(self.clock_ms, block.time)
         for coin, interval in changed:
             topic = topics.candle(coin, interval)
             if topic in self.subscribed:
@@ -290,15 +295,15 @@ class History:
             case wire.CandlesQuery():
                 if q.interval not in INTERVALS:
                     raise ValueError(f"interval must be one of {list(INTERVALS)}")
-                end = q.end if q.end is not None else int(time.time() * 1000)
+                end = q.end if q.end is not None else self.now_ms()
                 return s.candles(_needed(q.coin, "coin"), q.interval, q.start, end)
             case wire.UserFillsQuery():
                 return s.user_fills(_needed(q.user, "user").lower(), q.aggregate)
             case wire.UserFillsByTimeQuery():
-                end = q.end if q.end is not None else int(time.time() * 1000)
+                end = q.end if q.end is not None else self.now_ms()
                 return s.user_fills_by_time(_needed(q.user, "user").lower(), q.start, end, q.aggregate, q.reversed)
             case wire.TwapSliceFillsQuery():
-                end = q.end if q.end is not None else int(time.time() * 1000)
+                end = q.end if q.end is not None else self.now_ms()
                 return s.twap_slice_fills(_needed(q.user, "user").lower(), q.start, end)
             case wire.HistoricalOrdersQuery():
                 return s.historical_orders(_needed(q.user, "user").lower())
@@ -306,12 +311,16 @@ class History:
                 return s.order_status(_needed(q.user, "user").lower(), oid=q.oid, cloid=q.cloid.lower() if q.cloid else None)
         raise ValueError(f"unknown op {wire.op_name(q)!r}")
 
+    def now_ms(self) -> int:
+        """The wall clock, or a replay's clock (its newest block's time)."""
+        return self.clock_ms if self.cfg.until else int(time.time() * 1000)
+
     # ------------------------------------------------------------ upkeep
 
     def upkeep(self) -> None:
         self.last_upkeep = time.monotonic()
         try:
-            removed = self.store.prune()
+            removed = self.store.prune(self.now_ms())
         except Exception:
             log.exception("retention failed")
             self.store.rollback()

@@ -24,6 +24,12 @@ def ingest(
     curve_dir: Annotated[str | None, typer.Option(envvar=env("curve-dir"), help="ZeroMQ CURVE keys (hlbook keys DIR): authenticate and encrypt every socket")] = None,
     metrics_port: Annotated[int, typer.Option(envvar=env("ingest-metrics-port"), help="Prometheus port (0: off)")] = 0,
     metrics_host: Annotated[str, typer.Option(envvar=env("metrics-host"), help="Address for /metrics (0.0.0.0 to let Prometheus on other hosts scrape it)")] = config.DEFAULT_HOST,
+    until_height: Annotated[int | None, typer.Option(hidden=True, help="Replay: the last block to publish")] = None,
+    until_time: Annotated[int | None, typer.Option(hidden=True, help="Replay: publish no block whose time (ms) is later")] = None,
+    speed: Annotated[float | None, typer.Option(hidden=True, help="Replay: block times x this in real time (0: as fast as subscribers read, nothing dropped)")] = None,
+    pace_from_height: Annotated[int, typer.Option(hidden=True, help="Replay: blocks below this height go out unpaced")] = 0,
+    pace_from_time: Annotated[int, typer.Option(hidden=True, help="Replay: blocks before this time (ms) go out unpaced")] = 0,
+    hold_file: Annotated[str | None, typer.Option(hidden=True, help="Replay: publish nothing until this file exists")] = None,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """Tail the node's files, join the streams by block, publish over ZeroMQ."""
@@ -45,5 +51,11 @@ def ingest(
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             log_level=log_level,
+            until_height=until_height,
+            until_time=until_time,
+            speed=speed,
+            hold_file=hold_file,
+            pace_from_height=pace_from_height,
+            pace_from_time=pace_from_time,
         )
     )

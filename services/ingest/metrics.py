@@ -21,3 +21,4 @@ LAG = Gauge("hlbook_ingest_lag_seconds", "Wall clock minus block time of the las
 REPLAY_REQUESTS = Counter("hlbook_ingest_replay_requests_total", "Replay requests, by outcome", ["outcome"])
 STALLED = Gauge("hlbook_ingest_stream_stalled", "1 while a stream is not waited for: it missed several blocks in a row", ["stream"])
 USER_SUBSCRIPTIONS = Gauge("hlbook_ingest_user_subscriptions", "Per-user topics currently subscribed downstream")
+REPLAY_END = Gauge("hlbook_ingest_replay_end_height", "A replay's last block (--until-height, or the last before --until-time once found)")

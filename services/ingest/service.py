@@ -11,6 +11,7 @@ its books go out once the diff stream moved past it, whatever the fills do."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from hlbook.common.signals import stop_on_signals
 from hlbook.services.ingest import metrics
 from hlbook.services.ingest.joiner import STATUSES, Block, Joiner, Phase, line_head
 from hlbook.services.ingest.messages import MessageBuilder, Subscriptions
+from hlbook.services.ingest.pace import Pace
 from hlbook.services.ingest.position import Position, PositionFile
 from hlbook.services.ingest.replay import ReplayStore, serve_waiting
 from hlbook.services.ingest.tailer import Tailer
@@ -60,6 +62,15 @@ class IngestConfig:
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
+    # a replay (hlbook replay): publish nothing while ``hold_file`` does not exist, nothing after
+    # ``until_height`` or ``until_time`` (block time, ms); pace blocks at ``speed`` x real time
+    # (0: as fast as the slowest subscriber reads: XPUB_NODROP, sends block)
+    hold_file: str | None = None
+    until_height: int | None = None
+    until_time: int | None = None
+    speed: float | None = None
+    pace_from_height: int = 0  # blocks before this height and this time (ms) go out unpaced (the checkpoint's lead)
+    pace_from_time: int = 0
 
 
 class Ingest:
@@ -91,6 +102,12 @@ class Ingest:
         self.pub = ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.SNDHWM, SNDHWM)
         self.pub.setsockopt(zmq.LINGER, 0)
+        if cfg.speed == 0:
+            self.pub.setsockopt(zmq.XPUB_NODROP, 1)
+        self.pace = Pace(cfg.speed) if cfg.speed is not None else None
+        self.end: int | None = cfg.until_height  # last block to publish
+        if self.end is not None:
+            metrics.REPLAY_END.set(self.end)
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         wire.router_replies(self.router, REPLIES_QUEUED)
@@ -175,6 +192,9 @@ class Ingest:
     def step(self) -> int:
         """One iteration: read, publish closed blocks, wait for a write or a request
         (inotify: at most ``WATCHED_POLL`` s; else ``poll_interval``). Returns lines read."""
+        if self.cfg.hold_file and not os.path.exists(self.cfg.hold_file):
+            self._serve(50)
+            return 0
         self._watch()
         lines = self._read_streams()
         for phase, block in self.joiner.ready():
@@ -189,14 +209,35 @@ class Ingest:
         if not self.waiting_said and self.published is None and time.monotonic() - self.started > WAITING_NOTICE_S:
             self._say_what_is_awaited()
         wait = self.cfg.poll_interval if self.watcher is None else WATCHED_POLL
-        for sock, _ in self.poller.poll(0 if lines else int(wait * 1000) or 1):
+        self._serve(0 if lines else int(wait * 1000) or 1)
+        return lines
+
+    def _serve(self, timeout_ms: int) -> None:
+        """Wait up to ``timeout_ms`` for subscriptions, replay requests, file events; handle them."""
+        for sock, _ in self.poller.poll(timeout_ms):
             if sock is self.pub:
                 self.subs.handle(self.pub.recv())
             elif sock is self.router:
                 serve_waiting(self.router, self.store)
             elif self.watcher is not None:
                 self.watcher.drain()
-        return lines
+
+    def _replaying(self, block: Block) -> bool:
+        """A replay: False for a block past its end; else True once the block's time has come (pace)."""
+        if self.end is None and self.cfg.until_time is not None and block_time_ms(block.block_time) > self.cfg.until_time:
+            self.end = block.height - 1
+            metrics.REPLAY_END.set(self.end)
+            log.info("replay: the end (--to) is block %d", self.end)
+        if self.end is not None and block.height > self.end:
+            return False
+        if self.pace is not None and block.height >= self.cfg.pace_from_height \
+                and block_time_ms(block.block_time) >= self.cfg.pace_from_time:
+            delay = self.pace.delay(block_time_ms(block.block_time))
+            deadline = time.monotonic() + delay
+            while delay > 0:
+                self._serve(max(1, int(delay * 1000)))
+                delay = deadline - time.monotonic()
+        return True
 
     def _say_what_is_awaited(self) -> None:
         """Once: no block yet after a few seconds; when no stream has a file, where they were looked for."""
@@ -269,6 +310,8 @@ class Ingest:
         previous ingest published before it stopped: consumers hold them)."""
         if self.books_done is not None and block.height <= self.books_done:
             return
+        if not self._replaying(block):
+            return
         try:
             messages = self.builder.books(block)
         except Exception:  # a bug or input the models let through: the block is lost, ingest is not
@@ -284,7 +327,7 @@ class Ingest:
 
     def publish_trades(self, block: Block) -> None:
         """Streaming mode's trades phase (not again for a block whose trades a previous ingest published)."""
-        if self.trades_done is not None and block.height <= self.trades_done:
+        if (self.trades_done is not None and block.height <= self.trades_done) or (self.end is not None and block.height > self.end):
             return
         try:
             messages = self.builder.trades(block)
@@ -300,6 +343,8 @@ class Ingest:
 
     def publish_details(self, block: Block) -> None:
         """The details phase: the block's statuses decoded, book details, the block's end, per-user events, history."""
+        if self.end is not None and block.height > self.end:
+            return
         for line, exc in block.decode_statuses(self.subs.wants, self.joiner.drops):
             self._bad_line(STATUSES, line, exc)
             if self.cfg.mode == "by-block":  # the block's one status line: its new orders have no details

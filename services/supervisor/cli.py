@@ -33,6 +33,7 @@ def up(
     history: Annotated[bool, typer.Option("--history/--no-history", envvar=env("history"), show_default=False, help="Run the history service (on by default; candles, userFills snapshots and history requests need it)")] = True,
     history_days: Annotated[float, typer.Option(envvar=env("history-days"), help="History kept (fills, trades, orders), in days")] = 7.0,
     history_hours: Annotated[float | None, typer.Option(envvar=env("history-hours"), help="Backfill history from the node files of the last N hours (default: all within --history-days)")] = None,
+    checkpoint_every: Annotated[float, typer.Option(envvar=env("checkpoint-every"), help="Minutes between the shards' exact L4 checkpoints, kept --history-days in --state-dir (0: off; hlbook replay starts from them)")] = 10.0,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """Run sim (optional), ingest, N book shards and M gateways as supervised children."""
@@ -67,6 +68,7 @@ def up(
         history=history,
         history_days=history_days,
         history_hours=history_hours,
+        checkpoint_every=checkpoint_every,
     )
     found = checks.problems(pipeline)
     if found:

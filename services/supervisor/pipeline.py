@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from hlbook.common import logs
+from hlbook.common import config, logs
 from hlbook.common.config import ipc_endpoint
 from hlbook.common.private import pid_alive
 from hlbook.services.supervisor.supervisor import ChildSpec, Output, Supervisor
@@ -44,6 +44,7 @@ class Pipeline:
     history: bool = True  # run the history service (gateways then answer history requests and candles)
     history_days: float = 7.0
     history_hours: float | None = None  # backfill window (None: every file within history_days)
+    checkpoint_every: float = 10.0  # minutes between the shards' L4 checkpoints (0: off)
 
     def specs(self, data_dir: str, sockets: str) -> list[ChildSpec]:
         """The children; ZeroMQ runs over ``ipc://`` endpoints in the directory ``sockets``."""
@@ -72,12 +73,14 @@ class Pipeline:
                                                "--metrics-port", str(self.metrics_base_port - 1 if self.metrics_base_port else 0),
                                                *curve, *common], optional=True))
         source = ["--info-url", info_url] if info_url else ["--snapshot-file", self.snapshot_file or ""]
+        checkpoints = ["--checkpoint-every", str(self.checkpoint_every), "--history-days", str(self.history_days),
+                       "--checkpoint-dir", str(config.state_file(state_dir, "checkpoints", data_dir, self.mode, ""))]
         books: list[str] = []
         for k in range(self.shards):
             pub, query = ipc_endpoint(sockets, f"book-{k}-pub"), ipc_endpoint(sockets, f"book-{k}-query")
             books += ["--book-pub", pub, "--book-query", query]
             specs.append(ChildSpec(f"book-{k}", ["book", "--shard", str(k), "--shards", str(self.shards), *source, *ingest,
-                                                 "--pub", pub, "--query", query,
+                                                 *checkpoints, "--pub", pub, "--query", query,
                                                  "--metrics-port", str(self.metrics_port(k)), *curve, *common]))
         upstream = ["--info-upstream", info_url] if info_url else []  # what the gateways do not compute: the node's answers
         for i in range(self.gateways):
