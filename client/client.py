@@ -279,7 +279,8 @@ class HLClient:
         server = user.server
         if server.state == "failed":
             raise SubscriptionError(server.error)
-        if fail_on_disconnect and server.lost:
+        down = server.lost or (server.connection is not None and server.connection.state in ("backoff", "failed", "closed"))
+        if fail_on_disconnect and down:
             raise ConnectionLost(f"subscription {sub_id}: its connection dropped and is not back yet")
         future = user.wait_next(fail_on_disconnect)
         try:

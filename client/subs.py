@@ -70,7 +70,7 @@ def _levels(name: str, value: Any) -> int:
 
 
 def _interval(name: str, value: Any) -> str:
-    if value not in INTERVALS:
+    if not isinstance(value, str) or value not in INTERVALS:
         raise ValueError(f"{name} must be one of {list(INTERVALS)}, not {value!r}")
     return str(value)
 

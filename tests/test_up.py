@@ -384,6 +384,10 @@ def test_a_stopped_shard_is_said_stale_for_its_coins_alone(up: Up) -> None:
             named = said[0].split("(", 1)[1].split(")", 1)[0].split(", ")  # 10 coins, 5 a shard: all named
             assert said[0].startswith("allMids: the mids of") and stopped in named and other not in named, said
             assert other_books > 0
+            with connect(up.ws, open_timeout=10) as late:  # a new allMids subscriber is told at once
+                late.send(json.dumps({"method": "subscribe", "subscription": {"type": "allMids"}}))
+                channels = [json.loads(late.recv(timeout=5))["channel"] for _ in range(2)]
+                assert "error" in channels, channels
             status, body = post_info(up.http, {"type": "l2Book", "coin": stopped})
             assert status == 503 and "silent" in str(body), (status, body)
             assert post_info(up.http, {"type": "l2Book", "coin": other})[0] == 200

@@ -87,9 +87,10 @@ def load(source: bytes | IO[bytes], want: Callable[[str], bool] = lambda coin: T
     with fh:
         try:
             return _load_by_coin(fh, want)
-        except _Unsplit:  # not cut where coins meet: decoded whole
-            fh.seek(0)
-            return _load_whole(fh.read(), want)
+        except _Unsplit:
+            pass  # not cut where coins meet: decoded whole, once the attempt's buffers are gone
+        fh.seek(0)
+        return _load_whole(fh.read(), want)
 
 
 def load_file(path: str, want: Callable[[str], bool] = lambda coin: True) -> tuple[int, dict[str, Book]]:
@@ -228,9 +229,13 @@ def fetch_shared(info_url: str, owner: str, not_before: float = 0.0, timeout: fl
                 _unlink(latest, by)
         except FileNotFoundError:
             pass
-        data = fetch(info_url, timeout, directory, keep=latest)
-        by.write_text(owner)
-        return data, False
+        fetched = fetch(info_url, timeout, directory, keep=latest)
+        try:
+            by.write_text(owner)
+        except OSError:
+            fetched.close()
+            raise
+        return fetched, False
 
 
 def remove_shared(info_url: str, owner: str, directory: str | None = None) -> None:
@@ -284,11 +289,14 @@ def fetch(info_url: str, timeout: float = 60.0, directory: str | None = None, ke
         if response.status_code != 200:
             raise SnapshotError(f"snapshot request to {info_url}: HTTP {response.status_code} {response.text[:200]}")
         fh = open(path, "rb")
-        if os.fstat(fh.fileno()).st_size == 0:
+        try:
+            if os.fstat(fh.fileno()).st_size == 0:
+                raise SnapshotError(f"snapshot request to {info_url} wrote nothing to {path}")
+            if keep is not None:
+                os.replace(path, keep)
+        except BaseException:
             fh.close()
-            raise SnapshotError(f"snapshot request to {info_url} wrote nothing to {path}")
-        if keep is not None:
-            os.replace(path, keep)
+            raise
         return fh
     finally:
         try:

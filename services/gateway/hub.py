@@ -20,7 +20,7 @@ from hlbook.common.metrics import BAD_INPUT
 from hlbook.common.wire import CoinState
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway.feeds import Feed, L4Feed
-from hlbook.services.gateway.kinds import KINDS
+from hlbook.services.gateway.kinds import KINDS, AllMidsKey
 from hlbook.services.gateway.protocol import CoinKey, FeedKey, RequestError, UserKey, message
 from hlbook.services.gateway.session import Session
 from hlbook.services.gateway.upstream import QueryError, Upstream
@@ -180,9 +180,10 @@ class Hub:
                 if key.kind in BOOK_FEEDS and isinstance(key, CoinKey) and self.owner(key.coin) == k:
                     for session in feed.members():
                         tell_stale(session, key, quiet)
-                elif key.kind == "allMids":
-                    for session in feed.members():
-                        tell_stale_mids(session, sorted(view.mids), quiet)
+                elif isinstance(key, AllMidsKey):
+                    coins = self._stale_mids(view, key)
+                    for session in feed.members() if coins else ():
+                        tell_stale_mids(session, coins, quiet)
 
     def lag(self) -> float | None:
         """Seconds from the block time of the newest block a shard finished to now (None: none
@@ -229,8 +230,8 @@ class Hub:
         stats = session.subs.get(ident)
         if stats is not None and feed.shared_count:
             stats.follow(feed.counted)
-        if key.kind in BOOK_FEEDS and isinstance(key, CoinKey):
-            self._tell_if_silent(session, key)  # before any book it may get
+        if (key.kind in BOOK_FEEDS and isinstance(key, CoinKey)) or isinstance(key, AllMidsKey):
+            self._tell_if_silent(session, key)  # before any book or mids it may get
         feed.add(session, ident)
         metrics.SUBSCRIPTIONS.labels(key.kind).inc()
 
@@ -265,13 +266,26 @@ class Hub:
             if kind.subscribe:
                 self.upstream.unsubscribe(feed.topic)
 
-    def _tell_if_silent(self, session: Session, key: CoinKey) -> None:
-        """A new book subscriber of a shard said silent is told at once, as the others were
-        (``say_silent_shards`` tells it with them when the shard falls silent later)."""
+    def _tell_if_silent(self, session: Session, key: CoinKey | AllMidsKey) -> None:
+        """A new book or allMids subscriber of a shard said silent is told at once, as the others
+        were (``say_silent_shards`` tells it with them when the shard falls silent later)."""
+        now = time.monotonic()
+        if isinstance(key, AllMidsKey):
+            for view in self.shards:
+                quiet = view.silence(now)
+                coins = self._stale_mids(view, key)
+                if view.silent and quiet is not None and coins:
+                    tell_stale_mids(session, coins, quiet)
+            return
         view = self.shards[self.owner(key.coin)]
-        quiet = view.silence(time.monotonic())
+        quiet = view.silence(now)
         if view.silent and quiet is not None:
             tell_stale(session, key, quiet)
+
+    @staticmethod
+    def _stale_mids(view: ShardView, key: AllMidsKey) -> list[str]:
+        """The coins of a silent shard whose mids an allMids feed of ``key.dex`` shows."""
+        return sorted(coin for coin in view.mids if dex_of(coin) == key.dex)
 
     def _block_index(self, block: str | None, key: FeedKey) -> dict[Feed, BlockHook]:
         """Where the feeds driven by shard blocks are: by the coin's owner shard, or every block."""
