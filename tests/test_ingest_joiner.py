@@ -198,3 +198,21 @@ def test_a_stream_that_stops_is_said_and_not_waited_for_until_it_comes_back() ->
     add_block(joiner, height + 2, ("raw_book_diffs", "order_statuses"))
     add_block(joiner, height + 3, ("raw_book_diffs",))
     assert closed(joiner, now) == []  # waited for once more
+
+
+def test_streaming_fills_of_a_block_before_the_first_one_are_late_not_a_new_block() -> None:
+    """Started with nothing before it (no position, no files yet): a fill row of a block older
+    than the first block whose books went out is late (dropped, counted), never a block of its
+    own that moves the books back and publishes the first block again without its fills."""
+    joiner = Joiner("streaming", timeout=0.5)
+    add_block(joiner, 10, ("raw_book_diffs",))
+    add_block(joiner, 11, ("raw_book_diffs",))
+    assert closed(joiner, 0) == [("books", 10)]
+    late = anomalies("late_row")
+    add_block(joiner, 9, ("fills",))
+    assert anomalies("late_row") == late + 1
+    add_block(joiner, 10, ("fills",))
+    add_block(joiner, 12, ("raw_book_diffs", "fills"))
+    events = joiner.ready(now=0)
+    assert [(p.value, b.height) for p, b in events] == [("books", 11), ("trades", 10), ("trades", 11)]
+    assert joiner.last_closed == 11

@@ -326,6 +326,8 @@ class Joiner:
     def _closed_books(self, block: Block, out: list[tuple[Phase, Block]]) -> None:
         """Its books are out: its details (streaming: its trades) are awaited next."""
         if self.streaming:
+            if self.last_traded is None:  # the first block: fills of an earlier one are late, not a new block
+                self.last_traded = block.height - 1
             self.trading[block.height] = block
         else:
             self.last_traded = block.height
