@@ -216,3 +216,21 @@ def test_streaming_fills_of_a_block_before_the_first_one_are_late_not_a_new_bloc
     events = joiner.ready(now=0)
     assert [(p.value, b.height) for p, b in events] == [("books", 11), ("trades", 10), ("trades", 11)]
     assert joiner.last_closed == 11
+
+
+def test_the_replay_store_names_as_oldest_a_block_it_holds_whole() -> None:
+    """Streaming: later blocks' books go out before an earlier block's trades and details, so
+    when the store is full the entries dropped first may be books of blocks after the oldest
+    entry left: those blocks are no longer whole, and a replay from them would lack them."""
+    from hlbook.common import topics
+    from hlbook.services.ingest.replay import ReplayStore
+
+    store = ReplayStore(capacity=2, phases=2)  # 4 entries
+    books = lambda h: [(topics.HEADER, b"%d" % h)]  # noqa: E731
+    details = lambda h: [(topics.BLOCK_END, b"%d" % h)]  # noqa: E731
+    for height, messages in [(1, books(1)), (2, books(2)), (3, books(3)), (1, details(1)), (2, details(2))]:
+        store.add(height, messages)
+    assert [h for h, _ in store.blocks] == [2, 3, 1, 2] and store.oldest == 2  # books of 1 dropped
+    store.add(3, details(3))
+    store.add(4, books(4))  # books of 2 and 3 dropped: the details of 1, 2 and 3 are left first
+    assert [h for h, _ in store.blocks] == [1, 2, 3, 4] and store.oldest == 4

@@ -19,18 +19,23 @@ class ReplayStore:
     def __init__(self, capacity: int, phases: int = 2) -> None:
         self.blocks: deque[tuple[int, list[Message]]] = deque(maxlen=phases * capacity)  # entries: a block's phases
         self.head: int | None = None  # newest height held
+        self.evicted = -1  # the highest height one of whose entries was dropped
 
     def add(self, height: int, messages: list[Message]) -> None:
+        if len(self.blocks) == self.blocks.maxlen:
+            self.evicted = max(self.evicted, self.blocks[0][0])
         self.blocks.append((height, messages))
         self.head = height if self.head is None else max(self.head, height)
 
     @property
     def oldest(self) -> int | None:
-        """The oldest height held whole (both phases)."""
+        """The oldest height held whole (every phase): entries of later blocks' books may have
+        been dropped before an earlier block's details (streaming: its trades too)."""
         if not self.blocks:
             return None
         height, messages = self.blocks[0]
-        return height if messages and messages[0][0] == topics.HEADER else height + 1
+        first = height if messages and messages[0][0] == topics.HEADER else height + 1
+        return max(first, self.evicted + 1)
 
     def answer(self, request: wire.ReplayRequest) -> list[bytes]:
         """Reply frames: ReplayReply, then topic/payload pairs."""
