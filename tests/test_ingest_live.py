@@ -450,3 +450,4 @@ def test_a_data_dir_without_node_files_is_said_and_a_missing_one_refused(tmp_pat
                               "--pub", f"ipc://{tmp_path}/p2", "--replay", f"ipc://{tmp_path}/r2"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "no such directory" in refused.stderr
+

@@ -105,6 +105,12 @@ class MessageBuilder:
         block.trade_coins = [t.coin for t in trades]
         return [self._pack(topics.trades(t.coin), t) for t in trades]
 
+    @staticmethod
+    def note_trade_coins(block: Block) -> None:
+        """``block.trade_coins`` for its ``E|`` without building the trades (an ingest before
+        this one published them)."""
+        block.trade_coins = list(dict.fromkeys(trade.coin for _, trade in trades_of(block.fills)[0]))
+
     def details(self, block: Block) -> tuple[list[Message], list[Message]]:
         """The details phase (its statuses decoded): (book details and the block's end; per-user
         messages), kept apart because per-user messages exist only for users someone follows."""

@@ -327,7 +327,11 @@ class Ingest:
 
     def publish_trades(self, block: Block) -> None:
         """Streaming mode's trades phase (not again for a block whose trades a previous ingest published)."""
-        if (self.trades_done is not None and block.height <= self.trades_done) or (self.end is not None and block.height > self.end):
+        if self.end is not None and block.height > self.end:
+            return
+        if self.trades_done is not None and block.height <= self.trades_done:
+            # sent by the ingest before this one: not again, but its E| still names them
+            self.builder.note_trade_coins(block)
             return
         try:
             messages = self.builder.trades(block)
