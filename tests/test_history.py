@@ -70,8 +70,8 @@ def read_blocks(data: Path) -> dict[int, dict[str, Any]]:
     for stream, key in (("order_statuses", "statuses"), ("fills", "fills")):
         for path in sorted((data / "hl" / "data" / f"node_{stream}_by_block").rglob("*")):
             if path.is_file():
-                data = path.read_bytes()
-                for line in data[: data.rfind(b"\n") + 1].splitlines():  # a line the node is still writing: not yet
+                written = path.read_bytes()
+                for line in written[: written.rfind(b"\n") + 1].splitlines():  # a line the node is still writing: not yet
                     row = orjson.loads(line)
                     events = row["events"] if key == "fills" else [e for e in row["events"] if not e["status"].endswith("Rejected")]
                     blocks.setdefault(row["block_number"], {"statuses": [], "fills": []})[key] = events
