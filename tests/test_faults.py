@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 import websockets
 import zmq
+from websockets.sync.client import connect
 
 from hlbook.common import nodefiles, wire
 from hlbook.common.models import DECODERS
@@ -144,6 +145,54 @@ def test_killed_processes_lose_no_trade_and_books_come_back_equal(tmp_path: Path
         ctx.destroy(linger=0)
         for name, value in figures.items():
             print(f"{name}: {value:.2f}" if isinstance(value, float) else f"{name}: {value}")
+
+
+def _errors(ws: Any, seconds: float) -> list[str]:
+    """The ``error`` messages a client gets within ``seconds``."""
+    said: list[str] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            message = json.loads(ws.recv(timeout=left))
+        except TimeoutError:
+            break
+        if message["channel"] == "error":
+            said.append(message["data"])
+    return said
+
+
+def _append(path: Path, line: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def test_a_dropped_fills_line_is_told_to_the_trades_clients_it_concerned(tmp_path: Path) -> None:
+    """Lines appended to the node's live fills file: one timed 2100 with a fill of one coin (dropped,
+    ``future_time``) tells that coin's trades subscribers alone, once; an unreadable one
+    (``malformed``: its coins unknown) tells every trades subscriber, once."""
+    with running(tmp_path, shards=1, coins=4, seed=3, env={"HLBOOK_PARTIAL_WRITE_P": "0"}) as up:
+        quiet, named = sorted(post_info(up.http, {"type": "allMids"})[1])[:2]
+        with connect(up.ws, open_timeout=10) as ws:
+            for coin in (quiet, named):
+                ws.send(json.dumps({"method": "subscribe", "subscription": {"type": "trades", "coin": coin}}))
+            time.sleep(1)
+            files = nodefiles.hour_files(up.data, "fills", "by-block")
+            path = files[-1]
+            lines = [line for f in files for line in f.read_bytes().splitlines(keepends=True) if line.endswith(b"\n")]
+            row = next(r for r in map(json.loads, reversed(lines)) if r["events"])
+            user, fill = row["events"][0]
+            future = "2100-01-01T00:00:00.000000000"
+            _append(path, json.dumps({**row, "local_time": future, "block_time": future, "block_number": row["block_number"] + 1,
+                                      "events": [[user, {**fill, "coin": named, "time": 4102444800000}]]}).encode() + b"\n")
+            said = _errors(ws, 3)
+            assert len(said) == 1 and said[0].startswith(f"trades {named}: ") and "(future_time)" in said[0], said
+            _append(path, b'{"local_time": garbage\n')
+            said = _errors(ws, 3)
+            assert sorted(s.split(":")[0] for s in said) == [f"trades {quiet}", f"trades {named}"], said
+            assert all("(malformed)" in s for s in said), said
 
 
 def _owner(coin: str) -> int:

@@ -35,6 +35,10 @@ TRADES_HOLD = 0.02  # seconds a block's trades wait at most for their coin's boo
 SHARD_SILENT = 5.0  # seconds without a message (block or heartbeat) after which a shard counts as down
 BOOK_FEEDS = ("l2Book", "bbo", "l4Book")  # kinds that show a shard's book: said stale when it is silent
 BOOK_SOURCES = (topics.L2_PREFIX, topics.BBO_PREFIX)  # the shard's book messages, published as soon as a block's diffs are applied
+DROPPED_FEEDS = {  # node stream -> the kinds made of it (told when ingest drops some of it)
+    "fills": ("trades", "userFills", "userTwapSliceFills", "userEvents"),
+    "order_statuses": ("orderUpdates",),
+}
 
 
 class ShardView:
@@ -76,6 +80,24 @@ def tell_stale(session: Session, key: CoinKey, quiet: float) -> None:
     metrics.ERRORS.labels("stale_book").inc()
     session.reply(message("error", f"{key.kind} {key.coin}: no update for {quiet:.0f} s, its book shard is silent; "
                                    "what you hold may be stale; updates resume when it is back"))
+
+
+def concerns(dropped: wire.Dropped, key: FeedKey) -> bool:
+    """Whether node data ingest dropped may have held messages of the feed ``key``."""
+    if key.kind not in DROPPED_FEEDS.get(dropped.stream, ()):
+        return False
+    if isinstance(key, CoinKey):
+        return dropped.coins is None or key.coin in dropped.coins
+    return isinstance(key, UserKey) and (dropped.users is None or key.user in dropped.users)
+
+
+def tell_dropped(session: Session, key: FeedKey, dropped: wire.Dropped) -> None:
+    """One ``error`` message to a subscriber of a feed whose data ingest dropped: a gap, never data."""
+    metrics.ERRORS.labels("dropped_data").inc()
+    name = key.coin if isinstance(key, CoinKey) else key.user if isinstance(key, UserKey) else ""
+    block = "an unknown block" if dropped.height is None else f"block {dropped.height}"
+    session.reply(message("error", f"{key.kind} {name}: the node's {dropped.stream} data of {block} was dropped "
+                                   f"({dropped.reason}); {key.kind} messages it held are missing here"))
 
 
 def dex_of(coin: str) -> str:
@@ -385,6 +407,22 @@ class Hub:
     def on_block_end(self, topic: bytes, m: wire.BlockEnd) -> None:
         users = [t for t in map(topics.user, m.users) if t in self.by_topic]  # the users followed here
         self._announce(m.height, [*map(topics.trades, m.trade_coins), *users])
+        if m.dropped:
+            self.say_dropped(m.height, m.dropped)
+
+    def say_dropped(self, height: int, dropped: list[wire.Dropped]) -> None:
+        """Tell the subscribers of every feed that node data ingest dropped concerned, once per
+        feed and ``E|`` (the first drop that concerned it)."""
+        told: dict[FeedKey, wire.Dropped] = {}
+        for d in dropped:
+            for key in self.feeds:
+                if key not in told and concerns(d, key):
+                    told[key] = d
+        log.warning("block %d: ingest dropped node data (%s): telling %d feeds", height,
+                    ", ".join(f"{d.stream} {d.reason} at {d.height}" for d in dropped[:5]), len(told))
+        for key, d in told.items():
+            for session in self.feeds[key].members():
+                tell_dropped(session, key, d)
 
     def _announce(self, height: int, expected: list[bytes]) -> None:
         """A block's ``H|`` names its trades' topics (streaming mode: its ``E|``, sent after

@@ -10,6 +10,7 @@ its books go out once the diff stream moved past it, whatever the fills do."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import zmq
 from hlbook.common import config, logs, nodefiles, wire
 from hlbook.common.metrics import BAD_INPUT, serve
 from hlbook.common.nodefiles import line_height
+from hlbook.common.nodelines import Reason
 from hlbook.common.security import Curve
 from hlbook.common.models import DECODERS, STREAMS, block_time_ms
 from hlbook.common.signals import stop_on_signals
@@ -86,6 +88,8 @@ class Ingest:
         if saved is not None:
             self._warm_store(saved.height, max(saved.height, saved.books_height or 0), max(saved.height, self.trades_done or 0))
         self.joiner = Joiner(cfg.mode, cfg.block_timeout, self.skip_below)
+        for stream, tailer in self.tailers.items():  # a line the tailer drops (oversize, unterminated) is a gap too
+            tailer.lost = functools.partial(self.joiner.lose, stream)
         ctx = ctx or zmq.Context.instance()
         self.curve = Curve.from_dir(cfg.curve_dir)
         self.pub = ctx.socket(zmq.XPUB)
@@ -157,6 +161,7 @@ class Ingest:
                             self.store.add(block.height, messages)
                     elif block.height <= details:
                         block.decode_statuses(self.subs.wants, joiner.drops)
+                        block.dropped = joiner.take_dropped()
                         stored, per_user = builder.details(block)
                         self.store.add(block.height, stored + per_user)
                 except Exception:  # as in publish: that block cannot be replayed, the rest can
@@ -253,6 +258,7 @@ class Ingest:
                 joiner.add(stream, DECODERS[stream].decode(line), line)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:  # ValueError: a bad block_time
             self._bad_line(stream, line, exc)
+            joiner.lose(stream, Reason.MALFORMED, line_height(line), [])
 
     def _bad_line(self, stream: str, line: bytes, exc: Exception) -> None:
         metrics.BAD_LINES.labels(stream, "malformed").inc()
@@ -302,8 +308,10 @@ class Ingest:
         """The details phase: the block's statuses decoded, book details, the block's end, per-user events, history."""
         for line, exc in block.decode_statuses(self.subs.wants, self.joiner.drops):
             self._bad_line(STATUSES, line, exc)
+            self.joiner.lose(STATUSES, Reason.MALFORMED, block.height, [])
             if self.cfg.mode == "by-block":  # the block's one status line: its new orders have no details
                 block.statuses_missing = True
+        block.dropped = self.joiner.take_dropped()
         try:
             stored, per_user = self.builder.details(block)
         except Exception:
