@@ -51,7 +51,8 @@ from typing import Any, NamedTuple
 import msgspec
 
 from hlbook.common import wire
-from hlbook.common.models import STATUS_HEADS, STREAMS, BookDiff, NodeLine, OrderStatus, UserFill, block_time_ms
+from hlbook.common.models import DECODERS, STATUS_HEADS, STREAMS, BookDiff, NodeLine, OrderStatus, UserFill, block_time_ms
+from hlbook.common.nodefiles import line_height
 from hlbook.common.nodelines import Drops, Reason, Sequence, fill_ms, status_ms, timed
 from hlbook.services.ingest import metrics
 
@@ -181,15 +182,20 @@ def concerned(items: list[Any]) -> tuple[list[str] | None, list[str] | None]:
 
 
 class Joiner:
-    def __init__(self, mode: str, timeout: float, start_height: int | None = None, drops: Drops | None = None) -> None:
+    """``streams``: those joined (history's backfill: statuses and fills; a block's books then
+    wait for the fills alone, by-block, or for nothing, streaming)."""
+
+    def __init__(self, mode: str, timeout: float, start_height: int | None = None, drops: Drops | None = None,
+                 streams: tuple[str, ...] = STREAMS) -> None:
         self.streaming = mode == "streaming"
         self.drops = drops or Drops("ingest", metrics.BAD_LINES, log, self.lose)
         self.dropped: list[wire.Dropped] = []  # for the next block whose details go out
         last = None if start_height is None else start_height - 1
-        self.sequences: dict[str, Sequence[Item]] = {s: Sequence(s, self.streaming, self.drops, last) for s in STREAMS}
-        self._elsewheres = {s: functools.partial(self._elsewhere, s) for s in STREAMS}
+        self.sequences: dict[str, Sequence[Item]] = {s: Sequence(s, self.streaming, self.drops, last) for s in streams}
+        self._elsewheres = {s: functools.partial(self._elsewhere, s) for s in streams}
         self.timeout = timeout
-        self.book_streams = (DIFFS,) if self.streaming else BOOK_STREAMS  # what a block's books wait for
+        book_streams = (DIFFS,) if self.streaming else BOOK_STREAMS
+        self.book_streams = tuple(s for s in book_streams if s in streams)  # what a block's books wait for
         self.pending: dict[int, Block] = {}  # books not closed yet
         self.trading: dict[int, Block] = {}  # streaming: books closed, trades not yet
         self.detailing: dict[int, Block] = {}  # books (and trades) closed, details not yet
@@ -218,6 +224,20 @@ class Joiner:
         return dropped
 
     # ------------------------------------------------------------ lines
+
+    def feed(self, stream: str, line: bytes) -> None:
+        """A line as read: a book stream's decoded, a status line kept as read (decoded when its
+        block's details close, after its books went out); one that does not decode is dropped."""
+        try:
+            if stream == STATUSES:
+                head = line_head(line)
+                if head is None:
+                    raise ValueError("no block_number where a node line has it")
+                self.add_statuses(head, line)
+            else:
+                self.add(stream, DECODERS[stream].decode(line), line)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:  # ValueError: a bad block_time
+            self.drops(stream, Reason.MALFORMED, line_height(line), f"{exc}: {line[:200]!r}")
 
     def add(self, stream: str, line: NodeLine, raw: bytes | None = None) -> None:
         """A decoded line of a book stream (diffs or fills); ``raw``: as read (tells a row read twice)."""
@@ -317,7 +337,7 @@ class Joiner:
             return False
         # by-block mode only: every stream has a line for every block there, so one that never came is missing
         # (in streaming mode a stream without rows for a block is normal, fills most of all)
-        behind = [] if self.streaming else [s for s in PHASE_STREAMS[phase.value] if self.reached[s] < height]
+        behind = [] if self.streaming else [s for s in PHASE_STREAMS[phase.value] if s in self.sequences and self.reached[s] < height]
         if behind and self.stalled.issuperset(behind):
             return True  # not waited for: closes at once, still counted incomplete
         since = self._past_since.setdefault((phase, height), now)
@@ -384,8 +404,8 @@ class Joiner:
     def _close_books(self, height: int, out: list[tuple[Phase, Block]]) -> None:
         block = self.pending.pop(height)
         self._past_since.pop((Phase.BOOKS, height), None)
-        if not self.streaming and not block.streams_seen.issuperset(BOOK_STREAMS):
-            block.missing = sorted(set(BOOK_STREAMS) - block.streams_seen)
+        if not self.streaming and not block.streams_seen.issuperset(self.book_streams):
+            block.missing = sorted(set(self.book_streams) - block.streams_seen)
             metrics.BLOCK_ANOMALIES.labels("incomplete").inc()
             log.warning("block %d closed without %s", height, block.missing)
             for stream in block.missing:
