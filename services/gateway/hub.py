@@ -337,9 +337,11 @@ class Hub:
             self.heard_height = message.height
         handle(self, topic, message)
 
-    async def _repair(self, topic: bytes, label: str, handle: Any, from_height: int | None = None) -> None:
-        """Deliver the lost messages of ``topic`` from ingest's replay, then those held meanwhile;
-        the topic's subscribers are told of what could not be recovered."""
+    async def _repair(self, topic: bytes, label: str, handle: Any, from_height: int | None = None,
+                      expected: int | None = None) -> None:
+        """Deliver the lost messages of ``topic`` from ingest's replay (``expected``: the block of
+        one that must be there), then those held meanwhile; the topic's subscribers are told of
+        what could not be recovered."""
         chain = self.chains[topic]
         from_height = from_height or (chain.last or 0) + 1
         try:
@@ -363,6 +365,10 @@ class Hub:
                 except Exception:  # as in Upstream._read: one bad message must not stop the rest
                     BAD_INPUT.labels("gateway", "error").inc()
                     log.exception("handling %r failed", topic[:40])
+        if not lost and expected is not None and (chain.last is None or chain.last < expected):
+            lost = True
+            log.error("%r: the message of block %d lost for good (ingest no longer holds it)", topic[:60], expected)
+            self._say_lost(topic, f"its message of block {expected} was lost upstream (ingest no longer holds it)")
         metrics.REPAIRS.labels(label, "failed" if lost else "replayed").inc()
 
     async def _replayed(self, topic: bytes, from_height: int) -> list[Any] | None:
@@ -466,7 +472,7 @@ class Hub:
                     metrics.GAPS.labels(label).inc()
                     lost.append(topic)
                     self.repairing[topic] = []
-                    asyncio.create_task(self._repair(topic, label, handle, block if last is None else None))
+                    asyncio.create_task(self._repair(topic, label, handle, block if last is None else None, block))
         if lost:
             log.warning("%d announced messages before block %d never came (%s); replaying them",
                         len(lost), height, b" ".join(lost[:10]).decode(errors="replace"))
