@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import REGISTRY
 
 from hlbook.common.models import DiffLine, FillLine
-from hlbook.services.ingest.joiner import Joiner, LineHead, Phase, line_head
+from hlbook.services.ingest.joiner import MAX_DROPS, Joiner, LineHead, Phase, line_head
 
 BOOK_LINES = {"raw_book_diffs": DiffLine, "fills": FillLine}
 STREAMS = ("order_statuses", *BOOK_LINES)
@@ -198,3 +198,20 @@ def test_a_stream_that_stops_is_said_and_not_waited_for_until_it_comes_back() ->
     add_block(joiner, height + 2, ("raw_book_diffs", "order_statuses"))
     add_block(joiner, height + 3, ("raw_book_diffs",))
     assert closed(joiner, now) == []  # waited for once more
+
+
+def test_drops_are_noted_for_the_next_block_end_and_a_flood_names_no_one() -> None:
+    """A damaged fills line (its coins unknown) is noted for the next E|; a duplicate is not (a copy
+    of what was joined); a flood of damaged lines stays one entry per stream and reason past
+    ``MAX_DROPS``, naming no one (every feed of the stream is told)."""
+    joiner = Joiner("by-block", timeout=10, start_height=100)
+    joiner.feed("fills", b'{"local_time": garbage')
+    assert [(d.stream, d.reason, d.coins) for d in joiner.take_dropped()] == [("fills", "malformed", None)]
+    add_block(joiner, 100)
+    add_block(joiner, 100)  # the same lines again
+    assert joiner.take_dropped() == []
+    for _ in range(MAX_DROPS + 50):
+        joiner.feed("fills", b'{"local_time": garbage')
+    joiner.feed("raw_book_diffs", b'{"local_time": garbage')
+    flood = joiner.take_dropped()
+    assert len(flood) == MAX_DROPS + 1 and flood[-1].stream == "raw_book_diffs" and flood[-1].coins is None

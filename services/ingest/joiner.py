@@ -64,6 +64,7 @@ BOOK_STREAMS = (DIFFS, FILLS)
 PHASE_STREAMS = {"books": BOOK_STREAMS, "trades": (FILLS,), "details": (STATUSES,)}
 STALL_AFTER = 3  # blocks in a row closed by timeout without a stream, after which it is not waited for
 MAX_NAMED = 1_000  # coins or users a drop names at most (more: any, as when unknown)
+MAX_DROPS = 100  # drops named for one E|; past them (a flood of damaged lines) one per stream and reason, naming no one
 _HEAD = re.compile(rb'\{"local_time":"([^"]{1,64})","block_time":"([^"]{1,64})","block_number":(\d{1,19})[,}]')
 
 
@@ -177,8 +178,11 @@ def concerned(items: list[Any]) -> tuple[list[str] | None, list[str] | None]:
             coin = event.order.coin if isinstance(event, OrderStatus) else getattr(event, "coin", None)
             if coin is not None:
                 coins.add(coin)
-    named = lambda names: sorted(names) if items and len(names) <= MAX_NAMED else None  # noqa: E731
-    return named(coins), named(users)
+    return _named(coins, items), _named(users, items)
+
+
+def _named(names: set[str], items: list[Any]) -> list[str] | None:
+    return sorted(names) if items and len(names) <= MAX_NAMED else None
 
 
 class Joiner:
@@ -214,6 +218,10 @@ class Joiner:
         """Note node data dropped (``items``: what, [] unknown) for the clients it concerned, told
         with the next block's ``E|``. A duplicate is a copy of what was joined: nothing is lost."""
         if reason == Reason.DUPLICATE:
+            return
+        if len(self.dropped) >= MAX_DROPS:
+            if not any(d.stream == stream and d.reason == reason and d.coins is None for d in self.dropped):
+                self.dropped.append(wire.Dropped(stream, str(reason)))
             return
         coins, users = concerned(items)
         self.dropped.append(wire.Dropped(stream, str(reason), height, coins, users))
