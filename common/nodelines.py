@@ -25,7 +25,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from prometheus_client import Counter
 
@@ -41,6 +41,7 @@ LOG_EVERY_S = 1.0  # one log line a second per stream and reason, saying how man
 T = TypeVar("T")
 E = TypeVar("E")
 Elsewhere = Callable[[], "int | None"]  # the highest height the other streams claim, asked only for a jump
+Told = Callable[[str, str, "int | None", list[Any]], None]  # (stream, reason, height, what was dropped: [] unknown)
 
 
 class Reason(enum.StrEnum):
@@ -54,15 +55,20 @@ class Reason(enum.StrEnum):
 
 class Drops:
     """Counts what one reader drops (its service's bad-lines counter and ``hlbook_bad_input_total``)
-    and logs it, at most one line a second per stream and reason."""
+    and logs it, at most one line a second per stream and reason; ``told`` hears of every drop
+    (ingest: to tell the clients of what it concerned)."""
 
-    def __init__(self, service: str, counter: Counter, log: logging.Logger) -> None:
-        self.service, self.counter, self.log = service, counter, log
+    def __init__(self, service: str, counter: Counter, log: logging.Logger, told: Told | None = None) -> None:
+        self.service, self.counter, self.log, self.told = service, counter, log, told
         self._said: dict[tuple[str, str], tuple[float, int]] = {}  # (stream, reason) -> (last logged, dropped since)
 
-    def __call__(self, stream: str, reason: str, height: int | None, detail: str = "", n: int = 1) -> None:
+    def __call__(self, stream: str, reason: str, height: int | None, detail: str = "", n: int = 1,
+                 items: list[Any] | None = None) -> None:
+        """``items``: what was dropped (lines as joined, or events), when known."""
         self.counter.labels(stream, reason).inc(n)
         BAD_INPUT.labels(self.service, reason).inc(n)
+        if self.told is not None:
+            self.told(stream, reason, height, items or [])
         now = time.monotonic()
         last, since = self._said.get((stream, reason), (-LOG_EVERY_S, 0))
         if now - last < LOG_EVERY_S:
@@ -127,7 +133,7 @@ class Sequence(Generic[T]):
         """The lines that can be passed on once this one is read. ``elsewhere``: the highest height
         the other streams claim (None: unknown; a jump then waits for this stream's next line)."""
         if future(block_ms, self.last_ms):
-            self.drops(self.stream, Reason.FUTURE, height, f"block time {block_ms} ms")
+            self.drops(self.stream, Reason.FUTURE, height, f"block time {block_ms} ms", items=[item])
             return []
         if self.held:
             if height < self.held[0].height:
@@ -141,7 +147,7 @@ class Sequence(Generic[T]):
             if other is None or height > other:
                 self.held.append(_Held(height, block_ms, line, item))
                 return []
-        return [item] if self._fits(height, block_ms, line) else []
+        return [item] if self._fits(height, block_ms, line, item) else []
 
     def release(self, elsewhere: int | None) -> list[T]:
         """The held lines, once another stream reached their height or this one went on past it."""
@@ -155,22 +161,23 @@ class Sequence(Generic[T]):
     def flush(self) -> list[T]:
         """Every held line that fits (the end of what is to be read)."""
         held, self.held = self.held, []
-        return [h.item for h in held if self._fits(h.height, h.block_ms, h.line)]
+        return [h.item for h in held if self._fits(h.height, h.block_ms, h.line, h.item)]
 
     def _drop_held(self) -> None:
         self.drops(self.stream, Reason.JUMP, self.held[0].height,
-                   f"{len(self.held)} line(s) after block {self.last}, followed by a lower height", len(self.held))
+                   f"{len(self.held)} line(s) after block {self.last}, followed by a lower height", len(self.held),
+                   [h.item for h in self.held])
         self.held = []
 
-    def _fits(self, height: int, block_ms: int, line: bytes) -> bool:
+    def _fits(self, height: int, block_ms: int, line: bytes, item: T) -> bool:
         """Whether a line follows the ones passed on (and note it passed)."""
         last = self.last
         if last is not None and height < last:
-            self.drops(self.stream, Reason.LATE, height, f"after block {last}")
+            self.drops(self.stream, Reason.LATE, height, f"after block {last}", items=[item])
             return False
         if last is not None and height == last:
             if not self.streaming or hash(line) in self._rows:
-                self.drops(self.stream, Reason.DUPLICATE, height)
+                self.drops(self.stream, Reason.DUPLICATE, height, items=[item])
                 return False
         else:
             self._rows.clear()

@@ -67,6 +67,18 @@ class BookDetails(msgspec.Struct):
     statuses: list[OrderStatus]
 
 
+class Dropped(msgspec.Struct):
+    """Node data ingest dropped (a damaged line, a late row, a stream a block closed without):
+    ``reason`` as in ``hlbook_ingest_bad_lines_total`` or ``incomplete``; ``height`` the block it
+    was of (None: unknown); ``coins``/``users`` it concerned (None: unknown, i.e. any)."""
+
+    stream: str
+    reason: str
+    height: int | None = None
+    coins: list[str] | None = None
+    users: list[str] | None = None
+
+
 class BlockEnd(msgspec.Struct):
     """``E|``: a block's details phase is over, one per block after its ``D|`` messages and
     before its ``U|`` ones: ``detail_coins`` are the coins that got a ``D|``, ``users`` the
@@ -81,6 +93,7 @@ class BlockEnd(msgspec.Struct):
     incomplete: list[str] = []
     users: list[str] = []  # users with a UserEvents message after this one (only followed users have them)
     trade_coins: list[str] = []  # streaming mode: coins whose Trades of this block came before it (by-block: in H|)
+    dropped: list[Dropped] = []  # node data dropped since the previous E| (this block's missing streams included)
 
 
 class Trade(msgspec.Struct):

@@ -121,9 +121,11 @@ class ScriptedIngest:
                                   [], trade_coins=trade_coins)
         self.xpub.send_multipart([topics.HEADER, wire.encode(header)])
 
-    def end(self, height: int, trade_coins: list[str]) -> None:
-        """The block's ``E|`` (streaming mode: it names the block's trades, sent before it)."""
-        end = wire.BlockEnd(height, self.prev.next(topics.BLOCK_END, height), height * 1000, 0, [], trade_coins=trade_coins)
+    def end(self, height: int, trade_coins: list[str], dropped: list[wire.Dropped] | None = None) -> None:
+        """The block's ``E|`` (streaming mode: it names the block's trades, sent before it; ``dropped``:
+        node data ingest dropped)."""
+        end = wire.BlockEnd(height, self.prev.next(topics.BLOCK_END, height), height * 1000, 0, [], trade_coins=trade_coins,
+                            dropped=dropped or [])
         self.xpub.send_multipart([topics.BLOCK_END, wire.encode(end)])
 
     def trades(self, height: int, tid: int) -> tuple[bytes, bytes]:

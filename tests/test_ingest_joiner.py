@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import REGISTRY
 
 from hlbook.common.models import DiffLine, FillLine
-from hlbook.services.ingest.joiner import Joiner, LineHead, Phase, line_head
+from hlbook.services.ingest.joiner import MAX_DROPS, Joiner, LineHead, Phase, line_head
 
 BOOK_LINES = {"raw_book_diffs": DiffLine, "fills": FillLine}
 STREAMS = ("order_statuses", *BOOK_LINES)
@@ -234,3 +234,20 @@ def test_the_replay_store_names_as_oldest_a_block_it_holds_whole() -> None:
     store.add(3, details(3))
     store.add(4, books(4))  # books of 2 and 3 dropped: the details of 1, 2 and 3 are left first
     assert [h for h, _ in store.blocks] == [1, 2, 3, 4] and store.oldest == 4
+
+
+def test_drops_are_noted_for_the_next_block_end_and_a_flood_names_no_one() -> None:
+    """A damaged fills line (its coins unknown) is noted for the next E|; a duplicate is not (a copy
+    of what was joined); a flood of damaged lines stays one entry per stream and reason past
+    ``MAX_DROPS``, naming no one (every feed of the stream is told)."""
+    joiner = Joiner("by-block", timeout=10, start_height=100)
+    joiner.feed("fills", b'{"local_time": garbage')
+    assert [(d.stream, d.reason, d.coins) for d in joiner.take_dropped()] == [("fills", "malformed", None)]
+    add_block(joiner, 100)
+    add_block(joiner, 100)  # the same lines again
+    assert joiner.take_dropped() == []
+    for _ in range(MAX_DROPS + 50):
+        joiner.feed("fills", b'{"local_time": garbage')
+    joiner.feed("raw_book_diffs", b'{"local_time": garbage')
+    flood = joiner.take_dropped()
+    assert len(flood) == MAX_DROPS + 1 and flood[-1].stream == "raw_book_diffs" and flood[-1].coins is None

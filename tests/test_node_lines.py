@@ -121,7 +121,13 @@ def published_trades(ingest: Ingest) -> Trades:
     return {h: sorted(t) for h, t in out.items()}
 
 
-def live(data: Path, mode: str, tmp: Path) -> Trades:
+def published_drops(ingest: Ingest) -> list[wire.Dropped]:
+    """What the ``E|`` messages ingest published say it dropped."""
+    return [d for _, messages in ingest.store.blocks for topic, payload in messages if topic == topics.BLOCK_END
+            for d in wire.decode(payload, wire.BlockEnd).dropped]
+
+
+def live(data: Path, mode: str, tmp: Path, result: Callable[[Ingest], Any] = published_trades) -> Any:
     """Ingest's live path from the fixture's first block until every fill block closed."""
     cfg = IngestConfig(str(data), mode, from_height=985148182, pub=f"ipc://{tmp}/pub", replay=f"ipc://{tmp}/replay",
                        block_timeout=0.05, watch=False)
@@ -130,7 +136,7 @@ def live(data: Path, mode: str, tmp: Path) -> Trades:
         deadline = time.monotonic() + 10
         while (ingest.published or 0) < 985148200 and time.monotonic() < deadline:
             ingest.step()
-        return published_trades(ingest)
+        return result(ingest)
     finally:
         ingest.close()
 
@@ -231,3 +237,17 @@ def test_a_status_timed_2100_is_dropped_and_counted(btc_data: Path, tmp_path: Pa
             assert db.execute("SELECT count(*) FROM orders").fetchone()[0] > 0
         finally:
             db.close()
+
+
+@pytest.mark.parametrize("mode", ["by-block", "streaming"])
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_dropped_line_is_named_in_the_next_block_end(btc_data: Path, tmp_path: Path, fault: str, mode: str) -> None:
+    """Ingest's E| names what it dropped (stream, reason, block, coins) for the gateway to tell the
+    clients; a duplicate is a copy of what was joined and is not named."""
+    data = damaged_copy(btc_data, tmp_path / "node", mode, fault)
+    dropped = live(data, mode, tmp_path, published_drops)
+    if fault == "duplicate":
+        assert dropped == []
+        return
+    assert dropped and {(d.stream, d.reason, tuple(d.coins or ())) for d in dropped} == {("fills", FAULTS[fault][1], ("BTC",))}
+    assert all(d.height in (985148191, 985148192, 985148191 + 500) and d.users for d in dropped), dropped

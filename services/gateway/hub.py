@@ -35,6 +35,10 @@ TRADES_HOLD = 0.02  # seconds a block's trades wait at most for their coin's boo
 SHARD_SILENT = 5.0  # seconds without a message (block or heartbeat) after which a shard counts as down
 BOOK_FEEDS = ("l2Book", "bbo", "l4Book")  # kinds that show a shard's book: said stale when it is silent
 BOOK_SOURCES = (topics.L2_PREFIX, topics.BBO_PREFIX)  # the shard's book messages, published as soon as a block's diffs are applied
+DROPPED_FEEDS = {  # node stream -> the kinds made of it (told when ingest drops some of it)
+    "fills": ("trades", "userFills", "userTwapSliceFills", "userEvents"),
+    "order_statuses": ("orderUpdates",),
+}
 
 
 class ShardView:
@@ -87,6 +91,30 @@ def tell_stale_mids(session: Session, coins: list[str], quiet: float) -> None:
                                    "their book shard is silent; they resume when it is back"))
 
 
+def concerns(dropped: wire.Dropped, key: FeedKey) -> bool:
+    """Whether node data ingest dropped may have held messages of the feed ``key``."""
+    if key.kind not in DROPPED_FEEDS.get(dropped.stream, ()):
+        return False
+    if isinstance(key, CoinKey):
+        return dropped.coins is None or key.coin in dropped.coins
+    return isinstance(key, UserKey) and (dropped.users is None or key.user in dropped.users)
+
+
+def tell_gap(feed: Feed, reason: str, what: str) -> None:
+    """One ``error`` message to each subscriber of a feed that lost messages: a gap, never data."""
+    key = feed.key
+    name = key.coin if isinstance(key, CoinKey) else key.user if isinstance(key, UserKey) else ""
+    for session in feed.members():
+        metrics.ERRORS.labels(reason).inc()
+        session.reply(message("error", f"{key.kind} {name}: {what}; {key.kind} messages it held are missing here"))
+
+
+def tell_dropped(feed: Feed, dropped: wire.Dropped) -> None:
+    """Node data ingest dropped (``wire.Dropped``), said to a feed it concerned."""
+    block = "an unknown block" if dropped.height is None else f"block {dropped.height}"
+    tell_gap(feed, "dropped_data", f"the node's {dropped.stream} data of {block} was dropped ({dropped.reason})")
+
+
 def dex_of(coin: str) -> str:
     """HIP-3 coins are ``dex:COIN``; the rest belong to the default dex ``""``."""
     return coin.split(":", 1)[0] if ":" in coin else ""
@@ -112,6 +140,7 @@ class Hub:
         self.every_height = 0
         self.heard_height = 0  # newest block of any upstream message: history queries wait for it (read your feeds)
         self.header_time = 0  # block time (ms) of ingest's newest H|: how current a shard's answer is
+        self.first_end: int | None = None  # the first E| heard: every T| published after it is heard (upstream.ALWAYS)
 
     # ------------------------------------------------------------ what the shards hold
 
@@ -317,6 +346,8 @@ class Hub:
             held.append(message)  # after the lost ones being replayed
             return
         chain = self.chains[topic]
+        if chain.last is None and label == "trades" and self.first_end is not None:
+            chain.from_snapshot(self.first_end)  # a coin's first T| here: a later one before it was lost
         step = chain.step(message.height, message.prev)
         if step is Step.SEEN:
             return
@@ -332,38 +363,60 @@ class Hub:
             self.heard_height = message.height
         handle(self, topic, message)
 
-    async def _repair(self, topic: bytes, label: str, handle: Any, from_height: int | None = None) -> None:
-        """Deliver the lost messages of ``topic`` from ingest's replay, then those held meanwhile."""
+    async def _repair(self, topic: bytes, label: str, handle: Any, from_height: int | None = None,
+                      expected: int | None = None) -> None:
+        """Deliver the lost messages of ``topic`` from ingest's replay (``expected``: the block of
+        one that must be there), then those held meanwhile; the topic's subscribers are told of
+        what could not be recovered."""
         chain = self.chains[topic]
         from_height = from_height or (chain.last or 0) + 1
-        message_type = self._handlers[topic[: topic.find(topics.SEP) + 1]][1]
-        replayed: list[Any] = []
         try:
-            for attempt in range(1, REPLAY_TRIES + 1):  # an ingest that just restarted may be busy catching up
-                try:
-                    replayed = [wire.decode(payload, message_type) for t, payload in await self.upstream.replay(from_height, topic) if t == topic]
-                    break
-                except QueryError as exc:
-                    log.log(logging.ERROR if attempt == REPLAY_TRIES else logging.WARNING, "%r: no replay from %d (try %d of %d): %s",
-                            topic[:60], from_height, attempt, REPLAY_TRIES, exc)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.error("%r: undecodable replay from %d: %s", topic[:60], from_height, exc)
+            replayed = await self._replayed(topic, from_height)
         finally:
             held = self.repairing.pop(topic, [])
-        lost = False
-        for message in [*replayed, *held]:
+        lost = replayed is None
+        if lost:
+            self._say_lost(topic, f"its messages from block {from_height} on could not be replayed (ingest did not answer)")
+        for message in [*(replayed or []), *held]:
             step = chain.check(message.height, message.prev)
-            if step is Step.GAP:
+            if step is Step.GAP and not lost:
                 lost = True
                 log.error("%r: messages between %s and %d lost for good (ingest no longer holds them)",
                           topic[:60], message.prev, message.height)
+                self._say_lost(topic, f"its messages between blocks {message.prev} and {message.height} were lost upstream "
+                                      "(ingest no longer holds them)")
             if step is not Step.SEEN:
                 try:
                     handle(self, topic, message)
                 except Exception:  # as in Upstream._read: one bad message must not stop the rest
                     BAD_INPUT.labels("gateway", "error").inc()
                     log.exception("handling %r failed", topic[:40])
+        if not lost and expected is not None and (chain.last is None or chain.last < expected):
+            lost = True
+            log.error("%r: the message of block %d lost for good (ingest no longer holds it)", topic[:60], expected)
+            self._say_lost(topic, f"its message of block {expected} was lost upstream (ingest no longer holds it)")
         metrics.REPAIRS.labels(label, "failed" if lost else "replayed").inc()
+
+    async def _replayed(self, topic: bytes, from_height: int) -> list[Any] | None:
+        """``topic``'s messages from ``from_height`` in ingest's replay (None: no answer, or undecodable)."""
+        message_type = self._handlers[topic[: topic.find(topics.SEP) + 1]][1]
+        for attempt in range(1, REPLAY_TRIES + 1):  # an ingest that just restarted may be busy catching up
+            try:
+                answer = await self.upstream.replay(from_height, topic)
+            except QueryError as exc:
+                log.log(logging.ERROR if attempt == REPLAY_TRIES else logging.WARNING, "%r: no replay from %d (try %d of %d): %s",
+                        topic[:60], from_height, attempt, REPLAY_TRIES, exc)
+                continue
+            try:
+                return [wire.decode(payload, message_type) for t, payload in answer if t == topic]
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.error("%r: undecodable replay from %d: %s", topic[:60], from_height, exc)
+                return None
+        return None
+
+    def _say_lost(self, topic: bytes, what: str) -> None:
+        for feed in self.by_topic.get(topic, ()):
+            tell_gap(feed, "lost_upstream", what)
 
     def on_shard_block(self, topic: bytes, m: wire.ShardBlock) -> None:
         if not 0 <= m.shard < len(self.shards):
@@ -409,8 +462,25 @@ class Hub:
         self._announce(m.height, [topics.trades(coin) for coin in m.trade_coins])
 
     def on_block_end(self, topic: bytes, m: wire.BlockEnd) -> None:
+        if self.first_end is None:  # a T| of a block up to it went out before it (its block's trades precede it)
+            self.first_end = m.height
         users = [t for t in map(topics.user, m.users) if t in self.by_topic]  # the users followed here
         self._announce(m.height, [*map(topics.trades, m.trade_coins), *users])
+        if m.dropped:
+            self.say_dropped(m.height, m.dropped)
+
+    def say_dropped(self, height: int, dropped: list[wire.Dropped]) -> None:
+        """Tell the subscribers of every feed that node data ingest dropped concerned, once per
+        feed and ``E|`` (the first drop that concerned it)."""
+        told: dict[FeedKey, wire.Dropped] = {}
+        for d in dropped:
+            for key in self.feeds:
+                if key not in told and concerns(d, key):
+                    told[key] = d
+        log.warning("block %d: ingest dropped node data (%s): telling %d feeds", height,
+                    ", ".join(f"{d.stream} {d.reason} at {d.height}" for d in dropped[:5]), len(told))
+        for key, d in told.items():
+            tell_dropped(self.feeds[key], d)
 
     def _announce(self, height: int, expected: list[bytes]) -> None:
         """A block's ``H|`` names its trades' topics (streaming mode: its ``E|``, sent after
@@ -428,7 +498,7 @@ class Hub:
                     metrics.GAPS.labels(label).inc()
                     lost.append(topic)
                     self.repairing[topic] = []
-                    asyncio.create_task(self._repair(topic, label, handle, block if last is None else None))
+                    asyncio.create_task(self._repair(topic, label, handle, block if last is None else None, block))
         if lost:
             log.warning("%d announced messages before block %d never came (%s); replaying them",
                         len(lost), height, b" ".join(lost[:10]).decode(errors="replace"))

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 RCVHWM = 500_000
 BATCH = 2000  # messages handled per wake-up before yielding to the event loop
+REPLAYS_IN_FLIGHT = 4  # replay requests to ingest at once: it queues at most 8 replies for one peer (REPLIES_QUEUED)
+# and drops the rest, so a burst (after its restart every lost topic is asked for at once) waited 3 s per try
 ALWAYS = (topics.SHARD_PREFIX, topics.HEARTBEAT_PREFIX, topics.RESET_PREFIX, topics.TRADES_PREFIX, topics.HEADER, topics.BLOCK_END)
 
 
@@ -53,6 +55,7 @@ class Upstream:
         self._waiting: dict[bytes, asyncio.Future[Reply]] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.room: Callable[[], Awaitable[None]] | None = None  # awaited before each read (backpressure)
+        self._replays: asyncio.Semaphore | None = None  # REPLAYS_IN_FLIGHT (made in the running loop)
 
     def _open(self) -> None:
         """Create the sockets (inside the running event loop: asyncio sockets bind to it)."""
@@ -180,7 +183,10 @@ class Upstream:
         if self.replayer is None:
             raise QueryError("no --ingest-replay endpoint configured")
         request = wire.ReplayRequest(from_height, [prefix], partial=True)  # the chain tells whether anything is missing
-        header, frames = await self._ask(self.replayer, wire.encode(request), "ingest replay")
+        if self._replays is None:
+            self._replays = asyncio.Semaphore(REPLAYS_IN_FLIGHT)
+        async with self._replays:
+            header, frames = await self._ask(self.replayer, wire.encode(request), "ingest replay")
         reply = msgspec.convert(header, wire.ReplayReply)
         if not reply.ok:
             raise QueryError(f"replay from {from_height} refused: {reply.error}")

@@ -12,9 +12,10 @@ Heights no file holds are counted (``hlbook_history_missing_blocks_total``) and
 recorded as held: nothing could fill them later. In streaming mode a block
 without events has no line, so heights between lines are empty blocks.
 
-Lines pass the same judgement as ingest's (``nodelines``): duplicates, late lines,
-damaged heights and times are dropped and counted, as are fills and statuses timed
-away from their block.
+Lines are joined into blocks by ingest's joiner (``ingest.joiner.Joiner``, statuses and fills
+only), fed in step as the live tailer reads them: the same judgement (``nodelines``:
+duplicates, late lines, damaged heights and times, events timed away from their block) and
+the same decoding, dropped lines counted here (``hlbook_history_bad_lines_total``).
 """
 
 from __future__ import annotations
@@ -24,20 +25,18 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
 
-import msgspec
 
 from hlbook.common import nodefiles
-from hlbook.common.models import DECODERS, STATUS_HEADS, OrderStatus, UserFill, block_time_ms
-from hlbook.common.nodelines import Drops, Reason, fill_ms, passing, status_ms, timed
+from hlbook.common.models import block_time_ms
+from hlbook.common.nodelines import Drops, Reason
 from hlbook.services.history import metrics
 from hlbook.services.history.store import Store
+from hlbook.services.ingest.joiner import Block, Joiner, Phase
 
 log = logging.getLogger(__name__)
 
 STREAMS = ("order_statuses", "fills")  # what history keeps (book diffs are the books' business)
-Block = tuple[int, int, list[OrderStatus], list[UserFill]]  # height, time (ms), statuses without rejections, fills
 Lines = Iterator[tuple[int, bytes]]
 MAX_HOURS = 1e6  # a window longer than this (114 years) is "everything"
 
@@ -114,15 +113,16 @@ class Backfill:
     def _fill(self, files: dict[str, list[tuple[Path, int]]], first: int, last: int) -> Iterator[int]:
         """Store the blocks of ``first..last`` from the files; mark the heights without lines."""
         store, at = self.store, first  # at: the first height not yet accounted for
-        streaming = self.mode == "streaming"
-        statuses = _blocks("order_statuses", _lines("order_statuses", files["order_statuses"], first, last), streaming, first)
-        fills = _blocks("fills", _lines("fills", files["fills"], first, last), streaming, first)
-        for height, ms, block_statuses, block_fills in _merge(statuses, fills):
+        joiner = Joiner(self.mode, float("inf"), first, DROPS, STREAMS)
+        for block in joined(joiner, {s: _lines(s, files[s], first, last) for s in STREAMS}):
+            height = block.height
+            if not block.streams_seen:  # streaming: a height without rows, an empty block
+                continue
             self._skipped(at, height - 1)
             at = height + 1
             if height in store.held:  # stored live meanwhile
                 continue
-            store.add_block(height, ms, block_statuses, block_fills)
+            store.add_block(height, block_time_ms(block.block_time), block.statuses, block.fills)
             self.stored += 1
             metrics.BLOCKS.labels("backfill").inc()
             yield 1
@@ -151,52 +151,25 @@ def _lines(stream: str, files: list[tuple[Path, int]], first: int, last: int) ->
         yield height, line
 
 
-def _decoded(stream: str, lines: Lines) -> Iterator[tuple[int, int, bytes, tuple[int, int, list]]]:
-    """(height, time ms, line, (height, time ms, events kept)) of the lines that decode."""
-    for height, line in lines:
-        events: list[Any]
-        try:
-            if stream == "order_statuses":
-                statuses = STATUS_HEADS.decode(line).resolve(None)[0]  # rejections stay undecoded
-                block_time, ms = statuses.block_time, block_time_ms(statuses.block_time)
-                events, mistimed = timed(statuses.events, ms, status_ms(block_time))
-            else:
-                fills = DECODERS[stream].decode(line)
-                block_time, ms = fills.block_time, block_time_ms(fills.block_time)
-                events, mistimed = timed(fills.events, ms, fill_ms)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-            DROPS(stream, Reason.MALFORMED, height, str(exc))
-            continue
-        if mistimed:
-            DROPS(stream, Reason.EVENT_TIME, height, f"{mistimed} event(s) not timed {block_time}", mistimed)
-        yield height, ms, line, (height, ms, events)
+def joined(joiner: Joiner, lines: dict[str, Lines]) -> Iterator[Block]:
+    """The blocks of the streams' ``lines`` (read in file order), their statuses decoded (but the
+    rejections), in height order. The next line is always the one of the stream whose judged
+    height is lowest, as the live tailer reads them: a damaged height ahead waits for its own
+    stream's next line, not for the other stream to catch up with it."""
+    heads = {stream: next(it, None) for stream, it in lines.items()}
+    while any(head is not None for head in heads.values()):
+        stream = min((s for s, head in heads.items() if head is not None), key=lambda s: joiner.sequences[s].last or -1)
+        head = heads[stream]
+        assert head is not None
+        joiner.feed(stream, head[1])
+        heads[stream] = next(lines[stream], None)
+        yield from _details(joiner, joiner.ready(0.0))
+    yield from _details(joiner, joiner.ready(0.0, flush=True))
 
 
-def _blocks(stream: str, lines: Lines, streaming: bool, first: int) -> Iterator[tuple[int, int, list]]:
-    """(height, time ms, events) per block, of the lines that pass the stream's judgement
-    (``nodelines``); consecutive lines of one block (streaming) joined."""
-    current: tuple[int, int, list] | None = None
-    for height, ms, events in passing(DROPS, stream, streaming, _decoded(stream, lines), first - 1):
-        if current is not None and current[0] == height:
-            current[2].extend(events)
-            continue
-        if current is not None:
-            yield current
-        current = (height, ms, list(events))
-    if current is not None:
-        yield current
-
-
-def _merge(statuses: Iterator[tuple[int, int, list]], fills: Iterator[tuple[int, int, list]]) -> Iterator[Block]:
-    """The two streams' blocks joined by height, in height order."""
-    s, f = next(statuses, None), next(fills, None)
-    while s is not None or f is not None:
-        height = min(b[0] for b in (s, f) if b is not None)
-        ms = next(b[1] for b in (s, f) if b is not None and b[0] == height)
-        block_statuses = s[2] if s is not None and s[0] == height else []
-        block_fills = f[2] if f is not None and f[0] == height else []
-        yield height, ms, block_statuses, block_fills
-        if s is not None and s[0] == height:
-            s = next(statuses, None)
-        if f is not None and f[0] == height:
-            f = next(fills, None)
+def _details(joiner: Joiner, closed: list[tuple[Phase, Block]]) -> Iterator[Block]:
+    for phase, block in closed:
+        if phase is Phase.DETAILS:
+            for line, exc in block.decode_statuses(None, joiner.drops):
+                joiner.drops("order_statuses", Reason.MALFORMED, block.height, f"{exc}: {line[:200]!r}")
+            yield block

@@ -31,6 +31,10 @@ counted, logged and dropped.
 Every line first passes its stream's ``nodelines.Sequence`` (duplicates, late lines,
 heights and times that do not fit are dropped; a jump no other stream reaches waits), and
 fills timed away from their block are dropped (``nodelines.timed``).
+
+Whatever is dropped but a copy of what was joined (a duplicate), and every stream a block
+closes without (by-block), is noted (``lose``) with the coins and users it concerned, for
+the next block's ``E|`` (``wire.Dropped``): the gateway tells those clients of the gap.
 """
 
 from __future__ import annotations
@@ -42,11 +46,13 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 
-from hlbook.common.models import STATUS_HEADS, STREAMS, BookDiff, NodeLine, OrderStatus, UserFill, block_time_ms
+from hlbook.common import wire
+from hlbook.common.models import DECODERS, STATUS_HEADS, STREAMS, BookDiff, NodeLine, OrderStatus, UserFill, block_time_ms
+from hlbook.common.nodefiles import line_height
 from hlbook.common.nodelines import Drops, Reason, Sequence, fill_ms, status_ms, timed
 from hlbook.services.ingest import metrics
 
@@ -57,6 +63,8 @@ DIFFS, FILLS = "raw_book_diffs", "fills"
 BOOK_STREAMS = (DIFFS, FILLS)
 PHASE_STREAMS = {"books": BOOK_STREAMS, "trades": (FILLS,), "details": (STATUSES,)}
 STALL_AFTER = 3  # blocks in a row closed by timeout without a stream, after which it is not waited for
+MAX_NAMED = 1_000  # coins or users a drop names at most (more: any, as when unknown)
+MAX_DROPS = 100  # drops named for one E|; past them (a flood of damaged lines) one per stream and reason, naming no one
 _HEAD = re.compile(rb'\{"local_time":"([^"]{1,64})","block_time":"([^"]{1,64})","block_number":(\d{1,19})[,}]')
 
 
@@ -102,6 +110,7 @@ class Block:
     missing: list[str] = field(default_factory=list)  # by-block: book streams whose line of this block never came
     statuses_missing: bool = False  # by-block: its status line never came (or did not decode)
     trade_coins: list[str] = field(default_factory=list)  # streaming: coins whose trades went out in its trades phase
+    dropped: list[wire.Dropped] = field(default_factory=list)  # node data dropped since the previous block's E| (for its E|)
 
     @property
     def n_statuses(self) -> int:
@@ -124,7 +133,8 @@ class Block:
                 bad.append((line, exc))
                 continue
             if mistimed and drops is not None:
-                drops(STATUSES, Reason.EVENT_TIME, self.height, f"{mistimed} status(es) not timed {statuses.block_time}", mistimed)
+                drops(STATUSES, Reason.EVENT_TIME, self.height, f"{mistimed} status(es) not timed {statuses.block_time}", mistimed,
+                      left_out_of(statuses.events, events))
             self.statuses.extend(events)
             self.statuses_left_out += left_out
         self.status_lines = []
@@ -134,15 +144,62 @@ class Block:
 Item = NodeLine | tuple[LineHead, bytes]  # a book stream's line decoded, a status line as read
 
 
+def _events(item: Any) -> list[Any] | None:
+    """The events of a dropped item (a line as joined, or an event); None: unreadable."""
+    if isinstance(item, tuple) and isinstance(item[0], LineHead):
+        try:
+            return list(STATUS_HEADS.decode(item[1]).events)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+    events = getattr(item, "events", None)
+    return list(events) if events is not None else [item]
+
+
+def left_out_of(events: list[Any], kept: list[Any]) -> list[Any]:
+    """The events ``kept`` does not hold (by identity)."""
+    ids = set(map(id, kept))
+    return [e for e in events if id(e) not in ids]
+
+
+def concerned(items: list[Any]) -> tuple[list[str] | None, list[str] | None]:
+    """(coins, users) dropped items concerned; None: unknown (nothing said, or too many to name)."""
+    coins: set[str] = set()
+    users: set[str] = set()
+    for item in items:
+        events = _events(item)
+        if events is None:
+            return None, None
+        for event in events:
+            if isinstance(event, tuple):  # a fill: (user, fill)
+                users.add(event[0])
+                coins.add(event[1].coin)
+                continue
+            users.add(event.user)
+            coin = event.order.coin if isinstance(event, OrderStatus) else getattr(event, "coin", None)
+            if coin is not None:
+                coins.add(coin)
+    return _named(coins, items), _named(users, items)
+
+
+def _named(names: set[str], items: list[Any]) -> list[str] | None:
+    return sorted(names) if items and len(names) <= MAX_NAMED else None
+
+
 class Joiner:
-    def __init__(self, mode: str, timeout: float, start_height: int | None = None, drops: Drops | None = None) -> None:
+    """``streams``: those joined (history's backfill: statuses and fills; a block's books then
+    wait for the fills alone, by-block, or for nothing, streaming)."""
+
+    def __init__(self, mode: str, timeout: float, start_height: int | None = None, drops: Drops | None = None,
+                 streams: tuple[str, ...] = STREAMS) -> None:
         self.streaming = mode == "streaming"
-        self.drops = drops or Drops("ingest", metrics.BAD_LINES, log)
+        self.drops = drops or Drops("ingest", metrics.BAD_LINES, log, self.lose)
+        self.dropped: list[wire.Dropped] = []  # for the next block whose details go out
         last = None if start_height is None else start_height - 1
-        self.sequences: dict[str, Sequence[Item]] = {s: Sequence(s, self.streaming, self.drops, last) for s in STREAMS}
-        self._elsewheres = {s: functools.partial(self._elsewhere, s) for s in STREAMS}
+        self.sequences: dict[str, Sequence[Item]] = {s: Sequence(s, self.streaming, self.drops, last) for s in streams}
+        self._elsewheres = {s: functools.partial(self._elsewhere, s) for s in streams}
         self.timeout = timeout
-        self.book_streams = (DIFFS,) if self.streaming else BOOK_STREAMS  # what a block's books wait for
+        book_streams = (DIFFS,) if self.streaming else BOOK_STREAMS
+        self.book_streams = tuple(s for s in book_streams if s in streams)  # what a block's books wait for
         self.pending: dict[int, Block] = {}  # books not closed yet
         self.trading: dict[int, Block] = {}  # streaming: books closed, trades not yet
         self.detailing: dict[int, Block] = {}  # books (and trades) closed, details not yet
@@ -155,7 +212,40 @@ class Joiner:
         self.stalled: set[str] = set()  # streams not waited for (see the module)
         self._last_times: tuple[str, str] | None = None  # (block_time, local_time) of the last closed block
 
+    # ------------------------------------------------------------ drops
+
+    def lose(self, stream: str, reason: str, height: int | None, items: list[Any]) -> None:
+        """Note node data dropped (``items``: what, [] unknown) for the clients it concerned, told
+        with the next block's ``E|``. A duplicate is a copy of what was joined: nothing is lost."""
+        if reason == Reason.DUPLICATE:
+            return
+        if len(self.dropped) >= MAX_DROPS:
+            if not any(d.stream == stream and d.reason == reason and d.coins is None for d in self.dropped):
+                self.dropped.append(wire.Dropped(stream, str(reason)))
+            return
+        coins, users = concerned(items)
+        self.dropped.append(wire.Dropped(stream, str(reason), height, coins, users))
+
+    def take_dropped(self) -> list[wire.Dropped]:
+        """The drops noted since the last call (for the block whose details go out now)."""
+        dropped, self.dropped = self.dropped, []
+        return dropped
+
     # ------------------------------------------------------------ lines
+
+    def feed(self, stream: str, line: bytes) -> None:
+        """A line as read: a book stream's decoded, a status line kept as read (decoded when its
+        block's details close, after its books went out); one that does not decode is dropped."""
+        try:
+            if stream == STATUSES:
+                head = line_head(line)
+                if head is None:
+                    raise ValueError("no block_number where a node line has it")
+                self.add_statuses(head, line)
+            else:
+                self.add(stream, DECODERS[stream].decode(line), line)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:  # ValueError: a bad block_time
+            self.drops(stream, Reason.MALFORMED, line_height(line), f"{exc}: {line[:200]!r}")
 
     def add(self, stream: str, line: NodeLine, raw: bytes | None = None) -> None:
         """A decoded line of a book stream (diffs or fills); ``raw``: as read (tells a row read twice)."""
@@ -184,7 +274,7 @@ class Joiner:
             return
         height = item.block_number
         trades_apart = self.streaming and stream == FILLS
-        if not self._accept(stream, height, self.last_traded if trades_apart else self.last_closed):
+        if not self._accept(stream, height, self.last_traded if trades_apart else self.last_closed, item):
             return
         block = (trades_apart and self.trading.get(height)) or self._block(height)
         block.times(item.block_time, item.local_time)
@@ -193,19 +283,20 @@ class Joiner:
             events: list[UserFill] = item.events  # type: ignore[assignment]
             fills, mistimed = timed(events, _ms(item.block_time), fill_ms)
             if mistimed:
-                self.drops(stream, Reason.EVENT_TIME, height, f"{mistimed} fill(s) not timed {item.block_time}", mistimed)
+                self.drops(stream, Reason.EVENT_TIME, height, f"{mistimed} fill(s) not timed {item.block_time}", mistimed,
+                           left_out_of(events, fills))
             block.fills.extend(fills)
         else:
             block.diffs.extend(item.events)  # type: ignore[arg-type]
 
     def _take_statuses(self, head: LineHead, line: bytes) -> None:
         height = head.block_number
-        if not self._accept(STATUSES, height, self.last_detailed):
+        if not self._accept(STATUSES, height, self.last_detailed, (head, line)):
             return
         block = self.detailing.get(height) or self.trading.get(height)
         if block is None:
             if self.last_closed is not None and height <= self.last_closed:  # its block was missing when the books closed
-                metrics.BLOCK_ANOMALIES.labels("late_row" if self.streaming else "duplicate").inc()
+                self._refuse(STATUSES, height, (head, line))
                 log.warning("%s: line of block %d, which closed without one, dropped", STATUSES, height)
                 return
             block = self._block(height)
@@ -219,11 +310,9 @@ class Joiner:
             block = self.pending[height] = Block(height)
         return block
 
-    def _accept(self, stream: str, height: int, closed: int | None) -> bool:
+    def _accept(self, stream: str, height: int, closed: int | None, item: Item) -> bool:
         if closed is not None and height <= closed:
-            # streaming: a row of a block closed by timeout; by-block: a repeated line
-            kind = "late_row" if self.streaming else "duplicate"
-            metrics.BLOCK_ANOMALIES.labels(kind).inc()
+            kind = self._refuse(stream, height, item)
             log.warning("%s: %s for block %d (last closed %d) dropped", stream, kind, height, closed)
             return False
         self.reached[stream] = max(self.reached[stream], height)
@@ -233,6 +322,15 @@ class Joiner:
             metrics.STALLED.labels(stream).set(0)
             log.warning("%s: lines again (block %d): waited for again", stream, height)
         return True
+
+    def _refuse(self, stream: str, height: int, item: Item) -> str:
+        """A line of a block whose phase closed. Streaming: a row of a block closed by timeout, lost
+        (noted); by-block: a repeated line, or one of a block closed without it (noted then)."""
+        kind = "late_row" if self.streaming else "duplicate"
+        metrics.BLOCK_ANOMALIES.labels(kind).inc()
+        if self.streaming:
+            self.lose(stream, kind, height, [item])
+        return kind
 
     # ------------------------------------------------------------ closing
 
@@ -247,7 +345,7 @@ class Joiner:
             return False
         # by-block mode only: every stream has a line for every block there, so one that never came is missing
         # (in streaming mode a stream without rows for a block is normal, fills most of all)
-        behind = [] if self.streaming else [s for s in PHASE_STREAMS[phase.value] if self.reached[s] < height]
+        behind = [] if self.streaming else [s for s in PHASE_STREAMS[phase.value] if s in self.sequences and self.reached[s] < height]
         if behind and self.stalled.issuperset(behind):
             return True  # not waited for: closes at once, still counted incomplete
         since = self._past_since.setdefault((phase, height), now)
@@ -306,6 +404,7 @@ class Joiner:
                 block.statuses_missing = True
                 metrics.BLOCK_ANOMALIES.labels("incomplete").inc()
                 log.warning("block %d closed without its order statuses", height)
+                self.lose(STATUSES, "incomplete", height, [])
             self.last_detailed = height
             out.append((Phase.DETAILS, block))
         return out
@@ -313,10 +412,12 @@ class Joiner:
     def _close_books(self, height: int, out: list[tuple[Phase, Block]]) -> None:
         block = self.pending.pop(height)
         self._past_since.pop((Phase.BOOKS, height), None)
-        if not self.streaming and not block.streams_seen.issuperset(BOOK_STREAMS):
-            block.missing = sorted(set(BOOK_STREAMS) - block.streams_seen)
+        if not self.streaming and not block.streams_seen.issuperset(self.book_streams):
+            block.missing = sorted(set(self.book_streams) - block.streams_seen)
             metrics.BLOCK_ANOMALIES.labels("incomplete").inc()
             log.warning("block %d closed without %s", height, block.missing)
+            for stream in block.missing:
+                self.lose(stream, "incomplete", height, [])
         if self.last_closed is not None and height > self.last_closed + 1:
             self._fill_gap(height, block, out)
         self.last_closed = height

@@ -120,7 +120,7 @@ class MessageBuilder:
         per_user = self._user_events(block, ms)
         end = wire.BlockEnd(block.height, self.prev.next(topics.BLOCK_END, block.height), ms, block.n_statuses,
                             [d.coin for d in details], ["order_statuses"] if block.statuses_missing else [],
-                            [e.user for e in per_user], block.trade_coins)
+                            [e.user for e in per_user], block.trade_coins, block.dropped)
         out.append((topics.BLOCK_END, wire.encode(end)))
         return out, [self._pack(topics.user(e.user), e) for e in per_user]
 

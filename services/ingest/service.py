@@ -10,23 +10,24 @@ its books go out once the diff stream moved past it, whatever the fills do."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgspec
 import zmq
 
 from hlbook.common import config, logs, nodefiles, wire
 from hlbook.common.metrics import BAD_INPUT, serve
 from hlbook.common.nodefiles import line_height
+from hlbook.common.nodelines import Reason
 from hlbook.common.security import Curve
-from hlbook.common.models import DECODERS, STREAMS, block_time_ms
+from hlbook.common.models import STREAMS, block_time_ms
 from hlbook.common.signals import stop_on_signals
 from hlbook.services.ingest import metrics
-from hlbook.services.ingest.joiner import STATUSES, Block, Joiner, Phase, line_head
+from hlbook.services.ingest.joiner import STATUSES, Block, Joiner, Phase
 from hlbook.services.ingest.messages import MessageBuilder, Subscriptions
 from hlbook.services.ingest.pace import Pace
 from hlbook.services.ingest.position import Position, PositionFile
@@ -97,6 +98,8 @@ class Ingest:
         if saved is not None:
             self._warm_store(saved.height, max(saved.height, saved.books_height or 0), max(saved.height, self.trades_done or 0))
         self.joiner = Joiner(cfg.mode, cfg.block_timeout, self.skip_below)
+        for stream, tailer in self.tailers.items():  # a line the tailer drops (oversize, unterminated) is a gap too
+            tailer.lost = functools.partial(self.joiner.lose, stream)
         ctx = ctx or zmq.Context.instance()
         self.curve = Curve.from_dir(cfg.curve_dir)
         self.pub = ctx.socket(zmq.XPUB)
@@ -122,7 +125,6 @@ class Ingest:
         self._watching: dict[str, Path | None] = {}  # stream -> the file whose folder is watched
         if self.watcher is not None:
             self.poller.register(self.watcher.fd, zmq.POLLIN)
-        self._bad_logged = 0
         self.started = time.monotonic()
         self.waiting_said = False  # "no node files" said once
         self.published: int | None = None  # last block published whole (its details phase too)
@@ -164,7 +166,7 @@ class Ingest:
             joiner = Joiner(self.cfg.mode, float("inf"), low)
             for stream in STREAMS:
                 for line in nodefiles.lines_between(self.cfg.data_dir, stream, self.cfg.mode, low, high, joiner.drops.of(stream)):
-                    self._join(joiner, stream, line)
+                    joiner.feed(stream, line)
             for phase, block in joiner.ready(flush=True):
                 try:
                     if phase is Phase.BOOKS:
@@ -174,6 +176,7 @@ class Ingest:
                             self.store.add(block.height, messages)
                     elif block.height <= details:
                         block.decode_statuses(self.subs.wants, joiner.drops)
+                        block.dropped = joiner.take_dropped()
                         stored, per_user = builder.details(block)
                         self.store.add(block.height, stored + per_user)
                 except Exception:  # as in publish: that block cannot be replayed, the rest can
@@ -281,29 +284,11 @@ class Ingest:
             height = line_height(line)
             if height is not None and height < self.skip_below:
                 return
-        self._join(self.joiner, stream, line)
-
-    def _join(self, joiner: Joiner, stream: str, line: bytes) -> None:
-        try:
-            if stream == STATUSES:  # kept as read: decoded when its block's details close (after its books went out)
-                head = line_head(line)
-                if head is None:
-                    raise ValueError("no block_number where a node line has it")
-                joiner.add_statuses(head, line)
-            else:
-                joiner.add(stream, DECODERS[stream].decode(line), line)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:  # ValueError: a bad block_time
-            self._bad_line(stream, line, exc)
+        self.joiner.feed(stream, line)
 
     def _bad_line(self, stream: str, line: bytes, exc: Exception) -> None:
-        metrics.BAD_LINES.labels(stream, "malformed").inc()
-        BAD_INPUT.labels("ingest", "malformed_line").inc()
-        self._log_bad(stream, line, exc)
-
-    def _log_bad(self, stream: str, line: bytes, exc: Exception) -> None:
-        self._bad_logged += 1
-        if self._bad_logged <= 20 or self._bad_logged % 1000 == 0:
-            log.error("%s: malformed line skipped (%s): %.200r [%d so far]", stream, exc, line, self._bad_logged)
+        """A status line that did not decode when its block's details closed."""
+        self.joiner.drops(stream, Reason.MALFORMED, line_height(line), f"{exc}: {line[:200]!r}")
 
     def publish_books(self, block: Block) -> None:
         """The books phase: header, book slices, trades (not again for a block whose books a
@@ -353,6 +338,7 @@ class Ingest:
             self._bad_line(STATUSES, line, exc)
             if self.cfg.mode == "by-block":  # the block's one status line: its new orders have no details
                 block.statuses_missing = True
+        block.dropped = self.joiner.take_dropped()
         try:
             stored, per_user = self.builder.details(block)
         except Exception:

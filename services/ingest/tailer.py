@@ -13,7 +13,8 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import BinaryIO
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 from hlbook.common import nodefiles
 from hlbook.services.ingest import metrics
@@ -39,6 +40,7 @@ class Tailer:
         self._writing_since: float | None = None  # since when the file has ended inside a line
         self._next_rotation_check = 0.0
         self.at_eof = False
+        self.lost: Callable[[str, int | None, list[Any]], None] | None = None  # told of a line dropped (reason, height, [])
 
     # -------------------------------------------------------------- start positions
 
@@ -149,6 +151,7 @@ class Tailer:
         size = sum(len(p) for p in self._partial)
         if size > MAX_PARTIAL:
             metrics.BAD_LINES.labels(self.stream, "oversize").inc()
+            self._tell("oversize")
             log.error("%s: dropping %d bytes without a newline in %s", self.stream, size, self.path)
             self._partial = []
 
@@ -183,10 +186,15 @@ class Tailer:
             return
         if self._partial:
             metrics.BAD_LINES.labels(self.stream, "unterminated").inc()
+            self._tell("unterminated")
             log.error("%s: %s ended with %d bytes without a newline; dropped", self.stream, self.path, sum(map(len, self._partial)))
         metrics.FILE_EVENTS.labels(self.stream, "rotated").inc()
         log.info("%s: rotating %s -> %s", self.stream, self.path, newer)
         self._open(newer)
+
+    def _tell(self, reason: str) -> None:
+        if self.lost is not None:
+            self.lost(reason, None, [])
 
     def close(self) -> None:
         if self._fh is not None:
