@@ -138,12 +138,14 @@ def load(data: bytes, want: Callable[[str], bool] = lambda coin: True) -> tuple[
 
 def load_file(path: str | Path, want: Callable[[str], bool] = lambda coin: True) -> tuple[int, int, dict[str, Book]]:
     """(height, time, books) of a checkpoint or of a node fileSnapshot (time 0: it has none)."""
-    with open(path, "rb") as fh:
-        data = fh.read()
-    if data.startswith(MAGIC):
-        header, books = load(data, want)
+    fh = open(path, "rb")
+    if fh.read(len(MAGIC)) == MAGIC:
+        with fh:
+            fh.seek(0)
+            header, books = load(fh.read(), want)
         return header.height, header.time, books
-    height, books = snapshot.load(data, want)
+    fh.seek(0)
+    height, books = snapshot.load(fh, want)  # read a coin at a time, and closed
     return height, 0, books
 
 
