@@ -661,7 +661,7 @@ def metrics(port: int, tries: int = 1) -> dict[str, float]:
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
             break
         except OSError:
-            continue
+            time.sleep(0.5)  # busy, or not listening yet
     else:
         return {}
     out: dict[str, float] = {}
