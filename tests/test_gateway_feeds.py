@@ -295,3 +295,20 @@ def test_user_events_send_one_key_a_message() -> None:
     assert published[2:] == [{"nonUserCancel": [{"coin": "BTC", "oid": 7}]}]
     feed.on_upstream(wire.UserEvents(height=3, prev=2, time=7, user=USER, statuses=[], fills=[]))
     assert len(published) == 3
+
+
+def test_dropped_node_data_concerns_the_feeds_made_of_it() -> None:
+    """Which feeds are told of node data ingest dropped: fills -> trades and user fills, statuses
+    -> orderUpdates and l4Book (details), book diffs -> l2Book, bbo and l4Book; by coin or user
+    when named, all of them when not."""
+    from hlbook.services.gateway.hub import concerns
+
+    exists = lambda coin: True  # noqa: E731
+    key = lambda s: feed_key(normalise(s, exists))  # noqa: E731
+    l2, bbo, l4 = key({"type": "l2Book", "coin": "BTC"}), key({"type": "bbo", "coin": "BTC"}), key({"type": "l4Book", "coin": "BTC"})
+    trades, updates = key({"type": "trades", "coin": "BTC"}), key({"type": "orderUpdates", "user": "0x" + "a" * 40})
+    diffs = wire.Dropped("raw_book_diffs", "malformed", 7, ["BTC"], None)
+    assert [concerns(diffs, k) for k in (l2, bbo, l4, trades, updates)] == [True, True, True, False, False]
+    assert not concerns(wire.Dropped("raw_book_diffs", "malformed", 7, ["ETH"], None), l2)
+    statuses = wire.Dropped("order_statuses", "incomplete", 7, None, None)
+    assert [concerns(statuses, k) for k in (l2, bbo, l4, trades, updates)] == [False, False, True, False, True]

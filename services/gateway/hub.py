@@ -37,7 +37,8 @@ BOOK_FEEDS = ("l2Book", "bbo", "l4Book")  # kinds that show a shard's book: said
 BOOK_SOURCES = (topics.L2_PREFIX, topics.BBO_PREFIX)  # the shard's book messages, published as soon as a block's diffs are applied
 DROPPED_FEEDS = {  # node stream -> the kinds made of it (told when ingest drops some of it)
     "fills": ("trades", "userFills", "userTwapSliceFills", "userEvents"),
-    "order_statuses": ("orderUpdates",),
+    "order_statuses": ("orderUpdates", "l4Book"),  # l4Book: new orders' details (the shards rebuild the coins)
+    "raw_book_diffs": ("l2Book", "bbo", "l4Book"),  # the shards rebuild the coins from a fresh snapshot
 }
 
 
