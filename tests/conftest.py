@@ -137,3 +137,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         _PORTS.unlink(missing_ok=True)
     if _STATE_DIR is not None:
         shutil.rmtree(_STATE_DIR, ignore_errors=True)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """pytest removes each run's own folder (``tmp_path_retention_policy``) but leaves the one of
+    all runs of this user (``pytest-of-<user>``) behind: removed too when nothing is left in it
+    (another run may be using it: then it stays)."""
+    if hasattr(config, "workerinput") or config.option.basetemp:
+        return
+    import getpass
+
+    try:
+        (Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}").rmdir()
+    except OSError:
+        pass  # not empty, or gone
