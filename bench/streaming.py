@@ -58,25 +58,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def blocks_of(data: Path, mode: str) -> dict[int, dict[str, bytes]]:
-    """Height -> stream -> that block's lines (rows) of the stream, as the node wrote them."""
-    out: dict[int, dict[str, bytes]] = {}
-    for stream in STREAMS:
-        for path in nodefiles.hour_files(data, stream, mode):
-            for line in path.read_bytes().splitlines(keepends=True):
-                height = int(orjson.loads(line)["block_number"])
-                row = out.setdefault(height, {})
-                row[stream] = row.get(stream, b"") + line
-    return out
-
-
 def reference(data: Path) -> tuple[dict[int, int], dict[int, Levels], dict[int, Any], dict[int, int]]:
     """From the by-block files and the snapshot: height -> block time (ms), the top 20 levels
     and the best bid/ask after each block (the snapshot's too), and its number of trades."""
     height, books = snapshot.load_file(str(data / SNAPSHOT))
     book = books["BTC"]
     times, levels, bbos, trades = {}, {}, {}, {}
-    lines = blocks_of(data, "by-block")
+    lines = nodefiles.block_lines(data, STREAMS, "by-block")
     for height in [height, *sorted(lines)]:
         if height in lines:
             line = DECODERS["raw_book_diffs"].decode(lines[height]["raw_book_diffs"])
@@ -169,7 +157,7 @@ def run_mode(mode: str, data: Path, tmp: Path, rate: float) -> tuple[Client, dic
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         wait_ready(port, up)
-        return asyncio.run(play(port, live, mode, blocks_of(data, mode), rate))
+        return asyncio.run(play(port, live, mode, nodefiles.block_lines(data, STREAMS, mode), rate))
     finally:
         os.killpg(up.pid, signal.SIGTERM)
         up.wait(30)

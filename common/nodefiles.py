@@ -75,6 +75,20 @@ def line_height(line: bytes) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def block_lines(data_dir: str | Path, streams: Iterable[str], mode: str) -> dict[int, dict[str, bytes]]:
+    """Height -> stream -> that block's lines (streaming: rows) of the stream, joined as the node
+    wrote them, from every hourly file (a small data dir: fixtures, benches)."""
+    out: dict[int, dict[str, bytes]] = {}
+    for stream in streams:
+        for path in hour_files(data_dir, stream, mode):
+            for line in path.read_bytes().splitlines(keepends=True):
+                height = line_height(line)
+                if height is not None:
+                    row = out.setdefault(height, {})
+                    row[stream] = row.get(stream, b"") + line
+    return out
+
+
 def first_height(path: Path) -> int | None:
     """Block number of a node file's first line (None: empty or no height in it)."""
     with open(path, "rb") as fh:

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from conftest import free_port
@@ -33,17 +32,6 @@ RATE = 8.0  # blocks a second: 125 ms apart, so a busy test machine does not mer
 Levels = tuple[tuple[tuple[str, str, int], ...], ...]
 
 
-def block_rows(data: Path, mode: str) -> dict[int, dict[str, bytes]]:
-    """Height -> stream -> that block's lines (rows) of the stream, as the node wrote them."""
-    out: dict[int, dict[str, bytes]] = {}
-    for stream in STREAMS:
-        for path in nodefiles.hour_files(data, stream, mode):
-            for line in path.read_bytes().splitlines(keepends=True):
-                row = out.setdefault(orjson.loads(line)["block_number"], {})
-                row[stream] = row.get(stream, b"") + line
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(btc_data: Path) -> dict[str, Any]:
     """From the snapshot and the by-block files: each block's time (ms), the top 20 levels and the
@@ -51,7 +39,7 @@ def reference(btc_data: Path) -> dict[str, Any]:
     height, books = snapshot.load_file(str(btc_data / SNAPSHOT))
     book = books["BTC"]
     times, levels, bbos, tids = {}, {}, {}, []
-    rows = block_rows(btc_data, "by-block")
+    rows = nodefiles.block_lines(btc_data, STREAMS, "by-block")
     for h in [height, *sorted(rows)]:
         if h in rows:
             line = DECODERS["raw_book_diffs"].decode(rows[h]["raw_book_diffs"])
@@ -104,7 +92,7 @@ def played(btc_data: Path, tmp: Path, mode: str) -> list[dict[str, Any]]:
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         wait_ready(f"http://127.0.0.1:{port}", up, 90)
-        return asyncio.run(client(port, live, mode, block_rows(btc_data, mode)))
+        return asyncio.run(client(port, live, mode, nodefiles.block_lines(btc_data, STREAMS, mode)))
     finally:
         stop_group(up)
         log.close()
