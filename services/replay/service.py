@@ -119,7 +119,7 @@ class Progress:
         if not _ready(self.base):
             return
         gateway = _metrics(f"{self.base}/metrics")
-        subscribed = sum(v for k, v in _labelled(f"{self.base}/metrics", "hlbook_gateway_subscriptions").items())
+        subscribed = sum(v for k, v in gateway.items() if k.startswith("hlbook_gateway_subscriptions{"))
         if subscribed < self.replay.wait_clients:
             return
         if self.replay.wait_clients:
@@ -128,22 +128,6 @@ class Progress:
         self.released_at = time.monotonic()
         print(f"hlbook replay: started ({gateway.get('hlbook_gateway_connections', 0):.0f} clients): "
               f"WebSocket ws://{self.replay.host}:{self.replay.port}/ws", file=sys.stderr, flush=True)
-
-
-def _labelled(url: str, name: str) -> dict[str, float]:
-    """Samples of ``name`` with labels (``_metrics`` keeps the unlabelled ones only)."""
-    import urllib.request
-
-    try:
-        text = urllib.request.urlopen(url, timeout=0.5).read().decode()
-    except OSError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 def free_port() -> int:

@@ -125,15 +125,16 @@ def _ready(base: str) -> bool:
 
 
 def _metrics(url: str) -> dict[str, float]:
-    """Unlabelled samples of a Prometheus endpoint; empty when it does not answer."""
+    """Samples of a Prometheus endpoint, keyed as written (``name`` or ``name{labels}``); empty
+    when it does not answer."""
     try:
         text = urllib.request.urlopen(url, timeout=0.5).read().decode()
     except OSError:
         return {}
     samples = {}
     for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, _, value = line.partition(" ")
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
             samples[name] = float(value)
     return samples
 
