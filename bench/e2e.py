@@ -64,6 +64,8 @@ How it runs (per profile):
         [--python OTHER/.venv/bin/python]  (run another checkout's hlbook under the same harness)
         [--py-spy DIR]  (py-spy records every hlbook process during phase A: DIR/<process>.txt, and a
                          table per process of where its samples are; profiling costs CPU: measure without it)
+        [--py-spy-native]  (C frames too: py-spy then pauses each process at every sample, which
+                            delays the pipeline by seconds; read its shares, not its latencies)
 """
 
 from __future__ import annotations
@@ -701,8 +703,9 @@ def wait_for(what: str, condition: Any, timeout: float, proc: subprocess.Popen[b
         time.sleep(0.05)
 
 
-def start_profilers(out: str, pids: dict[str, int], seconds: float) -> dict[str, subprocess.Popen[bytes]]:
-    """py-spy record (raw collapsed stacks, 100 Hz, idle samples left out) of every hlbook process."""
+def start_profilers(out: str, pids: dict[str, int], seconds: float, native: bool = False) -> dict[str, subprocess.Popen[bytes]]:
+    """py-spy record (raw collapsed stacks, 100 Hz, idle samples left out) of every hlbook process;
+    ``native``: C frames too (uvloop's, msgspec's, pyzmq's), which py-spy reads only by pausing the process."""
     spy = Path(sys.executable).with_name("py-spy")
     Path(out).mkdir(parents=True, exist_ok=True)
     procs = {}
@@ -710,8 +713,8 @@ def start_profilers(out: str, pids: dict[str, int], seconds: float) -> dict[str,
         if name.startswith("up"):
             continue
         path = Path(out) / f"{name.split()[0]}.txt"
-        procs[name] = subprocess.Popen([str(spy), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "--nonblocking",
-                                        "-f", "raw", "-o", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        procs[name] = subprocess.Popen([str(spy), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100",
+                                        "-f", "raw", "-o", str(path)] + (["--native"] if native else ["--nonblocking"]), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     return procs
 
 
@@ -941,7 +944,7 @@ def run_profile(name: str, rate: float | None, volume: float | None, args: argpa
 
         pids = {**up_children(up.pid), "writer (bench)": writer.pid, "tap (bench)": tap.pid, "l4 clients (bench)": l4.pid,
                 **{f"clients-{k} (bench)": p.pid for k, p in enumerate(clients)}}
-        profilers = start_profilers(args.py_spy, up_children(up.pid), args.seconds) if args.py_spy else {}
+        profilers = start_profilers(args.py_spy, up_children(up.pid), args.seconds, args.py_spy_native) if args.py_spy else {}
         for phase in phases:
             if phase == "B":
                 l4_parent.send(("subscribers", "B", args.l4_subscribers))
@@ -1112,6 +1115,7 @@ def main() -> None:
     parser.add_argument("--stage-cache", metavar="DIR", help="keep the generated node files in DIR and use them again in later runs "
                         "with the same profile and length (remove DIR when done)")
     parser.add_argument("--py-spy", metavar="DIR", help="profile every hlbook process during phase A into DIR (py-spy)")
+    parser.add_argument("--py-spy-native", action="store_true", help="with --py-spy: record C frames too")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter whose hlbook runs as the system under test (e.g. an older checkout's .venv/bin/python)")
     args = parser.parse_args()
