@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from hlbook.common import nodefiles, topics, wire
+from hlbook.common.models import block_time_ms
 from hlbook.services.history.backfill import Backfill
 from hlbook.services.history.store import Store
 from hlbook.services.ingest.service import Ingest, IngestConfig
@@ -251,3 +252,18 @@ def test_a_dropped_line_is_named_in_the_next_block_end(btc_data: Path, tmp_path:
         return
     assert dropped and {(d.stream, d.reason, tuple(d.coins or ())) for d in dropped} == {("fills", FAULTS[fault][1], ("BTC",))}
     assert all(d.height in (985148191, 985148192, 985148191 + 500) and d.users for d in dropped), dropped
+
+
+def test_books_delay_counts_from_the_nodes_write_not_the_block_time(btc_data: Path, tmp_path: Path) -> None:
+    """``hlbook_ingest_books_delay_seconds``: the wall clock, as a block's books went out, minus
+    the node's ``local_time`` of that block (the fixture's blocks were written ~0.37 s after their
+    block time: the chain's part of the lag, which this gauge leaves out)."""
+    def delay(ingest: Ingest) -> tuple[float | None, float, int | None]:
+        return REGISTRY.get_sample_value("hlbook_ingest_books_delay_seconds"), time.time(), ingest.books_published
+
+    got, now, height = live(btc_data, "by-block", tmp_path, delay)
+    (path,) = nodefiles.hour_files(btc_data, "raw_book_diffs", "by-block")
+    row = next(_row(line) for line in path.read_bytes().splitlines() if _row(line)["block_number"] == height)
+    wrote, made = (block_time_ms(row["local_time"]) / 1000, block_time_ms(row["block_time"]) / 1000)
+    assert wrote - made > 0.1  # the fixture tells the two apart
+    assert got is not None and now - wrote - 1.0 < got <= now - wrote, (got, now - wrote, now - made)

@@ -18,6 +18,9 @@ UNPAIRED_FILLS = Counter("hlbook_ingest_unpaired_fills_total", "Fills whose tid 
 HEAD = Gauge("hlbook_ingest_head_height", "Height of the last published block")
 WAITING = Gauge("hlbook_ingest_waiting_for_files", "1 while no node file was found where --data-dir and --mode say they are")
 LAG = Gauge("hlbook_ingest_lag_seconds", "Wall clock minus block time of the last published block")
+BOOKS_DELAY = Gauge("hlbook_ingest_books_delay_seconds",
+                    "Wall clock minus the node's local_time (when it wrote the block) as the last block's books went out: "
+                    "hlbook's own delay, without the chain's (block time to the node's write)")
 REPLAY_REQUESTS = Counter("hlbook_ingest_replay_requests_total", "Replay requests, by outcome", ["outcome"])
 STALLED = Gauge("hlbook_ingest_stream_stalled", "1 while a stream is not waited for: it missed several blocks in a row", ["stream"])
 USER_SUBSCRIPTIONS = Gauge("hlbook_ingest_user_subscriptions", "Per-user topics currently subscribed downstream")

@@ -304,11 +304,20 @@ class Ingest:
             log.exception("block %d could not be published; consumers will see its height missing", block.height)
             return
         self._send(messages)
+        self._books_delay(block)
         self.store.add(block.height, messages)
         metrics.MESSAGES.labels("stored").inc(len(messages))
         if self.books_published is None:
             metrics.WAITING.set(0)
         self.books_published = block.height
+
+    @staticmethod
+    def _books_delay(block: Block) -> None:
+        """From the node's write of the block (its ``local_time``) to its books going out."""
+        try:
+            metrics.BOOKS_DELAY.set(time.time() - block_time_ms(block.local_time) / 1000)
+        except ValueError:  # no local_time (a streaming block with no row), or one not a node timestamp
+            pass
 
     def publish_trades(self, block: Block) -> None:
         """Streaming mode's trades phase (not again for a block whose trades a previous ingest published)."""

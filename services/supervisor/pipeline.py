@@ -95,7 +95,8 @@ class Pipeline:
 
 
 class Status:
-    """One line: height, blocks/s, lag, gateway clients (from the services' metrics)."""
+    """One line: height, blocks/s, lag (block time to published; of which hlbook's own: from the
+    node's write of the block to its books going out), gateway clients (from the services' metrics)."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
@@ -113,7 +114,8 @@ class Status:
         )
         if ingest.get("hlbook_ingest_waiting_for_files"):
             return f"waiting for the node's files under {self.pipeline.data_dir}/hl/data/ (none yet: see ingest's error above)"
-        return (f"height {head:.0f} | {rate:.1f} blocks/s | lag {ingest.get('hlbook_ingest_lag_seconds', 0.0) * 1000:.0f} ms"
+        lag, delay = ingest.get("hlbook_ingest_lag_seconds", 0.0), ingest.get("hlbook_ingest_books_delay_seconds", 0.0)
+        return (f"height {head:.0f} | {rate:.1f} blocks/s | lag {lag * 1000:.0f} ms (hlbook's {delay * 1000:.0f})"
                 f" | clients {clients:.0f}")
 
 
