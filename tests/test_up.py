@@ -285,6 +285,9 @@ def test_killed_shard_and_gateway_are_restarted_and_serve_again(up: Up) -> None:
     assert " ERROR " not in started and "exited" not in started, started[-3000:]  # a clean start: no child failed
     first = children(up.proc.pid)
     assert {"sim", "ingest", "book-0", "book-1", "gateway"} <= set(first), first
+    # the lag from block time, and hlbook's part of it from the node's write (the simulator writes ~0.3 s after block time)
+    body = http_get(f"{up.http}/ready")[1]
+    assert body["delay_s"] is not None and 0 <= body["delay_s"] < body["lag_s"] - 0.1, body
 
     # a book shard: SIGKILL, restarted, its books live again (height moves on past the kill), l2Book served
     before = wait_until(lambda: max(shard_height(up.http, 0), 0), 30, "shard 0 live")

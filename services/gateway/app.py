@@ -349,7 +349,7 @@ class Gateway:
         age, lag, limit = hub.block_age(), hub.lag(), self.cfg.stale_after
         stale = age is None or age > limit or (lag is not None and lag > limit)
         ready, stale_coins = hub.ready(), hub.stale_coins()
-        body = {"ready": ready, "stale": stale, "block_age_s": _seconds(age), "lag_s": _seconds(lag),
+        body = {"ready": ready, "stale": stale, "block_age_s": _seconds(age), "lag_s": _seconds(lag), "delay_s": _seconds(hub.delay()),
                 "stale_coins": stale_coins, "shards": shards}
         coin, fresh = request.query_params.get("coin"), request.query_params.get("fresh") in ("1", "true")
         if coin is not None and hub.knows_coins() and not hub.coin_exists(coin):

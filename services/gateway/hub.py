@@ -17,6 +17,7 @@ import msgspec
 from hlbook.common import topics, wire
 from hlbook.common.chain import Chains, Step
 from hlbook.common.metrics import BAD_INPUT
+from hlbook.common.models import block_time_ms
 from hlbook.common.wire import CoinState
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway.feeds import Feed, L4Feed
@@ -32,6 +33,7 @@ RECENT_TRADES = 100  # per coin, for recentTrades
 REPLAY_TRIES = 3  # a replay request that gets no answer is sent again this many times in all
 REPLAYED = ("trades", "user", "header", "end")  # sources (labels) whose lost messages are recovered from ingest's replay
 TRADES_HOLD = 0.02  # seconds a block's trades wait at most for their coin's book messages of that block
+WRITTEN_KEPT = 64  # blocks whose node write time (H|) is kept, for ``delay``
 SHARD_SILENT = 5.0  # seconds without a message (block or heartbeat) after which a shard counts as down
 BOOK_FEEDS = ("l2Book", "bbo", "l4Book")  # kinds that show a shard's book: said stale when it is silent
 BOOK_SOURCES = (topics.L2_PREFIX, topics.BBO_PREFIX)  # the shard's book messages, published as soon as a block's diffs are applied
@@ -138,6 +140,7 @@ class Hub:
         self.book_feeds: dict[str, int] = {}  # coin -> its feeds made of the shard's book messages (l2Book, bbo)
         self.book_height: dict[str, int] = {}  # coin -> height of its last book message (while it has book feeds)
         self.release_scheduled = False
+        self.written: dict[int, str] = {}  # height -> the node's local_time of it (its H|), the last WRITTEN_KEPT
         self.every_height = 0
         self.heard_height = 0  # newest block of any upstream message: history queries wait for it (read your feeds)
         self.header_time = 0  # block time (ms) of ingest's newest H|: how current a shard's answer is
@@ -220,6 +223,15 @@ class Hub:
         yet): how far behind the node the books are, the node's own ~0.4 s included."""
         newest = max(view.time for view in self.shards)
         return time.time() - newest / 1000 if newest else None
+
+    def delay(self) -> float | None:
+        """Seconds from the node's write of the newest block a shard finished (its header's
+        ``local_time``) to now (None: not known): hlbook's own part of ``lag``."""
+        written = self.written.get(max(view.height for view in self.shards))
+        try:
+            return time.time() - block_time_ms(written) / 1000 if written else None
+        except ValueError:  # not a node timestamp
+            return None
 
     def block_age(self) -> float | None:
         """Seconds since the last block reached this gateway (None: none yet): a stalled node."""
@@ -460,6 +472,9 @@ class Hub:
 
     def on_header(self, topic: bytes, m: wire.BlockHeader) -> None:
         self.header_time = max(self.header_time, m.time)
+        self.written[m.height] = m.local_time
+        if len(self.written) > WRITTEN_KEPT:
+            del self.written[next(iter(self.written))]
         self._announce(m.height, [topics.trades(coin) for coin in m.trade_coins])
 
     def on_block_end(self, topic: bytes, m: wire.BlockEnd) -> None:

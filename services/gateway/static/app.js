@@ -345,6 +345,8 @@
       return `<tr><td>${s.shard}</td><td>${s.height ?? "–"}</td><td>${rate}</td><td><span class="dot" data-live="${s.live}"></span>${live}</td><td>${coins}</td></tr>`;
     }).join("");
     $("ready-time").textContent = clock(now);
+    const ms = (s) => `${Math.round(s * 1000)} ms`;
+    $("ready-lag").textContent = body.lag_s == null ? "" : `lag ${ms(body.lag_s)}` + (body.delay_s == null ? "" : ` (hlbook's ${ms(body.delay_s)})`);
     state.prevReady = { body, at: now };
     state.stale = new Set(body.stale_coins || []);
     renderStale();
