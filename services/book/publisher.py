@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -147,7 +148,8 @@ class Publisher:
         self.coin_json: dict[str, bytes] = {}
         self.shard_topic = topics.shard_block(shard)
         self.heartbeat_topic = topics.heartbeat(shard)
-        self.held: list[tuple[bytes, bytes]] | None = None  # messages of the coin being published
+        self.held: list[tuple[bytes, bytes]] | None = None  # messages built but not sent yet (``hold``)
+        self.held_since = 0.0
 
     def send(self, kind: str, topic: bytes, message: Any) -> None:
         if hasattr(message, "prev"):
@@ -165,20 +167,38 @@ class Publisher:
             text = self.coin_json[coin] = msgspec.json.encode(coin)
         return text
 
+    def hold(self) -> None:
+        """Keep what is published from now on until ``release`` (or ``release_due``): a gateway
+        then gets a burst of coins in one read instead of waking up for each coin."""
+        if self.held is None:
+            self.held, self.held_since = [], time.monotonic()
+
+    def release_due(self, after: float) -> None:
+        """Send what is held if it was held ``after`` seconds or more (and go on holding)."""
+        if self.held and time.monotonic() - self.held_since >= after:
+            self.release()
+            self.hold()
+
+    def release(self) -> None:
+        """Send what is held, in the order it was built; stop holding."""
+        held, self.held = self.held, None
+        for topic, payload in held or ():
+            wire.send(self.sock, topic, payload)
+
     def coin_books(self, book: Book, height: int, time: int, diffs: list[BookDiff]) -> None:
         """After a block's diffs changed ``book``: BBO if changed, subscribed L2 if changed, sent
         back to back once all are built (a gateway then gets them in one read, and writes them
-        to each client at once)."""
-        self.held = []
+        to each client at once), or kept with what is held."""
+        holding = self.held is not None
+        self.hold()
         try:
             self.bbo(book, height, time)
             specs = self.views(book)
             if specs:
                 self.l2(book, specs, height, time, touched(diffs))
         finally:
-            held, self.held = self.held, None
-            for topic, payload in held:
-                wire.send(self.sock, topic, payload)
+            if not holding:
+                self.release()
 
     def coin_details(self, coin: str, height: int, time: int, statuses: list[OrderStatus], diffs: list[BookDiff]) -> None:
         """Once a block's details came: the coin's L4 update (statuses and diffs of the block)."""

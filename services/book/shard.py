@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 RCVHWM = 500_000  # messages queued from ingest (while initialising, or a slow loop)
 BATCH = 2000  # messages read from ingest per loop iteration before serving other sockets
+RELEASE_AFTER = 0.002  # seconds what a batch publishes is held at most: coins go out in bursts, not one by one
 QUERY_BATCH = 64  # queries answered per loop iteration
 HEARTBEAT_S = 1.0  # seconds between ShardStatus messages
 SNDHWM = 50_000  # messages queued per gateway before the XPUB drops (gateways detect the loss and recover)
@@ -216,7 +217,8 @@ class Shard:
         self.job_fds = fds
 
     def read_ingest(self) -> None:
-        """What ingest sent: each block's slices of coins someone watches first (see ``watched_first``)."""
+        """What ingest sent: each block's slices of coins someone watches first (see ``watched_first``);
+        what that publishes goes out in bursts, each held at most ``RELEASE_AFTER``."""
         batch: list[tuple[bytes, bytes]] = []
         for _ in range(BATCH):
             try:
@@ -228,8 +230,14 @@ class Shard:
                 continue
             if not self.dropper.drop(topic):
                 batch.append((topic, payload))
-        for topic, payload in watched_first(batch, self.publisher.subs.watches):
-            self.stream.on_message(topic, payload)
+        publisher = self.publisher
+        publisher.hold()
+        try:
+            for topic, payload in watched_first(batch, publisher.subs.watches):
+                self.stream.on_message(topic, payload)
+                publisher.release_due(RELEASE_AFTER)
+        finally:
+            publisher.release()
 
     # ------------------------------------------------------------ initialisation
 
