@@ -7,7 +7,10 @@ from pathlib import Path
 
 from hlbook.common import nodefiles
 from hlbook.common.models import DECODERS, STREAMS
+from hlbook.common.nodelines import Reason
 from hlbook.services.ingest.joiner import STATUSES, Block, Joiner, Phase, line_head
+
+Lines = Iterator[tuple[int, bytes]]  # (height, line) of one stream, in file order
 
 
 def read_blocks(data_dir: str | Path, mode: str = "by-block") -> Iterator[Block]:
@@ -30,4 +33,31 @@ def read_blocks(data_dir: str | Path, mode: str = "by-block") -> Iterator[Block]
     for phase, block in joiner.ready(flush=True):
         if phase is Phase.DETAILS:
             block.decode_statuses(lambda user: True)
+            yield block
+
+
+def joined(joiner: Joiner, lines: dict[str, Lines], flush: bool = True) -> Iterator[Block]:
+    """The blocks of the streams' ``lines`` (read in file order), their statuses decoded (but the
+    rejections), in height order. The next line is always the one of the stream whose judged
+    height is lowest, as the live tailer reads them: a damaged height ahead waits for its own
+    stream's next line, not for the other stream to catch up with it. ``flush``: at the end,
+    close the blocks the streams have not all reached (else only whole blocks come out:
+    files still being written)."""
+    heads = {stream: next(it, None) for stream, it in lines.items()}
+    while any(head is not None for head in heads.values()):
+        stream = min((s for s, head in heads.items() if head is not None), key=lambda s: joiner.sequences[s].last or -1)
+        head = heads[stream]
+        assert head is not None
+        joiner.feed(stream, head[1])
+        heads[stream] = next(lines[stream], None)
+        yield from _details(joiner, joiner.ready(0.0))
+    if flush:
+        yield from _details(joiner, joiner.ready(0.0, flush=True))
+
+
+def _details(joiner: Joiner, closed: list[tuple[Phase, Block]]) -> Iterator[Block]:
+    for phase, block in closed:
+        if phase is Phase.DETAILS:
+            for line, exc in block.decode_statuses(None, joiner.drops):
+                joiner.drops("order_statuses", Reason.MALFORMED, block.height, f"{exc}: {line[:200]!r}")
             yield block
