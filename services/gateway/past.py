@@ -19,13 +19,12 @@ import multiprocessing
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-
 from types import ModuleType
 from typing import Any
 
 import msgspec
 
-from hlbook.common.metrics import Counter, Histogram
+from hlbook.services.gateway.metrics import PAST, PAST_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +32,6 @@ WORKERS = 1
 TIMEOUT = 30.0
 GRACE_S = 5.0  # past the timeout, what the gateway waits for a worker to say it stopped
 RETRY_AFTER = 1
-
-PAST = Counter("hlbook_gateway_past_requests_total", "Point-in-time book requests (l4Snapshot, l2Book with a time), by type and "
-               "outcome (ok, busy, off, too_old, too_new, too_far, timeout, damaged, error)", ["type", "outcome"])
-PAST_SECONDS = Histogram("hlbook_gateway_past_seconds", "Time a point-in-time book took to rebuild (answered requests)",
-                         buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
 
 
 class Refused(Exception):
