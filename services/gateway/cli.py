@@ -40,7 +40,7 @@ def gateway(
     info_upstream_concurrency: Annotated[int, typer.Option(envvar=env("info-upstream-concurrency"), help="Forwarded info requests in flight at once; past it: 503 at once, nothing queued")] = 64,
     info_upstream_max_bytes: Annotated[int, typer.Option(envvar=env("info-upstream-max-bytes"), help="Largest answer accepted from the info upstream (then 502)")] = 32 << 20,
     per_message_deflate: Annotated[bool, typer.Option("--per-message-deflate", envvar=env("per-message-deflate"), show_default=False, help="Offer permessage-deflate compression (about 3x the CPU per frame: each client's stream is compressed separately)")] = False,
-    checkpoint_dir: Annotated[str | None, typer.Option(envvar=env("checkpoint-dir"), help="The shards' L4 checkpoints (with --data-dir: l4Snapshot and l2Book with a time, rebuilt from them and the node's files)")] = None,
+    checkpoint_dir: Annotated[str, typer.Option(envvar=env("checkpoint-dir"), help="The shards' L4 checkpoints (with --data-dir: l4Snapshot and l2Book with a time, rebuilt from them and the node's files)")] = config.CHECKPOINT_DIR,
     data_dir: Annotated[str | None, typer.Option(envvar=env("data-dir"), help="Node data directory (holds hl/data/), read for point-in-time books")] = None,
     mode: Annotated[str, typer.Option(envvar=env("mode"), help="The node files' layout: by-block or streaming")] = "by-block",
     past_workers: Annotated[int, typer.Option(envvar=env("past-workers"), help="Point-in-time books rebuilt at once (one process each); past it: 503 at once, nothing queued")] = 1,

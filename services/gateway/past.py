@@ -88,7 +88,7 @@ class Past:
     async def _ask(self, kind: str, coin: str, at: int, levels: dict[str, Any]) -> bytes:
         if self.where is None:
             raise Refused(f"{kind} with a time needs the checkpoints and the node's files: this gateway runs without "
-                          "--checkpoint-dir and --data-dir", 501)
+                          "--data-dir", 501)
         if self.in_flight >= self.workers:
             raise Refused(f"{self.workers} point-in-time request(s) already being rebuilt; retry later", 503, RETRY_AFTER)
         loop = asyncio.get_running_loop()
