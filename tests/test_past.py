@@ -21,6 +21,7 @@ from hlbook.common import config
 from hlbook.services.book import checkpoint, snapshot
 from hlbook.services.book.book import Book
 from hlbook.services.book.checkpoint import Header
+from hlbook.services.gateway.past import Past, Refused
 from hlbook.services.replay import asof
 from hlbook.services.replay.asof import Ask, PastError, Source
 from pipeline import post_info, stop_group
@@ -144,3 +145,9 @@ def test_a_rebuild_is_bounded(btc_data: Path, tmp_path: Path) -> None:
     with pytest.raises(PastError) as refused:
         asof.answer(Source(str(tmp_path), str(tmp_path / "nothing"), "by-block"), Ask("l2Book", "BTC", times[985148198 - FIRST]), 30)
     assert refused.value.outcome == "too_old" and "no longer hold" in refused.value.text
+
+
+def test_a_gateway_without_the_node_files_says_so() -> None:
+    with pytest.raises(Refused) as refused:
+        asyncio.run(Past(None, None, "by-block").ask("l4Snapshot", "BTC", 1))
+    assert refused.value.status == 501 and "--data-dir" in refused.value.text
