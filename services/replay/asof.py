@@ -4,7 +4,8 @@ for one coin, rolled forward in this process to the last block at or before the 
 
 What the live server answers ``/info`` ``l4Snapshot`` / ``l2Book`` with a ``time`` from
 (``gateway/past.py`` runs :func:`answer` in a worker process, off the event loop). Only the
-coin's entry of the checkpoint is decoded and only its diffs applied; the node's lines are
+coin's entry of the checkpoint is decoded, only its diffs applied and only the status lines of
+blocks that create orders of it parsed (a quiet coin skips most); the node's lines are
 joined into blocks by ingest's joiner (``offline.joined``: the live judgement of every line),
 and each block goes into the book in the shard's two phases (``Book.apply``, then
 ``Book.detail`` with the statuses of the oids its diffs touched, as ingest's ``D|`` carries
@@ -17,6 +18,7 @@ way (a damaged line): never an empty or partial book that looks valid.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -27,7 +29,7 @@ from pathlib import Path
 import msgspec
 
 from hlbook.common import nodefiles, topics
-from hlbook.common.models import STREAMS, block_time_ms
+from hlbook.common.models import STREAMS, DiffBody, block_time_ms
 from hlbook.services.book import checkpoint, l2, l4
 from hlbook.services.book.book import Book, OutOfSync
 from hlbook.services.ingest.joiner import Block, Joiner
@@ -112,7 +114,8 @@ def book_at(source: Source, coin: str, at: int, deadline: float) -> AsOf:
     asof = AsOf(books.get(coin) or Book(coin, height, ckpt_time), height, ckpt_time)
     joiner = Joiner(source.mode, float("inf"), height + 1)  # the fills too: a streaming block's phases wait for them
     lines = {s: nodefiles.lines_from(nodefiles.hour_files(source.data_dir, s, source.mode), height + 1, NO_END) for s in STREAMS}
-    for block in joined(joiner, lines, flush=False):  # whole blocks only: every stream has moved on
+    creates = functools.partial(_creates, coin)  # the statuses of other blocks are not even parsed
+    for block in joined(joiner, lines, flush=False, wanted=creates):  # whole blocks only: every stream has moved on
         if time.monotonic() > deadline:
             raise PastError(f"time {at}: not rebuilt within the time allowed (from block {height}, at {asof.height})",
                             "timeout", 504)
@@ -125,6 +128,11 @@ def book_at(source: Source, coin: str, at: int, deadline: float) -> AsOf:
         _apply(asof, block, block_ms)
     raise PastError(f"time {at} ({_utc(at)}) is not before the newest block the node's files hold whole "
                     f"({asof.height}, {_utc(asof.time)}): ask for a time in the past", "too_new")
+
+
+def _creates(coin: str, block: Block) -> bool:
+    """Whether ``block`` creates orders of ``coin`` (only they take details from its statuses)."""
+    return any(d.coin == coin and isinstance(d.raw_book_diff, DiffBody) and d.raw_book_diff.new is not None for d in block.diffs)
 
 
 def _apply(asof: AsOf, block: Block, block_ms: int) -> None:
