@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import websockets
 
 from conftest import free_port, metric
 from hlbook.common import config
@@ -45,6 +47,16 @@ def write_checkpoints(btc_data: Path, folder: Path, times: list[int]) -> None:
 
 def ask(port: int, payload: dict[str, Any]) -> tuple[int, Any]:
     return post_info(f"http://127.0.0.1:{port}", payload)
+
+
+async def post(port: int, payload: dict[str, Any]) -> Any:
+    """A WebSocket ``post`` of an info request: its answer's data."""
+    async with websockets.connect(f"ws://127.0.0.1:{port}/ws", max_size=None) as ws:
+        await ws.send(json.dumps({"method": "post", "id": 7, "request": {"type": "info", "payload": payload}}))
+        while True:
+            message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            if message["channel"] == "post":
+                return message["data"]
 
 
 def rebuilders() -> set[int]:
@@ -89,6 +101,9 @@ def test_point_in_time_books_equal_what_the_live_server_served(btc_data: Path, t
         for at in sorted(served)[::3] + [max(served)]:
             status, got = ask(port, {"type": "l2Book", "coin": "BTC", "time": at})
             assert (status, got) == (200, served[at]), at
+        at = max(served)  # the same through a WebSocket post
+        assert asyncio.run(post(port, {"type": "l2Book", "coin": "BTC", "time": at})) == \
+            {"id": 7, "response": {"type": "info", "payload": {"type": "l2Book", "data": served[at]}}}
         between = times[985148195 - FIRST]  # block 985148195: from the checkpoint at 985148181
         status, got = ask(port, {"type": "l2Book", "coin": "BTC", "time": between + 10, "nSigFigs": 3})
         assert status == 200 and got["time"] == between and len(got["levels"][0]) >= 1
@@ -116,7 +131,7 @@ def test_point_in_time_books_equal_what_the_live_server_served(btc_data: Path, t
             return metric(port, "hlbook_gateway_past_requests_total", type=kind, outcome=outcome)
 
         assert counted("l4Snapshot", "busy") == 1 and counted("l2Book", "too_old") == 1
-        assert counted("l2Book", "ok") == len(sorted(served)[::3]) + 2 and counted("l4Snapshot", "too_new") == 2
+        assert counted("l2Book", "ok") == len(sorted(served)[::3]) + 3 and counted("l4Snapshot", "too_new") == 2
         workers = rebuilders()
         assert workers
     finally:
