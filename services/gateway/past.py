@@ -102,7 +102,7 @@ class Past:
             self.in_flight -= 1
             self._pool = None
             raise Refused("the point-in-time worker stopped; retry", 503, RETRY_AFTER) from None
-        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+        job.add_done_callback(lambda _: self._release_from(loop))
         try:
             body = await asyncio.wait_for(asyncio.wrap_future(job), self.timeout + GRACE_S)
         except TimeoutError:
@@ -113,6 +113,13 @@ class Past:
             raise Refused("the point-in-time worker stopped; retry", 503, RETRY_AFTER) from None
         PAST_SECONDS.observe(time.monotonic() - started)
         return body
+
+    def _release_from(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A worker is done (called in the pool's thread): its slot is free again, in the loop."""
+        try:
+            loop.call_soon_threadsafe(self._release)
+        except RuntimeError:  # the loop is closed: the gateway stopped
+            pass
 
     def _release(self) -> None:
         self.in_flight -= 1
