@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import websockets
 
 from conftest import free_port, metric
-from hlbook.common import config
+from hlbook.common import config, nodefiles
 from hlbook.services.book import checkpoint, snapshot
 from hlbook.services.book.book import Book
 from hlbook.services.book.checkpoint import Header
@@ -160,6 +161,17 @@ def test_a_rebuild_is_bounded(btc_data: Path, tmp_path: Path) -> None:
     with pytest.raises(PastError) as refused:
         asof.answer(Source(str(tmp_path), str(tmp_path / "nothing"), "by-block"), Ask("l2Book", "BTC", times[985148198 - FIRST]), 30)
     assert refused.value.outcome == "too_old" and "no longer hold" in refused.value.text
+
+    # a damaged line between the checkpoint and the time: refused, never a book missing a block
+    damaged = tmp_path / "damaged"
+    shutil.copytree(btc_data / "hl", damaged / "hl")
+    (diffs,) = nodefiles.hour_files(damaged, "raw_book_diffs", "by-block")
+    lines = diffs.read_bytes().splitlines(keepends=True)
+    lines[985148190 - FIRST] = lines[985148190 - FIRST][:300] + b"\n"
+    diffs.write_bytes(b"".join(lines))
+    with pytest.raises(PastError) as refused:
+        asof.answer(Source(str(tmp_path), str(damaged), "by-block"), Ask("l2Book", "BTC", times[985148195 - FIRST]), 30)
+    assert (refused.value.outcome, refused.value.status) == ("damaged", 500)
 
 
 def test_a_gateway_without_the_node_files_says_so() -> None:
