@@ -82,7 +82,7 @@ def test_a_live_shards_checkpoint_equals_the_node_at_its_height(tmp_path: Path) 
         sim.stop()
 
 
-def test_up_gives_each_shard_a_checkpoint_folder_per_node_in_its_state_dir(tmp_path: Path) -> None:
+def test_up_gives_each_shard_a_checkpoint_folder_per_node_in_its_state_dir_and_the_gateways_read_it(tmp_path: Path) -> None:
     from hlbook.common import config
     from hlbook.services.supervisor.pipeline import Pipeline
 
@@ -96,3 +96,6 @@ def test_up_gives_each_shard_a_checkpoint_folder_per_node_in_its_state_dir(tmp_p
     for args in books:
         flags = dict(zip(args, args[1:]))
         assert (flags["--checkpoint-dir"], flags["--checkpoint-every"], flags["--history-days"]) == (folder, "5.0", "3.0")
+    (gateway,) = [spec.args for spec in pipeline.specs(str(tmp_path / "node"), str(tmp_path / "zmq")) if spec.name.startswith("gateway")]
+    flags = dict(zip(gateway, gateway[1:]))  # point-in-time books: the same checkpoints, the node's files
+    assert (flags["--checkpoint-dir"], flags["--data-dir"], flags["--mode"]) == (folder, str(tmp_path / "node"), "by-block")

@@ -19,7 +19,7 @@ import orjson
 import pytest
 import websockets
 
-from conftest import free_port
+from conftest import free_port, metric
 from hlbook.common import nodefiles
 from hlbook.common.models import STREAMS, block_time_ms
 from hlbook.services.book import checkpoint, snapshot
@@ -156,10 +156,13 @@ def user_fills(port: int, user: str) -> list[tuple[int, str, str]]:
 
 def replay_frames(btc_data: Path, tmp_path: Path, times: list[int], *args: str, read_every: float = 0.0,
                   env: dict[str, str] | None = None, to: str = str(LAST),
-                  user: str | None = None) -> tuple[dict[str, list[Any]], str]:
+                  user: str | None = None, metrics_port: int = 0) -> tuple[dict[str, list[Any]], str]:
     """What a client of `hlbook replay` gets (it subscribes before the first block: --wait-clients);
-    with ``user``: ``frames["fills"]`` holds the user's userFills before the first block and at the end."""
+    with ``user``: ``frames["fills"]`` holds the user's userFills before the first block and at the end;
+    with ``metrics_port``: ``frames["clock"]``, the replay clock its ingest's metrics said at the end."""
     port = free_port()
+    if metrics_port:
+        args = (*args, "--metrics-port", str(metrics_port))
     replay = start_process(tmp_path, "replay", "replay", "--from", str(FIRST), "--to", to, "--data-dir", str(btc_data),
                    "--checkpoint-dir", str(tmp_path / "checkpoints"), "--port", str(port),
                    "--wait-clients", str(len(SUBSCRIPTIONS)), "--log-level", "INFO", *args, env=env)
@@ -171,6 +174,7 @@ def replay_frames(btc_data: Path, tmp_path: Path, times: list[int], *args: str, 
         before = user_fills(port, user) if user else []
         frames = asyncio.run(collect(f"ws://127.0.0.1:{port}/ws", nothing, times[-1], read_every=read_every))
         frames["fills"] = [before, user_fills(port, user) if user else []]
+        frames["clock"] = [metric(metrics_port, "hlbook_ingest_head_time_seconds")] if metrics_port else []
     finally:
         stop_group(replay)
     logged = (tmp_path / "replay.log").read_text()
@@ -198,7 +202,9 @@ def test_a_replay_from_the_checkpoint_gives_the_frames_a_live_client_got(btc_dat
     fills = fills_of(lines)
     user = max(fills, key=lambda u: len(fills[u]))
     kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").iterdir()}
-    frames, logged = replay_frames(btc_data, tmp_path, times, "--speed", str(SPEED), user=user)
+    metrics_port = free_port()
+    frames, logged = replay_frames(btc_data, tmp_path, times, "--speed", str(SPEED), user=user, metrics_port=metrics_port)
+    assert frames["clock"] == [times[-1] / 1000] and f"http://127.0.0.1:{metrics_port}/metrics" in logged  # the replay clock
     assert frames["fills"] == [[], sorted(fills[user])]  # history as of the replay clock: none before the first block
     replayed = after(frames, times[0])
     assert [d["time"] for d in replayed["l2Book"]] == [d["time"] for d in live["l2Book"]]

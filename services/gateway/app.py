@@ -33,6 +33,9 @@ from hlbook.services.gateway.hub import Hub
 from hlbook.services.gateway.info import Info, InfoError
 from hlbook.services.gateway.info import label as info_label
 from hlbook.services.gateway.kinds import feed_key, normalise
+from hlbook.services.gateway.past import TIMEOUT as PAST_TIMEOUT
+from hlbook.services.gateway.past import WORKERS as PAST_WORKERS
+from hlbook.services.gateway.past import Past
 from hlbook.services.gateway.protocol import FeedKey, RequestError, UserKey, dumps, identity, message, parse_request
 from hlbook.services.gateway.session import Outbound, Session, SubscriptionStats
 from hlbook.services.gateway.upstream import Upstream
@@ -76,6 +79,12 @@ class GatewayConfig:
     info_upstream_timeout: float = TIMEOUT
     info_upstream_concurrency: int = MAX_IN_FLIGHT
     info_upstream_max_bytes: int = MAX_BYTES
+    checkpoint_dir: str | None = None  # the shards' checkpoints and the node's files: point-in-time books (past.py)
+    data_dir: str | None = None
+    mode: str = "by-block"
+    past_workers: int = PAST_WORKERS
+    past_timeout: float = PAST_TIMEOUT
+    past_max_span: float = 1800.0  # seconds of node files a point-in-time book may read past its checkpoint
 
     def endpoints(self) -> tuple[list[str], list[str]]:
         pubs = self.book_pubs or [config.book_endpoints(k)[0] for k in range(self.shards)]
@@ -97,7 +106,8 @@ class Gateway:
         self.hub = Hub(self.upstream, Users(cfg.max_followed_users))
         self.info_upstream = None if not cfg.info_upstream else UpstreamInfo(
             cfg.info_upstream, cfg.info_upstream_timeout, cfg.info_upstream_concurrency, cfg.info_upstream_max_bytes, label=info_label)
-        self.info = Info(self.hub, self.info_upstream)
+        self.past = Past(cfg.checkpoint_dir, cfg.data_dir, cfg.mode, cfg.past_workers, cfg.past_timeout, cfg.past_max_span)
+        self.info = Info(self.hub, self.info_upstream, self.past)
         self.sessions: dict[Session, asyncio.Task[None]] = {}  # session -> its writer task
         self.budgets: dict[str, AddressBudget] = {}  # address -> what its connections hold
         self.outbound = Outbound()
@@ -119,6 +129,7 @@ class Gateway:
         for task in self.tasks:
             task.cancel()
         self.upstream.close()
+        self.past.close()
         if self.info_upstream is not None:
             await self.info_upstream.close()
 

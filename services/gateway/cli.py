@@ -40,6 +40,12 @@ def gateway(
     info_upstream_concurrency: Annotated[int, typer.Option(envvar=env("info-upstream-concurrency"), help="Forwarded info requests in flight at once; past it: 503 at once, nothing queued")] = 64,
     info_upstream_max_bytes: Annotated[int, typer.Option(envvar=env("info-upstream-max-bytes"), help="Largest answer accepted from the info upstream (then 502)")] = 32 << 20,
     per_message_deflate: Annotated[bool, typer.Option("--per-message-deflate", envvar=env("per-message-deflate"), show_default=False, help="Offer permessage-deflate compression (about 3x the CPU per frame: each client's stream is compressed separately)")] = False,
+    checkpoint_dir: Annotated[str, typer.Option(envvar=env("checkpoint-dir"), help="The shards' L4 checkpoints (with --data-dir: l4Snapshot and l2Book with a time, rebuilt from them and the node's files)")] = config.CHECKPOINT_DIR,
+    data_dir: Annotated[str | None, typer.Option(envvar=env("data-dir"), help="Node data directory (holds hl/data/), read for point-in-time books")] = None,
+    mode: Annotated[str, typer.Option(envvar=env("mode"), help="The node files' layout: by-block or streaming")] = "by-block",
+    past_workers: Annotated[int, typer.Option(envvar=env("past-workers"), help="Point-in-time books rebuilt at once (one process each); past it: 503 at once, nothing queued")] = 1,
+    past_timeout: Annotated[float, typer.Option(envvar=env("past-timeout"), help="Seconds a point-in-time book may take to rebuild (then 504)")] = 30.0,
+    past_max_span: Annotated[float, typer.Option(envvar=env("past-max-span"), help="Seconds of node files a point-in-time book may read past its checkpoint (further: refused)")] = 1800.0,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """Serve the public Hyperliquid WebSocket and /info protocol from the book shards."""
@@ -72,7 +78,15 @@ def gateway(
         info_upstream_timeout=info_upstream_timeout,
         info_upstream_concurrency=info_upstream_concurrency,
         info_upstream_max_bytes=info_upstream_max_bytes,
+        checkpoint_dir=checkpoint_dir or None,
+        data_dir=data_dir or None,
+        mode=mode,
+        past_workers=past_workers,
+        past_timeout=past_timeout,
+        past_max_span=past_max_span,
     )
+    if past_workers < 1 or past_timeout <= 0 or past_max_span <= 0:
+        raise typer.BadParameter("--past-workers, --past-timeout and --past-max-span must be positive")
     if info_upstream_timeout <= 0 or info_upstream_concurrency < 1 or info_upstream_max_bytes < 1:
         raise typer.BadParameter("--info-upstream-timeout, --info-upstream-concurrency and --info-upstream-max-bytes must be positive")
     try:

@@ -74,6 +74,9 @@ the code disagree.
 
 - **hlbook**: computed by the gateway from the books (l2Book, open orders, mids) or the
   history service (fills, orders, trades, candles), with or without a node info server.
+  `l2Book` with a `time` (epoch ms) and `l4Snapshot` (hlbook's own: `{coin, time}`, every
+  order, as an `l4Book` snapshot's data) answer the book as of that block time, rebuilt from
+  the nearest L4 checkpoint and the node's files (docs/OPERATIONS.md, "Point-in-time books").
 - **node, else hlbook**: with `--info-upstream` (which `hlbook up` sets to the node's
   `--info-url`, or to the simulator's), the node's answer, so asset ids are the chain's;
   cached 5 s for meta, spotMeta and perpDexs. Without an upstream, hlbook's own builder

@@ -66,6 +66,7 @@ from hlbook.services.gateway.compat import PUBLIC_INFO_TYPES
 from hlbook.services.gateway.ctx import is_spot, perp_ctx, spot_ctx
 from hlbook.services.gateway.hub import RECENT_TRADES, SHARD_SILENT, Hub, dex_of
 from hlbook.services.gateway.kinds import L2BookKey, feed_key, normalise
+from hlbook.services.gateway.past import Past, Refused
 from hlbook.services.gateway.protocol import USER, RequestError
 from hlbook.services.gateway.upstream import QueryError
 from hlbook.services.gateway.upstream_info import TEXT, Answer, UpstreamInfo
@@ -113,9 +114,10 @@ def decimals(value: str) -> int:
 
 
 class Info:
-    def __init__(self, hub: Hub, upstream: UpstreamInfo | None = None) -> None:
+    def __init__(self, hub: Hub, upstream: UpstreamInfo | None = None, past: Past | None = None) -> None:
         self.hub = hub
         self.upstream = upstream
+        self.past = past or Past(None, None, "by-block")
         self.sz_decimals: dict[str, int] = {}
         self._meta: tuple[float, dict[str, Any]] | None = None
 
@@ -194,6 +196,9 @@ class Info:
         key = feed_key(normalise({**payload, "type": "l2Book"}, self.hub.coin_exists))
         assert isinstance(key, L2BookKey)
         coin = key.coin
+        if payload.get("time") is not None:
+            return await self._as_of("l2Book", coin, payload, n_levels=key.n_levels, n_sig_figs=key.n_sig_figs,
+                                     mantissa=key.mantissa)
         self._current(coin)
         query = wire.L2Query(coin=coin, n_sig_figs=key.n_sig_figs, mantissa=key.mantissa, n_levels=key.n_levels)
         reply = await self.hub.upstream.query(self.hub.owner(coin), query)
@@ -201,6 +206,17 @@ class Info:
         bids, asks = reply["levels"]
         self._note_sizes(coin, bids + asks)
         return {"coin": coin, "time": reply["time"], "levels": [_level_dicts(bids), _level_dicts(asks)]}
+
+    async def l4_snapshot(self, payload: dict[str, Any]) -> msgspec.Raw:
+        """Every order of the coin as of block time ``time`` (hlbook's own: an l4Book snapshot's data)."""
+        return await self._as_of("l4Snapshot", self._coin(payload), payload)
+
+    async def _as_of(self, kind: str, coin: str, payload: dict[str, Any], **levels: Any) -> Any:
+        """The book as of ``payload["time"]`` (epoch ms), rebuilt off the loop (``past.py``)."""
+        try:
+            return await self.past.ask(kind, coin, _int(payload, "time"), **levels)
+        except Refused as exc:
+            raise InfoError(exc.text, exc.status, retry_after=exc.retry_after) from None
 
     def _current(self, coin: str, book_time: int | None = None) -> None:
         """503 rather than a book that may be stale: its shard silent, or the book (``book_time``,
@@ -438,6 +454,7 @@ Handler = Callable[[Info, dict[str, Any]], Awaitable[Any]]
 # UPSTREAM_FIRST and every type not here go to the node instead.
 HANDLERS: dict[str, Handler] = {
     "l2Book": Info.l2_book,
+    "l4Snapshot": Info.l4_snapshot,
     "allMids": Info.all_mids,
     "meta": Info.meta,
     "spotMeta": Info.spot_meta,

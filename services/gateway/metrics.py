@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hlbook.common.metrics import Counter, Gauge
+from hlbook.common.metrics import Counter, Gauge, Histogram
 
 CONNECTIONS = Gauge("hlbook_gateway_connections", "Open WebSocket connections")
 SUBSCRIPTIONS = Gauge("hlbook_gateway_subscriptions", "Client subscriptions, by type", ["type"])
@@ -23,3 +23,7 @@ INFO = Counter("hlbook_gateway_info_requests_total", "Info requests (POST /info 
 SHARDS_LIVE = Gauge("hlbook_gateway_shards_live", "Shards heard from in the last seconds")
 LAG = Gauge("hlbook_gateway_lag_seconds", "Wall clock minus the block time of the newest block every live shard finished (the node's own delay included)")
 USERS = Gauge("hlbook_gateway_followed_users", "Users followed by some client (each has a bounded store)")
+PAST = Counter("hlbook_gateway_past_requests_total", "Point-in-time book requests (l4Snapshot, l2Book with a time), by type and "
+               "outcome (ok, busy, off, too_old, too_new, too_far, timeout, damaged, error)", ["type", "outcome"])
+PAST_SECONDS = Histogram("hlbook_gateway_past_seconds", "Time a point-in-time book took to rebuild (answered requests)",
+                         buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))

@@ -29,15 +29,15 @@ from pathlib import Path
 
 from hlbook.common import nodefiles
 from hlbook.common.models import block_time_ms
-from hlbook.common.nodelines import Drops, Reason
+from hlbook.common.nodelines import Drops
 from hlbook.services.history import metrics
 from hlbook.services.history.store import Store
-from hlbook.services.ingest.joiner import Block, Joiner, Phase
+from hlbook.services.ingest.joiner import Joiner
+from hlbook.services.ingest.offline import Lines, joined
 
 log = logging.getLogger(__name__)
 
 STREAMS = ("order_statuses", "fills")  # what history keeps (book diffs are the books' business)
-Lines = Iterator[tuple[int, bytes]]
 MAX_HOURS = 1e6  # a window longer than this (114 years) is "everything"
 
 
@@ -149,27 +149,3 @@ def _lines(stream: str, files: list[tuple[Path, int]], first: int, last: int) ->
     for height, line in nodefiles.lines_from([path for path, _ in files], first, last, DROPS.of(stream)):
         metrics.BACKFILL_BYTES.inc(len(line))
         yield height, line
-
-
-def joined(joiner: Joiner, lines: dict[str, Lines]) -> Iterator[Block]:
-    """The blocks of the streams' ``lines`` (read in file order), their statuses decoded (but the
-    rejections), in height order. The next line is always the one of the stream whose judged
-    height is lowest, as the live tailer reads them: a damaged height ahead waits for its own
-    stream's next line, not for the other stream to catch up with it."""
-    heads = {stream: next(it, None) for stream, it in lines.items()}
-    while any(head is not None for head in heads.values()):
-        stream = min((s for s, head in heads.items() if head is not None), key=lambda s: joiner.sequences[s].last or -1)
-        head = heads[stream]
-        assert head is not None
-        joiner.feed(stream, head[1])
-        heads[stream] = next(lines[stream], None)
-        yield from _details(joiner, joiner.ready(0.0))
-    yield from _details(joiner, joiner.ready(0.0, flush=True))
-
-
-def _details(joiner: Joiner, closed: list[tuple[Phase, Block]]) -> Iterator[Block]:
-    for phase, block in closed:
-        if phase is Phase.DETAILS:
-            for line, exc in block.decode_statuses(None, joiner.drops):
-                joiner.drops("order_statuses", Reason.MALFORMED, block.height, f"{exc}: {line[:200]!r}")
-            yield block

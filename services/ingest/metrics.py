@@ -17,6 +17,7 @@ MESSAGES = Counter("hlbook_ingest_messages_total", "Messages published, by topic
 UNPAIRED_FILLS = Counter("hlbook_ingest_unpaired_fills_total", "Fills whose tid had no counterpart in the block")
 HEAD = Gauge("hlbook_ingest_head_height", "Height of the last published block")
 WAITING = Gauge("hlbook_ingest_waiting_for_files", "1 while no node file was found where --data-dir and --mode say they are")
+HEAD_TIME = Gauge("hlbook_ingest_head_time_seconds", "Block time (epoch s) of the last published block: the replay clock in hlbook replay")
 LAG = Gauge("hlbook_ingest_lag_seconds", "Wall clock minus block time of the last published block")
 BOOKS_DELAY = Gauge("hlbook_ingest_books_delay_seconds",
                     "Wall clock minus the node's local_time (when it wrote the block) as the last block's books went out: "

@@ -362,7 +362,9 @@ class Ingest:
         metrics.MESSAGES.labels("stored").inc(len(stored))
         metrics.MESSAGES.labels("user").inc(len(per_user))
         metrics.HEAD.set(block.height)
-        metrics.LAG.set(time.time() - block_time_ms(block.block_time) / 1000)
+        block_s = block_time_ms(block.block_time) / 1000
+        metrics.HEAD_TIME.set(block_s)
+        metrics.LAG.set(time.time() - block_s)
         self.published = block.height
 
     def _send(self, messages: list[tuple[bytes, bytes]]) -> None:

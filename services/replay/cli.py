@@ -24,6 +24,7 @@ def replay(
     port: Annotated[int, typer.Option(help="The replay gateway's port")] = 8100,
     history_hours: Annotated[float, typer.Option(help="History service (userFills, candles, … as of the replay clock): the hours of node files before --from it reads first (0: none)")] = 1.0,
     wait_clients: Annotated[int, typer.Option(help="Start the blocks once the gateway has this many client subscriptions")] = 0,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus port of the replay's ingest on 127.0.0.1: blocks, hlbook_ingest_head_time_seconds (the replay clock), hlbook_ingest_replay_end_height (0: a free port, printed)")] = 0,
     log_level: Annotated[str, typer.Option(envvar=env("log-level"))] = "INFO",
 ) -> None:
     """Serve a past span of the node's files through the gateway's API, from the L4 checkpoints."""
@@ -42,7 +43,7 @@ def replay(
     try:
         run(Replay(data_dir=data_dir, mode=mode, start=start, to=end, speed=0.0 if as_fast_as_read else speed,
                    coins=coins or [], host=host, port=port, wait_clients=wait_clients, log_level=log_level, pace_from=start_at,
-                   history_hours=history_hours))
+                   history_hours=history_hours, metrics_port=metrics_port))
     except ChildFailed as exc:
         typer.echo(f"hlbook replay: {exc}", err=True)
         raise typer.Exit(1) from None

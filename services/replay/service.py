@@ -42,6 +42,7 @@ class Replay:
     log_level: str
     pace_from: Point | None = None  # blocks before it go out unpaced (from the checkpoint to --from)
     history_hours: float = 1.0  # node files before the start the history service backfills (0: no history service)
+    metrics_port: int = 0  # the replay's ingest metrics (blocks, the replay clock); 0: a free port
 
     def specs(self, sockets: str, hold: str, metrics_port: int) -> list[ChildSpec]:
         common = ["--log-level", self.log_level]
@@ -102,7 +103,7 @@ class Progress:
         blocks = head - self.replay.start.height
         now = time.monotonic()
         seconds = max(now - self.released_at, 1e-9)
-        replay_clock = time.time() - ingest.get("hlbook_ingest_lag_seconds", 0.0)
+        replay_clock = ingest.get("hlbook_ingest_head_time_seconds", 0.0)
         ratio = (replay_clock - min(self.replay.start.times) / 1000) / seconds  # block time gone by since the start
         clock = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(replay_clock))
         line = (f"replay: block {head:.0f} | clock {clock} UTC | {blocks:.0f} blocks, {blocks / seconds:.1f} blocks/s"
@@ -144,9 +145,11 @@ def run(replay: Replay) -> None:
         sockets = owned_tmpdir("hlbook-zmq-")
         scratch = owned_tmpdir("hlbook-tmp-")
         hold = Path(sockets, "go")
-        metrics_port = free_port()
+        metrics_port = replay.metrics_port or free_port()
         print(f"hlbook replay: blocks {replay.start.height + 1}.. from checkpoints {', '.join(p.name for p in replay.start.files)}"
-              f" at {'as fast as read' if replay.speed == 0 else f'{replay.speed:g}x real time'}", file=sys.stderr, flush=True)
+              f" at {'as fast as read' if replay.speed == 0 else f'{replay.speed:g}x real time'}; metrics: "
+              f"http://127.0.0.1:{metrics_port}/metrics (ingest: blocks, the replay clock) and the gateway's /metrics",
+              file=sys.stderr, flush=True)
         progress = Progress(replay, hold, metrics_port)
         try:
             Supervisor(replay.specs(sockets, str(hold), metrics_port), env={"TMPDIR": scratch}).run(on_tick=progress.tick,

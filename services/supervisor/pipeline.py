@@ -83,10 +83,11 @@ class Pipeline:
                                                  *checkpoints, "--pub", pub, "--query", query,
                                                  "--metrics-port", str(self.metrics_port(k)), *curve, *common]))
         upstream = ["--info-upstream", info_url] if info_url else []  # what the gateways do not compute: the node's answers
+        past = ["--checkpoint-dir", checkpoints[-1], "--data-dir", data_dir, "--mode", self.mode]  # point-in-time books
         for i in range(self.gateways):
             specs.append(ChildSpec(f"gateway-{i}", ["gateway", "--host", self.host, "--port", str(self.port + i),
                                                     "--shards", str(self.shards), *ingest, *books, *history, *upstream,
-                                                    *curve, *common]))
+                                                    *past, *curve, *common]))
         return specs
 
     def metrics_port(self, shard: int) -> int:
