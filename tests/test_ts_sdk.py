@@ -13,7 +13,14 @@ trades, bbo, allMids, candle, activeAssetCtx, userFills, userEvents, orderUpdate
 userTwapSliceFills). The SDK validates only its requests at run time; each answer and event is
 checked here against the valibot schema the SDK exports beside the method (``L2BookResponse``,
 ``TradesEvent``…), so a key hlbook leaves out, a null where the SDK wants a value, a number as a
-string or a negative where it wants an unsigned decimal fails the call.
+string or a negative where it wants an unsigned decimal fails the call; the main answers must also
+be non-empty (an empty list fits any list's schema). A second gateway, without a node info
+server, answers meta, spotMeta, perpDexs and the asset contexts from its own builder: checked too.
+
+Why 0.31.0: it is the last release that ships its response schemas as valibot objects (0.32 made
+them TypeScript types, which only a TypeScript compiler can check against), and 0.33 needs Node.js
+22.12, newer than the Node 20 of CI. Where its schemas are stricter than the public API (as the
+SDK's later types say), sdk_calls.mjs relaxes them and says why.
 
 The SDK is installed with ``npm ci`` from the lock file into ``.venv/ts-sdk`` (ignored by git; its
 npm cache with it), again only when the lock file changes. Without node or npm the test fails."""

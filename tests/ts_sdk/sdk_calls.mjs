@@ -26,8 +26,9 @@ const issues = (schema, data) => {
 };
 
 // Where SDK 0.31.0's schemas are stricter than the public API, as the SDK's later types say:
-// spotMeta's `outcomes` and `questions` were testnet's (HIP-4), not mainnet's (0.32.0 removed them,
-// its commit d6e1ca7), and a market maker's userAddRate is a rebate, negative (0.33's types).
+// spotMeta's `outcomes` and `questions` (HIP-4 outcome markets, seen on testnet, where the SDK's
+// tests run) are gone from 0.32.0's types (its commit d6e1ca7), and a market maker's userAddRate
+// is a rebate, negative (0.33's types).
 const spotMeta = v.omit(infoSchemas.SpotMetaResponse, ["outcomes", "questions"]);
 const signedDecimal = v.pipe(v.string(), v.regex(/^-?[0-9]+(\.[0-9]+)?$/));
 const SCHEMAS = {
