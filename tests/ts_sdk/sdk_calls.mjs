@@ -53,7 +53,8 @@ async function call(label, client, method, ...params) {
   }
 }
 
-/** One feed: subscribe, wait for EVENTS events (or `want`), check each against `<Feed>Event`. */
+/** One feed: subscribe (to each of `params` when a list), wait for EVENTS events (or `want`),
+ * check each against `<Feed>Event`. */
 async function feed(label, subs, method, params, want = EVENTS) {
   const schema = eventSchemas[`${title(method)}Event`];
   const events = [];
@@ -64,11 +65,12 @@ async function feed(label, subs, method, params, want = EVENTS) {
     if (events.length >= want) done();
   };
   try {
-    const subscription = await (params === null ? subs[method](listener) : subs[method](params, listener));
+    const each = params === null ? [[]] : (Array.isArray(params) ? params : [params]).map((p) => [p]);
+    const subscriptions = await Promise.all(each.map((p) => subs[method](...p, listener)));
     const timer = setTimeout(done, WAIT_MS);
     await arrived;
     clearTimeout(timer);
-    await subscription.unsubscribe();
+    for (const subscription of subscriptions) await subscription.unsubscribe();
   } catch (error) {
     report(label, false, { error: `${error.name}: ${error.message}` });
     return;
@@ -161,8 +163,9 @@ try {
   await feed("sub.allMids", subs, "allMids", null);
   await feed("sub.candle", subs, "candle", { coin, interval: "1m" });
   await feed("sub.activeAssetCtx", subs, "activeAssetCtx", { coin });
-  const [active] = await busiest(http); // trading now: its userEvents (no snapshot) come within the wait
-  await feed("sub.userEvents", subs, "userEvents", { user: active }, 1);
+  // userEvents has no snapshot: the 5 busiest traders now, one of whom trades within the wait
+  const active = (await busiest(http)).slice(0, 5).map((u) => ({ user: u }));
+  await feed("sub.userEvents", subs, "userEvents", active, 1);
   await feed("sub.userFills", subs, "userFills", { user }, 1);
   await feed("sub.orderUpdates", subs, "orderUpdates", { user }, 1);
   await feed("sub.openOrders", subs, "openOrders", { user }, 1);
