@@ -97,6 +97,14 @@ Retry-After past it, never queued). Malformed bodies get the public API's errors
 422 `Failed to deserialize the JSON body into the target type: …` (unknown type, missing or
 mistyped field), 400 `Failed to parse the request body as JSON: …` (not JSON).
 `hlbook_gateway_info_upstream_total{type, outcome}` counts forwarded requests.
+
+**Clients run against it** (on `hlbook up --simulate`, URLs changed and nothing else): the
+official Python SDK and ccxt (`tests/test_gateway_compat.py`: their books, trades, mids and
+markets equal the gateway's own answers), and the TypeScript SDK @nktkas/hyperliquid 0.31.0
+(`tests/test_ts_sdk.py`, Node.js: every InfoClient method hlbook answers or forwards, over HTTP
+and over the WebSocket's `post`, `meta`/`spotMeta`/`perpDexs`/asset contexts also from a gateway
+without a node, and the subscriptions served, each answer and event checked against the
+schema the SDK exports for it).
 """
 
 

@@ -74,7 +74,13 @@ from hlbook.services.gateway.upstream_info import TEXT, Answer, UpstreamInfo
 SPOT_PAIR = re.compile(r"^@(\d+)$")
 META_TTL = 10.0  # seconds a built meta is reused
 CLOID_OR_OID = "oid must be a non-negative 64-bit integer or a cloid (0x and 32 hex digits)"
-USDC = {"name": "USDC", "szDecimals": 8, "weiDecimals": 8, "index": 0, "tokenId": "0x" + "0" * 32, "isCanonical": True}
+# a spot token's keys the books cannot know, as the public API gives them for a token without them
+TOKEN_EXTRAS = {"evmContract": None, "fullName": None, "deployerTradingFeeShare": "0.0"}
+USDC = {"name": "USDC", "szDecimals": 8, "weiDecimals": 8, "index": 0, "tokenId": "0x" + "0" * 32, "isCanonical": True,
+        **TOKEN_EXTRAS}
+# leverage is not known without the node: every coin at 1x, on the chain's convention that a margin
+# table id under 50 is the plain table of that leverage
+MARGIN_TABLE = (1, {"description": "", "marginTiers": [{"lowerBound": "0.0", "maxLeverage": 1}]})
 
 
 def _level_dicts(side: list[wire.Level]) -> list[dict[str, Any]]:
@@ -265,7 +271,8 @@ class Info:
         for i, coin in enumerate(spots):
             index = 0 if "/" in coin else int(coin[1:]) if SPOT_PAIR.match(coin) else 100_000 + i
             tokens.append({"name": coin.split("/")[0], "szDecimals": self.sz_decimals.get(coin, 0), "weiDecimals": 8,
-                           "index": len(tokens), "tokenId": "0x" + f"{len(tokens):032x}", "isCanonical": "/" in coin})
+                           "index": len(tokens), "tokenId": "0x" + f"{len(tokens):032x}", "isCanonical": "/" in coin,
+                           **TOKEN_EXTRAS})
             universe.append({"tokens": [len(tokens) - 1, 0], "name": coin, "index": index, "isCanonical": "/" in coin})
         built = {"perps": perps, "spot": {"universe": universe, "tokens": tokens}}
         self._meta = (time.monotonic(), built)
@@ -274,8 +281,9 @@ class Info:
     async def meta(self, payload: dict[str, Any]) -> dict[str, Any]:
         dex = payload.get("dex") or ""
         perps = (await self._universe())["perps"]
-        return {"universe": [{"name": c, "szDecimals": self.sz_decimals.get(c, 0), "maxLeverage": 1}
-                             for c in perps if dex_of(c) == dex]}
+        return {"universe": [{"name": c, "szDecimals": self.sz_decimals.get(c, 0), "maxLeverage": 1, "marginTableId": MARGIN_TABLE[0]}
+                             for c in perps if dex_of(c) == dex],
+                "marginTables": [list(MARGIN_TABLE)], "collateralToken": 0}
 
     async def spot_meta(self, payload: dict[str, Any]) -> dict[str, Any]:
         return (await self._universe())["spot"]

@@ -301,11 +301,14 @@ class NodeInfo:
 
     def user_fees(self, req: dict[str, Any]) -> Any:
         self.user(req)
-        schedule = {"cross": TAKER_FEE, "add": MAKER_FEE, "spotCross": TAKER_FEE, "spotAdd": MAKER_FEE,
-                    "tiers": {"vip": [], "mm": []}, "referralDiscount": ZERO, "stakingDiscountTiers": []}
+        # mainnet's base tier, and the top market-maker tier, whose rebate the engine pays every maker
+        # (the schedule's base rates are never negative: clients' schemas say so, e.g. @nktkas/hyperliquid's)
+        schedule = {"cross": TAKER_FEE, "add": "0.00015", "spotCross": "0.0007", "spotAdd": "0.0004",
+                    "tiers": {"vip": [], "mm": [{"makerFractionCutoff": "0.03", "add": MAKER_FEE}]},
+                    "referralDiscount": ZERO, "stakingDiscountTiers": []}
         return {"dailyUserVlm": [], "feeSchedule": schedule, "userCrossRate": TAKER_FEE, "userAddRate": MAKER_FEE,
                 "userSpotCrossRate": TAKER_FEE, "userSpotAddRate": MAKER_FEE, "activeReferralDiscount": ZERO, "trial": None,
-                "feeTrialReward": ZERO, "nextTrialAvailableTimestamp": None, "stakingLink": None,
+                "feeTrialReward": ZERO, "feeTrialEscrow": ZERO, "nextTrialAvailableTimestamp": None, "stakingLink": None,
                 "activeStakingDiscount": {"bpsOfMaxSupply": ZERO, "discount": ZERO}}
 
     def user_role(self, req: dict[str, Any]) -> Any:
