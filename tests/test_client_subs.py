@@ -27,7 +27,9 @@ GOOD = [
     subs.l2_book("ETH", fast=True), subs.trades("PURR/USDC"), subs.bbo("ETH"), subs.l4_book("BTC"), subs.active_asset_ctx("SOL"),
     subs.candle("BTC", "1M"), subs.candle("BTC", "15m"), subs.all_mids(), subs.all_mids(dex="xyz"), subs.order_updates(ALICE),
     subs.user_events(ALICE), subs.user_twap_slice_fills(ALICE), subs.user_fills(ALICE), subs.user_fills(ALICE, aggregate_by_time=True),
-    subs.open_orders(ALICE), subs.open_orders(ALICE, dex="xyz"),
+    subs.open_orders(ALICE), subs.open_orders(ALICE, dex="xyz"), subs.clearinghouse_state(ALICE),
+    subs.clearinghouse_state(ALICE, dex="xyz"), subs.spot_state(ALICE), subs.active_asset_data(ALICE, "BTC"),
+    subs.web_data2(ALICE), subs.asset_ctxs(), subs.asset_ctxs(dex="xyz"),
 ]
 
 

@@ -1,0 +1,273 @@
+"""WebSocket subscriptions made of node state, served by polling the node's info server.
+
+``clearinghouseState``, ``spotState``, ``activeAssetData``, ``webData2`` and
+``assetCtxs`` are what a node knows (margin, balances, leverage, funding, open
+interest) and its blocks do not say. Each is the answer of one info request
+(``Polled.request``), so a gateway with ``--info-upstream`` serves them by
+asking that request again and again:
+
+- **one poll per key**: the hub keeps one feed per subscription key however
+  many clients subscribe; that feed (``PolledFeed``) runs the only poll of its
+  request, every ``Polls.interval`` seconds (``--node-poll-interval``, 1 s), while
+  it has subscribers; it stops by itself when the last one leaves.
+- **push on change**: the answer, in the public API's WebSocket shape
+  (``Polled.shape``), goes out the first time and whenever it differs from
+  the last one sent (conflated: a slow client gets the newest only). None of
+  these kinds marks a snapshot (``isSnapshot``): each message is the whole state.
+- **errors are told, never passed off as data**: an answer that is not 200
+  (the node's 4xx, or hlbook's 502/503/504 for an unreachable, busy or slow
+  node) goes to the subscribers as ``{"channel": "error", "data": …}``, once
+  per streak; the next good answer is sent again even if unchanged.
+- **bounded**: at most ``max_keys`` polled keys gateway-wide (``--node-poll-max-keys``)
+  and ``max_per_connection`` per connection (``--node-poll-max-per-connection``); user
+  keys also count against the followed-user budgets (``UserKey``). Polls go
+  through ``UpstreamInfo``, so its timeout and concurrency bound them; one poll
+  per key is in flight at a time and nothing is queued.
+- without ``--info-upstream`` the subscribe is refused (``{"channel": "error"}``).
+
+Lists pushed as increments (userFundings, userNonFundingLedgerUpdates,
+userHistoricalOrders) and aggregates with no info request (webData3,
+twapStates, allDexs*) are not served here (docs/COMPATIBILITY.md).
+``hlbook_gateway_polls_total{kind, outcome}`` counts polls (``changed``,
+``same``, ``error``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import msgspec
+
+from hlbook.common.metrics import Counter
+from hlbook.services.gateway.feeds import Feed
+from hlbook.services.gateway.protocol import USER, FeedKey, RequestError, UserKey, invalid, message
+
+if TYPE_CHECKING:
+    from hlbook.services.gateway.hub import Hub
+    from hlbook.services.gateway.info import Info
+    from hlbook.services.gateway.session import Session
+
+log = logging.getLogger(__name__)
+
+INTERVAL = 1.0  # seconds between two polls of one key
+MAX_KEYS = 1000  # polled keys gateway-wide
+MAX_PER_CONNECTION = 20  # polled keys one connection may hold
+
+POLLS = Counter("hlbook_gateway_polls_total",
+                "Polls of the node's info server for WebSocket subscriptions made of node state, by kind and outcome "
+                "(changed, same, error)", ["kind", "outcome"])
+
+
+# ------------------------------------------------------------------ keys
+
+
+class ClearinghouseStateKey(UserKey, frozen=True):
+    kind: ClassVar[str] = "clearinghouseState"
+    dex: str
+
+
+class SpotStateKey(UserKey, frozen=True):
+    kind: ClassVar[str] = "spotState"
+
+
+class ActiveAssetDataKey(UserKey, frozen=True):
+    kind: ClassVar[str] = "activeAssetData"
+    coin: str
+
+
+class WebData2Key(UserKey, frozen=True):
+    kind: ClassVar[str] = "webData2"
+
+
+class AssetCtxsKey(FeedKey, frozen=True):
+    kind: ClassVar[str] = "assetCtxs"
+    dex: str
+
+
+# ------------------------------------------------------------------ requests and shapes
+
+
+@dataclass(frozen=True, slots=True)
+class Polled:
+    """One kind: the info request its key polls, and the answer as the data of its WebSocket message."""
+
+    request: Callable[[Any], dict[str, Any]]
+    shape: Callable[[Any, msgspec.Raw], Any]
+
+
+def _answer(key: Any, raw: msgspec.Raw) -> msgspec.Raw:
+    return raw
+
+
+def _ctxs(key: AssetCtxsKey, raw: msgspec.Raw) -> dict[str, Any]:
+    """metaAndAssetCtxs is ``[meta, ctxs]``: the event carries the contexts."""
+    _meta, ctxs = msgspec.json.decode(raw, type=tuple[msgspec.Raw, msgspec.Raw])
+    return {"dex": key.dex, "ctxs": ctxs}
+
+
+def _with_dex(request: dict[str, Any], dex: str) -> dict[str, Any]:
+    return {**request, "dex": dex} if dex else request
+
+
+POLLED: dict[str, Polled] = {
+    "clearinghouseState": Polled(
+        lambda k: _with_dex({"type": "clearinghouseState", "user": k.user}, k.dex),
+        lambda k, raw: {"dex": k.dex, "user": k.user, "clearinghouseState": raw}),
+    "spotState": Polled(lambda k: {"type": "spotClearinghouseState", "user": k.user},
+                        lambda k, raw: {"user": k.user, "spotState": raw}),
+    "activeAssetData": Polled(lambda k: {"type": "activeAssetData", "user": k.user, "coin": k.coin}, _answer),
+    "webData2": Polled(lambda k: {"type": "webData2", "user": k.user}, _answer),
+    "assetCtxs": Polled(lambda k: _with_dex({"type": "metaAndAssetCtxs"}, k.dex), _ctxs),
+}
+
+
+# ------------------------------------------------------------------ subscriptions
+
+
+def _user(sub: dict[str, Any]) -> str:
+    user = sub.get("user")
+    if not isinstance(user, str) or not USER.fullmatch(user):
+        raise invalid(sub)
+    return user.lower()
+
+
+def _dex(sub: dict[str, Any]) -> str:
+    dex = sub.get("dex")
+    if dex is not None and not isinstance(dex, str):
+        raise invalid(sub)
+    return dex or ""
+
+
+def parse_user_dex(sub: dict[str, Any], coin_exists: Any) -> dict[str, Any]:
+    """``dex`` echoed only when sent (the data always says it)."""
+    out = {"type": sub["type"], "user": _user(sub)}
+    if "dex" in sub:
+        out["dex"] = _dex(sub)
+    return out
+
+
+def parse_user(sub: dict[str, Any], coin_exists: Any) -> dict[str, Any]:
+    return {"type": sub["type"], "user": _user(sub)}
+
+
+def parse_user_coin(sub: dict[str, Any], coin_exists: Any) -> dict[str, Any]:
+    """Any coin name: the node knows coins (spot, HIP-3) the books may not hold."""
+    coin = sub.get("coin")
+    if not isinstance(coin, str) or not 0 < len(coin) <= 64:
+        raise invalid(sub)
+    return {"type": sub["type"], "user": _user(sub), "coin": coin}
+
+
+def parse_dex(sub: dict[str, Any], coin_exists: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": sub["type"]}
+    if "dex" in sub:
+        out["dex"] = _dex(sub)
+    return out
+
+
+# ------------------------------------------------------------------ the polls
+
+
+class Polls:
+    """The gateway's polled feeds: their source (``Info``: the node's answers, through
+    ``UpstreamInfo``'s bounds) and their limits."""
+
+    def __init__(self, info: Info, interval: float = INTERVAL, max_keys: int = MAX_KEYS,
+                 max_per_connection: int = MAX_PER_CONNECTION) -> None:
+        self.info = info
+        self.interval = interval
+        self.max_keys = max_keys
+        self.max_per_connection = max_per_connection
+        self.feeds: set[PolledFeed] = set()  # feeds with a poll running
+
+    def admit(self, hub: Hub, session: Session, key: FeedKey) -> None:
+        """RequestError when ``key`` cannot be polled for this session: no upstream, too many keys."""
+        if key.kind not in POLLED:
+            return
+        if self.info.upstream is None:
+            raise RequestError(f"{key.kind} subscriptions need the node's info server; this server runs without one "
+                               "(--info-upstream).", "no_info_upstream")
+        held = sum(1 for stats in session.subs.values() if stats.feed.kind in POLLED)
+        if held >= self.max_per_connection:
+            raise RequestError(f"Cannot subscribe to more than {self.max_per_connection} channels polled from the node "
+                               "on one connection.", "too_many_polled")
+        if key not in hub.feeds and len(self.feeds) >= self.max_keys:
+            raise RequestError(f"Cannot poll more than {self.max_keys} distinct subscriptions from the node on this "
+                               "server.", "too_many_polled_keys")
+
+    async def ask(self, key: FeedKey) -> tuple[Any, str | None]:
+        """(the WebSocket data, None) or (None, the error text)."""
+        from hlbook.services.gateway.info import InfoError  # info imports kinds, which imports this module
+
+        polled = POLLED[key.kind]
+        try:
+            raw = await self.info.answer(polled.request(key))
+            if not isinstance(raw, msgspec.Raw):
+                raw = msgspec.Raw(msgspec.json.encode(raw))
+            return polled.shape(key, raw), None
+        except InfoError as exc:
+            return None, f"{exc.status} {exc.text}"
+        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+            return None, f"the node's answer is not a {polled.request(key)['type']} answer: {exc}"
+
+
+class PolledFeed(Feed):
+    """One key's poll and its subscribers (see the module docstring)."""
+
+    def __init__(self, polls: Polls, key: FeedKey) -> None:
+        super().__init__(key, key.kind, True, None)
+        self.polls = polls
+        self.error: str | None = None  # the streak of errors the subscribers were told of
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, session: Session, ident: str) -> None:
+        super().add(session, ident)
+        if self.last is None and self.error is not None:
+            session.reply(self._error_text(self.error))
+        if self.task is None:
+            self.polls.feeds.add(self)
+            self.task = asyncio.create_task(self._run())
+
+    def remove(self, session: Session) -> None:
+        super().remove(session)
+        if not self.subscribers and self.task is not None:  # the hub drops the feed: its poll ends now
+            self.task.cancel()
+            self.polls.feeds.discard(self)
+
+    async def _run(self) -> None:
+        try:
+            while self.subscribers:
+                await self.poll()
+                await asyncio.sleep(self.polls.interval)
+        finally:
+            self.polls.feeds.discard(self)
+
+    async def poll(self) -> None:
+        data, error = await self.polls.ask(self.key)
+        if error is not None:
+            POLLS.labels(self.key.kind, "error").inc()
+            if error != self.error:
+                log.warning("%s poll: %s", self.key.kind, error)
+                text = self._error_text(error)
+                for session in list(self.subscribers):
+                    session.reply(text)
+            self.error, self.last = error, None
+            return
+        text = message(self.channel, data)
+        changed = text != self.last
+        POLLS.labels(self.key.kind, "changed" if changed else "same").inc()
+        self.error = None
+        if changed:
+            self.publish_text(text)
+
+    def _error_text(self, error: str) -> str:
+        return message("error", f"{self.key.kind}: the node's info server could not answer: {error}")
+
+
+def new_polled_feed(hub: Hub, key: FeedKey, kind: Any) -> Feed:
+    assert hub.polls is not None, "polled kinds are admitted only with Polls"
+    return PolledFeed(hub.polls, key)
