@@ -264,7 +264,8 @@ def test_compatibility_doc_matches_the_code() -> None:
     answered = dict(info)
     assert all(answered[kind] in ("hlbook", "node, else hlbook") for kind in HANDLERS)
     assert answered["clearinghouseState"] == "node" and answered["meta"] == "node, else hlbook"
-    assert dict(subs)["openOrders"] == "served" and dict(subs)["webData2"].startswith("not served")
+    assert dict(subs)["openOrders"] == "served" and dict(subs)["webData3"].startswith("not served")
+    assert dict(subs)["clearinghouseState"].startswith("polled from the node")
     assert "docs/COMPATIBILITY.md" in (ROOT / "README.md").read_text()
 
 
