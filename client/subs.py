@@ -98,6 +98,7 @@ SPECS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     "activeAssetData": ({**_USER, **_COIN}, ("user", "coin")),
     "webData2": (_USER, ("user",)),
     "assetCtxs": ({"dex": _text}, ()),
+    "userHistoricalOrders": (_USER, ("user",)),
 }
 
 
@@ -195,3 +196,8 @@ def web_data2(user: str) -> Subscription:
 
 def asset_ctxs(*, dex: str | None = None) -> Subscription:
     return check({"type": "assetCtxs", "dex": dex})
+
+
+def user_historical_orders(user: str) -> Subscription:
+    """``userHistoricalOrders``: the user's orders (``isSnapshot`` first), then new ones and status changes."""
+    return check({"type": "userHistoricalOrders", "user": user})

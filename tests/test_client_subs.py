@@ -29,7 +29,7 @@ GOOD = [
     subs.user_events(ALICE), subs.user_twap_slice_fills(ALICE), subs.user_fills(ALICE), subs.user_fills(ALICE, aggregate_by_time=True),
     subs.open_orders(ALICE), subs.open_orders(ALICE, dex="xyz"), subs.clearinghouse_state(ALICE),
     subs.clearinghouse_state(ALICE, dex="xyz"), subs.spot_state(ALICE), subs.active_asset_data(ALICE, "BTC"),
-    subs.web_data2(ALICE), subs.asset_ctxs(), subs.asset_ctxs(dex="xyz"),
+    subs.web_data2(ALICE), subs.asset_ctxs(), subs.asset_ctxs(dex="xyz"), subs.user_historical_orders(ALICE),
 ]
 
 

@@ -49,6 +49,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "activeAssetData": {"type": "activeAssetData", "user": USER, "coin": "BTC"},
     "webData2": {"type": "webData2", "user": USER},
     "assetCtxs": {"type": "assetCtxs"},
+    "userHistoricalOrders": {"type": "userHistoricalOrders", "user": USER},
 }
 
 INFO_TYPES = {"l2Book", "allMids", "meta", "spotMeta", "perpDexs", "metaAndAssetCtxs", "spotMetaAndAssetCtxs", "recentTrades",
@@ -245,6 +246,8 @@ def _check_first(name: str, sample: dict[str, Any], message: dict[str, Any]) -> 
         assert data["user"] == sample["user"] and isinstance(data["spotState"]["balances"], list)
     elif name == "activeAssetData":
         assert data["user"] == sample["user"] and data["coin"] == coin and "leverage" in data
+    elif name == "userHistoricalOrders":
+        assert data["isSnapshot"] is True and data["user"] == sample["user"] and isinstance(data["orderHistory"], list)
     elif name == "assetCtxs":
         assert data["dex"] == "" and data["ctxs"] and "markPx" in data["ctxs"][0]
     else:

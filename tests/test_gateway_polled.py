@@ -239,6 +239,29 @@ def test_clearinghouse_and_spot_state_from_the_simulated_node(setup: Setup) -> N
     asyncio.run(run())
 
 
+def test_user_historical_orders_snapshot_then_increments(setup: Setup) -> None:
+    """From hlbook's own historicalOrders (the history service): the whole list with
+    ``isSnapshot`` first, then only new orders and status changes."""
+    up = setup.up
+    user = _trader_with_position(up)
+
+    async def run() -> None:
+        ws = await _connect(up.ws)
+        ack = await _subscribe(ws, {"type": "userHistoricalOrders", "user": user})
+        assert ack["channel"] == "subscriptionResponse", ack
+        first = (await _next(ws, "userHistoricalOrders"))["data"]
+        listed = _post(up.http, {"type": "historicalOrders", "user": user})
+        assert first["isSnapshot"] is True and first["user"] == user and first["orderHistory"]
+        assert all(set(e) == {"order", "status", "statusTimestamp"} for e in first["orderHistory"])
+        assert {e["order"]["oid"] for e in first["orderHistory"]} & {e["order"]["oid"] for e in listed}
+        later = (await _next(ws, "userHistoricalOrders", timeout=30))["data"]  # an active trader's orders change
+        assert "isSnapshot" not in later and later["user"] == user and later["orderHistory"]
+        assert not [e for e in later["orderHistory"] if e in first["orderHistory"]]
+        await ws.close()
+
+    asyncio.run(run())
+
+
 def test_the_polls_are_counted(setup: Setup) -> None:
     text = httpx.get(f"{setup.up.http}/metrics", timeout=5).text
     assert 'hlbook_gateway_polls_total{kind="clearinghouseState",outcome="changed"}' in text

@@ -52,8 +52,6 @@ NOT_SERVED_WHY = {
     "spotAssetCtxs": "supplies and day volumes",
     "twapStates": "TWAP states (no info request answers it)",
     "userFundings": "funding payments (pushed as increments: not polled yet)",
-    "userHistoricalOrders": "order history pushed per change (hlbook's historicalOrders has every order, "
-                            "but not the public API's increments)",
     "userNonFundingLedgerUpdates": "ledger updates (pushed as increments: not polled yet)",
     "userTwapHistory": "TWAP history",
     "webData3": "frontend aggregate of clearinghouse state (no info request answers it)",
@@ -110,8 +108,10 @@ def rows() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         info.append((kind, who))
     subs = []
     for kind in sorted(set(PUBLIC_SUBSCRIPTIONS) | set(KINDS), key=str.lower):
-        if kind in POLLED:
+        if kind in POLLED and POLLED[kind].node:
             note = "polled from the node (`--info-upstream`), pushed on change"
+        elif kind in POLLED:
+            note = "polled from hlbook's historicalOrders (history service): `isSnapshot` first, then new orders and status changes"
         elif kind in KINDS:
             note = "served" if kind in PUBLIC_SUBSCRIPTIONS else "served (hlbook's own)"
         else:

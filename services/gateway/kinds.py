@@ -478,6 +478,8 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
          key_of=lambda s: polled.ActiveAssetDataKey(s["user"], s["coin"]), new_feed=polled.new_polled_feed),
     Kind(name="webData2", key=polled.WebData2Key, parse=polled.parse_user, source=BLOCKS,
          key_of=lambda s: polled.WebData2Key(s["user"]), new_feed=polled.new_polled_feed),
+    Kind(name="userHistoricalOrders", key=polled.UserHistoricalOrdersKey, parse=polled.parse_user, source=BLOCKS,
+         key_of=lambda s: polled.UserHistoricalOrdersKey(s["user"]), new_feed=polled.new_polled_feed, history=True),
     Kind(name="assetCtxs", key=polled.AssetCtxsKey, parse=polled.parse_dex, source=BLOCKS,
          key_of=lambda s: polled.AssetCtxsKey(s.get("dex", "")), new_feed=polled.new_polled_feed),
 )}

@@ -23,11 +23,15 @@ asking that request again and again:
   keys also count against the followed-user budgets (``UserKey``). Polls go
   through ``UpstreamInfo``, so its timeout and concurrency bound them; one poll
   per key is in flight at a time and nothing is queued.
-- without ``--info-upstream`` the subscribe is refused (``{"channel": "error"}``).
+- without ``--info-upstream`` the subscribe of a node kind is refused (``{"channel": "error"}``).
 
-Lists pushed as increments (userFundings, userNonFundingLedgerUpdates,
-userHistoricalOrders) and aggregates with no info request (webData3,
-twapStates, allDexs*) are not served here (docs/COMPATIBILITY.md).
+``userHistoricalOrders`` is polled the same way from hlbook's own
+``historicalOrders`` (the history service, which holds every order of the
+user, rejections included; no node needed): a list the public API sends as
+``isSnapshot: true`` first, then increments (``ListedFeed``). Other lists
+pushed as increments (userFundings, userNonFundingLedgerUpdates: the node's
+answers start at a ``startTime`` and are capped) and aggregates with no info
+request (webData3, twapStates, allDexs*) are not served (docs/COMPATIBILITY.md).
 ``hlbook_gateway_polls_total{kind, outcome}`` counts polls (``changed``,
 ``same``, ``error``).
 """
@@ -83,6 +87,10 @@ class WebData2Key(UserKey, frozen=True):
     kind: ClassVar[str] = "webData2"
 
 
+class UserHistoricalOrdersKey(UserKey, frozen=True):
+    kind: ClassVar[str] = "userHistoricalOrders"
+
+
 class AssetCtxsKey(FeedKey, frozen=True):
     kind: ClassVar[str] = "assetCtxs"
     dex: str
@@ -97,6 +105,7 @@ class Polled:
 
     request: Callable[[Any], dict[str, Any]]
     shape: Callable[[Any, msgspec.Raw], Any]
+    node: bool = True  # asks the node (False: hlbook answers the request itself)
 
 
 def _answer(key: Any, raw: msgspec.Raw) -> msgspec.Raw:
@@ -122,6 +131,8 @@ POLLED: dict[str, Polled] = {
     "activeAssetData": Polled(lambda k: {"type": "activeAssetData", "user": k.user, "coin": k.coin}, _answer),
     "webData2": Polled(lambda k: {"type": "webData2", "user": k.user}, _answer),
     "assetCtxs": Polled(lambda k: _with_dex({"type": "metaAndAssetCtxs"}, k.dex), _ctxs),
+    # hlbook's own historicalOrders (the history service: every order of the user, rejections too)
+    "userHistoricalOrders": Polled(lambda k: {"type": "historicalOrders", "user": k.user}, _answer, node=False),
 }
 
 
@@ -188,7 +199,7 @@ class Polls:
         """RequestError when ``key`` cannot be polled for this session: no upstream, too many keys."""
         if key.kind not in POLLED:
             return
-        if self.info.upstream is None:
+        if POLLED[key.kind].node and self.info.upstream is None:
             raise RequestError(f"{key.kind} subscriptions need the node's info server; this server runs without one "
                                "(--info-upstream).", "no_info_upstream")
         held = sum(1 for stats in session.subs.values() if stats.feed.kind in POLLED)
@@ -249,13 +260,7 @@ class PolledFeed(Feed):
     async def poll(self) -> None:
         data, error = await self.polls.ask(self.key)
         if error is not None:
-            POLLS.labels(self.key.kind, "error").inc()
-            if error != self.error:
-                log.warning("%s poll: %s", self.key.kind, error)
-                text = self._error_text(error)
-                for session in list(self.subscribers):
-                    session.reply(text)
-            self.error, self.last = error, None
+            self.poll_failed(error)
             return
         text = message(self.channel, data)
         changed = text != self.last
@@ -264,10 +269,76 @@ class PolledFeed(Feed):
         if changed:
             self.publish_text(text)
 
+    def poll_failed(self, error: str) -> None:
+        """Told to the subscribers once a streak; the next good answer is sent again."""
+        POLLS.labels(self.key.kind, "error").inc()
+        if error != self.error:
+            log.warning("%s poll: %s", self.key.kind, error)
+            text = self._error_text(error)
+            for session in list(self.subscribers):
+                session.reply(text)
+        self.error, self.last = error, None
+
     def _error_text(self, error: str) -> str:
-        return message("error", f"{self.key.kind}: the node's info server could not answer: {error}")
+        source = "the node's info server" if POLLED[self.key.kind].node else "hlbook"
+        return message("error", f"{self.key.kind}: {source} could not answer: {error}")
+
+
+class ListedFeed(PolledFeed):
+    """userHistoricalOrders: the answer is a list the public API sends as ``isSnapshot: true``
+    first (to each subscriber, the whole list), then as increments: the entries that were not
+    in the previous answer (a new order, or one whose status changed). Not conflated."""
+
+    def __init__(self, polls: Polls, key: FeedKey) -> None:
+        super().__init__(polls, key)
+        self.conflate = False
+        self.entries: list[msgspec.Raw] | None = None  # the last good answer
+        self.snapshotted: set[Session] = set()
+
+    def add(self, session: Session, ident: str) -> None:
+        self.subscribers[session] = ident
+        if self.entries is not None:
+            self._snapshot(session)
+        elif self.error is not None:
+            session.reply(self._error_text(self.error))
+        if self.task is None:
+            self.polls.feeds.add(self)
+            self.task = asyncio.create_task(self._run())
+
+    def remove(self, session: Session) -> None:
+        self.snapshotted.discard(session)
+        super().remove(session)
+
+    def _list(self, entries: list[msgspec.Raw]) -> dict[str, Any]:
+        return {"user": getattr(self.key, "user", ""), "orderHistory": entries}
+
+    def _snapshot(self, session: Session) -> None:
+        assert self.entries is not None
+        session.push(message(self.channel, {**self._list(self.entries), "isSnapshot": True}), None)
+        self.snapshotted.add(session)
+
+    async def poll(self) -> None:
+        data, error = await self.polls.ask(self.key)
+        if error is not None:
+            self.poll_failed(error)
+            return
+        self.error = None
+        entries = msgspec.json.decode(data, type=list[msgspec.Raw])
+        known = {bytes(e) for e in self.entries or ()}
+        new = [e for e in entries if bytes(e) not in known] if self.entries is not None else []
+        POLLS.labels(self.key.kind, "changed" if new or self.entries is None else "same").inc()
+        self.entries = entries
+        if new:
+            text = message(self.channel, self._list(new))
+            self.encoded.inc()
+            for session in self.snapshotted:
+                session.push(text, None)
+        for session in [s for s in self.subscribers if s not in self.snapshotted]:
+            self._snapshot(session)
 
 
 def new_polled_feed(hub: Hub, key: FeedKey, kind: Any) -> Feed:
     assert hub.polls is not None, "polled kinds are admitted only with Polls"
+    if isinstance(key, UserHistoricalOrdersKey):
+        return ListedFeed(hub.polls, key)
     return PolledFeed(hub.polls, key)
