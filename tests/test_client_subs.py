@@ -33,6 +33,18 @@ GOOD = [
 ]
 
 
+def test_node_state_messages_reach_their_subscription() -> None:
+    """Two users' (or dexes') polled states on one connection are told apart by their data."""
+    from hlbook.client.registry import message_route_key, route_key
+
+    for sub, data in [(subs.clearinghouse_state(ALICE, dex="xyz"), {"dex": "xyz", "user": ALICE, "clearinghouseState": {}}),
+                      (subs.spot_state(ALICE), {"user": ALICE, "spotState": {"balances": []}}),
+                      (subs.asset_ctxs(), {"dex": "", "ctxs": []}),
+                      (subs.user_historical_orders(ALICE), {"user": ALICE, "orderHistory": [], "isSnapshot": True})]:
+        assert route_key(sub) == message_route_key(sub["type"], data), sub
+    assert route_key(subs.clearinghouse_state(ALICE)) != route_key(subs.clearinghouse_state(ALICE, dex="xyz"))
+
+
 def test_a_builder_for_every_feed_the_gateway_serves() -> None:
     assert set(subs.SPECS) == set(kinds.KINDS)
     assert {sub["type"] for sub in GOOD} == set(kinds.KINDS)
