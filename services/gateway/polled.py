@@ -204,11 +204,11 @@ class Polls:
                                "(--info-upstream).", "no_info_upstream")
         held = sum(1 for stats in session.subs.values() if stats.feed.kind in POLLED)
         if held >= self.max_per_connection:
-            raise RequestError(f"Cannot subscribe to more than {self.max_per_connection} channels polled from the node "
-                               "on one connection.", "too_many_polled")
+            raise RequestError(f"Cannot subscribe to more than {self.max_per_connection} polled channels (node state, "
+                               "userHistoricalOrders) on one connection.", "too_many_polled")
         if key not in hub.feeds and len(self.feeds) >= self.max_keys:
-            raise RequestError(f"Cannot poll more than {self.max_keys} distinct subscriptions from the node on this "
-                               "server.", "too_many_polled_keys")
+            raise RequestError(f"Cannot poll more than {self.max_keys} distinct subscriptions (node state, "
+                               "userHistoricalOrders) on this server.", "too_many_polled_keys")
 
     async def ask(self, key: FeedKey) -> tuple[Any, str | None]:
         """(the WebSocket data, None) or (None, the error text)."""
@@ -252,7 +252,11 @@ class PolledFeed(Feed):
     async def _run(self) -> None:
         try:
             while self.subscribers:
-                await self.poll()
+                try:
+                    await self.poll()
+                except Exception:  # a bug costs one poll, not the feed
+                    log.exception("%s poll failed", self.key.kind)
+                    self.poll_failed("internal error")
                 await asyncio.sleep(self.polls.interval)
         finally:
             self.polls.feeds.discard(self)
@@ -322,8 +326,12 @@ class ListedFeed(PolledFeed):
         if error is not None:
             self.poll_failed(error)
             return
+        try:
+            entries = msgspec.json.decode(data, type=list[msgspec.Raw])
+        except msgspec.DecodeError:
+            self.poll_failed("the answer is not a list")
+            return
         self.error = None
-        entries = msgspec.json.decode(data, type=list[msgspec.Raw])
         known = {bytes(e) for e in self.entries or ()}
         new = [e for e in entries if bytes(e) not in known] if self.entries is not None else []
         POLLS.labels(self.key.kind, "changed" if new or self.entries is None else "same").inc()
