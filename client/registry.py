@@ -39,7 +39,7 @@ _TYPE_TO_CHANNEL = {"userEvents": "user"}
 _CHANNEL_TO_TYPE = {"user": "userEvents", "activeSpotAssetCtx": "activeAssetCtx"}
 _BY_COIN = {"l2Book", "trades", "bbo", "activeAssetCtx"}
 _BY_USER = {"userFills", "userFundings", "userNonFundingLedgerUpdates", "userTwapSliceFills", "userTwapHistory", "webData2",
-            "spotState", "userHistoricalOrders"}
+            "spotState", "userHistoricalOrders", "allDexsClearinghouseState"}
 #: Types whose first message is a snapshot: a new user joining a live server
 #: subscription triggers a re-subscription so that it gets one too.
 SNAPSHOT_TYPES = {"l4Book", "userFills", "userTwapSliceFills", "userFundings", "userNonFundingLedgerUpdates", "userTwapHistory",

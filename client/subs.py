@@ -99,6 +99,8 @@ SPECS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     "webData2": (_USER, ("user",)),
     "assetCtxs": ({"dex": _text}, ()),
     "userHistoricalOrders": (_USER, ("user",)),
+    "allDexsClearinghouseState": (_USER, ("user",)),
+    "allDexsAssetCtxs": ({}, ()),
 }
 
 
@@ -201,3 +203,11 @@ def asset_ctxs(*, dex: str | None = None) -> Subscription:
 def user_historical_orders(user: str) -> Subscription:
     """``userHistoricalOrders``: the user's orders (``isSnapshot`` first), then new ones and status changes."""
     return check({"type": "userHistoricalOrders", "user": user})
+
+
+def all_dexs_clearinghouse_state(user: str) -> Subscription:
+    return check({"type": "allDexsClearinghouseState", "user": user})
+
+
+def all_dexs_asset_ctxs() -> Subscription:
+    return check({"type": "allDexsAssetCtxs"})

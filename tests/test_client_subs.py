@@ -30,6 +30,7 @@ GOOD = [
     subs.open_orders(ALICE), subs.open_orders(ALICE, dex="xyz"), subs.clearinghouse_state(ALICE),
     subs.clearinghouse_state(ALICE, dex="xyz"), subs.spot_state(ALICE), subs.active_asset_data(ALICE, "BTC"),
     subs.web_data2(ALICE), subs.asset_ctxs(), subs.asset_ctxs(dex="xyz"), subs.user_historical_orders(ALICE),
+    subs.all_dexs_clearinghouse_state(ALICE), subs.all_dexs_asset_ctxs(),
 ]
 
 

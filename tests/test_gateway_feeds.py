@@ -50,6 +50,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "webData2": {"type": "webData2", "user": USER},
     "assetCtxs": {"type": "assetCtxs"},
     "userHistoricalOrders": {"type": "userHistoricalOrders", "user": USER},
+    "allDexsClearinghouseState": {"type": "allDexsClearinghouseState", "user": USER},
+    "allDexsAssetCtxs": {"type": "allDexsAssetCtxs"},
 }
 
 INFO_TYPES = {"l2Book", "allMids", "meta", "spotMeta", "perpDexs", "metaAndAssetCtxs", "spotMetaAndAssetCtxs", "recentTrades",
@@ -246,6 +248,11 @@ def _check_first(name: str, sample: dict[str, Any], message: dict[str, Any]) -> 
         assert data["user"] == sample["user"] and isinstance(data["spotState"]["balances"], list)
     elif name == "activeAssetData":
         assert data["user"] == sample["user"] and data["coin"] == coin and "leverage" in data
+    elif name == "allDexsClearinghouseState":
+        assert data["user"] == sample["user"] and data["clearinghouseStates"][0][0] == ""
+        assert "marginSummary" in data["clearinghouseStates"][0][1]
+    elif name == "allDexsAssetCtxs":
+        assert data["ctxs"][0][0] == "" and "markPx" in data["ctxs"][0][1][0]
     elif name == "userHistoricalOrders":
         assert data["isSnapshot"] is True and data["user"] == sample["user"] and isinstance(data["orderHistory"], list)
     elif name == "assetCtxs":

@@ -239,6 +239,30 @@ def test_clearinghouse_and_spot_state_from_the_simulated_node(setup: Setup) -> N
     asyncio.run(run())
 
 
+def test_every_dex_at_once(setup: Setup) -> None:
+    """allDexsClearinghouseState / allDexsAssetCtxs: the answer of every dex perpDexs lists, as ``[dex, …]``."""
+    up = setup.up
+    sim = up.sim_info[: -len("/info")]
+    user = _trader_with_position(up)
+    dexs = [d["name"] if d else "" for d in _post(sim, {"type": "perpDexs"})]
+
+    async def run() -> None:
+        ws = await _connect(up.ws)
+        await _subscribe(ws, {"type": "allDexsClearinghouseState", "user": user})
+        states = (await _next(ws, "allDexsClearinghouseState"))["data"]
+        assert states["user"] == user and [dex for dex, _ in states["clearinghouseStates"]] == dexs
+        theirs = _post(sim, {"type": "clearinghouseState", "user": user})
+        assert all(set(state) == set(theirs) for _, state in states["clearinghouseStates"])
+        await _subscribe(ws, {"type": "allDexsAssetCtxs"})
+        ctxs = (await _next(ws, "allDexsAssetCtxs"))["data"]["ctxs"]
+        assert [dex for dex, _ in ctxs] == dexs
+        universe = _post(sim, {"type": "meta"})["universe"]
+        assert len(ctxs[0][1]) == len(universe) and "markPx" in ctxs[0][1][0]
+        await ws.close()
+
+    asyncio.run(run())
+
+
 def test_user_historical_orders_snapshot_then_increments(setup: Setup) -> None:
     """From hlbook's own historicalOrders (the history service): the whole list with
     ``isSnapshot`` first, then only new orders and status changes."""

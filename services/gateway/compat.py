@@ -44,8 +44,6 @@ PUBLIC_SUBSCRIPTIONS: tuple[str, ...] = (
 
 # Why a subscription is not served: what it is made of that node files do not carry.
 NOT_SERVED_WHY = {
-    "allDexsAssetCtxs": "funding, open interest, oracle prices of every dex (not polled yet)",
-    "allDexsClearinghouseState": "clearinghouse state of every dex (not polled yet)",
     "fastAssetCtxs": "funding, open interest, oracle prices",
     "notification": "frontend notifications",
     "outcomeMetaUpdates": "outcome markets",
@@ -127,7 +125,8 @@ def document() -> str:
     lines += ["", "**WebSocket subscriptions** (`subscribe`; the ack echoes the subscription as sent, "
               "normalised: addresses lower-case, `nSigFigs`/`mantissa` null when absent). "
               "*Polled from the node*: the gateway asks the node's info server the matching info request "
-              "(clearinghouseState, spotClearinghouseState, activeAssetData, webData2, metaAndAssetCtxs) "
+              "(clearinghouseState, spotClearinghouseState, activeAssetData, webData2, metaAndAssetCtxs; "
+              "the allDexs kinds: that of every dex perpDexs lists) "
               "once a second (`--node-poll-interval`), one poll per distinct subscription however many "
               "clients hold it, and pushes the answer in the public API's shape when it changed; the "
               "node's errors, timeouts and refusals are sent as `error` messages, never as data; "

@@ -480,6 +480,10 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
          key_of=lambda s: polled.WebData2Key(s["user"]), new_feed=polled.new_polled_feed),
     Kind(name="userHistoricalOrders", key=polled.UserHistoricalOrdersKey, parse=polled.parse_user, source=BLOCKS,
          key_of=lambda s: polled.UserHistoricalOrdersKey(s["user"]), new_feed=polled.new_polled_feed, history=True),
+    Kind(name="allDexsClearinghouseState", key=polled.AllDexsClearinghouseStateKey, parse=polled.parse_user, source=BLOCKS,
+         key_of=lambda s: polled.AllDexsClearinghouseStateKey(s["user"]), new_feed=polled.new_polled_feed),
+    Kind(name="allDexsAssetCtxs", key=polled.AllDexsAssetCtxsKey, parse=polled.parse_type, source=BLOCKS,
+         key_of=lambda s: polled.AllDexsAssetCtxsKey(), new_feed=polled.new_polled_feed),
     Kind(name="assetCtxs", key=polled.AssetCtxsKey, parse=polled.parse_dex, source=BLOCKS,
          key_of=lambda s: polled.AssetCtxsKey(s.get("dex", "")), new_feed=polled.new_polled_feed),
 )}

@@ -4,7 +4,8 @@
 ``assetCtxs`` are what a node knows (margin, balances, leverage, funding, open
 interest) and its blocks do not say. Each is the answer of one info request
 (``Polled.request``), so a gateway with ``--info-upstream`` serves them by
-asking that request again and again:
+asking that request again and again (``allDexsClearinghouseState`` and
+``allDexsAssetCtxs``: that of every perp dex ``perpDexs`` lists, ``[[dex, …]]``):
 
 - **one poll per key**: the hub keeps one feed per subscription key however
   many clients subscribe; that feed (``PolledFeed``) runs the only poll of its
@@ -91,6 +92,14 @@ class UserHistoricalOrdersKey(UserKey, frozen=True):
     kind: ClassVar[str] = "userHistoricalOrders"
 
 
+class AllDexsClearinghouseStateKey(UserKey, frozen=True):
+    kind: ClassVar[str] = "allDexsClearinghouseState"
+
+
+class AllDexsAssetCtxsKey(FeedKey, frozen=True):
+    kind: ClassVar[str] = "allDexsAssetCtxs"
+
+
 class AssetCtxsKey(FeedKey, frozen=True):
     kind: ClassVar[str] = "assetCtxs"
     dex: str
@@ -106,6 +115,36 @@ class Polled:
     request: Callable[[Any], dict[str, Any]]
     shape: Callable[[Any, msgspec.Raw], Any]
     node: bool = True  # asks the node (False: hlbook answers the request itself)
+    each_dex: Callable[[Any, str], dict[str, Any]] | None = None  # one request per perp dex (perpDexs), answers as [dex, …]
+
+
+async def _raw(info: Info, request: dict[str, Any]) -> msgspec.Raw:
+    answer = await info.answer(request)
+    return answer if isinstance(answer, msgspec.Raw) else msgspec.Raw(msgspec.json.encode(answer))
+
+
+async def _dex_names(info: Info) -> list[str]:
+    """The perp dexes, the default one ("") first, as perpDexs lists them (cached 5 s by UpstreamInfo)."""
+    dexs = msgspec.json.decode(await _raw(info, {"type": "perpDexs"}), type=list[dict[str, Any] | None])
+    return [str(dex["name"]) if dex else "" for dex in dexs]
+
+
+async def _all_dexs(info: Info, key: Any, polled: Polled) -> msgspec.Raw:
+    """``[[dex, answer], …]``: the answers of every perp dex, asked at once (UpstreamInfo bounds them)."""
+    assert polled.each_dex is not None
+    dexs = await _dex_names(info)
+    answers = await asyncio.gather(*(_raw(info, polled.each_dex(key, dex)) for dex in dexs))
+    return msgspec.Raw(msgspec.json.encode([[dex, answer] for dex, answer in zip(dexs, answers)]))
+
+
+def _ctxs_of(raw: msgspec.Raw) -> msgspec.Raw:
+    _meta, ctxs = msgspec.json.decode(raw, type=tuple[msgspec.Raw, msgspec.Raw])
+    return ctxs
+
+
+def _all_ctxs(key: AllDexsAssetCtxsKey, raw: msgspec.Raw) -> dict[str, Any]:
+    pairs = msgspec.json.decode(raw, type=list[tuple[str, msgspec.Raw]])
+    return {"ctxs": [[dex, _ctxs_of(answer)] for dex, answer in pairs]}
 
 
 def _answer(key: Any, raw: msgspec.Raw) -> msgspec.Raw:
@@ -114,8 +153,7 @@ def _answer(key: Any, raw: msgspec.Raw) -> msgspec.Raw:
 
 def _ctxs(key: AssetCtxsKey, raw: msgspec.Raw) -> dict[str, Any]:
     """metaAndAssetCtxs is ``[meta, ctxs]``: the event carries the contexts."""
-    _meta, ctxs = msgspec.json.decode(raw, type=tuple[msgspec.Raw, msgspec.Raw])
-    return {"dex": key.dex, "ctxs": ctxs}
+    return {"dex": key.dex, "ctxs": _ctxs_of(raw)}
 
 
 def _with_dex(request: dict[str, Any], dex: str) -> dict[str, Any]:
@@ -131,6 +169,11 @@ POLLED: dict[str, Polled] = {
     "activeAssetData": Polled(lambda k: {"type": "activeAssetData", "user": k.user, "coin": k.coin}, _answer),
     "webData2": Polled(lambda k: {"type": "webData2", "user": k.user}, _answer),
     "assetCtxs": Polled(lambda k: _with_dex({"type": "metaAndAssetCtxs"}, k.dex), _ctxs),
+    "allDexsClearinghouseState": Polled(
+        lambda k: {"type": "perpDexs"}, lambda k, raw: {"user": k.user, "clearinghouseStates": raw},
+        each_dex=lambda k, dex: _with_dex({"type": "clearinghouseState", "user": k.user}, dex)),
+    "allDexsAssetCtxs": Polled(lambda k: {"type": "perpDexs"}, _all_ctxs,
+                               each_dex=lambda k, dex: _with_dex({"type": "metaAndAssetCtxs"}, dex)),
     # hlbook's own historicalOrders (the history service: every order of the user, rejections too)
     "userHistoricalOrders": Polled(lambda k: {"type": "historicalOrders", "user": k.user}, _answer, node=False),
 }
@@ -171,6 +214,10 @@ def parse_user_coin(sub: dict[str, Any], coin_exists: Any) -> dict[str, Any]:
     if not isinstance(coin, str) or not 0 < len(coin) <= 64:
         raise invalid(sub)
     return {"type": sub["type"], "user": _user(sub), "coin": coin}
+
+
+def parse_type(sub: dict[str, Any], coin_exists: Any) -> dict[str, Any]:
+    return {"type": sub["type"]}
 
 
 def parse_dex(sub: dict[str, Any], coin_exists: Any) -> dict[str, Any]:
@@ -216,9 +263,10 @@ class Polls:
 
         polled = POLLED[key.kind]
         try:
-            raw = await self.info.answer(polled.request(key))
-            if not isinstance(raw, msgspec.Raw):
-                raw = msgspec.Raw(msgspec.json.encode(raw))
+            if polled.each_dex is not None:
+                raw = await _all_dexs(self.info, key, polled)
+            else:
+                raw = await _raw(self.info, polled.request(key))
             return polled.shape(key, raw), None
         except InfoError as exc:
             return None, f"{exc.status} {exc.text}"
