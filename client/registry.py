@@ -38,10 +38,12 @@ Callback = Callable[[Message], Any] | Callable[[Message], Awaitable[Any]]
 _TYPE_TO_CHANNEL = {"userEvents": "user"}
 _CHANNEL_TO_TYPE = {"user": "userEvents", "activeSpotAssetCtx": "activeAssetCtx"}
 _BY_COIN = {"l2Book", "trades", "bbo", "activeAssetCtx"}
-_BY_USER = {"userFills", "userFundings", "userNonFundingLedgerUpdates", "userTwapSliceFills", "userTwapHistory", "webData2"}
+_BY_USER = {"userFills", "userFundings", "userNonFundingLedgerUpdates", "userTwapSliceFills", "userTwapHistory", "webData2",
+            "spotState", "userHistoricalOrders", "allDexsClearinghouseState"}
 #: Types whose first message is a snapshot: a new user joining a live server
 #: subscription triggers a re-subscription so that it gets one too.
-SNAPSHOT_TYPES = {"l4Book", "userFills", "userTwapSliceFills", "userFundings", "userNonFundingLedgerUpdates", "userTwapHistory"}
+SNAPSHOT_TYPES = {"l4Book", "userFills", "userTwapSliceFills", "userFundings", "userNonFundingLedgerUpdates", "userTwapHistory",
+                  "userHistoricalOrders"}
 RouteKey = tuple[Any, ...]
 #: Where a subscription lives: ``shared`` (any shared connection with room),
 #: ``dedicated`` (a connection of its own), ``user_grouped`` (the connection of its user).
@@ -91,6 +93,10 @@ def route_key(subscription: dict[str, Any]) -> RouteKey:
         return (kind, sub.get("user"))
     if kind == "activeAssetData":
         return (kind, sub.get("user"), sub.get("coin"))
+    if kind == "clearinghouseState":
+        return (kind, sub.get("user"), sub.get("dex") or "")
+    if kind == "assetCtxs":
+        return (kind, sub.get("dex") or "")
     return (kind,)
 
 
@@ -113,6 +119,10 @@ def message_route_key(channel: str, data: Any) -> RouteKey | None:
             return (kind, data["user"].lower())
         if kind == "activeAssetData":
             return (kind, data["user"].lower(), data["coin"])
+        if kind == "clearinghouseState":
+            return (kind, data["user"].lower(), data["dex"])
+        if kind == "assetCtxs":
+            return (kind, data["dex"])
     except (KeyError, IndexError, TypeError, AttributeError):
         return None
     return (kind,)

@@ -92,6 +92,15 @@ SPECS: dict[str, tuple[dict[str, Check], tuple[str, ...]]] = {
     "userTwapSliceFills": (_USER, ("user",)),
     "userFills": ({**_USER, "aggregateByTime": _bool}, ("user",)),
     "openOrders": ({**_USER, "dex": _text}, ("user",)),
+    # node state: the gateway polls its node's info server (needs --info-upstream there)
+    "clearinghouseState": ({**_USER, "dex": _text}, ("user",)),
+    "spotState": (_USER, ("user",)),
+    "activeAssetData": ({**_USER, **_COIN}, ("user", "coin")),
+    "webData2": (_USER, ("user",)),
+    "assetCtxs": ({"dex": _text}, ()),
+    "userHistoricalOrders": (_USER, ("user",)),
+    "allDexsClearinghouseState": (_USER, ("user",)),
+    "allDexsAssetCtxs": ({}, ()),
 }
 
 
@@ -168,3 +177,37 @@ def user_fills(user: str, *, aggregate_by_time: bool | None = None) -> Subscript
 
 def open_orders(user: str, *, dex: str | None = None) -> Subscription:
     return check({"type": "openOrders", "user": user, "dex": dex})
+
+
+def clearinghouse_state(user: str, *, dex: str | None = None) -> Subscription:
+    """``clearinghouseState`` (node state: the gateway polls its node, pushes changes)."""
+    return check({"type": "clearinghouseState", "user": user, "dex": dex})
+
+
+def spot_state(user: str) -> Subscription:
+    return check({"type": "spotState", "user": user})
+
+
+def active_asset_data(user: str, coin: str) -> Subscription:
+    return check({"type": "activeAssetData", "user": user, "coin": coin})
+
+
+def web_data2(user: str) -> Subscription:
+    return check({"type": "webData2", "user": user})
+
+
+def asset_ctxs(*, dex: str | None = None) -> Subscription:
+    return check({"type": "assetCtxs", "dex": dex})
+
+
+def user_historical_orders(user: str) -> Subscription:
+    """``userHistoricalOrders``: the user's orders (``isSnapshot`` first), then new ones and status changes."""
+    return check({"type": "userHistoricalOrders", "user": user})
+
+
+def all_dexs_clearinghouse_state(user: str) -> Subscription:
+    return check({"type": "allDexsClearinghouseState", "user": user})
+
+
+def all_dexs_asset_ctxs() -> Subscription:
+    return check({"type": "allDexsAssetCtxs"})

@@ -27,8 +27,23 @@ GOOD = [
     subs.l2_book("ETH", fast=True), subs.trades("PURR/USDC"), subs.bbo("ETH"), subs.l4_book("BTC"), subs.active_asset_ctx("SOL"),
     subs.candle("BTC", "1M"), subs.candle("BTC", "15m"), subs.all_mids(), subs.all_mids(dex="xyz"), subs.order_updates(ALICE),
     subs.user_events(ALICE), subs.user_twap_slice_fills(ALICE), subs.user_fills(ALICE), subs.user_fills(ALICE, aggregate_by_time=True),
-    subs.open_orders(ALICE), subs.open_orders(ALICE, dex="xyz"),
+    subs.open_orders(ALICE), subs.open_orders(ALICE, dex="xyz"), subs.clearinghouse_state(ALICE),
+    subs.clearinghouse_state(ALICE, dex="xyz"), subs.spot_state(ALICE), subs.active_asset_data(ALICE, "BTC"),
+    subs.web_data2(ALICE), subs.asset_ctxs(), subs.asset_ctxs(dex="xyz"), subs.user_historical_orders(ALICE),
+    subs.all_dexs_clearinghouse_state(ALICE), subs.all_dexs_asset_ctxs(),
 ]
+
+
+def test_node_state_messages_reach_their_subscription() -> None:
+    """Two users' (or dexes') polled states on one connection are told apart by their data."""
+    from hlbook.client.registry import message_route_key, route_key
+
+    for sub, data in [(subs.clearinghouse_state(ALICE, dex="xyz"), {"dex": "xyz", "user": ALICE, "clearinghouseState": {}}),
+                      (subs.spot_state(ALICE), {"user": ALICE, "spotState": {"balances": []}}),
+                      (subs.asset_ctxs(), {"dex": "", "ctxs": []}),
+                      (subs.user_historical_orders(ALICE), {"user": ALICE, "orderHistory": [], "isSnapshot": True})]:
+        assert route_key(sub) == message_route_key(sub["type"], data), sub
+    assert route_key(subs.clearinghouse_state(ALICE)) != route_key(subs.clearinghouse_state(ALICE, dex="xyz"))
 
 
 def test_a_builder_for_every_feed_the_gateway_serves() -> None:

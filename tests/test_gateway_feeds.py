@@ -19,6 +19,7 @@ from hlbook.services.gateway.feeds import JoinedFeed, L4Feed
 from hlbook.services.gateway.hub import Hub
 from hlbook.services.gateway.info import HANDLERS
 from hlbook.services.gateway.kinds import KINDS, feed_key, normalise
+from hlbook.services.gateway.polled import POLLED
 from hlbook.services.gateway.protocol import CoinKey, FeedKey, RequestError, UserKey, identity
 from hlbook.services.gateway.session import Session, SubscriptionStats
 from pipeline import Up, running
@@ -42,6 +43,15 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "userEvents": {"type": "userEvents", "user": USER},
     "userTwapSliceFills": {"type": "userTwapSliceFills", "user": USER},
     "openOrders": {"type": "openOrders", "user": USER},
+    # node state, polled from the node's info server (test_gateway_polled.py)
+    "clearinghouseState": {"type": "clearinghouseState", "user": USER, "dex": ""},
+    "spotState": {"type": "spotState", "user": USER},
+    "activeAssetData": {"type": "activeAssetData", "user": USER, "coin": "BTC"},
+    "webData2": {"type": "webData2", "user": USER},
+    "assetCtxs": {"type": "assetCtxs"},
+    "userHistoricalOrders": {"type": "userHistoricalOrders", "user": USER},
+    "allDexsClearinghouseState": {"type": "allDexsClearinghouseState", "user": USER},
+    "allDexsAssetCtxs": {"type": "allDexsAssetCtxs"},
 }
 
 INFO_TYPES = {"l2Book", "allMids", "meta", "spotMeta", "perpDexs", "metaAndAssetCtxs", "spotMetaAndAssetCtxs", "recentTrades",
@@ -75,7 +85,7 @@ def test_kind_is_consistent(name: str) -> None:
     else:
         assert kind.on_block is not None or kind.new_feed is not None
     assert (kind.block is None) == (kind.on_block is None)
-    assert isinstance(key, UserKey) == (kind.source.prefix == topics.USER_PREFIX)
+    assert isinstance(key, UserKey) == (kind.source.prefix == topics.USER_PREFIX) or name in POLLED
     if kind.block == "owner":
         assert isinstance(key, CoinKey)
 
@@ -143,6 +153,8 @@ def test_every_kind_through_a_hub() -> None:
         session = Session("test", _send_nothing, queue_size=100, max_per_minute=2000)
         keys = {}
         for name, subscription in SAMPLES.items():
+            if name in POLLED:  # needs the node's info server (test_gateway_polled.py)
+                continue
             if KINDS[name].history:
                 with pytest.raises(RequestError, match="need the history service"):
                     hub.check(feed_key(normalise(subscription, hub.coin_exists)))
@@ -230,6 +242,21 @@ def _check_first(name: str, sample: dict[str, Any], message: dict[str, Any]) -> 
         assert "fills" in data or "nonUserCancel" in data
     elif name == "openOrders":
         assert data["dex"] == "" and data["user"] == sample["user"] and all("orderType" in o for o in data["orders"])
+    elif name == "clearinghouseState":
+        assert data["dex"] == "" and data["user"] == sample["user"] and "marginSummary" in data["clearinghouseState"]
+    elif name == "spotState":
+        assert data["user"] == sample["user"] and isinstance(data["spotState"]["balances"], list)
+    elif name == "activeAssetData":
+        assert data["user"] == sample["user"] and data["coin"] == coin and "leverage" in data
+    elif name == "allDexsClearinghouseState":
+        assert data["user"] == sample["user"] and data["clearinghouseStates"][0][0] == ""
+        assert "marginSummary" in data["clearinghouseStates"][0][1]
+    elif name == "allDexsAssetCtxs":
+        assert data["ctxs"][0][0] == "" and "markPx" in data["ctxs"][0][1][0]
+    elif name == "userHistoricalOrders":
+        assert data["isSnapshot"] is True and data["user"] == sample["user"] and isinstance(data["orderHistory"], list)
+    elif name == "assetCtxs":
+        assert data["dex"] == "" and data["ctxs"] and "markPx" in data["ctxs"][0]
     else:
         raise AssertionError(f"no check for {name}")
 
@@ -240,6 +267,7 @@ def test_subscribing_through_a_real_gateway(up: Up) -> None:
     user = active_users(up.data, 1)[0]
     samples = {name: dict(sample, user=user) if "user" in sample else sample for name, sample in SAMPLES.items()}
     samples.pop("userEvents")  # rare in the simulator (fills or system cancels of one user); its shapes are checked above
+    samples.pop("webData2")  # the simulator's info server refuses it, as a stock node may (test_gateway_polled.py)
     channels = {"userEvents": "user"}
 
     async def run() -> None:

@@ -39,6 +39,10 @@ from hlbook.services.gateway.past import Past
 from hlbook.services.gateway.protocol import FeedKey, RequestError, UserKey, dumps, identity, message, parse_request
 from hlbook.services.gateway.session import Outbound, Session, SubscriptionStats
 from hlbook.services.gateway.upstream import Upstream
+from hlbook.services.gateway.polled import INTERVAL as POLL_INTERVAL
+from hlbook.services.gateway.polled import MAX_KEYS as POLL_MAX_KEYS
+from hlbook.services.gateway.polled import MAX_PER_CONNECTION as POLL_MAX_PER_CONNECTION
+from hlbook.services.gateway.polled import Polls
 from hlbook.services.gateway.upstream_info import MAX_BYTES, MAX_IN_FLIGHT, TEXT, TIMEOUT, UpstreamInfo
 from hlbook.services.gateway.users import Users
 
@@ -85,6 +89,9 @@ class GatewayConfig:
     past_workers: int = PAST_WORKERS
     past_timeout: float = PAST_TIMEOUT
     past_max_span: float = 1800.0  # seconds of node files a point-in-time book may read past its checkpoint
+    poll_interval: float = POLL_INTERVAL  # seconds between two polls of one node-state subscription (polled.py)
+    poll_max_keys: int = POLL_MAX_KEYS  # distinct polled subscriptions gateway-wide
+    poll_max_per_connection: int = POLL_MAX_PER_CONNECTION
 
     def endpoints(self) -> tuple[list[str], list[str]]:
         pubs = self.book_pubs or [config.book_endpoints(k)[0] for k in range(self.shards)]
@@ -108,6 +115,7 @@ class Gateway:
             cfg.info_upstream, cfg.info_upstream_timeout, cfg.info_upstream_concurrency, cfg.info_upstream_max_bytes, label=info_label)
         self.past = Past(cfg.checkpoint_dir, cfg.data_dir, cfg.mode, cfg.past_workers, cfg.past_timeout, cfg.past_max_span)
         self.info = Info(self.hub, self.info_upstream, self.past)
+        self.polls = self.hub.polls = Polls(self.info, cfg.poll_interval, cfg.poll_max_keys, cfg.poll_max_per_connection)
         self.sessions: dict[Session, asyncio.Task[None]] = {}  # session -> its writer task
         self.budgets: dict[str, AddressBudget] = {}  # address -> what its connections hold
         self.outbound = Outbound()
@@ -263,6 +271,7 @@ class Gateway:
             key = feed_key(norm)
             self._within_budget(session, key)
             self.hub.check(key)
+            self.polls.admit(self.hub, session, key)
             session.subs[ident] = SubscriptionStats(norm, key)
             session.reply(message("subscriptionResponse", {"method": method, "subscription": norm}))
             self.hub.attach(session, ident, key)

@@ -39,6 +39,9 @@ def gateway(
     info_upstream_timeout: Annotated[float, typer.Option(envvar=env("info-upstream-timeout"), help="Seconds a forwarded info request may take (then 504)")] = 5.0,
     info_upstream_concurrency: Annotated[int, typer.Option(envvar=env("info-upstream-concurrency"), help="Forwarded info requests in flight at once; past it: 503 at once, nothing queued")] = 64,
     info_upstream_max_bytes: Annotated[int, typer.Option(envvar=env("info-upstream-max-bytes"), help="Largest answer accepted from the info upstream (then 502)")] = 32 << 20,
+    node_poll_interval: Annotated[float, typer.Option(envvar=env("node-poll-interval"), help="Seconds between two polls of the info upstream for one node-state subscription (clearinghouseState, spotState, ...)")] = 1.0,
+    node_poll_max_keys: Annotated[int, typer.Option(envvar=env("node-poll-max-keys"), help="Distinct node-state subscriptions polled at once, gateway-wide")] = 1000,
+    node_poll_max_per_connection: Annotated[int, typer.Option(envvar=env("node-poll-max-per-connection"), help="Node-state subscriptions one connection may hold")] = 20,
     per_message_deflate: Annotated[bool, typer.Option("--per-message-deflate", envvar=env("per-message-deflate"), show_default=False, help="Offer permessage-deflate compression (about 3x the CPU per frame: each client's stream is compressed separately)")] = False,
     checkpoint_dir: Annotated[str, typer.Option(envvar=env("checkpoint-dir"), help="The shards' L4 checkpoints (with --data-dir: l4Snapshot and l2Book with a time, rebuilt from them and the node's files)")] = config.CHECKPOINT_DIR,
     data_dir: Annotated[str | None, typer.Option(envvar=env("data-dir"), help="Node data directory (holds hl/data/), read for point-in-time books")] = None,
@@ -84,11 +87,14 @@ def gateway(
         past_workers=past_workers,
         past_timeout=past_timeout,
         past_max_span=past_max_span,
+        poll_interval=node_poll_interval,
+        poll_max_keys=node_poll_max_keys,
+        poll_max_per_connection=node_poll_max_per_connection,
     )
     if past_workers < 1 or past_timeout <= 0 or past_max_span <= 0:
         raise typer.BadParameter("--past-workers, --past-timeout and --past-max-span must be positive")
-    if info_upstream_timeout <= 0 or info_upstream_concurrency < 1 or info_upstream_max_bytes < 1:
-        raise typer.BadParameter("--info-upstream-timeout, --info-upstream-concurrency and --info-upstream-max-bytes must be positive")
+    if info_upstream_timeout <= 0 or info_upstream_concurrency < 1 or info_upstream_max_bytes < 1 or node_poll_interval <= 0 or node_poll_max_keys < 0 or node_poll_max_per_connection < 0:
+        raise typer.BadParameter("--info-upstream-timeout, --info-upstream-concurrency, --info-upstream-max-bytes and --node-poll-interval must be positive, --node-poll-max-keys and --node-poll-max-per-connection not negative")
     try:
         cfg.endpoints()
     except ValueError as exc:

@@ -7,7 +7,7 @@ API answers (the request types of the official Python SDK 0.24 and of
 @nktkas/hyperliquid). What the gateway does with each is read from its own
 tables: ``info.HANDLERS`` (computed here), ``info.UPSTREAM_FIRST`` (the node's
 when an upstream is configured), every other type forwarded
-(``upstream_info``), and ``kinds.KINDS`` (the subscriptions served).
+(``upstream_info``), and ``kinds.KINDS`` (the subscriptions served; ``polled.POLLED``: those polled from the node).
 
 ``python -m hlbook.services.gateway.compat`` prints the document;
 ``--write PATH`` writes it (tests/test_info_parity.py fails when the file in
@@ -44,23 +44,15 @@ PUBLIC_SUBSCRIPTIONS: tuple[str, ...] = (
 
 # Why a subscription is not served: what it is made of that node files do not carry.
 NOT_SERVED_WHY = {
-    "activeAssetData": "leverage and available-to-trade: clearinghouse state",
-    "allDexsAssetCtxs": "funding, open interest, oracle prices",
-    "allDexsClearinghouseState": "clearinghouse state",
-    "assetCtxs": "funding, open interest, oracle prices",
-    "clearinghouseState": "clearinghouse state",
     "fastAssetCtxs": "funding, open interest, oracle prices",
     "notification": "frontend notifications",
     "outcomeMetaUpdates": "outcome markets",
     "spotAssetCtxs": "supplies and day volumes",
-    "spotState": "spot balances",
-    "twapStates": "TWAP states",
-    "userFundings": "funding payments",
-    "userHistoricalOrders": "order history pushed per change",
-    "userNonFundingLedgerUpdates": "ledger updates",
+    "twapStates": "TWAP states (no info request answers it)",
+    "userFundings": "funding payments (pushed as increments: not polled yet)",
+    "userNonFundingLedgerUpdates": "ledger updates (pushed as increments: not polled yet)",
     "userTwapHistory": "TWAP history",
-    "webData2": "frontend aggregate of clearinghouse state",
-    "webData3": "frontend aggregate of clearinghouse state",
+    "webData3": "frontend aggregate of clearinghouse state (no info request answers it)",
 }
 
 HEADER = """# Compatibility with the public API
@@ -112,6 +104,7 @@ def rows() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(info type, who answers) and (subscription, served or why not), public types and hlbook's extras."""
     from hlbook.services.gateway.info import HANDLERS, UPSTREAM_FIRST
     from hlbook.services.gateway.kinds import KINDS
+    from hlbook.services.gateway.polled import POLLED
 
     info = []
     for kind in sorted(set(PUBLIC_INFO_TYPES) | set(HANDLERS), key=str.lower):
@@ -124,7 +117,11 @@ def rows() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         info.append((kind, who))
     subs = []
     for kind in sorted(set(PUBLIC_SUBSCRIPTIONS) | set(KINDS), key=str.lower):
-        if kind in KINDS:
+        if kind in POLLED and POLLED[kind].node:
+            note = "polled from the node (`--info-upstream`), pushed on change"
+        elif kind in POLLED:
+            note = "polled from hlbook's historicalOrders (history service): `isSnapshot` first, then new orders and status changes"
+        elif kind in KINDS:
             note = "served" if kind in PUBLIC_SUBSCRIPTIONS else "served (hlbook's own)"
         else:
             note = f"not served: {NOT_SERVED_WHY.get(kind, 'not in the node files')}"
@@ -137,7 +134,15 @@ def document() -> str:
     lines = [HEADER, "| info type | answered by |", "| --- | --- |"]
     lines += [f"| `{kind}` | {who} |" for kind, who in info]
     lines += ["", "**WebSocket subscriptions** (`subscribe`; the ack echoes the subscription as sent, "
-              "normalised: addresses lower-case, `nSigFigs`/`mantissa` null when absent):", "",
+              "normalised: addresses lower-case, `nSigFigs`/`mantissa` null when absent). "
+              "*Polled from the node*: the gateway asks the node's info server the matching info request "
+              "(clearinghouseState, spotClearinghouseState, activeAssetData, webData2, metaAndAssetCtxs; "
+              "the allDexs kinds: that of every dex perpDexs lists) "
+              "once a second (`--node-poll-interval`), one poll per distinct subscription however many "
+              "clients hold it, and pushes the answer in the public API's shape when it changed; the "
+              "node's errors, timeouts and refusals are sent as `error` messages, never as data; "
+              "without `--info-upstream` the subscribe is refused; at most `--node-poll-max-keys` "
+              "subscriptions polled gateway-wide and `--node-poll-max-per-connection` per connection:", "",
               "| subscription | |", "| --- | --- |"]
     lines += [f"| `{kind}` | {note} |" for kind, note in subs]
     return "\n".join(lines) + "\n"

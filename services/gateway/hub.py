@@ -22,6 +22,7 @@ from hlbook.common.wire import CoinState
 from hlbook.services.gateway import metrics
 from hlbook.services.gateway.feeds import Feed, L4Feed
 from hlbook.services.gateway.kinds import KINDS, AllMidsKey
+from hlbook.services.gateway.polled import Polls
 from hlbook.services.gateway.protocol import CoinKey, FeedKey, RequestError, UserKey, message
 from hlbook.services.gateway.session import Session
 from hlbook.services.gateway.upstream import QueryError, Upstream
@@ -145,6 +146,7 @@ class Hub:
         self.heard_height = 0  # newest block of any upstream message: history queries wait for it (read your feeds)
         self.header_time = 0  # block time (ms) of ingest's newest H|: how current a shard's answer is
         self.first_end: int | None = None  # the first E| heard: every T| published after it is heard (upstream.ALWAYS)
+        self.polls: Polls | None = None  # node state polled from the info server (polled.py)
 
     # ------------------------------------------------------------ what the shards hold
 

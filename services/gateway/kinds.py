@@ -48,6 +48,7 @@ from hlbook.services.gateway import metrics
 from hlbook.services.gateway import users as user_streams
 from hlbook.services.gateway.ctx import active_asset_ctx, active_asset_ctx_channel
 from hlbook.services.gateway.feeds import Feed, JoinedFeed, L4Feed, NoSnapshot, Render, Several, no_render
+from hlbook.services.gateway import polled
 from hlbook.services.gateway.protocol import USER, CoinKey, FeedKey, UserKey, invalid, is_int, message
 from hlbook.services.gateway.upstream import QueryError
 
@@ -468,6 +469,23 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind(name="openOrders", key=OpenOrdersKey, parse=parse_open_orders, key_of=lambda s: OpenOrdersKey(s["user"], s["dex"]),
          source=USER_EVENTS, topic=_user_topic, new_feed=new_open_orders_feed, conflate=True, prime=prime_open_orders,
          block="every", on_block=open_orders_block),
+    # node state, polled from the node's info server (polled.py)
+    Kind(name="clearinghouseState", key=polled.ClearinghouseStateKey, parse=polled.parse_user_dex, source=BLOCKS,
+         key_of=lambda s: polled.ClearinghouseStateKey(s["user"], s.get("dex", "")), new_feed=polled.new_polled_feed),
+    Kind(name="spotState", key=polled.SpotStateKey, parse=polled.parse_user, source=BLOCKS,
+         key_of=lambda s: polled.SpotStateKey(s["user"]), new_feed=polled.new_polled_feed),
+    Kind(name="activeAssetData", key=polled.ActiveAssetDataKey, parse=polled.parse_user_coin, source=BLOCKS,
+         key_of=lambda s: polled.ActiveAssetDataKey(s["user"], s["coin"]), new_feed=polled.new_polled_feed),
+    Kind(name="webData2", key=polled.WebData2Key, parse=polled.parse_user, source=BLOCKS,
+         key_of=lambda s: polled.WebData2Key(s["user"]), new_feed=polled.new_polled_feed),
+    Kind(name="userHistoricalOrders", key=polled.UserHistoricalOrdersKey, parse=polled.parse_user, source=BLOCKS,
+         key_of=lambda s: polled.UserHistoricalOrdersKey(s["user"]), new_feed=polled.new_polled_feed, history=True),
+    Kind(name="allDexsClearinghouseState", key=polled.AllDexsClearinghouseStateKey, parse=polled.parse_user, source=BLOCKS,
+         key_of=lambda s: polled.AllDexsClearinghouseStateKey(s["user"]), new_feed=polled.new_polled_feed),
+    Kind(name="allDexsAssetCtxs", key=polled.AllDexsAssetCtxsKey, parse=polled.parse_type, source=BLOCKS,
+         key_of=lambda s: polled.AllDexsAssetCtxsKey(), new_feed=polled.new_polled_feed),
+    Kind(name="assetCtxs", key=polled.AssetCtxsKey, parse=polled.parse_dex, source=BLOCKS,
+         key_of=lambda s: polled.AssetCtxsKey(s.get("dex", "")), new_feed=polled.new_polled_feed),
 )}
 
 
