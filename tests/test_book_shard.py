@@ -506,3 +506,31 @@ def test_a_node_info_server_still_starting_is_waited_for_without_errors(pipeline
     time.sleep(3.5)  # three attempts (1 s, 2 s backoff)
     log_text = shard.log_text()
     assert log_text.count("waiting for the node's info server") == 1 and " ERROR " not in log_text, log_text[-2000:]
+
+
+def test_blocks_finished_by_the_init_replay_carry_every_coins_mid(tmp_path: Path) -> None:
+    """A shard installing its snapshot replays the blocks after it; each block that replay finishes
+    sends ``S|``, from which gateways answer allMids as soon as they see the shard live. Every coin's
+    mid is in it, also a coin no replayed block touched (before, only the coins the replay changed:
+    a client listing coins by allMids then missed the others, e.g. the fault test's trades client)."""
+    from hlbook.common.models import BookDiff, DiffBody, NewDiff
+    from hlbook.services.book.book import Book
+    from hlbook.services.book.shard import Shard, ShardConfig
+
+    def book(coin: str) -> Book:
+        b = Book(coin, 100)
+        b.apply(100, 0, [BookDiff("0xaa", oid, coin, side, px, DiffBody(new=NewDiff("1.0")))
+                         for oid, side, px in ((1, "B", "10.0"), (2, "A", "11.0"))], [])
+        return b
+
+    shard = Shard(ShardConfig(0, 1, info_url="http://127.0.0.1:9/info", ingest_pub=f"ipc://{tmp_path}/ingest-pub",
+                              ingest_replay=f"ipc://{tmp_path}/ingest-replay", pub=f"ipc://{tmp_path}/pub",
+                              query=f"ipc://{tmp_path}/query"), zmq.Context())
+    sent: list[dict[str, str]] = []
+    shard.publisher.shard_block = lambda height, time, mids, states: sent.append(mids)  # type: ignore[method-assign]
+    shard.recovery.replay = lambda *args, **kwargs: shard.stream.finish_block(101, 0) or True  # type: ignore[method-assign]
+    try:
+        shard.finish_init(100, {"ETH": book("ETH"), "SOL": book("SOL")})
+    finally:
+        shard.close()
+    assert sent == [{"ETH": "10.5", "SOL": "10.5"}]

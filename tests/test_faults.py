@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import websockets
@@ -53,6 +53,12 @@ def child_pid(up: Any, command: str, *flag: str) -> int:
     raise AssertionError(f"no {command} {flag} child")
 
 
+def node_coins(up: Any) -> list[str]:
+    """Every coin of the node (the simulator's snapshot), whatever its book: allMids lists only
+    those with a mid at that moment."""
+    return sorted(_sim_snapshot(up)[1])
+
+
 def block_age(up: Any) -> float | None:
     status, body = http_get(f"{up.http}/ready")
     return body.get("block_age_s") if isinstance(body, dict) else None
@@ -66,18 +72,32 @@ def wait(condition: Any, timeout: float, what: str) -> float:
     return time.monotonic() - start
 
 
-def expected_trades(data: Path, first_ms: int, last_ms: int) -> dict[int, tuple[str, str]]:
-    """tid -> (coin, px) of every trade in the node's fills files with a block time in [first_ms, last_ms]."""
-    trades: dict[int, tuple[str, str]] = {}
+class NodeTrade(NamedTuple):
+    """A trade as the node's fills files hold it."""
+
+    coin: str
+    px: str
+    height: int
+    time: int  # ms
+
+
+def node_trades(data: Path) -> dict[int, NodeTrade]:
+    """tid -> the trade, for every trade (crossed fill) in the node's fills files."""
+    trades: dict[int, NodeTrade] = {}
     for path in nodefiles.hour_files(data, "fills", "by-block"):
         for raw in path.read_bytes().splitlines(keepends=True):
             if not raw.endswith(b"\n"):
                 continue
             line = DECODERS["fills"].decode(raw)
             for _, fill in line.events:
-                if first_ms <= fill.time <= last_ms and fill.crossed:
-                    trades[fill.tid] = (fill.coin, fill.px)
+                if fill.crossed:
+                    trades[fill.tid] = NodeTrade(fill.coin, fill.px, line.block_number, fill.time)
     return trades
+
+
+def expected_trades(data: Path, first_ms: int, last_ms: int) -> dict[int, NodeTrade]:
+    """Every trade in the node's fills files with a time in [first_ms, last_ms], by tid."""
+    return {tid: t for tid, t in node_trades(data).items() if first_ms <= t.time <= last_ms}
 
 
 class TradesClient:
@@ -86,6 +106,8 @@ class TradesClient:
     def __init__(self, up: Any, coins: list[str]) -> None:
         self.up, self.coins = up, coins
         self.got: list[tuple[float, dict[str, Any]]] = []
+        self.errors: list[tuple[float, str]] = []  # the gateway's error messages (a gap it could not repair)
+        self.notes: list[str] = []  # what the test did meanwhile (kills), for a failure's message
         self.subscribed: float | None = None  # when every subscription was answered (wall clock)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._listen()), daemon=True)
@@ -108,6 +130,8 @@ class TradesClient:
                 elif message["channel"] == "trades":
                     now = time.time()
                     self.got.extend((now, t) for t in message["data"])
+                elif message["channel"] == "error":
+                    self.errors.append((time.time(), message["data"]))
 
     def close(self) -> list[dict[str, Any]]:
         self.stop.set()
@@ -122,22 +146,55 @@ def compare_with_node(client: TradesClient, data: Path) -> int:
     got = client.close()
     assert got and client.subscribed is not None, "no trade received"
     tids = [t["tid"] for t in got]
-    assert len(tids) == len(set(tids)), f"{len(tids) - len(set(tids))} trades delivered twice"
+    twice = [tid for tid, n in Counter(tids).items() if n > 1]
+    assert not twice, f"{len(twice)} trades delivered twice\n{_explain(client, data, twice)}"
     times = sorted({t["time"] for t in got})
     first = max(times[0], int(client.subscribed * 1000) + 500)  # a subscription takes a moment to reach ingest
     window = [t for t in got if first <= t["time"] < times[-1]]  # the last block's trades may still have been on their way
     tids = [t["tid"] for t in window]
     want = expected_trades(data, first, times[-2])
     lost = sorted(set(want) - set(tids))
-    assert not lost, f"lost {len(lost)} of {len(want)}: {[(tid, want[tid][0]) for tid in lost[:20]]}"
-    assert set(tids) == set(want), f"extra {len(set(tids) - set(want))}"
-    assert all((t["coin"], t["px"]) == want[t["tid"]] for t in window)
+    assert not lost, f"lost {len(lost)} of {len(want)}\n{_explain(client, data, lost)}"
+    extra = sorted(set(tids) - set(want))
+    assert not extra, f"extra {len(extra)}\n{_explain(client, data, extra)}"
+    assert all((t["coin"], t["px"]) == want[t["tid"]][:2] for t in window)
     return len(want)
+
+
+LOGGED = (b" WARNING ", b" ERROR ", b"resuming after", b"replay store", b"exited with")
+
+
+def _explain(client: TradesClient, data: Path, tids: list[int]) -> str:
+    """What a failure needs to tell its cause: each trade (coin, block, time), the trades of
+    its coin the client got around it, the error messages the client got, and the warnings
+    and restarts of the processes (hlbook up's log), those naming its coins' topics first."""
+    node = node_trades(data)
+    got = {t["tid"]: at for at, t in client.got}
+    lines = []
+    for tid in tids[:20]:
+        t = node.get(tid)
+        if t is None:
+            lines.append(f"  tid {tid}: not in the node's fills files")
+            continue
+        mine = sorted(node[x].height for x in got if x in node and node[x].coin == t.coin)
+        before = [h for h in mine if h < t.height][-3:]
+        after = [h for h in mine if h > t.height][:3]
+        lines.append(f"  tid {tid}: {t.coin} block {t.height} time {t.time} got {tid in got}; the client got {len(mine)} "
+                     f"{t.coin} trades in all, of blocks ..{before} [{t.height}] {after}..")
+    coins = {node[tid].coin for tid in tids if tid in node}
+    lines.append(f"client subscribed at {client.subscribed} to the trades of {client.coins}; errors it got: {client.errors[:10]}")
+    lines += client.notes
+    log = (client.up.tmp / "up.log").read_bytes().splitlines()
+    named = [line for line in log if any(f"T|{coin}|".encode() in line for coin in coins)]
+    said = [line for line in log if any(w in line for w in LOGGED)]
+    lines += ["log lines naming their coins' trades:", *(f"  {line[:300]!r}" for line in named[:30])]
+    lines += ["warnings, errors, restarts:", *(f"  {line[:300]!r}" for line in said[:80])]
+    return "\n".join(lines)
 
 
 def test_killed_processes_lose_no_trade_and_books_come_back_equal(tmp_path: Path) -> None:
     with running(tmp_path, shards=2, coins=8, seed=11) as up:
-        coins = sorted(post_info(up.http, {"type": "allMids"})[1])
+        coins = node_coins(up)
         client = TradesClient(up, coins)
         time.sleep(3)
 
@@ -238,7 +295,7 @@ def test_ingest_killed_at_varied_moments_loses_no_trade_of_any_coin(tmp_path: Pa
     ingest is back: the trade must come within a second, whatever that coin does next). Compared trade by trade with the node's
     fills files: none lost, none twice."""
     with running(tmp_path, shards=2, coins=12, seed=7) as up:
-        coins = sorted(post_info(up.http, {"type": "allMids"})[1])
+        coins = node_coins(up)
         assert any(c.startswith("@") or "/" in c for c in coins) and "BTC" in coins, coins  # spot and perps
         client = TradesClient(up, coins)
         time.sleep(2)
@@ -246,7 +303,8 @@ def test_ingest_killed_at_varied_moments_loses_no_trade_of_any_coin(tmp_path: Pa
         figures: dict[str, Any] = {}
         for n, delay in enumerate((0.0, 0.05), 1):
             killed = time.monotonic()
-            kill_ingest_at(up, watch, lambda row: bool(row["events"]), delay)
+            row = kill_ingest_at(up, watch, lambda row: bool(row["events"]), delay)
+            client.notes.append(f"kill {n} at {time.time():.3f}, {delay * 1000:.0f} ms after the fills line of block {row['block_number']}")
             wait(lambda: (block_age(up) or 0) > 0.3, 5, "blocks stopping")
             wait(lambda: (block_age(up) or 1) < 0.2, INGEST_BACK, "blocks after the ingest kill")
             figures[f"kill {n} ({delay * 1000:.0f} ms after a fills line): blocks again after (s)"] = time.monotonic() - killed
@@ -260,6 +318,8 @@ def test_ingest_killed_at_varied_moments_loses_no_trade_of_any_coin(tmp_path: Pa
         row = kill_ingest_at(up, watch, lambda r: any(f["coin"] == quiet and f["crossed"] for _, f in r["events"]), 0.0,
                              lambda: (os.kill(sim, signal.SIGSTOP), os.kill(ingest, signal.SIGCONT), time.sleep(0.002)))
         killed = time.time()
+        client.notes.append(f"kill 3 at {killed:.3f}, catching up, the node paused after block {row['block_number']} "
+                            f"(a trade of the quiet coin {quiet})")
         try:
             wait(lambda: ingest_starts(up) > starts, INGEST_BACK, "ingest restarted")
             time.sleep(0.5)

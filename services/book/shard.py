@@ -277,19 +277,20 @@ class Shard:
         state.height = state.base = height
         state.time = time_ms
         state.mids = {}
+        for c in state.coins.values():  # before the replay: each block it finishes sends S| with every coin's mid
+            state.update_mid(c.book)  # (gateways answer allMids from the last S|; a coin the replay did not touch was missing)
         self.stream.start_at(height)
         if not self.recovery.replay(height + 1, STREAM_PREFIXES):
             metrics.INIT_RESTARTS.inc()
             log.warning("replay from %d failed; starting initialisation over with a newer snapshot", height + 1)
             self.fresh_after = time.time()  # not the one another shard fetched before ingest lost these blocks
-            state.coins = {}
+            state.coins, state.mids = {}, {}
             self.retry_at = time.monotonic() + self.cfg.retry_every
             return
         state.phase = CoinState.LIVE
         self.init_failures = 0
         self.poller.register(self.sub, zmq.POLLIN)
         for coin, c in state.coins.items():
-            state.update_mid(c.book)
             self.publisher.reset(coin, state.coin_height(c.book), "init", CoinState.LIVE)
         for topic in sorted(self.publisher.subs.exact):  # subscribed while initialising
             self.publisher.initial(topic, state.live_books(), state.height, state.time)
