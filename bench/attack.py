@@ -290,7 +290,18 @@ def ingest_pid(up_pid: int) -> int:
     return gateway_pid(up_pid, b"ingest")
 
 
-def bigline(port: int, up_pid: int, data: Path, coins: list[str], seconds: float, trades: int) -> None:
+def profile(up_pid: int, seconds: float, into: str | None) -> list[subprocess.Popen[bytes]]:
+    """``py-spy record --idle -f speedscope`` (samples in time order) of ingest, the shard and the gateway for
+    ``seconds`` into folder ``into`` (None: none)."""
+    if not into:
+        return []
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    return [subprocess.Popen([spy, "record", "-r", "200", "--idle", "-f", "speedscope", "-d", str(int(seconds)), "-o", f"{into}/{name}.txt",
+                              "-p", str(gateway_pid(up_pid, name.encode()))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name in ("ingest", "book", "gateway")]
+
+
+def bigline(port: int, up_pid: int, data: Path, coins: list[str], seconds: float, trades: int, into: str | None) -> None:
     """A quiet phase and one with the big fills line appended 1 s in; the bbo of the other coins timed."""
     attacked = "BTC" if "BTC" in coins else coins[0]
     events = fills_events(attacked, trades)
@@ -301,9 +312,12 @@ def bigline(port: int, up_pid: int, data: Path, coins: list[str], seconds: float
         rss0 = proc_rss_mb(ingest)
         t.start()
         if name != "quiet":
+            spies = profile(up_pid, seconds, into)
             time.sleep(1.0)
             inject(data, events)
         t.join()
+        for spy in spies if name != "quiet" else []:
+            spy.wait()
         time.sleep(2.0)
         delays = out["delays"]
         print(f"{name:<16} bbo messages {len(delays):>6}  p50 {pct(delays, 0.5):8.1f} ms  p99 {pct(delays, 0.99):8.1f} ms  "
@@ -318,6 +332,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--fills-trades", type=int, default=67_390, help="bigline: trades in the line")
+    parser.add_argument("--profile", help="bigline: a folder for py-spy speedscope profiles of ingest, book and gateway")
     parser.add_argument("--python", default=sys.executable, help="interpreter whose hlbook runs (a baseline checkout's)")
     args = parser.parse_args()
     port, info, mport = free_port(), free_port(), free_port(8)
@@ -346,7 +361,7 @@ def main() -> None:
             if args.attack == "bigline":
                 data = next(Path(tmp).glob("hlbook-sim-*"))
                 for r in range(args.rounds):
-                    bigline(port, up.pid, data, coins, args.seconds, args.fills_trades)
+                    bigline(port, up.pid, data, coins, args.seconds, args.fills_trades, args.profile)
                 print("".join(line for line in log.read_text().splitlines(keepends=True) if "WARNING" in line or "ERROR" in line)[-2000:])
                 return
             for r in range(args.rounds):
