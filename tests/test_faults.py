@@ -351,3 +351,75 @@ def _sim_snapshot(up: Any) -> tuple[int, dict[str, Book]]:
 
     with tempfile.TemporaryDirectory() as tmp:
         return snapshot.load(snapshot.fetch(up.sim_info, timeout=10, directory=tmp))
+
+
+BIG_TRADES = 20_000  # ~13 MB of fills line: a few seconds of work before the fixes of issue 23 (finding 7)
+BIG_TID = 1 << 62  # the big line's tids from here
+
+
+def _big_fills(coin: str, height: int, block_time: str, ms: int) -> bytes:
+    """A valid fills line of block ``height``: ``BIG_TRADES`` trades of ``coin`` (a taker buyer, a resting seller)."""
+    fill = {"coin": coin, "px": "100.5", "sz": "0.01", "time": ms, "startPosition": "0.0", "dir": "Open Long", "closedPnl": "0.0",
+            "hash": "0x" + "cd" * 32, "fee": "0.001", "feeToken": "USDC"}
+    events = []
+    for i in range(BIG_TRADES):
+        tid = BIG_TID + i
+        events += [[f"0x{i:040x}", {**fill, "side": "B", "oid": tid, "crossed": True, "tid": tid}],
+                   [f"0x{i + 1:040x}", {**fill, "side": "A", "oid": tid + 1, "crossed": False, "tid": tid}]]
+    line = {"local_time": block_time, "block_time": block_time, "block_number": height, "events": events}
+    return json.dumps(line, separators=(",", ":")).encode() + b"\n"
+
+
+def _last_line(path: Path) -> dict[str, Any]:
+    tail = path.read_bytes()[-(1 << 20) :]
+    return dict(json.loads(tail[: tail.rindex(b"\n")].rsplit(b"\n", 1)[-1]))
+
+
+def test_a_huge_fills_line_reaches_every_trade_and_other_coins_keep_flowing(tmp_path: Path) -> None:
+    """A valid fills line of 20,000 trades of one coin, appended as a block's line to the node's live
+    fills file (the simulator's own line of that block then comes as a duplicate): every trade of it
+    reaches the coin's trades subscriber once and in order, and the other coins' bbo keep coming
+    (no pause of the whole feed)."""
+    with running(tmp_path, shards=1, coins=4, seed=5) as up:
+        coins = sorted(post_info(up.http, {"type": "allMids"})[1])
+        big, others = coins[0], coins[1:]
+        got: list[dict[str, Any]] = []
+        bbo_at: list[float] = []
+        with connect(up.ws, open_timeout=10, max_size=None) as ws:
+            for coin in coins:
+                kind = "trades" if coin == big else "bbo"
+                ws.send(json.dumps({"method": "subscribe", "subscription": {"type": kind, "coin": coin}}))
+            time.sleep(1)
+            path = nodefiles.hour_files(up.data, "fills", "by-block")[-1]
+            last = _last_line(path)
+            height = last["block_number"] + 10  # written right after the simulator's line before it
+            when = nodefiles_time(last["block_time"], 1.0)
+            line = _big_fills(big, height, when[0], when[1])
+            while _last_line(path)["block_number"] < height - 1:
+                time.sleep(0.002)
+            _append(path, line)
+            appended = time.monotonic()
+            deadline = appended + 30
+            while time.monotonic() < deadline and sum(t["tid"] >= BIG_TID for t in got) < BIG_TRADES:
+                try:
+                    message = json.loads(ws.recv(timeout=1))
+                except TimeoutError:
+                    continue
+                if message["channel"] == "trades":
+                    got += message["data"]
+                elif message["channel"] == "bbo" and message["data"]["coin"] in others:
+                    bbo_at.append(time.monotonic())
+        tids = [t["tid"] for t in got if t["tid"] >= BIG_TID]
+        assert tids == [BIG_TID + i for i in range(BIG_TRADES)], f"{len(tids)} of {BIG_TRADES} trades, in order"
+        gaps = [b - a for a, b in zip([appended, *bbo_at], bbo_at)]
+        print(f"big fills line: {BIG_TRADES:,} trades in {time.monotonic() - appended:.2f} s; other coins' longest bbo gap "
+              f"{max(gaps):.2f} s")
+        assert max(gaps) < 3.0, f"the other coins' bbo paused {max(gaps):.2f} s"
+
+
+def nodefiles_time(block_time: str, ahead_s: float) -> tuple[str, int]:
+    """A node block time ``ahead_s`` after ``block_time``, and its epoch ms."""
+    from datetime import datetime, timedelta, timezone
+
+    when = datetime.fromisoformat(block_time[:26]).replace(tzinfo=timezone.utc) + timedelta(seconds=ahead_s)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%f") + "000", int(when.timestamp() * 1000)
