@@ -12,6 +12,10 @@ refused:
 - ``url``: ``GET /aaaa…`` — a request target of up to 64 MB;
 - ``header``: one header whose value is up to 64 MB;
 - ``headers``: up to 1,000,000 small header fields;
+- ``bigline``: not a client: one valid fills line of ``--fills-trades`` trades (67,390: ~45 MB) of one
+  coin appended to the simulator's live fills file as the next block's line. The polite client is then
+  a WebSocket on every other coin's ``bbo``; its latency is a message's arrival minus its block time, and
+  the attacked coin's trades are counted (all must come). Printed with ingest's RSS before and after.
 - ``subscriptions``: each attacking connection a WebSocket holding every market feed
   of every coin it may (7 l2Book aggregations, bbo, trades, l4Book, activeAssetCtx:
   132 a connection with 12 coins), reading all it is sent, until the per-address
@@ -40,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -47,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import free_port, proc_cpu_s, proc_rss_mb  # noqa: E402
 
 CHUNK = 65536
+MARK = 1 << 62  # tids of the big line's trades from here
 
 
 def heads(kind: str) -> Iterator[bytes]:
@@ -164,7 +170,7 @@ class Polite:
         return latencies, failures
 
 
-def gateway_pid(up_pid: int) -> int:
+def gateway_pid(up_pid: int, name: bytes = b"gateway") -> int:
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -173,9 +179,9 @@ def gateway_pid(up_pid: int) -> int:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if int(stat[stat.rindex(")") + 2 :].split()[1]) == up_pid and b"gateway" in cmd:
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == up_pid and name in cmd:
             return int(pid)
-    raise RuntimeError("no gateway child of hlbook up")
+    raise RuntimeError(f"no {name.decode()} child of hlbook up")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -217,12 +223,116 @@ def phase(name: str, port: int, gw: int, seconds: float, attack: str | None, att
                                           f"attack sent {sent.value / 1e6:8.1f} MB"), flush=True)
 
 
+def fills_events(coin: str, trades: int) -> bytes:
+    """The ``"events":[...]}`` of a fills line holding ``trades`` trades (two fills each) of ``coin``, time ``{MS}``."""
+    fill = ('{"coin":"%s","px":"100.5","sz":"0.01","side":"%s","time":{MS},"startPosition":"0.0","dir":"Open Long",'
+            '"closedPnl":"0.0","hash":"0x%064x","oid":%d,"crossed":%s,"fee":"0.001","tid":%d,"feeToken":"USDC"}')
+    events = []
+    for i in range(trades):
+        tid = MARK + i
+        events.append('["0x%040x",%s]' % (i, fill % (coin, "B", tid, tid, "true", tid)))
+        events.append('["0x%040x",%s]' % (i + 1, fill % (coin, "A", tid, tid + 1, "false", tid)))
+    return ('"events":[' + ",".join(events) + "]}\n").encode()
+
+
+def last_line(path: Path) -> dict[str, Any]:
+    """The last complete line of a node file (read from its end)."""
+    with open(path, "rb") as fh:
+        fh.seek(max(0, fh.seek(0, os.SEEK_END) - (1 << 20)))
+        tail = fh.read()
+    return dict(json.loads(tail[: tail.rindex(b"\n")].rsplit(b"\n", 1)[-1]))
+
+
+def inject(data: Path, events: bytes, ahead: int = 10) -> int:
+    """Append ``events`` as a fills line of the block ``ahead`` blocks on, right after the simulator
+    wrote the one before it (its own line of that block comes after: a duplicate, dropped); returns its height."""
+    path = max(data.glob("hl/data/node_fills_by_block/hourly/*/*"), key=lambda p: (p.parent.name, int(p.name)))
+    last = last_line(path)
+    height = int(last["block_number"]) + ahead
+    when = datetime.fromisoformat(last["block_time"][:26]).replace(tzinfo=timezone.utc) + timedelta(milliseconds=100 * ahead)
+    stamp = when.strftime("%Y-%m-%dT%H:%M:%S.%f") + "000"
+    head = json.dumps({"local_time": stamp, "block_time": stamp, "block_number": height})[:-1] + ","
+    line = head.encode() + events.replace(b"{MS}", str(int(when.timestamp() * 1000)).encode())
+    while int(last_line(path)["block_number"]) < height - 1:
+        time.sleep(0.002)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+    return height
+
+
+def watch_feeds(port: int, coins: list[str], attacked: str, seconds: float, out: dict[str, Any]) -> None:
+    """A WebSocket on every other coin's bbo and the attacked coin's trades, for ``seconds``."""
+    from websockets.sync.client import connect
+
+    delays: list[float] = []
+    trades = 0
+    with connect(f"ws://127.0.0.1:{port}/ws", max_size=None, open_timeout=5) as ws:
+        for coin in coins:
+            sub = {"type": "trades", "coin": coin} if coin == attacked else {"type": "bbo", "coin": coin}
+            ws.send(json.dumps({"method": "subscribe", "subscription": sub}))
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            try:
+                message = json.loads(ws.recv(timeout=left))
+            except TimeoutError:
+                break
+            if message["channel"] == "bbo":
+                delays.append(time.time() * 1000 - message["data"]["time"])
+            elif message["channel"] == "trades":
+                trades += sum(1 for t in message["data"] if t["tid"] >= MARK)
+    out.update(delays=delays, trades=trades)
+
+
+def ingest_pid(up_pid: int) -> int:
+    return gateway_pid(up_pid, b"ingest")
+
+
+def profile(up_pid: int, seconds: float, into: str | None) -> list[subprocess.Popen[bytes]]:
+    """``py-spy record --idle -f speedscope`` (samples in time order) of ingest, the shard and the gateway for
+    ``seconds`` into folder ``into`` (None: none)."""
+    if not into:
+        return []
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    return [subprocess.Popen([spy, "record", "-r", "200", "--idle", "-f", "speedscope", "-d", str(int(seconds)), "-o", f"{into}/{name}.txt",
+                              "-p", str(gateway_pid(up_pid, name.encode()))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name in ("ingest", "book", "gateway")]
+
+
+def bigline(port: int, up_pid: int, data: Path, coins: list[str], seconds: float, trades: int, into: str | None) -> None:
+    """A quiet phase and one with the big fills line appended 1 s in; the bbo of the other coins timed."""
+    attacked = "BTC" if "BTC" in coins else coins[0]
+    events = fills_events(attacked, trades)
+    ingest = ingest_pid(up_pid)
+    for name in ("quiet", "attack bigline"):
+        out: dict[str, Any] = {}
+        t = threading.Thread(target=watch_feeds, args=(port, coins, attacked, seconds, out))
+        rss0 = proc_rss_mb(ingest)
+        t.start()
+        if name != "quiet":
+            spies = profile(up_pid, seconds, into)
+            time.sleep(1.0)
+            inject(data, events)
+        t.join()
+        for spy in spies if name != "quiet" else []:
+            spy.wait()
+        time.sleep(2.0)
+        delays = out["delays"]
+        print(f"{name:<16} bbo messages {len(delays):>6}  p50 {pct(delays, 0.5):8.1f} ms  p99 {pct(delays, 0.99):8.1f} ms  "
+              f"max {max(delays, default=float('nan')):8.1f} ms  {attacked} trades of the line {out['trades']:,}/"
+              f"{trades if name != 'quiet' else 0:,}  ingest RSS {rss0:6.1f} -> {proc_rss_mb(ingest):6.1f} MB", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--attack", default="url,header,headers")
     parser.add_argument("--attackers", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--fills-trades", type=int, default=67_390, help="bigline: trades in the line")
+    parser.add_argument("--profile", help="bigline: a folder for py-spy speedscope profiles of ingest, book and gateway")
     parser.add_argument("--python", default=sys.executable, help="interpreter whose hlbook runs (a baseline checkout's)")
     args = parser.parse_args()
     port, info, mport = free_port(), free_port(), free_port(8)
@@ -232,7 +342,8 @@ def main() -> None:
             [args.python, "-m", "hlbook.cli", "up", "--simulate", "--shards", "1", "--coins", "12", "--port", str(port),
              "--info-port", str(info), "--metrics-base-port", str(mport), "--no-history", "--state-dir", str(Path(tmp) / "state"),
              "--log-level", "WARNING"],
-            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp)
+            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,
+            env={**os.environ, "TMPDIR": tmp, "HLBOOK_PARTIAL_WRITE_P": "0"})
         try:
             polite = Polite(port, "BTC")
             deadline = time.monotonic() + 120
@@ -247,6 +358,12 @@ def main() -> None:
             conn.close()
             print(f"hlbook up --simulate (1 shard, 12 coins) with {args.python}; {args.attackers} attacking connections "
                   f"from one address; {args.seconds:.0f} s a phase", flush=True)
+            if args.attack == "bigline":
+                data = next(Path(tmp).glob("hlbook-sim-*"))
+                for r in range(args.rounds):
+                    bigline(port, up.pid, data, coins, args.seconds, args.fills_trades, args.profile)
+                print("".join(line for line in log.read_text().splitlines(keepends=True) if "WARNING" in line or "ERROR" in line)[-2000:])
+                return
             for r in range(args.rounds):
                 for kind in args.attack.split(","):
                     phase("quiet", port, gw, args.seconds, None, 0, coins)

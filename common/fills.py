@@ -20,18 +20,48 @@ log = logging.getLogger(__name__)
 
 def trades_of(fills: list[UserFill]) -> tuple[list[tuple[int, Trade]], int]:
     """The block's trades (in the order their tids first appear), each with the place of its taker fill in ``fills``;
-    and how many tids did not form a buyer/seller pair with one taker (no trade for them)."""
-    by_tid: dict[int, list[tuple[int, UserFill]]] = {}
-    for place, user_fill in enumerate(fills):
-        by_tid.setdefault(user_fill[1].tid, []).append((place, user_fill))
+    and how many tids did not form a buyer/seller pair with one taker (no trade for them). One pass and a dict
+    of places: a block of tens of thousands of fills is a fraction of a second, not seconds."""
+    by_tid: dict[int, list[int]] = {}
+    for place, (_, fill) in enumerate(fills):
+        places = by_tid.get(fill.tid)
+        if places is None:
+            by_tid[fill.tid] = [place]
+        else:
+            places.append(place)
     trades, unpaired = [], 0
-    for group in by_tid.values():
-        trade = trade_of(f for _, f in group)
-        if trade is None:
+    for places in by_tid.values():
+        made = (len(places) == 2 and _pair(fills, places)) or _general(fills, places)
+        if made is None:
             unpaired += 1
-            continue
-        trades.append((next(place for place, (_, f) in group if f.crossed), trade))
+        else:
+            trades.append(made)
     return trades, unpaired
+
+
+def _pair(fills: list[UserFill], places: list[int]) -> tuple[int, Trade] | None:
+    """The trade of two fills (with its taker's place), as ``trade_of`` makes it; None when they are not a pair."""
+    (first, a), (second, b) = fills[places[0]], fills[places[1]]
+    if a.side == "B" and b.side == "A":
+        buyer, seller = first, second
+    elif a.side == "A" and b.side == "B":
+        buyer, seller = second, first
+    else:
+        return None
+    if a.crossed:
+        place, taker = places[0], a
+    elif b.crossed:
+        place, taker = places[1], b
+    else:
+        return None
+    return place, Trade(coin=taker.coin, side=taker.side, px=taker.px, sz=taker.sz, hash=taker.hash,
+                        time=taker.time, tid=taker.tid, users=[buyer, seller])
+
+
+def _general(fills: list[UserFill], places: list[int]) -> tuple[int, Trade] | None:
+    """``trade_of`` the fills at ``places``, with its taker's place (None, said, when they are not a pair)."""
+    trade = trade_of(fills[p] for p in places)
+    return None if trade is None else (next(p for p in places if fills[p][1].crossed), trade)
 
 
 def trade_of(pair: Iterable[UserFill]) -> Trade | None:

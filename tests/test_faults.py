@@ -411,3 +411,95 @@ def _sim_snapshot(up: Any) -> tuple[int, dict[str, Book]]:
 
     with tempfile.TemporaryDirectory() as tmp:
         return snapshot.load(snapshot.fetch(up.sim_info, timeout=10, directory=tmp))
+
+
+BIG_TRADES = 20_000  # ~13 MB of fills line: a few seconds of work before the fixes of issue 23 (finding 7)
+BIG_TID = 1 << 62  # the big line's tids from here
+
+
+def _big_fills(coin: str, height: int, block_time: str, ms: int) -> bytes:
+    """A valid fills line of block ``height``: ``BIG_TRADES`` trades of ``coin`` (a taker buyer, a resting seller)."""
+    fill = {"coin": coin, "px": "100.5", "sz": "0.01", "time": ms, "startPosition": "0.0", "dir": "Open Long", "closedPnl": "0.0",
+            "hash": "0x" + "cd" * 32, "fee": "0.001", "feeToken": "USDC"}
+    events = []
+    for i in range(BIG_TRADES):
+        tid = BIG_TID + i
+        events += [[f"0x{i:040x}", {**fill, "side": "B", "oid": tid, "crossed": True, "tid": tid}],
+                   [f"0x{i + 1:040x}", {**fill, "side": "A", "oid": tid + 1, "crossed": False, "tid": tid}]]
+    line = {"local_time": block_time, "block_time": block_time, "block_number": height, "events": events}
+    return json.dumps(line, separators=(",", ":")).encode() + b"\n"
+
+
+def _last_line(path: Path, end: int | None = None) -> dict[str, Any]:
+    """The last complete line of a node file (of its first ``end`` bytes)."""
+    with open(path, "rb") as fh:
+        end = fh.seek(0, os.SEEK_END) if end is None else end
+        window = 1 << 20
+        while True:
+            start = max(0, end - window)
+            fh.seek(start)
+            tail = fh.read(end - start)
+            cut = tail.rindex(b"\n")
+            begin = tail.rfind(b"\n", 0, cut) + 1
+            if begin > 0 or start == 0:  # the whole line is in the window
+                return dict(json.loads(tail[begin:cut]))
+            window *= 8
+
+
+def _inject_fills(path: Path, coin: str) -> None:
+    """Append the big fills line as a block's, right after the simulator wrote the one before it (when
+    the simulator's own line of that block came first, ours is a duplicate, dropped: the caller tries again)."""
+    last = _last_line(path)
+    height = last["block_number"] + 10
+    line = _big_fills(coin, height, *nodefiles_time(last["block_time"], 1.0))
+    while _last_line(path)["block_number"] < height - 1:
+        time.sleep(0.0005)
+    _append(path, line)
+
+
+def test_a_huge_fills_line_reaches_every_trade_and_other_coins_keep_flowing(tmp_path: Path) -> None:
+    """A valid fills line of 20,000 trades of one coin, appended as a block's line to the node's live
+    fills file (the simulator's own line of that block then comes as a duplicate): every trade of it
+    reaches the coin's trades subscriber once and in order, and the other coins' bbo keep coming
+    (no pause of the whole feed)."""
+    with running(tmp_path, shards=1, coins=4, seed=5) as up:
+        coins = sorted(post_info(up.http, {"type": "allMids"})[1])
+        big, others = coins[0], coins[1:]
+        got: list[dict[str, Any]] = []
+        bbo_at: list[float] = []
+        with connect(up.ws, open_timeout=10, max_size=None) as ws:
+            for coin in coins:
+                kind = "trades" if coin == big else "bbo"
+                ws.send(json.dumps({"method": "subscribe", "subscription": {"type": kind, "coin": coin}}))
+            time.sleep(1)
+            path = nodefiles.hour_files(up.data, "fills", "by-block")[-1]
+            for _ in range(3):  # again when ours came after the simulator's line of its block (a duplicate)
+                _inject_fills(path, big)
+                appended = time.monotonic()
+                deadline = appended + 15
+                while time.monotonic() < deadline and sum(t["tid"] >= BIG_TID for t in got) < BIG_TRADES:
+                    try:
+                        message = json.loads(ws.recv(timeout=1))
+                    except TimeoutError:
+                        continue
+                    if message["channel"] == "trades":
+                        got += message["data"]
+                    elif message["channel"] == "bbo" and message["data"]["coin"] in others:
+                        bbo_at.append(time.monotonic())
+                if any(t["tid"] >= BIG_TID for t in got):
+                    break
+                bbo_at.clear()
+        tids = [t["tid"] for t in got if t["tid"] >= BIG_TID]
+        assert tids == [BIG_TID + i for i in range(BIG_TRADES)], f"{len(tids)} of {BIG_TRADES} trades, in order"
+        gaps = [b - a for a, b in zip([appended, *bbo_at], bbo_at)]
+        print(f"big fills line: {BIG_TRADES:,} trades in {time.monotonic() - appended:.2f} s; other coins' longest bbo gap "
+              f"{max(gaps):.2f} s")
+        assert max(gaps) < 3.0, f"the other coins' bbo paused {max(gaps):.2f} s"
+
+
+def nodefiles_time(block_time: str, ahead_s: float) -> tuple[str, int]:
+    """A node block time ``ahead_s`` after ``block_time``, and its epoch ms."""
+    from datetime import datetime, timedelta, timezone
+
+    when = datetime.fromisoformat(block_time[:26]).replace(tzinfo=timezone.utc) + timedelta(seconds=ahead_s)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%f") + "000", int(when.timestamp() * 1000)

@@ -6,9 +6,11 @@ The end-to-end check against the node files is in test_gateway_users.py."""
 
 from __future__ import annotations
 
+import random
 from decimal import Decimal
+from typing import Any
 
-from hlbook.common.fills import aggregate_by_time
+from hlbook.common.fills import aggregate_by_time, trade_of, trades_of
 from hlbook.common.models import Fill
 
 
@@ -49,3 +51,44 @@ def test_the_merged_fill_starts_at_the_orders_first_fill_whatever_their_order() 
     assert (buy.startPosition, buy.tid, buy.sz) == ("-0.1", 3, "0.3")
     assert (sell.startPosition, sell.tid, sell.sz) == ("0.5", 5, "0.3")
     assert aggregate_by_time(buys[::-1]) == [buy] and aggregate_by_time(sells[::-1]) == [sell]
+
+
+def _of(tid: int, side: str, crossed: bool) -> Fill:
+    return fill(oid=tid, time=1, px="1", sz="1", crossed=crossed, tid=tid, side=side)
+
+
+def _reference_trades(fills: list[tuple[str, Fill]]) -> tuple[list[tuple[int, Any]], int]:
+    """The rule as first written: fills grouped by tid, ``trade_of`` of each group."""
+    groups: dict[int, list[tuple[int, tuple[str, Fill]]]] = {}
+    for place, user_fill in enumerate(fills):
+        groups.setdefault(user_fill[1].tid, []).append((place, user_fill))
+    trades, unpaired = [], 0
+    for group in groups.values():
+        trade = trade_of(f for _, f in group)
+        if trade is None:
+            unpaired += 1
+        else:
+            trades.append((next(p for p, (_, f) in group if f.crossed), trade))
+    return trades, unpaired
+
+
+def test_trades_of_keeps_the_pair_rule_on_every_shape_of_group() -> None:
+    """The two-fill fast path makes the trades, taker places and unpaired count the general rule
+    makes: pairs in either order, a taker on either side, two takers, no taker, one side twice,
+    single fills and groups of three, interleaved."""
+    rng = random.Random(7)
+    for _ in range(300):
+        fills = []
+        for tid in range(rng.randint(1, 12)):
+            for _ in range(rng.choice((1, 2, 2, 2, 3))):
+                fills.append((f"0x{rng.randrange(99):02x}", _of(tid, rng.choice("AB"), rng.random() < 0.5)))
+        rng.shuffle(fills)
+        assert trades_of(fills) == _reference_trades(fills)
+
+
+def test_trades_of_a_block_of_tens_of_thousands_of_trades_keeps_their_order() -> None:
+    """A 48 MB fills line's worth (issue 23, finding 7): every trade, in order, with its buyer and seller."""
+    fills = [(f"u{i}", _of(i // 2, "BA"[i % 2], i % 2 == 0)) for i in range(134_780)]
+    trades, unpaired = trades_of(fills)
+    assert unpaired == 0 and [t.tid for _, t in trades] == list(range(67_390))
+    assert all(place == 2 * t.tid and t.users == [f"u{place}", f"u{place + 1}"] for place, t in trades)

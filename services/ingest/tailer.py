@@ -135,13 +135,27 @@ class Tailer:
             self._keep(data)
             return []
         if self._partial:
-            last += sum(map(len, self._partial))
-            data, self._partial = b"".join([*self._partial, data]), []
+            return self._finish(data, last)
         if last == len(data) - 1 and data.find(b"\n", 0, last) < 0:
             return [data] if last else []
         lines = data.split(b"\n")
         self._keep(lines.pop())
         return [line for line in lines if line]
+
+    def _finish(self, data: bytes, last: int) -> list[bytes]:
+        """The line read in pieces, joined once, then the lines after it: a line of tens of
+        megabytes is copied once, not again by a split."""
+        first = data.find(b"\n")
+        if first == len(data) - 1:  # the read ends with it: kept with its newline (decoders skip it), not sliced
+            line, self._partial = b"".join([*self._partial, data]), []
+            return [line]
+        line, self._partial = b"".join([*self._partial, memoryview(data)[:first]]), []
+        if first == last:
+            self._keep(data[last + 1 :])
+            return [line]
+        rest = data[first + 1 : last].split(b"\n")
+        self._keep(data[last + 1 :])
+        return [line, *(r for r in rest if r)]
 
     def _keep(self, piece: bytes) -> None:
         """A piece of a line still being written (dropped past ``MAX_PARTIAL``: not a line)."""
