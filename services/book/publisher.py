@@ -31,6 +31,8 @@ from hlbook.services.book.book import BID, Book, parse_px
 
 log = logging.getLogger(__name__)
 
+RELEASE_AFTER = 0.002  # seconds what a batch of ingest's messages publishes is held at most (``Publisher.hold``)
+
 _PARTS = {topics.L2_PREFIX: 5, topics.BBO_PREFIX: 2, topics.L4_PREFIX: 2, topics.RESET_PREFIX: 2, topics.SHARD_PREFIX: 2}
 _SHARD_KINDS = (*_PARTS, topics.HEARTBEAT_PREFIX)  # every kind of topic a shard publishes
 L2_DEPTH = l2rules.MAX_LEVELS  # levels a side for prefix subscribers

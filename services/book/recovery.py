@@ -21,7 +21,7 @@ from hlbook.common.security import Curve
 from hlbook.common.wire import CoinState
 from hlbook.services.book import metrics
 from hlbook.services.book.book import Book
-from hlbook.services.book.publisher import Publisher
+from hlbook.services.book.publisher import RELEASE_AFTER, Publisher
 from hlbook.services.book.snapshot import Fetched, Fetcher
 from hlbook.services.book.state import Coin, ShardState
 
@@ -91,6 +91,7 @@ class Recovery:
     def replay(self, from_height: int, prefixes: list[bytes], partial: bool = False) -> bool:
         """Ask ingest for the stored messages from ``from_height`` and apply them (with
         ``partial``, what it holds: the chains of the coins tell whether it was enough)."""
+        self.publisher.release_due(0)  # what is held goes out before the wait for ingest's answer
         frames = self.replayer.fetch(from_height, prefixes, partial)
         if frames is None:
             return False
@@ -98,6 +99,7 @@ class Recovery:
         try:
             for i in range(0, len(frames) - 1, 2):
                 self.stream.on_message(frames[i], frames[i + 1])
+                self.publisher.release_due(RELEASE_AFTER)  # a long replay goes out in bursts too
         finally:
             self.replaying = False
         return True

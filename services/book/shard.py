@@ -37,7 +37,7 @@ from hlbook.common.wire import CoinState
 from hlbook.services.book import checkpoint, hooks, metrics, snapshot
 from hlbook.services.book.book import Book
 from hlbook.services.book.jobs import Jobs
-from hlbook.services.book.publisher import Publisher, is_exact
+from hlbook.services.book.publisher import RELEASE_AFTER, Publisher, is_exact
 from hlbook.services.book.queries import Queries
 from hlbook.services.book.recovery import Recovery, Replayer
 from hlbook.services.book.state import Coin, ShardState
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 RCVHWM = 500_000  # messages queued from ingest (while initialising, or a slow loop)
 BATCH = 2000  # messages read from ingest per loop iteration before serving other sockets
-RELEASE_AFTER = 0.002  # seconds what a batch publishes is held at most: coins go out in bursts, not one by one
 QUERY_BATCH = 64  # queries answered per loop iteration
 HEARTBEAT_S = 1.0  # seconds between ShardStatus messages
 SNDHWM = 50_000  # messages queued per gateway before the XPUB drops (gateways detect the loss and recover)

@@ -41,6 +41,7 @@ from hlbook.services.gateway.session import Outbound, Session, SubscriptionStats
 from hlbook.services.gateway.upstream import Upstream
 from hlbook.services.gateway.polled import INTERVAL as POLL_INTERVAL
 from hlbook.services.gateway.polled import MAX_KEYS as POLL_MAX_KEYS
+from hlbook.services.gateway.polled import MAX_PER_ADDRESS as POLL_MAX_PER_ADDRESS
 from hlbook.services.gateway.polled import MAX_PER_CONNECTION as POLL_MAX_PER_CONNECTION
 from hlbook.services.gateway.polled import Polls
 from hlbook.services.gateway.upstream_info import MAX_BYTES, MAX_IN_FLIGHT, TEXT, TIMEOUT, UpstreamInfo
@@ -92,6 +93,7 @@ class GatewayConfig:
     poll_interval: float = POLL_INTERVAL  # seconds between two polls of one node-state subscription (polled.py)
     poll_max_keys: int = POLL_MAX_KEYS  # distinct polled subscriptions gateway-wide
     poll_max_per_connection: int = POLL_MAX_PER_CONNECTION
+    poll_max_per_ip: int = POLL_MAX_PER_ADDRESS  # across one address's connections
 
     def endpoints(self) -> tuple[list[str], list[str]]:
         pubs = self.book_pubs or [config.book_endpoints(k)[0] for k in range(self.shards)]
@@ -115,7 +117,8 @@ class Gateway:
             cfg.info_upstream, cfg.info_upstream_timeout, cfg.info_upstream_concurrency, cfg.info_upstream_max_bytes, label=info_label)
         self.past = Past(cfg.checkpoint_dir, cfg.data_dir, cfg.mode, cfg.past_workers, cfg.past_timeout, cfg.past_max_span)
         self.info = Info(self.hub, self.info_upstream, self.past)
-        self.polls = self.hub.polls = Polls(self.info, cfg.poll_interval, cfg.poll_max_keys, cfg.poll_max_per_connection)
+        self.polls = self.hub.polls = Polls(self.info, cfg.poll_interval, cfg.poll_max_keys, cfg.poll_max_per_connection,
+                                                cfg.poll_max_per_ip)
         self.sessions: dict[Session, asyncio.Task[None]] = {}  # session -> its writer task
         self.budgets: dict[str, AddressBudget] = {}  # address -> what its connections hold
         self.outbound = Outbound()
@@ -269,6 +272,8 @@ class Gateway:
             if len(session.subs) >= self.cfg.max_subscriptions:
                 raise RequestError(f"Cannot subscribe to more than {self.cfg.max_subscriptions} channels.", "too_many_subscriptions")
             key = feed_key(norm)
+            if any(stats.feed == key for stats in session.subs.values()):  # the same feed spelt otherwise (dex "" or absent)
+                raise RequestError(f"Already subscribed: {dumps(norm)}", "already_subscribed")
             self._within_budget(session, key)
             self.hub.check(key)
             self.polls.admit(self.hub, session, key)

@@ -42,6 +42,7 @@ def gateway(
     node_poll_interval: Annotated[float, typer.Option(envvar=env("node-poll-interval"), help="Seconds between two polls of the info upstream for one node-state subscription (clearinghouseState, spotState, ...)")] = 1.0,
     node_poll_max_keys: Annotated[int, typer.Option(envvar=env("node-poll-max-keys"), help="Distinct node-state subscriptions polled at once, gateway-wide")] = 1000,
     node_poll_max_per_connection: Annotated[int, typer.Option(envvar=env("node-poll-max-per-connection"), help="Node-state subscriptions one connection may hold")] = 20,
+    node_poll_max_per_ip: Annotated[int, typer.Option(envvar=env("node-poll-max-per-ip"), help="Node-state subscriptions one address may hold across its connections")] = 100,
     per_message_deflate: Annotated[bool, typer.Option("--per-message-deflate", envvar=env("per-message-deflate"), show_default=False, help="Offer permessage-deflate compression (about 3x the CPU per frame: each client's stream is compressed separately)")] = False,
     checkpoint_dir: Annotated[str, typer.Option(envvar=env("checkpoint-dir"), help="The shards' L4 checkpoints (with --data-dir: l4Snapshot and l2Book with a time, rebuilt from them and the node's files)")] = config.CHECKPOINT_DIR,
     data_dir: Annotated[str | None, typer.Option(envvar=env("data-dir"), help="Node data directory (holds hl/data/), read for point-in-time books")] = None,
@@ -90,11 +91,12 @@ def gateway(
         poll_interval=node_poll_interval,
         poll_max_keys=node_poll_max_keys,
         poll_max_per_connection=node_poll_max_per_connection,
+        poll_max_per_ip=node_poll_max_per_ip,
     )
     if past_workers < 1 or past_timeout <= 0 or past_max_span <= 0:
         raise typer.BadParameter("--past-workers, --past-timeout and --past-max-span must be positive")
-    if info_upstream_timeout <= 0 or info_upstream_concurrency < 1 or info_upstream_max_bytes < 1 or node_poll_interval <= 0 or node_poll_max_keys < 0 or node_poll_max_per_connection < 0:
-        raise typer.BadParameter("--info-upstream-timeout, --info-upstream-concurrency, --info-upstream-max-bytes and --node-poll-interval must be positive, --node-poll-max-keys and --node-poll-max-per-connection not negative")
+    if info_upstream_timeout <= 0 or info_upstream_concurrency < 1 or info_upstream_max_bytes < 1 or node_poll_interval <= 0 or node_poll_max_keys < 0 or node_poll_max_per_connection < 0 or node_poll_max_per_ip < 0:
+        raise typer.BadParameter("--info-upstream-timeout, --info-upstream-concurrency, --info-upstream-max-bytes and --node-poll-interval must be positive, --node-poll-max-keys, --node-poll-max-per-connection and --node-poll-max-per-ip not negative")
     try:
         cfg.endpoints()
     except ValueError as exc:

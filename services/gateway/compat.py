@@ -142,7 +142,7 @@ def document() -> str:
               "clients hold it, and pushes the answer in the public API's shape when it changed; the "
               "node's errors, timeouts and refusals are sent as `error` messages, never as data; "
               "without `--info-upstream` the subscribe is refused; at most `--node-poll-max-keys` "
-              "subscriptions polled gateway-wide and `--node-poll-max-per-connection` per connection:", "",
+              "subscriptions polled gateway-wide and `--node-poll-max-per-connection` per connection and `--node-poll-max-per-ip` per address:", "",
               "| subscription | |", "| --- | --- |"]
     lines += [f"| `{kind}` | {note} |" for kind, note in subs]
     return "\n".join(lines) + "\n"

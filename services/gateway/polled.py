@@ -19,8 +19,10 @@ asking that request again and again (``allDexsClearinghouseState`` and
   (the node's 4xx, or hlbook's 502/503/504 for an unreachable, busy or slow
   node) goes to the subscribers as ``{"channel": "error", "data": …}``, once
   per streak; the next good answer is sent again even if unchanged.
-- **bounded**: at most ``max_keys`` polled keys gateway-wide (``--node-poll-max-keys``)
-  and ``max_per_connection`` per connection (``--node-poll-max-per-connection``); user
+- **bounded**: at most ``max_keys`` polled keys gateway-wide (``--node-poll-max-keys``),
+  ``max_per_address`` subscriptions from one address (``--node-poll-max-per-ip``: one
+  address cannot take the others' share) and ``max_per_connection`` per connection
+  (``--node-poll-max-per-connection``); user
   keys also count against the followed-user budgets (``UserKey``). Polls go
   through ``UpstreamInfo``, so its timeout and concurrency bound them; one poll
   per key is in flight at a time and nothing is queued.
@@ -32,7 +34,7 @@ user, rejections included; no node needed): a list the public API sends as
 ``isSnapshot: true`` first, then increments (``ListedFeed``). Other lists
 pushed as increments (userFundings, userNonFundingLedgerUpdates: the node's
 answers start at a ``startTime`` and are capped) and aggregates with no info
-request (webData3, twapStates, allDexs*) are not served (docs/COMPATIBILITY.md).
+request (webData3, twapStates) are not served (docs/COMPATIBILITY.md).
 ``hlbook_gateway_polls_total{kind, outcome}`` counts polls (``changed``,
 ``same``, ``error``).
 """
@@ -61,6 +63,7 @@ log = logging.getLogger(__name__)
 INTERVAL = 1.0  # seconds between two polls of one key
 MAX_KEYS = 1000  # polled keys gateway-wide
 MAX_PER_CONNECTION = 20  # polled keys one connection may hold
+MAX_PER_ADDRESS = 100  # polled subscriptions one address may hold across its connections
 
 POLLS = Counter("hlbook_gateway_polls_total",
                 "Polls of the node's info server for WebSocket subscriptions made of node state, by kind and outcome "
@@ -118,9 +121,19 @@ class Polled:
     each_dex: Callable[[Any, str], dict[str, Any]] | None = None  # one request per perp dex (perpDexs), answers as [dex, …]
 
 
-async def _raw(info: Info, request: dict[str, Any]) -> msgspec.Raw:
-    answer = await info.answer(request)
-    return answer if isinstance(answer, msgspec.Raw) else msgspec.Raw(msgspec.json.encode(answer))
+async def _raw(info: Info, request: dict[str, Any], node: bool = True) -> msgspec.Raw:
+    """The answer to ``request``: the node's as it came (never hlbook's stand-in contexts for a
+    node that refuses metaAndAssetCtxs: that refusal is told), or hlbook's own (``node`` False)."""
+    from hlbook.services.gateway.info import InfoError  # info imports kinds, which imports this module
+
+    if not node:
+        answer = await info.answer(request)
+        return answer if isinstance(answer, msgspec.Raw) else msgspec.Raw(msgspec.json.encode(answer))
+    assert info.upstream is not None
+    reply = await info.upstream.ask(request["type"], request)
+    if not reply.ok:
+        raise InfoError.of(reply)
+    return msgspec.Raw(reply.body)
 
 
 async def _dex_names(info: Info) -> list[str]:
@@ -191,7 +204,7 @@ def _user(sub: dict[str, Any]) -> str:
 
 def _dex(sub: dict[str, Any]) -> str:
     dex = sub.get("dex")
-    if dex is not None and not isinstance(dex, str):
+    if dex is not None and (not isinstance(dex, str) or len(dex) > 64):
         raise invalid(sub)
     return dex or ""
 
@@ -235,12 +248,14 @@ class Polls:
     ``UpstreamInfo``'s bounds) and their limits."""
 
     def __init__(self, info: Info, interval: float = INTERVAL, max_keys: int = MAX_KEYS,
-                 max_per_connection: int = MAX_PER_CONNECTION) -> None:
+                 max_per_connection: int = MAX_PER_CONNECTION, max_per_address: int = MAX_PER_ADDRESS) -> None:
         self.info = info
         self.interval = interval
         self.max_keys = max_keys
         self.max_per_connection = max_per_connection
+        self.max_per_address = max_per_address
         self.feeds: set[PolledFeed] = set()  # feeds with a poll running
+        self.by_address: dict[str, int] = {}  # address -> polled subscriptions its connections hold
 
     def admit(self, hub: Hub, session: Session, key: FeedKey) -> None:
         """RequestError when ``key`` cannot be polled for this session: no upstream, too many keys."""
@@ -253,6 +268,9 @@ class Polls:
         if held >= self.max_per_connection:
             raise RequestError(f"Cannot subscribe to more than {self.max_per_connection} polled channels (node state, "
                                "userHistoricalOrders) on one connection.", "too_many_polled")
+        if self.by_address.get(session.ip, 0) >= self.max_per_address:
+            raise RequestError(f"Cannot subscribe to more than {self.max_per_address} polled channels (node state, "
+                               "userHistoricalOrders) from one address.", "too_many_polled_per_ip")
         if key not in hub.feeds and len(self.feeds) >= self.max_keys:
             raise RequestError(f"Cannot poll more than {self.max_keys} distinct subscriptions (node state, "
                                "userHistoricalOrders) on this server.", "too_many_polled_keys")
@@ -266,7 +284,7 @@ class Polls:
             if polled.each_dex is not None:
                 raw = await _all_dexs(self.info, key, polled)
             else:
-                raw = await _raw(self.info, polled.request(key))
+                raw = await _raw(self.info, polled.request(key), polled.node)
             return polled.shape(key, raw), None
         except InfoError as exc:
             return None, f"{exc.status} {exc.text}"
@@ -287,11 +305,20 @@ class PolledFeed(Feed):
         super().add(session, ident)
         if self.last is None and self.error is not None:
             session.reply(self._error_text(self.error))
+        self._started(session)
+
+    def _started(self, session: Session) -> None:
+        """A subscriber came: counted for its address; the poll runs."""
+        self.polls.by_address[session.ip] = self.polls.by_address.get(session.ip, 0) + 1
         if self.task is None:
             self.polls.feeds.add(self)
             self.task = asyncio.create_task(self._run())
 
     def remove(self, session: Session) -> None:
+        if session in self.subscribers:
+            held = self.polls.by_address.pop(session.ip, 1) - 1
+            if held:
+                self.polls.by_address[session.ip] = held
         super().remove(session)
         if not self.subscribers and self.task is not None:  # the hub drops the feed: its poll ends now
             self.task.cancel()
@@ -349,13 +376,11 @@ class ListedFeed(PolledFeed):
 
     def add(self, session: Session, ident: str) -> None:
         self.subscribers[session] = ident
-        if self.entries is not None:
-            self._snapshot(session)
-        elif self.error is not None:
+        if self.error is not None:  # the last answer is stale while polls fail: no snapshot of it
             session.reply(self._error_text(self.error))
-        if self.task is None:
-            self.polls.feeds.add(self)
-            self.task = asyncio.create_task(self._run())
+        elif self.entries is not None:
+            self._snapshot(session)
+        self._started(session)
 
     def remove(self, session: Session) -> None:
         self.snapshotted.discard(session)

@@ -30,7 +30,7 @@ import msgspec
 
 from hlbook.common import nodefiles, topics
 from hlbook.common.models import STREAMS, DiffBody, block_time_ms
-from hlbook.services.book import checkpoint, l2, l4
+from hlbook.services.book import checkpoint, l2, l4, snapshot
 from hlbook.services.book.book import Book, OutOfSync
 from hlbook.services.ingest.joiner import Block, Joiner
 from hlbook.services.ingest.offline import joined
@@ -113,7 +113,9 @@ def book_at(source: Source, coin: str, at: int, deadline: float) -> AsOf:
     _, _, books = checkpoint.load_file(path, coin.__eq__)
     asof = AsOf(books.get(coin) or Book(coin, height, ckpt_time), height, ckpt_time)
     joiner = Joiner(source.mode, float("inf"), height + 1)  # the fills too: a streaming block's phases wait for them
-    lines = {s: nodefiles.lines_from(nodefiles.hour_files(source.data_dir, s, source.mode), height + 1, NO_END) for s in STREAMS}
+    lines = {s: nodefiles.lines_from(nodefiles.hour_files(source.data_dir, s, source.mode), height + 1, NO_END,
+                                         functools.partial(_damaged, s))
+             for s in STREAMS}
     creates = functools.partial(_creates, coin)  # the statuses of other blocks are not even parsed
     for block in joined(joiner, lines, flush=False, wanted=creates):  # whole blocks only: every stream has moved on
         if time.monotonic() > deadline:
@@ -128,6 +130,11 @@ def book_at(source: Source, coin: str, at: int, deadline: float) -> AsOf:
         _apply(asof, block, block_ms)
     raise PastError(f"time {at} ({_utc(at)}) is not before the newest block the node's files hold whole "
                     f"({asof.height}, {_utc(asof.time)}): ask for a time in the past", "too_new")
+
+
+def _damaged(stream: str, reason: str, height: int | None, line: bytes) -> None:
+    """A node line the reader cannot place (no height): the book of then cannot be told exactly."""
+    raise PastError(f"the node's {stream} file holds a damaged line ({reason}): no exact book of then", "damaged", 500)
 
 
 def _creates(coin: str, block: Block) -> bool:
@@ -166,7 +173,12 @@ def render(ask: Ask, asof: AsOf) -> bytes:
 def answer(source: Source, ask: Ask, timeout: float) -> bytes:
     """The JSON answer to ``ask`` (in a worker process); PastError when refused."""
     started = time.monotonic()
-    asof = book_at(source, ask.coin, ask.time, started + timeout)
+    try:
+        asof = book_at(source, ask.coin, ask.time, started + timeout)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError, snapshot.SnapshotError) as exc:
+        # a checkpoint pruned while read, or one a crash or a full disk cut short: said, not a traceback
+        log.warning("%s %s as of %d: %s", ask.kind, ask.coin, ask.time, exc)
+        raise PastError(f"the checkpoint or node files before time {ask.time} could not be read ({exc})", "error", 500) from None
     out = render(ask, asof)
     log.info("%s %s as of %d: block %d, %.2f s", ask.kind, ask.coin, ask.time, asof.height, time.monotonic() - started)
     return out
