@@ -219,11 +219,12 @@ def main() -> None:
     port, info, mport = free_port(), free_port(), free_port(8)
     with tempfile.TemporaryDirectory(prefix="hlbook-flood-") as tmp:
         log = Path(tmp) / "up.log"
-        up = subprocess.Popen(
-            [args.python, "-m", "hlbook.cli", "up", "--simulate", "--shards", "1", "--coins", "12", "--port", str(port),
-             "--info-port", str(info), "--metrics-base-port", str(mport), "--state-dir", str(Path(tmp) / "state"),
-             "--log-level", "WARNING"],
-            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp)
+        with open(log, "wb") as out:
+            up = subprocess.Popen(
+                [args.python, "-m", "hlbook.cli", "up", "--simulate", "--shards", "1", "--coins", "12", "--port", str(port),
+                 "--info-port", str(info), "--metrics-base-port", str(mport), "--state-dir", str(Path(tmp) / "state"),
+                 "--log-level", "WARNING"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp)
         try:
             deadline = time.monotonic() + 120
             users: list[str] = []

@@ -6,8 +6,8 @@ Bounded: ``workers`` requests at once (each a process; one more is answered 503 
 ``Retry-After`` at once, never queued), ``timeout`` seconds each (504: the worker stops at
 its next block), and only as far back as checkpoints and node files reach, at most
 ``max_span_s`` of files past a checkpoint. The workers are started on the first request,
-niced by 10; ``replay.asof`` (the book engine) is imported on the first request only, the
-gateway itself never loads it. ``hlbook_gateway_past_requests_total{type, outcome}`` counts every request,
+niced by 10; ``replay.asof`` (the book engine) is imported on the first request only (the
+gateway needs it to start the workers; it never runs it). ``hlbook_gateway_past_requests_total{type, outcome}`` counts every request,
 ``hlbook_gateway_past_seconds`` times the answered ones.
 """
 

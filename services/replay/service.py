@@ -104,6 +104,8 @@ class Progress:
         now = time.monotonic()
         seconds = max(now - self.released_at, 1e-9)
         replay_clock = ingest.get("hlbook_ingest_head_time_seconds", 0.0)
+        if not replay_clock:  # the height is set a moment before the time
+            return
         ratio = (replay_clock - min(self.replay.start.times) / 1000) / seconds  # block time gone by since the start
         clock = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(replay_clock))
         line = (f"replay: block {head:.0f} | clock {clock} UTC | {blocks:.0f} blocks, {blocks / seconds:.1f} blocks/s"
