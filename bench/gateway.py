@@ -785,11 +785,11 @@ def main() -> None:
           f"compression {'permessage-deflate' if args.deflate else 'none'}")
     if soft < args.connections + 500:
         print(f"warning: RLIMIT_NOFILE {soft} may be too low for {args.connections} connections")
-    tmp = Path(tempfile.mkdtemp(prefix="hlbook-bench-gw-"))
     results = {}
-    for kind in (["gateway"] if not args.baseline_only else []) + ([] if args.no_baseline else ["baseline"]):
-        results[kind] = run_target(kind, args, tmp, coins)
-        report(results[kind])
+    with tempfile.TemporaryDirectory(prefix="hlbook-bench-gw-") as tmp:
+        for kind in (["gateway"] if not args.baseline_only else []) + ([] if args.no_baseline else ["baseline"]):
+            results[kind] = run_target(kind, args, Path(tmp), coins)
+            report(results[kind])
     if "gateway" in results and "baseline" in results:
         g, b = results["gateway"], results["baseline"]
         print(f"ratio gateway / baseline frames/s: {g['frames'] / max(1, b['frames']):.2f} "
