@@ -56,7 +56,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
 
 INFO_TYPES = {"l2Book", "allMids", "meta", "spotMeta", "perpDexs", "metaAndAssetCtxs", "spotMetaAndAssetCtxs", "recentTrades",
               "openOrders", "frontendOpenOrders", "orderStatus", "userFills", "userFillsByTime", "historicalOrders", "candleSnapshot",
-              "userTwapSliceFills", "userTwapSliceFillsByTime"}
+              "userTwapSliceFills", "userTwapSliceFillsByTime", "l4Snapshot"}
 
 
 # ---------------------------------------------------------------- the table
