@@ -33,8 +33,9 @@ BTC_NOSNAPSHOT_FIXTURE = "mainnet_btc_978995377_978995416_nosnapshot.tar.gz"
 # short modules fill the two workers' ends instead of one long module running on alone at the end.
 LONG = ("test_book_shard.py", "test_up.py", "test_history.py", "test_client_gateway.py", "test_faults.py",
         "test_nodesim.py", "test_l4_live.py", "test_gateway_users.py", "test_readme.py", "test_ingest_live.py",
-        "test_streaming_fixture.py", "test_replay.py",
-        "test_gateway.py", "test_book_full.py", "test_gateway_ready.py", "test_ts_sdk.py")
+        "test_streaming_fixture.py", "test_replay.py", "test_past.py",
+        "test_gateway.py", "test_book_full.py", "test_gateway_ready.py", "test_ts_sdk.py",
+        "test_gateway_polled.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
