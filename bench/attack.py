@@ -170,6 +170,16 @@ class Polite:
         return latencies, failures
 
 
+def stop_up(up: subprocess.Popen[bytes]) -> None:
+    """Stop ``hlbook up`` and its children (SIGINT, then SIGKILL after 20 s)."""
+    os.killpg(up.pid, signal.SIGINT)
+    try:
+        up.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(up.pid, signal.SIGKILL)
+        up.wait()
+
+
 def gateway_pid(up_pid: int, name: bytes = b"gateway") -> int:
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -369,12 +379,7 @@ def main() -> None:
                     phase("quiet", port, gw, args.seconds, None, 0, coins)
                     phase(f"attack {kind}", port, gw, args.seconds, kind, args.attackers, coins)
         finally:
-            os.killpg(up.pid, signal.SIGINT)
-            try:
-                up.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
-                up.wait()
+            stop_up(up)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from typing import Any
 from websockets.sync.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attack import gateway_pid, pct  # noqa: E402
+from attack import gateway_pid, pct, stop_up  # noqa: E402
 from e2e import free_port, proc_cpu_s  # noqa: E402
 
 HISTORY_TYPES = ("userFills", "historicalOrders", "userFillsByTime", "candleSnapshot")
@@ -249,12 +248,7 @@ def main() -> None:
                 phase("quiet", port, gw, args.seconds, 0, users, coins)
                 phase("flood", port, gw, args.seconds, args.flooders, users, coins)
         finally:
-            os.killpg(up.pid, signal.SIGINT)
-            try:
-                up.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
-                up.wait()
+            stop_up(up)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """A scripted book shard and a scripted ingest (their side of the wire, driven by the test)
-and a real gateway on them: every ordering of upstream events can be reproduced deterministically."""
+and a real gateway on them: every ordering of upstream events can be reproduced deterministically;
+and the base of scripted node info servers (``ScriptedInfo``)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,44 @@ from pipeline import stop_group, wait_ready
 
 COIN = "BTC"
 USER = "0x" + "ab" * 20
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """A scripted info server's handler: ``_send`` an answer; nothing logged."""
+
+    def _send(self, code: int, data: bytes, content_type: str = "application/json") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+class ScriptedInfo(ThreadingHTTPServer):
+    """A node info server on a free port, answering with ``handler``; the requests it got in ``seen``."""
+
+    daemon_threads = True
+
+    def __init__(self, handler: type[JsonHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        self.seen: list[dict[str, Any]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/info"
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[ScriptedInfo]:
+        thread = threading.Thread(target=self.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.shutdown()
+            self.server_close()
 
 
 class ScriptedShard:

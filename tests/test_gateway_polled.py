@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -23,12 +22,13 @@ import websockets
 from conftest import free_port
 from hlbook.common.models import ASSISTANCE_FUND_USER, HIP2_USER
 from pipeline import Up, running, wait_until
+from scripted import JsonHandler, ScriptedInfo
 
 WAIT = 10.0
 ALICE, BOB, CAROL, DAVE = ("0x" + c * 40 for c in "abcd")
 
 
-class Node(BaseHTTPRequestHandler):
+class Node(JsonHandler):
     """A node's info server whose clearinghouseState answers the test sets (``state``);
     users in ``failing`` get a 500. Every request is recorded."""
 
@@ -45,23 +45,10 @@ class Node(BaseHTTPRequestHandler):
         else:
             self._send(422, b"Failed to deserialize the JSON body into the target type", "text/plain")
 
-    def _send(self, code: int, data: bytes, content_type: str = "application/json") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass
-
-
-class Scripted(ThreadingHTTPServer):
-    daemon_threads = True
-
+class Scripted(ScriptedInfo):
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Node)
-        self.seen: list[dict[str, Any]] = []
+        super().__init__(Node)
         self.state: dict[str, Any] = {}
         self.failing: set[str] = set()
 
@@ -79,18 +66,14 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    node = Scripted()
-    thread = threading.Thread(target=node.serve_forever, daemon=True)
-    thread.start()
-    with running(tmp_path_factory.mktemp("polled"), shards=1, coins=6, seed=4) as up:
+    with Scripted().serving() as node, running(tmp_path_factory.mktemp("polled"), shards=1, coins=6, seed=4) as up:
+        assert isinstance(node, Scripted)
         scripted, bare = free_port(), free_port()
-        up.start_gateway(scripted, "--info-upstream", f"http://127.0.0.1:{node.server_address[1]}/info",
+        up.start_gateway(scripted, "--info-upstream", node.url,
                          "--node-poll-interval", "0.1", "--node-poll-max-keys", "3", "--node-poll-max-per-connection", "2",
                          "--node-poll-max-per-ip", "4")
         up.start_gateway(bare)
         yield Setup(up, node, f"ws://127.0.0.1:{scripted}/ws", f"ws://127.0.0.1:{bare}/ws")
-    node.shutdown()
-    node.server_close()
 
 
 async def _connect(url: str) -> Any:

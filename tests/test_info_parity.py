@@ -23,7 +23,6 @@ from collections import defaultdict
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from hlbook.services.nodesim.node_info import NodeInfo
 from hlbook.services.nodesim.service import NodeSim, SimConfig
 from hlbook.services.nodesim.universe import full_universe, listing
 from pipeline import Up, post_info, running, wait_until
+from scripted import JsonHandler, ScriptedInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 START = datetime(2026, 3, 1, 12, tzinfo=timezone.utc)
@@ -160,10 +160,10 @@ def test_simulator_refuses_what_a_node_refuses(sim_info: tuple[NodeSim, str]) ->
 # ---------------------------------------------------------------- forwarding, against a scripted upstream
 
 
-class Script(BaseHTTPRequestHandler):
+class Script(JsonHandler):
     """``POST``: the body's ``type`` picks the behaviour; every request is recorded."""
 
-    server: Scripted
+    server: ScriptedInfo
 
     def do_POST(self) -> None:  # noqa: N802
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -181,40 +181,14 @@ class Script(BaseHTTPRequestHandler):
         else:
             self._send(200, json.dumps({"echo": req}).encode())
 
-    def _send(self, code: int, data: bytes, content_type: str = "application/json") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass
-
-
-class Scripted(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Script)
-        self.seen: list[dict[str, Any]] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/info"
-
 
 @pytest.fixture
-def scripted() -> Iterator[Scripted]:
-    server = Scripted()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def scripted() -> Iterator[ScriptedInfo]:
+    with ScriptedInfo(Script).serving() as server:
+        yield server
 
 
-def test_forwarding_is_bounded_cached_and_passes_answers_through(scripted: Scripted) -> None:
+def test_forwarding_is_bounded_cached_and_passes_answers_through(scripted: ScriptedInfo) -> None:
     async def run() -> None:
         up = UpstreamInfo(scripted.url, timeout=0.5, max_in_flight=2, max_bytes=100_000, cache_ttl=0.3)
         try:
