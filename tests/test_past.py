@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import websockets
 
-from conftest import free_port, metric
+from conftest import metric
 from hlbook.common import config, nodefiles
 from hlbook.services.book import checkpoint, snapshot
 from hlbook.services.book.book import Book
@@ -29,7 +29,7 @@ from hlbook.services.replay import asof
 from hlbook.services.replay.asof import Ask, PastError, Source
 from pipeline import post_info, stop_group
 from test_book_sim import advance
-from test_replay import FIRST, LAST, SNAPSHOT, block_lines, block_times, collect, start_process
+from test_replay import FIRST, SNAPSHOT, block_lines, block_times, collect, start_live, writer
 
 SECOND = 985148200  # the second checkpoint's height
 
@@ -79,22 +79,9 @@ def test_point_in_time_books_equal_what_the_live_server_served(btc_data: Path, t
     data, state = tmp_path / "live", tmp_path / "state"
     data.mkdir()
     write_checkpoints(btc_data, config.state_file(state, "checkpoints", data, "by-block", ""), times)
-    port = free_port()
-    up = start_process(tmp_path, "up", "up", "--no-simulate", "--data-dir", str(data), "--snapshot-file",
-                       str(btc_data / f"snapshot_{SNAPSHOT}.json"), "--shards", "1", "--no-history", "--port", str(port),
-                       "--metrics-base-port", "0", "--sockets", str(tmp_path / "zmq"), "--state-dir", str(state),
-                       "--checkpoint-every", "0")
-
-    async def write() -> None:
-        for i in range(LAST - FIRST + 1):
-            for rel, stream_lines in lines.items():
-                (data / rel).parent.mkdir(parents=True, exist_ok=True)
-                with open(data / rel, "ab") as fh:
-                    fh.write(stream_lines[i])
-            await asyncio.sleep(0.1)
-
+    up, port = start_live(btc_data, tmp_path, data)
     try:
-        live = asyncio.run(collect(f"ws://127.0.0.1:{port}/ws", write, times[-1]))["l2Book"]
+        live = asyncio.run(collect(f"ws://127.0.0.1:{port}/ws", writer(data, lines, 0.1), times[-1]))["l2Book"]
         served = {d["time"]: d for d in live if times[0] <= d["time"] < times[-1]}
         assert len(served) >= 15
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,26 +107,37 @@ def start_process(tmp_path: Path, name: str, *args: str, env: dict[str, str] | N
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
 
 
-def live_frames(btc_data: Path, tmp_path: Path, lines: dict[Path, list[bytes]], times: list[int]) -> dict[str, list[Any]]:
-    """What a live client gets while the node writes the fixture's blocks (hlbook up, from the snapshot)."""
-    data = tmp_path / "live"
-    data.mkdir()
+def start_live(btc_data: Path, tmp_path: Path, data: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """`hlbook up` (1 shard, no history, no checkpoints of its own) from the fixture's snapshot on the
+    node folder ``data``, its state in ``tmp_path / "state"``; and its port."""
     port = free_port()
     up = start_process(tmp_path, "up", "up", "--no-simulate", "--data-dir", str(data), "--snapshot-file",
-               str(btc_data / f"snapshot_{SNAPSHOT}.json"), "--shards", "1", "--no-history", "--port", str(port),
-               "--metrics-base-port", "0", "--sockets", str(tmp_path / "zmq"), "--state-dir", str(tmp_path / "state"),
-               "--checkpoint-every", "0")
+                       str(btc_data / f"snapshot_{SNAPSHOT}.json"), "--shards", "1", "--no-history", "--port", str(port),
+                       "--metrics-base-port", "0", "--sockets", str(tmp_path / "zmq"), "--state-dir", str(tmp_path / "state"),
+                       "--checkpoint-every", "0")
+    return up, port
 
+
+def writer(data: Path, lines: dict[Path, list[bytes]], gap: float = LIVE_GAP) -> Callable[[], Awaitable[None]]:
+    """Writes the fixture's blocks into ``data`` as the node does, one every ``gap`` seconds."""
     async def write() -> None:
         for i in range(LAST - FIRST + 1):
             for rel, stream_lines in lines.items():
                 (data / rel).parent.mkdir(parents=True, exist_ok=True)
                 with open(data / rel, "ab") as fh:
                     fh.write(stream_lines[i])
-            await asyncio.sleep(LIVE_GAP)
+            await asyncio.sleep(gap)
 
+    return write
+
+
+def live_frames(btc_data: Path, tmp_path: Path, lines: dict[Path, list[bytes]], times: list[int]) -> dict[str, list[Any]]:
+    """What a live client gets while the node writes the fixture's blocks (hlbook up, from the snapshot)."""
+    data = tmp_path / "live"
+    data.mkdir()
+    up, port = start_live(btc_data, tmp_path, data)
     try:
-        return asyncio.run(collect(f"ws://127.0.0.1:{port}/ws", write, times[-1]))
+        return asyncio.run(collect(f"ws://127.0.0.1:{port}/ws", writer(data, lines), times[-1]))
     finally:
         stop_group(up)
         assert "Traceback" not in (tmp_path / "up.log").read_text()
