@@ -51,6 +51,8 @@ from typing import Any, Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import free_port, proc_cpu_s, proc_rss_mb  # noqa: E402
 
+from hlbook.common import nodefiles  # noqa: E402
+
 CHUNK = 65536
 MARK = 1 << 62  # tids of the big line's trades from here
 
@@ -246,11 +248,11 @@ def fills_events(coin: str, trades: int) -> bytes:
 
 
 def last_line(path: Path) -> dict[str, Any]:
-    """The last complete line of a node file (read from its end)."""
-    with open(path, "rb") as fh:
-        fh.seek(max(0, fh.seek(0, os.SEEK_END) - (1 << 20)))
-        tail = fh.read()
-    return dict(json.loads(tail[: tail.rindex(b"\n")].rsplit(b"\n", 1)[-1]))
+    """The last complete line of a node file, decoded."""
+    line = nodefiles.last_line(path)[1]
+    if line is None:
+        raise SystemExit(f"{path}: no complete line")
+    return dict(json.loads(line))
 
 
 def inject(data: Path, events: bytes, ahead: int = 10) -> int:

@@ -95,8 +95,9 @@ def first_height(path: Path) -> int | None:
         return line_height(fh.read(256))
 
 
-def tail(path: Path) -> tuple[int, int | None]:
-    """(offset just after the last newline, height of the last complete line) of a node file."""
+def last_line(path: Path) -> tuple[int, bytes | None]:
+    """(offset just after the last newline, the last complete line without it; None: no line
+    is complete) of a node file, read from its end."""
     with open(path, "rb") as fh:
         size = fh.seek(0, os.SEEK_END)
         window = 1 << 16
@@ -109,8 +110,14 @@ def tail(path: Path) -> tuple[int, int | None]:
                 return 0, None
             line_start = data.rfind(b"\n", 0, end) + 1 if end >= 0 else 0
             if end >= 0 and (line_start > 0 or start == 0):
-                return start + end + 1, line_height(data[line_start:end])
+                return start + end + 1, data[line_start:end]
             window *= 4
+
+
+def tail(path: Path) -> tuple[int, int | None]:
+    """(offset just after the last newline, height of the last complete line) of a node file."""
+    offset, line = last_line(path)
+    return offset, None if line is None else line_height(line)
 
 
 def line_after(fh: BinaryIO, pos: int) -> tuple[int, int | None]:

@@ -430,20 +430,11 @@ def _big_fills(coin: str, height: int, block_time: str, ms: int) -> bytes:
     return json.dumps(line, separators=(",", ":")).encode() + b"\n"
 
 
-def _last_line(path: Path, end: int | None = None) -> dict[str, Any]:
-    """The last complete line of a node file (of its first ``end`` bytes)."""
-    with open(path, "rb") as fh:
-        end = fh.seek(0, os.SEEK_END) if end is None else end
-        window = 1 << 20
-        while True:
-            start = max(0, end - window)
-            fh.seek(start)
-            tail = fh.read(end - start)
-            cut = tail.rindex(b"\n")
-            begin = tail.rfind(b"\n", 0, cut) + 1
-            if begin > 0 or start == 0:  # the whole line is in the window
-                return dict(json.loads(tail[begin:cut]))
-            window *= 8
+def _last_line(path: Path) -> dict[str, Any]:
+    """The last complete line of a node file, decoded."""
+    line = nodefiles.last_line(path)[1]
+    assert line is not None, f"{path}: no complete line"
+    return dict(json.loads(line))
 
 
 def _inject_fills(path: Path, coin: str) -> None:
